@@ -1,0 +1,35 @@
+"""moe-fx: make Mixture-of-Experts language models smaller and faster.
+
+Trace each MoE block into one canonical spec, calibrate, score experts, rewrite the model, and save a
+checkpoint that stock transformers loads. Passes compose::
+
+    from moe_fx import compose
+    from moe_fx.passes import Calibrate, Score, DropExperts
+    model = compose(Calibrate(texts), Score("reap"), DropExperts(ratio=0.25))(model)
+"""
+
+__version__ = "0.1.0"
+
+from .errors import MoeFxError  # noqa: E402
+from .pipeline import MoEState, Pass, PassResult, Pipeline, compose, state_of  # noqa: E402
+from .plan import PrunePlan  # noqa: E402
+from .spec import ExpertsSpec, MoEBlockSpec, MoEModelSpec, RouterSpec, SharedExpertSpec  # noqa: E402
+from .trace import trace  # noqa: E402
+
+__all__ = [
+    "ExpertsSpec",
+    "MoEBlockSpec",
+    "MoEModelSpec",
+    "MoEState",
+    "MoeFxError",
+    "Pass",
+    "PassResult",
+    "Pipeline",
+    "PrunePlan",
+    "RouterSpec",
+    "SharedExpertSpec",
+    "__version__",
+    "compose",
+    "state_of",
+    "trace",
+]

@@ -1,0 +1,39 @@
+"""Typed errors of moe-fx.
+
+Every error a user can cause by bad input is a :class:`MoeFxError`: the CLI prints its message as one line
+and exits with status 2, so the message must name the bad input and say what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class MoeFxError(Exception):
+    """Base class for errors caused by the user's input (path, model, data, option)."""
+
+
+class NotAModelError(MoeFxError):
+    """The path is missing or holds no loadable transformers checkpoint."""
+
+
+class NotMoEError(MoeFxError):
+    """The model has no block with routed experts."""
+
+
+class UnsupportedFamilyError(MoeFxError):
+    """The model has routed experts in a layout moe-fx cannot rewrite."""
+
+
+class BadOptionError(MoeFxError):
+    """An option value is out of range or inconsistent with the model."""
+
+
+class CalibrationDataError(MoeFxError):
+    """Calibration or evaluation data is missing, unreadable or empty."""
+
+
+class OutputPathError(MoeFxError):
+    """The output path would overwrite the source or an existing directory."""
+
+
+class PassOrderError(MoeFxError):
+    """A pass ran before the pass that produces what it needs (e.g. Score before Calibrate)."""

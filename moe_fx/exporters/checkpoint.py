@@ -1,0 +1,120 @@
+"""Write a pruned model as a checkpoint that stock ``from_pretrained`` loads (transformers 5 and 4.57).
+
+The directory is written under a temporary name beside the target and renamed into place only when
+complete, so a failure never leaves a partial checkpoint. The source directory is never written to.
+Besides the safetensors weights, config, tokenizer and generation config, ``moe_fx.json`` records what
+was done (passes, plan, scores, calibration fingerprint, versions).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..adapters import COUNT_ATTRS, get_adapter
+from ..errors import OutputPathError
+from ..pipeline import STATE_ATTR
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+
+RECORD_FILE = "moe_fx.json"
+
+
+def check_output_path(out: str | Path, source: str | Path | None, overwrite: bool) -> Path:
+    """Refuse to write into the source checkout or over an existing directory (unless ``overwrite``)."""
+    out = Path(out).resolve()
+    if source is not None:
+        src = Path(source).resolve()
+        if out == src or src in out.parents or out in src.parents:
+            raise OutputPathError(f"output {out} overlaps the source checkpoint {src}; choose another --out")
+    if out.exists() and not overwrite:
+        raise OutputPathError(f"output {out} already exists; choose another --out or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise OutputPathError(f"output {out} exists and is not a directory")
+    return out
+
+
+def _config_aliases(model: nn.Module) -> dict[str, int]:
+    """Every expert-count key older transformers may read, with the current count."""
+    state = getattr(model, STATE_ATTR, None)
+    if state is None:
+        return {}
+    n = state.spec.blocks[0].num_experts
+    keys = {ref.rpartition(":")[2] for ref in state.spec.config_count_keys if not ref.rpartition(":")[0]}
+    aliases = getattr(model.config, "attribute_map", {}) or {}
+    keys |= {k for k, v in aliases.items() if k in COUNT_ATTRS and v in keys}
+    keys |= set(get_adapter(state.spec.model_type).legacy_count_keys)
+    return {k: n for k in keys}
+
+
+def _patch_config(path: Path, aliases: dict[str, int]) -> None:
+    if not aliases:
+        return
+    cfg_file = path / "config.json"
+    data = json.loads(cfg_file.read_text())
+    target = data.get("text_config", data) if "text_config" in data and not any(k in data for k in aliases) else data
+    target.update(aliases)
+    cfg_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    return {"moe_fx": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def save_checkpoint(
+    model: nn.Module,
+    out: str | Path,
+    *,
+    source: str | Path | None = None,
+    tokenizer=None,
+    overwrite: bool = False,
+    extra_record: dict | None = None,
+) -> Path:
+    """Save ``model`` (and its moe-fx record) atomically to ``out``; return the final path."""
+    out = check_output_path(out, source, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        elif source is not None:
+            for name in TOKENIZER_FILES:
+                if (Path(source) / name).is_file():
+                    shutil.copy2(Path(source) / name, tmp / name)
+        _patch_config(tmp, _config_aliases(model))
+        state = getattr(model, STATE_ATTR, None)
+        record = state.record() if state is not None else {}
+        record.update(extra_record or {})
+        record["versions"] = _versions()
+        record["source"] = str(Path(source).resolve()) if source is not None else None
+        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, trash / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

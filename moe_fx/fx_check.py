@@ -1,0 +1,221 @@
+"""Read a block's routing rule from its torch.fx graph, to verify adapters and describe unknown families.
+
+transformers 5 has no fx tracer and ``torch.fx.symbolic_trace`` fails on its models, but
+``torch.export(strict=False)`` captures a whole MoE block as an fx graph when the experts run with the
+``grouped_mm`` implementation. From that graph we read what the code *really* does: the ``topk`` over the
+expert axis and its ``k``, whether softmax or sigmoid is applied before or after it, whether the top-k
+weights are renormalised (a division by their sum), and the expert count of the fused tensors. Comparing
+this with the adapter's declared spec is how moe-fx stays correct when transformers changes a family.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from .errors import UnsupportedFamilyError
+from .spec import MoEBlockSpec, MoEModelSpec
+
+_SOFTMAX = {"softmax", "_softmax", "_safe_softmax", "log_softmax"}
+_SIGMOID = {"sigmoid"}
+
+
+@dataclass(frozen=True)
+class GraphRouting:
+    """Routing facts read from an exported block graph."""
+
+    score_fn: str | None
+    top_k: int | None
+    normalized: bool
+    num_experts: int | None
+
+
+@dataclass(frozen=True)
+class BlockCheck:
+    """The comparison of one block's spec with its graph."""
+
+    block: str
+    ok: bool
+    graph: GraphRouting | None
+    mismatches: tuple[str, ...]
+    error: str | None = None
+
+
+@contextlib.contextmanager
+def experts_implementation(model: nn.Module, name: str) -> Iterator[None]:
+    """Temporarily switch the experts implementation (restored on exit, also after an error)."""
+    getter = getattr(model, "get_experts_implementation", None)
+    if getter is None:
+        yield
+        return
+    before = getter()
+    try:
+        model.set_experts_implementation(name)
+    except (ValueError, AttributeError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        model.set_experts_implementation(before)
+
+
+def _op_name(node: fx.Node) -> str:
+    target = node.target
+    name = getattr(target, "__name__", str(target))
+    return name.split(".")[0]
+
+
+def export_block(model: nn.Module, block_path: str, tokens: int = 8) -> torch.export.ExportedProgram:
+    """torch.export the block at ``block_path`` on a random ``[1, tokens, H]`` input (grouped_mm experts)."""
+    block = model.get_submodule(block_path)
+    param = next(block.parameters())
+    hidden = _hidden_size(block)
+    x = torch.randn(1, tokens, hidden, dtype=param.dtype, device=param.device)
+    with experts_implementation(model, "grouped_mm"), torch.no_grad():
+        return torch.export.export(block, (x,), strict=False)
+
+
+def _hidden_size(block: nn.Module) -> int:
+    from .trace import expert_count
+
+    for sub in block.modules():
+        e = expert_count(sub)
+        if e is None:
+            continue
+        for sib in block.modules():
+            for t in list(sib.parameters(recurse=False)):
+                if t.ndim == 2 and t.shape[0] == e:
+                    return t.shape[1]
+    raise UnsupportedFamilyError(f"cannot find an [E, H] router weight in {type(block).__name__}")
+
+
+def _descendants(start: fx.Node) -> set[fx.Node]:
+    seen, stack = set(), [start]
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u not in seen:
+                seen.add(u)
+                stack.append(u)
+    return seen
+
+
+def _ancestors(node: fx.Node, depth: int) -> set[fx.Node]:
+    out, frontier = set(), {node}
+    for _ in range(depth):
+        frontier = {a for n in frontier for a in n.all_input_nodes} - out
+        out |= frontier
+    return out
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    val = node.meta.get("val")
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def analyze(ep: torch.export.ExportedProgram, router_weight: str, num_experts: int) -> GraphRouting:
+    """Routing facts downstream of the placeholder of ``router_weight`` (name relative to the block)."""
+    gs = ep.graph_signature
+    names = {**gs.inputs_to_parameters, **gs.inputs_to_buffers}
+    graph = ep.graph_module.graph
+    placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
+    weight_node = next((placeholders[p] for p, fqn in names.items() if fqn == router_weight), None)
+    if weight_node is None:
+        raise UnsupportedFamilyError(f"router weight {router_weight!r} is not an input of the exported graph")
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    down = sorted(_descendants(weight_node), key=order.get)
+    topks = [n for n in down if _op_name(n) == "topk" and (_shape(n.args[0]) or (0,))[-1] == num_experts]
+    main_topk = topks[-1] if topks else None
+    top_k = int(main_topk.args[1]) if main_topk is not None else None
+    score_nodes = [n for n in down if _op_name(n) in _SOFTMAX | _SIGMOID]
+    score_fn = None
+    if score_nodes:
+        first = score_nodes[0]
+        kind = "softmax" if _op_name(first) in _SOFTMAX else "sigmoid"
+        after = main_topk is not None and order[main_topk] < order[first] and not any(
+            order[n] < order[main_topk] for n in score_nodes
+        )
+        score_fn = f"{kind}_after_topk" if after else kind
+    normalized = False
+    if main_topk is not None:
+        after_topk = _descendants(main_topk)
+        for n in after_topk:
+            if _op_name(n) in {"div", "div_"} and len(n.args) > 1 and isinstance(n.args[1], fx.Node):
+                if any(_op_name(a) in {"sum", "norm", "linalg_vector_norm"} for a in _ancestors(n.args[1], 2) | {n.args[1]}):
+                    normalized = True
+                    break
+    experts_e = None
+    for p, fqn in names.items():
+        shape = _shape(placeholders[p])
+        if shape and len(shape) == 3 and fqn.rsplit(".", 1)[-1] in {"gate_up_proj", "up_proj", "down_proj"}:
+            experts_e = shape[0]
+            break
+    return GraphRouting(score_fn=score_fn, top_k=top_k, normalized=normalized, num_experts=experts_e)
+
+
+def _rel(name: str, block_path: str) -> str:
+    return name[len(block_path) + 1 :] if block_path and name.startswith(block_path + ".") else name
+
+
+def graph_routing(model: nn.Module, block: MoEBlockSpec) -> GraphRouting:
+    ep = export_block(model, block.path)
+    return analyze(ep, _rel(block.router.weight, block.path), block.num_experts)
+
+
+def infer_routing(model: nn.Module, block_path: str) -> GraphRouting:
+    """The routing rule of a block whose family has no adapter, read from its exported graph."""
+    from .trace import expert_count
+
+    block = model.get_submodule(block_path)
+    e = next(expert_count(m) for m in block.modules() if expert_count(m))
+    weight = next(n for n, t in block.named_parameters() if t.ndim == 2 and t.shape[0] == e)
+    try:
+        routing = analyze(export_block(model, block_path), weight, e)
+    except Exception as exc:  # noqa: BLE001 - any export failure means the rule is unknown
+        raise UnsupportedFamilyError(
+            f"no adapter for {type(block).__name__} and its routing rule could not be read from a torch.export "
+            f"graph ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); register a FamilyAdapter"
+        ) from exc
+    if routing.score_fn is None:
+        raise UnsupportedFamilyError(f"no softmax/sigmoid found after the router of {block_path}; register a FamilyAdapter")
+    if routing.top_k is None:
+        raise UnsupportedFamilyError(f"no top-k over the expert axis found after the router of {block_path}; register a FamilyAdapter")
+    return routing
+
+
+def check_block(model: nn.Module, block: MoEBlockSpec) -> BlockCheck:
+    """Compare the spec of one block with what its exported graph computes."""
+    try:
+        g = graph_routing(model, block)
+    except Exception as exc:  # noqa: BLE001 - reported per block, not fatal
+        return BlockCheck(block.path, False, None, (), f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+    r = block.router
+    mismatches = []
+    if g.top_k != r.top_k:
+        mismatches.append(f"top_k spec={r.top_k} graph={g.top_k}")
+    if g.score_fn != r.score_fn:
+        mismatches.append(f"score_fn spec={r.score_fn} graph={g.score_fn}")
+    # softmax over the k selected logits is normalised by construction; the spec flag covers explicit renormalisation.
+    expect_norm = r.norm_topk_prob and not r.score_fn.startswith("softmax_after")
+    if g.normalized != expect_norm:
+        mismatches.append(f"norm_topk_prob spec={r.norm_topk_prob} graph={'renormalised' if g.normalized else 'not renormalised'}")
+    if g.num_experts is not None and g.num_experts != block.num_experts:
+        mismatches.append(f"num_experts spec={block.num_experts} graph={g.num_experts}")
+    return BlockCheck(block.path, not mismatches, g, tuple(mismatches))
+
+
+def verify(model: nn.Module, spec: MoEModelSpec, *, all_blocks: bool = False) -> list[BlockCheck]:
+    """Check blocks against their graphs: one per distinct block class unless ``all_blocks``."""
+    checks, seen = [], set()
+    for block in spec.blocks:
+        key = type(model.get_submodule(block.path)).__name__, block.num_experts, block.top_k
+        if not all_blocks and key in seen:
+            continue
+        seen.add(key)
+        checks.append(check_block(model, block))
+    return checks

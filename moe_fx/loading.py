@@ -1,0 +1,56 @@
+"""Load a checkpoint directory with errors that name the problem (missing, not a model, corrupt)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import NotAModelError
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str):
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise NotAModelError(f"unknown dtype {name!r}; use one of {sorted(DTYPES)}") from None
+
+
+def check_model_dir(path: str | Path) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise NotAModelError(f"{p}: no such file or directory")
+    if not p.is_dir() or not (p / "config.json").is_file():
+        raise NotAModelError(f"{p}: not a model directory (expected config.json and *.safetensors)")
+    try:
+        json.loads((p / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise NotAModelError(f"{p / 'config.json'}: not valid JSON ({exc})") from None
+    if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
+        raise NotAModelError(f"{p}: no weight files (*.safetensors) found")
+    return p
+
+
+def load_model(path: str | Path, *, dtype: str = "auto", device: str = "cpu"):
+    """``AutoModelForCausalLM.from_pretrained`` with checks first and clear errors after."""
+    from transformers import AutoModelForCausalLM
+
+    p = check_model_dir(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(p, dtype=parse_dtype(dtype), device_map=None)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise NotAModelError(f"{p}: could not load the checkpoint ({type(exc).__name__}: {first[:300]})") from None
+    return model.to(device).eval()
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise NotAModelError(f"{path}: no usable tokenizer ({str(exc).splitlines()[0][:200]})") from None

@@ -1,0 +1,51 @@
+"""Allocation: turn per-expert scores into a :class:`PrunePlan` under a budget."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import BadOptionError
+from ..plan import PrunePlan
+from ..spec import MoEBlockSpec, MoEModelSpec
+
+
+def experts_to_keep(num_experts: int, ratio: float | None, keep: int | None) -> int:
+    """How many experts a block keeps for a drop ``ratio`` (fraction dropped) or an explicit ``keep``."""
+    if (ratio is None) == (keep is None):
+        raise BadOptionError("give exactly one of ratio (fraction of experts to drop) or keep (experts to keep)")
+    if keep is None:
+        if not 0.0 < ratio < 1.0:
+            raise BadOptionError(f"ratio must be in (0, 1): the fraction of experts to drop; got {ratio}")
+        keep = num_experts - int(round(ratio * num_experts))
+    if not 0 < keep <= num_experts:
+        raise BadOptionError(f"keep must be in [1, {num_experts}], got {keep}")
+    return keep
+
+
+def _top(scores: torch.Tensor, ids: list[int], n: int) -> list[int]:
+    """The ``n`` best of ``ids`` by score; ties broken by the lower id so plans are deterministic."""
+    order = sorted(ids, key=lambda i: (-float(scores[i]), i))
+    return sorted(order[:n])
+
+
+def _block_keep(block: MoEBlockSpec, scores: torch.Tensor, keep: int) -> list[int]:
+    groups = block.router.n_group or 1
+    if groups == 1:
+        return _top(scores, list(range(block.num_experts)), keep)
+    if keep % groups:
+        raise BadOptionError(
+            f"{block.path}: group-limited routing with n_group={groups} drops experts per group, so the kept count "
+            f"must be a multiple of {groups}; {keep} is not (choose a ratio that keeps a multiple of {groups})"
+        )
+    size = block.num_experts // groups
+    return [i for g in range(groups) for i in _top(scores, list(range(g * size, (g + 1) * size)), keep // groups)]
+
+
+def uniform_plan(spec: MoEModelSpec, scores: dict[str, torch.Tensor], *, ratio: float | None = None, keep: int | None = None) -> PrunePlan:
+    """Keep the same number of best-scoring experts in every block (higher score = more important)."""
+    plan = PrunePlan()
+    for block in spec.blocks:
+        n = experts_to_keep(block.num_experts, ratio, keep)
+        plan.kept_experts[block.path] = _block_keep(block, scores[block.path], n)
+    plan.validate(spec)
+    return plan

@@ -1,0 +1,148 @@
+"""Passes and their composition, in the shape of torch.fx's pass infrastructure.
+
+A pass is a small config object (a dataclass) with ``requires`` (check that what it needs exists) and
+``run`` (do the work, return a :class:`PassResult`). Passes communicate through a :class:`MoEState`
+attached to the model (spec, calibration statistics, scores, plan, history), so a build script can
+compose them: ``model = compose(Calibrate(data), Score("reap"), DropExperts(ratio=0.25))(model)``.
+A failing pass is re-raised naming the pass and the passes already run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import nn
+
+from .errors import MoeFxError, PassOrderError
+from .spec import MoEModelSpec
+
+STATE_ATTR = "moe_fx_state"
+
+
+@dataclass
+class PassRecord:
+    """What one pass did: its config, how long it took, and its report."""
+
+    name: str
+    config: dict
+    seconds: float
+    modified: bool
+    report: dict
+
+
+@dataclass
+class MoEState:
+    """What passes share about one model. ``stats``/``scores``/``plan`` are filled by the passes."""
+
+    spec: MoEModelSpec
+    original_spec: MoEModelSpec
+    stats: Any = None
+    scores: Any = None
+    plan: Any = None
+    history: list[PassRecord] = field(default_factory=list)
+
+    def record(self) -> dict:
+        """JSON-serialisable summary (written to ``moe_fx.json``)."""
+        return {
+            "model_type": self.spec.model_type,
+            "family": self.spec.family,
+            "passes": [dataclasses.asdict(r) for r in self.history],
+            "plan": self.plan.to_dict() if self.plan is not None else None,
+            "scores": self.scores.to_dict() if self.scores is not None else None,
+            "calibration": self.stats.summary() if self.stats is not None else None,
+            "experts_before": {b.path: b.num_experts for b in self.original_spec.blocks},
+            "experts_after": {b.path: b.num_experts for b in self.spec.blocks},
+        }
+
+
+def state_of(model: nn.Module) -> MoEState:
+    """The model's :class:`MoEState`, created by tracing the model on first use."""
+    state = getattr(model, STATE_ATTR, None)
+    if state is None:
+        from .trace import trace
+
+        spec = trace(model)
+        state = MoEState(spec=spec, original_spec=spec)
+        # object.__setattr__: a plain attribute, not registered as a submodule or saved with weights
+        object.__setattr__(model, STATE_ATTR, state)
+    return state
+
+
+@dataclass
+class PassResult:
+    model: nn.Module
+    modified: bool
+    report: dict = field(default_factory=dict)
+
+
+class Pass(ABC):
+    """Base of all moe-fx passes. Subclasses are dataclasses whose fields are the pass's config."""
+
+    name: ClassVar[str] = "pass"
+
+    def requires(self, state: MoEState) -> None:
+        """Raise :class:`PassOrderError` if an earlier pass has not produced what this one needs."""
+
+    @abstractmethod
+    def run(self, model: nn.Module, state: MoEState) -> PassResult: ...
+
+    def config_dict(self) -> dict:
+        """The pass's options as JSON-friendly values (data objects are summarised, not dumped)."""
+        out = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            v = getattr(self, f.name)
+            out[f.name] = v if isinstance(v, (int, float, str, bool, type(None))) else _describe(v)
+        return out
+
+    def __call__(self, model: nn.Module) -> nn.Module:
+        return compose(self)(model)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return f"{len(value)} strings"
+    return type(value).__name__ if not isinstance(value, (list, tuple, dict)) else repr(value)[:200]
+
+
+def require(condition: bool, pass_name: str, what: str, producer: str) -> None:
+    if not condition:
+        raise PassOrderError(f"{pass_name} needs {what}: run {producer} before it in the pipeline")
+
+
+class Pipeline:
+    """An ordered list of passes run on one model; failures name the pass and those already run."""
+
+    def __init__(self, *passes: Pass, check=None) -> None:
+        for p in passes:
+            if not isinstance(p, Pass):
+                raise TypeError(f"compose() takes moe_fx passes, got {type(p).__name__}: wrap it in a Pass subclass")
+        self.passes = passes
+        self.check = check
+
+    def __call__(self, model: nn.Module) -> nn.Module:
+        state = state_of(model)
+        done: list[str] = []
+        for p in self.passes:
+            t0 = time.perf_counter()
+            try:
+                p.requires(state)
+                result = p.run(model, state)
+                if self.check is not None:
+                    self.check(result.model)
+            except MoeFxError:
+                raise
+            except Exception as exc:
+                raise RuntimeError(f"pass {p.name} failed (passes already run: {done or 'none'}): {exc}") from exc
+            model = result.model
+            state.history.append(PassRecord(p.name, p.config_dict(), time.perf_counter() - t0, result.modified, result.report))
+            done.append(p.name)
+        return model
+
+
+def compose(*passes: Pass, check=None) -> Pipeline:
+    """Compose passes into a :class:`Pipeline` (call it on a model)."""
+    return Pipeline(*passes, check=check)
