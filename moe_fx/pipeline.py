@@ -102,9 +102,13 @@ class Pass(ABC):
         return compose(self)(model)
 
 
-def _describe(value: Any) -> str:
+def _describe(value: Any) -> Any:
+    if isinstance(value, (list, tuple)) and len(value) <= 16 and all(isinstance(v, (int, float, str)) for v in value):
+        return list(value)
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
         return f"{len(value)} strings"
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
     return type(value).__name__ if not isinstance(value, (list, tuple, dict)) else repr(value)[:200]
 
 

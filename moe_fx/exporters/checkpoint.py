@@ -73,6 +73,15 @@ def _patch_config(path: Path, aliases: dict[str, int]) -> None:
     cfg_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def _normal_permissions(path: Path) -> None:
+    """mkdtemp makes a private (0700) directory; give the checkpoint the permissions of a normal mkdir."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)
+    for f in path.iterdir():
+        os.chmod(f, 0o666 & ~umask)
+
+
 def _versions() -> dict[str, str]:
     import transformers
 
@@ -107,6 +116,7 @@ def save_checkpoint(
         record["versions"] = _versions()
         record["source"] = str(Path(source).resolve()) if source is not None else None
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        _normal_permissions(tmp)
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, trash / out.name)

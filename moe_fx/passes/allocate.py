@@ -49,3 +49,17 @@ def uniform_plan(spec: MoEModelSpec, scores: dict[str, torch.Tensor], *, ratio: 
         plan.kept_experts[block.path] = _block_keep(block, scores[block.path], n)
     plan.validate(spec)
     return plan
+
+
+def check_budget(spec: MoEModelSpec, *, ratio: float | None = None, keep: int | None = None) -> None:
+    """Fail before any calibration work if the budget cannot be met in some block."""
+    for block in spec.blocks:
+        n = experts_to_keep(block.num_experts, ratio, keep)
+        if n < block.top_k:
+            raise BadOptionError(
+                f"{block.path}: dropping to {n} of {block.num_experts} experts leaves fewer than top-k={block.top_k}; "
+                f"use a ratio of at most {1 - block.top_k / block.num_experts:.3f}"
+            )
+        groups = block.router.n_group or 1
+        if n % groups:
+            raise BadOptionError(f"{block.path}: group-limited routing (n_group={groups}) needs the kept count ({n}) to be a multiple of {groups}")

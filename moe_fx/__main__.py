@@ -1,0 +1,7 @@
+"""``python -m moe_fx`` runs the CLI."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

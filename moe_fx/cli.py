@@ -1,0 +1,231 @@
+"""The ``moe-fx`` command: ``inspect``, ``prune``, ``eval``.
+
+Errors caused by the input (paths, options, data) print one line naming the problem and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import MoeFxError
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MoeFxError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return name
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--dtype", default="auto", help="compute dtype: auto (checkpoint's), float32, bfloat16, float16")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval-seqs", type=int, default=8, help="evaluation windows per domain (default 8)")
+    p.add_argument("--eval-seq-len", type=int, default=512, help="evaluation window length in tokens (default 512)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moe-fx", description="Make Mixture-of-Experts models smaller: trace, calibrate, prune, save.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="describe every MoE block of a checkpoint")
+    p.add_argument("model", help="checkpoint directory (transformers format)")
+    p.add_argument("--verify", action="store_true", help="check each block's routing spec against its torch.export graph")
+    p.add_argument("--all-blocks", action="store_true", help="with --verify: check every block, not one per block class")
+    p.add_argument("--json", action="store_true", help="print the spec as JSON")
+    _add_common(p)
+
+    p = sub.add_parser("prune", help="calibrate, score and drop experts; save a checkpoint")
+    p.add_argument("model", help="source checkpoint directory (never modified)")
+    p.add_argument("--method", default="reap", help="expert scoring method: reap, frequency, random (default reap)")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--ratio", type=float, help="fraction of each block's experts to drop, in (0, 1)")
+    budget.add_argument("--keep", type=int, help="experts to keep per block")
+    p.add_argument("--calib", help="calibration text: .txt or .jsonl(.gz) with a 'text' field (needed except for --method random)")
+    p.add_argument("--calib-tokens", type=int, default=200_000, help="calibration tokens (default 200000)")
+    p.add_argument("--seq-len", type=int, default=512, help="calibration window length (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="seed for data order and random scores (default 0)")
+    p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--eval-data", help="held-out .jsonl(.gz)/.txt for NLL before/after (default: a held-out slice of --calib)")
+    p.add_argument("--holdout", type=float, default=0.05, help="fraction of --calib documents held out when --eval-data is absent")
+    p.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
+    _add_eval(p)
+    _add_common(p)
+
+    p = sub.add_parser("eval", help="per-domain NLL / perplexity of one or more checkpoints")
+    p.add_argument("models", nargs="+", help="checkpoint directories; with several, deltas are shown against the first")
+    p.add_argument("--data", required=True, help=".jsonl(.gz) with 'text' (and 'domain') fields, or .txt")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    _add_eval(p)
+    _add_common(p)
+    return parser
+
+
+def cmd_inspect(args) -> int:
+    from .loading import load_model
+    from .pipeline import state_of
+    from .table import format_table
+
+    model = load_model(args.model, dtype=args.dtype, device=_device(args.device))
+    spec = state_of(model).spec
+    if args.json:
+        print(json.dumps(spec.to_dict(), indent=2))
+        return 0
+    rows = spec.summary_rows()
+    print(format_table(list(rows[0]), [list(r.values()) for r in rows], title=f"{args.model}: {spec.model_type} ({spec.family} adapter), {len(spec.blocks)} MoE blocks of {spec.num_layers} layers"))
+    print(f"dense layers: {list(spec.dense_layers) or 'none'}")
+    print(f"config keys holding the expert count: {', '.join(spec.config_count_keys) or 'none'}")
+    b = spec.blocks[0]
+    print(f"per-expert tensors (block 0): {', '.join(b.per_expert_tensors)}")
+    if b.shared:
+        print(f"shared experts (block 0): {', '.join(s.path for s in b.shared)}")
+    if args.verify:
+        from .fx_check import verify
+
+        checks = verify(model, spec, all_blocks=args.all_blocks)
+        vrows = [[c.block, "ok" if c.ok else "MISMATCH", c.graph.score_fn if c.graph else "-", c.graph.top_k if c.graph else "-", "; ".join(c.mismatches) or (c.error or "")] for c in checks]
+        print(format_table(["block", "fx check", "graph score", "graph top_k", "details"], vrows, title="torch.export graph check"))
+        return 0 if all(c.ok for c in checks) else 1
+    return 0
+
+
+def _eval_rows(results: list[dict], names: list[str]) -> tuple[list[str], list[list]]:
+    domains = [d for d in results[0] if d not in ("mean", "all")] + ["mean", "all"]
+    headers = ["domain"] + [f"NLL {n}" for n in names] + [f"delta {n}" for n in names[1:]]
+    rows = []
+    for d in domains:
+        vals = [r[d]["nll"] for r in results]
+        rows.append([d] + [f"{v:.4f}" for v in vals] + [f"{v - vals[0]:+.4f}" for v in vals[1:]])
+    return headers, rows
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import build_eval_set, evaluate_nll
+    from .loading import load_model, load_tokenizer
+    from .table import format_table
+
+    device = _device(args.device)
+    tokenizer = load_tokenizer(args.models[0])
+    eval_set = build_eval_set(args.data, tokenizer, seq_len=args.eval_seq_len, seqs_per_domain=args.eval_seqs)
+    results = []
+    for path in args.models:
+        model = load_model(path, dtype=args.dtype, device=device)
+        results.append(evaluate_nll(model, eval_set, batch_size=args.batch_size, show_progress=not args.quiet))
+        del model
+    names = [Path(m).name for m in args.models]
+    print(format_table(*_eval_rows(results, names), title=f"next-token NLL on {args.data} ({eval_set.num_tokens} tokens)"))
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(zip(args.models, results)), indent=2) + "\n")
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from .data import TokenBatch, pack, read_documents, split_holdout
+    from .evaluate import build_eval_set, disk_size, evaluate_nll, model_size
+    from .exporters.checkpoint import check_output_path, save_checkpoint
+    from .loading import check_model_dir, load_model, load_tokenizer
+    from .passes import Calibrate, DropExperts, Score
+    from .passes.allocate import check_budget
+    from .passes.scorers import get_scorer
+    from .pipeline import compose, state_of
+    from .table import format_table, human_bytes
+
+    source = check_model_dir(args.model)
+    check_output_path(args.out, source, args.overwrite)
+    scorer = get_scorer(args.method, seed=args.seed)
+    if scorer.needs and not args.calib:
+        raise MoeFxError(f"--method {args.method} needs calibration data: pass --calib FILE")
+    if args.calib_tokens < 1 or args.seq_len < 2:
+        raise MoeFxError("--calib-tokens must be positive and --seq-len at least 2")
+    device = _device(args.device)
+    model = load_model(source, dtype=args.dtype, device=device)
+    save_dtype = model.config.dtype if isinstance(getattr(model.config, "dtype", None), torch.dtype) else next(model.parameters()).dtype
+    tokenizer = load_tokenizer(source)
+    spec = state_of(model).spec
+    check_budget(spec, ratio=args.ratio, keep=args.keep)
+
+    calib_docs, eval_docs = (read_documents(args.calib), None) if args.calib else ([], None)
+    if args.eval_data:
+        eval_docs = read_documents(args.eval_data)
+    elif calib_docs and not args.no_eval:
+        calib_docs, eval_docs = split_holdout(calib_docs, args.holdout, args.seed)
+    show = not args.quiet
+    eval_set = None
+    if eval_docs and not args.no_eval:
+        eval_set = build_eval_set(eval_docs, tokenizer, seq_len=args.eval_seq_len, seqs_per_domain=args.eval_seqs)
+    before_size = model_size(model)
+    before = evaluate_nll(model, eval_set, batch_size=args.batch_size, show_progress=show) if eval_set else None
+
+    passes = []
+    if scorer.needs:
+        tokens = TokenBatch(pack(tokenizer, calib_docs, seq_len=args.seq_len, max_tokens=args.calib_tokens, seed=args.seed), args.calib)
+        passes.append(Calibrate(tokens, batch_size=args.batch_size, seed=args.seed, show_progress=show))
+    passes += [Score(args.method, seed=args.seed), DropExperts(ratio=args.ratio, keep=args.keep)]
+    t0 = time.perf_counter()
+    model = compose(*passes)(model)
+    prune_seconds = time.perf_counter() - t0
+    state = state_of(model)
+    after = evaluate_nll(model, eval_set, batch_size=args.batch_size, show_progress=show) if eval_set else None
+    after_size = model_size(model)
+
+    model.to(save_dtype)
+    record = {
+        "cli": {k: v for k, v in vars(args).items() if k != "func"},
+        "eval_before": before,
+        "eval_after": after,
+        "eval_source": args.eval_data or (f"held-out {args.holdout:.0%} of {args.calib}" if eval_set else None),
+        "size_before": before_size,
+        "size_after": model_size(model),
+        "prune_seconds": prune_seconds,
+    }
+    out = save_checkpoint(model, args.out, source=source, tokenizer=tokenizer, overwrite=args.overwrite, extra_record=record)
+
+    kept = state.spec.blocks[0].num_experts
+    rows = [
+        ["experts per block", spec.blocks[0].num_experts, kept, f"{kept - spec.blocks[0].num_experts:+d}"],
+        ["parameters", f"{before_size['params']:,}", f"{after_size['params']:,}", f"{after_size['params'] / before_size['params'] - 1:+.1%}"],
+        ["weights on disk", human_bytes(disk_size(source)), human_bytes(disk_size(out)), f"{disk_size(out) / disk_size(source) - 1:+.1%}"],
+    ]
+    if before and after:
+        for d in [k for k in before if k not in ("mean", "all")] + ["mean"]:
+            rows.append([f"NLL {d}", f"{before[d]['nll']:.4f}", f"{after[d]['nll']:.4f}", f"{after[d]['nll'] - before[d]['nll']:+.4f}"])
+    calib = state.stats.summary() if state.stats is not None else None
+    title = f"moe-fx prune {args.method} ratio={args.ratio if args.ratio is not None else f'keep {args.keep}'} -> {out}"
+    print(format_table(["", "before", "after", "change"], rows, title=title))
+    if calib:
+        print(f"calibration: {calib['tokens']:,} tokens in {calib['seconds']:.1f} s ({calib['tokens'] / max(calib['seconds'], 1e-9):,.0f} tok/s), fingerprint {calib['fingerprint']}")
+    if eval_set:
+        print(f"evaluation: {record['eval_source']}, {eval_set.num_tokens:,} tokens")
+    return 0
+
+
+COMMANDS = {"inspect": cmd_inspect, "prune": cmd_prune, "eval": cmd_eval}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except MoeFxError as exc:
+        print(f"moe-fx {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"moe-fx {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

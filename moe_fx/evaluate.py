@@ -1,0 +1,90 @@
+"""Held-out quality and size: per-domain next-token NLL / perplexity, parameter and byte counts.
+
+NLL windows are taken per domain in file order (no shuffling), so two models evaluated with the same
+options see exactly the same tokens and their deltas are paired.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import Document, as_documents, pack
+from .progress import progress_bar
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """Token windows per domain, built once and reused for every model compared."""
+
+    windows: dict[str, torch.Tensor]
+    source: str
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(w.numel() for w in self.windows.values())
+
+
+def build_eval_set(source: str | Path | Sequence[str] | Sequence[Document], tokenizer, *, seq_len: int = 512, seqs_per_domain: int = 8) -> EvalSet:
+    docs, desc = as_documents(source)
+    by_domain: dict[str, list[Document]] = defaultdict(list)
+    for d in docs:
+        by_domain[d.domain].append(d)
+    windows = {
+        domain: pack(tokenizer, ds, seq_len=seq_len, max_tokens=None, seed=None, max_sequences=seqs_per_domain)
+        for domain, ds in sorted(by_domain.items())
+    }
+    return EvalSet(windows, desc)
+
+
+@torch.no_grad()
+def evaluate_nll(model: nn.Module, eval_set: EvalSet, *, batch_size: int = 8, show_progress: bool = True) -> dict[str, dict[str, float]]:
+    """Mean next-token NLL and perplexity per domain, plus ``mean`` (over domains) and ``all`` (over tokens)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    results: dict[str, dict[str, float]] = {}
+    total_nll, total_tok = 0.0, 0
+    try:
+        with progress_bar("evaluate", total=eval_set.num_tokens, unit="tok", enabled=show_progress) as bar:
+            for domain, windows in eval_set.windows.items():
+                nll_sum, n_tok = 0.0, 0
+                for i in range(0, windows.shape[0], batch_size):
+                    batch = windows[i : i + batch_size].to(device)
+                    logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+                    nll_sum += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum").item()
+                    n_tok += batch[:, 1:].numel()
+                    bar.update(batch.numel())
+                results[domain] = {"nll": nll_sum / n_tok, "ppl": math.exp(nll_sum / n_tok), "tokens": n_tok}
+                total_nll, total_tok = total_nll + nll_sum, total_tok + n_tok
+    finally:
+        model.train(was_training)
+    mean = sum(r["nll"] for r in results.values()) / len(results)
+    results["mean"] = {"nll": mean, "ppl": math.exp(mean), "tokens": total_tok}
+    results["all"] = {"nll": total_nll / total_tok, "ppl": math.exp(total_nll / total_tok), "tokens": total_tok}
+    return results
+
+
+def model_size(model: nn.Module) -> dict[str, int]:
+    """Parameter count and bytes of the parameters and persistent buffers (tied tensors counted once)."""
+    seen, params, nbytes = set(), 0, 0
+    for t in list(model.parameters()) + [b for b in model.buffers()]:
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        nbytes += t.numel() * t.element_size()
+        if isinstance(t, nn.Parameter):
+            params += t.numel()
+    return {"params": params, "bytes": nbytes}
+
+
+def disk_size(path: str | Path) -> int:
+    """Bytes of the weight files of a checkpoint directory."""
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))

@@ -1,0 +1,91 @@
+"""Calibrate: run calibration tokens through the model with observers attached; store CalibrationStats."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...data import TokenBatch, calibration_tokens
+from ...errors import BadOptionError
+from ...pipeline import MoEState, Pass, PassResult
+from ...progress import progress_bar
+from ...stats import CalibrationStats
+from .hooks import instrument, router_probs
+from .observers import OBSERVERS, Observer, ReapObserver, RoutingEvent, RoutingObserver
+
+__all__ = ["Calibrate", "Observer", "OBSERVERS", "RoutingEvent", "RoutingObserver", "ReapObserver", "instrument", "router_probs", "run_calibration"]
+
+
+def run_calibration(
+    model: nn.Module,
+    state: MoEState,
+    tokens: TokenBatch,
+    observers: list[Observer],
+    *,
+    batch_size: int,
+    show_progress: bool = True,
+) -> CalibrationStats:
+    """Forward every calibration window once with observers attached; return their running sums."""
+    device = next(model.parameters()).device
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    try:
+        with instrument(model, state.spec, observers) as acc, torch.no_grad():
+            with progress_bar("calibrate", total=tokens.num_tokens, unit="tok", enabled=show_progress) as bar:
+                for batch in tokens.batches(batch_size):
+                    model(input_ids=batch.to(device), use_cache=False)
+                    bar.update(batch.numel())
+    finally:
+        model.train(was_training)
+    return CalibrationStats(
+        per_block={path: {k: v.cpu() for k, v in a.items()} for path, a in acc.items()},
+        tokens=tokens.num_tokens,
+        sequences=tokens.input_ids.shape[0],
+        seq_len=tokens.input_ids.shape[1],
+        fingerprint=tokens.fingerprint,
+        source=tokens.source,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+@dataclass
+class Calibrate(Pass):
+    """Record routing statistics and REAP saliency over calibration data.
+
+    ``data``: a path (.txt / .jsonl(.gz)), a list of strings, a ``LongTensor [N, L]`` or a TokenBatch.
+    Text is tokenized with ``tokenizer`` (default: the model's own, from ``model.name_or_path``).
+    """
+
+    data: Any = None
+    tokenizer: Any = None
+    max_tokens: int = 200_000
+    seq_len: int = 512
+    batch_size: int = 8
+    seed: int = 0
+    observers: tuple[str, ...] = ("routing", "reap")
+    show_progress: bool = True
+    name = "calibrate"
+
+    def run(self, model: nn.Module, state: MoEState) -> PassResult:
+        if self.data is None:
+            raise BadOptionError("Calibrate needs data: a text/jsonl path, a list of strings or a token tensor")
+        unknown = [o for o in self.observers if o not in OBSERVERS]
+        if unknown:
+            raise BadOptionError(f"unknown observers {unknown}; available: {sorted(OBSERVERS)}")
+        if self.batch_size < 1 or self.max_tokens < 1:
+            raise BadOptionError(f"batch_size and max_tokens must be positive, got {self.batch_size} and {self.max_tokens}")
+        tokenizer = self.tokenizer
+        if tokenizer is None and not isinstance(self.data, (torch.Tensor, TokenBatch)):
+            from ...loading import load_tokenizer
+
+            tokenizer = load_tokenizer(model.name_or_path)
+        tokens = calibration_tokens(self.data, tokenizer, seq_len=self.seq_len, max_tokens=self.max_tokens, seed=self.seed)
+        state.stats = run_calibration(
+            model, state, tokens, [OBSERVERS[o]() for o in self.observers], batch_size=self.batch_size, show_progress=self.show_progress
+        )
+        return PassResult(model, False, state.stats.summary())

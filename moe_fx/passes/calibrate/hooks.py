@@ -1,0 +1,116 @@
+"""Instrument router and experts calls of every MoE block, and always restore the model afterwards.
+
+The experts module is the one place every family routes through with the *final* routing decision
+(after group limits, correction biases, renormalisation and scaling): ``experts(h, top_k_index,
+top_k_weights)``. When an observer needs per-expert outputs, the instrumented call runs the family's own
+experts implementation once with every (token, slot) pair as its own top-1 route and weight 1, which
+yields the unweighted output of each routed expert at the cost of the original call, then combines them
+with the routing weights exactly as the stock implementations do. No expert math is re-implemented.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...errors import UnsupportedFamilyError
+from ...rewrite import get_tensor
+from ...spec import MoEBlockSpec, MoEModelSpec
+from .observers import Observer, RoutingEvent
+
+_INDEX_KW = ("top_k_index", "router_indices", "selected_experts")
+_WEIGHT_KW = ("top_k_weights", "routing_weights", "router_scores")
+
+
+def router_probs(model: nn.Module, block: MoEBlockSpec, hidden: torch.Tensor) -> torch.Tensor:
+    """Router probabilities over all experts for ``hidden [..., H]``: softmax or sigmoid of the logits."""
+    weight = get_tensor(model, block.router.weight)
+    bias = get_tensor(model, block.router.bias) if block.router.bias else None
+    logits = F.linear(hidden.reshape(-1, weight.shape[1]).float(), weight.float(), None if bias is None else bias.float())
+    return torch.sigmoid(logits) if block.router.score_fn.startswith("sigmoid") else torch.softmax(logits, dim=-1)
+
+
+def _routing_args(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    hidden = args[0] if args else kwargs["hidden_states"]
+    rest = list(args[1:])
+    idx = rest.pop(0) if rest else next(kwargs[k] for k in _INDEX_KW if k in kwargs)
+    w = rest.pop(0) if rest else next(kwargs[k] for k in _WEIGHT_KW if k in kwargs)
+    return hidden, idx, w
+
+
+def _per_slot_outputs(forward, hidden: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Unweighted output of the routed expert for every (token, slot): ``[T*k, H]``."""
+    k = idx.shape[-1]
+    flat_hidden = hidden.repeat_interleave(k, dim=0)
+    flat_idx = idx.reshape(-1, 1)
+    ones = torch.ones(flat_idx.shape, dtype=hidden.dtype, device=hidden.device)
+    return forward(flat_hidden, flat_idx, ones)
+
+
+class _BlockProbe:
+    """Holds one block's observers and accumulators and the router probabilities of the current call."""
+
+    def __init__(self, model: nn.Module, block: MoEBlockSpec, observers: Sequence[Observer], device) -> None:
+        self.model, self.block, self.observers = model, block, observers
+        self.acc: dict[str, torch.Tensor] = {}
+        for o in observers:
+            self.acc.update(o.init(block, device))
+        self.needs_outputs = any(o.needs_outputs for o in observers)
+        self.needs_probs = any(o.needs_probs for o in observers)
+        self.pending_probs: torch.Tensor | None = None
+
+    def router_pre_hook(self, module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self.pending_probs = router_probs(self.model, self.block, hidden.detach())
+
+    def wrap(self, forward):
+        def instrumented(*args, **kwargs):
+            hidden, idx, w = _routing_args(args, kwargs)
+            with torch.no_grad():
+                if self.needs_outputs:
+                    y = _per_slot_outputs(forward, hidden, idx)
+                    t, k = idx.shape
+                    out = (y.view(t, k, -1) * w.unsqueeze(-1)).sum(dim=1).to(hidden.dtype)
+                else:
+                    y, out = None, forward(*args, **kwargs)
+                event = RoutingEvent(hidden, idx, w, y, self.pending_probs)
+                for o in self.observers:
+                    o.update(self.acc, event)
+            self.pending_probs = None
+            return out
+
+        return instrumented
+
+
+@contextlib.contextmanager
+def instrument(model: nn.Module, spec: MoEModelSpec, observers: Sequence[Observer]) -> Iterator[dict[str, dict[str, torch.Tensor]]]:
+    """Attach observers to every block; yield ``{block_path: accumulators}``; restore the model on exit."""
+    for block in spec.blocks:
+        if block.experts.call_style != "routed":
+            raise UnsupportedFamilyError(
+                f"{block.path}: calibration of {block.experts.call_style!r} experts calls is not implemented yet"
+            )
+    device = next(model.parameters()).device
+    probes = {b.path: _BlockProbe(model, b, observers, device) for b in spec.blocks}
+    handles, patched = [], []
+    try:
+        for path, probe in probes.items():
+            if probe.needs_probs:
+                router = model.get_submodule(probe.block.router.path)
+                handles.append(router.register_forward_pre_hook(probe.router_pre_hook, with_kwargs=True))
+            experts = model.get_submodule(probe.block.experts.path)
+            patched.append((experts, experts.__dict__.get("forward")))
+            experts.forward = probe.wrap(experts.forward)
+        yield {path: probe.acc for path, probe in probes.items()}
+    finally:
+        for h in handles:
+            h.remove()
+        for experts, own_forward in patched:
+            if own_forward is None:
+                experts.__dict__.pop("forward", None)
+            else:
+                experts.forward = own_forward

@@ -1,0 +1,27 @@
+"""Score: run a registered scorer on the calibration statistics and store the expert scores."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..pipeline import MoEState, Pass, PassResult, require
+from .scorers import get_scorer
+
+
+@dataclass
+class Score(Pass):
+    """Score experts with ``method`` (``random``, ``frequency``, ``reap``, ...)."""
+
+    method: str = "reap"
+    seed: int = 0
+    name = "score"
+
+    def requires(self, state: MoEState) -> None:
+        scorer = get_scorer(self.method, seed=self.seed)
+        require(not scorer.needs or state.stats is not None, f"Score({self.method!r})", "calibration statistics", "Calibrate(...)")
+
+    def run(self, model: nn.Module, state: MoEState) -> PassResult:
+        state.scores = get_scorer(self.method, seed=self.seed)(state.stats, state.spec)
+        return PassResult(model, False, {"method": self.method})

@@ -1,0 +1,63 @@
+"""Scorers: calibration statistics in, one importance score per expert out (higher = keep).
+
+Every scorer is a class registered by name with :func:`register_scorer`; it declares the statistics it
+reads so a missing observer is reported before any work. New method = one file in this package.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ...errors import BadOptionError
+from ...spec import MoEModelSpec
+from ...stats import CalibrationStats
+
+
+@dataclass
+class Scores:
+    """Per block path, a float64 tensor ``[E]`` of expert importances, and the method that made them."""
+
+    method: str
+    per_block: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "per_block": {k: [round(float(x), 8) for x in v] for k, v in self.per_block.items()}}
+
+
+class Scorer:
+    """Base scorer. ``needs``: statistic names it reads (empty for data-free scorers)."""
+
+    name = "scorer"
+    needs: tuple[str, ...] = ()
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+
+    def score_block(self, stats: CalibrationStats | None, block_path: str, num_experts: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, stats: CalibrationStats | None, spec: MoEModelSpec) -> Scores:
+        if self.needs and stats is None:
+            raise BadOptionError(f"scorer {self.name!r} needs calibration statistics {self.needs}: run Calibrate first")
+        return Scores(self.name, {b.path: self.score_block(stats, b.path, b.num_experts).double() for b in spec.blocks})
+
+
+SCORERS: dict[str, type[Scorer]] = {}
+
+
+def register_scorer(cls: type[Scorer]) -> type[Scorer]:
+    if cls.name in SCORERS:
+        raise ValueError(f"a scorer named {cls.name!r} is already registered")
+    SCORERS[cls.name] = cls
+    return cls
+
+
+def get_scorer(name: str, **kwargs) -> Scorer:
+    if name not in SCORERS:
+        raise BadOptionError(f"unknown scoring method {name!r}; available: {', '.join(sorted(SCORERS))}")
+    return SCORERS[name](**kwargs)
+
+
+from . import frequency, random, reap  # noqa: E402,F401  (register the built-in scorers)

@@ -1,0 +1,14 @@
+"""Frequency: how often the router picks an expert over the calibration tokens."""
+
+from __future__ import annotations
+
+from . import Scorer, register_scorer
+
+
+@register_scorer
+class FrequencyScorer(Scorer):
+    name = "frequency"
+    needs = ("count",)
+
+    def score_block(self, stats, block_path, num_experts):
+        return stats.get(block_path, "count")

@@ -1,0 +1,19 @@
+"""Random scores: the baseline every method must beat. Seeded per block, so plans are reproducible."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from . import Scorer, register_scorer
+
+
+@register_scorer
+class RandomScorer(Scorer):
+    name = "random"
+
+    def score_block(self, stats, block_path, num_experts):
+        digest = hashlib.sha256(f"{self.seed}:{block_path}".encode()).digest()
+        gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+        return torch.rand(num_experts, generator=gen, dtype=torch.float64)

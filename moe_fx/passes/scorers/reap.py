@@ -1,0 +1,20 @@
+"""REAP (router-weighted expert activation pruning): the mean, over the tokens routed to an expert, of its
+routing weight times the L2 norm of its output. The weight is the one the experts call receives, i.e. the
+renormalised top-k weight for families that renormalise (as the reference implementation does). An expert
+no calibration token reached scores 0."""
+
+from __future__ import annotations
+
+import torch
+
+from . import Scorer, register_scorer
+
+
+@register_scorer
+class ReapScorer(Scorer):
+    name = "reap"
+    needs = ("reap_sum", "count")
+
+    def score_block(self, stats, block_path, num_experts):
+        count = stats.get(block_path, "count")
+        return torch.where(count > 0, stats.get(block_path, "reap_sum") / count.clamp(min=1), torch.zeros_like(count))
