@@ -153,9 +153,9 @@ def cmd_prune(args) -> int:
     device = _device(args.device)
     model = load_model(source, dtype=args.dtype, device=device)
     save_dtype = model.config.dtype if isinstance(getattr(model.config, "dtype", None), torch.dtype) else next(model.parameters()).dtype
-    tokenizer = load_tokenizer(source)
     spec = state_of(model).spec
     check_budget(spec, ratio=args.ratio, keep=args.keep)
+    tokenizer = load_tokenizer(source)
 
     calib_docs, eval_docs = (read_documents(args.calib), None) if args.calib else ([], None)
     if args.eval_data:

@@ -29,9 +29,23 @@ def check_model_dir(path: str | Path) -> Path:
         json.loads((p / "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise NotAModelError(f"{p / 'config.json'}: not valid JSON ({exc})") from None
-    if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
+    weights = sorted(p.glob("*.safetensors"))
+    if not weights and not any(p.glob("*.bin")):
         raise NotAModelError(f"{p}: no weight files (*.safetensors) found")
+    for f in weights:
+        _check_safetensors(f)
     return p
+
+
+def _check_safetensors(path: Path) -> None:
+    """Open the header (cheap: no tensor is read) so a truncated or corrupt file is named before loading."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt"):
+            pass
+    except (SafetensorError, OSError) as exc:
+        raise NotAModelError(f"{path}: corrupt safetensors file ({exc}); re-download or re-save the checkpoint") from None
 
 
 def load_model(path: str | Path, *, dtype: str = "auto", device: str = "cpu"):

@@ -1,0 +1,58 @@
+"""Shared fixtures: a tiny random Qwen3-MoE built from config, and the trained micro model from shared/."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = REPO / "examples" / "assets"
+SHARED = Path(os.environ.get("MOE_FX_SHARED", REPO.parent / "shared"))
+
+
+def _first_existing(*paths: Path) -> Path:
+    for p in paths:
+        if p.exists():
+            return p
+    pytest.skip(f"none of {paths} exists")
+
+
+@pytest.fixture(scope="session")
+def micro_path() -> Path:
+    """The trained 2-layer, 8-expert Qwen3-MoE (shared/models/qwen3moe-micro, or the copy shipped in examples/)."""
+    return _first_existing(SHARED / "models" / "qwen3moe-micro", ASSETS / "qwen3moe-micro")
+
+
+@pytest.fixture(scope="session")
+def calib_path() -> Path:
+    return _first_existing(ASSETS / "calib.jsonl.gz", SHARED / "data" / "corpus" / "train.jsonl.gz")
+
+
+@pytest.fixture(scope="session")
+def valid_path() -> Path:
+    return _first_existing(ASSETS / "valid.jsonl.gz", SHARED / "data" / "corpus" / "valid.jsonl.gz")
+
+
+def tiny_qwen3(num_experts: int = 8, top_k: int = 2, norm: bool = True, seed: int = 0):
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    cfg = Qwen3MoeConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=num_experts,
+        num_experts_per_tok=top_k, norm_topk_prob=norm, max_position_embeddings=128, tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.fixture
+def tiny_model():
+    return tiny_qwen3()
+
+
+@pytest.fixture
+def tokens() -> torch.Tensor:
+    return torch.randint(2, 128, (4, 16), generator=torch.Generator().manual_seed(1))

@@ -1,0 +1,122 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moe_fx import PrunePlan, compose, state_of
+from moe_fx.errors import BadOptionError, PassOrderError
+from moe_fx.passes import Calibrate, DropExperts, Score
+from moe_fx.passes.calibrate import OBSERVERS, instrument
+
+
+def _logits(model, tokens):
+    with torch.no_grad():
+        return model(input_ids=tokens).logits
+
+
+@pytest.mark.parametrize("impl", ["eager", "grouped_mm", "batched_mm"])
+def test_instrumented_forward_matches_plain(tiny_model, tokens, impl):
+    tiny_model.set_experts_implementation(impl)
+    ref = _logits(tiny_model, tokens)
+    spec = state_of(tiny_model).spec
+    with instrument(tiny_model, spec, [o() for o in OBSERVERS.values()]):
+        inst = _logits(tiny_model, tokens)
+    torch.testing.assert_close(inst, ref, atol=1e-5, rtol=1e-5)
+    for block in spec.blocks:  # hooks and patched forwards are gone
+        experts = tiny_model.get_submodule(block.experts.path)
+        assert "forward" not in experts.__dict__
+        assert not tiny_model.get_submodule(block.router.path)._forward_pre_hooks
+    torch.testing.assert_close(_logits(tiny_model, tokens), ref, atol=0, rtol=0)
+
+
+@torch.no_grad()
+def _brute_force_reap(model, spec, tokens):
+    """Per block: count and sum of w * ||expert output|| computed from the raw weights, token by token."""
+    captured = {}
+    hooks = [
+        model.get_submodule(b.path).register_forward_pre_hook(lambda m, a, p=b.path: captured.__setitem__(p, a[0].reshape(-1, a[0].shape[-1])))
+        for b in spec.blocks
+    ]
+    _logits(model, tokens)
+    for h in hooks:
+        h.remove()
+    out = {}
+    for b in spec.blocks:
+        h = captured[b.path].float()
+        router = model.get_submodule(b.router.path)
+        _, w, idx = router(h)
+        experts = model.get_submodule(b.experts.path)
+        count = torch.zeros(b.num_experts, dtype=torch.float64)
+        reap = torch.zeros(b.num_experts, dtype=torch.float64)
+        for t in range(h.shape[0]):
+            for s in range(idx.shape[1]):
+                e = int(idx[t, s])
+                gate, up = F.linear(h[t], experts.gate_up_proj[e]).chunk(2)
+                y = F.linear(F.silu(gate) * up, experts.down_proj[e])
+                count[e] += 1
+                reap[e] += float(w[t, s]) * float(y.norm())
+        out[b.path] = (count, reap)
+    return out
+
+
+def test_reap_statistics_match_brute_force(tiny_model, tokens):
+    m = compose(Calibrate(tokens, batch_size=2, show_progress=False))(tiny_model)
+    state = state_of(m)
+    expected = _brute_force_reap(m, state.spec, tokens)
+    for path, (count, reap) in expected.items():
+        assert torch.equal(state.stats.get(path, "count"), count)
+        torch.testing.assert_close(state.stats.get(path, "reap_sum"), reap, rtol=1e-4, atol=1e-6)
+        assert state.stats.get(path, "count").sum() == tokens.numel() * state.spec.blocks[0].top_k
+        torch.testing.assert_close(state.stats.get(path, "prob_mass").sum(), torch.tensor(float(tokens.numel()), dtype=torch.float64))
+
+
+def test_calibration_is_deterministic(tokens):
+    from conftest import tiny_qwen3
+
+    runs = []
+    for _ in range(2):
+        m = compose(Calibrate(tokens, show_progress=False), Score("reap"))(tiny_qwen3())
+        runs.append(state_of(m).scores.per_block)
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_pass_order_and_options_are_checked(tiny_model, tokens):
+    with pytest.raises(PassOrderError, match="Calibrate"):
+        compose(Score("reap"))(tiny_model)
+    with pytest.raises(PassOrderError, match="Score"):
+        compose(DropExperts(ratio=0.5))(tiny_model)
+    with pytest.raises(BadOptionError, match="unknown scoring method"):
+        compose(Score("nope"))(tiny_model)
+    with pytest.raises(BadOptionError, match="unknown observers"):
+        compose(Calibrate(tokens, observers=("bogus",)))(tiny_model)
+    with pytest.raises(BadOptionError, match="fewer than top-k"):
+        compose(Score("random"), DropExperts(ratio=0.9))(tiny_model)
+    with pytest.raises(BadOptionError, match=r"ratio must be in \(0, 1\)"):
+        compose(Score("random"), DropExperts(ratio=1.0))(tiny_model)
+
+
+def test_keep_all_is_bit_identical_and_permuted_is_close(tiny_model, tokens):
+    ref = _logits(tiny_model, tokens)
+    spec = state_of(tiny_model).spec
+    DropExperts(plan=PrunePlan.keep_all(spec))(tiny_model)
+    assert torch.equal(_logits(tiny_model, tokens), ref)
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(0)).tolist()
+    DropExperts(plan=PrunePlan({b.path: perm for b in spec.blocks}))(tiny_model)
+    torch.testing.assert_close(_logits(tiny_model, tokens), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_tokens_routed_to_kept_experts_are_unchanged(tiny_model):
+    """norm_topk_prob: a token whose top-k experts are all kept gets exactly the same block output."""
+    spec = state_of(tiny_model).spec
+    block = spec.blocks[0]
+    mod = tiny_model.get_submodule(block.path)
+    h = torch.randn(1, 64, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = mod(h)
+        _, _, idx = mod.gate(h.reshape(-1, 32))
+    kept = [0, 1, 2, 3, 4, 5]
+    DropExperts(plan=PrunePlan({b.path: kept for b in spec.blocks}))(tiny_model)
+    with torch.no_grad():
+        after = mod(h)
+    inside = torch.isin(idx, torch.tensor(kept)).all(-1)
+    assert 0 < int(inside.sum()) < 64
+    torch.testing.assert_close(after.reshape(-1, 32)[inside], before.reshape(-1, 32)[inside], atol=1e-6, rtol=1e-6)
