@@ -77,10 +77,14 @@ def register_adapter(model_types: str | tuple[str, ...], adapter: FamilyAdapter,
 
 
 def get_adapter(model_type: str) -> FamilyAdapter:
-    """The adapter for ``model_type``, or :data:`GENERIC` when none is registered."""
+    """The adapter for ``model_type``, or :data:`GENERIC` when none is registered.
+
+    A text sub-model type (``llama4_text``, ``qwen3_5_moe_text``) falls back to its family's adapter, so a
+    text-only checkpoint of a multimodal family is described like the full model.
+    """
     from . import families  # noqa: F401  (registers the built-in adapters on first use)
 
-    return _REGISTRY.get(model_type, GENERIC)
+    return _REGISTRY.get(model_type) or _REGISTRY.get(model_type.removesuffix("_text"), GENERIC)
 
 
 def registered_model_types() -> list[str]:

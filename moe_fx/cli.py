@@ -217,6 +217,10 @@ COMMANDS = {"inspect": cmd_inspect, "prune": cmd_prune, "eval": cmd_eval}
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         return COMMANDS[args.command](args)
     except MoeFxError as exc:

@@ -70,14 +70,43 @@ def _op_name(node: fx.Node) -> str:
     return name.split(".")[0]
 
 
+def _weighted_identity(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    """Stand-in for a routed experts call: consumes the routing outputs without data-dependent loops."""
+    return hidden_states * top_k_weights.sum(dim=-1, keepdim=True).to(hidden_states.dtype)
+
+
+@contextlib.contextmanager
+def _experts_stubbed(block: nn.Module) -> Iterator[None]:
+    """Temporarily replace the forward of every routed-experts module of ``block`` by :func:`_weighted_identity`."""
+    from .trace import _is_routed_experts
+
+    experts = [m for m in block.modules() if _is_routed_experts(m)]
+    for m in experts:
+        m.forward = _weighted_identity
+    try:
+        yield
+    finally:
+        for m in experts:
+            del m.forward
+
+
 def export_block(model: nn.Module, block_path: str, tokens: int = 8) -> torch.export.ExportedProgram:
-    """torch.export the block at ``block_path`` on a random ``[1, tokens, H]`` input (grouped_mm experts)."""
+    """torch.export the block at ``block_path`` on a random ``[1, tokens, H]`` input (grouped_mm experts).
+
+    Experts without a grouped_mm implementation loop over the experts hit, which export cannot trace
+    (data-dependent control flow); the routing rule lies upstream of the experts call, so the block is then
+    exported with the experts replaced by a weighted identity.
+    """
     block = model.get_submodule(block_path)
     param = next(block.parameters())
     hidden = _hidden_size(block)
     x = torch.randn(1, tokens, hidden, dtype=param.dtype, device=param.device)
     with experts_implementation(model, "grouped_mm"), torch.no_grad():
-        return torch.export.export(block, (x,), strict=False)
+        try:
+            return torch.export.export(block, (x,), strict=False)
+        except torch.fx.experimental.symbolic_shapes.GuardOnDataDependentSymNode:
+            with _experts_stubbed(block):
+                return torch.export.export(block, (x,), strict=False)
 
 
 def _hidden_size(block: nn.Module) -> int:

@@ -92,11 +92,16 @@ def _router_spec(block, block_path, router, router_path, e, adapter, config, sco
         elif t.ndim == 1 and t.shape[0] == e and name.endswith("bias") and bias is None:
             if name.rsplit(".", 1)[-1] not in adapter.selection_bias_names:
                 bias = name
-    selection_bias = None
-    for name, t in list(_tensors(router, router_path)) + list(_direct_tensors(block, block_path)):
-        if name.rsplit(".", 1)[-1] in adapter.selection_bias_names and t.ndim == 1 and t.shape[0] == e:
-            selection_bias = name
-            break
+    # the selection bias may live on the router, the block, or a sibling (Ernie 4.5 ``moe_statics``);
+    # a [1, E] bias is recorded too, so a rewrite that cannot slice it fails loudly instead of skipping it
+    selection_bias = next(
+        (
+            name
+            for name, t in list(_tensors(router, router_path)) + list(_tensors(block, block_path))
+            if name.rsplit(".", 1)[-1] in adapter.selection_bias_names and t.numel() == e
+        ),
+        None,
+    )
     owners = (router, block)
     top_k = _first_attr(owners, ("top_k",)) or _first_attr((config,), TOPK_KEYS)
     norm = adapter.norm_topk_prob

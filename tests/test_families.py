@@ -31,6 +31,18 @@ def logits(model: nn.Module) -> torch.Tensor:
         return model(input_ids=INPUT, use_cache=False).logits
 
 
+def realigned(model: nn.Module) -> nn.Module:
+    """Copy parameters into freshly allocated memory.
+
+    safetensors loads tensors at 8-byte aligned offsets; CPU matmul kernels take another code path for
+    unaligned data and change the last bits, which would hide real differences behind noise.
+    """
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.clone()
+    return model
+
+
 def experts_modules(model: nn.Module) -> int:
     """Routed-experts modules counted independently of moe-fx: ``*Experts`` classes with 3D weights."""
     return sum(
@@ -53,6 +65,17 @@ def permuted_keep_all(spec: MoEModelSpec) -> list[int]:
     b = spec.blocks[0]
     size = b.num_experts // (b.router.n_group or 1)
     return [g + size - 1 - i for g in range(0, b.num_experts, size) for i in range(size)]
+
+
+DROP_BLOCKED = {
+    "ernie4_5_moe": "drop_experts slices dim 0 only; Ernie's moe_statics.e_score_correction_bias is [1, E]",
+}
+"""Families whose expert dropping fails because of a known moe-fx bug (strict xfail: fixing it must show)."""
+
+DROP_FAMILIES = [
+    pytest.param(f, marks=pytest.mark.xfail(reason=DROP_BLOCKED[f], strict=True)) if f in DROP_BLOCKED else f
+    for f in TINY_FAMILIES
+]
 
 
 @pytest.fixture(params=TINY_FAMILIES)
@@ -80,6 +103,7 @@ def test_fx_check_agrees_with_spec(family: str) -> None:
         assert check.graph.top_k == TOP_K.get(family, K) and check.graph.num_experts in (None, E)
 
 
+@pytest.mark.parametrize("family", DROP_FAMILIES)
 def test_keep_all_is_identity(family: str) -> None:
     model = tiny_model(family)
     before = logits(model)
@@ -90,6 +114,7 @@ def test_keep_all_is_identity(family: str) -> None:
     torch.testing.assert_close(logits(model), before, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("family", DROP_FAMILIES)
 def test_drop_experts_saves_and_reloads(family: str, tmp_path) -> None:
     model = tiny_model(family)
     spec = trace(model)
@@ -105,7 +130,7 @@ def test_drop_experts_saves_and_reloads(family: str, tmp_path) -> None:
     after = logits(model)
     assert torch.isfinite(after).all()
     out = save_checkpoint(model, tmp_path / "pruned")
-    reloaded = auto_class(model.config).from_pretrained(out).eval()
+    reloaded = realigned(auto_class(model.config).from_pretrained(out).eval())
     assert trace(reloaded).blocks[0].num_experts == len(kept)
     assert torch.equal(logits(reloaded), after)
 
@@ -124,6 +149,7 @@ def _routed_call(model: nn.Module, spec: MoEModelSpec, x: torch.Tensor) -> tuple
     return out.reshape(-1, out.shape[-1]), seen["idx"].reshape(x.shape[1], -1)
 
 
+@pytest.mark.parametrize("family", DROP_FAMILIES)
 def test_tokens_on_kept_experts_are_unchanged(family: str) -> None:
     """With renormalised top-k weights, a token whose experts all survive gets the same block output."""
     model = tiny_model(family)

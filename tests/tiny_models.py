@@ -19,6 +19,7 @@ SMALL: dict[str, object] = dict(
     moe_intermediate_size=32,
     shared_expert_intermediate_size=32,
     expert_intermediate_size=32,
+    share_expert_dim=32,
     num_hidden_layers=2,
     num_attention_heads=4,
     num_key_value_heads=4,
@@ -39,6 +40,7 @@ SMALL: dict[str, object] = dict(
     qk_rope_head_dim=8,
     qk_nope_head_dim=8,
     v_head_dim=16,
+    norm_topk_prob=True,
     pad_token_id=0,
     bos_token_id=1,
     eos_token_id=2,
@@ -48,10 +50,26 @@ SMALL: dict[str, object] = dict(
 OVERRIDES: dict[str, dict[str, object]] = {
     "dbrx": {
         "d_model": 64, "n_heads": 4, "n_layers": 2, "max_seq_len": 256,
-        "attn_config": {"kv_n_heads": 4, "rope_theta": 10000.0},
+        "attn_config": {"kv_n_heads": 4, "rope_theta": 10000.0, "clip_qkv": 8.0},
         "ffn_config": {"ffn_hidden_size": 32, "moe_num_experts": 8, "moe_top_k": 2},
     },
+    "deepseek_v3": {"n_group": 2, "topk_group": 1},
+    "deepseek_ocr2": {"text_config": {"mlp_layer_types": ["sparse", "sparse"]}},
     "dots1": {"n_shared_experts": 1},
+    "ernie4_5_vl_moe": {
+        "text_config": {
+            "moe_intermediate_size": [32, 32],
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [3, 3, 2]},
+        }
+    },
+    "inkling2": {"vision_config": {"text_hidden_size": 64}},
+    "step3p7": {"text_config": {"sliding_window": 64, "mlp_layer_types": ["sparse", "sparse"]}},
+    "glm4v_moe": {"text_config": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1]}}},
+    "qwen3_moe": {"norm_topk_prob": False},
+    "qwen3_omni_moe": {"talker_config": {"text_config": {"shared_expert_intermediate_size": 32}}},
+    "zaya": {"num_experts_per_tok": 1},
+    "mimo_v2_flash": {"num_key_value_heads": 2},  # sliding layers double the kv heads
+    "longcat_flash": {"num_layers": 1, "ffn_hidden_size": 64, "expert_ffn_hidden_size": 32, "moe_topk": 2, "zero_expert_num": 2},
     "lfm2_moe": {"num_dense_layers": 0, "layer_types": ["conv", "full_attention"]},
 }
 """Per-family constructor kwargs on top of :data:`SMALL`; a dict value is merged into that sub-config."""
@@ -68,15 +86,15 @@ TOP_K: dict[str, int] = {"zaya": 1}
 """Families whose tiny model routes to other than ``SMALL["num_experts_per_tok"]`` experts."""
 
 TINY_FAMILIES: list[str] = """
-afmoe aria axk1 axk2 bailing_hybrid cohere2_moe deepseek_v2 deepseek_v3 deepseek_v32 dots1 ernie4_5_moe
-exaone_moe flex_olmo glm4_moe glm4_moe_lite glm_moe_dsa gpt_oss granitemoe granitemoe_swa granitemoehybrid
+afmoe aria axk1 axk2 bailing_hybrid cohere2_moe deepseek_ocr2 deepseek_v2 deepseek_v3 deepseek_v32 dots1 ernie4_5_moe
+exaone_moe flex_olmo glm4_moe glm4_moe_lite glm4v_moe glm_moe_dsa gpt_oss granitemoe granitemoe_swa granitemoehybrid
 granitemoeshared hunyuan_v1_moe hy_v3 hy_v4 jamba kimi_linear kolibri1 laguna lfm2_moe llama4 mellum
-mimo_v2_flash minimax minimax_m2 minimax_m3_vl mistral4 mixtral nemotron_h olmoe qwen2_moe qwen3_moe
+mimo_v2_flash minimax minimax_m2 minimax_m3_vl mistral4 mixtral nemotron_h olmoe openai_privacy_filter qwen2_moe qwen3_moe
 qwen3_5_moe qwen3_next qwen3_vl_moe qwen4_exp solar_open unlimited_ocr
 """.split()
 """Families whose tiny model moe-fx discovers, checks, prunes and reloads (``tests/test_families.py``)."""
 
-UNSUPPORTED_FAMILIES: list[str] = []
+UNSUPPORTED_FAMILIES: list[str] = ["dbrx", "deepseek_v4", "longcat_flash", "phimoe", "zaya"]
 """Families with routed experts that discovery must refuse with :class:`UnsupportedFamilyError`."""
 
 
@@ -103,7 +121,23 @@ def tiny_model(model_type: str) -> PreTrainedModel:
     """A tiny random model of ``model_type`` (deterministic: seeded), in eval mode."""
     config = tiny_config(model_type)
     torch.manual_seed(0)
-    return auto_class(config).from_config(config).eval()
+    model = auto_class(config).from_config(config).eval()
+    _perturb_constants(model)
+    return model
+
+
+@torch.no_grad()
+def _perturb_constants(model: PreTrainedModel) -> None:
+    """Add noise to constant tensors (zero-initialised routers and selection biases, unit norms).
+
+    A zero router ties every expert, so top-k picks by index and expert order becomes observable; a zero
+    selection bias hides a bias that pruning forgot to slice. Random values make both show in logits.
+    """
+    generator = torch.Generator().manual_seed(1)
+    tensors = [p for p in model.parameters()] + [b for n, b in model.named_buffers() if n.endswith("bias")]
+    for t in tensors:
+        if t.is_floating_point() and t.numel() > 1 and bool((t == t.flatten()[0]).all()):
+            t.add_(0.02 * torch.randn(t.shape, generator=generator).to(t.dtype))
 
 
 def auto_class(config: PreTrainedConfig) -> type:
