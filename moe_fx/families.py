@@ -10,41 +10,67 @@ from __future__ import annotations
 
 from .adapters import FamilyAdapter, register_adapter
 
+
+def _unsupported(model_types: str | tuple[str, ...], reason: str) -> None:
+    """Register a family that discovery must refuse, with the reason it prints."""
+    name = model_types if isinstance(model_types, str) else model_types[0]
+    register_adapter(model_types, FamilyAdapter(name, unsupported=reason))
+
+
 # softmax over all experts, then top-k; renormalisation follows config.norm_topk_prob
-register_adapter(("qwen2_moe", "qwen3_moe"), FamilyAdapter("qwen_moe", score_fn="softmax", legacy_count_keys=("num_experts",)))
 register_adapter(
-    ("qwen3_next", "qwen4_exp", "olmoe", "flex_olmo", "mellum", "mistral4", "mistral_large4"),
+    ("qwen2_moe", "qwen3_moe"),
+    FamilyAdapter("qwen_moe", score_fn="softmax", legacy_count_keys=("num_experts",)),
+)
+register_adapter(
+    ("flex_olmo", "mellum", "mistral4", "olmoe", "qwen3_next", "qwen3_omni_moe", "qwen4_exp"),
     FamilyAdapter("softmax_topk", score_fn="softmax"),
 )
-# softmax, then top-k, always renormalised (no config flag)
-register_adapter("mixtral", FamilyAdapter("mixtral", score_fn="softmax", norm_topk_prob=True, legacy_count_keys=("num_local_experts",)))
+# softmax, then top-k, always renormalised (the router has no flag)
 register_adapter(
-    ("minimax", "qwen3_5_moe", "qwen3_vl_moe", "qwen3_omni_moe", "hunyuan_v1_moe", "ernie4_5_moe", "ernie4_5_vl_moe"),
+    "mixtral",
+    FamilyAdapter("mixtral", score_fn="softmax", norm_topk_prob=True, legacy_count_keys=("num_local_experts",)),
+)
+register_adapter(
+    (
+        "ernie4_5_moe", "ernie4_5_vl_moe", "hunyuan_v1_moe", "minimax", "mistral_large4", "qwen3_5_moe",
+        "qwen3_vl_moe",
+    ),
     FamilyAdapter("softmax_topk_renorm", score_fn="softmax", norm_topk_prob=True),
 )
-# softmax, then top-k, never renormalised (DeepSeek-V2 has a norm_topk_prob config key that its router ignores)
+# softmax, then top-k, never renormalised (DeepSeek-V2's router ignores its norm_topk_prob config key)
 register_adapter(
-    ("deepseek_v2", "jamba", "unlimited_ocr", "deepseek_ocr2"),
+    ("deepseek_ocr2", "deepseek_v2", "jamba", "unlimited_ocr"),
     FamilyAdapter("softmax_topk_plain", score_fn="softmax", norm_topk_prob=False),
 )
 # top-k on logits, softmax over the k kept logits (normalised by construction)
-register_adapter("gpt_oss", FamilyAdapter("gpt_oss", score_fn="softmax_after_topk", legacy_count_keys=("num_local_experts",)))
 register_adapter(
-    ("granitemoe", "granitemoe_swa", "granitemoehybrid", "granitemoeshared", "aria", "cohere2_moe", "openai_privacy_filter"),
-    FamilyAdapter("topk_softmax", score_fn="softmax_after_topk", norm_topk_prob=False),
+    "gpt_oss",
+    FamilyAdapter("gpt_oss", score_fn="softmax_after_topk", legacy_count_keys=("num_local_experts",)),
 )
-# sigmoid scores, selection bias (e_score_correction_bias), renormalisation follows config.norm_topk_prob
-register_adapter(("deepseek_v3",), FamilyAdapter("deepseek_v3", score_fn="sigmoid", legacy_count_keys=("n_routed_experts",)))
 register_adapter(
     (
-        "deepseek_v32", "glm4_moe", "glm4_moe_lite", "glm4v_moe", "glm_moe_dsa", "dots1", "axk1", "axk2",
-        "bailing_hybrid", "exaone_moe", "hy_v4", "kimi_linear", "lfm2_moe", "mimo_v2_flash", "nemotron_h", "solar_open",
+        "aria", "cohere2_moe", "granitemoe", "granitemoe_swa", "granitemoehybrid", "granitemoeshared",
+        "openai_privacy_filter",
+    ),
+    FamilyAdapter("topk_softmax", score_fn="softmax_after_topk", norm_topk_prob=False),
+)
+# sigmoid scores (most with a selection bias), renormalisation follows config.norm_topk_prob
+register_adapter(
+    "deepseek_v3",
+    FamilyAdapter("deepseek_v3", score_fn="sigmoid", legacy_count_keys=("n_routed_experts",)),
+)
+register_adapter(
+    (
+        "axk1", "axk2", "bailing_hybrid", "beam", "deepseek_v32", "dots1", "dots3_note", "exaone_moe", "flint",
+        "glm4_moe", "glm4_moe_lite", "glm4v_moe", "glm5_next", "glm_moe_dsa", "hy_v4", "kimi_linear", "lfm2_moe",
+        "mimo_v2_flash", "nemotron_h", "solar_open",
     ),
     FamilyAdapter("sigmoid_topk", score_fn="sigmoid"),
 )
 # sigmoid scores, always renormalised
 register_adapter(
-    ("afmoe", "hy_v3", "inkling2", "laguna", "minimax_m2", "minimax_m3_vl", "step3p7"),
+    ("afmoe", "hy_v3", "inkling2", "laguna", "minimax_m2", "minimax_m3_vl", "muse_spark", "step3p7"),
     FamilyAdapter("sigmoid_topk_renorm", score_fn="sigmoid", norm_topk_prob=True),
 )
 # top-k on logits, sigmoid of the kept logits
@@ -54,26 +80,18 @@ register_adapter(
     FamilyAdapter("llama4", score_fn="sigmoid_after_topk", norm_topk_prob=False, call_style="dense_prescaled"),
 )
 
-register_adapter(
-    "dbrx",
-    FamilyAdapter("dbrx", unsupported="experts are stored as 2D [E*ffn, H] stacks (w1/v1/w2), not fused 3D tensors"),
+_unsupported("dbrx", "experts are stored as 2D [E*ffn, H] stacks (w1/v1/w2), not fused 3D tensors")
+_unsupported("phimoe", "sparsemixer routing (masked softmax with a jitter threshold) is not a top-k rule")
+_unsupported("zaya", "the MLP router scores E + 1 classes (a compute-free skip expert) and carries state across layers")
+_unsupported("longcat_flash", "the router scores E + zero_expert_num classes (identity 'zero experts')")
+_unsupported("deepseek_v4", "hash-routed layers pick experts through a token-id table (tid2eid) that pruning would have to remap")
+_unsupported(
+    ("gemma4", "diffusion_gemma"),
+    "router and experts are attributes of the decoder layer itself, run beside a dense MLP; the MoE part cannot "
+    "be exported or called on hidden states alone",
 )
-register_adapter(
-    "phimoe",
-    FamilyAdapter("phimoe", unsupported="sparsemixer routing (masked softmax with jitter threshold) is not a top-k rule"),
-)
-register_adapter(
-    "zaya",
-    FamilyAdapter("zaya", unsupported="the MLP router scores E + 1 classes (a compute-free skip expert) and carries state across layers"),
-)
-register_adapter(
-    "longcat_flash",
-    FamilyAdapter("longcat_flash", unsupported="the router scores E + zero_expert_num classes (identity 'zero experts')"),
-)
-register_adapter(
-    "deepseek_v4",
-    FamilyAdapter(
-        "deepseek_v4",
-        unsupported="hash-routed layers pick experts through a token-id table (tid2eid) that pruning would have to remap",
-    ),
+_unsupported(
+    ("inkling", "inkling_mm_model"),
+    "the router weight scores routed and shared experts jointly ([E + n_shared, H], one normalisation over both), "
+    "so its rows do not match the expert count",
 )

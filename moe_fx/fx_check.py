@@ -70,57 +70,68 @@ def _op_name(node: fx.Node) -> str:
     return name.split(".")[0]
 
 
-def _weighted_identity(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-    """Stand-in for a routed experts call: consumes the routing outputs without data-dependent loops."""
-    return hidden_states * top_k_weights.sum(dim=-1, keepdim=True).to(hidden_states.dtype)
+def _weighted_identity(hidden_states: torch.Tensor, *routing: torch.Tensor) -> torch.Tensor:
+    """Stand-in for an experts call without data-dependent loops.
+
+    Routed call ``(hidden, top_k_index, top_k_weights)``: scale by the summed weights so they stay in the
+    graph; dense pre-scaled call ``(hidden,)`` (Llama 4): the scores are already in ``hidden``.
+    """
+    if not routing:
+        return hidden_states
+    return hidden_states * routing[-1].sum(dim=-1, keepdim=True).to(hidden_states.dtype)
+
+
+def _switchable(experts: nn.Module) -> bool:
+    """Whether ``experts`` was built by transformers' ``use_experts_implementation`` (it sets ``has_gate``)."""
+    return getattr(experts, "has_gate", None) is not None
 
 
 @contextlib.contextmanager
-def _experts_stubbed(block: nn.Module) -> Iterator[None]:
-    """Temporarily replace the forward of every routed-experts module of ``block`` by :func:`_weighted_identity`."""
+def _loop_experts_stubbed(block: nn.Module) -> Iterator[None]:
+    """Replace the forward of routed experts that have no grouped_mm implementation by :func:`_weighted_identity`.
+
+    Such experts loop over the experts hit, which export cannot trace (data-dependent control flow); the
+    routing rule lies upstream of the experts call, so the stand-in leaves what :func:`analyze` reads intact.
+    """
     from .trace import _is_routed_experts
 
-    experts = [m for m in block.modules() if _is_routed_experts(m)]
-    for m in experts:
+    stubbed = [m for m in block.modules() if _is_routed_experts(m) and not _switchable(m)]
+    for m in stubbed:
         m.forward = _weighted_identity
     try:
         yield
     finally:
-        for m in experts:
+        for m in stubbed:
             del m.forward
 
 
 def export_block(model: nn.Module, block_path: str, tokens: int = 8) -> torch.export.ExportedProgram:
-    """torch.export the block at ``block_path`` on a random ``[1, tokens, H]`` input (grouped_mm experts).
-
-    Experts without a grouped_mm implementation loop over the experts hit, which export cannot trace
-    (data-dependent control flow); the routing rule lies upstream of the experts call, so the block is then
-    exported with the experts replaced by a weighted identity.
-    """
+    """torch.export the block at ``block_path`` on a random ``[1, tokens, H]`` input (grouped_mm experts)."""
     block = model.get_submodule(block_path)
     param = next(block.parameters())
     hidden = _hidden_size(block)
     x = torch.randn(1, tokens, hidden, dtype=param.dtype, device=param.device)
-    with experts_implementation(model, "grouped_mm"), torch.no_grad():
-        try:
-            return torch.export.export(block, (x,), strict=False)
-        except torch.fx.experimental.symbolic_shapes.GuardOnDataDependentSymNode:
-            with _experts_stubbed(block):
-                return torch.export.export(block, (x,), strict=False)
+    with experts_implementation(model, "grouped_mm"), _loop_experts_stubbed(block), torch.no_grad():
+        return torch.export.export(block, (x,), strict=False)
+
+
+def _router_weight(block: nn.Module) -> tuple[str, int]:
+    """The block-relative name of the ``[E, H]`` router weight and ``E``, the count of the routed experts.
+
+    ``E`` comes from the experts module itself: blocks may carry other integer attributes with a
+    count-like name (OpenAI privacy filter's block holds the top-k in one).
+    """
+    from .trace import _is_routed_experts, expert_count
+
+    e = next((expert_count(m) for m in block.modules() if _is_routed_experts(m)), None)
+    name = next((n for n, t in block.named_parameters() if e and t.ndim == 2 and t.shape[0] == e), None)
+    if name is None:
+        raise UnsupportedFamilyError(f"cannot find an [E, H] router weight in {type(block).__name__}")
+    return name, e
 
 
 def _hidden_size(block: nn.Module) -> int:
-    from .trace import expert_count
-
-    for sub in block.modules():
-        e = expert_count(sub)
-        if e is None:
-            continue
-        for sib in block.modules():
-            for t in list(sib.parameters(recurse=False)):
-                if t.ndim == 2 and t.shape[0] == e:
-                    return t.shape[1]
-    raise UnsupportedFamilyError(f"cannot find an [E, H] router weight in {type(block).__name__}")
+    return block.get_parameter(_router_weight(block)[0]).shape[1]
 
 
 def _descendants(start: fx.Node) -> set[fx.Node]:
@@ -198,11 +209,8 @@ def graph_routing(model: nn.Module, block: MoEBlockSpec) -> GraphRouting:
 
 def infer_routing(model: nn.Module, block_path: str) -> GraphRouting:
     """The routing rule of a block whose family has no adapter, read from its exported graph."""
-    from .trace import expert_count
-
     block = model.get_submodule(block_path)
-    e = next(expert_count(m) for m in block.modules() if expert_count(m))
-    weight = next(n for n, t in block.named_parameters() if t.ndim == 2 and t.shape[0] == e)
+    weight, e = _router_weight(block)
     try:
         routing = analyze(export_block(model, block_path), weight, e)
     except Exception as exc:  # noqa: BLE001 - any export failure means the rule is unknown

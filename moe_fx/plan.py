@@ -29,6 +29,13 @@ class PrunePlan:
     def from_dict(cls, data: dict) -> "PrunePlan":
         return cls({k: [int(i) for i in v] for k, v in data["kept_experts"].items()})
 
+    def then(self, later: "PrunePlan") -> "PrunePlan":
+        """The plan equal to applying ``self`` and then ``later`` (whose ids index ``self``'s kept experts)."""
+        out = {}
+        for path, kept in self.kept_experts.items():
+            out[path] = [kept[i] for i in later.kept_experts[path]] if path in later.kept_experts else list(kept)
+        return PrunePlan(out)
+
     def kept_counts(self) -> dict[str, int]:
         return {k: len(v) for k, v in self.kept_experts.items()}
 

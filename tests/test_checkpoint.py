@@ -51,3 +51,16 @@ def test_failure_leaves_no_partial_output(tiny_model, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         save_checkpoint(tiny_model, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_plan_records_original_ids_after_two_drops(tiny_model, tokens):
+    spec = state_of(tiny_model).spec
+    DropExperts(plan=PrunePlan({b.path: [1, 2, 4, 5, 6, 7] for b in spec.blocks}))(tiny_model)
+    DropExperts(plan=PrunePlan({b.path: [0, 2, 3, 5] for b in state_of(tiny_model).spec.blocks}))(tiny_model)
+    assert state_of(tiny_model).plan.kept_experts["model.layers.0.mlp"] == [1, 4, 5, 7]
+    from conftest import tiny_qwen3
+
+    direct = tiny_qwen3()
+    DropExperts(plan=PrunePlan({b.path: [1, 4, 5, 7] for b in spec.blocks}))(direct)
+    with torch.no_grad():
+        assert torch.equal(direct(input_ids=tokens).logits, tiny_model(input_ids=tokens).logits)

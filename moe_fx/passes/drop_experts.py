@@ -20,6 +20,16 @@ def _resized(block: MoEBlockSpec, n: int) -> MoEBlockSpec:
     return dataclasses.replace(block, experts=dataclasses.replace(block.experts, num_experts=n))
 
 
+def _expert_axis(name: str, t: torch.Tensor, num_experts: int) -> int:
+    """The axis of ``t`` that indexes experts: the first, else the only one of size E (Ernie's ``[1, E]`` bias)."""
+    if t.shape[0] == num_experts:
+        return 0
+    axes = [i for i, size in enumerate(t.shape) if size == num_experts]
+    if len(axes) != 1:
+        raise BadOptionError(f"{name}: cannot tell which axis of shape {tuple(t.shape)} indexes the {num_experts} experts")
+    return axes[0]
+
+
 def drop_experts(model: nn.Module, spec: MoEModelSpec, plan: PrunePlan) -> MoEModelSpec:
     """Slice every per-expert tensor of each planned block to the kept ids; return the updated spec.
 
@@ -44,7 +54,7 @@ def drop_experts(model: nn.Module, spec: MoEModelSpec, plan: PrunePlan) -> MoEMo
         for name in block.per_expert_tensors:
             t = get_tensor(model, name)
             idx = torch.tensor(kept, dtype=torch.long, device=t.device)
-            set_tensor(model, name, t.detach().index_select(0, idx).clone())
+            set_tensor(model, name, t.detach().index_select(_expert_axis(name, t, block.num_experts), idx).clone())
         for ref in block.router.count_attrs + block.count_attrs:
             set_attr(model, ref, len(kept))
         blocks.append(_resized(block, len(kept)))
@@ -73,7 +83,9 @@ class DropExperts(Pass):
     def run(self, model: nn.Module, state: MoEState) -> PassResult:
         plan = self.plan or uniform_plan(state.spec, state.scores.per_block, ratio=self.ratio, keep=self.keep)
         before = sum(b.num_experts for b in state.spec.blocks)
+        modified = plan.kept_experts != PrunePlan.keep_all(state.spec).kept_experts
         state.spec = drop_experts(model, state.spec, plan)
-        state.plan = plan
+        # record kept ids in terms of the original experts, also after several DropExperts passes
+        state.plan = plan if state.plan is None else state.plan.then(plan)
         after = sum(b.num_experts for b in state.spec.blocks)
-        return PassResult(model, after != before or plan != PrunePlan.keep_all(state.original_spec), {"experts_before": before, "experts_after": after})
+        return PassResult(model, modified, {"experts_before": before, "experts_after": after})
