@@ -120,3 +120,14 @@ def test_tokens_routed_to_kept_experts_are_unchanged(tiny_model):
     inside = torch.isin(idx, torch.tensor(kept)).all(-1)
     assert 0 < int(inside.sum()) < 64
     torch.testing.assert_close(after.reshape(-1, 32)[inside], before.reshape(-1, 32)[inside], atol=1e-6, rtol=1e-6)
+
+
+def test_pruned_model_runs_with_every_experts_implementation(tiny_model, tokens):
+    spec = state_of(tiny_model).spec
+    DropExperts(plan=PrunePlan({b.path: [0, 2, 5, 7] for b in spec.blocks}))(tiny_model)
+    outs = {}
+    for impl in ("eager", "grouped_mm", "batched_mm"):
+        tiny_model.set_experts_implementation(impl)
+        outs[impl] = _logits(tiny_model, tokens)
+    torch.testing.assert_close(outs["grouped_mm"], outs["eager"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs["batched_mm"], outs["eager"], atol=1e-5, rtol=1e-5)
