@@ -10,5 +10,7 @@ VENV="${MOE_FX_VENV:-.venv}"
 "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 "$VENV/bin/python" -m pip install -q "${MOE_FX_TORCH:-torch==2.13.0}" 2>&1 | grep -v "^WARNING: Location" || true
 # constraints.txt pins the transformers version the tests are written against (MOE_FX_CONSTRAINTS="" to lift it)
-"$VENV/bin/python" -m pip install -q -e ".[test]" ${MOE_FX_CONSTRAINTS-"-c constraints.txt"} 2>&1 | grep -v "^WARNING: Location" || true
+constraints=(-c "${MOE_FX_CONSTRAINTS-constraints.txt}")
+[ -n "${MOE_FX_CONSTRAINTS-constraints.txt}" ] || constraints=()
+"$VENV/bin/python" -m pip install -q -e ".[test]" "${constraints[@]}" 2>&1 | grep -v "^WARNING: Location" || true
 "$VENV/bin/python" -c "import moe_fx, torch, transformers; print(f'moe-fx {moe_fx.__version__}, torch {torch.__version__}, transformers {transformers.__version__}')"
