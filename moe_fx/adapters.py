@@ -11,7 +11,7 @@ Adding a family = one :func:`register_adapter` call in :mod:`moe_fx.families` pl
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from .spec import CallStyle, ScoreFn
 
@@ -51,7 +51,6 @@ class FamilyAdapter:
     unsupported: str | None = None
     """Reason the family cannot be rewritten (discovery raises with it)."""
     notes: str = ""
-    extra: dict = field(default_factory=dict)
 
     def with_(self, **changes) -> "FamilyAdapter":
         return replace(self, **changes)
@@ -85,9 +84,3 @@ def get_adapter(model_type: str) -> FamilyAdapter:
     from . import families  # noqa: F401  (registers the built-in adapters on first use)
 
     return _REGISTRY.get(model_type) or _REGISTRY.get(model_type.removesuffix("_text"), GENERIC)
-
-
-def registered_model_types() -> list[str]:
-    from . import families  # noqa: F401
-
-    return sorted(_REGISTRY)

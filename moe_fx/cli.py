@@ -104,11 +104,11 @@ def cmd_inspect(args) -> int:
 
 def _eval_rows(results: list[dict], names: list[str]) -> tuple[list[str], list[list]]:
     domains = [d for d in results[0] if d not in ("mean", "all")] + ["mean", "all"]
-    headers = ["domain"] + [f"NLL {n}" for n in names] + [f"delta {n}" for n in names[1:]]
+    headers = ["domain"] + [f"NLL {n}" for n in names] + [f"PPL {n}" for n in names] + [f"delta {n}" for n in names[1:]]
     rows = []
     for d in domains:
         vals = [r[d]["nll"] for r in results]
-        rows.append([d] + [f"{v:.4f}" for v in vals] + [f"{v - vals[0]:+.4f}" for v in vals[1:]])
+        rows.append([d] + [f"{v:.4f}" for v in vals] + [f"{r[d]['ppl']:.2f}" for r in results] + [f"{v - vals[0]:+.4f}" for v in vals[1:]])
     return headers, rows
 
 

@@ -36,9 +36,6 @@ class PrunePlan:
             out[path] = [kept[i] for i in later.kept_experts[path]] if path in later.kept_experts else list(kept)
         return PrunePlan(out)
 
-    def kept_counts(self) -> dict[str, int]:
-        return {k: len(v) for k, v in self.kept_experts.items()}
-
     def validate(self, spec: MoEModelSpec) -> None:
         """Raise :class:`BadOptionError` naming the first block whose kept set the model cannot run."""
         unknown = set(self.kept_experts) - {b.path for b in spec.blocks}

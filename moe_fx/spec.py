@@ -128,12 +128,6 @@ class MoEModelSpec:
     """``config_path:key`` of every config entry holding the expert count (all aliases, also text_config)."""
     config_topk_keys: tuple[str, ...] = field(default=())
 
-    def block(self, path: str) -> MoEBlockSpec:
-        for b in self.blocks:
-            if b.path == path:
-                return b
-        raise KeyError(f"no MoE block at {path!r}; blocks are {[b.path for b in self.blocks]}")
-
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -64,3 +64,10 @@ def test_plan_records_original_ids_after_two_drops(tiny_model, tokens):
     DropExperts(plan=PrunePlan({b.path: [1, 4, 5, 7] for b in spec.blocks}))(direct)
     with torch.no_grad():
         assert torch.equal(direct(input_ids=tokens).logits, tiny_model(input_ids=tokens).logits)
+
+
+def test_plan_round_trips_through_the_record(tiny_model, tmp_path):
+    _prune_half(tiny_model)
+    out = save_checkpoint(tiny_model, tmp_path / "p")
+    plan = PrunePlan.from_dict(json.loads((out / "moe_fx.json").read_text())["plan"])
+    assert plan.kept_experts == state_of(tiny_model).plan.kept_experts
