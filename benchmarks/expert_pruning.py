@@ -1,4 +1,4 @@
-"""Expert pruning quality and cost on a trained MoE: random / frequency / REAP at several drop ratios.
+"""Expert pruning quality and cost on a trained MoE: random / frequency / REAP / NAEE at several drop ratios.
 
 Calibrates once on the train split (the statistics are shared by every method), evaluates per-domain NLL
 on the valid split before and after, measures parameters and on-disk size, and the calibration overhead
@@ -63,6 +63,8 @@ def main() -> None:
         plain.append(plain_forward_seconds(base, tokens, args.batch_size))
         m = compose(Calibrate(tokens, batch_size=args.batch_size, show_progress=False))(copy.deepcopy(base))
         calib.append(state_of(m).stats.seconds)
+    # one calibration shared by every method, with the token sample that search methods (NAEE) read
+    m = compose(Calibrate(tokens, batch_size=args.batch_size, observers=("routing", "reap", "samples"), show_progress=False))(copy.deepcopy(base))
     stats = state_of(m).stats
 
     before = evaluate_nll(base, eval_set, show_progress=False)
@@ -72,12 +74,14 @@ def main() -> None:
         disk_before = disk_size(args.model)
         runs = []
         for ratio in args.ratios:
-            for method, seeds in (("reap", [0]), ("frequency", [0]), ("random", list(range(args.random_seeds)))):
+            for method, seeds in (("naee", [0]), ("reap", [0]), ("frequency", [0]), ("random", list(range(args.random_seeds)))):
                 per_seed = []
                 for seed in seeds:
                     model = copy.deepcopy(base)
                     state_of(model).stats = stats
+                    t0 = time.perf_counter()
                     model = compose(Score(method, seed=seed), DropExperts(ratio=ratio))(model)
+                    score_seconds = time.perf_counter() - t0
                     per_seed.append(evaluate_nll(model, eval_set, show_progress=False))
                 out = save_checkpoint(model.to(save_dtype), Path(tmp) / f"{method}-{ratio}", source=args.model, tokenizer=tok)
                 domains = [d for d in before if d != "all"]
@@ -92,11 +96,18 @@ def main() -> None:
                         "experts_kept": state_of(model).spec.blocks[0].num_experts,
                         "params": model_size(model)["params"],
                         "disk_bytes": disk_size(out),
+                        "score_seconds": score_seconds,
                     }
                 )
     result = {
         "model": args.model,
-        "calibration": {"tokens": tokens.num_tokens, "seconds_min": min(calib), "plain_forward_seconds_min": min(plain), "overhead": min(calib) / min(plain)},
+        "calibration": {
+            "tokens": tokens.num_tokens,
+            "seconds_min": min(calib),
+            "plain_forward_seconds_min": min(plain),
+            "overhead": min(calib) / min(plain),
+            "with_samples_seconds": stats.seconds,
+        },
         "before": {"nll": before, "params": size_before["params"], "disk_bytes": disk_before},
         "runs": runs,
         "eval_tokens": eval_set.num_tokens,
@@ -110,13 +121,14 @@ def main() -> None:
     rows = [
         [f"{r['method']}" + (f" (mean of {len(r['seeds'])} seeds)" if len(r["seeds"]) > 1 else ""), f"{r['ratio']:.0%}", r["experts_kept"], f"{r['delta_nll']['mean']:+.3f}"]
         + [f"{r['delta_nll'][d]:+.3f}" for d in domains]
-        + [f"{r['params'] / 1e6:.1f}M", human_bytes(r["disk_bytes"])]
+        + [f"{max(r['delta_nll'][d] for d in domains):+.3f}", f"{r['score_seconds']:.1f}s", f"{r['params'] / 1e6:.1f}M", human_bytes(r["disk_bytes"])]
         for r in runs
     ]
-    headers = ["method", "dropped", "kept", "dNLL mean"] + [f"d {d}" for d in domains] + ["params", "disk"]
+    headers = ["method", "dropped", "kept", "dNLL mean"] + [f"d {d}" for d in domains] + ["worst", "score time", "params", "disk"]
     print(format_table(headers, rows, title=f"{args.model}: before NLL mean {before['mean']['nll']:.3f}, {size_before['params'] / 1e6:.1f}M params, {human_bytes(disk_before)}"))
     c = result["calibration"]
     print(f"calibration: {c['tokens']:,} tokens, {c['seconds_min']:.1f} s vs plain forward {c['plain_forward_seconds_min']:.1f} s -> overhead {c['overhead']:.2f}x")
+    print(f"calibration with the samples observer (NAEE): {c['with_samples_seconds']:.1f} s")
 
 
 if __name__ == "__main__":

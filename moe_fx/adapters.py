@@ -45,7 +45,7 @@ class FamilyAdapter:
     block_tensors: tuple[str, ...] = ("expert_bias",)
     """Names of ``[E]`` tensors on the block module itself that must be sliced with the experts."""
     selection_bias_names: tuple[str, ...] = ("e_score_correction_bias", "expert_bias")
-    scaling_attrs: tuple[str, ...] = ("routed_scaling_factor", "route_scale")
+    scaling_attrs: tuple[str, ...] = ("routed_scaling_factor", "route_scale", "router_scaling_factor")
     legacy_count_keys: tuple[str, ...] = ()
     """Config keys that older transformers (4.57) read for the expert count; always written on save."""
     unsupported: str | None = None

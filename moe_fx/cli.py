@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="calibrate, score and drop experts; save a checkpoint")
     p.add_argument("model", help="source checkpoint directory (never modified)")
-    p.add_argument("--method", default="reap", help="expert scoring method: reap, frequency, random (default reap)")
+    p.add_argument("--method", default="reap", help="expert scoring method: reap, naee, frequency, random (default reap)")
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--ratio", type=float, help="fraction of each block's experts to drop, in (0, 1)")
     budget.add_argument("--keep", type=int, help="experts to keep per block")
@@ -172,7 +172,8 @@ def cmd_prune(args) -> int:
     passes = []
     if scorer.needs:
         tokens = TokenBatch(pack(tokenizer, calib_docs, seq_len=args.seq_len, max_tokens=args.calib_tokens, seed=args.seed), args.calib)
-        passes.append(Calibrate(tokens, batch_size=args.batch_size, seed=args.seed, show_progress=show))
+        observers = tuple(dict.fromkeys(("routing", "reap") + scorer.observers))
+        passes.append(Calibrate(tokens, batch_size=args.batch_size, seed=args.seed, observers=observers, show_progress=show))
     passes += [Score(args.method, seed=args.seed), DropExperts(ratio=args.ratio, keep=args.keep)]
     t0 = time.perf_counter()
     model = compose(*passes)(model)

@@ -129,3 +129,15 @@ def test_reap_beats_random_on_trained_micro(micro_path, calib_path, valid_path):
     reap = nll("reap")
     random_mean = sum(nll("random", s) for s in range(3)) / 3
     assert reap < random_mean - 0.05, (reap, random_mean)
+
+
+def test_prune_with_naee_search(capsys, micro_path, calib_path, tmp_path):
+    import json
+
+    out = tmp_path / "naee"
+    code, stdout, err = _run(capsys, "prune", micro_path, "--method", "naee", "--ratio", "0.25", "--calib", calib_path, "--no-eval", "--out", out, *FAST)
+    assert code == 0, err
+    record = json.loads((out / "moe_fx.json").read_text())
+    assert record["scores"]["method"] == "naee"
+    assert "sample_expert_out" in record["calibration"]["statistics"]
+    assert all(len(v) == 6 for v in record["plan"]["kept_experts"].values())

@@ -14,10 +14,13 @@ from ...errors import BadOptionError
 from ...pipeline import MoEState, Pass, PassResult
 from ...progress import progress_bar
 from ...stats import CalibrationStats
-from .hooks import instrument, router_probs
-from .observers import OBSERVERS, Observer, ReapObserver, RoutingEvent, RoutingObserver
+from .hooks import instrument, router_logits, router_probs
+from .observers import OBSERVERS, Observer, ReapObserver, RoutingEvent, RoutingObserver, SampleObserver
 
-__all__ = ["Calibrate", "Observer", "OBSERVERS", "RoutingEvent", "RoutingObserver", "ReapObserver", "instrument", "router_probs", "run_calibration"]
+__all__ = [
+    "Calibrate", "Observer", "OBSERVERS", "RoutingEvent", "RoutingObserver", "ReapObserver", "SampleObserver",
+    "instrument", "router_logits", "router_probs", "run_calibration",
+]
 
 
 def run_calibration(
@@ -68,6 +71,8 @@ class Calibrate(Pass):
     batch_size: int = 8
     seed: int = 0
     observers: tuple[str, ...] = ("routing", "reap")
+    samples_per_block: int = 1024
+    """Tokens per block kept by the ``samples`` observer (with every expert's output) for search methods."""
     show_progress: bool = True
     name = "calibrate"
 
@@ -85,7 +90,6 @@ class Calibrate(Pass):
 
             tokenizer = load_tokenizer(model.name_or_path)
         tokens = calibration_tokens(self.data, tokenizer, seq_len=self.seq_len, max_tokens=self.max_tokens, seed=self.seed)
-        state.stats = run_calibration(
-            model, state, tokens, [OBSERVERS[o]() for o in self.observers], batch_size=self.batch_size, show_progress=self.show_progress
-        )
+        observers = [SampleObserver(self.samples_per_block, self.seed) if o == "samples" else OBSERVERS[o]() for o in self.observers]
+        state.stats = run_calibration(model, state, tokens, observers, batch_size=self.batch_size, show_progress=self.show_progress)
         return PassResult(model, False, state.stats.summary())

@@ -26,11 +26,15 @@ _INDEX_KW = ("top_k_index", "router_indices", "selected_experts")
 _WEIGHT_KW = ("top_k_weights", "routing_weights", "router_scores")
 
 
-def router_probs(model: nn.Module, block: MoEBlockSpec, hidden: torch.Tensor) -> torch.Tensor:
-    """Router probabilities over all experts for ``hidden [..., H]``: softmax or sigmoid of the logits."""
+def router_logits(model: nn.Module, block: MoEBlockSpec, hidden: torch.Tensor) -> torch.Tensor:
+    """Raw router logits ``[T, E]`` (router bias included) for the router input ``hidden [..., H]``."""
     weight = get_tensor(model, block.router.weight)
     bias = get_tensor(model, block.router.bias) if block.router.bias else None
-    logits = F.linear(hidden.reshape(-1, weight.shape[1]).float(), weight.float(), None if bias is None else bias.float())
+    return F.linear(hidden.reshape(-1, weight.shape[1]).float(), weight.float(), None if bias is None else bias.float())
+
+
+def router_probs(block: MoEBlockSpec, logits: torch.Tensor) -> torch.Tensor:
+    """Router probabilities over all experts: softmax or sigmoid of the logits, per the spec."""
     return torch.sigmoid(logits) if block.router.score_fn.startswith("sigmoid") else torch.softmax(logits, dim=-1)
 
 
@@ -60,12 +64,14 @@ class _BlockProbe:
         for o in observers:
             self.acc.update(o.init(block, device))
         self.needs_outputs = any(o.needs_outputs for o in observers)
-        self.needs_probs = any(o.needs_probs for o in observers)
-        self.pending_probs: torch.Tensor | None = None
+        self.needs_logits = any(o.needs_probs or o.needs_logits for o in observers)
+        selection = block.router.selection_bias
+        self.selection_bias = get_tensor(model, selection).detach().reshape(-1).float() if selection else None
+        self.pending_logits: torch.Tensor | None = None
 
     def router_pre_hook(self, module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
-        self.pending_probs = router_probs(self.model, self.block, hidden.detach())
+        self.pending_logits = router_logits(self.model, self.block, hidden.detach())
 
     def wrap(self, forward):
         def instrumented(*args, **kwargs):
@@ -77,10 +83,17 @@ class _BlockProbe:
                     out = (y.view(t, k, -1) * w.unsqueeze(-1)).sum(dim=1).to(hidden.dtype)
                 else:
                     y, out = None, forward(*args, **kwargs)
-                event = RoutingEvent(hidden, idx, w, y, self.pending_probs)
+                logits = self.pending_logits
+                event = RoutingEvent(
+                    hidden, idx, w, y,
+                    router_probs=None if logits is None else router_probs(self.block, logits),
+                    router_logits=logits,
+                    selection_bias=self.selection_bias,
+                    run_experts=lambda h, i: _per_slot_outputs(forward, h, i),
+                )
                 for o in self.observers:
                     o.update(self.acc, event)
-            self.pending_probs = None
+            self.pending_logits = None
             return out
 
         return instrumented
@@ -99,7 +112,7 @@ def instrument(model: nn.Module, spec: MoEModelSpec, observers: Sequence[Observe
     handles, patched = [], []
     try:
         for path, probe in probes.items():
-            if probe.needs_probs:
+            if probe.needs_logits:
                 router = model.get_submodule(probe.block.router.path)
                 handles.append(router.register_forward_pre_hook(probe.router_pre_hook, with_kwargs=True))
             experts = model.get_submodule(probe.block.experts.path)

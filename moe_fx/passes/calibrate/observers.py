@@ -7,6 +7,7 @@ gradients, coalitions) without touching the instrumentation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,12 @@ class RoutingEvent:
     """Unweighted output of the routed expert for each (token, slot): ``[T*k, H]``."""
     router_probs: torch.Tensor | None = None
     """Router probabilities over all experts ``[T, E]`` (softmax or sigmoid of the logits)."""
+    router_logits: torch.Tensor | None = None
+    """Raw router logits ``[T, E]`` (router bias included)."""
+    selection_bias: torch.Tensor | None = None
+    """The block's ``[E]`` selection bias (e.g. ``e_score_correction_bias``), if any."""
+    run_experts: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    """``run_experts(hidden [N,H], expert_ids [N,1]) -> [N,H]``: the family's own experts on chosen routes."""
 
 
 class Observer:
@@ -33,6 +40,7 @@ class Observer:
     name = "observer"
     needs_outputs = False
     needs_probs = False
+    needs_logits = False
 
     def init(self, block: MoEBlockSpec, device: torch.device) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -80,4 +88,51 @@ class ReapObserver(Observer):
         _scatter(acc["out_norm_sum"], event.top_k_index, norms)
 
 
-OBSERVERS: dict[str, type[Observer]] = {o.name: o for o in (RoutingObserver, ReapObserver)}
+class SampleObserver(Observer):
+    """A seeded uniform sample (reservoir) of calibration tokens per block, with their raw router logits and
+    the output of *every* expert on them: what layer-wise search methods (NAEE) need to evaluate any
+    subset of experts offline. Memory is bounded: ``samples x E x H`` floats per block."""
+
+    name = "samples"
+    needs_logits = True
+
+    def __init__(self, samples: int = 1024, seed: int = 0) -> None:
+        self.samples, self.seed = samples, seed
+        self._gens: dict[int, torch.Generator] = {}
+
+    def init(self, block, device):
+        return {
+            "sample_logits": torch.zeros(self.samples, block.num_experts),
+            "sample_expert_out": torch.zeros(self.samples, block.num_experts, block.experts.hidden_size),
+            "sample_selection_bias": torch.zeros(block.num_experts),
+            "sample_topk_index": torch.zeros(self.samples, block.top_k, dtype=torch.long),
+            "sample_topk_weight": torch.zeros(self.samples, block.top_k),
+            "sample_seen": torch.zeros((), dtype=torch.long),
+        }
+
+    def update(self, acc, event):
+        n, t = self.samples, event.hidden.shape[0]
+        seen = int(acc["sample_seen"])
+        gen = self._gens.setdefault(id(acc), torch.Generator().manual_seed(self.seed))
+        pos = torch.arange(seen, seen + t)
+        slot = torch.where(pos < n, pos, (torch.rand(t, generator=gen, dtype=torch.float64) * (pos + 1)).long())
+        accepted = (slot < n).nonzero().flatten().tolist()
+        acc["sample_seen"] += t
+        if not accepted:
+            return
+        chosen = {int(slot[i]): i for i in accepted}  # one token per slot: the last one drawn for it wins
+        take = torch.tensor(list(chosen.values()))
+        slot = torch.tensor(list(chosen.keys()))
+        e = acc["sample_logits"].shape[1]
+        hidden = event.hidden[take.to(event.hidden.device)]
+        ids = torch.arange(e, device=hidden.device).repeat(hidden.shape[0]).unsqueeze(-1)
+        out = event.run_experts(hidden.repeat_interleave(e, dim=0), ids).float().view(-1, e, hidden.shape[-1])
+        acc["sample_logits"][slot] = event.router_logits[take.to(event.router_logits.device)].float().cpu()
+        acc["sample_expert_out"][slot] = out.cpu()
+        acc["sample_topk_index"][slot] = event.top_k_index[take.to(event.top_k_index.device)].cpu()
+        acc["sample_topk_weight"][slot] = event.top_k_weights[take.to(event.top_k_weights.device)].float().cpu()
+        if event.selection_bias is not None:
+            acc["sample_selection_bias"].copy_(event.selection_bias.cpu())
+
+
+OBSERVERS: dict[str, type[Observer]] = {o.name: o for o in (RoutingObserver, ReapObserver, SampleObserver)}

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ...errors import BadOptionError
-from ...spec import MoEModelSpec
+from ...spec import MoEBlockSpec, MoEModelSpec
 from ...stats import CalibrationStats
 
 
@@ -31,17 +31,25 @@ class Scorer:
 
     name = "scorer"
     needs: tuple[str, ...] = ()
+    observers: tuple[str, ...] = ()
+    """Calibrate observers that record ``needs`` (the CLI adds them to its calibration)."""
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
 
-    def score_block(self, stats: CalibrationStats | None, block_path: str, num_experts: int) -> torch.Tensor:
+    def score_block(self, stats: CalibrationStats | None, block: MoEBlockSpec) -> torch.Tensor:
         raise NotImplementedError
 
     def __call__(self, stats: CalibrationStats | None, spec: MoEModelSpec) -> Scores:
         if self.needs and stats is None:
             raise BadOptionError(f"scorer {self.name!r} needs calibration statistics {self.needs}: run Calibrate first")
-        return Scores(self.name, {b.path: self.score_block(stats, b.path, b.num_experts).double() for b in spec.blocks})
+        missing = sorted({n for b in spec.blocks for n in self.needs if n not in stats.per_block.get(b.path, {})}) if self.needs else []
+        if missing:
+            raise BadOptionError(
+                f"scorer {self.name!r} needs statistics {missing}: calibrate with observers {self.observers}, "
+                f"e.g. Calibrate(data, observers={self.observers!r})"
+            )
+        return Scores(self.name, {b.path: self.score_block(stats, b).double() for b in spec.blocks})
 
 
 SCORERS: dict[str, type[Scorer]] = {}
@@ -60,4 +68,4 @@ def get_scorer(name: str, **kwargs) -> Scorer:
     return SCORERS[name](**kwargs)
 
 
-from . import frequency, random, reap  # noqa: E402,F401  (register the built-in scorers)
+from . import frequency, naee, random, reap  # noqa: E402,F401  (register the built-in scorers)

@@ -8,7 +8,8 @@ from . import Scorer, register_scorer
 @register_scorer
 class FrequencyScorer(Scorer):
     name = "frequency"
+    observers = ("routing",)
     needs = ("count",)
 
-    def score_block(self, stats, block_path, num_experts):
-        return stats.get(block_path, "count")
+    def score_block(self, stats, block):
+        return stats.get(block.path, "count")

@@ -13,7 +13,7 @@ from . import Scorer, register_scorer
 class RandomScorer(Scorer):
     name = "random"
 
-    def score_block(self, stats, block_path, num_experts):
-        digest = hashlib.sha256(f"{self.seed}:{block_path}".encode()).digest()
+    def score_block(self, stats, block):
+        digest = hashlib.sha256(f"{self.seed}:{block.path}".encode()).digest()
         gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-        return torch.rand(num_experts, generator=gen, dtype=torch.float64)
+        return torch.rand(block.num_experts, generator=gen, dtype=torch.float64)

@@ -13,8 +13,9 @@ from . import Scorer, register_scorer
 @register_scorer
 class ReapScorer(Scorer):
     name = "reap"
+    observers = ("routing", "reap")
     needs = ("reap_sum", "count")
 
-    def score_block(self, stats, block_path, num_experts):
-        count = stats.get(block_path, "count")
-        return torch.where(count > 0, stats.get(block_path, "reap_sum") / count.clamp(min=1), torch.zeros_like(count))
+    def score_block(self, stats, block):
+        count = stats.get(block.path, "count")
+        return torch.where(count > 0, stats.get(block.path, "reap_sum") / count.clamp(min=1), torch.zeros_like(count))

@@ -1,0 +1,63 @@
+"""Routing from the spec: recompute top-k indices and weights from router logits, over any subset of experts.
+
+Search methods (NAEE, SHAPE, merging) ask "what would this block compute if only these experts existed?".
+Dropping experts slices router rows, so routing over a kept subset is the family's routing rule applied to
+the kept columns of the logits. This module applies that rule as the spec describes it; the tests check it
+against every family's real router on the full expert set.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import UnsupportedFamilyError
+from .spec import RouterSpec
+
+
+def route(router: RouterSpec, logits: torch.Tensor, selection_bias: torch.Tensor | None, kept: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k ``(index, weight)`` of shape ``[T, k]``; indices are positions in ``kept`` (or all experts).
+
+    ``logits``: raw router logits ``[T, E]`` (router bias included); ``selection_bias``: ``[E]`` or None.
+    """
+    if router.n_group and router.n_group > 1:
+        raise UnsupportedFamilyError("routing simulation of group-limited routing (n_group > 1) is not implemented")
+    if kept is not None:
+        logits = logits[:, kept]
+        selection_bias = None if selection_bias is None else selection_bias.reshape(-1)[kept]
+    logits = logits.float()
+    bias = 0.0 if selection_bias is None else selection_bias.reshape(-1).float()
+    k = router.top_k
+    if router.score_fn in ("softmax", "sigmoid"):
+        scores = torch.softmax(logits, dim=-1) if router.score_fn == "softmax" else torch.sigmoid(logits)
+        idx = torch.topk(scores + bias, k, dim=-1).indices
+        weights = scores.gather(1, idx)
+    else:
+        top, idx = torch.topk(logits + bias, k, dim=-1)
+        top = logits.gather(1, idx) if selection_bias is not None else top
+        weights = torch.softmax(top, dim=-1) if router.score_fn == "softmax_after_topk" else torch.sigmoid(top)
+    if router.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return idx, weights * router.routed_scaling_factor
+
+
+def combine(expert_out: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Block output from all-expert outputs ``[T, E', H]`` and routing ``[T, k]``: ``sum_k w * y``."""
+    picked = expert_out.gather(1, idx.unsqueeze(-1).expand(-1, -1, expert_out.shape[-1]))
+    return (picked * weights.unsqueeze(-1).to(picked.dtype)).sum(dim=1)
+
+
+def matches_recorded(
+    router: RouterSpec, logits: torch.Tensor, selection_bias: torch.Tensor | None, index: torch.Tensor, weight: torch.Tensor,
+    *, min_agreement: float = 0.98, tol: float = 0.02,
+) -> bool:
+    """Whether :func:`route` reproduces the routing the model really applied: the same experts for at least
+    ``min_agreement`` of the tokens (bf16 logits flip near-ties) and the same relative weights on those, within
+    ``tol``. This guard keeps search methods off routers whose rule the spec does not capture."""
+    idx, w = route(router, logits, selection_bias)
+    sim, real = idx.sort(-1), index.sort(-1)
+    same = (sim.values == real.values).all(-1)
+    if same.float().mean() < min_agreement:
+        return False
+    sim_w, real_w = w.gather(1, sim.indices)[same], weight.float().gather(1, real.indices)[same]
+    norm = lambda x: x / x.sum(-1, keepdim=True).clamp(min=1e-20)  # noqa: E731 - a constant scale changes no ranking
+    return bool(torch.allclose(norm(sim_w), norm(real_w), atol=tol, rtol=0))
