@@ -172,7 +172,7 @@ def cmd_prune(args) -> int:
     passes = []
     if scorer.needs:
         tokens = TokenBatch(pack(tokenizer, calib_docs, seq_len=args.seq_len, max_tokens=args.calib_tokens, seed=args.seed), args.calib)
-        observers = tuple(dict.fromkeys(("routing", "reap") + scorer.observers))
+        observers = tuple(dict.fromkeys(Calibrate.observers + scorer.observers))
         passes.append(Calibrate(tokens, batch_size=args.batch_size, seed=args.seed, observers=observers, show_progress=show))
     passes += [Score(args.method, seed=args.seed), DropExperts(ratio=args.ratio, keep=args.keep)]
     t0 = time.perf_counter()
@@ -195,10 +195,11 @@ def cmd_prune(args) -> int:
     out = save_checkpoint(model, args.out, source=source, tokenizer=tokenizer, overwrite=args.overwrite, extra_record=record)
 
     kept = state.spec.blocks[0].num_experts
+    disk_before, disk_after = disk_size(source), disk_size(out)
     rows = [
         ["experts per block", spec.blocks[0].num_experts, kept, f"{kept - spec.blocks[0].num_experts:+d}"],
         ["parameters", f"{before_size['params']:,}", f"{after_size['params']:,}", f"{after_size['params'] / before_size['params'] - 1:+.1%}"],
-        ["weights on disk", human_bytes(disk_size(source)), human_bytes(disk_size(out)), f"{disk_size(out) / disk_size(source) - 1:+.1%}"],
+        ["weights on disk", human_bytes(disk_before), human_bytes(disk_after), f"{disk_after / disk_before - 1:+.1%}"],
     ]
     if before and after:
         for d in [k for k in before if k not in ("mean", "all")] + ["mean"]:

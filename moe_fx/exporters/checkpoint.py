@@ -50,26 +50,38 @@ def check_output_path(out: str | Path, source: str | Path | None, overwrite: boo
     return out
 
 
-def _config_aliases(model: nn.Module) -> dict[str, int]:
-    """Every expert-count key older transformers may read, with the current count."""
+def _config_aliases(model: nn.Module) -> dict[str, dict[str, int]]:
+    """Per config path (``""``, ``"text_config"``, ...), every expert-count key older transformers may read.
+
+    Aliases are written beside the key that holds the count, in the same (sub-)config.
+    """
     state = getattr(model, STATE_ATTR, None)
     if state is None:
         return {}
     n = state.spec.blocks[0].num_experts
-    keys = {ref.rpartition(":")[2] for ref in state.spec.config_count_keys if not ref.rpartition(":")[0]}
-    aliases = getattr(model.config, "attribute_map", {}) or {}
-    keys |= {k for k, v in aliases.items() if k in COUNT_ATTRS and v in keys}
-    keys |= set(get_adapter(state.spec.model_type).legacy_count_keys)
-    return {k: n for k in keys}
+    legacy = set(get_adapter(state.spec.model_type).legacy_count_keys)
+    out: dict[str, dict[str, int]] = {}
+    for ref in state.spec.config_count_keys:
+        path, _, key = ref.rpartition(":")
+        config = model.config
+        for part in filter(None, path.split(".")):
+            config = getattr(config, part)
+        aliases = getattr(config, "attribute_map", {}) or {}
+        keys = {key} | {k for k, v in aliases.items() if k in COUNT_ATTRS and v == key} | legacy
+        out.setdefault(path, {}).update(dict.fromkeys(keys, n))
+    return out
 
 
-def _patch_config(path: Path, aliases: dict[str, int]) -> None:
+def _patch_config(path: Path, aliases: dict[str, dict[str, int]]) -> None:
     if not aliases:
         return
     cfg_file = path / "config.json"
     data = json.loads(cfg_file.read_text())
-    target = data.get("text_config", data) if "text_config" in data and not any(k in data for k in aliases) else data
-    target.update(aliases)
+    for config_path, values in aliases.items():
+        target = data
+        for part in filter(None, config_path.split(".")):
+            target = target[part]
+        target.update(values)
     cfg_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 

@@ -64,7 +64,8 @@ class _BlockProbe:
         for o in observers:
             self.acc.update(o.init(block, device))
         self.needs_outputs = any(o.needs_outputs for o in observers)
-        self.needs_logits = any(o.needs_probs or o.needs_logits for o in observers)
+        self.needs_probs = any(o.needs_probs for o in observers)
+        self.needs_logits = self.needs_probs or any(o.needs_logits for o in observers)
         selection = block.router.selection_bias
         self.selection_bias = get_tensor(model, selection).detach().reshape(-1).float() if selection else None
         self.pending_logits: torch.Tensor | None = None
@@ -86,7 +87,7 @@ class _BlockProbe:
                 logits = self.pending_logits
                 event = RoutingEvent(
                     hidden, idx, w, y,
-                    router_probs=None if logits is None else router_probs(self.block, logits),
+                    router_probs=router_probs(self.block, logits) if self.needs_probs else None,
                     router_logits=logits,
                     selection_bias=self.selection_bias,
                     run_experts=lambda h, i: _per_slot_outputs(forward, h, i),
