@@ -11,6 +11,7 @@ checkpoint that stock transformers loads. Passes compose::
 __version__ = "0.1.0"
 
 from .errors import MoeFxError  # noqa: E402
+from .loading import load_model as load  # noqa: E402
 from .pipeline import MoEState, Pass, PassResult, Pipeline, compose, state_of  # noqa: E402
 from .plan import PrunePlan  # noqa: E402
 from .spec import ExpertsSpec, MoEBlockSpec, MoEModelSpec, RouterSpec, SharedExpertSpec  # noqa: E402
@@ -30,6 +31,7 @@ __all__ = [
     "SharedExpertSpec",
     "__version__",
     "compose",
+    "load",
     "state_of",
     "trace",
 ]

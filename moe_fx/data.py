@@ -135,6 +135,18 @@ def pack(
     return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
+def split_fitness(windows: torch.Tensor, fitness_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hold the last windows (about ``fitness_tokens`` tokens, at least one window) out of calibration windows,
+    as the fitness set of a plan search: the search then never scores plans on the tokens that scored experts."""
+    n = max(1, round(fitness_tokens / windows.shape[1]))
+    if n >= windows.shape[0]:
+        raise CalibrationDataError(
+            f"holding out {fitness_tokens} fitness tokens leaves no calibration windows ({windows.shape[0]} of "
+            f"{windows.shape[1]} tokens); give more calibration text or fewer fitness tokens"
+        )
+    return windows[:-n], windows[-n:]
+
+
 def calibration_tokens(
     source,
     tokenizer=None,

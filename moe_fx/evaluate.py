@@ -45,9 +45,22 @@ def build_eval_set(source: str | Path | Sequence[str] | Sequence[Document], toke
 
 
 @torch.no_grad()
+def nll_sum(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 8, bar=None) -> tuple[float, int]:
+    """Summed next-token NLL over token windows ``[N, L]`` and the number of predicted tokens."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, windows.shape[0], batch_size):
+        batch = windows[i : i + batch_size].to(device)
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum").item()
+        count += batch[:, 1:].numel()
+        if bar is not None:
+            bar.update(batch.numel())
+    return total, count
+
+
 def evaluate_nll(model: nn.Module, eval_set: EvalSet, *, batch_size: int = 8, show_progress: bool = True) -> dict[str, dict[str, float]]:
     """Mean next-token NLL and perplexity per domain, plus ``mean`` (over domains) and ``all`` (over tokens)."""
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     results: dict[str, dict[str, float]] = {}
@@ -55,15 +68,9 @@ def evaluate_nll(model: nn.Module, eval_set: EvalSet, *, batch_size: int = 8, sh
     try:
         with progress_bar("evaluate", total=eval_set.num_tokens, unit="tok", enabled=show_progress) as bar:
             for domain, windows in eval_set.windows.items():
-                nll_sum, n_tok = 0.0, 0
-                for i in range(0, windows.shape[0], batch_size):
-                    batch = windows[i : i + batch_size].to(device)
-                    logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-                    nll_sum += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum").item()
-                    n_tok += batch[:, 1:].numel()
-                    bar.update(batch.numel())
-                results[domain] = {"nll": nll_sum / n_tok, "ppl": math.exp(nll_sum / n_tok), "tokens": n_tok}
-                total_nll, total_tok = total_nll + nll_sum, total_tok + n_tok
+                s, n = nll_sum(model, windows, batch_size=batch_size, bar=bar)
+                results[domain] = {"nll": s / n, "ppl": math.exp(s / n), "tokens": n}
+                total_nll, total_tok = total_nll + s, total_tok + n
     finally:
         model.train(was_training)
     mean = sum(r["nll"] for r in results.values()) / len(results)

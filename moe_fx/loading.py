@@ -48,13 +48,28 @@ def _check_safetensors(path: Path) -> None:
         raise NotAModelError(f"{path}: corrupt safetensors file ({exc}); re-download or re-save the checkpoint") from None
 
 
-def load_model(path: str | Path, *, dtype: str = "auto", device: str = "cpu"):
-    """``AutoModelForCausalLM.from_pretrained`` with checks first and clear errors after."""
-    from transformers import AutoModelForCausalLM
+def model_class(path: Path):
+    """``AutoModelForCausalLM``, or for a checkpoint with per-layer expert counts (``moe_fx_layout`` in its
+    config) its recorded architecture re-shaped by :func:`~moe_fx.exporters.per_layer_model.per_layer_class`:
+    the same code the checkpoint ships for ``trust_remote_code``, run from moe-fx instead."""
+    import transformers
 
+    from .exporters.per_layer_model import LAYOUT_KEY, per_layer_class
+
+    config = json.loads((path / "config.json").read_text())
+    if LAYOUT_KEY not in config:
+        return transformers.AutoModelForCausalLM
+    name = (config.get("architectures") or [""])[0]
+    if not hasattr(transformers, name):
+        raise NotAModelError(f"{path}: per-layer checkpoint of architecture {name!r}, which this transformers does not have")
+    return per_layer_class(getattr(transformers, name))
+
+
+def load_model(path: str | Path, *, dtype: str = "auto", device: str = "cpu"):
+    """``from_pretrained`` with checks first and clear errors after; per-layer-count checkpoints load too."""
     p = check_model_dir(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(p, dtype=parse_dtype(dtype), device_map=None)
+        model = model_class(p).from_pretrained(p, dtype=parse_dtype(dtype), device_map=None)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise NotAModelError(f"{p}: could not load the checkpoint ({type(exc).__name__}: {first[:300]})") from None

@@ -43,6 +43,8 @@ class MoEState:
     stats: Any = None
     scores: Any = None
     plan: Any = None
+    search: Any = None
+    """The last plan search's result (``EvolutionarySearch``), with its fitness history."""
     history: list[PassRecord] = field(default_factory=list)
 
     def record(self) -> dict:
@@ -54,6 +56,7 @@ class MoEState:
             "plan": self.plan.to_dict() if self.plan is not None else None,
             "scores": self.scores.to_dict() if self.scores is not None else None,
             "calibration": self.stats.summary() if self.stats is not None else None,
+            "search": self.search.to_dict() if self.search is not None else None,
             "experts_before": {b.path: b.num_experts for b in self.original_spec.blocks},
             "experts_after": {b.path: b.num_experts for b in self.spec.blocks},
         }

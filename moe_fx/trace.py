@@ -135,8 +135,10 @@ def _experts_spec(experts: nn.Module, path: str, e: int, hidden: int, adapter: F
             f"experts module {path} ({type(experts).__name__}) has no fused gate_up_proj/up_proj + down_proj "
             f"tensors (found {sorted(names)}); this layout is not supported yet"
         )
-    is_transposed = bool(getattr(experts, "is_transposed", False))
     down_t = experts.get_parameter(down.removeprefix(path + "."))
+    # families without the attribute (Llama 4 stores [E, H, 2I] / [E, I, H]) show it in the down shape
+    shape_says = down_t.shape[1] != hidden and down_t.shape[2] == hidden
+    is_transposed = bool(getattr(experts, "is_transposed", shape_says))
     intermediate = down_t.shape[1] if is_transposed else down_t.shape[2]
     act = getattr(config, "hidden_act", None) or getattr(config, "mlp_hidden_act", None)
     return ExpertsSpec(

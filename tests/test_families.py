@@ -207,3 +207,15 @@ def test_dense_model_is_not_moe() -> None:
                          num_attention_heads=4, num_key_value_heads=4)
     with pytest.raises(NotMoEError, match="Mixture-of-Experts"):
         trace(LlamaForCausalLM(config))
+
+
+def test_llama4_expert_layout_is_read_from_shapes() -> None:
+    """Llama 4 has no ``is_transposed`` attribute but stores ``[E, H, 2I]`` / ``[E, I, H]``: read it from the shapes."""
+    from tiny_models import tiny_config
+
+    config = tiny_config("llama4")
+    config.text_config.intermediate_size = 32  # differs from hidden (64), so the layout is observable
+    model = auto_class(config).from_config(config)
+    experts = trace(model).blocks[0].experts
+    assert experts.is_transposed and experts.intermediate_size == 32
+    assert model.get_parameter(experts.down).shape[1:] == (32, 64)

@@ -21,6 +21,7 @@ from .. import __version__
 from ..adapters import COUNT_ATTRS, get_adapter
 from ..errors import OutputPathError
 from ..pipeline import STATE_ATTR
+from . import per_layer_model
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -34,6 +35,9 @@ TOKENIZER_FILES = (
 )
 
 RECORD_FILE = "moe_fx.json"
+
+AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoModelForMultimodalLM", "AutoModel")
+"""Auto classes a per-layer checkpoint's ``auto_map`` may name (those mapping its config to its class)."""
 
 
 def check_output_path(out: str | Path, source: str | Path | None, overwrite: bool) -> Path:
@@ -58,7 +62,7 @@ def _config_aliases(model: nn.Module) -> dict[str, dict[str, int]]:
     state = getattr(model, STATE_ATTR, None)
     if state is None:
         return {}
-    n = state.spec.blocks[0].num_experts
+    n = max(b.num_experts for b in state.spec.blocks)
     legacy = set(get_adapter(state.spec.model_type).legacy_count_keys)
     out: dict[str, dict[str, int]] = {}
     for ref in state.spec.config_count_keys:
@@ -82,6 +86,26 @@ def _patch_config(path: Path, aliases: dict[str, dict[str, int]]) -> None:
         for part in filter(None, config_path.split(".")):
             target = target[part]
         target.update(values)
+    cfg_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _write_per_layer_code(model: nn.Module, path: Path) -> None:
+    """For a per-layer-count model: ship the model class beside the weights and point ``auto_map`` at it, so
+    ``from_pretrained(path, trust_remote_code=True)`` builds experts of the recorded shapes."""
+    import transformers
+
+    if not getattr(model.config, per_layer_model.LAYOUT_KEY, None):
+        return
+    base = getattr(type(model), "moe_fx_base", type(model))  # a model loaded in this format: its stock class
+    cls_name = f"MoeFx{base.__name__}"
+    code = Path(per_layer_model.__file__).read_text()
+    code += f"\n\nfrom transformers import {base.__name__} as _Base  # noqa: E402\n\n{cls_name} = per_layer_class(_Base)\n"
+    (path / "modeling_moe_fx.py").write_text(code)
+    autos = [a for a in AUTO_CLASSES if getattr(transformers, a)._model_mapping.get(type(model.config), None) is base]
+    cfg_file = path / "config.json"
+    data = json.loads(cfg_file.read_text())
+    data["auto_map"] = dict.fromkeys(autos, f"modeling_moe_fx.{cls_name}")
+    data["architectures"] = [base.__name__]
     cfg_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
@@ -122,6 +146,7 @@ def save_checkpoint(
                 if (Path(source) / name).is_file():
                     shutil.copy2(Path(source) / name, tmp / name)
         _patch_config(tmp, _config_aliases(model))
+        _write_per_layer_code(model, tmp)
         state = getattr(model, STATE_ATTR, None)
         record = state.record() if state is not None else {}
         record.update(extra_record or {})

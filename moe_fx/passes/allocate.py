@@ -51,6 +51,57 @@ def uniform_plan(spec: MoEModelSpec, scores: dict[str, torch.Tensor], *, ratio: 
     return plan
 
 
+def global_plan(
+    spec: MoEModelSpec, scores: dict[str, torch.Tensor], *, ratio: float | None = None, keep: int | None = None, min_keep: int | None = None
+) -> PrunePlan:
+    """Keep the same *total* number of experts as :func:`uniform_plan`, ranked across all blocks.
+
+    Scores are divided by their block's mean first, so the ranking compares how much more an expert matters
+    than its block's average expert: scale-free, so blocks whose outputs are larger (or scorers whose units
+    differ by layer) do not take every slot. Each block keeps at least ``min_keep`` experts (default: its
+    top-k, the least the router can run with). Group-limited blocks keep a multiple of ``n_group``.
+    """
+    budget = sum(experts_to_keep(b.num_experts, ratio, keep) for b in spec.blocks)
+    floors = {b.path: max(b.top_k, min_keep or 0) for b in spec.blocks}
+    if any(floors[b.path] > b.num_experts for b in spec.blocks) or sum(floors.values()) > budget:
+        raise BadOptionError(f"min_keep={min_keep} needs more experts than the budget of {budget} allows")
+    ranked = []
+    for bi, block in enumerate(spec.blocks):
+        s = scores[block.path].double()
+        rel = s / s.mean().clamp(min=1e-30) if float(s.mean()) > 0 else torch.zeros_like(s)
+        ranked += [(-float(rel[i]), bi, i) for i in range(block.num_experts)]
+    counts = dict(floors)
+    extra = budget - sum(counts.values())
+    # each block's own best experts fill its floor; the rest of the budget goes to the best remaining experts
+    within = {b.path: sorted(range(b.num_experts), key=lambda i, b=b: (-float(scores[b.path][i]), i)) for b in spec.blocks}
+    floor_sets = {p: set(within[p][: counts[p]]) for p in within}
+    for _, bi, i in sorted(ranked):
+        if extra == 0:
+            break
+        path = spec.blocks[bi].path
+        if i not in floor_sets[path]:
+            counts[path] += 1
+            extra -= 1
+    plan = PrunePlan()
+    for block in spec.blocks:
+        n = counts[block.path]
+        groups = block.router.n_group or 1
+        n = max(groups * 2 if groups > 1 else n, n - n % groups)
+        plan.kept_experts[block.path] = _block_keep(block, scores[block.path], n)
+    plan.validate(spec)
+    return plan
+
+
+ALLOCATIONS = {"uniform": uniform_plan, "global": global_plan}
+
+
+def make_plan(spec: MoEModelSpec, scores: dict[str, torch.Tensor], *, ratio: float | None = None, keep: int | None = None, allocation: str = "uniform") -> PrunePlan:
+    """A plan under the budget by ``allocation``: ``uniform`` (same count per block) or ``global`` (ranked across blocks)."""
+    if allocation not in ALLOCATIONS:
+        raise BadOptionError(f"unknown allocation {allocation!r}; use one of {sorted(ALLOCATIONS)}")
+    return ALLOCATIONS[allocation](spec, scores, ratio=ratio, keep=keep)
+
+
 def check_budget(spec: MoEModelSpec, *, ratio: float | None = None, keep: int | None = None) -> None:
     """Fail before any calibration work if the budget cannot be met in some block."""
     for block in spec.blocks:

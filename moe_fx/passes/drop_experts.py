@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import BadOptionError
+from ..exporters.per_layer_model import LAYOUT_KEY
 from ..pipeline import MoEState, Pass, PassResult, require
 from ..plan import PrunePlan
 from ..rewrite import get_tensor, set_attr, set_config_key, set_tensor
 from ..spec import MoEBlockSpec, MoEModelSpec
-from .allocate import uniform_plan
+from .allocate import make_plan
 
 
 def _resized(block: MoEBlockSpec, n: int) -> MoEBlockSpec:
@@ -36,15 +38,11 @@ def drop_experts(model: nn.Module, spec: MoEModelSpec, plan: PrunePlan) -> MoEMo
     Router rows, router bias and selection (correction) bias are sliced with the experts so routing over
     the kept experts is unchanged: a token whose top-k experts are all kept gets the same output (for
     families that renormalise top-k weights). Counts are updated on modules and in the config (every alias).
-    Stock configs hold one count for all layers, so kept counts must be equal across blocks.
+    Stock configs hold one count for all layers; when blocks keep different counts, the config holds the
+    largest and ``config.moe_fx_layout`` records each block's (see :mod:`moe_fx.exporters.per_layer_model`),
+    which the saved checkpoint loads.
     """
     plan.validate(spec)
-    counts = {len(plan.kept_experts.get(b.path, range(b.num_experts))) for b in spec.blocks}
-    if len(counts) > 1:
-        raise BadOptionError(
-            f"blocks would keep different expert counts {sorted(counts)}; stock transformers configs hold one "
-            "count for all layers, so use a uniform plan"
-        )
     blocks = []
     for block in spec.blocks:
         kept = plan.kept_experts.get(block.path)
@@ -58,30 +56,74 @@ def drop_experts(model: nn.Module, spec: MoEModelSpec, plan: PrunePlan) -> MoEMo
         for ref in block.router.count_attrs + block.count_attrs:
             set_attr(model, ref, len(kept))
         blocks.append(_resized(block, len(kept)))
-    (n,) = counts
+    new_spec = dataclasses.replace(spec, blocks=tuple(blocks))
+    counts = [b.num_experts for b in new_spec.blocks]
+    _check_layer_counts(new_spec)
     for ref in spec.config_count_keys:
-        set_config_key(model.config, ref, n)
-    return dataclasses.replace(spec, blocks=tuple(blocks))
+        set_config_key(model.config, ref, max(counts))
+    if len(set(counts)) > 1 or getattr(model.config, LAYOUT_KEY, None):
+        setattr(model.config, LAYOUT_KEY, layout_of(model, new_spec))
+    return new_spec
+
+
+def _check_layer_counts(spec: MoEModelSpec) -> None:
+    """Blocks of one decoder layer (Ernie-VL's text and vision experts) must keep equal counts: some
+    checkpoints store them concatenated, so unequal counts would not load."""
+    by_layer: dict[int, set[int]] = {}
+    for b in spec.blocks:
+        if b.layer_index is not None:
+            by_layer.setdefault(b.layer_index, set()).add(b.num_experts)
+    uneven = {layer: sorted(c) for layer, c in by_layer.items() if len(c) > 1}
+    if uneven:
+        raise BadOptionError(f"blocks of one decoder layer must keep the same number of experts; layers {uneven} do not")
+
+
+def layout_of(model: nn.Module, spec: MoEModelSpec) -> dict:
+    """The ``moe_fx_layout`` config record of per-block expert counts (see ``per_layer_model``)."""
+    return {
+        "blocks": {
+            b.path: {
+                "num_experts": b.num_experts,
+                "tensors": {n: _expert_axis(n, get_tensor(model, n), b.num_experts) for n in b.per_expert_tensors},
+                "count_attrs": list(b.router.count_attrs + b.count_attrs),
+            }
+            for b in spec.blocks
+        }
+    }
 
 
 @dataclass
 class DropExperts(Pass):
-    """Drop the lowest-scoring experts of every block (uniform), or apply an explicit ``plan``.
+    """Drop the lowest-scoring experts of every block, or apply an explicit ``plan``.
 
     ``ratio``: fraction of each block's experts to drop; ``keep``: experts to keep per block.
+    ``allocation``: ``uniform`` (the same count in every block; stock config), ``global`` (the same total,
+    ranked across blocks; saved in the per-layer format) or an
+    :class:`~moe_fx.passes.eep.EvolutionarySearch` (search for the plan, warm-started from the scores).
     """
 
     ratio: float | None = None
     keep: int | None = None
     plan: PrunePlan | None = None
+    allocation: Any = "uniform"
     name = "drop_experts"
 
+    def make_plan(self, model: nn.Module, state: MoEState) -> PrunePlan:
+        """The explicit plan, else one under the budget: from the scores, or found by the search."""
+        if self.plan is not None:
+            return self.plan
+        if isinstance(self.allocation, str):
+            return make_plan(state.spec, state.scores.per_block, ratio=self.ratio, keep=self.keep, allocation=self.allocation)
+        scores = state.scores.per_block if state.scores is not None else None
+        state.search = self.allocation.search(model, state.spec, scores, ratio=self.ratio, keep=self.keep)
+        return state.search.plan
+
     def requires(self, state: MoEState) -> None:
-        if self.plan is None:
+        if self.plan is None and isinstance(self.allocation, str):
             require(state.scores is not None, self.name, "expert scores", "Score(...)")
 
     def run(self, model: nn.Module, state: MoEState) -> PassResult:
-        plan = self.plan or uniform_plan(state.spec, state.scores.per_block, ratio=self.ratio, keep=self.keep)
+        plan = self.make_plan(model, state)
         before = sum(b.num_experts for b in state.spec.blocks)
         modified = plan.kept_experts != PrunePlan.keep_all(state.spec).kept_experts
         state.spec = drop_experts(model, state.spec, plan)
