@@ -49,7 +49,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="calibrate, score and drop experts; save a checkpoint")
     p.add_argument("model", help="source checkpoint directory (never modified)")
-    p.add_argument("--method", default="reap", help="expert scoring method: reap, naee, frequency, random (default reap)")
+    p.add_argument("--method", default="reap", help="expert scoring: reap, shape, naee, frequency, random; or eep (evolutionary search "
+                   "warm-started from --eep-warm-start); a merge- prefix (merge-reap) is the same as --merge (default reap)")
+    p.add_argument("--merge", action="store_true", help="fold each dropped expert into its most similar kept expert instead of discarding it")
+    p.add_argument("--compensate", action="store_true",
+                   help="after dropping, refit the kept experts' down projections (ridge least squares) to reproduce each block's original output")
+    p.add_argument("--ridge", type=float, default=1.0, help="--compensate: pull towards the current weights, relative to each expert's activation energy (default 1.0)")
+    p.add_argument("--compensate-samples", type=int, default=16384, help="--compensate: calibration tokens per layer it fits on (default 16384)")
+    p.add_argument("--allocation", default="uniform", choices=("uniform", "global"),
+                   help="uniform: same expert count in every layer (stock config); global: ranked across layers (per-layer format)")
+    eep = p.add_argument_group("eep search (--method eep)")
+    eep.add_argument("--eep-warm-start", default="reap", help="scorer whose plan seeds the search (default reap)")
+    eep.add_argument("--eep-population", type=int, default=16, help="plans per generation (default 16)")
+    eep.add_argument("--eep-generations", type=int, default=20, help="generations (default 20)")
+    eep.add_argument("--eep-max-seconds", type=float, help="stop the search after this many seconds")
+    eep.add_argument("--fitness-tokens", type=int, default=16384, help="calibration tokens held out as the search's fitness set (default 16384)")
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--ratio", type=float, help="fraction of each block's experts to drop, in (0, 1)")
     budget.add_argument("--keep", type=int, help="experts to keep per block")
@@ -133,21 +147,25 @@ def cmd_eval(args) -> int:
 
 
 def cmd_prune(args) -> int:
-    from .data import TokenBatch, pack, read_documents, split_holdout
+    from .data import TokenBatch, pack, read_documents, split_fitness, split_holdout
     from .evaluate import build_eval_set, disk_size, evaluate_nll, model_size
     from .exporters.checkpoint import check_output_path, save_checkpoint
     from .loading import check_model_dir, load_model, load_tokenizer
-    from .passes import Calibrate, DropExperts, Score
+    from .passes import Calibrate, CompensateExperts, DropExperts, MergeExperts, Score
     from .passes.allocate import check_budget
+    from .passes.eep import EvolutionarySearch
     from .passes.scorers import get_scorer
     from .pipeline import compose, state_of
     from .table import format_table, human_bytes
 
     source = check_model_dir(args.model)
     check_output_path(args.out, source, args.overwrite)
-    scorer = get_scorer(args.method, seed=args.seed)
-    if scorer.needs and not args.calib:
-        raise MoeFxError(f"--method {args.method} needs calibration data: pass --calib FILE")
+    if args.method.startswith("merge-"):
+        args.method, args.merge = args.method.removeprefix("merge-"), True
+    search = args.method == "eep"
+    scorer = get_scorer(args.eep_warm_start if search else args.method, seed=args.seed)
+    if (scorer.needs or search or args.merge or args.compensate) and not args.calib:
+        raise MoeFxError(f"--method {args.method}{' --merge' if args.merge else ''}{' --compensate' if args.compensate else ''} needs calibration data: pass --calib FILE")
     if args.calib_tokens < 1 or args.seq_len < 2:
         raise MoeFxError("--calib-tokens must be positive and --seq-len at least 2")
     device = _device(args.device)
@@ -170,11 +188,23 @@ def cmd_prune(args) -> int:
     before = evaluate_nll(model, eval_set, batch_size=args.batch_size, show_progress=show) if eval_set else None
 
     passes = []
-    if scorer.needs:
-        tokens = TokenBatch(pack(tokenizer, calib_docs, seq_len=args.seq_len, max_tokens=args.calib_tokens, seed=args.seed), args.calib)
-        observers = tuple(dict.fromkeys(Calibrate.observers + scorer.observers))
-        passes.append(Calibrate(tokens, batch_size=args.batch_size, seed=args.seed, observers=observers, show_progress=show))
-    passes += [Score(args.method, seed=args.seed), DropExperts(ratio=args.ratio, keep=args.keep)]
+    allocation = args.allocation
+    if scorer.needs or search or args.merge or args.compensate:
+        windows = pack(tokenizer, calib_docs, seq_len=args.seq_len, max_tokens=args.calib_tokens + (args.fitness_tokens if search else 0), seed=args.seed)
+        if search:
+            windows, fitness = split_fitness(windows, args.fitness_tokens)
+            allocation = EvolutionarySearch(
+                fitness, population=args.eep_population, generations=args.eep_generations, max_seconds=args.eep_max_seconds,
+                allocation=args.allocation, batch_size=args.batch_size, seed=args.seed, show_progress=show,
+            )
+        extra = (("samples",) if args.merge else ()) + (("inputs",) if args.compensate else ())
+        observers = tuple(dict.fromkeys(Calibrate.observers + scorer.observers + extra))
+        passes.append(Calibrate(TokenBatch(windows, args.calib), batch_size=args.batch_size, seed=args.seed, observers=observers,
+                                inputs_per_block=args.compensate_samples, show_progress=show))
+    rewrite = MergeExperts if args.merge else DropExperts
+    passes += [Score(scorer.name, seed=args.seed), rewrite(ratio=args.ratio, keep=args.keep, allocation=allocation)]
+    if args.compensate:
+        passes.append(CompensateExperts(ridge=args.ridge))
     t0 = time.perf_counter()
     model = compose(*passes)(model)
     prune_seconds = time.perf_counter() - t0
@@ -194,10 +224,13 @@ def cmd_prune(args) -> int:
     }
     out = save_checkpoint(model, args.out, source=source, tokenizer=tokenizer, overwrite=args.overwrite, extra_record=record)
 
-    kept = state.spec.blocks[0].num_experts
+    kept = sum(b.num_experts for b in state.spec.blocks)
+    total = sum(b.num_experts for b in spec.blocks)
+    per_block = sorted({b.num_experts for b in state.spec.blocks})
     disk_before, disk_after = disk_size(source), disk_size(out)
     rows = [
-        ["experts per block", spec.blocks[0].num_experts, kept, f"{kept - spec.blocks[0].num_experts:+d}"],
+        ["experts per block", spec.blocks[0].num_experts, str(per_block[0]) if len(per_block) == 1 else f"{per_block[0]}-{per_block[-1]}", ""],
+        ["experts (all blocks)", total, kept, f"{kept / total - 1:+.1%}"],
         ["parameters", f"{before_size['params']:,}", f"{after_size['params']:,}", f"{after_size['params'] / before_size['params'] - 1:+.1%}"],
         ["weights on disk", human_bytes(disk_before), human_bytes(disk_after), f"{disk_after / disk_before - 1:+.1%}"],
     ]
@@ -207,6 +240,12 @@ def cmd_prune(args) -> int:
     calib = state.stats.summary() if state.stats is not None else None
     title = f"moe-fx prune {args.method} ratio={args.ratio if args.ratio is not None else f'keep {args.keep}'} -> {out}"
     print(format_table(["", "before", "after", "change"], rows, title=title))
+    if args.compensate:
+        report = state.history[-1].report
+        print(f"compensation: block output error on the calibration sample {report['mean_error_before']:.4f} -> {report['mean_error_after']:.4f} (relative, mean over blocks)")
+    if state.search is not None:
+        r = state.search
+        print(f"eep search: fitness NLL {r.start_fitness:.4f} (warm start) -> {r.fitness:.4f} after {r.evaluations} plans in {r.seconds:.1f} s")
     if calib:
         print(f"calibration: {calib['tokens']:,} tokens in {calib['seconds']:.1f} s ({calib['tokens'] / max(calib['seconds'], 1e-9):,.0f} tok/s), fingerprint {calib['fingerprint']}")
     if eval_set:

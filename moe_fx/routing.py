@@ -61,3 +61,52 @@ def matches_recorded(
     sim_w, real_w = w.gather(1, sim.indices)[same], weight.float().gather(1, real.indices)[same]
     norm = lambda x: x / x.sum(-1, keepdim=True).clamp(min=1e-20)  # noqa: E731 - a constant scale changes no ranking
     return bool(torch.allclose(norm(sim_w), norm(real_w), atol=tol, rtol=0))
+
+
+_MASKED = -1e9
+"""Stand-in for -inf on experts outside a coalition: exp/sigmoid of it is exactly 0 in float32, and unlike
+-inf it never makes NaN (a row with no allowed expert routes to zero-weight picks)."""
+
+
+def selection_scores(router: RouterSpec, logits: torch.Tensor, selection_bias: torch.Tensor | None) -> torch.Tensor:
+    """The ``[T, E]`` scores the router ranks experts by when all experts exist (top-k of these = the routed set)."""
+    if router.n_group and router.n_group > 1:
+        raise UnsupportedFamilyError("routing simulation of group-limited routing (n_group > 1) is not implemented")
+    logits = logits.float()
+    bias = 0.0 if selection_bias is None else selection_bias.reshape(-1).float()
+    if router.score_fn == "softmax":
+        return torch.softmax(logits, dim=-1) + bias
+    if router.score_fn == "sigmoid":
+        return torch.sigmoid(logits) + bias
+    return logits + bias
+
+
+def route_within(
+    router: RouterSpec, logits: torch.Tensor, selection_bias: torch.Tensor | None, allowed: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`route` for a different expert subset per token: ``allowed`` is a ``BoolTensor [T, E]``.
+
+    Returns ``(index, weight)`` of shape ``[T, k]`` with indices into *all* experts (ready for :func:`combine`
+    on ``[T, E, H]`` outputs). Each row is routed exactly as a model holding only that row's allowed experts
+    would route it: top-min(k, |S|) within S, weights normalised over S. Picks outside S (rows with fewer
+    than k allowed experts) get weight exactly 0. Rows that all equal one ``kept`` set agree with
+    ``route(router, logits, selection_bias, kept)`` up to the index mapping ``kept[idx]``.
+    """
+    if router.n_group and router.n_group > 1:
+        raise UnsupportedFamilyError("routing simulation of group-limited routing (n_group > 1) is not implemented")
+    allowed = allowed.to(device=logits.device, dtype=torch.bool)
+    logits = logits.float()
+    bias = 0.0 if selection_bias is None else selection_bias.reshape(-1).float().to(logits.device)
+    k = router.top_k
+    if router.score_fn in ("softmax", "sigmoid"):
+        scores = torch.softmax(logits.masked_fill(~allowed, _MASKED), dim=-1) if router.score_fn == "softmax" else torch.sigmoid(logits)
+        idx = torch.topk((scores + bias).masked_fill(~allowed, _MASKED), k, dim=-1).indices
+        weights = scores.gather(1, idx)
+    else:
+        idx = torch.topk((logits + bias).masked_fill(~allowed, _MASKED), k, dim=-1).indices
+        top = logits.gather(1, idx).masked_fill(~allowed.gather(1, idx), _MASKED)
+        weights = torch.softmax(top, dim=-1) if router.score_fn == "softmax_after_topk" else torch.sigmoid(top)
+    weights = weights.masked_fill(~allowed.gather(1, idx), 0.0)
+    if router.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return idx, weights * router.routed_scaling_factor

@@ -141,3 +141,46 @@ def test_prune_with_naee_search(capsys, micro_path, calib_path, tmp_path):
     assert record["scores"]["method"] == "naee"
     assert "sample_expert_out" in record["calibration"]["statistics"]
     assert all(len(v) == 6 for v in record["plan"]["kept_experts"].values())
+
+
+@pytest.mark.parametrize(
+    "argv, method",
+    [
+        (["--method", "shape"], "shape"),
+        (["--method", "merge-reap"], "reap"),
+        (["--method", "reap", "--allocation", "global"], "reap"),
+        (["--method", "reap", "--compensate", "--compensate-samples", "512"], "reap"),
+        (["--method", "eep", "--eep-population", "3", "--eep-generations", "1", "--fitness-tokens", "256", "--allocation", "global"], "reap"),
+    ],
+)
+def test_prune_with_every_method(argv, method, capsys, micro_path, calib_path, tmp_path):
+    """Each method runs from the CLI and writes a checkpoint that moe_fx.load reloads with the kept counts."""
+    import json
+
+    from moe_fx import load, state_of
+
+    out = tmp_path / "pruned"
+    code, stdout, err = _run(capsys, "prune", micro_path, *argv, "--ratio", "0.25", "--calib", calib_path, "--no-eval", "--out", out, *FAST)
+    assert code == 0, err
+    record = json.loads((out / "moe_fx.json").read_text())
+    assert record["scores"]["method"] == method
+    kept = {k: len(v) for k, v in record["plan"]["kept_experts"].items()}
+    assert sum(kept.values()) == 12  # 25% of 2 x 8 experts dropped
+    assert [b.num_experts for b in state_of(load(out)).spec.blocks] == list(kept.values())
+    if "merge-reap" in argv:
+        assert [p["name"] for p in record["passes"]][-1] == "merge_experts"
+    if "eep" in argv:
+        assert record["search"]["evaluations"] >= 2 and "eep search: fitness NLL" in stdout
+    if "--compensate" in argv:
+        report = record["passes"][-1]
+        assert report["name"] == "compensate_experts" and "block output error" in stdout
+        assert report["report"]["mean_error_after"] < report["report"]["mean_error_before"]
+
+
+def test_eep_needs_room_for_its_fitness_set(capsys, micro_path, tmp_path):
+    small = tmp_path / "small.txt"
+    small.write_text("The markets rose today as traders bought shares of banks and oil companies. " * 40)
+    code, _, err = _run(capsys, "prune", micro_path, "--method", "eep", "--ratio", "0.25", "--calib", small, "--fitness-tokens", "8192",
+                        "--out", tmp_path / "o", *FAST)
+    assert code == 2 and "fitness tokens leaves no calibration windows" in err
+    assert not (tmp_path / "o").exists()

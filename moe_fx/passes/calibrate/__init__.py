@@ -15,11 +15,29 @@ from ...pipeline import MoEState, Pass, PassResult
 from ...progress import progress_bar
 from ...stats import CalibrationStats
 from .hooks import instrument, router_logits, router_probs
-from .observers import OBSERVERS, Observer, ReapObserver, RoutingEvent, RoutingObserver, SampleObserver
+from .observers import (
+    OBSERVERS,
+    InputObserver,
+    Observer,
+    ReapObserver,
+    RoutingEvent,
+    RoutingObserver,
+    SampleObserver,
+)
 
 __all__ = [
-    "Calibrate", "Observer", "OBSERVERS", "RoutingEvent", "RoutingObserver", "ReapObserver", "SampleObserver",
-    "instrument", "router_logits", "router_probs", "run_calibration",
+    "OBSERVERS",
+    "Calibrate",
+    "InputObserver",
+    "Observer",
+    "ReapObserver",
+    "RoutingEvent",
+    "RoutingObserver",
+    "SampleObserver",
+    "instrument",
+    "router_logits",
+    "router_probs",
+    "run_calibration",
 ]
 
 
@@ -73,6 +91,8 @@ class Calibrate(Pass):
     observers: tuple[str, ...] = ("routing", "reap")
     samples_per_block: int = 1024
     """Tokens per block kept by the ``samples`` observer (with every expert's output) for search methods."""
+    inputs_per_block: int = 16384
+    """Tokens per block kept by the ``inputs`` observer (input, logits, routed output) for CompensateExperts."""
     show_progress: bool = True
     name = "calibrate"
 
@@ -90,6 +110,16 @@ class Calibrate(Pass):
 
             tokenizer = load_tokenizer(model.name_or_path)
         tokens = calibration_tokens(self.data, tokenizer, seq_len=self.seq_len, max_tokens=self.max_tokens, seed=self.seed)
-        observers = [SampleObserver(self.samples_per_block, self.seed) if o == "samples" else OBSERVERS[o]() for o in self.observers]
+        observers = [self._observer(OBSERVERS[o]) for o in self.observers]
         state.stats = run_calibration(model, state, tokens, observers, batch_size=self.batch_size, show_progress=self.show_progress)
         return PassResult(model, False, state.stats.summary())
+
+    def _observer(self, cls: type[Observer]) -> Observer:
+        """Sampling observers get their sample size (the Calibrate field named by ``size_option``) and the seed."""
+        option = getattr(cls, "size_option", None)
+        if option is None:
+            return cls()
+        size = getattr(self, option)
+        if size < 1:
+            raise BadOptionError(f"{option} must be positive, got {size}")
+        return cls(size, self.seed)

@@ -88,17 +88,51 @@ class ReapObserver(Observer):
         _scatter(acc["out_norm_sum"], event.top_k_index, norms)
 
 
-class SampleObserver(Observer):
+def _reservoir_slots(acc: dict[str, torch.Tensor], key: str, samples: int, gen: torch.Generator, t: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Reservoir sampling (algorithm R) of ``samples`` tokens over a stream: for the ``t`` tokens of this event,
+    the positions ``take`` of those accepted and the reservoir ``slot`` each one overwrites (None if none is).
+
+    ``acc[key]`` counts the tokens seen so far and is advanced by ``t``. One token per slot: when several of
+    this event's tokens draw the same slot, the last one drawn wins, as if they had been inserted in turn."""
+    seen = int(acc[key])
+    pos = torch.arange(seen, seen + t)
+    slot = torch.where(pos < samples, pos, (torch.rand(t, generator=gen, dtype=torch.float64) * (pos + 1)).long())
+    accepted = (slot < samples).nonzero().flatten().tolist()
+    acc[key] += t
+    if not accepted:
+        return None
+    chosen = {int(slot[i]): i for i in accepted}
+    return torch.tensor(list(chosen.values())), torch.tensor(list(chosen.keys()))
+
+
+class _SampledObserver(Observer):
+    """Base of the observers keeping a seeded reservoir sample of tokens per block.
+
+    ``size_option``: the :class:`Calibrate` field giving the sample size (Calibrate builds these observers
+    as ``cls(getattr(calibrate, size_option), calibrate.seed)``)."""
+
+    size_option = "samples_per_block"
+
+    def __init__(self, samples: int = 1024, seed: int = 0) -> None:
+        self.samples, self.seed = samples, seed
+        self._gens: dict[int, torch.Generator] = {}
+
+    def _slots(self, acc: dict[str, torch.Tensor], key: str, t: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        gen = self._gens.setdefault(id(acc), torch.Generator().manual_seed(self.seed))
+        return _reservoir_slots(acc, key, self.samples, gen, t)
+
+
+def _rows(x: torch.Tensor, take: torch.Tensor) -> torch.Tensor:
+    return x[take.to(x.device)]
+
+
+class SampleObserver(_SampledObserver):
     """A seeded uniform sample (reservoir) of calibration tokens per block, with their raw router logits and
     the output of *every* expert on them: what layer-wise search methods (NAEE) need to evaluate any
     subset of experts offline. Memory is bounded: ``samples x E x H`` floats per block."""
 
     name = "samples"
     needs_logits = True
-
-    def __init__(self, samples: int = 1024, seed: int = 0) -> None:
-        self.samples, self.seed = samples, seed
-        self._gens: dict[int, torch.Generator] = {}
 
     def init(self, block, device):
         return {
@@ -111,28 +145,64 @@ class SampleObserver(Observer):
         }
 
     def update(self, acc, event):
-        n, t = self.samples, event.hidden.shape[0]
-        seen = int(acc["sample_seen"])
-        gen = self._gens.setdefault(id(acc), torch.Generator().manual_seed(self.seed))
-        pos = torch.arange(seen, seen + t)
-        slot = torch.where(pos < n, pos, (torch.rand(t, generator=gen, dtype=torch.float64) * (pos + 1)).long())
-        accepted = (slot < n).nonzero().flatten().tolist()
-        acc["sample_seen"] += t
-        if not accepted:
+        picked = self._slots(acc, "sample_seen", event.hidden.shape[0])
+        if picked is None:
             return
-        chosen = {int(slot[i]): i for i in accepted}  # one token per slot: the last one drawn for it wins
-        take = torch.tensor(list(chosen.values()))
-        slot = torch.tensor(list(chosen.keys()))
+        take, slot = picked
         e = acc["sample_logits"].shape[1]
-        hidden = event.hidden[take.to(event.hidden.device)]
+        hidden = _rows(event.hidden, take)
         ids = torch.arange(e, device=hidden.device).repeat(hidden.shape[0]).unsqueeze(-1)
         out = event.run_experts(hidden.repeat_interleave(e, dim=0), ids).float().view(-1, e, hidden.shape[-1])
-        acc["sample_logits"][slot] = event.router_logits[take.to(event.router_logits.device)].float().cpu()
+        acc["sample_logits"][slot] = _rows(event.router_logits, take).float().cpu()
         acc["sample_expert_out"][slot] = out.cpu()
-        acc["sample_topk_index"][slot] = event.top_k_index[take.to(event.top_k_index.device)].cpu()
-        acc["sample_topk_weight"][slot] = event.top_k_weights[take.to(event.top_k_weights.device)].float().cpu()
+        acc["sample_topk_index"][slot] = _rows(event.top_k_index, take).cpu()
+        acc["sample_topk_weight"][slot] = _rows(event.top_k_weights, take).float().cpu()
         if event.selection_bias is not None:
             acc["sample_selection_bias"].copy_(event.selection_bias.cpu())
 
 
-OBSERVERS: dict[str, type[Observer]] = {o.name: o for o in (RoutingObserver, ReapObserver, SampleObserver)}
+class InputObserver(_SampledObserver):
+    """A seeded uniform sample (reservoir) of calibration tokens per block with what a block-local refit needs:
+    the experts' input ``input_hidden [N,H]``, the raw router logits ``input_logits [N,E]``, the routing really
+    applied (``input_topk_index/weight [N,k]``), the selection bias, and the block's routed output
+    ``input_target [N,H]`` = sum over slots of ``w * expert output`` (what :class:`CompensateExperts` matches).
+    Memory: ``samples x (2H + E + 2k)`` floats per block, on the CPU."""
+
+    name = "inputs"
+    needs_logits = True
+    needs_outputs = True
+    size_option = "inputs_per_block"
+
+    def __init__(self, samples: int = 16384, seed: int = 0) -> None:
+        super().__init__(samples, seed)
+
+    def init(self, block, device):
+        n, h, e, k = self.samples, block.experts.hidden_size, block.num_experts, block.top_k
+        return {
+            "input_hidden": torch.zeros(n, h),
+            "input_logits": torch.zeros(n, e),
+            "input_target": torch.zeros(n, h),
+            "input_topk_index": torch.zeros(n, k, dtype=torch.long),
+            "input_topk_weight": torch.zeros(n, k),
+            "input_selection_bias": torch.zeros(e),
+            "input_seen": torch.zeros((), dtype=torch.long),
+        }
+
+    def update(self, acc, event):
+        t, k = event.top_k_index.shape
+        picked = self._slots(acc, "input_seen", t)
+        if picked is None:
+            return
+        take, slot = picked
+        y = _rows(event.expert_out.view(t, k, -1), take).float()
+        w = _rows(event.top_k_weights, take).float()
+        acc["input_hidden"][slot] = _rows(event.hidden, take).float().cpu()
+        acc["input_logits"][slot] = _rows(event.router_logits, take).float().cpu()
+        acc["input_target"][slot] = (y * w.to(y.device).unsqueeze(-1)).sum(1).cpu()
+        acc["input_topk_index"][slot] = _rows(event.top_k_index, take).cpu()
+        acc["input_topk_weight"][slot] = w.cpu()
+        if event.selection_bias is not None:
+            acc["input_selection_bias"].copy_(event.selection_bias.cpu())
+
+
+OBSERVERS: dict[str, type[Observer]] = {o.name: o for o in (RoutingObserver, ReapObserver, SampleObserver, InputObserver)}

@@ -68,4 +68,4 @@ def get_scorer(name: str, **kwargs) -> Scorer:
     return SCORERS[name](**kwargs)
 
 
-from . import frequency, naee, random, reap  # noqa: E402,F401  (register the built-in scorers)
+from . import frequency, naee, random, reap, shape  # noqa: F401  (register the built-in scorers)

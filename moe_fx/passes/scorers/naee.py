@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from ...errors import UnsupportedFamilyError
-from ...routing import combine, matches_recorded, route
+from ...routing import combine, route
 from . import Scorer, register_scorer
+from .sample import SAMPLE_NEEDS, routed_sample
 
 
 def reconstruction_error(router, logits, expert_out, bias, kept: torch.Tensor, target: torch.Tensor) -> float:
@@ -28,19 +28,11 @@ def reconstruction_error(router, logits, expert_out, bias, kept: torch.Tensor, t
 class NaeeScorer(Scorer):
     name = "naee"
     observers = ("routing", "samples")
-    needs = ("sample_logits", "sample_expert_out", "sample_seen", "sample_topk_index", "sample_topk_weight")
+    needs = SAMPLE_NEEDS
 
     def score_block(self, stats, block):
-        n = min(int(stats.get(block.path, "sample_seen")), stats.get(block.path, "sample_logits").shape[0])
-        logits = stats.get(block.path, "sample_logits")[:n]
-        expert_out = stats.get(block.path, "sample_expert_out")[:n]
-        bias = stats.get(block.path, "sample_selection_bias") if block.router.selection_bias else None
-        index, weight = stats.get(block.path, "sample_topk_index")[:n], stats.get(block.path, "sample_topk_weight")[:n]
-        if not matches_recorded(block.router, logits, bias, index, weight):
-            raise UnsupportedFamilyError(
-                f"{block.path}: the routing rule in the spec does not reproduce this router's choices "
-                "(an extra logit transform?), so subsets of experts cannot be evaluated; use --method reap"
-            )
+        sample = routed_sample(stats, block, "subsets of experts")
+        logits, expert_out, bias = sample.logits, sample.expert_out, sample.bias
         target = combine(expert_out, *route(block.router, logits, bias))
         alive = list(range(block.num_experts))
         scores = torch.zeros(block.num_experts, dtype=torch.float64)

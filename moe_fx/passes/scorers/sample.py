@@ -1,0 +1,40 @@
+"""The token sample that search scorers (NAEE, SHAPE) evaluate expert subsets on, read and checked once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...errors import UnsupportedFamilyError
+from ...routing import matches_recorded
+from ...spec import MoEBlockSpec
+from ...stats import CalibrationStats
+
+SAMPLE_NEEDS = ("sample_logits", "sample_expert_out", "sample_seen", "sample_topk_index", "sample_topk_weight")
+"""Statistics of the ``samples`` observer that :func:`routed_sample` reads."""
+
+
+@dataclass(frozen=True)
+class RoutedSample:
+    """Sampled tokens of one block: raw router logits ``[N, E]``, every expert's output ``[N, E, H]``, and
+    the selection bias ``[E]`` (None when the router has none)."""
+
+    logits: torch.Tensor
+    expert_out: torch.Tensor
+    bias: torch.Tensor | None
+
+
+def routed_sample(stats: CalibrationStats, block: MoEBlockSpec, evaluated: str) -> RoutedSample:
+    """The block's sample, after checking that the spec's routing rule reproduces the routing the model
+    applied to it; ``evaluated`` names what the caller evaluates, for the error message."""
+    n = min(int(stats.get(block.path, "sample_seen")), stats.get(block.path, "sample_logits").shape[0])
+    logits = stats.get(block.path, "sample_logits")[:n]
+    bias = stats.get(block.path, "sample_selection_bias") if block.router.selection_bias else None
+    index, weight = stats.get(block.path, "sample_topk_index")[:n], stats.get(block.path, "sample_topk_weight")[:n]
+    if not matches_recorded(block.router, logits, bias, index, weight):
+        raise UnsupportedFamilyError(
+            f"{block.path}: the routing rule in the spec does not reproduce this router's choices "
+            f"(an extra logit transform?), so {evaluated} cannot be evaluated; use --method reap"
+        )
+    return RoutedSample(logits, stats.get(block.path, "sample_expert_out")[:n], bias)

@@ -1,0 +1,151 @@
+"""CompensateExperts: least-squares refit of the kept experts' down projections after dropping experts.
+
+The reconstruction of the experts' output must equal the experts module's own output (else the refit
+optimises the wrong function); keeping every expert must change nothing; after a drop the refit must lower
+the block's reconstruction error on the calibration sample and on held-out tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+from conftest import tiny_qwen3
+from tiny_models import tiny_model
+
+from moe_fx.data import calibration_tokens
+from moe_fx.errors import PassOrderError, UnsupportedFamilyError
+from moe_fx.loading import load_model, load_tokenizer
+from moe_fx.passes import Calibrate, CompensateExperts, DropExperts, Score
+from moe_fx.passes.compensate import ExpertMath
+from moe_fx.pipeline import compose, state_of
+from moe_fx.plan import PrunePlan
+from moe_fx.rewrite import get_tensor
+from moe_fx.trace import trace
+
+TOKENS = torch.randint(2, 128, (8, 32), generator=torch.Generator().manual_seed(3))
+OBS = ("routing", "reap", "inputs")
+
+
+def _check_math(model) -> None:
+    spec = trace(model)
+    gen = torch.Generator().manual_seed(0)
+    for block in spec.blocks:
+        module = model.get_submodule(block.experts.path)
+        math = ExpertMath(model, block.experts)
+        x = torch.randn(5, block.experts.hidden_size, generator=gen)
+        for e in range(block.num_experts):
+            ids = torch.full((5, 1), e, dtype=torch.long)
+            with torch.no_grad():
+                real = module(x, ids, torch.ones(5, 1)).double()
+            torch.testing.assert_close(math.output(e, x.double()), real, rtol=1e-4, atol=1e-5)
+
+
+def test_reconstruction_matches_experts_module_qwen3():
+    _check_math(tiny_qwen3())
+
+
+def test_reconstruction_matches_experts_module_non_gated():
+    model = tiny_model("nemotron_h")  # non-gated ``up`` experts, relu2
+    _check_math(model)
+
+
+def test_custom_glu_is_refused():
+    model = tiny_model("gpt_oss")
+    block = trace(model).blocks[0]
+    with pytest.raises(UnsupportedFamilyError, match="custom"):
+        ExpertMath(model, block.experts)
+
+
+def _calibrated(model, data, **kw):
+    compose(Calibrate(data, observers=OBS, show_progress=False, **kw), Score("reap"))(model)
+    return model
+
+
+def _downs(model):
+    return {b.experts.down: get_tensor(model, b.experts.down).detach().clone() for b in state_of(model).spec.blocks}
+
+
+def test_keep_all_changes_nothing():
+    model = _calibrated(tiny_qwen3(), TOKENS, batch_size=4)
+    before = _downs(model)
+    compose(DropExperts(plan=PrunePlan.keep_all(state_of(model).spec)), CompensateExperts())(model)
+    report = state_of(model).history[-1].report
+    for b in report["blocks"].values():
+        assert b["error_before"] < 1e-8 and b["error_after"] < 1e-8
+    for name, w in _downs(model).items():
+        torch.testing.assert_close(w, before[name], rtol=1e-4, atol=1e-5)
+
+
+def test_missing_inputs_names_calibrate():
+    model = tiny_qwen3()
+    with pytest.raises(PassOrderError, match="Calibrate"):
+        CompensateExperts()(model)
+    compose(Calibrate(TOKENS, show_progress=False), Score("reap"), DropExperts(ratio=0.25))(model)
+    with pytest.raises(PassOrderError, match="inputs"):
+        CompensateExperts()(model)
+
+
+def test_unsupported_router_is_refused():
+    model = _calibrated(tiny_qwen3(), TOKENS, batch_size=4)
+    state = state_of(model)
+    for acc in state.stats.per_block.values():  # a routing the spec's rule cannot reproduce
+        acc["input_topk_index"] = acc["input_topk_index"].flip(0)
+    DropExperts(ratio=0.25)(model)
+    with pytest.raises(UnsupportedFamilyError, match="routing rule"):
+        CompensateExperts()(model)
+
+
+@functools.cache
+def _micro_reap(micro_path, calib_path):
+    model = load_model(micro_path, dtype="float32")
+    _calibrated(model, calib_path, max_tokens=8192, seq_len=256, inputs_per_block=2048)
+    return model
+
+
+def _held_out_error(original, pruned, tokens) -> dict[str, float]:
+    """Relative error of each pruned block's routed output against the original block's, on the same inputs."""
+    errors, inputs = {}, {}
+    spec = state_of(pruned).spec
+
+    def grab(path):
+        def hook(module, args, kwargs):
+            inputs[path] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    handles = [original.get_submodule(b.path).register_forward_pre_hook(grab(b.path), with_kwargs=True) for b in spec.blocks]
+    with torch.no_grad():
+        original(input_ids=tokens, use_cache=False)
+        for h in handles:
+            h.remove()
+        for b in spec.blocks:
+            x = inputs[b.path]
+            ref = original.get_submodule(b.path)(x)
+            out = pruned.get_submodule(b.path)(x)
+            ref, out = (r[0] if isinstance(r, tuple) else r for r in (ref, out))
+            errors[b.path] = float(((out - ref) ** 2).sum() / (ref**2).sum())
+    return errors
+
+
+def test_compensation_lowers_error_on_sample_and_held_out(micro_path, calib_path, valid_path):
+    original = _micro_reap(micro_path, calib_path)
+    dropped = copy.deepcopy(original)
+    DropExperts(ratio=0.25)(dropped)
+    comp = copy.deepcopy(dropped)
+    CompensateExperts()(comp)
+    report = state_of(comp).history[-1].report
+    for b in report["blocks"].values():
+        assert b["error_after"] < 0.9 * b["error_before"]
+    held_out = calibration_tokens(valid_path, load_tokenizer(micro_path), seq_len=128, max_tokens=2048, seed=5).input_ids
+    e_drop = _held_out_error(original, dropped, held_out)
+    e_comp = _held_out_error(original, comp, held_out)
+    for path in e_drop:
+        assert e_comp[path] < e_drop[path], (e_drop, e_comp)
+
+    again = copy.deepcopy(dropped)
+    CompensateExperts()(again)
+    assert state_of(again).history[-1].report == report
+    for name, w in _downs(again).items():
+        assert torch.equal(w, _downs(comp)[name])
