@@ -1,8 +1,10 @@
-"""Expert pruning quality and cost on a trained MoE: random / frequency / REAP / NAEE at several drop ratios.
+"""Expert pruning quality and cost on a trained MoE: every method, with and without merging, uniform and
+global allocation, at several drop ratios; plus the task-driven check (single-domain calibration).
 
-Calibrates once on the train split (the statistics are shared by every method), evaluates per-domain NLL
-on the valid split before and after, measures parameters and on-disk size, and the calibration overhead
-against a plain forward over exactly the same tokens. Prints a table and writes JSON.
+Calibrates once on the train split (statistics shared by every method; the EEP fitness windows are held out
+of it), evaluates per-domain NLL on the valid split before and after, measures parameters and on-disk size,
+and the calibration overhead against a plain forward over exactly the same tokens. Nothing is tuned on the
+valid split. Prints tables and writes JSON.
 
     python benchmarks/expert_pruning.py --model ../shared/models/qwen3moe-bench \
         --calib ../shared/data/corpus/train.jsonl.gz --valid ../shared/data/corpus/valid.jsonl.gz
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import tempfile
 import time
@@ -20,20 +23,103 @@ from pathlib import Path
 import torch
 
 from moe_fx import compose, state_of
-from moe_fx.data import calibration_tokens
+from moe_fx.data import TokenBatch, pack, read_documents, split_fitness
 from moe_fx.evaluate import build_eval_set, disk_size, evaluate_nll, model_size
 from moe_fx.exporters import save_checkpoint
 from moe_fx.loading import load_model, load_tokenizer
-from moe_fx.passes import Calibrate, DropExperts, Score
+from moe_fx.passes import Calibrate, CompensateExperts, DropExperts, MergeExperts, Score
+from moe_fx.passes.eep import EvolutionarySearch
 from moe_fx.table import format_table, human_bytes
 
+OBSERVERS = ("routing", "reap", "samples", "inputs")
 
-def plain_forward_seconds(model, tokens, batch_size: int) -> float:
+
+def plain_forward_seconds(model, tokens: TokenBatch, batch_size: int) -> float:
+    device = next(model.parameters()).device
     t0 = time.perf_counter()
     with torch.no_grad():
         for batch in tokens.batches(batch_size):
-            model(input_ids=batch, use_cache=False)
+            model(input_ids=batch.to(device), use_cache=False)
     return time.perf_counter() - t0
+
+
+def calibrate(base, tokens: TokenBatch, batch_size: int, observers=OBSERVERS):
+    model = compose(Calibrate(tokens, batch_size=batch_size, observers=observers, show_progress=False))(copy.deepcopy(base))
+    return state_of(model).stats
+
+
+class Runner:
+    """Prunes copies of one base model with shared calibration statistics and evaluates them."""
+
+    def __init__(self, args, base, tok, eval_set, before, save_dir: Path) -> None:
+        self.args, self.base, self.tok, self.eval_set, self.before, self.save_dir = args, base, tok, eval_set, before, save_dir
+        self.plans: dict[tuple, object] = {}
+
+    def search(self, fitness: torch.Tensor, allocation: str) -> EvolutionarySearch:
+        a = self.args
+        return EvolutionarySearch(
+            fitness, population=a.eep_population, generations=a.eep_generations, allocation=allocation,
+            batch_size=a.batch_size, seed=0, show_progress=False,
+        )
+
+    def run(self, stats, fitness, method: str, ratio: float, allocation: str, merge: bool, compensate: bool = False, seed: int = 0, tag: str = "mixed") -> dict:
+        model = copy.deepcopy(self.base)
+        state_of(model).stats = stats
+        rewrite = MergeExperts if merge else DropExperts
+        key = (tag, method, ratio, allocation)
+        t0 = time.perf_counter()
+        if method == "eep":
+            if key in self.plans:  # the merge variant applies the plan the plain search found
+                passes = [rewrite(plan=self.plans[key])]
+            else:
+                passes = [Score("reap"), rewrite(ratio=ratio, allocation=self.search(fitness, allocation))]
+        else:
+            passes = [Score(method, seed=seed), rewrite(ratio=ratio, allocation=allocation)]
+        if compensate:
+            passes.append(CompensateExperts())
+        model = compose(*passes)(model)
+        seconds = time.perf_counter() - t0
+        state = state_of(model)
+        if method == "eep" and key not in self.plans:
+            self.plans[key] = state.plan
+        after = evaluate_nll(model, self.eval_set, batch_size=self.args.batch_size, show_progress=False)
+        domains = [d for d in self.before if d not in ("mean", "all")]
+        delta = {d: after[d]["nll"] - self.before[d]["nll"] for d in domains + ["mean"]}
+        out = save_checkpoint(model.to(torch.bfloat16), self.save_dir / f"{tag}-{method}-{ratio}-{allocation}-{merge}-{compensate}-{seed}", source=self.args.model, tokenizer=self.tok)
+        return {
+            "calibration": tag,
+            "method": method,
+            "ratio": ratio,
+            "allocation": allocation,
+            "merge": merge,
+            "compensate": compensate,
+            "seed": seed,
+            "delta_nll": delta,
+            "worst_domain": max(domains, key=lambda d: delta[d]),
+            "worst_delta": max(delta[d] for d in domains),
+            "experts_per_block": [b.num_experts for b in state.spec.blocks],
+            "params": model_size(model)["params"],
+            "disk_bytes": disk_size(out),
+            "seconds": seconds,
+            "search": state.search.to_dict() if state.search is not None else None,
+        }
+
+
+def mean_of_seeds(runs: list[dict]) -> dict:
+    """Random-scorer runs averaged over seeds (one row in the table)."""
+    out = dict(runs[0])
+    out["delta_nll"] = {d: sum(r["delta_nll"][d] for r in runs) / len(runs) for d in runs[0]["delta_nll"]}
+    out["worst_delta"] = sum(r["worst_delta"] for r in runs) / len(runs)
+    out["seed"] = [r["seed"] for r in runs]
+    out["per_seed"] = [r["delta_nll"] for r in runs]
+    return out
+
+
+def windows_for(tok, docs, args) -> tuple[TokenBatch, torch.Tensor]:
+    """Calibration windows and the held-out EEP fitness windows (the last ones) from ``docs``."""
+    w = pack(tok, docs, seq_len=args.seq_len, max_tokens=args.calib_tokens + args.fitness_tokens, seed=0)
+    calib, fitness = split_fitness(w, args.fitness_tokens)
+    return TokenBatch(calib, args.calib), fitness
 
 
 def main() -> None:
@@ -42,93 +128,117 @@ def main() -> None:
     ap.add_argument("--calib", required=True)
     ap.add_argument("--valid", required=True)
     ap.add_argument("--calib-tokens", type=int, default=200_000)
+    ap.add_argument("--fitness-tokens", type=int, default=16384)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--eval-seqs", type=int, default=8)
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
+    ap.add_argument("--methods", nargs="+", default=["random", "frequency", "reap", "naee", "shape", "eep"])
+    ap.add_argument("--allocations", nargs="+", default=["uniform", "global"])
+    ap.add_argument("--merge", nargs="+", default=["no", "yes"], help="run without (no) and/or with (yes) merging")
+    ap.add_argument("--compensate", nargs="+", default=["no", "yes"], help="run without (no) and/or with (yes) CompensateExperts")
     ap.add_argument("--random-seeds", type=int, default=3)
+    ap.add_argument("--eep-population", type=int, default=16)
+    ap.add_argument("--eep-generations", type=int, default=20)
+    ap.add_argument("--task-domain", default="news_reuters", help="domain of the single-domain calibration check ('' to skip)")
+    ap.add_argument("--task-methods", nargs="+", default=["reap", "shape", "eep"])
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=2, help="timing repeats (min is reported)")
     ap.add_argument("--out", default="benchmarks/results/expert_pruning.json")
     args = ap.parse_args()
 
     torch.manual_seed(0)
     tok = load_tokenizer(args.model)
-    base = load_model(args.model, dtype=args.dtype)
-    tokens = calibration_tokens(args.calib, tok, seq_len=args.seq_len, max_tokens=args.calib_tokens, seed=0)
+    base = load_model(args.model, dtype=args.dtype, device=args.device)
+    docs = read_documents(args.calib)
+    tokens, fitness = windows_for(tok, docs, args)
     eval_set = build_eval_set(args.valid, tok, seq_len=args.seq_len, seqs_per_domain=args.eval_seqs)
 
-    plain, calib = [], []
+    plain, calib_s = [], []
     for _ in range(args.repeats):
         plain.append(plain_forward_seconds(base, tokens, args.batch_size))
-        m = compose(Calibrate(tokens, batch_size=args.batch_size, show_progress=False))(copy.deepcopy(base))
-        calib.append(state_of(m).stats.seconds)
-    # one calibration shared by every method, with the token sample that search methods (NAEE) read
-    m = compose(Calibrate(tokens, batch_size=args.batch_size, observers=("routing", "reap", "samples"), show_progress=False))(copy.deepcopy(base))
-    stats = state_of(m).stats
-
-    before = evaluate_nll(base, eval_set, show_progress=False)
+        calib_s.append(calibrate(base, tokens, args.batch_size, observers=("routing", "reap")).seconds)
+    stats = calibrate(base, tokens, args.batch_size)
+    before = evaluate_nll(base, eval_set, batch_size=args.batch_size, show_progress=False)
     size_before = model_size(base)
-    save_dtype = torch.bfloat16
+
+    runs, task_runs = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        disk_before = disk_size(args.model)
-        runs = []
+        runner = Runner(args, base, tok, eval_set, before, Path(tmp))
         for ratio in args.ratios:
-            for method, seeds in (("naee", [0]), ("reap", [0]), ("frequency", [0]), ("random", list(range(args.random_seeds)))):
-                per_seed = []
-                for seed in seeds:
-                    model = copy.deepcopy(base)
-                    state_of(model).stats = stats
-                    t0 = time.perf_counter()
-                    model = compose(Score(method, seed=seed), DropExperts(ratio=ratio))(model)
-                    score_seconds = time.perf_counter() - t0
-                    per_seed.append(evaluate_nll(model, eval_set, show_progress=False))
-                out = save_checkpoint(model.to(save_dtype), Path(tmp) / f"{method}-{ratio}", source=args.model, tokenizer=tok)
-                domains = [d for d in before if d != "all"]
-                delta = {d: sum(r[d]["nll"] for r in per_seed) / len(per_seed) - before[d]["nll"] for d in domains}
-                runs.append(
-                    {
-                        "method": method,
-                        "ratio": ratio,
-                        "seeds": seeds,
-                        "delta_nll": delta,
-                        "delta_nll_per_seed": [{d: r[d]["nll"] - before[d]["nll"] for d in domains} for r in per_seed],
-                        "experts_kept": state_of(model).spec.blocks[0].num_experts,
-                        "params": model_size(model)["params"],
-                        "disk_bytes": disk_size(out),
-                        "score_seconds": score_seconds,
-                    }
-                )
+            for method in args.methods:
+                for allocation in args.allocations:
+                    for merge, comp in itertools.product([m == "yes" for m in args.merge], [c == "yes" for c in args.compensate]):
+                        seeds = range(args.random_seeds) if method == "random" else [0]
+                        per_seed = [runner.run(stats, fitness, method, ratio, allocation, merge, comp, seed) for seed in seeds]
+                        runs.append(mean_of_seeds(per_seed) if len(per_seed) > 1 else per_seed[0])
+                        print(_row(runs[-1]), flush=True)
+        task = None
+        if args.task_domain:
+            domain_docs = [d for d in docs if d.domain == args.task_domain]
+            d_tokens, d_fitness = windows_for(tok, domain_docs, args)
+            d_stats = calibrate(base, d_tokens, args.batch_size)
+            for ratio in args.ratios:
+                for method, comp in itertools.product(args.task_methods, [c == "yes" for c in args.compensate]):
+                    task_runs.append(runner.run(d_stats, d_fitness, method, ratio, "uniform", False, comp, tag=args.task_domain))
+                    print(_row(task_runs[-1]), flush=True)
+            task = {"domain": args.task_domain, "tokens": d_tokens.num_tokens, "runs": task_runs}
+
     result = {
         "model": args.model,
+        "device": args.device,
         "calibration": {
             "tokens": tokens.num_tokens,
-            "seconds_min": min(calib),
+            "fitness_tokens": int(fitness.numel()),
+            "seconds_min": min(calib_s),
             "plain_forward_seconds_min": min(plain),
-            "overhead": min(calib) / min(plain),
+            "overhead": min(calib_s) / min(plain),
             "with_samples_seconds": stats.seconds,
         },
-        "before": {"nll": before, "params": size_before["params"], "disk_bytes": disk_before},
+        "before": {"nll": before, "params": size_before["params"], "disk_bytes": disk_size(args.model)},
         "runs": runs,
+        "task_driven": task,
         "eval_tokens": eval_set.num_tokens,
         "dtype": args.dtype,
         "torch": torch.__version__,
+        "options": vars(args),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print_tables(result)
 
-    domains = [d for d in before if d not in ("mean", "all")]
+
+def _row(r: dict) -> str:
+    return f"{r['calibration']:>12} {r['method']:>9} {r['ratio']:.0%} {r['allocation']:>7} merge={r['merge']!s:5} comp={r['compensate']!s:5} dNLL {r['delta_nll']['mean']:+.3f} worst {r['worst_delta']:+.3f} {r['seconds']:.1f}s"
+
+
+def print_tables(result: dict) -> None:
+    before = result["before"]
+    domains = [d for d in before["nll"] if d not in ("mean", "all")]
+    reap = {r["ratio"]: r["delta_nll"]["mean"] for r in result["runs"] if r["method"] == "reap" and r["allocation"] == "uniform" and not r["merge"] and not r["compensate"]}
     rows = [
-        [f"{r['method']}" + (f" (mean of {len(r['seeds'])} seeds)" if len(r["seeds"]) > 1 else ""), f"{r['ratio']:.0%}", r["experts_kept"], f"{r['delta_nll']['mean']:+.3f}"]
-        + [f"{r['delta_nll'][d]:+.3f}" for d in domains]
-        + [f"{max(r['delta_nll'][d] for d in domains):+.3f}", f"{r['score_seconds']:.1f}s", f"{r['params'] / 1e6:.1f}M", human_bytes(r["disk_bytes"])]
-        for r in runs
+        [r["method"] + (f" ({len(r['seed'])} seeds)" if isinstance(r["seed"], list) else ""), f"{r['ratio']:.0%}", r["allocation"], "yes" if r["merge"] else "no", "yes" if r["compensate"] else "no",
+         f"{min(r['experts_per_block'])}-{max(r['experts_per_block'])}", f"{r['delta_nll']['mean']:+.3f}", f"{r['delta_nll']['mean'] / reap[r['ratio']]:.2f}x" if r["ratio"] in reap else "-",
+         f"{r['worst_delta']:+.3f} ({r['worst_domain']})", f"{r['seconds']:.1f}s", f"{r['params'] / 1e6:.1f}M", human_bytes(r["disk_bytes"])]
+        for r in result["runs"]
     ]
-    headers = ["method", "dropped", "kept", "dNLL mean"] + [f"d {d}" for d in domains] + ["worst", "score time", "params", "disk"]
-    print(format_table(headers, rows, title=f"{args.model}: before NLL mean {before['mean']['nll']:.3f}, {size_before['params'] / 1e6:.1f}M params, {human_bytes(disk_before)}"))
+    headers = ["method", "dropped", "allocation", "merge", "compensate", "kept/block", "dNLL mean", "vs REAP", "worst domain", "score+rewrite", "params", "disk"]
+    print(format_table(headers, rows, title=f"{result['model']}: before NLL mean {before['nll']['mean']['nll']:.3f}, {before['params'] / 1e6:.1f}M params, {human_bytes(before['disk_bytes'])}"))
     c = result["calibration"]
-    print(f"calibration: {c['tokens']:,} tokens, {c['seconds_min']:.1f} s vs plain forward {c['plain_forward_seconds_min']:.1f} s -> overhead {c['overhead']:.2f}x")
-    print(f"calibration with the samples observer (NAEE): {c['with_samples_seconds']:.1f} s")
+    print(f"calibration: {c['tokens']:,} tokens, {c['seconds_min']:.1f} s vs plain forward {c['plain_forward_seconds_min']:.1f} s -> overhead {c['overhead']:.2f}x; with the samples observer {c['with_samples_seconds']:.1f} s")
+    task = result["task_driven"]
+    if task:
+        mixed = {(r["method"], r["ratio"], r["compensate"]): r for r in result["runs"] if r["allocation"] == "uniform" and not r["merge"]}
+        rows = []
+        for r in task["runs"]:
+            m = mixed.get((r["method"], r["ratio"], r["compensate"]))
+            if m is None:  # the method was not run on the mixed calibration
+                continue
+            others = lambda run: sum(v for d, v in run["delta_nll"].items() if d not in (task["domain"], "mean")) / (len(domains) - 1)  # noqa: E731
+            rows.append([r["method"] + (" +comp" if r["compensate"] else ""), f"{r['ratio']:.0%}", f"{m['delta_nll'][task['domain']]:+.3f}", f"{r['delta_nll'][task['domain']]:+.3f}", f"{others(m):+.3f}", f"{others(r):+.3f}"])
+        headers = ["method", "dropped", f"d {task['domain']} (mixed calib)", f"d {task['domain']} ({task['domain']} calib)", "d others (mixed)", f"d others ({task['domain']})"]
+        print(format_table(headers, rows, title=f"task-driven check: calibrate on {task['domain']} only ({task['tokens']:,} tokens) vs the mixed corpus"))
 
 
 if __name__ == "__main__":

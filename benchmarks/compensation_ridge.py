@@ -1,0 +1,79 @@
+"""Choose CompensateExperts' ridge and sample size on held-out *train* tokens (never the valid split).
+
+REAP-drops experts at each ratio, then compensates with every (ridge, inputs per block) pair; reports NLL on
+calibration windows held out of the calibration (the selection criterion) and, for information only, the
+valid split. Prints a table and writes JSON.
+
+    python benchmarks/compensation_ridge.py --model ../shared/models/qwen3moe-bench \
+        --calib ../shared/data/corpus/train.jsonl.gz --valid ../shared/data/corpus/valid.jsonl.gz
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+from moe_fx import compose, state_of
+from moe_fx.data import TokenBatch, pack, read_documents, split_fitness
+from moe_fx.evaluate import build_eval_set, evaluate_nll, nll_sum
+from moe_fx.loading import load_model, load_tokenizer
+from moe_fx.passes import Calibrate, CompensateExperts, DropExperts, Score
+from moe_fx.table import format_table
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--calib", required=True)
+    ap.add_argument("--valid", required=True)
+    ap.add_argument("--calib-tokens", type=int, default=200_000)
+    ap.add_argument("--holdout-tokens", type=int, default=16384)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
+    ap.add_argument("--ridges", type=float, nargs="+", default=[0.3, 1, 3, 10, 30])
+    ap.add_argument("--inputs-per-block", type=int, nargs="+", default=[4096, 16384])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default="benchmarks/results/compensation_ridge.json")
+    args = ap.parse_args()
+
+    tok = load_tokenizer(args.model)
+    base = load_model(args.model, dtype="float32", device=args.device)
+    windows = pack(tok, read_documents(args.calib), seq_len=args.seq_len, max_tokens=args.calib_tokens + args.holdout_tokens, seed=0)
+    calib, holdout = split_fitness(windows, args.holdout_tokens)
+    eval_set = build_eval_set(args.valid, tok, seq_len=args.seq_len, seqs_per_domain=8)
+
+    def holdout_nll(model) -> float:
+        s, n = nll_sum(model, holdout)
+        return s / n
+
+    base_holdout, base_valid = holdout_nll(base), evaluate_nll(base, eval_set, show_progress=False)["mean"]["nll"]
+    rows, results = [], []
+    for samples in args.inputs_per_block:
+        observers = ("routing", "reap", "inputs")
+        calibrated = compose(Calibrate(TokenBatch(calib, args.calib), observers=observers, inputs_per_block=samples, show_progress=False))(copy.deepcopy(base))
+        stats = state_of(calibrated).stats
+        for ratio in args.ratios:
+            for ridge in [None, *args.ridges]:
+                model = copy.deepcopy(base)
+                state_of(model).stats = stats
+                passes = [Score("reap"), DropExperts(ratio=ratio)] + ([CompensateExperts(ridge=ridge)] if ridge is not None else [])
+                model = compose(*passes)(model)
+                r = {
+                    "inputs_per_block": samples, "ratio": ratio, "ridge": ridge,
+                    "holdout_delta": holdout_nll(model) - base_holdout,
+                    "valid_delta": evaluate_nll(model, eval_set, show_progress=False)["mean"]["nll"] - base_valid,
+                }
+                results.append(r)
+                rows.append([samples, f"{ratio:.0%}", "none" if ridge is None else ridge, f"{r['holdout_delta']:+.4f}", f"{r['valid_delta']:+.4f}"])
+                print(rows[-1], flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"model": args.model, "device": args.device, "results": results, "options": vars(args)}, indent=2) + "\n")
+    print(format_table(["inputs/block", "dropped", "ridge", "d NLL held-out train", "d NLL valid (info)"], rows, title="REAP + CompensateExperts"))
+
+
+if __name__ == "__main__":
+    main()
