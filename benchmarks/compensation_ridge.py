@@ -10,15 +10,14 @@ valid split. Prints a table and writes JSON.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 from pathlib import Path
 
-import torch
+from common import data_parser, held_out_windows
 
 from moe_fx import compose, state_of
-from moe_fx.data import TokenBatch, pack, read_documents, split_fitness
+from moe_fx.data import read_documents
 from moe_fx.evaluate import build_eval_set, evaluate_nll, nll_sum
 from moe_fx.loading import load_model, load_tokenizer
 from moe_fx.passes import Calibrate, CompensateExperts, DropExperts, Score
@@ -26,24 +25,15 @@ from moe_fx.table import format_table
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--calib", required=True)
-    ap.add_argument("--valid", required=True)
-    ap.add_argument("--calib-tokens", type=int, default=200_000)
-    ap.add_argument("--holdout-tokens", type=int, default=16384)
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
+    ap = data_parser(__doc__.splitlines()[0])
     ap.add_argument("--ridges", type=float, nargs="+", default=[0.3, 1, 3, 10, 30])
     ap.add_argument("--inputs-per-block", type=int, nargs="+", default=[4096, 16384])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="benchmarks/results/compensation_ridge.json")
     args = ap.parse_args()
 
     tok = load_tokenizer(args.model)
     base = load_model(args.model, dtype="float32", device=args.device)
-    windows = pack(tok, read_documents(args.calib), seq_len=args.seq_len, max_tokens=args.calib_tokens + args.holdout_tokens, seed=0)
-    calib, holdout = split_fitness(windows, args.holdout_tokens)
+    calib, holdout = held_out_windows(tok, read_documents(args.calib), args)
     eval_set = build_eval_set(args.valid, tok, seq_len=args.seq_len, seqs_per_domain=8)
 
     def holdout_nll(model) -> float:
@@ -54,7 +44,7 @@ def main() -> None:
     rows, results = [], []
     for samples in args.inputs_per_block:
         observers = ("routing", "reap", "inputs")
-        calibrated = compose(Calibrate(TokenBatch(calib, args.calib), observers=observers, inputs_per_block=samples, show_progress=False))(copy.deepcopy(base))
+        calibrated = compose(Calibrate(calib, observers=observers, inputs_per_block=samples, show_progress=False))(copy.deepcopy(base))
         stats = state_of(calibrated).stats
         for ratio in args.ratios:
             for ridge in [None, *args.ridges]:

@@ -12,7 +12,6 @@ valid split. Prints tables and writes JSON.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import itertools
 import json
@@ -21,9 +20,10 @@ import time
 from pathlib import Path
 
 import torch
+from common import data_parser, held_out_windows
 
 from moe_fx import compose, state_of
-from moe_fx.data import TokenBatch, pack, read_documents, split_fitness
+from moe_fx.data import TokenBatch, read_documents
 from moe_fx.evaluate import build_eval_set, disk_size, evaluate_nll, model_size
 from moe_fx.exporters import save_checkpoint
 from moe_fx.loading import load_model, load_tokenizer
@@ -115,24 +115,10 @@ def mean_of_seeds(runs: list[dict]) -> dict:
     return out
 
 
-def windows_for(tok, docs, args) -> tuple[TokenBatch, torch.Tensor]:
-    """Calibration windows and the held-out EEP fitness windows (the last ones) from ``docs``."""
-    w = pack(tok, docs, seq_len=args.seq_len, max_tokens=args.calib_tokens + args.fitness_tokens, seed=0)
-    calib, fitness = split_fitness(w, args.fitness_tokens)
-    return TokenBatch(calib, args.calib), fitness
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--calib", required=True)
-    ap.add_argument("--valid", required=True)
-    ap.add_argument("--calib-tokens", type=int, default=200_000)
-    ap.add_argument("--fitness-tokens", type=int, default=16384)
-    ap.add_argument("--seq-len", type=int, default=512)
+    ap = data_parser(__doc__.splitlines()[0])
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--eval-seqs", type=int, default=8)
-    ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
     ap.add_argument("--methods", nargs="+", default=["random", "frequency", "reap", "naee", "shape", "eep"])
     ap.add_argument("--allocations", nargs="+", default=["uniform", "global"])
     ap.add_argument("--merge", nargs="+", default=["no", "yes"], help="run without (no) and/or with (yes) merging")
@@ -143,7 +129,6 @@ def main() -> None:
     ap.add_argument("--task-domain", default="news_reuters", help="domain of the single-domain calibration check ('' to skip)")
     ap.add_argument("--task-methods", nargs="+", default=["reap", "shape", "eep"])
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=2, help="timing repeats (min is reported)")
     ap.add_argument("--out", default="benchmarks/results/expert_pruning.json")
     args = ap.parse_args()
@@ -152,7 +137,7 @@ def main() -> None:
     tok = load_tokenizer(args.model)
     base = load_model(args.model, dtype=args.dtype, device=args.device)
     docs = read_documents(args.calib)
-    tokens, fitness = windows_for(tok, docs, args)
+    tokens, fitness = held_out_windows(tok, docs, args)
     eval_set = build_eval_set(args.valid, tok, seq_len=args.seq_len, seqs_per_domain=args.eval_seqs)
 
     plain, calib_s = [], []
@@ -177,7 +162,7 @@ def main() -> None:
         task = None
         if args.task_domain:
             domain_docs = [d for d in docs if d.domain == args.task_domain]
-            d_tokens, d_fitness = windows_for(tok, domain_docs, args)
+            d_tokens, d_fitness = held_out_windows(tok, domain_docs, args)
             d_stats = calibrate(base, d_tokens, args.batch_size)
             for ratio in args.ratios:
                 for method, comp in itertools.product(args.task_methods, [c == "yes" for c in args.compensate]):

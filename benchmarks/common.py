@@ -1,0 +1,31 @@
+"""What the benchmark scripts share: their data options and the held-out calibration windows."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from moe_fx.data import Document, TokenBatch, pack, split_fitness
+
+
+def data_parser(description: str) -> argparse.ArgumentParser:
+    """A parser with the model, data and budget options every benchmark takes."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--calib", required=True, help="train-split text: calibration and held-out windows come from it")
+    ap.add_argument("--valid", required=True, help="valid-split text: evaluation only")
+    ap.add_argument("--calib-tokens", type=int, default=200_000)
+    ap.add_argument("--holdout-tokens", "--fitness-tokens", dest="holdout_tokens", type=int, default=16384,
+                    help="train tokens held out of calibration (EEP's fitness set, compensation's selection set)")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return ap
+
+
+def held_out_windows(tok, docs: list[Document], args) -> tuple[TokenBatch, torch.Tensor]:
+    """Calibration windows and the held-out windows (the last ones), both from the train text ``docs``."""
+    windows = pack(tok, docs, seq_len=args.seq_len, max_tokens=args.calib_tokens + args.holdout_tokens, seed=0)
+    calib, holdout = split_fitness(windows, args.holdout_tokens)
+    return TokenBatch(calib, args.calib), holdout
