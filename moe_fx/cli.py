@@ -152,7 +152,7 @@ def cmd_prune(args) -> int:
     from .exporters.checkpoint import check_output_path, save_checkpoint
     from .loading import check_model_dir, load_model, load_tokenizer
     from .passes import Calibrate, CompensateExperts, DropExperts, MergeExperts, Score
-    from .passes.allocate import check_budget
+    from .passes.allocate import check_budget, experts_to_keep
     from .passes.eep import EvolutionarySearch
     from .passes.scorers import get_scorer
     from .pipeline import compose, state_of
@@ -202,7 +202,10 @@ def cmd_prune(args) -> int:
         passes.append(Calibrate(TokenBatch(windows, args.calib), batch_size=args.batch_size, seed=args.seed, observers=observers,
                                 inputs_per_block=args.compensate_samples, show_progress=show))
     rewrite = MergeExperts if args.merge else DropExperts
-    passes += [Score(scorer.name, seed=args.seed), rewrite(ratio=args.ratio, keep=args.keep, allocation=allocation)]
+    options = None
+    if scorer.name == "naee" and args.allocation == "uniform" and len({b.num_experts for b in spec.blocks}) == 1:
+        options = {"keep": experts_to_keep(spec.blocks[0].num_experts, args.ratio, args.keep)}  # exhaustive when small
+    passes += [Score(scorer.name, seed=args.seed, options=options), rewrite(ratio=args.ratio, keep=args.keep, allocation=allocation)]
     if args.compensate:
         passes.append(CompensateExperts(ridge=args.ridge))
     t0 = time.perf_counter()

@@ -99,6 +99,23 @@ def test_naee_first_drop_is_the_exhaustive_best_and_sets_are_nested(naee_state):
         assert greedy_err <= best_err * 1.5 + 1e-9  # greedy is near the exhaustive optimum on this block
 
 
+def test_naee_with_a_small_budget_enumerates_every_subset(naee_state):
+    _, state = naee_state
+    scorer = get_scorer("naee", keep=5)
+    scores = scorer(state.stats, state.spec).per_block
+    for block in state.spec.blocks:
+        assert scorer.exhaustive[block.path]  # C(8, 5) = 56 subsets
+        logits = state.stats.get(block.path, "sample_logits")
+        out = state.stats.get(block.path, "sample_expert_out")
+        target = combine(out, *route(block.router, logits, None))
+        err = lambda c: reconstruction_error(block.router, logits, out, None, torch.tensor(sorted(c)), target)  # noqa: E731
+        best = min(itertools.combinations(range(8), 5), key=err)
+        assert sorted(scores[block.path].argsort(descending=True)[:5].tolist()) == list(best)
+    big = get_scorer("naee", keep=5, max_subsets=10)
+    big(state.stats, state.spec)
+    assert not any(big.exhaustive.values())  # over the limit: greedy
+
+
 def test_naee_without_samples_says_which_observer(tiny_model, tokens):
     from moe_fx.errors import BadOptionError
 

@@ -35,3 +35,13 @@ def test_random_is_seeded(tiny_model):
 def test_score_pass_stores_scores(tiny_model, tokens):
     m = compose(Calibrate(tokens, show_progress=False), Score("frequency"))(tiny_model)
     assert state_of(m).scores.method == "frequency"
+
+
+def test_unknown_scorer_option_is_a_clear_error():
+    import pytest
+
+    from moe_fx.errors import BadOptionError
+    from moe_fx.passes.scorers import get_scorer
+
+    with pytest.raises(BadOptionError, match="'naee'.*colour"):
+        get_scorer("naee", colour="blue")

@@ -12,16 +12,18 @@ from .scorers import get_scorer
 
 @dataclass
 class Score(Pass):
-    """Score experts with ``method`` (``random``, ``frequency``, ``reap``, ...)."""
+    """Score experts with ``method`` (``random``, ``frequency``, ``reap``, ...); ``options``: the scorer's own
+    keyword options (e.g. ``{"keep": 6}`` for NAEE's exhaustive search, ``{"permutations": 64}`` for SHAPE)."""
 
     method: str = "reap"
     seed: int = 0
+    options: dict | None = None
     name = "score"
 
     def requires(self, state: MoEState) -> None:
-        scorer = get_scorer(self.method, seed=self.seed)
+        scorer = get_scorer(self.method, seed=self.seed, **(self.options or {}))
         require(not scorer.needs or state.stats is not None, f"Score({self.method!r})", "calibration statistics", "Calibrate(...)")
 
     def run(self, model: nn.Module, state: MoEState) -> PassResult:
-        state.scores = get_scorer(self.method, seed=self.seed)(state.stats, state.spec)
+        state.scores = get_scorer(self.method, seed=self.seed, **(self.options or {}))(state.stats, state.spec)
         return PassResult(model, False, {"method": self.method})

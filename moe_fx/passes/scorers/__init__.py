@@ -65,7 +65,10 @@ def register_scorer(cls: type[Scorer]) -> type[Scorer]:
 def get_scorer(name: str, **kwargs) -> Scorer:
     if name not in SCORERS:
         raise BadOptionError(f"unknown scoring method {name!r}; available: {', '.join(sorted(SCORERS))}")
-    return SCORERS[name](**kwargs)
+    try:
+        return SCORERS[name](**kwargs)
+    except TypeError as exc:  # an option this scorer does not take
+        raise BadOptionError(f"scorer {name!r}: {exc}") from None
 
 
 from . import frequency, naee, random, reap, shape  # noqa: F401  (register the built-in scorers)

@@ -2,14 +2,19 @@
 
 Keep the experts whose subset best *reconstructs the block's routed output* on calibration tokens, with
 the router re-routing among the kept experts exactly as the pruned model will (``moe_fx.routing``).
-Enumerating all C(E, n) subsets is infeasible beyond small E, so this runs greedy backward elimination:
-repeatedly drop the expert whose removal raises the mean squared reconstruction error least. An expert's
-score is the step at which it is eliminated (later = more important), so the top-n experts by score are
-the greedy kept set of size n, for every budget n. Reads the ``samples`` observer: a seeded token sample
+Given the budget (``keep``) and at most ``max_subsets`` subsets C(E, keep), every subset of that size is
+evaluated and the best one wins (exhaustive). Otherwise, greedy backward elimination: repeatedly drop the
+expert whose removal raises the mean squared reconstruction error least. An expert's score is the step at
+which it is eliminated (later = more important), so the top-n experts by score are the greedy kept set of
+size n, for every budget n; with the exhaustive search, the best subset's experts are lifted above all
+others, so the top-``keep`` are exactly that subset. Reads the ``samples`` observer: a seeded token sample
 per block with raw router logits and every expert's output, so the search needs no model access.
 """
 
 from __future__ import annotations
+
+import itertools
+import math
 
 import torch
 
@@ -26,9 +31,17 @@ def reconstruction_error(router, logits, expert_out, bias, kept: torch.Tensor, t
 
 @register_scorer
 class NaeeScorer(Scorer):
+    """``keep``: experts each block will keep (enables the exhaustive search); ``max_subsets``: its limit."""
+
     name = "naee"
     observers = ("routing", "samples")
     needs = SAMPLE_NEEDS
+
+    def __init__(self, seed: int = 0, keep: int | None = None, max_subsets: int = 5000) -> None:
+        super().__init__(seed)
+        self.keep, self.max_subsets = keep, max_subsets
+        self.exhaustive: dict[str, bool] = {}
+        """Per block path, after scoring: whether the kept set was found by enumeration."""
 
     def score_block(self, stats, block):
         sample = routed_sample(stats, block, "subsets of experts")
@@ -47,4 +60,10 @@ class NaeeScorer(Scorer):
             alive.remove(drop)
             step += 1
         scores[alive] = step
+        n = self.keep
+        self.exhaustive[block.path] = n is not None and block.top_k <= n < block.num_experts and math.comb(block.num_experts, n) <= self.max_subsets
+        if self.exhaustive[block.path]:
+            subsets = [torch.tensor(c) for c in itertools.combinations(range(block.num_experts), n)]
+            best = min(subsets, key=lambda kept: reconstruction_error(block.router, logits, expert_out, bias, kept, target))
+            scores[best] += block.num_experts
         return scores
