@@ -55,24 +55,25 @@ class Runner:
         self.args, self.base, self.tok, self.eval_set, self.before, self.save_dir = args, base, tok, eval_set, before, save_dir
         self.plans: dict[tuple, object] = {}
 
-    def search(self, fitness: torch.Tensor, allocation: str) -> EvolutionarySearch:
+    def search(self, fitness: torch.Tensor, allocation: str, refine) -> EvolutionarySearch:
         a = self.args
         return EvolutionarySearch(
             fitness, population=a.eep_population, generations=a.eep_generations, allocation=allocation,
-            batch_size=a.batch_size, seed=0, show_progress=False,
+            batch_size=a.batch_size, seed=0, show_progress=False, refine=refine, max_seconds=a.eep_max_seconds,
         )
 
     def run(self, stats, fitness, method: str, ratio: float, allocation: str, merge: bool, compensate: bool = False, seed: int = 0, tag: str = "mixed") -> dict:
         model = copy.deepcopy(self.base)
         state_of(model).stats = stats
         rewrite = MergeExperts if merge else DropExperts
-        key = (tag, method, ratio, allocation)
+        refine = CompensateExperts() if compensate and self.args.eep_refine else None
+        key = (tag, method, ratio, allocation, refine is not None)
         t0 = time.perf_counter()
         if method == "eep":
             if key in self.plans:  # the merge variant applies the plan the plain search found
                 passes = [rewrite(plan=self.plans[key])]
             else:
-                passes = [Score("reap"), rewrite(ratio=ratio, allocation=self.search(fitness, allocation))]
+                passes = [Score("reap"), rewrite(ratio=ratio, allocation=self.search(fitness, allocation, refine))]
         else:
             passes = [Score(method, seed=seed), rewrite(ratio=ratio, allocation=allocation)]
         if compensate:
@@ -126,6 +127,8 @@ def main() -> None:
     ap.add_argument("--random-seeds", type=int, default=3)
     ap.add_argument("--eep-population", type=int, default=16)
     ap.add_argument("--eep-generations", type=int, default=20)
+    ap.add_argument("--eep-max-seconds", type=float, default=None)
+    ap.add_argument("--eep-refine", action="store_true", help="with compensation: EEP measures each candidate after compensating it")
     ap.add_argument("--task-domain", default="news_reuters", help="domain of the single-domain calibration check ('' to skip)")
     ap.add_argument("--task-methods", nargs="+", default=["reap", "shape", "eep"])
     ap.add_argument("--dtype", default="float32")

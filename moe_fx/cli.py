@@ -196,6 +196,7 @@ def cmd_prune(args) -> int:
             allocation = EvolutionarySearch(
                 fitness, population=args.eep_population, generations=args.eep_generations, max_seconds=args.eep_max_seconds,
                 allocation=args.allocation, batch_size=args.batch_size, seed=args.seed, show_progress=show,
+                refine=CompensateExperts(ridge=args.ridge) if args.compensate and not args.merge else None,
             )
         extra = (("samples",) if args.merge else ()) + (("inputs",) if args.compensate else ())
         observers = tuple(dict.fromkeys(Calibrate.observers + scorer.observers + extra))

@@ -68,3 +68,15 @@ def test_search_options_are_checked() -> None:
         compose(DropExperts(ratio=0.5, allocation=EvolutionarySearch()))(_scored())
     with pytest.raises(BadOptionError, match="allocation"):
         compose(DropExperts(ratio=0.5, allocation=_search(allocation="sideways")))(_scored())
+
+
+def test_refined_search_measures_the_compensated_model() -> None:
+    """With ``refine``, a candidate's fitness is the NLL of the plan *after* compensation, as it will be saved."""
+    from moe_fx.passes import CompensateExperts
+
+    calibrated = lambda: compose(Calibrate(CALIB, observers=("routing", "reap", "inputs"), show_progress=False), Score("reap"))(tiny_qwen3())  # noqa: E731
+    model = compose(DropExperts(ratio=0.5, allocation=_search(seed=2, refine=CompensateExperts())), CompensateExperts())(calibrated())
+    state = state_of(model)
+    s, n = nll_sum(model, FIT)
+    assert s / n == pytest.approx(state.search.fitness, abs=1e-5)
+    assert next(r for r in state.history if r.name == "drop_experts").config["allocation"]["refine"]["name"] == "compensate_experts"  # recorded in moe_fx.json

@@ -115,7 +115,7 @@ class DropExperts(Pass):
         if isinstance(self.allocation, str):
             return make_plan(state.spec, state.scores.per_block, ratio=self.ratio, keep=self.keep, allocation=self.allocation)
         scores = state.scores.per_block if state.scores is not None else None
-        state.search = self.allocation.search(model, state.spec, scores, ratio=self.ratio, keep=self.keep)
+        state.search = self.allocation.search(model, state.spec, scores, ratio=self.ratio, keep=self.keep, stats=state.stats)
         return state.search.plan
 
     def requires(self, state: MoEState) -> None:

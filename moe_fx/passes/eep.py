@@ -38,7 +38,7 @@ from torch import nn
 from ..data import calibration_tokens
 from ..errors import BadOptionError
 from ..evaluate import nll_sum
-from ..pipeline import STATE_ATTR
+from ..pipeline import STATE_ATTR, MoEState, Pass
 from ..plan import PrunePlan
 from ..progress import progress_bar
 from ..spec import MoEBlockSpec, MoEModelSpec
@@ -49,12 +49,16 @@ Genome = tuple[tuple[int, ...], ...]
 """One candidate: per block (in spec order), the sorted ids of the kept experts."""
 
 
-def pruned_view(model: nn.Module, spec: MoEModelSpec, plan: PrunePlan) -> nn.Module:
-    """The model with ``plan`` applied, sharing every tensor it keeps with ``model`` (which is unchanged)."""
+def pruned_view(model: nn.Module, spec: MoEModelSpec, plan: PrunePlan, refine: Pass | None = None, stats=None) -> nn.Module:
+    """The model with ``plan`` applied, sharing every tensor it keeps with ``model`` (which is unchanged);
+    ``refine`` (e.g. CompensateExperts, reading ``stats``) then rewrites the view's own expert tensors."""
     memo: dict[int, Any] = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     memo[id(getattr(model, STATE_ATTR, None))] = None
     view = copy.deepcopy(model, memo)
-    drop_experts(view, spec, plan)
+    new_spec = drop_experts(view, spec, plan)
+    if refine is not None:
+        refine.requires(MoEState(new_spec, spec, stats=stats, plan=plan))
+        refine.run(view, MoEState(new_spec, spec, stats=stats, plan=plan))
     return view
 
 
@@ -86,6 +90,9 @@ class EvolutionarySearch:
     ``data``: fitness tokens (a TokenBatch, a LongTensor ``[N, L]``, texts or a path; held out from calibration).
     ``allocation``: ``uniform`` (same count per block) or ``global`` (counts move between blocks).
     ``max_evals`` / ``max_seconds``: stop early once either budget is spent (checked per generation).
+    ``refine``: a pass applied to every candidate before its fitness is measured (``CompensateExperts()``),
+    so the search picks the plan that is best *after* the rewrite that will follow it (costs one refine
+    per candidate).
     """
 
     data: Any = None
@@ -103,10 +110,12 @@ class EvolutionarySearch:
     batch_size: int = 8
     seed: int = 0
     show_progress: bool = True
+    refine: Any = None
 
     def to_dict(self) -> dict:
         """The search options (the data is summarised by the pass record, not dumped)."""
-        return {k: v for k, v in vars(self).items() if k not in ("data", "tokenizer")}
+        out = {k: v for k, v in vars(self).items() if k not in ("data", "tokenizer", "refine")}
+        return out | {"refine": self.refine.config_dict() | {"name": self.refine.name} if self.refine is not None else None}
 
     def _check(self) -> None:
         if self.data is None:
@@ -117,7 +126,8 @@ class EvolutionarySearch:
             raise BadOptionError(f"need population >= 2 and generations >= 1; got {self.population} and {self.generations}")
 
     def search(
-        self, model: nn.Module, spec: MoEModelSpec, scores: dict[str, torch.Tensor] | None, *, ratio: float | None = None, keep: int | None = None
+        self, model: nn.Module, spec: MoEModelSpec, scores: dict[str, torch.Tensor] | None, *, ratio: float | None = None,
+        keep: int | None = None, stats=None,
     ) -> SearchResult:
         self._check()
         tokens = calibration_tokens(self.data, self.tokenizer, seq_len=self.seq_len, max_tokens=self.max_tokens, seed=self.seed)
@@ -137,7 +147,8 @@ class EvolutionarySearch:
 
         def fitness(g: Genome) -> float:
             if g not in cache:
-                s, n = nll_sum(pruned_view(model, spec, ops.plan(g)), tokens.input_ids, batch_size=self.batch_size)
+                view = pruned_view(model, spec, ops.plan(g), self.refine, stats)
+                s, n = nll_sum(view, tokens.input_ids, batch_size=self.batch_size)
                 cache[g] = s / n
             return cache[g]
 
