@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -76,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-data", help="held-out .jsonl(.gz)/.txt for NLL before/after (default: a held-out slice of --calib)")
     p.add_argument("--holdout", type=float, default=0.05, help="fraction of --calib documents held out when --eval-data is absent")
     p.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
+    p.add_argument("--nproc", type=int, default=1, help="calibrate with this many processes on this host (runs torchrun; "
+                   "or launch `torchrun --nproc-per-node N -m moe_fx prune ...` yourself)")
     _add_eval(p)
     _add_common(p)
 
@@ -147,6 +150,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_prune(args) -> int:
+    from . import distributed
     from .data import TokenBatch, pack, read_documents, split_fitness, split_holdout
     from .evaluate import build_eval_set, disk_size, evaluate_nll, model_size
     from .exporters.checkpoint import check_output_path, save_checkpoint
@@ -169,6 +173,8 @@ def cmd_prune(args) -> int:
     if args.calib_tokens < 1 or args.seq_len < 2:
         raise MoeFxError("--calib-tokens must be positive and --seq-len at least 2")
     device = _device(args.device)
+    if distributed.init_from_env(device) and device == "cuda":
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     model = load_model(source, dtype=args.dtype, device=device)
     save_dtype = model.config.dtype if isinstance(getattr(model.config, "dtype", None), torch.dtype) else next(model.parameters()).dtype
     spec = state_of(model).spec
@@ -180,9 +186,9 @@ def cmd_prune(args) -> int:
         eval_docs = read_documents(args.eval_data)
     elif calib_docs and not args.no_eval:
         calib_docs, eval_docs = split_holdout(calib_docs, args.holdout, args.seed)
-    show = not args.quiet
+    show = not args.quiet and distributed.is_main()
     eval_set = None
-    if eval_docs and not args.no_eval:
+    if eval_docs and not args.no_eval and distributed.is_main():  # other ranks only help calibrate
         eval_set = build_eval_set(eval_docs, tokenizer, seq_len=args.eval_seq_len, seqs_per_domain=args.eval_seqs)
     before_size = model_size(model)
     before = evaluate_nll(model, eval_set, batch_size=args.batch_size, show_progress=show) if eval_set else None
@@ -216,6 +222,8 @@ def cmd_prune(args) -> int:
     after = evaluate_nll(model, eval_set, batch_size=args.batch_size, show_progress=show) if eval_set else None
     after_size = model_size(model)
 
+    if not distributed.is_main():
+        return 0
     model.to(save_dtype)
     record = {
         "cli": {k: v for k, v in vars(args).items() if k != "func"},
@@ -225,6 +233,7 @@ def cmd_prune(args) -> int:
         "size_before": before_size,
         "size_after": model_size(model),
         "prune_seconds": prune_seconds,
+        "world_size": distributed.world_size(),
     }
     out = save_checkpoint(model, args.out, source=source, tokenizer=tokenizer, overwrite=args.overwrite, extra_record=record)
 
@@ -260,8 +269,19 @@ def cmd_prune(args) -> int:
 COMMANDS = {"inspect": cmd_inspect, "prune": cmd_prune, "eval": cmd_eval}
 
 
+def _relaunch_under_torchrun(argv: list[str], nproc: int) -> int:
+    """``--nproc N``: run this same command as N torchrun workers (PyTorch's launcher, not a process pool)."""
+    import subprocess
+
+    rest = [a for i, a in enumerate(argv) if a != "--nproc" and (i == 0 or argv[i - 1] != "--nproc") and not a.startswith("--nproc=")]
+    return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "moe_fx", *rest])
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
+    if getattr(args, "nproc", 1) > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return _relaunch_under_torchrun(argv, args.nproc)
     if args.quiet:
         from transformers.utils import logging as hf_logging
 
@@ -274,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"moe-fx {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        from . import distributed
+
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ... import distributed
 from ...data import TokenBatch, calibration_tokens
 from ...errors import BadOptionError
 from ...pipeline import MoEState, Pass, PassResult
@@ -56,11 +57,15 @@ def run_calibration(
     was_training = model.training
     model.eval()
     try:
+        windows = distributed.shard(tokens.input_ids)
         with instrument(model, state.spec, observers) as acc, torch.no_grad():
-            with progress_bar("calibrate", total=tokens.num_tokens, unit="tok", enabled=show_progress) as bar:
-                for batch in tokens.batches(batch_size):
+            with progress_bar("calibrate", total=windows.numel(), unit="tok", enabled=show_progress and distributed.is_main()) as bar:
+                for i in range(0, windows.shape[0], batch_size):
+                    batch = windows[i : i + batch_size]
                     model(input_ids=batch.to(device), use_cache=False)
                     bar.update(batch.numel())
+            if distributed.active():
+                _reduce_across_ranks(acc, state.spec, observers)
     finally:
         model.train(was_training)
     return CalibrationStats(
@@ -72,6 +77,15 @@ def run_calibration(
         source=tokens.source,
         seconds=time.perf_counter() - t0,
     )
+
+
+def _reduce_across_ranks(acc: dict[str, dict[str, torch.Tensor]], spec, observers: list[Observer]) -> None:
+    """Combine every block's accumulators over the ranks, each observer its own (see moe_fx.distributed)."""
+    for block in spec.blocks:
+        for o in observers:
+            with torch.device("meta"):  # only the accumulator names: allocate nothing
+                keys = list(o.init(block, torch.device("meta")))
+            o.reduce(acc[block.path], keys)
 
 
 @dataclass

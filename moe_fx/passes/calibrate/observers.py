@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ... import distributed
 from ...spec import MoEBlockSpec
 
 
@@ -47,6 +48,11 @@ class Observer:
 
     def update(self, acc: dict[str, torch.Tensor], event: RoutingEvent) -> None:
         raise NotImplementedError
+
+    def reduce(self, acc: dict[str, torch.Tensor], keys: list[str]) -> None:
+        """Combine this observer's accumulators ``keys`` across ranks (torch.distributed): running sums add."""
+        for key in keys:
+            distributed.all_reduce_sum_(acc[key])
 
 
 def _scatter(acc: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
@@ -112,10 +118,18 @@ class _SampledObserver(Observer):
     as ``cls(getattr(calibrate, size_option), calibrate.seed)``)."""
 
     size_option = "samples_per_block"
+    seen_key = "sample_seen"
+    shared_keys: tuple[str, ...] = ()
+    """Accumulators that are the same on every rank (not per sampled token)."""
 
     def __init__(self, samples: int = 1024, seed: int = 0) -> None:
         self.samples, self.seed = samples, seed
         self._gens: dict[int, torch.Generator] = {}
+
+    def reduce(self, acc, keys):
+        """Merge the ranks' reservoirs into one sample, drawn from each in proportion to the tokens it saw."""
+        rows = [k for k in keys if k != self.seen_key and k not in self.shared_keys]
+        distributed.merge_reservoirs(acc, rows, self.seen_key, self.samples, self.seed)
 
     def _slots(self, acc: dict[str, torch.Tensor], key: str, t: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         gen = self._gens.setdefault(id(acc), torch.Generator().manual_seed(self.seed))
@@ -133,6 +147,7 @@ class SampleObserver(_SampledObserver):
 
     name = "samples"
     needs_logits = True
+    shared_keys = ("sample_selection_bias",)
 
     def init(self, block, device):
         return {
@@ -172,6 +187,8 @@ class InputObserver(_SampledObserver):
     needs_logits = True
     needs_outputs = True
     size_option = "inputs_per_block"
+    seen_key = "input_seen"
+    shared_keys = ("input_selection_bias",)
 
     def __init__(self, samples: int = 16384, seed: int = 0) -> None:
         super().__init__(samples, seed)
