@@ -15,10 +15,11 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
-from .errors import MoeFxError, PassOrderError
-from .spec import MoEModelSpec
+from .errors import BadOptionError, MoeFxError, PassOrderError
+from .spec import MoEBlockSpec, MoEModelSpec
 
 STATE_ATTR = "moe_fx_state"
 
@@ -46,6 +47,21 @@ class MoEState:
     search: Any = None
     """The last plan search's result (``EvolutionarySearch``), with its fitness history."""
     history: list[PassRecord] = field(default_factory=list)
+
+    def recorded_positions(self, block: MoEBlockSpec, recorded: int) -> torch.Tensor | None:
+        """Positions of ``block``'s current experts among the ``recorded`` experts a calibration statistic
+        covers: None when none was dropped since calibration, the plan's kept ids when it was recorded on the
+        original experts. Anything else cannot be mapped and is an error naming the fix."""
+        if recorded == block.num_experts:
+            return None
+        original = next((b.num_experts for b in self.original_spec.blocks if b.path == block.path), None)
+        kept = self.plan.kept_experts.get(block.path) if self.plan is not None else None
+        if recorded == original and kept is not None and len(kept) == block.num_experts:
+            return torch.tensor(kept, dtype=torch.long)
+        raise BadOptionError(
+            f"{block.path}: calibration statistics cover {recorded} experts, the block has {block.num_experts} and the "
+            "plan does not map them; run Calibrate on the unpruned model, or again after the passes that changed the experts"
+        )
 
     def record(self) -> dict:
         """JSON-serialisable summary (written to ``moe_fx.json``)."""

@@ -131,3 +131,16 @@ def test_pruned_model_runs_with_every_experts_implementation(tiny_model, tokens)
         outs[impl] = _logits(tiny_model, tokens)
     torch.testing.assert_close(outs["grouped_mm"], outs["eager"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(outs["batched_mm"], outs["eager"], atol=1e-5, rtol=1e-5)
+
+
+def test_statistics_map_to_the_experts_left_after_a_drop(tiny_model):
+    """Statistics recorded on the original experts are read through the plan; other counts are refused."""
+
+    spec = state_of(tiny_model).spec
+    DropExperts(plan=PrunePlan({b.path: [1, 3, 4, 6] for b in spec.blocks}))(tiny_model)
+    state = state_of(tiny_model)
+    block = state.spec.blocks[0]
+    assert state.recorded_positions(block, 4) is None
+    assert state.recorded_positions(block, 8).tolist() == [1, 3, 4, 6]
+    with pytest.raises(BadOptionError, match="cover 6 experts"):
+        state.recorded_positions(block, 6)

@@ -121,20 +121,6 @@ def _sample(state: MoEState, block: MoEBlockSpec) -> dict[str, torch.Tensor]:
     return out
 
 
-def _kept_since_calibration(state: MoEState, block: MoEBlockSpec, recorded: int) -> torch.Tensor | None:
-    """Positions (among the experts the sample was recorded with) of the block's current experts."""
-    if recorded == block.num_experts:
-        return None  # nothing dropped since calibration
-    original = next((b for b in state.original_spec.blocks if b.path == block.path), None)
-    kept = state.plan.kept_experts.get(block.path) if state.plan is not None else None
-    if original is not None and recorded == original.num_experts and kept is not None and len(kept) == block.num_experts:
-        return torch.tensor(kept, dtype=torch.long)
-    raise BadOptionError(
-        f"{block.path}: the 'inputs' sample covers {recorded} experts, the block has {block.num_experts} and the plan "
-        "does not map them; run Calibrate on the unpruned model, right before the drop"
-    )
-
-
 @torch.no_grad()
 def compensate_block(
     model: nn.Module, block: MoEBlockSpec, sample: dict[str, torch.Tensor], kept: torch.Tensor | None, *, ridge: float, sweeps: int
@@ -231,7 +217,7 @@ class CompensateExperts(Pass):
             sample = _sample(state, block)
             if len(sample["input_hidden"]) == 0:
                 continue
-            kept = _kept_since_calibration(state, block, sample["input_logits"].shape[1])
+            kept = state.recorded_positions(block, sample["input_logits"].shape[1])
             blocks[block.path] = compensate_block(model, block, sample, kept, ridge=self.ridge, sweeps=self.sweeps)
         mean = lambda key: round(sum(b[key] for b in blocks.values()) / len(blocks), 6) if blocks else None
         return PassResult(model, bool(blocks), {

@@ -22,7 +22,7 @@ def _resized(block: MoEBlockSpec, n: int) -> MoEBlockSpec:
     return dataclasses.replace(block, experts=dataclasses.replace(block.experts, num_experts=n))
 
 
-def _expert_axis(name: str, t: torch.Tensor, num_experts: int) -> int:
+def expert_axis(name: str, t: torch.Tensor, num_experts: int) -> int:
     """The axis of ``t`` that indexes experts: the first, else the only one of size E (Ernie's ``[1, E]`` bias)."""
     if t.shape[0] == num_experts:
         return 0
@@ -52,7 +52,7 @@ def drop_experts(model: nn.Module, spec: MoEModelSpec, plan: PrunePlan) -> MoEMo
         for name in block.per_expert_tensors:
             t = get_tensor(model, name)
             idx = torch.tensor(kept, dtype=torch.long, device=t.device)
-            set_tensor(model, name, t.detach().index_select(_expert_axis(name, t, block.num_experts), idx).clone())
+            set_tensor(model, name, t.detach().index_select(expert_axis(name, t, block.num_experts), idx).clone())
         for ref in block.router.count_attrs + block.count_attrs:
             set_attr(model, ref, len(kept))
         blocks.append(_resized(block, len(kept)))
@@ -84,7 +84,7 @@ def layout_of(model: nn.Module, spec: MoEModelSpec) -> dict:
         "blocks": {
             b.path: {
                 "num_experts": b.num_experts,
-                "tensors": {n: _expert_axis(n, get_tensor(model, n), b.num_experts) for n in b.per_expert_tensors},
+                "tensors": {n: expert_axis(n, get_tensor(model, n), b.num_experts) for n in b.per_expert_tensors},
                 "count_attrs": list(b.router.count_attrs + b.count_attrs),
             }
             for b in spec.blocks

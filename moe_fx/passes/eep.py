@@ -57,8 +57,9 @@ def pruned_view(model: nn.Module, spec: MoEModelSpec, plan: PrunePlan, refine: P
     view = copy.deepcopy(model, memo)
     new_spec = drop_experts(view, spec, plan)
     if refine is not None:
-        refine.requires(MoEState(new_spec, spec, stats=stats, plan=plan))
-        refine.run(view, MoEState(new_spec, spec, stats=stats, plan=plan))
+        state = MoEState(new_spec, spec, stats=stats, plan=plan)
+        refine.requires(state)
+        refine.run(view, state)
     return view
 
 

@@ -51,7 +51,7 @@ from ..pipeline import MoEState, PassResult, require
 from ..plan import PrunePlan
 from ..rewrite import get_tensor
 from ..spec import ExpertsSpec, MoEBlockSpec
-from .drop_experts import DropExperts
+from .drop_experts import DropExperts, expert_axis
 
 __all__ = ["MergeExperts", "align", "merge_block"]
 
@@ -77,15 +77,10 @@ def _block_stat(state: MoEState, block: MoEBlockSpec, name: str, axis: int = 0) 
     if name not in stats:
         return None
     t = stats[name]
-    if t.ndim <= axis or t.shape[axis] == block.num_experts:
+    if t.ndim <= axis:
         return t
-    kept = state.plan.kept_experts.get(block.path) if state.plan is not None else None
-    if kept is not None and len(kept) == block.num_experts and t.shape[axis] > max(kept):
-        return t.index_select(axis, torch.tensor(kept, dtype=torch.long))
-    raise BadOptionError(
-        f"{block.path}: calibration statistic {name!r} covers {t.shape[axis]} experts, the block has "
-        f"{block.num_experts}; run Calibrate again after the passes that changed the experts"
-    )
+    positions = state.recorded_positions(block, t.shape[axis])
+    return t if positions is None else t.index_select(axis, positions)
 
 
 def _similarity(model: nn.Module, state: MoEState, block: MoEBlockSpec, rows: list[int]) -> tuple[torch.Tensor, str]:
@@ -100,8 +95,7 @@ def _similarity(model: nn.Module, state: MoEState, block: MoEBlockSpec, rows: li
             x = F.normalize(out[:n].float(), dim=-1)  # [N, E, H]
             return torch.einsum("ndh,neh->de", x.index_select(1, idx), x) / n, "outputs"
     w = get_tensor(model, block.router.weight).detach().float()
-    if w.shape[0] != block.num_experts and w.ndim == 2 and w.shape[1] == block.num_experts:
-        w = w.T
+    w = w.movedim(expert_axis(block.router.weight, w, block.num_experts), 0)
     w = F.normalize(w.reshape(block.num_experts, -1), dim=-1).cpu()
     return w.index_select(0, idx) @ w.T, "router"
 
