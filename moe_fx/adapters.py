@@ -25,6 +25,12 @@ COUNT_ATTRS: tuple[str, ...] = (
 )
 """Attribute / config-key names that hold a routed-expert count across families."""
 
+WIDTH_ATTRS: tuple[str, ...] = ("intermediate_dim", "intermediate_size", "expert_dim", "moe_intermediate_size", "ffn_dim")
+"""Experts-module attribute names that hold the intermediate (channel) width across families."""
+
+WIDTH_KEYS: tuple[str, ...] = ("moe_intermediate_size", "expert_intermediate_size", "intermediate_size")
+"""Config keys that may hold the routed experts' width, most specific first."""
+
 TOPK_KEYS: tuple[str, ...] = ("num_experts_per_tok", "moe_top_k", "top_k", "moe_k", "num_experts_per_token")
 
 

@@ -48,17 +48,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the spec as JSON")
     _add_common(p)
 
-    p = sub.add_parser("prune", help="calibrate, score and drop experts; save a checkpoint")
+    p = sub.add_parser("prune", help="calibrate, score and drop experts (or channels inside experts); save a checkpoint")
     p.add_argument("model", help="source checkpoint directory (never modified)")
-    p.add_argument("--method", default="reap", help="expert scoring: reap, shape, naee, frequency, random; or eep (evolutionary search "
-                   "warm-started from --eep-warm-start); a merge- prefix (merge-reap) is the same as --merge (default reap)")
+    p.add_argument("--granularity", default="expert", choices=("expert", "channel"),
+                   help="expert: drop whole experts; channel: remove intermediate channels inside the experts (default expert)")
+    p.add_argument("--method", help="expert scoring: reap (default), shape, naee, frequency, random; or eep (evolutionary search "
+                   "warm-started from --eep-warm-start); a merge- prefix (merge-reap) is the same as --merge. "
+                   "channel scoring (--granularity channel): fisher (default), heapr, coverage, activation, weight")
     p.add_argument("--merge", action="store_true", help="fold each dropped expert into its most similar kept expert instead of discarding it")
     p.add_argument("--compensate", action="store_true",
                    help="after dropping, refit the kept experts' down projections (ridge least squares) to reproduce each block's original output")
     p.add_argument("--ridge", type=float, default=1.0, help="--compensate: pull towards the current weights, relative to each expert's activation energy (default 1.0)")
     p.add_argument("--compensate-samples", type=int, default=16384, help="--compensate: calibration tokens per layer it fits on (default 16384)")
-    p.add_argument("--allocation", default="uniform", choices=("uniform", "global"),
-                   help="uniform: same expert count in every layer (stock config); global: ranked across layers (per-layer format)")
+    p.add_argument("--allocation", default="uniform", choices=("uniform", "global", "layer", "expert", "coverage"),
+                   help="experts: uniform (same count in every layer; stock config) or global (ranked across layers; per-layer format). "
+                   "channels: uniform (same width everywhere; stock config), layer (one width per layer), expert (HEAPr-style "
+                   "global ranking, a width per expert) or coverage (Ding et al. score coverage)")
+    chan = p.add_argument_group("channel pruning (--granularity channel)")
+    chan.add_argument("--multiple", type=int, default=64, help="per-expert widths are padded to the layer's widest, rounded up to this (default 64)")
+    chan.add_argument("--expert-ratio", type=float, help="first drop this fraction of each layer's experts (scored by --expert-method), then the channels")
+    chan.add_argument("--expert-method", default="reap", help="expert scoring for --expert-ratio (default reap)")
     eep = p.add_argument_group("eep search (--method eep)")
     eep.add_argument("--eep-warm-start", default="reap", help="scorer whose plan seeds the search (default reap)")
     eep.add_argument("--eep-population", type=int, default=16, help="plans per generation (default 16)")
@@ -66,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     eep.add_argument("--eep-max-seconds", type=float, help="stop the search after this many seconds")
     eep.add_argument("--fitness-tokens", type=int, default=16384, help="calibration tokens held out as the search's fitness set (default 16384)")
     budget = p.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--ratio", type=float, help="fraction of each block's experts to drop, in (0, 1)")
+    budget.add_argument("--ratio", type=float, help="fraction of each block's experts to drop, in (0, 1); with --granularity channel: "
+                        "fraction of the routed experts' channels (= routed-FFN parameters) to remove")
     budget.add_argument("--keep", type=int, help="experts to keep per block")
     p.add_argument("--calib", help="calibration text: .txt or .jsonl(.gz) with a 'text' field (needed except for --method random)")
     p.add_argument("--calib-tokens", type=int, default=200_000, help="calibration tokens (default 200000)")
@@ -155,7 +165,7 @@ def cmd_prune(args) -> int:
     from .evaluate import build_eval_set, disk_size, evaluate_nll, model_size
     from .exporters.checkpoint import check_output_path, save_checkpoint
     from .loading import check_model_dir, load_model, load_tokenizer
-    from .passes import Calibrate, CompensateExperts, DropExperts, MergeExperts, Score
+    from .passes import Calibrate, CompensateExperts, DropExperts, MergeExperts, PruneChannels, Score
     from .passes.allocate import check_budget, experts_to_keep
     from .passes.eep import EvolutionarySearch
     from .passes.scorers import get_scorer
@@ -164,11 +174,16 @@ def cmd_prune(args) -> int:
 
     source = check_model_dir(args.model)
     check_output_path(args.out, source, args.overwrite)
+    channels = args.granularity == "channel"
+    args.method = args.method or ("fisher" if channels else "reap")
     if args.method.startswith("merge-"):
         args.method, args.merge = args.method.removeprefix("merge-"), True
     search = args.method == "eep"
     scorer = get_scorer(args.eep_warm_start if search else args.method, seed=args.seed)
-    if (scorer.needs or search or args.merge or args.compensate) and not args.calib:
+    expert_scorer = get_scorer(args.expert_method, seed=args.seed) if channels and args.expert_ratio else None
+    _check_granularity(args, scorer, expert_scorer)
+    needs_data = scorer.needs or (expert_scorer and expert_scorer.needs)
+    if (needs_data or search or args.merge or args.compensate) and not args.calib:
         raise MoeFxError(f"--method {args.method}{' --merge' if args.merge else ''}{' --compensate' if args.compensate else ''} needs calibration data: pass --calib FILE")
     if args.calib_tokens < 1 or args.seq_len < 2:
         raise MoeFxError("--calib-tokens must be positive and --seq-len at least 2")
@@ -178,7 +193,8 @@ def cmd_prune(args) -> int:
     model = load_model(source, dtype=args.dtype, device=device)
     save_dtype = model.config.dtype if isinstance(getattr(model.config, "dtype", None), torch.dtype) else next(model.parameters()).dtype
     spec = state_of(model).spec
-    check_budget(spec, ratio=args.ratio, keep=args.keep)
+    if not channels or args.expert_ratio:
+        check_budget(spec, ratio=args.expert_ratio if channels else args.ratio, keep=None if channels else args.keep)
     tokenizer = load_tokenizer(source)
 
     calib_docs, eval_docs = (read_documents(args.calib), None) if args.calib else ([], None)
@@ -195,7 +211,7 @@ def cmd_prune(args) -> int:
 
     passes = []
     allocation = args.allocation
-    if scorer.needs or search or args.merge or args.compensate:
+    if needs_data or search or args.merge or args.compensate:
         windows = pack(tokenizer, calib_docs, seq_len=args.seq_len, max_tokens=args.calib_tokens + (args.fitness_tokens if search else 0), seed=args.seed)
         if search:
             windows, fitness = split_fitness(windows, args.fitness_tokens)
@@ -205,6 +221,7 @@ def cmd_prune(args) -> int:
                 refine=CompensateExperts(ridge=args.ridge) if args.compensate and not args.merge else None,
             )
         extra = (("samples",) if args.merge else ()) + (("inputs",) if args.compensate else ())
+        extra += expert_scorer.observers if expert_scorer else ()
         observers = tuple(dict.fromkeys(Calibrate.observers + scorer.observers + extra))
         passes.append(Calibrate(TokenBatch(windows, args.calib), batch_size=args.batch_size, seed=args.seed, observers=observers,
                                 inputs_per_block=args.compensate_samples, show_progress=show))
@@ -212,7 +229,12 @@ def cmd_prune(args) -> int:
     options = None
     if scorer.name == "naee" and args.allocation == "uniform" and len({b.num_experts for b in spec.blocks}) == 1:
         options = {"keep": experts_to_keep(spec.blocks[0].num_experts, args.ratio, args.keep)}  # exhaustive when small
-    passes += [Score(scorer.name, seed=args.seed, options=options), rewrite(ratio=args.ratio, keep=args.keep, allocation=allocation)]
+    if channels:
+        if expert_scorer:
+            passes += [Score(expert_scorer.name, seed=args.seed), DropExperts(ratio=args.expert_ratio)]
+        passes += [Score(scorer.name, seed=args.seed), PruneChannels(ratio=args.ratio, allocation=args.allocation, multiple=args.multiple)]
+    else:
+        passes += [Score(scorer.name, seed=args.seed, options=options), rewrite(ratio=args.ratio, keep=args.keep, allocation=allocation)]
     if args.compensate:
         passes.append(CompensateExperts(ridge=args.ridge))
     t0 = time.perf_counter()
@@ -240,10 +262,12 @@ def cmd_prune(args) -> int:
     kept = sum(b.num_experts for b in state.spec.blocks)
     total = sum(b.num_experts for b in spec.blocks)
     per_block = sorted({b.num_experts for b in state.spec.blocks})
+    channel_report = next((r.report for r in state.history if r.name == "prune_channels"), None)
     disk_before, disk_after = disk_size(source), disk_size(out)
     rows = [
         ["experts per block", spec.blocks[0].num_experts, str(per_block[0]) if len(per_block) == 1 else f"{per_block[0]}-{per_block[-1]}", ""],
         ["experts (all blocks)", total, kept, f"{kept / total - 1:+.1%}"],
+        ["expert width", spec.blocks[0].experts.intermediate_size, _span(b.experts.intermediate_size for b in state.spec.blocks), ""],
         ["parameters", f"{before_size['params']:,}", f"{after_size['params']:,}", f"{after_size['params'] / before_size['params'] - 1:+.1%}"],
         ["weights on disk", human_bytes(disk_before), human_bytes(disk_after), f"{disk_after / disk_before - 1:+.1%}"],
     ]
@@ -253,6 +277,11 @@ def cmd_prune(args) -> int:
     calib = state.stats.summary() if state.stats is not None else None
     title = f"moe-fx prune {args.method} ratio={args.ratio if args.ratio is not None else f'keep {args.keep}'} -> {out}"
     print(format_table(["", "before", "after", "change"], rows, title=title))
+    if channel_report:
+        r = channel_report
+        print(f"routed-expert parameters: {r['routed_params_before']:,} -> {r['routed_params_after']:,} stored "
+              f"({r['routed_params_after'] / r['routed_params_before'] - 1:+.1%}); kept channels alone: {r['routed_params_ideal']:,} "
+              f"({r['routed_params_ideal'] / r['routed_params_before'] - 1:+.1%}); zero padding {r['routed_params_after'] - r['routed_params_ideal']:,}")
     if args.compensate:
         report = state.history[-1].report
         print(f"compensation: block output error on the calibration sample {report['mean_error_before']:.4f} -> {report['mean_error_after']:.4f} (relative, mean over blocks)")
@@ -264,6 +293,29 @@ def cmd_prune(args) -> int:
     if eval_set:
         print(f"evaluation: {record['eval_source']}, {eval_set.num_tokens:,} tokens")
     return 0
+
+
+def _span(values) -> str:
+    v = sorted(set(values))
+    return str(v[0]) if len(v) == 1 else f"{v[0]}-{v[-1]}"
+
+
+def _check_granularity(args, scorer, expert_scorer) -> None:
+    """Options that only make sense for one granularity, and scorers of the other one, are named errors."""
+    channels = args.granularity == "channel"
+    allowed = ("uniform", "layer", "expert", "coverage") if channels else ("uniform", "global")
+    if args.allocation not in allowed:
+        raise MoeFxError(f"--allocation {args.allocation} is for {'experts' if channels else 'channels'}; with --granularity {args.granularity} use one of {', '.join(allowed)}")
+    if scorer.granularity != args.granularity:
+        raise MoeFxError(f"--method {args.method} scores {scorer.granularity}s; pass --granularity {scorer.granularity} or a {args.granularity} method")
+    if channels and (args.merge or args.method == "eep" or args.keep is not None):
+        raise MoeFxError("--granularity channel takes --ratio (fraction of channels), without --merge, --keep or --method eep")
+    if channels and not 0 < args.ratio < 1:
+        raise MoeFxError(f"--ratio {args.ratio}: ratio must be in (0, 1), the fraction of the routed experts' channels to remove")
+    if not channels and args.expert_ratio is not None:
+        raise MoeFxError("--expert-ratio is for --granularity channel (drop experts, then channels); for experts alone use --ratio")
+    if expert_scorer is not None and expert_scorer.granularity != "expert":
+        raise MoeFxError(f"--expert-method {args.expert_method} does not score experts; use reap, frequency, ...")
 
 
 COMMANDS = {"inspect": cmd_inspect, "prune": cmd_prune, "eval": cmd_eval}

@@ -36,6 +36,12 @@ class NeuronTensor:
         x = w.movedim(self.axis, 0)
         return x[self.index].reshape(self.index.shape[0], -1)
 
+    def resized(self, width: int) -> "NeuronTensor":
+        """The same layout for ``width`` neurons (what the tensor becomes when channels are removed)."""
+        parts = self.index.shape[1]
+        concatenated = parts == 2 and int(self.index[0, 1]) != 1
+        return NeuronTensor(self.name, self.axis, neuron_index(width, parts, concatenated))
+
     def permuted(self, w: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
         """``w`` with its neurons reordered: new neuron ``j`` is old neuron ``perm[j]``."""
         order = torch.arange(w.shape[self.axis], device=w.device)
@@ -61,6 +67,17 @@ def _orientation(proj: torch.Size, down: torch.Size, parts: int, hidden: int, de
     return declared
 
 
+def neuron_index(inter: int, parts: int, concatenated: bool) -> torch.Tensor:
+    """``[I, parts]``: each neuron's positions along a fused projection of width ``I`` (``(j, I + j)`` for
+    concatenated gate/up, ``(2j, 2j + 1)`` interleaved, ``(j,)`` for one part)."""
+    j = torch.arange(inter)
+    if parts == 1:
+        return j[:, None]
+    if concatenated:
+        return torch.stack([j, j + inter], dim=1)
+    return torch.stack([2 * j, 2 * j + 1], dim=1)
+
+
 def neuron_tensors(model: nn.Module, experts: ExpertsSpec) -> tuple[list[NeuronTensor], list[str]]:
     """The neuron-indexed tensors of a block's experts, and the per-expert tensors that are not (down bias).
 
@@ -77,13 +94,8 @@ def neuron_tensors(model: nn.Module, experts: ExpertsSpec) -> tuple[list[NeuronT
     transposed = _orientation(w.shape[1:], down.shape[1:], parts, experts.hidden_size, experts.is_transposed)
     inter = down.shape[1] if transposed else down.shape[2]
     out_width = down.shape[2] if transposed else down.shape[1]
+    index = neuron_index(inter, parts, experts.is_concatenated)
     j = torch.arange(inter)
-    if parts == 1:
-        index = j[:, None]
-    elif experts.is_concatenated:
-        index = torch.stack([j, j + inter], dim=1)
-    else:
-        index = torch.stack([2 * j, 2 * j + 1], dim=1)
     out = [NeuronTensor(proj, 1 if transposed else 0, index), NeuronTensor(experts.down, 0 if transposed else 1, j[:, None])]
     passive = []
     for name in experts.tensors:

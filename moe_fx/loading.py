@@ -49,7 +49,7 @@ def _check_safetensors(path: Path) -> None:
 
 
 def model_class(path: Path):
-    """``AutoModelForCausalLM``, or for a checkpoint with per-layer expert counts (``moe_fx_layout`` in its
+    """The recorded architecture's class (``AutoModelForCausalLM`` when none is recorded), or for a checkpoint with per-layer expert counts (``moe_fx_layout`` in its
     config) its recorded architecture re-shaped by :func:`~moe_fx.exporters.per_layer_model.per_layer_class`:
     the same code the checkpoint ships for ``trust_remote_code``, run from moe-fx instead."""
     import transformers
@@ -57,9 +57,9 @@ def model_class(path: Path):
     from .exporters.per_layer_model import LAYOUT_KEY, per_layer_class
 
     config = json.loads((path / "config.json").read_text())
-    if LAYOUT_KEY not in config:
-        return transformers.AutoModelForCausalLM
     name = (config.get("architectures") or [""])[0]
+    if LAYOUT_KEY not in config:  # the class that wrote it (multimodal models have no causal-LM auto class)
+        return getattr(transformers, name, None) or transformers.AutoModelForCausalLM
     if not hasattr(transformers, name):
         raise NotAModelError(f"{path}: per-layer checkpoint of architecture {name!r}, which this transformers does not have")
     return per_layer_class(getattr(transformers, name))

@@ -46,6 +46,10 @@ class MoEState:
     plan: Any = None
     search: Any = None
     """The last plan search's result (``EvolutionarySearch``), with its fitness history."""
+    channel_plan: Any = None
+    """The last :class:`~moe_fx.plan.ChannelPlan` applied (channel ids of the experts it saw)."""
+    masked: bool = False
+    """Channels were zeroed in place (``PruneChannels(mask_only=True)``, a debug mode): never saved."""
     history: list[PassRecord] = field(default_factory=list)
 
     def recorded_positions(self, block: MoEBlockSpec, recorded: int) -> torch.Tensor | None:
@@ -73,8 +77,11 @@ class MoEState:
             "scores": self.scores.to_dict() if self.scores is not None else None,
             "calibration": self.stats.summary() if self.stats is not None else None,
             "search": self.search.to_dict() if self.search is not None else None,
+            "channel_plan": self.channel_plan.to_dict() if self.channel_plan is not None else None,
             "experts_before": {b.path: b.num_experts for b in self.original_spec.blocks},
             "experts_after": {b.path: b.num_experts for b in self.spec.blocks},
+            "widths_before": {b.path: b.experts.intermediate_size for b in self.original_spec.blocks},
+            "widths_after": {b.path: b.experts.intermediate_size for b in self.spec.blocks},
         }
 
 

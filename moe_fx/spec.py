@@ -71,6 +71,8 @@ class ExpertsSpec:
     has_bias: bool
     activation: str
     call_style: CallStyle
+    width_attrs: tuple[str, ...] = ()
+    """``module_path:attribute`` of every integer attribute holding the experts' intermediate size."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,9 @@ class MoEModelSpec:
     config_count_keys: tuple[str, ...] = field(default=())
     """``config_path:key`` of every config entry holding the expert count (all aliases, also text_config)."""
     config_topk_keys: tuple[str, ...] = field(default=())
+    config_width_keys: tuple[str, ...] = field(default=())
+    """``config_path:key`` of the config entry holding the routed experts' intermediate size (the most
+    specific name: ``moe_intermediate_size`` before ``intermediate_size``, which may size dense layers too)."""
 
     def to_dict(self) -> dict:
         return asdict(self)

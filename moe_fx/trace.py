@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .adapters import COUNT_ATTRS, GENERIC, TOPK_KEYS, FamilyAdapter, get_adapter
+from .adapters import COUNT_ATTRS, GENERIC, TOPK_KEYS, WIDTH_ATTRS, WIDTH_KEYS, FamilyAdapter, get_adapter
 from .errors import NotMoEError, UnsupportedFamilyError
 from .spec import ExpertsSpec, MoEBlockSpec, MoEModelSpec, RouterSpec, SharedExpertSpec
 
@@ -155,6 +155,9 @@ def _experts_spec(experts: nn.Module, path: str, e: int, hidden: int, adapter: F
         has_bias=bool(getattr(experts, "has_bias", False)) or any(n.endswith("_bias") for n in names),
         activation=str(act) if act else type(getattr(experts, "act_fn", None)).__name__,
         call_style=adapter.call_style,
+        width_attrs=tuple(
+            f"{path}:{name}" for name in WIDTH_ATTRS if type(getattr(experts, name, None)) is int and getattr(experts, name) == intermediate
+        ),
     )
 
 
@@ -195,6 +198,17 @@ def _config_keys(config, value: int, keys: tuple[str, ...]) -> tuple[str, ...]:
             if stored in vars(c) and vars(c)[stored] == value:
                 found.append(f"{path}:{stored}")
     return tuple(dict.fromkeys(found))
+
+
+def _width_keys(config, width: int, count_keys: tuple[str, ...]) -> tuple[str, ...]:
+    """The experts-width config entries: the most specific key name of :data:`WIDTH_KEYS` equal to ``width``,
+    in the (sub-)configs that hold the expert count (so a vision config's ``intermediate_size`` is never taken)."""
+    paths = {ref.rpartition(":")[0] for ref in count_keys}
+    for key in WIDTH_KEYS:
+        found = tuple(ref for ref in _config_keys(config, width, (key,)) if ref.rpartition(":")[0] in paths)
+        if found:
+            return found
+    return ()
 
 
 def find_blocks(model: nn.Module, adapter: FamilyAdapter) -> list[tuple[str, nn.Module, str, nn.Module, str, nn.Module]]:
@@ -279,12 +293,14 @@ def trace(model: nn.Module) -> MoEModelSpec:
     num_layers = int(getattr(tconf, "num_hidden_layers", 0) or 0)
     moe_layers = {b.layer_index for b in blocks}
     e0, k0 = blocks[0].num_experts, blocks[0].top_k
+    count_keys = _config_keys(config, e0, COUNT_ATTRS)
     return MoEModelSpec(
         model_type=model_type,
         family=adapter.name,
         num_layers=num_layers,
         blocks=tuple(blocks),
         dense_layers=tuple(i for i in range(num_layers) if i not in moe_layers),
-        config_count_keys=_config_keys(config, e0, COUNT_ATTRS),
+        config_count_keys=count_keys,
         config_topk_keys=_config_keys(config, k0, TOPK_KEYS),
+        config_width_keys=_width_keys(config, blocks[0].experts.intermediate_size, count_keys),
     )

@@ -1,5 +1,6 @@
 """The CLI end to end on the trained micro model, and every bad input failing with one clear line."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -184,3 +185,39 @@ def test_eep_needs_room_for_its_fitness_set(capsys, micro_path, tmp_path):
                         "--out", tmp_path / "o", *FAST)
     assert code == 2 and "fitness tokens leaves no calibration windows" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_prune_channels_end_to_end(capsys, micro_path, calib_path, tmp_path):
+    """Fisher channels at a uniform width give a stock checkpoint; HEAPr's per-expert widths the per-layer format."""
+    from moe_fx import load
+
+    out = tmp_path / "fisher"
+    code, stdout, err = _run(capsys, "prune", micro_path, "--granularity", "channel", "--ratio", "0.5", "--calib", calib_path, "--out", out, *FAST)
+    assert code == 0, err
+    assert "expert width" in stdout and "routed-expert parameters" in stdout and "zero padding 0" in stdout
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.moe_intermediate_size == 32 and model.model.layers[0].mlp.experts.down_proj.shape == (8, 64, 32)
+    out = tmp_path / "heapr"
+    code, stdout, err = _run(capsys, "prune", micro_path, "--granularity", "channel", "--method", "heapr", "--allocation", "expert",
+                             "--multiple", "8", "--ratio", "0.5", "--compensate", "--calib", calib_path, "--out", out, *FAST)
+    assert code == 0, err
+    assert "compensation" in stdout and (out / "modeling_moe_fx.py").is_file()
+    widths = json.loads((out / "moe_fx.json").read_text())["channel_plan"]["kept_widths"]
+    assert len({w for block in widths.values() for w in block}) > 1  # experts keep different widths
+    stored = [layer.mlp.experts.down_proj.shape[2] for layer in load(out).model.layers]
+    assert all(w <= s for block, s in zip(widths.values(), stored) for w in block) and min(stored) < 64
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--granularity", "channel", "--allocation", "global"], "--allocation global is for experts"),
+        (["--method", "fisher"], "--method fisher scores channels"),
+        (["--granularity", "channel", "--method", "reap"], "--method reap scores experts"),
+        (["--granularity", "channel", "--merge"], "without --merge"),
+        (["--expert-ratio", "0.25"], "--expert-ratio is for --granularity channel"),
+    ],
+)
+def test_channel_options_are_checked_first(extra, message, capsys, micro_path, calib_path, tmp_path):
+    code, _, err = _run(capsys, "prune", micro_path, "--ratio", "0.5", "--calib", calib_path, "--out", tmp_path / "o", *extra, *FAST)
+    assert code == 2 and message in err and not (tmp_path / "o").exists()

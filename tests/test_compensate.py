@@ -19,7 +19,7 @@ from moe_fx.data import calibration_tokens
 from moe_fx.errors import PassOrderError, UnsupportedFamilyError
 from moe_fx.loading import load_model, load_tokenizer
 from moe_fx.passes import Calibrate, CompensateExperts, DropExperts, Score
-from moe_fx.passes.compensate import ExpertMath
+from moe_fx.expert_math import ExpertMath
 from moe_fx.pipeline import compose, state_of
 from moe_fx.plan import PrunePlan
 from moe_fx.rewrite import get_tensor

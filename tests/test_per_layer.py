@@ -34,7 +34,7 @@ def test_per_layer_checkpoint_loads_three_ways(tmp_path) -> None:
     ref = model(input_ids=X).logits
     out = save_checkpoint(model, tmp_path / "pl")
     config = json.loads((out / "config.json").read_text())
-    assert [b["num_experts"] for b in config[LAYOUT_KEY]["blocks"].values()] == [5, 3]
+    assert [b["shapes"][b_path + ".gate.weight"][0] for b_path, b in config[LAYOUT_KEY]["blocks"].items()] == [5, 3]
     assert config["num_experts"] == 5 and (out / "modeling_moe_fx.py").is_file()
     assert config["auto_map"] == {"AutoModelForCausalLM": "modeling_moe_fx.MoeFxQwen3MoeForCausalLM"}
     ours = load(out)  # no remote code: moe-fx builds the same class
@@ -52,12 +52,21 @@ def test_repruning_a_per_layer_model(tmp_path) -> None:
     DropExperts(plan=_uneven(model))(model)
     first = load(save_checkpoint(model, tmp_path / "a"))
     spec = state_of(first).spec
-    DropExperts(plan=PrunePlan({spec.blocks[0].path: [0, 1, 4], spec.blocks[1].path: [0, 1, 2]}))(first)
+    DropExperts(plan=PrunePlan({spec.blocks[0].path: [0, 1, 4], spec.blocks[1].path: [0, 1]}))(first)
     ref = first(input_ids=X).logits
     second = load(save_checkpoint(first, tmp_path / "b"))
-    assert [b.num_experts for b in trace(second).blocks] == [3, 3]
+    assert [b.num_experts for b in trace(second).blocks] == [3, 2]
     assert torch.equal(realigned(second)(input_ids=X).logits, ref)
     assert (tmp_path / "b" / "modeling_moe_fx.py").read_text().count("MoeFxMoeFx") == 0
+    # back to one count everywhere: a stock checkpoint again, without our class or its auto_map
+    spec = state_of(second).spec
+    DropExperts(plan=PrunePlan({spec.blocks[0].path: [0, 2]}))(second)
+    ref = second(input_ids=X).logits
+    out = save_checkpoint(second, tmp_path / "c")
+    config = json.loads((out / "config.json").read_text())
+    assert LAYOUT_KEY not in config and "auto_map" not in config and not (out / "modeling_moe_fx.py").exists()
+    stock = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(realigned(stock)(input_ids=X).logits, ref)
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)

@@ -19,7 +19,7 @@ from torch import nn
 
 from .. import __version__
 from ..adapters import COUNT_ATTRS, get_adapter
-from ..errors import OutputPathError
+from ..errors import BadOptionError, OutputPathError
 from ..pipeline import STATE_ATTR
 from . import per_layer_model
 
@@ -95,6 +95,7 @@ def _write_per_layer_code(model: nn.Module, path: Path) -> None:
     import transformers
 
     if not getattr(model.config, per_layer_model.LAYOUT_KEY, None):
+        _drop_stale_auto_map(path)
         return
     base = getattr(type(model), "moe_fx_base", type(model))  # a model loaded in this format: its stock class
     cls_name = f"MoeFx{base.__name__}"
@@ -107,6 +108,19 @@ def _write_per_layer_code(model: nn.Module, path: Path) -> None:
     data["auto_map"] = dict.fromkeys(autos, f"modeling_moe_fx.{cls_name}")
     data["architectures"] = [base.__name__]
     cfg_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _drop_stale_auto_map(path: Path) -> None:
+    """A model loaded in the per-layer format and rewritten back to stock shapes keeps the ``auto_map`` it was
+    loaded with; stock shapes need no remote class, so the entries naming ours go."""
+    cfg_file = path / "config.json"
+    data = json.loads(cfg_file.read_text())
+    kept = {k: v for k, v in (data.get("auto_map") or {}).items() if not str(v).startswith("modeling_moe_fx.")}
+    if kept != data.get("auto_map", kept):
+        data["auto_map"] = kept
+        if not kept:
+            del data["auto_map"]
+        cfg_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _normal_permissions(path: Path) -> None:
@@ -134,6 +148,10 @@ def save_checkpoint(
     extra_record: dict | None = None,
 ) -> Path:
     """Save ``model`` (and its moe-fx record) atomically to ``out``; return the final path."""
+    state = getattr(model, STATE_ATTR, None)
+    if state is not None and state.masked:
+        raise BadOptionError("this model's channels were zeroed in place (PruneChannels(mask_only=True), a debug mode); "
+                             "run PruneChannels without mask_only to get a smaller model to save")
     out = check_output_path(out, source, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -147,7 +165,6 @@ def save_checkpoint(
                     shutil.copy2(Path(source) / name, tmp / name)
         _patch_config(tmp, _config_aliases(model))
         _write_per_layer_code(model, tmp)
-        state = getattr(model, STATE_ATTR, None)
         record = state.record() if state is not None else {}
         record.update(extra_record or {})
         record["versions"] = _versions()

@@ -39,78 +39,17 @@ import torch
 from torch import nn
 
 from ..errors import BadOptionError, UnsupportedFamilyError
-from ..expert_weights import NeuronTensor, neuron_tensors
+from ..expert_math import ExpertMath
 from ..pipeline import MoEState, Pass, PassResult, require
 from ..rewrite import get_tensor
 from ..routing import matches_recorded, route
-from ..spec import ExpertsSpec, MoEBlockSpec
+from ..spec import MoEBlockSpec
 
-__all__ = ["CompensateExperts", "ExpertMath", "compensate_block"]
+__all__ = ["CompensateExperts", "compensate_block"]
 
 _NEEDS = ("input_hidden", "input_logits", "input_target", "input_topk_index", "input_topk_weight", "input_seen")
 _CHECK_TOL = 2e-2
 """Largest relative error of the reconstructed experts output against the experts module's own output."""
-
-
-class ExpertMath:
-    """Forward math of one block's fused experts, read through :func:`neuron_tensors` (every stored layout).
-
-    ``activations(e, x)``: ``[N, I]`` intermediate activations of expert ``e``; ``down(e)``: ``D_e^T [I, H]`` and
-    ``down_bias(e)``: ``[H]``, in float64; ``set_down(e, DT)`` writes back in the tensor's dtype and layout.
-    """
-
-    def __init__(self, model: nn.Module, experts: ExpertsSpec) -> None:
-        from transformers.activations import ACT2FN
-
-        module = model.get_submodule(experts.path)
-        if hasattr(module, "limit") or hasattr(module, "alpha"):
-            raise UnsupportedFamilyError(
-                f"{experts.path}: {type(module).__name__} uses a custom (clamped) gated activation that expert "
-                "compensation does not reproduce"
-            )
-        if experts.activation not in ACT2FN:
-            raise UnsupportedFamilyError(
-                f"{experts.path}: expert activation {experts.activation!r} is not a transformers ACT2FN name; "
-                "expert compensation cannot reproduce the experts' output"
-            )
-        self.model, self.spec, self.act = model, experts, ACT2FN[experts.activation]
-        tensors, passive = neuron_tensors(model, experts)
-        proj = experts.gate_up or experts.up
-        by_name = {nt.name: nt for nt in tensors}
-        self.proj: NeuronTensor = by_name[proj]
-        self.proj_bias: NeuronTensor | None = by_name.get(f"{proj}_bias")
-        self.down_nt: NeuronTensor = by_name[experts.down]
-        self.down_bias_name = passive[0] if passive else None
-        self.parts = 2 if experts.gate_up else 1
-
-    def activations(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        w = self.proj.features(get_tensor(self.model, self.proj.name)[e].detach().to(x))  # [I, parts*H]
-        inter = w.shape[0]
-        pre = (x @ w.reshape(inter * self.parts, -1).T).view(x.shape[0], inter, self.parts)
-        if self.proj_bias is not None:
-            pre = pre + self.proj_bias.features(get_tensor(self.model, self.proj_bias.name)[e].detach().to(x))
-        if self.parts == 1:
-            return self.act(pre[..., 0])
-        return self.act(pre[..., 0]) * pre[..., 1]
-
-    def down(self, e: int, like: torch.Tensor) -> torch.Tensor:
-        return self.down_nt.features(get_tensor(self.model, self.spec.down)[e].detach()).to(like)
-
-    def down_bias(self, e: int, like: torch.Tensor) -> torch.Tensor | None:
-        if self.down_bias_name is None:
-            return None
-        return get_tensor(self.model, self.down_bias_name)[e].detach().to(like)
-
-    @torch.no_grad()
-    def set_down(self, e: int, dt: torch.Tensor) -> None:
-        t = get_tensor(self.model, self.spec.down)
-        t[e].movedim(self.down_nt.axis, 0).copy_(dt.to(t.dtype))
-
-    def output(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """``[N, H]`` unweighted output of expert ``e`` on ``x``."""
-        y = self.activations(e, x) @ self.down(e, x)
-        b = self.down_bias(e, x)
-        return y if b is None else y + b
 
 
 def _sample(state: MoEState, block: MoEBlockSpec) -> dict[str, torch.Tensor]:

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from ..errors import BadOptionError
-from ..exporters.per_layer_model import LAYOUT_KEY
+from ..layout import record_layout
 from ..pipeline import MoEState, Pass, PassResult, require
 from ..plan import PrunePlan
-from ..rewrite import get_tensor, set_attr, set_config_key, set_tensor
+from ..rewrite import get_tensor, set_attr, set_tensor
 from ..spec import MoEBlockSpec, MoEModelSpec
 from .allocate import make_plan
 
@@ -32,15 +32,15 @@ def expert_axis(name: str, t: torch.Tensor, num_experts: int) -> int:
     return axes[0]
 
 
-def drop_experts(model: nn.Module, spec: MoEModelSpec, plan: PrunePlan) -> MoEModelSpec:
+def drop_experts(model: nn.Module, spec: MoEModelSpec, plan: PrunePlan, *, update_config: bool = True) -> MoEModelSpec:
     """Slice every per-expert tensor of each planned block to the kept ids; return the updated spec.
 
     Router rows, router bias and selection (correction) bias are sliced with the experts so routing over
     the kept experts is unchanged: a token whose top-k experts are all kept gets the same output (for
     families that renormalise top-k weights). Counts are updated on modules and in the config (every alias).
     Stock configs hold one count for all layers; when blocks keep different counts, the config holds the
-    largest and ``config.moe_fx_layout`` records each block's (see :mod:`moe_fx.exporters.per_layer_model`),
-    which the saved checkpoint loads.
+    largest and ``config.moe_fx_layout`` records each block's shapes (:func:`moe_fx.layout.record_layout`),
+    which the saved checkpoint loads. ``update_config=False`` skips that (a throw-away view being measured).
     """
     plan.validate(spec)
     blocks = []
@@ -57,12 +57,9 @@ def drop_experts(model: nn.Module, spec: MoEModelSpec, plan: PrunePlan) -> MoEMo
             set_attr(model, ref, len(kept))
         blocks.append(_resized(block, len(kept)))
     new_spec = dataclasses.replace(spec, blocks=tuple(blocks))
-    counts = [b.num_experts for b in new_spec.blocks]
     _check_layer_counts(new_spec)
-    for ref in spec.config_count_keys:
-        set_config_key(model.config, ref, max(counts))
-    if len(set(counts)) > 1 or getattr(model.config, LAYOUT_KEY, None):
-        setattr(model.config, LAYOUT_KEY, layout_of(model, new_spec))
+    if update_config:
+        record_layout(model, new_spec)
     return new_spec
 
 
@@ -76,20 +73,6 @@ def _check_layer_counts(spec: MoEModelSpec) -> None:
     uneven = {layer: sorted(c) for layer, c in by_layer.items() if len(c) > 1}
     if uneven:
         raise BadOptionError(f"blocks of one decoder layer must keep the same number of experts; layers {uneven} do not")
-
-
-def layout_of(model: nn.Module, spec: MoEModelSpec) -> dict:
-    """The ``moe_fx_layout`` config record of per-block expert counts (see ``per_layer_model``)."""
-    return {
-        "blocks": {
-            b.path: {
-                "num_experts": b.num_experts,
-                "tensors": {n: expert_axis(n, get_tensor(model, n), b.num_experts) for n in b.per_expert_tensors},
-                "count_attrs": list(b.router.count_attrs + b.count_attrs),
-            }
-            for b in spec.blocks
-        }
-    }
 
 
 @dataclass

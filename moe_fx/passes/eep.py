@@ -55,7 +55,7 @@ def pruned_view(model: nn.Module, spec: MoEModelSpec, plan: PrunePlan, refine: P
     memo: dict[int, Any] = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     memo[id(getattr(model, STATE_ATTR, None))] = None
     view = copy.deepcopy(model, memo)
-    new_spec = drop_experts(view, spec, plan)
+    new_spec = drop_experts(view, spec, plan, update_config=False)
     if refine is not None:
         state = MoEState(new_spec, spec, stats=stats, plan=plan)
         refine.requires(state)

@@ -25,5 +25,12 @@ class Score(Pass):
         require(not scorer.needs or state.stats is not None, f"Score({self.method!r})", "calibration statistics", "Calibrate(...)")
 
     def run(self, model: nn.Module, state: MoEState) -> PassResult:
-        state.scores = get_scorer(self.method, seed=self.seed, **(self.options or {}))(state.stats, state.spec)
-        return PassResult(model, False, {"method": self.method})
+        scores = get_scorer(self.method, seed=self.seed, **(self.options or {}))(state.stats, state.spec, model)
+        # statistics recorded before experts were dropped cover the original experts: keep the current ones' rows
+        for table in (scores.per_block, scores.per_expert or {}):
+            for block in (b for b in state.spec.blocks if b.path in table):
+                pos = state.recorded_positions(block, table[block.path].shape[0])
+                if pos is not None:
+                    table[block.path] = table[block.path][pos]
+        state.scores = scores
+        return PassResult(model, False, {"method": self.method, "granularity": scores.granularity})

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ... import distributed
@@ -18,6 +20,8 @@ from ...stats import CalibrationStats
 from .hooks import instrument, router_logits, router_probs
 from .observers import (
     OBSERVERS,
+    ChannelGradObserver,
+    ChannelObserver,
     InputObserver,
     Observer,
     ReapObserver,
@@ -29,6 +33,8 @@ from .observers import (
 __all__ = [
     "OBSERVERS",
     "Calibrate",
+    "ChannelGradObserver",
+    "ChannelObserver",
     "InputObserver",
     "Observer",
     "ReapObserver",
@@ -56,13 +62,17 @@ def run_calibration(
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()
+    needs_grads = any(o.needs_grads for o in observers)
     try:
         windows = distributed.shard(tokens.input_ids)
-        with instrument(model, state.spec, observers) as acc, torch.no_grad():
+        with instrument(model, state.spec, observers) as acc, _backward_mode(model) if needs_grads else torch.no_grad():
             with progress_bar("calibrate", total=windows.numel(), unit="tok", enabled=show_progress and distributed.is_main()) as bar:
                 for i in range(0, windows.shape[0], batch_size):
-                    batch = windows[i : i + batch_size]
-                    model(input_ids=batch.to(device), use_cache=False)
+                    batch = windows[i : i + batch_size].to(device)
+                    if needs_grads:
+                        _loss(model, batch).backward()
+                    else:
+                        model(input_ids=batch, use_cache=False)
                     bar.update(batch.numel())
             if distributed.active():
                 _reduce_across_ranks(acc, state.spec, observers)
@@ -77,6 +87,29 @@ def run_calibration(
         source=tokens.source,
         seconds=time.perf_counter() - t0,
     )
+
+
+def _loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL of ``batch`` (a sum, so every token weighs the same in every batch)."""
+    logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+
+
+@contextlib.contextmanager
+def _backward_mode(model: nn.Module):
+    """Gradients flow through the activations only: parameters are frozen for the duration (no weight
+    gradients are stored) and the embedding output is made to require grad, so the graph is built."""
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_())
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        handle.remove()
+        for p in frozen:
+            p.requires_grad_(True)
 
 
 def _reduce_across_ranks(acc: dict[str, dict[str, torch.Tensor]], spec, observers: list[Observer]) -> None:

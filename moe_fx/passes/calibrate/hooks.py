@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import UnsupportedFamilyError
+from ...expert_math import ExpertMath
 from ...rewrite import get_tensor
 from ...spec import MoEBlockSpec, MoEModelSpec
 from .observers import Observer, RoutingEvent
@@ -66,6 +67,8 @@ class _BlockProbe:
         self.needs_outputs = any(o.needs_outputs for o in observers)
         self.needs_probs = any(o.needs_probs for o in observers)
         self.needs_logits = self.needs_probs or any(o.needs_logits for o in observers)
+        self.grad_observers = [o for o in observers if o.needs_grads]
+        self.math = ExpertMath(model, block.experts) if any(o.needs_math for o in observers) else None
         selection = block.router.selection_bias
         self.selection_bias = get_tensor(model, selection).detach().reshape(-1).float() if selection else None
         self.pending_logits: torch.Tensor | None = None
@@ -77,27 +80,37 @@ class _BlockProbe:
     def wrap(self, forward):
         def instrumented(*args, **kwargs):
             hidden, idx, w = _routing_args(args, kwargs)
-            with torch.no_grad():
+            # with gradient observers the output stays differentiable, so the loss gradient reaches earlier layers
+            with torch.set_grad_enabled(bool(self.grad_observers) and torch.is_grad_enabled()):
                 if self.needs_outputs:
                     y = _per_slot_outputs(forward, hidden, idx)
                     t, k = idx.shape
                     out = (y.view(t, k, -1) * w.unsqueeze(-1)).sum(dim=1).to(hidden.dtype)
                 else:
                     y, out = None, forward(*args, **kwargs)
+            with torch.no_grad():
                 logits = self.pending_logits
                 event = RoutingEvent(
-                    hidden, idx, w, y,
+                    hidden.detach(), idx, w.detach(), None if y is None else y.detach(),
                     router_probs=router_probs(self.block, logits) if self.needs_probs else None,
                     router_logits=logits,
                     selection_bias=self.selection_bias,
                     run_experts=lambda h, i: _per_slot_outputs(forward, h, i),
+                    expert_math=self.math,
                 )
                 for o in self.observers:
                     o.update(self.acc, event)
+            if self.grad_observers and out.requires_grad:
+                out.register_hook(lambda grad: self._on_grad(event, grad))
             self.pending_logits = None
             return out
 
         return instrumented
+
+    def _on_grad(self, event: RoutingEvent, grad: torch.Tensor) -> None:
+        with torch.no_grad():
+            for o in self.grad_observers:
+                o.update_grads(self.acc, event, grad.detach())
 
 
 @contextlib.contextmanager

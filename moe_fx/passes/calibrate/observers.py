@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -33,6 +34,8 @@ class RoutingEvent:
     """The block's ``[E]`` selection bias (e.g. ``e_score_correction_bias``), if any."""
     run_experts: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     """``run_experts(hidden [N,H], expert_ids [N,1]) -> [N,H]``: the family's own experts on chosen routes."""
+    expert_math: Any = None
+    """The block's :class:`~moe_fx.expert_math.ExpertMath` (for observers with ``needs_math``)."""
 
 
 class Observer:
@@ -42,12 +45,19 @@ class Observer:
     needs_outputs = False
     needs_probs = False
     needs_logits = False
+    needs_math = False
+    """Reads the experts' intermediate activations (``event.expert_math``)."""
+    needs_grads = False
+    """Calibration runs a backward pass of the summed next-token loss and calls :meth:`update_grads`."""
 
     def init(self, block: MoEBlockSpec, device: torch.device) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def update(self, acc: dict[str, torch.Tensor], event: RoutingEvent) -> None:
         raise NotImplementedError
+
+    def update_grads(self, acc: dict[str, torch.Tensor], event: RoutingEvent, grad: torch.Tensor) -> None:
+        """With ``needs_grads``: ``grad [T,H]`` is the loss gradient at the experts call's output for ``event``."""
 
     def reduce(self, acc: dict[str, torch.Tensor], keys: list[str]) -> None:
         """Combine this observer's accumulators ``keys`` across ranks (torch.distributed): running sums add."""
@@ -222,4 +232,83 @@ class InputObserver(_SampledObserver):
             acc["input_selection_bias"].copy_(event.selection_bias.cpu())
 
 
-OBSERVERS: dict[str, type[Observer]] = {o.name: o for o in (RoutingObserver, ReapObserver, SampleObserver, InputObserver)}
+def _by_expert(idx: torch.Tensor):
+    """For each expert hit in ``idx [T,k]``: ``(e, tokens, slots)`` of the routes to it (one sort and one
+    device sync per call, not one per expert)."""
+    k = idx.shape[1]
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    start = 0
+    for e, n in enumerate(torch.bincount(flat).tolist()):
+        if n:
+            routes = order[start : start + n]
+            yield e, routes // k, routes % k
+        start += n
+
+
+class ChannelObserver(Observer):
+    """Per expert and intermediate channel, over the tokens routed to the expert: sums of ``|a|``, ``a^2``,
+    ``u^2`` and ``z^2`` (``a``: the activation entering down, ``u``: up projection, ``z``: gate projection before
+    the activation; non-gated experts: ``u`` is the projection, ``z`` is 0), the routed-token count, and per
+    expert the attribution ``sum_t w_te <y_te, Y_t> / ||Y_t||^2`` (``Y_t``: the routed output of token t), the
+    share of each token's routed output that the expert's weighted output carries."""
+
+    name = "channels"
+    needs_outputs = True
+    needs_math = True
+
+    def init(self, block, device):
+        e, i = block.num_experts, block.experts.intermediate_size
+        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
+        return {"chan_abs_sum": z(e, i), "chan_act_sq": z(e, i), "chan_up_sq": z(e, i), "chan_gate_sq": z(e, i),
+                "chan_count": z(e), "expert_attribution": z(e)}
+
+    def update(self, acc, event):
+        math, (t_all, k) = event.expert_math, event.top_k_index.shape
+        for e, t, s in _by_expert(event.top_k_index):
+            pre = math.pre_activations(e, event.hidden[t].float())
+            a = math.activate(pre)
+            acc["chan_abs_sum"][e] += a.abs().sum(0).double()
+            acc["chan_act_sq"][e] += (a * a).sum(0).double()
+            acc["chan_up_sq"][e] += (pre[..., -1] ** 2).sum(0).double()
+            if pre.shape[-1] == 2:
+                acc["chan_gate_sq"][e] += (pre[..., 0] ** 2).sum(0).double()
+            acc["chan_count"][e] += len(t)
+        y = event.expert_out.float().view(t_all, k, -1)
+        w = event.top_k_weights.float()
+        total = (y * w.unsqueeze(-1)).sum(1)
+        share = (y * total.unsqueeze(1)).sum(-1) * w / (total * total).sum(-1, keepdim=True).clamp(min=1e-30)
+        _scatter(acc["expert_attribution"], event.top_k_index, share.double())
+
+
+class ChannelGradObserver(Observer):
+    """Per expert and channel, from one backward pass of the summed next-token loss: with ``a_tj`` the channel's
+    activation and ``g_tj = w_te (D_e^T dL/dy_t)_j`` the loss gradient at it (``dL/dy_t``: gradient at the block's
+    routed output, ``w_te``: routing weight), over the tokens routed to the expert: ``sum (a g)^2`` (Fisher
+    information of a channel mask, per token) and ``sum g^2`` (the output-space curvature HEAPr multiplies by
+    the mean ``a^2``)."""
+
+    name = "channel_grads"
+    needs_math = True
+    needs_grads = True
+
+    def init(self, block, device):
+        e, i = block.num_experts, block.experts.intermediate_size
+        return {"chan_fisher": torch.zeros(e, i, dtype=torch.float64, device=device), "chan_grad_sq": torch.zeros(e, i, dtype=torch.float64, device=device)}
+
+    def update(self, acc, event):
+        pass  # everything happens in the backward pass
+
+    def update_grads(self, acc, event, grad):
+        math = event.expert_math
+        for e, t, s in _by_expert(event.top_k_index):
+            x = event.hidden[t].float()
+            a = math.activations(e, x)
+            g = (grad[t].float() @ math.down(e, x).T) * event.top_k_weights[t, s].float().unsqueeze(-1)
+            acc["chan_fisher"][e] += ((a * g) ** 2).sum(0).double()
+            acc["chan_grad_sq"][e] += (g * g).sum(0).double()
+
+
+OBSERVERS: dict[str, type[Observer]] = {
+    o.name: o for o in (RoutingObserver, ReapObserver, SampleObserver, InputObserver, ChannelObserver, ChannelGradObserver)
+}

@@ -1,0 +1,87 @@
+"""Forward math of one block's fused experts, in every stored layout, for passes that need what happens
+*inside* an expert (the intermediate activations): compensation refits down projections on them, channel
+observers score each intermediate neuron by them.
+
+The experts module is never re-implemented for calibration outputs (see :mod:`moe_fx.passes.calibrate.hooks`);
+this reconstruction is for the quantities the module does not expose. Families whose experts differ from
+``down(act(gate) * up)`` with an ``ACT2FN`` activation (GPT-OSS's clamped GLU) are refused.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import UnsupportedFamilyError
+from .expert_weights import NeuronTensor, neuron_tensors
+from .rewrite import get_tensor
+from .spec import ExpertsSpec
+
+
+class ExpertMath:
+    """Forward math of one block's fused experts, read through :func:`neuron_tensors` (every stored layout).
+
+    ``activations(e, x)``: ``[N, I]`` intermediate activations of expert ``e``; ``down(e)``: ``D_e^T [I, H]`` and
+    ``down_bias(e)``: ``[H]``, in float64; ``set_down(e, DT)`` writes back in the tensor's dtype and layout.
+    """
+
+    def __init__(self, model: nn.Module, experts: ExpertsSpec) -> None:
+        from transformers.activations import ACT2FN
+
+        module = model.get_submodule(experts.path)
+        if hasattr(module, "limit") or hasattr(module, "alpha"):
+            raise UnsupportedFamilyError(
+                f"{experts.path}: {type(module).__name__} uses a custom (clamped) gated activation that expert "
+                "compensation does not reproduce"
+            )
+        if experts.activation not in ACT2FN:
+            raise UnsupportedFamilyError(
+                f"{experts.path}: expert activation {experts.activation!r} is not a transformers ACT2FN name; "
+                "expert compensation cannot reproduce the experts' output"
+            )
+        self.model, self.spec, self.act = model, experts, ACT2FN[experts.activation]
+        tensors, passive = neuron_tensors(model, experts)
+        proj = experts.gate_up or experts.up
+        by_name = {nt.name: nt for nt in tensors}
+        self.proj: NeuronTensor = by_name[proj]
+        self.proj_bias: NeuronTensor | None = by_name.get(f"{proj}_bias")
+        self.down_nt: NeuronTensor = by_name[experts.down]
+        self.down_bias_name = passive[0] if passive else None
+        self.parts = 2 if experts.gate_up else 1
+
+    def pre_activations(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """``[N, I, parts]``: expert ``e``'s gate and up projections of ``x`` (biases included), per neuron."""
+        w = self.proj.features(get_tensor(self.model, self.proj.name)[e].detach().to(x))  # [I, parts*H]
+        inter = w.shape[0]
+        pre = (x @ w.reshape(inter * self.parts, -1).T).view(x.shape[0], inter, self.parts)
+        if self.proj_bias is not None:
+            pre = pre + self.proj_bias.features(get_tensor(self.model, self.proj_bias.name)[e].detach().to(x))
+        return pre
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        """``[N, I]`` intermediate activations from :meth:`pre_activations`: ``act(gate) * up`` or ``act(up)``."""
+        if self.parts == 1:
+            return self.act(pre[..., 0])
+        return self.act(pre[..., 0]) * pre[..., 1]
+
+    def activations(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return self.activate(self.pre_activations(e, x))
+
+    def down(self, e: int, like: torch.Tensor) -> torch.Tensor:
+        return self.down_nt.features(get_tensor(self.model, self.spec.down)[e].detach()).to(like)
+
+    def down_bias(self, e: int, like: torch.Tensor) -> torch.Tensor | None:
+        if self.down_bias_name is None:
+            return None
+        return get_tensor(self.model, self.down_bias_name)[e].detach().to(like)
+
+    @torch.no_grad()
+    def set_down(self, e: int, dt: torch.Tensor) -> None:
+        t = get_tensor(self.model, self.spec.down)
+        t[e].movedim(self.down_nt.axis, 0).copy_(dt.to(t.dtype))
+
+    def output(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """``[N, H]`` unweighted output of expert ``e`` on ``x``."""
+        y = self.activations(e, x) @ self.down(e, x)
+        b = self.down_bias(e, x)
+        return y if b is None else y + b
