@@ -58,6 +58,19 @@ class ExpertMath:
             pre = pre + self.proj_bias.features(get_tensor(self.model, self.proj_bias.name)[e].detach().to(x))
         return pre
 
+    def routed_pre_activations(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """``[N, I, parts]``: like :meth:`pre_activations`, for rows ``x [N, H]`` each routed to expert ``ids[n]``,
+        all experts in one batched matmul on the stored tensor (no loop over experts, no copy of the weights)."""
+        pre = _routed_product(self.proj, get_tensor(self.model, self.proj.name), x, ids)
+        if self.proj_bias is not None:
+            pre = pre + self.proj_bias.stacked(get_tensor(self.model, self.proj_bias.name).detach())[ids].to(pre)
+        return pre
+
+    def routed_down_input_grad(self, grad: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """``[N, I]``: ``D_e^T grad_n`` for output gradients ``grad [N, H]`` of rows routed to expert ``ids[n]``: the
+        gradient at the activations entering down (before the routing weight)."""
+        return _routed_product(self.down_nt, get_tensor(self.model, self.spec.down), grad, ids)[..., 0]
+
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         """``[N, I]`` intermediate activations from :meth:`pre_activations`: ``act(gate) * up`` or ``act(up)``."""
         if self.parts == 1:
@@ -85,3 +98,28 @@ class ExpertMath:
         y = self.activations(e, x) @ self.down(e, x)
         b = self.down_bias(e, x)
         return y if b is None else y + b
+
+
+def _routed_product(nt: NeuronTensor, t: torch.Tensor, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``[N, I, parts]`` float32: row ``x_n`` contracted with expert ``ids[n]``'s slice of ``t`` over its non-neuron
+    axis, read per neuron through ``nt`` (computed in the weights' dtype)."""
+    w = t.detach()
+    out = grouped_matmul(x.to(w.dtype), ids, w, neuron_last=nt.axis == 1).float()
+    return out[:, nt.index.to(out.device)]
+
+
+def grouped_matmul(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, *, neuron_last: bool) -> torch.Tensor:
+    """``[N, M]``: row ``n`` of ``x [N, K]`` times expert ``ids[n]``'s matrix, ``w[e] [K, M]`` (``neuron_last``) or
+    ``w[e] [M, K]`` (transposed on the fly), as one padded batched matmul (rows grouped by expert into
+    ``[E, max rows, K]``): a few kernels instead of a loop over experts, on any device and dtype."""
+    n, e = x.shape[0], w.shape[0]
+    order = torch.argsort(ids, stable=True)
+    grouped = ids[order]
+    counts = torch.bincount(ids, minlength=e)
+    rank = torch.arange(n, device=x.device) - (torch.cumsum(counts, 0) - counts)[grouped]
+    padded = x.new_zeros(e, int(counts.max()) if n else 0, x.shape[1])
+    padded[grouped, rank] = x[order]
+    product = torch.bmm(padded, w if neuron_last else w.transpose(1, 2))
+    out = x.new_empty(n, product.shape[2])
+    out[order] = product[grouped, rank]
+    return out

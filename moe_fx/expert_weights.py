@@ -36,6 +36,10 @@ class NeuronTensor:
         x = w.movedim(self.axis, 0)
         return x[self.index].reshape(self.index.shape[0], -1)
 
+    def stacked(self, t: torch.Tensor) -> torch.Tensor:
+        """``[E, I, parts, ...]``: the entries of each neuron of every expert of the fused tensor ``t``."""
+        return t.movedim(self.axis + 1, 1)[:, self.index]
+
     def resized(self, width: int) -> "NeuronTensor":
         """The same layout for ``width`` neurons (what the tensor becomes when channels are removed)."""
         parts = self.index.shape[1]

@@ -232,18 +232,10 @@ class InputObserver(_SampledObserver):
             acc["input_selection_bias"].copy_(event.selection_bias.cpu())
 
 
-def _by_expert(idx: torch.Tensor):
-    """For each expert hit in ``idx [T,k]``: ``(e, tokens, slots)`` of the routes to it (one sort and one
-    device sync per call, not one per expert)."""
-    k = idx.shape[1]
-    flat = idx.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    start = 0
-    for e, n in enumerate(torch.bincount(flat).tolist()):
-        if n:
-            routes = order[start : start + n]
-            yield e, routes // k, routes % k
-        start += n
+def _routes(event: RoutingEvent) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every (token, slot) route as rows: the expert input ``[T*k, H]`` (float32) and the expert ids ``[T*k]``."""
+    k = event.top_k_index.shape[1]
+    return event.hidden.float().repeat_interleave(k, dim=0), event.top_k_index.reshape(-1)
 
 
 class ChannelObserver(Observer):
@@ -264,16 +256,15 @@ class ChannelObserver(Observer):
                 "chan_count": z(e), "expert_attribution": z(e)}
 
     def update(self, acc, event):
-        math, (t_all, k) = event.expert_math, event.top_k_index.shape
-        for e, t, s in _by_expert(event.top_k_index):
-            pre = math.pre_activations(e, event.hidden[t].float())
-            a = math.activate(pre)
-            acc["chan_abs_sum"][e] += a.abs().sum(0).double()
-            acc["chan_act_sq"][e] += (a * a).sum(0).double()
-            acc["chan_up_sq"][e] += (pre[..., -1] ** 2).sum(0).double()
-            if pre.shape[-1] == 2:
-                acc["chan_gate_sq"][e] += (pre[..., 0] ** 2).sum(0).double()
-            acc["chan_count"][e] += len(t)
+        x, ids = _routes(event)
+        pre = event.expert_math.routed_pre_activations(x, ids)
+        a = event.expert_math.activate(pre)
+        for key, value in (("chan_abs_sum", a.abs()), ("chan_act_sq", a * a), ("chan_up_sq", pre[..., -1] ** 2)):
+            acc[key].index_add_(0, ids, value.double())
+        if pre.shape[-1] == 2:
+            acc["chan_gate_sq"].index_add_(0, ids, (pre[..., 0] ** 2).double())
+        _scatter(acc["chan_count"], ids, torch.ones_like(ids, dtype=torch.float64))
+        t_all, k = event.top_k_index.shape
         y = event.expert_out.float().view(t_all, k, -1)
         w = event.top_k_weights.float()
         total = (y * w.unsqueeze(-1)).sum(1)
@@ -301,12 +292,12 @@ class ChannelGradObserver(Observer):
 
     def update_grads(self, acc, event, grad):
         math = event.expert_math
-        for e, t, s in _by_expert(event.top_k_index):
-            x = event.hidden[t].float()
-            a = math.activations(e, x)
-            g = (grad[t].float() @ math.down(e, x).T) * event.top_k_weights[t, s].float().unsqueeze(-1)
-            acc["chan_fisher"][e] += ((a * g) ** 2).sum(0).double()
-            acc["chan_grad_sq"][e] += (g * g).sum(0).double()
+        x, ids = _routes(event)
+        a = math.activate(math.routed_pre_activations(x, ids))
+        k = event.top_k_index.shape[1]
+        g = math.routed_down_input_grad(grad.float().repeat_interleave(k, dim=0), ids) * event.top_k_weights.float().reshape(-1, 1)
+        acc["chan_fisher"].index_add_(0, ids, ((a * g) ** 2).double())
+        acc["chan_grad_sq"].index_add_(0, ids, (g * g).double())
 
 
 OBSERVERS: dict[str, type[Observer]] = {
