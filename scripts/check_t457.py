@@ -11,4 +11,8 @@ model = AutoModelForCausalLM.from_pretrained(sys.argv[1], torch_dtype=torch.floa
 tokens = torch.tensor(json.loads(sys.argv[2]))
 with torch.no_grad():
     logits = model(input_ids=tokens).logits
-print(json.dumps({"num_experts": model.config.num_experts if hasattr(model.config, "num_experts") else None, "logits": logits.tolist()}))
+print(json.dumps({
+    "num_experts": getattr(model.config, "num_experts", None),
+    "width": getattr(model.config, "moe_intermediate_size", None),
+    "logits": logits.tolist(),
+}))

@@ -42,3 +42,17 @@ def test_an_error_on_the_ranks_stops_the_run(micro_path, calib_path, tmp_path):
     run = _prune(micro_path, calib_path, tmp_path / "bad", "--method", "reap", "--keep", "1", "--nproc", "2")
     assert run.returncode != 0 and "fewer than top-k" in run.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_eep_spreads_candidates_over_the_ranks(micro_path, calib_path, tmp_path):
+    """Each rank measures part of every generation; the shared fitness values give the single-process search."""
+    eep = ["--method", "eep", "--ratio", "0.25", "--eep-population", "4", "--eep-generations", "2", "--fitness-tokens", "1024"]
+    one = _prune(micro_path, calib_path, tmp_path / "one", *eep)
+    two = _prune(micro_path, calib_path, tmp_path / "two", *eep, "--nproc", "2")
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    ra, rb = (json.loads((tmp_path / d / "moe_fx.json").read_text()) for d in ("one", "two"))
+    assert ra["plan"] == rb["plan"]
+    a, b = ra["search"], rb["search"]
+    assert a["evaluations"] == b["evaluations"] > 4
+    for x, y in zip(a["history"], b["history"], strict=True):
+        assert abs(x - y) <= 1e-6 * abs(x)

@@ -18,7 +18,9 @@ best plan is never lost. Fitness is cached per plan; a plan is never evaluated t
 Cost: ``evaluations x fitness tokens`` forward tokens (default about 16 x 21 plans of 16,384 tokens: 5.5 M
 tokens; about 1 min on an H100 for a 30 M-parameter model, tens of minutes on 2 CPU cores). The fitness set
 must be large enough not to be overfitted: with 4,096 tokens the search improved its own fitness by 0.07
-nats but not held-out NLL (benchmarks/expert_pruning.py). Deterministic for a fixed seed.
+nats but not held-out NLL (benchmarks/expert_pruning.py). Deterministic for a fixed seed. Under
+torch.distributed (torchrun, ``--nproc``) each rank measures its share of every generation's new plans and
+the fitness values are all-reduced, so N ranks search N times as fast and take the single-process steps.
 Merge coefficients (folding dropped experts into kept ones inside the search) are not searched here;
 ``MergeExperts(plan=...)`` can fold the dropped experts after the search.
 """
@@ -35,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import distributed
 from ..data import calibration_tokens
 from ..errors import BadOptionError
 from ..evaluate import nll_sum
@@ -146,19 +149,27 @@ class EvolutionarySearch:
         model.eval()
         t0 = time.perf_counter()
 
-        def fitness(g: Genome) -> float:
-            if g not in cache:
-                view = pruned_view(model, spec, ops.plan(g), self.refine, stats)
+        def measure(genomes) -> None:
+            """Fitness of every genome not measured yet. Under torch.distributed each rank measures every
+            world-th one and the values are shared (a sum over ranks of one-hot vectors), so every rank
+            holds the same cache and takes the same search steps."""
+            new = sorted({g for g in genomes if g not in cache})
+            values = torch.zeros(len(new), dtype=torch.float64)
+            for i in range(distributed.rank(), len(new), distributed.world_size()):
+                view = pruned_view(model, spec, ops.plan(new[i]), self.refine, stats)
                 s, n = nll_sum(view, tokens.input_ids, batch_size=self.batch_size)
-                cache[g] = s / n
-            return cache[g]
+                values[i] = s / n
+            if distributed.active():
+                distributed.all_reduce_sum_(values)
+            cache.update(zip(new, values.tolist()))
 
         try:
             pop = [start] + [ops.mutate(start, rng.randint(1, 2 * self.mutation_swaps), budget) for _ in range(self.population - 1)]
-            rank = lambda g: (fitness(g), g)  # noqa: E731 - ties broken by the genome: deterministic order
+            measure(pop)
+            rank = lambda g: (cache[g], g)  # noqa: E731 - ties broken by the genome: deterministic order
             pop = sorted(set(pop), key=rank)
-            history = [fitness(pop[0])]
-            with progress_bar("eep search", total=self.generations, unit="gen", enabled=self.show_progress) as bar:
+            history = [cache[pop[0]]]
+            with progress_bar("eep search", total=self.generations, unit="gen", enabled=self.show_progress and distributed.is_main()) as bar:
                 for _ in range(self.generations):
                     if self._spent(len(cache), time.perf_counter() - t0):
                         break
@@ -170,8 +181,9 @@ class EvolutionarySearch:
                         if child not in cache:
                             children.add(child)
                     # (mu + lambda): parents and children compete, so the best plan is never lost
+                    measure(children)
                     pop = sorted(set(pop) | children, key=rank)[: self.population]
-                    history.append(fitness(pop[0]))
+                    history.append(cache[pop[0]])
                     bar.update(1)
                     bar.set_postfix(best=f"{history[-1]:.4f}", start=f"{cache[start]:.4f}", evals=len(cache))
         finally:
@@ -179,7 +191,13 @@ class EvolutionarySearch:
         return SearchResult(ops.plan(pop[0]), cache[pop[0]], cache[start], history, len(cache), time.perf_counter() - t0)
 
     def _spent(self, evals: int, seconds: float) -> bool:
-        return (self.max_evals is not None and evals >= self.max_evals) or (self.max_seconds is not None and seconds >= self.max_seconds)
+        """Whether the budget is used up; across ranks, as soon as one rank's clock says so (all stop together)."""
+        spent = (self.max_evals is not None and evals >= self.max_evals) or (self.max_seconds is not None and seconds >= self.max_seconds)
+        if distributed.active():
+            flag = torch.tensor([float(spent)])
+            distributed.all_reduce_sum_(flag)
+            spent = bool(flag.item() > 0)
+        return spent
 
     def _child(self, pop: list[Genome], ops: "_Operators", rng: random.Random, budget: int) -> Genome:
         tournament = lambda: min(rng.sample(range(len(pop)), min(3, len(pop))))  # noqa: E731 - pop is sorted by fitness
