@@ -20,13 +20,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import data_parser, held_out_windows
+from common import calibrate, data_parser, held_out_windows
 
 from moe_fx import compose, state_of
 from moe_fx.data import TokenBatch, read_documents
 from moe_fx.evaluate import build_eval_set, evaluate_nll, model_size
 from moe_fx.loading import load_model, load_tokenizer
-from moe_fx.passes import Calibrate, CompensateExperts, DropExperts, PruneChannels, Score
+from moe_fx.passes import (
+    CompensateExperts,
+    DropExperts,
+    PruneChannels,
+    Score,
+)
 from moe_fx.passes.prune_channels import routed_parameters
 from moe_fx.table import format_table, human_bytes
 
@@ -53,10 +58,6 @@ def pass_seconds(model, tokens: TokenBatch, batch_size: int, backward: bool) -> 
     model.zero_grad(set_to_none=True)
     return time.perf_counter() - t0
 
-
-def calibrate(base, tokens: TokenBatch, batch_size: int, observers):
-    model = compose(Calibrate(tokens, batch_size=batch_size, observers=observers, show_progress=False))(copy.deepcopy(base))
-    return state_of(model).stats
 
 
 def prune(base, stats, passes) -> tuple[torch.nn.Module, float]:
@@ -105,13 +106,10 @@ def speed(model, device: str, batch: int, prompt: int, new_tokens: int, repeats:
 
 def main() -> None:
     ap = data_parser(__doc__.splitlines()[0])
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--eval-seqs", type=int, default=8)
     ap.add_argument("--methods", nargs="+", default=["activation", "weight", "fisher", "heapr", "coverage"])
     ap.add_argument("--allocations", nargs="+", default=["uniform", "layer", "expert", "coverage"])
     ap.add_argument("--compensate", nargs="+", default=["no", "yes"])
     ap.add_argument("--multiple", type=int, default=64)
-    ap.add_argument("--dtype", default="float32")
     ap.add_argument("--speed", action="store_true", help="also measure bf16 prefill/decode speed and memory (CUDA only)")
     ap.add_argument("--speed-rounds", type=int, default=3, help="rounds over all compared models; each keeps its best")
     ap.add_argument("--out", default="benchmarks/results/channel_pruning.json")

@@ -1,12 +1,16 @@
-"""What the benchmark scripts share: their data options and the held-out calibration windows."""
+"""What the benchmark scripts share: their data options, the held-out calibration windows and calibration."""
 
 from __future__ import annotations
 
 import argparse
+import copy
 
 import torch
 
+from moe_fx import compose, state_of
 from moe_fx.data import Document, TokenBatch, pack, split_fitness
+from moe_fx.passes import Calibrate
+from moe_fx.stats import CalibrationStats
 
 
 def data_parser(description: str) -> argparse.ArgumentParser:
@@ -21,7 +25,16 @@ def data_parser(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", help="dtype the model is scored and pruned in")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--eval-seqs", type=int, default=8, help="valid windows per domain")
     return ap
+
+
+def calibrate(base, tokens: TokenBatch, batch_size: int, observers) -> CalibrationStats:
+    """Calibration statistics of ``base`` (left untouched: a copy is instrumented) with ``observers``."""
+    model = compose(Calibrate(tokens, batch_size=batch_size, observers=observers, show_progress=False))(copy.deepcopy(base))
+    return state_of(model).stats
 
 
 def held_out_windows(tok, docs: list[Document], args) -> tuple[TokenBatch, torch.Tensor]:

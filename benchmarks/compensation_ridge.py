@@ -32,9 +32,9 @@ def main() -> None:
     args = ap.parse_args()
 
     tok = load_tokenizer(args.model)
-    base = load_model(args.model, dtype="float32", device=args.device)
+    base = load_model(args.model, dtype=args.dtype, device=args.device)
     calib, holdout = held_out_windows(tok, read_documents(args.calib), args)
-    eval_set = build_eval_set(args.valid, tok, seq_len=args.seq_len, seqs_per_domain=8)
+    eval_set = build_eval_set(args.valid, tok, seq_len=args.seq_len, seqs_per_domain=args.eval_seqs)
 
     def holdout_nll(model) -> float:
         s, n = nll_sum(model, holdout)

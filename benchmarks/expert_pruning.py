@@ -20,14 +20,14 @@ import time
 from pathlib import Path
 
 import torch
-from common import data_parser, held_out_windows
+from common import calibrate, data_parser, held_out_windows
 
 from moe_fx import compose, state_of
 from moe_fx.data import TokenBatch, read_documents
 from moe_fx.evaluate import build_eval_set, disk_size, evaluate_nll, model_size
 from moe_fx.exporters import save_checkpoint
 from moe_fx.loading import load_model, load_tokenizer
-from moe_fx.passes import Calibrate, CompensateExperts, DropExperts, MergeExperts, Score
+from moe_fx.passes import CompensateExperts, DropExperts, MergeExperts, Score
 from moe_fx.passes.eep import EvolutionarySearch
 from moe_fx.table import format_table, human_bytes
 
@@ -42,10 +42,6 @@ def plain_forward_seconds(model, tokens: TokenBatch, batch_size: int) -> float:
             model(input_ids=batch.to(device), use_cache=False)
     return time.perf_counter() - t0
 
-
-def calibrate(base, tokens: TokenBatch, batch_size: int, observers=OBSERVERS):
-    model = compose(Calibrate(tokens, batch_size=batch_size, observers=observers, show_progress=False))(copy.deepcopy(base))
-    return state_of(model).stats
 
 
 class Runner:
@@ -118,8 +114,6 @@ def mean_of_seeds(runs: list[dict]) -> dict:
 
 def main() -> None:
     ap = data_parser(__doc__.splitlines()[0])
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--eval-seqs", type=int, default=8)
     ap.add_argument("--methods", nargs="+", default=["random", "frequency", "reap", "naee", "shape", "eep"])
     ap.add_argument("--allocations", nargs="+", default=["uniform", "global"])
     ap.add_argument("--merge", nargs="+", default=["no", "yes"], help="run without (no) and/or with (yes) merging")
@@ -131,7 +125,6 @@ def main() -> None:
     ap.add_argument("--eep-refine", action="store_true", help="with compensation: EEP measures each candidate after compensating it")
     ap.add_argument("--task-domain", default="news_reuters", help="domain of the single-domain calibration check ('' to skip)")
     ap.add_argument("--task-methods", nargs="+", default=["reap", "shape", "eep"])
-    ap.add_argument("--dtype", default="float32")
     ap.add_argument("--repeats", type=int, default=2, help="timing repeats (min is reported)")
     ap.add_argument("--out", default="benchmarks/results/expert_pruning.json")
     args = ap.parse_args()
@@ -146,8 +139,8 @@ def main() -> None:
     plain, calib_s = [], []
     for _ in range(args.repeats):
         plain.append(plain_forward_seconds(base, tokens, args.batch_size))
-        calib_s.append(calibrate(base, tokens, args.batch_size, observers=("routing", "reap")).seconds)
-    stats = calibrate(base, tokens, args.batch_size)
+        calib_s.append(calibrate(base, tokens, args.batch_size, ("routing", "reap")).seconds)
+    stats = calibrate(base, tokens, args.batch_size, OBSERVERS)
     before = evaluate_nll(base, eval_set, batch_size=args.batch_size, show_progress=False)
     size_before = model_size(base)
 
@@ -166,7 +159,7 @@ def main() -> None:
         if args.task_domain:
             domain_docs = [d for d in docs if d.domain == args.task_domain]
             d_tokens, d_fitness = held_out_windows(tok, domain_docs, args)
-            d_stats = calibrate(base, d_tokens, args.batch_size)
+            d_stats = calibrate(base, d_tokens, args.batch_size, OBSERVERS)
             for ratio in args.ratios:
                 for method, comp in itertools.product(args.task_methods, [c == "yes" for c in args.compensate]):
                     task_runs.append(runner.run(d_stats, d_fitness, method, ratio, "uniform", False, comp, tag=args.task_domain))
