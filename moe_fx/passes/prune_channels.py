@@ -129,7 +129,7 @@ class PruneChannels(Pass):
         padding = 0 if self.mask_only else sum(
             per_channel[b.path] * sum(b.experts.intermediate_size - n for n in widths[b.path] if n) for b in state.spec.blocks if b.path in widths
         )
-        return PassResult(model, True, {
+        return PassResult(model, self.mask_only or after < before, {
             "routed_params_before": before,
             "routed_params_after": after,
             "routed_params_ideal": after - padding,
