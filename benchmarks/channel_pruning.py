@@ -24,7 +24,7 @@ from common import calibrate, data_parser, held_out_windows
 
 from moe_fx import compose, state_of
 from moe_fx.data import TokenBatch, read_documents
-from moe_fx.evaluate import build_eval_set, evaluate_nll, model_size
+from moe_fx.evaluate import build_eval_set, evaluate_nll, model_size, nll_sum
 from moe_fx.loading import load_model, load_tokenizer
 from moe_fx.passes import (
     CompensateExperts,
@@ -110,6 +110,8 @@ def main() -> None:
     ap.add_argument("--allocations", nargs="+", default=["uniform", "layer", "expert", "coverage"])
     ap.add_argument("--compensate", nargs="+", default=["no", "yes"])
     ap.add_argument("--multiple", type=int, default=64)
+    ap.add_argument("--expert-shares", type=float, nargs="+", default=[0.125, 0.25, 0.375],
+                    help="combined runs: fraction of experts dropped before the channels")
     ap.add_argument("--speed", action="store_true", help="also measure bf16 prefill/decode speed and memory (CUDA only)")
     ap.add_argument("--speed-rounds", type=int, default=3, help="rounds over all compared models; each keeps its best")
     ap.add_argument("--out", default="benchmarks/results/channel_pruning.json")
@@ -118,9 +120,11 @@ def main() -> None:
     torch.manual_seed(0)
     tok = load_tokenizer(args.model)
     base = load_model(args.model, dtype=args.dtype, device=args.device)
-    tokens, _ = held_out_windows(tok, read_documents(args.calib), args)
+    tokens, holdout = held_out_windows(tok, read_documents(args.calib), args)
     eval_set = build_eval_set(args.valid, tok, seq_len=args.seq_len, seqs_per_domain=args.eval_seqs)
     before = evaluate_nll(base, eval_set, batch_size=args.batch_size, show_progress=False)
+    holdout_nll = lambda m: (lambda s, n: s / n)(*nll_sum(m, holdout, batch_size=args.batch_size))  # noqa: E731
+    holdout_before = holdout_nll(base)
     domains = [d for d in before if d not in ("mean", "all")]
     routed_before = routed_parameters(base, state_of(base).spec)
 
@@ -139,11 +143,12 @@ def main() -> None:
         state = state_of(model)
         after = evaluate_nll(model, eval_set, batch_size=args.batch_size, show_progress=False)
         delta = {d: after[d]["nll"] - before[d]["nll"] for d in domains + ["mean"]}
+        train_delta = holdout_nll(model) - holdout_before
         report = next((r.report for r in state.history if r.name == "prune_channels"), {})
         routed = routed_parameters(model, state.spec)
         runs.append({
             "kind": kind, "method": method, "ratio": ratio, "allocation": allocation, "compensate": comp,
-            "delta_nll": delta, "worst_domain": max(domains, key=lambda d: delta[d]), "worst_delta": max(delta[d] for d in domains),
+            "delta_nll": delta, "holdout_train_delta_nll": train_delta, "worst_domain": max(domains, key=lambda d: delta[d]), "worst_delta": max(delta[d] for d in domains),
             "routed_params": routed, "routed_params_ideal": report.get("routed_params_ideal", routed),
             "removed_stored": 1 - routed / routed_before, "removed_ideal": 1 - report.get("routed_params_ideal", routed) / routed_before,
             "params": model_size(model)["params"], "bytes_bf16": 2 * model_size(model)["params"], "seconds": seconds,
@@ -162,10 +167,13 @@ def main() -> None:
         for method, allocation, comp in itertools.product(args.methods, args.allocations, compensate):
             record("channels", method, ratio, allocation, comp, [Score(method), PruneChannels(ratio=ratio, allocation=allocation, multiple=args.multiple)])
         # combined: a quarter of the experts, then channels for the rest of the budget
-        if ratio > 0.25:
-            for comp in compensate:
-                record("combined", "reap+fisher", ratio, "uniform", comp,
-                       [Score("reap"), DropExperts(ratio=0.25), Score("fisher"), PruneChannels(ratio=1 - (1 - ratio) / 0.75)])
+        # combined: a share of the experts, then channels for the rest of the budget (the split is chosen on
+        # the held-out *train* windows, see holdout_train_delta_nll; the valid split only reports)
+        for expert_share in args.expert_shares:
+            if expert_share < ratio:
+                for comp in compensate:
+                    record("combined", f"reap {expert_share:.1%} + fisher", ratio, "uniform", comp,
+                           [Score("reap"), DropExperts(ratio=expert_share), Score("fisher"), PruneChannels(ratio=1 - (1 - ratio) / (1 - expert_share))])
 
     speeds = None
     if args.speed and args.device.startswith("cuda"):
@@ -181,7 +189,7 @@ def main() -> None:
 
     result = {
         "model": args.model, "device": args.device, "calibration_tokens": tokens.num_tokens, "timing": timing,
-        "before": {"nll": before, "params": model_size(base)["params"], "routed_params": routed_before},
+        "before": {"nll": before, "holdout_train_nll": holdout_before, "params": model_size(base)["params"], "routed_params": routed_before},
         "runs": runs, "speed": speeds, "eval_tokens": eval_set.num_tokens, "dtype": args.dtype, "torch": torch.__version__, "options": vars(args),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -192,12 +200,12 @@ def main() -> None:
 def print_tables(result: dict) -> None:
     reap = {(r["ratio"], r["compensate"]): r["delta_nll"]["mean"] for r in result["runs"] if r["kind"] == "experts"}
     rows = [
-        [r["kind"], r["method"], f"{r['ratio']:.0%}", r["allocation"], "yes" if r["compensate"] else "no", f"{r['delta_nll']['mean']:+.3f}",
+        [r["kind"], r["method"], f"{r['ratio']:.0%}", r["allocation"], "yes" if r["compensate"] else "no", f"{r['holdout_train_delta_nll']:+.3f}", f"{r['delta_nll']['mean']:+.3f}",
          f"{r['delta_nll']['mean'] / reap[(r['ratio'], r['compensate'])]:.2f}x", f"{r['worst_delta']:+.3f} ({r['worst_domain']})",
          f"{r['removed_stored']:.1%}", f"{r['removed_ideal']:.1%}", "/".join(map(str, r["widths"])), f"{r['seconds']:.1f}s"]
         for r in result["runs"]
     ]
-    headers = ["kind", "method", "removed", "allocation", "compensate", "dNLL mean", "vs REAP same", "worst domain", "stored removed", "ideal removed", "widths", "score+rewrite"]
+    headers = ["kind", "method", "removed", "allocation", "compensate", "dNLL held-out train", "dNLL mean", "vs REAP same", "worst domain", "stored removed", "ideal removed", "widths", "score+rewrite"]
     print(format_table(headers, rows, title=f"{result['model']}: before NLL mean {result['before']['nll']['mean']['nll']:.3f}"))
     t = result["timing"]
     print(f"calibration over {result['calibration_tokens']:,} tokens: forward {t['forward_s']:.1f} s, forward+backward {t['forward_backward_s']:.1f} s; "
