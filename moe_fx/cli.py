@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "global ranking, a width per expert) or coverage (Ding et al. score coverage)")
     chan = p.add_argument_group("channel pruning (--granularity channel)")
     chan.add_argument("--multiple", type=int, default=64, help="per-expert widths are padded to the layer's widest, rounded up to this (default 64)")
-    chan.add_argument("--expert-ratio", type=float, help="first drop this fraction of each layer's experts (scored by --expert-method), then the channels")
+    chan.add_argument("--expert-ratio", type=float, help="first drop this fraction of each layer's experts (scored by --expert-method), then --ratio of the kept experts' channels")
     chan.add_argument("--expert-method", default="reap", help="expert scoring for --expert-ratio (default reap)")
     eep = p.add_argument_group("eep search (--method eep)")
     eep.add_argument("--eep-warm-start", default="reap", help="scorer whose plan seeds the search (default reap)")

@@ -221,3 +221,14 @@ def test_prune_channels_end_to_end(capsys, micro_path, calib_path, tmp_path):
 def test_channel_options_are_checked_first(extra, message, capsys, micro_path, calib_path, tmp_path):
     code, _, err = _run(capsys, "prune", micro_path, "--ratio", "0.5", "--calib", calib_path, "--out", tmp_path / "o", *extra, *FAST)
     assert code == 2 and message in err and not (tmp_path / "o").exists()
+
+
+def test_prune_experts_then_channels(capsys, micro_path, calib_path, tmp_path):
+    out = tmp_path / "both"
+    code, stdout, err = _run(capsys, "prune", micro_path, "--granularity", "channel", "--expert-ratio", "0.25", "--ratio", "0.5",
+                             "--calib", calib_path, "--out", out, *FAST)
+    assert code == 0, err
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_experts == 6 and model.config.moe_intermediate_size == 32
+    assert [p["name"] for p in json.loads((out / "moe_fx.json").read_text())["passes"]] == [
+        "calibrate", "score", "drop_experts", "score", "prune_channels"]
