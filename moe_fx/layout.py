@@ -19,7 +19,7 @@ from torch import nn
 
 from .errors import UnsupportedFamilyError
 from .exporters.per_layer_model import LAYOUT_KEY, per_layer_class
-from .rewrite import get_tensor, set_config_key
+from .rewrite import get_config_key, get_tensor, set_config_key
 from .spec import MoEModelSpec
 
 
@@ -32,13 +32,6 @@ def layout_of(model: nn.Module, spec: MoEModelSpec) -> dict:
         attrs.update(dict.fromkeys(b.experts.width_attrs, b.experts.intermediate_size))
         blocks[b.path] = {"shapes": {n: list(get_tensor(model, n).shape) for n in b.per_expert_tensors}, "attrs": attrs}
     return {"blocks": blocks}
-
-
-def _get_config_key(config, ref: str):
-    path, _, key = ref.rpartition(":")
-    for part in filter(None, path.split(".")):
-        config = getattr(config, part)
-    return getattr(config, key)
 
 
 def _shape_mismatches(model: nn.Module, cls: type, config) -> list[str]:
@@ -59,7 +52,7 @@ def record_layout(model: nn.Module, spec: MoEModelSpec) -> bool:
     base = getattr(type(model), "moe_fx_base", type(model))
     for ref in spec.config_count_keys:
         set_config_key(config, ref, max(b.num_experts for b in spec.blocks))
-    widths = {ref: _get_config_key(config, ref) for ref in spec.config_width_keys}
+    widths = {ref: get_config_key(config, ref) for ref in spec.config_width_keys}
     for ref in spec.config_width_keys:
         set_config_key(config, ref, max(b.experts.intermediate_size for b in spec.blocks))
     if hasattr(config, LAYOUT_KEY):

@@ -28,10 +28,20 @@ def set_attr(model: nn.Module, ref: str, value: int) -> None:
     setattr(model.get_submodule(mod_path), attr, value)
 
 
+def config_at(config, path: str):
+    """The (sub-)config at ``path`` (``""`` for the root, ``text_config``, dotted for deeper ones)."""
+    for part in filter(None, path.split(".")):
+        config = getattr(config, part)
+    return config
+
+
+def get_config_key(config, ref: str):
+    """The value of ``config_path:key`` (as recorded in a spec) on a nested config."""
+    path, _, key = ref.rpartition(":")
+    return getattr(config_at(config, path), key)
+
+
 def set_config_key(config, ref: str, value) -> None:
     """Set ``config_path:key`` (``text_config:num_experts``, ``:num_local_experts``) on a nested config."""
     path, _, key = ref.rpartition(":")
-    target = config
-    for part in filter(None, path.split(".")):
-        target = getattr(target, part)
-    setattr(target, key, value)
+    setattr(config_at(config, path), key, value)

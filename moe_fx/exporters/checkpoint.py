@@ -8,10 +8,12 @@ was done (passes, plan, scores, calibration fingerprint, versions).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -21,6 +23,7 @@ from .. import __version__
 from ..adapters import COUNT_ATTRS, get_adapter
 from ..errors import BadOptionError, OutputPathError
 from ..pipeline import STATE_ATTR
+from ..rewrite import config_at
 from . import per_layer_model
 
 TOKENIZER_FILES = (
@@ -67,26 +70,31 @@ def _config_aliases(model: nn.Module) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
     for ref in state.spec.config_count_keys:
         path, _, key = ref.rpartition(":")
-        config = model.config
-        for part in filter(None, path.split(".")):
-            config = getattr(config, part)
+        config = config_at(model.config, path)
         aliases = getattr(config, "attribute_map", {}) or {}
         keys = {key} | {k for k, v in aliases.items() if k in COUNT_ATTRS and v == key} | legacy
         out.setdefault(path, {}).update(dict.fromkeys(keys, n))
     return out
 
 
+@contextlib.contextmanager
+def _edited_config(path: Path) -> Iterator[dict]:
+    """The checkpoint's ``config.json`` as a dict, written back (sorted, indented) when the block ends."""
+    cfg_file = path / "config.json"
+    data = json.loads(cfg_file.read_text())
+    yield data
+    cfg_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 def _patch_config(path: Path, aliases: dict[str, dict[str, int]]) -> None:
     if not aliases:
         return
-    cfg_file = path / "config.json"
-    data = json.loads(cfg_file.read_text())
-    for config_path, values in aliases.items():
-        target = data
-        for part in filter(None, config_path.split(".")):
-            target = target[part]
-        target.update(values)
-    cfg_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    with _edited_config(path) as data:
+        for config_path, values in aliases.items():
+            target = data
+            for part in filter(None, config_path.split(".")):
+                target = target[part]
+            target.update(values)
 
 
 def _write_per_layer_code(model: nn.Module, path: Path) -> None:
@@ -103,24 +111,20 @@ def _write_per_layer_code(model: nn.Module, path: Path) -> None:
     code += f"\n\nfrom transformers import {base.__name__} as _Base  # noqa: E402\n\n{cls_name} = per_layer_class(_Base)\n"
     (path / "modeling_moe_fx.py").write_text(code)
     autos = [a for a in AUTO_CLASSES if getattr(transformers, a)._model_mapping.get(type(model.config), None) is base]
-    cfg_file = path / "config.json"
-    data = json.loads(cfg_file.read_text())
-    data["auto_map"] = dict.fromkeys(autos, f"modeling_moe_fx.{cls_name}")
-    data["architectures"] = [base.__name__]
-    cfg_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    with _edited_config(path) as data:
+        data["auto_map"] = dict.fromkeys(autos, f"modeling_moe_fx.{cls_name}")
+        data["architectures"] = [base.__name__]
 
 
 def _drop_stale_auto_map(path: Path) -> None:
     """A model loaded in the per-layer format and rewritten back to stock shapes keeps the ``auto_map`` it was
     loaded with; stock shapes need no remote class, so the entries naming ours go."""
-    cfg_file = path / "config.json"
-    data = json.loads(cfg_file.read_text())
-    kept = {k: v for k, v in (data.get("auto_map") or {}).items() if not str(v).startswith("modeling_moe_fx.")}
-    if kept != data.get("auto_map", kept):
-        data["auto_map"] = kept
-        if not kept:
-            del data["auto_map"]
-        cfg_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    with _edited_config(path) as data:
+        kept = {k: v for k, v in (data.get("auto_map") or {}).items() if not str(v).startswith("modeling_moe_fx.")}
+        if kept:
+            data["auto_map"] = kept
+        else:
+            data.pop("auto_map", None)
 
 
 def _normal_permissions(path: Path) -> None:
