@@ -1,4 +1,4 @@
-"""The ``moe-fx`` command: ``inspect``, ``prune``, ``eval``.
+"""The ``moe-fx`` command: ``inspect``, ``prune``, ``eval``, ``export``.
 
 Errors caused by the input (paths, options, data) print one line naming the problem and exit with 2.
 """
@@ -91,6 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "or launch `torchrun --nproc-per-node N -m moe_fx prune ...` yourself)")
     _add_eval(p)
     _add_common(p)
+
+    p = sub.add_parser("export", help="export a (pruned) checkpoint for a runtime: onnx (onnxruntime, Optimum)")
+    p.add_argument("format", choices=("onnx",), help="target format")
+    p.add_argument("model", help="checkpoint directory (pruned by moe-fx or stock transformers)")
+    p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    past = p.add_mutually_exclusive_group()
+    past.add_argument("--with-past", dest="with_past", action="store_true", default=True,
+                      help="KV-cache inputs and outputs for generation (default; Optimum's decoder layout)")
+    past.add_argument("--no-past", dest="with_past", action="store_false", help="logits from the whole sequence only")
+    p.add_argument("--dtype", default="float32", help="graph precision: float32 (default), float16, bfloat16")
+    p.add_argument("--opset", type=int, help="ONNX opset (default: the newest onnxscript writes)")
+    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-PyTorch parity check")
+    p.add_argument("--device", default="cpu", help="device the model is traced and checked on (default cpu)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("eval", help="per-domain NLL / perplexity of one or more checkpoints")
     p.add_argument("models", nargs="+", help="checkpoint directories; with several, deltas are shown against the first")
@@ -318,7 +333,27 @@ def _check_granularity(args, scorer, expert_scorer) -> None:
         raise MoeFxError(f"--expert-method {args.expert_method} does not score experts; use reap, frequency, ...")
 
 
-COMMANDS = {"inspect": cmd_inspect, "prune": cmd_prune, "eval": cmd_eval}
+def cmd_export(args) -> int:
+    from .exporters.onnx import export_onnx
+    from .table import format_table, human_bytes
+
+    result = export_onnx(args.model, args.out, with_past=args.with_past, dtype=args.dtype, opset=args.opset,
+                         check=not args.no_check, device=_device(args.device), overwrite=args.overwrite)
+    rows = [
+        ["graph inputs", f"{len(result.inputs)} ({', '.join(result.inputs[:3])}{', past_key_values.*' if result.with_past else ''})"],
+        ["weights in graph", f"{human_bytes(result.initializer_bytes)} (model parameters: {human_bytes(result.parameter_bytes)})"],
+        ["files", human_bytes(result.onnx_bytes)],
+        ["export time", f"{result.export_seconds:.1f} s"],
+    ]
+    if result.parity is not None:
+        par = result.parity
+        rows += [["max |logit diff|", f"{par.max_abs_logit_diff:.2e} over {par.steps_checked} steps (largest logit {par.logit_scale:.1f})"],
+                 ["greedy generation", f"{par.generated_tokens} tokens, " + ("identical" if par.greedy_identical else f"differs at token {par.first_mismatch}")]]
+    print(format_table(["", f"{args.model} -> {result.path}"], rows, title=f"ONNX export ({result.dtype}, onnxruntime parity checked: {result.parity is not None})"))
+    return 0
+
+
+COMMANDS = {"inspect": cmd_inspect, "prune": cmd_prune, "eval": cmd_eval, "export": cmd_export}
 
 
 def _relaunch_under_torchrun(argv: list[str], nproc: int) -> int:

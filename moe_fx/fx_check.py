@@ -18,6 +18,7 @@ import torch
 from torch import fx, nn
 
 from .errors import UnsupportedFamilyError
+from .experts_implementation import experts_implementation
 from .spec import MoEBlockSpec, MoEModelSpec
 
 _SOFTMAX = {"softmax", "_softmax", "_safe_softmax", "log_softmax"}
@@ -43,25 +44,6 @@ class BlockCheck:
     graph: GraphRouting | None
     mismatches: tuple[str, ...]
     error: str | None = None
-
-
-@contextlib.contextmanager
-def experts_implementation(model: nn.Module, name: str) -> Iterator[None]:
-    """Temporarily switch the experts implementation (restored on exit, also after an error)."""
-    getter = getattr(model, "get_experts_implementation", None)
-    if getter is None:
-        yield
-        return
-    before = getter()
-    try:
-        model.set_experts_implementation(name)
-    except (ValueError, AttributeError):
-        yield
-        return
-    try:
-        yield
-    finally:
-        model.set_experts_implementation(before)
 
 
 def _op_name(node: fx.Node) -> str:
@@ -111,7 +93,7 @@ def export_block(model: nn.Module, block_path: str, tokens: int = 8) -> torch.ex
     param = next(block.parameters())
     hidden = _hidden_size(block)
     x = torch.randn(1, tokens, hidden, dtype=param.dtype, device=param.device)
-    with experts_implementation(model, "grouped_mm"), _loop_experts_stubbed(block), torch.no_grad():
+    with experts_implementation(model, "grouped_mm", required=False), _loop_experts_stubbed(block), torch.no_grad():
         return torch.export.export(block, (x,), strict=False)
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install moe-fx with its test extra. torch is installed first and pinned,
+# Create .venv (if missing) and install moe-fx with its test and onnx extras. torch is installed first and pinned,
 # so pip takes the local CPU wheel instead of pulling a multi-GB CUDA build; set MOE_FX_TORCH to override
 # (e.g. MOE_FX_TORCH="torch" to keep the newest, or an already-installed GPU torch's version).
 # transformers is pinned by constraints.txt to the version the tests are written against.
@@ -12,5 +12,5 @@ VENV="${MOE_FX_VENV:-.venv}"
 # constraints.txt pins the transformers version the tests are written against (MOE_FX_CONSTRAINTS="" to lift it)
 constraints=(-c "${MOE_FX_CONSTRAINTS-constraints.txt}")
 [ -n "${MOE_FX_CONSTRAINTS-constraints.txt}" ] || constraints=()
-"$VENV/bin/python" -m pip install -q -e ".[test]" "${constraints[@]}" 2>&1 | grep -v "^WARNING: Location" || true
+"$VENV/bin/python" -m pip install -q -e ".[test,onnx]" "${constraints[@]}" 2>&1 | grep -v "^WARNING: Location" || true
 "$VENV/bin/python" -c "import moe_fx, torch, transformers; print(f'moe-fx {moe_fx.__version__}, torch {torch.__version__}, transformers {transformers.__version__}')"

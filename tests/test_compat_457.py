@@ -1,6 +1,9 @@
-"""A pruned checkpoint (experts dropped, or channels removed at one width) loads in transformers 4.57 (a separate environment) with the same logits.
+"""transformers 4.57 (a separate environment) on moe-fx outputs: a pruned checkpoint (experts dropped, or channels
+removed at one width) loads with the same logits; Optimum (optimum-onnx, which needs transformers < 4.58) exports
+it with its own exporter, and loads moe-fx's ONNX export; both generate what transformers 5 generates.
 
-Runs when MOE_FX_T457_PYTHON names a Python with transformers 4.57 (``.ci/run`` builds one); skipped otherwise.
+Runs when MOE_FX_T457_PYTHON names a Python with transformers 4.57 (``.ci/run`` builds one, with optimum-onnx);
+skipped otherwise.
 """
 
 import json
@@ -20,6 +23,27 @@ from moe_fx.plan import ChannelPlan
 
 PYTHON = os.environ.get("MOE_FX_T457_PYTHON")
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "check_t457.py"
+OPTIMUM_SCRIPT = SCRIPT.with_name("check_optimum.py")
+PROMPT = [5, 17, 300, 42, 8, 99, 1000, 7]
+needs_457 = pytest.mark.skipif(not PYTHON, reason="set MOE_FX_T457_PYTHON to a Python with transformers 4.57")
+
+
+def _run_457(script: Path, *args) -> dict:
+    proc = subprocess.run([PYTHON, str(script), *map(str, args)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _greedy(path: Path, n: int) -> list[int]:
+    model = load_model(path, dtype="float32")
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)[0].tolist()
+
+
+def _pruned_micro(micro_path: Path, tmp_path: Path) -> Path:
+    model = compose(Score("random"), DropExperts(ratio=0.25))(load_model(micro_path))
+    return save_checkpoint(model, tmp_path / "pruned", source=micro_path)
 
 
 def _channels_halved(model):
@@ -30,7 +54,7 @@ def _channels_halved(model):
     return PruneChannels(plan=plan)(model)
 
 
-@pytest.mark.skipif(not PYTHON, reason="set MOE_FX_T457_PYTHON to a Python with transformers 4.57")
+@needs_457
 @pytest.mark.parametrize("rewrite, experts, width", [
     (lambda m: compose(Score("random"), DropExperts(ratio=0.25))(m), 6, 64),
     (_channels_halved, 8, 32),
@@ -47,3 +71,40 @@ def test_pruned_checkpoint_loads_in_transformers_457(rewrite, experts, width, mi
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert (result["num_experts"], result["width"]) == (experts, width)
     torch.testing.assert_close(torch.tensor(result["logits"]), ref, atol=1e-4, rtol=1e-4)
+
+
+@needs_457
+def test_rope_theta_reaches_transformers_457(tmp_path):
+    """4.57 ignores v5's ``rope_parameters``: without the top-level ``rope_theta`` a 1e6 model would run with 1e4."""
+    from conftest import tiny_qwen3
+
+    model = tiny_qwen3()
+    model.config.rope_parameters = {"rope_type": "default", "rope_theta": 1e6}
+    model = load_model(save_checkpoint(model, tmp_path / "base"), dtype="float32")  # rebuilt with the new rope
+    out = save_checkpoint(compose(Score("random"), DropExperts(ratio=0.25))(model), tmp_path / "pruned")
+    assert json.loads((out / "config.json").read_text())["rope_theta"] == 1e6
+    tokens = [[5, 17, 30, 42, 8, 99, 100, 7] * 4]
+    with torch.no_grad():
+        ref = load_model(out, dtype="float32")(input_ids=torch.tensor(tokens)).logits
+    result = _run_457(SCRIPT, out, json.dumps(tokens))
+    torch.testing.assert_close(torch.tensor(result["logits"]), ref, atol=1e-4, rtol=1e-4)
+
+
+@needs_457
+def test_optimum_exports_a_pruned_checkpoint(micro_path, tmp_path):
+    """Path (a): ``optimum-cli export onnx`` (its main_export) on our pruned checkpoint, run by ORTModelForCausalLM."""
+    out = _pruned_micro(micro_path, tmp_path)
+    result = _run_457(OPTIMUM_SCRIPT, "cli-export", out, tmp_path / "optimum-onnx", json.dumps(PROMPT), 12)
+    expected = _greedy(out, 12)
+    assert result["torch"] == expected and result["ort"] == expected
+
+
+@needs_457
+def test_optimum_loads_moe_fx_onnx_export(micro_path, tmp_path):
+    """Path (b): our own export (transformers 5) loads in ORTModelForCausalLM and generates the same tokens."""
+    from moe_fx.exporters.onnx import export_onnx
+
+    out = _pruned_micro(micro_path, tmp_path)
+    onnx_dir = export_onnx(out, tmp_path / "onnx").path
+    result = _run_457(OPTIMUM_SCRIPT, "load", onnx_dir, json.dumps(PROMPT), 12)
+    assert result["ort"] == _greedy(out, 12)

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,10 +19,12 @@ from torch import nn
 
 from .. import __version__
 from ..adapters import COUNT_ATTRS, get_adapter
-from ..errors import BadOptionError, OutputPathError
+from ..errors import BadOptionError, MoeFxError, OutputPathError
+from ..trace import trace
 from ..pipeline import STATE_ATTR
 from ..rewrite import config_at
 from . import per_layer_model
+from .atomic import atomic_directory
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -38,6 +38,9 @@ TOKENIZER_FILES = (
 )
 
 RECORD_FILE = "moe_fx.json"
+
+CONFIG_FILES = ("config.json", "generation_config.json", "modeling_moe_fx.py")
+"""What a runtime that brings its own graph (ONNX) needs of a checkpoint besides the tokenizer."""
 
 AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoModelForMultimodalLM", "AutoModel")
 """Auto classes a per-layer checkpoint's ``auto_map`` may name (those mapping its config to its class)."""
@@ -63,12 +66,17 @@ def _config_aliases(model: nn.Module) -> dict[str, dict[str, int]]:
     Aliases are written beside the key that holds the count, in the same (sub-)config.
     """
     state = getattr(model, STATE_ATTR, None)
-    if state is None:
-        return {}
-    n = max(b.num_experts for b in state.spec.blocks)
-    legacy = set(get_adapter(state.spec.model_type).legacy_count_keys)
+    if state is not None:
+        spec = state.spec
+    else:  # a model moe-fx has not touched still needs the aliases (v5 writes Qwen3-MoE's count under one name)
+        try:
+            spec = trace(model)
+        except MoeFxError:
+            return {}
+    n = max(b.num_experts for b in spec.blocks)
+    legacy = set(get_adapter(spec.model_type).legacy_count_keys)
     out: dict[str, dict[str, int]] = {}
-    for ref in state.spec.config_count_keys:
+    for ref in spec.config_count_keys:
         path, _, key = ref.rpartition(":")
         config = config_at(model.config, path)
         aliases = getattr(config, "attribute_map", {}) or {}
@@ -86,15 +94,33 @@ def _edited_config(path: Path) -> Iterator[dict]:
     cfg_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def _patch_config(path: Path, aliases: dict[str, dict[str, int]]) -> None:
-    if not aliases:
-        return
+def patch_config(path: Path, aliases: dict[str, dict[str, int]] | None = None) -> None:
+    """Write the count aliases, and the rope fields transformers 4.x reads: it ignores v5's ``rope_parameters``
+    and would silently fall back to its default ``rope_theta`` (10000; Qwen3 uses 1e6)."""
     with _edited_config(path) as data:
-        for config_path, values in aliases.items():
+        for config_path, values in (aliases or {}).items():
             target = data
             for part in filter(None, config_path.split(".")):
                 target = target[part]
             target.update(values)
+        for config in [data] + [v for v in data.values() if isinstance(v, dict) and "model_type" in v]:
+            rope = config.get("rope_parameters")
+            if not isinstance(rope, dict) or "rope_theta" not in rope:
+                continue
+            config.setdefault("rope_theta", rope["rope_theta"])
+            if rope.get("rope_type", "default") != "default":
+                config.setdefault("rope_scaling", {k: v for k, v in rope.items() if k != "rope_theta"})
+
+
+def _patch_tokenizer_class(path: Path) -> None:
+    """transformers 5 names its fast tokenizer ``TokenizersBackend``, a class 4.x lacks; ``PreTrainedTokenizerFast``
+    is the same class in 5 (an alias) and loads in 4.x too."""
+    file = path / "tokenizer_config.json"
+    if file.is_file():
+        data = json.loads(file.read_text())
+        if data.get("tokenizer_class") == "TokenizersBackend":
+            data["tokenizer_class"] = "PreTrainedTokenizerFast"
+            file.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def _write_per_layer_code(model: nn.Module, path: Path) -> None:
@@ -127,19 +153,27 @@ def _drop_stale_auto_map(path: Path) -> None:
             data.pop("auto_map", None)
 
 
-def _normal_permissions(path: Path) -> None:
-    """mkdtemp makes a private (0700) directory; give the checkpoint the permissions of a normal mkdir."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o777 & ~umask)
-    for f in path.iterdir():
-        os.chmod(f, 0o666 & ~umask)
-
-
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
     import transformers
 
     return {"moe_fx": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def copy_files(source: str | Path, dest: Path, names: tuple[str, ...] = TOKENIZER_FILES) -> None:
+    """Copy those of ``names`` the source checkpoint has (by default its tokenizer: a pruned model keeps it)."""
+    for name in names:
+        if (Path(source) / name).is_file():
+            shutil.copy2(Path(source) / name, dest / name)
+    _patch_tokenizer_class(dest)
+
+
+def write_config(model: nn.Module, path: Path) -> None:
+    """The config (with the aliases older transformers read) and generation config of ``model``, without weights:
+    what a runtime that brings its own graph (ONNX) reads."""
+    model.config.save_pretrained(path)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(path)
+    patch_config(path, _config_aliases(model))
 
 
 def save_checkpoint(
@@ -157,32 +191,18 @@ def save_checkpoint(
         raise BadOptionError("this model's channels were zeroed in place (PruneChannels(mask_only=True), a debug mode); "
                              "run PruneChannels without mask_only to get a smaller model to save")
     out = check_output_path(out, source, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+            _patch_tokenizer_class(tmp)
         elif source is not None:
-            for name in TOKENIZER_FILES:
-                if (Path(source) / name).is_file():
-                    shutil.copy2(Path(source) / name, tmp / name)
-        _patch_config(tmp, _config_aliases(model))
+            copy_files(source, tmp)
+        patch_config(tmp, _config_aliases(model))
         _write_per_layer_code(model, tmp)
         record = state.record() if state is not None else {}
         record.update(extra_record or {})
-        record["versions"] = _versions()
+        record["versions"] = versions()
         record["source"] = str(Path(source).resolve()) if source is not None else None
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        _normal_permissions(tmp)
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
