@@ -46,11 +46,11 @@ def _torch_latency(model, ids: torch.Tensor, impl: str, repeats: int) -> tuple[f
     with experts_implementation(model, impl):
         prefill = _median_ms(lambda: model(input_ids=ids, use_cache=True), repeats)
         past = model(input_ids=ids, use_cache=True).past_key_values
-        step, length = ids[:, -1:], ids.shape[1]
+        step = ids[:, -1:]
 
         def decode():  # every timed step starts from the same past: the new token is cropped off again
             model(input_ids=step, past_key_values=past, use_cache=True)
-            past.crop(length)
+            past.crop(-1)
 
         return prefill, _median_ms(decode, repeats)
 
