@@ -10,6 +10,7 @@ checkpoint that stock transformers loads. Passes compose::
 
 __version__ = "0.1.0"
 
+from .compiling import compile_model as compile  # noqa: E402
 from .errors import MoeFxError  # noqa: E402
 from .loading import load_model as load  # noqa: E402
 from .pipeline import MoEState, Pass, PassResult, Pipeline, compose, state_of  # noqa: E402
@@ -30,6 +31,7 @@ __all__ = [
     "RouterSpec",
     "SharedExpertSpec",
     "__version__",
+    "compile",
     "compose",
     "load",
     "state_of",

@@ -34,9 +34,9 @@ def _run_457(script: Path, *args) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _greedy(path: Path, n: int) -> list[int]:
+def _greedy(path: Path, n: int, prompt: list[int] = PROMPT) -> list[int]:
     model = load_model(path, dtype="float32")
-    ids = torch.tensor([PROMPT])
+    ids = torch.tensor([prompt])
     with torch.no_grad():
         return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)[0].tolist()
 
@@ -96,6 +96,25 @@ def test_optimum_exports_a_pruned_checkpoint(micro_path, tmp_path):
     out = _pruned_micro(micro_path, tmp_path)
     result = _run_457(OPTIMUM_SCRIPT, "cli-export", out, tmp_path / "optimum-onnx", json.dumps(PROMPT), 12)
     expected = _greedy(out, 12)
+    assert result["torch"] == expected and result["ort"] == expected
+
+
+@needs_457
+@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss"])
+def test_optimum_exports_other_families(family, tmp_path):
+    """Path (a) on the other MoE families Optimum exports: tiny pruned models (half the experts dropped)."""
+    from test_families import kept_ids, tiny_model
+
+    from moe_fx import PrunePlan
+    from moe_fx.trace import trace
+
+    model = tiny_model(family).float()
+    spec = trace(model)
+    DropExperts(plan=PrunePlan({b.path: kept_ids(spec) for b in spec.blocks}))(model)
+    out = save_checkpoint(model, tmp_path / "pruned")
+    prompt = [5, 17, 30, 42, 8, 99, 100, 7]
+    result = _run_457(OPTIMUM_SCRIPT, "cli-export", out, tmp_path / "optimum-onnx", json.dumps(prompt), 12)
+    expected = _greedy(out, 12, prompt)
     assert result["torch"] == expected and result["ort"] == expected
 
 

@@ -13,6 +13,7 @@ from test_channels import _random_plan
 from test_families import kept_ids, tiny_model
 from test_per_layer import _uneven
 
+import moe_fx
 from moe_fx import PrunePlan, state_of
 from moe_fx.cli import main
 from moe_fx.compiling import compile_model
@@ -96,6 +97,12 @@ def test_channel_pruned_per_expert_widths_export(tmp_path) -> None:
     _assert_matches(result, model)
 
 
+def test_float16_export_matches(tmp_path) -> None:
+    result = onnx_export.export_onnx(tiny_qwen3(), tmp_path / "onnx", dtype="float16")
+    assert result.dtype == "float16" and result.parity.greedy_identical
+    assert result.parity.max_abs_logit_diff <= onnx_export.HALF_LOGIT_TOLERANCE * max(1.0, result.parity.logit_scale)
+
+
 def test_cli_exports_the_trained_micro_model(capsys, micro_path, tmp_path) -> None:
     code = main(["export", "onnx", str(micro_path), "--out", str(tmp_path / "onnx"), "--quiet"])
     out, err = capsys.readouterr()
@@ -119,6 +126,7 @@ def test_bad_export_input_is_named(capsys, micro_path, tmp_path) -> None:
     assert "not a model directory" in run(str(tmp_path), "--out", str(tmp_path / "x"))
     assert "--opset 7 is not supported" in run(str(micro_path), "--out", str(tmp_path / "x"), "--opset", "7")
     assert "overlaps the source" in run(str(micro_path), "--out", str(micro_path / "onnx"))
+    assert "do not run bfloat16" in run(str(micro_path), "--out", str(tmp_path / "x"), "--dtype", "bfloat16")
     (tmp_path / "taken").mkdir()
     assert "already exists" in run(str(micro_path), "--out", str(tmp_path / "taken"))
     with pytest.raises(OutputPathError):
@@ -139,7 +147,7 @@ def test_compiled_pruned_model_matches_eager() -> None:
     with torch.no_grad():
         ref = model(input_ids=X).logits
         torch._dynamo.reset()
-        got = compile_model(model)(input_ids=X).logits
+        got = moe_fx.compile(model)(input_ids=X).logits
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     with pytest.raises(BadOptionError, match="fullgraph"):
         compile_model(model, experts_implementation="eager")

@@ -128,16 +128,22 @@ def _cache_constants(cache) -> dict[tuple[int, str], torch.Tensor]:
     return out
 
 
+def _cache_values(values, pattern: re.Pattern) -> list[tuple[object, int, str]]:
+    """The graph inputs/outputs that carry the cache object's tensors, with their layer and attribute name."""
+    out = []
+    for value in list(values):
+        m = pattern.match(value.name or "")
+        if m:
+            out.append((value, int(m.group(1)), m.group(2)))
+    return out
+
+
 def _to_optimum_interface(graph, constants: dict[tuple[int, str], torch.Tensor]) -> dict[str, int]:
     """Rename the cache inputs/outputs to Optimum's names, fold cache constants, and name the dynamic dims."""
     import onnx_ir as ir
 
     folded = {}
-    for value in list(graph.inputs):
-        m = _PAST_INPUT.match(value.name or "")
-        if not m:
-            continue
-        layer, kind = int(m.group(1)), m.group(2)
+    for value, layer, kind in _cache_values(graph.inputs, _PAST_INPUT):
         if kind in _CACHE_KIND:
             value.name = f"past_key_values.{layer}.{_CACHE_KIND[kind]}"
             continue
@@ -148,11 +154,7 @@ def _to_optimum_interface(graph, constants: dict[tuple[int, str], torch.Tensor])
         value.const_value = ir.tensor(constants[(layer, kind)].numpy(), name=value.name)
         graph.register_initializer(value)
         folded[f"layers.{layer}.{kind}"] = int(constants[(layer, kind)])
-    for value in list(graph.outputs):
-        m = _PAST_OUTPUT.match(value.name or "")
-        if not m:
-            continue
-        layer, kind = int(m.group(1)), m.group(2)
+    for value, layer, kind in _cache_values(graph.outputs, _PAST_OUTPUT):
         if kind in _CACHE_KIND:
             value.name = f"present.{layer}.{_CACHE_KIND[kind]}"
         else:
@@ -267,6 +269,9 @@ def export_onnx(
     _check_opset(opset)
     from transformers.exporters import OnnxConfig, OnnxExporter
 
+    if check and device == "cpu" and parse_dtype(dtype) == torch.bfloat16:
+        raise BadOptionError("onnxruntime's CPU kernels do not run bfloat16 graphs, so the parity check cannot run: "
+                             "export --dtype float16 or float32, or pass --no-check (or check on a CUDA device)")
     if isinstance(model, (str, Path)):
         source = Path(model)
         model = load_model(model, dtype=dtype, device=device)

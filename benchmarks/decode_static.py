@@ -1,0 +1,79 @@
+"""Decode speed of pruned models without the host overhead: a ``StaticCache`` and ``torch.compile`` with CUDA
+graphs (``mode="reduce-overhead"``), against the same with ``mode="default"``, side by side in one run.
+
+``deploy_speed.py`` decodes with a ``DynamicCache``; at a few layers its compiled steps spend more time on the
+host (guards, launches) than on the GPU, which hides what pruning saves in weight reads. Here each step is one
+replayed CUDA graph. Variants and the random-weight Qwen3-30B-A3B-shaped model come from ``deploy_speed.py``.
+
+    python benchmarks/decode_static.py --layers 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import types
+from pathlib import Path
+
+import torch
+from deploy_speed import build_synthetic, make_variant
+from transformers import StaticCache
+
+from moe_fx.compiling import compile_model
+from moe_fx.table import format_table
+
+
+@torch.no_grad()
+def step_ms(model, mode: str, batch: int, prompt_len: int, steps: int, repeats: int, seed: int) -> float:
+    """Median milliseconds per decode step (the first run, which compiles and records, is not counted)."""
+    torch._dynamo.reset()
+    forward = compile_model(model, mode=mode)
+    cache = StaticCache(config=model.config, max_cache_len=prompt_len + steps + 8)
+    g = torch.Generator(device="cuda").manual_seed(seed + batch)
+    prompt = torch.randint(3, 1000, (batch, prompt_len), device="cuda", generator=g)
+    tokens = [t.contiguous() for t in torch.randint(3, 1000, (batch, steps), device="cuda", generator=g).split(1, dim=1)]
+    positions = [torch.tensor([prompt_len + i], device="cuda") for i in range(steps)]
+    times = []
+    for _ in range(repeats + 1):
+        cache.reset()
+        model(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(prompt_len, device="cuda"), use_cache=True, logits_to_keep=1)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for ids, pos in zip(tokens, positions):
+            forward(input_ids=ids, past_key_values=cache, cache_position=pos, use_cache=True)
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) / steps * 1000)
+    return statistics.median(times[1:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--variants", nargs="+", default=["unpruned", "experts-25%", "experts-50%", "channels-50%"])
+    ap.add_argument("--modes", nargs="+", default=["reduce-overhead", "default"])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=48)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="benchmarks/results/decode_static.json")
+    args = ap.parse_args()
+    base = build_synthetic(types.SimpleNamespace(tiny=False, layers=args.layers, seed=args.seed, device="cuda"), torch.bfloat16)
+    models = {name: make_variant(base, name, args.seed) for name in args.variants}
+    ms = {mode: {name: {b: step_ms(m, mode, b, args.prompt, args.steps, args.repeats, args.seed) for b in args.batches}
+                 for name, m in models.items()} for mode in args.modes}
+    ref = args.variants[0]
+    rows = [[name, mode] + [f"{ms[mode][name][b]:.2f} ({ms[mode][ref][b] / ms[mode][name][b]:.2f}x)" for b in args.batches]
+            for mode in args.modes for name in args.variants]
+    print(format_table(["variant", "compile mode"] + [f"ms/step b{b} (gain)" for b in args.batches], rows,
+                       title=f"decode with StaticCache, {args.layers} layers of Qwen3-30B-A3B shapes, bf16, {torch.cuda.get_device_name()}"))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    meta = {"layers": args.layers, "prompt": args.prompt, "steps": args.steps, "repeats": args.repeats,
+            "device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    Path(args.out).write_text(json.dumps({"meta": meta, "ms_per_step": ms}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
