@@ -263,7 +263,8 @@ def export_onnx(
     ``check`` runs the exported graph in onnxruntime against the PyTorch model (logits with and through the
     past, and greedy generation); a graph that misses the tolerance raises :class:`OnnxParityError` and
     leaves no output. ``dtype`` is the precision of the graph (float32 is the one onnxruntime's CPU kernels
-    cover fully).
+    cover fully); an in-memory model is cast to it in place (a directory is loaded in it), and its experts
+    implementation is restored afterwards.
     """
     _require_onnx_stack()
     _check_opset(opset)
