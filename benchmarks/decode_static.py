@@ -6,6 +6,7 @@ host (guards, launches) than on the GPU, which hides what pruning saves in weigh
 replayed CUDA graph. Variants and the random-weight Qwen3-30B-A3B-shaped model come from ``deploy_speed.py``.
 
     python benchmarks/decode_static.py --layers 4
+    python benchmarks/decode_static.py --model ../shared/models/qwen3moe-bench
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import types
 from pathlib import Path
 
 import torch
-from deploy_speed import build_synthetic, make_variant
+from deploy_speed import SYNTHETIC, build_synthetic, make_variant
 from transformers import StaticCache
 
 from moe_fx.compiling import compile_model
+from moe_fx.loading import load_model
 from moe_fx.table import format_table
 
 
@@ -50,7 +52,8 @@ def step_ms(model, mode: str, batch: int, prompt_len: int, steps: int, repeats: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--model", default=SYNTHETIC, help=f"a checkpoint directory, or {SYNTHETIC!r} (random weights)")
+    ap.add_argument("--layers", type=int, default=4, help=f"decoder layers of {SYNTHETIC}")
     ap.add_argument("--variants", nargs="+", default=["unpruned", "experts-25%", "experts-50%", "channels-50%"])
     ap.add_argument("--modes", nargs="+", default=["reduce-overhead", "default"])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
@@ -60,7 +63,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results/decode_static.json")
     args = ap.parse_args()
-    base = build_synthetic(types.SimpleNamespace(tiny=False, layers=args.layers, seed=args.seed, device="cuda"), torch.bfloat16)
+    if args.model == SYNTHETIC:
+        base = build_synthetic(types.SimpleNamespace(tiny=False, layers=args.layers, seed=args.seed, device="cuda"), torch.bfloat16)
+    else:
+        base = load_model(args.model, dtype="bfloat16", device="cuda")
     models = {name: make_variant(base, name, args.seed) for name in args.variants}
     ms = {mode: {name: {b: step_ms(m, mode, b, args.prompt, args.steps, args.repeats, args.seed) for b in args.batches}
                  for name, m in models.items()} for mode in args.modes}
@@ -68,9 +74,9 @@ def main() -> None:
     rows = [[name, mode] + [f"{ms[mode][name][b]:.2f} ({ms[mode][ref][b] / ms[mode][name][b]:.2f}x)" for b in args.batches]
             for mode in args.modes for name in args.variants]
     print(format_table(["variant", "compile mode"] + [f"ms/step b{b} (gain)" for b in args.batches], rows,
-                       title=f"decode with StaticCache, {args.layers} layers of Qwen3-30B-A3B shapes, bf16, {torch.cuda.get_device_name()}"))
+                       title=f"decode with StaticCache, {args.model} ({base.config.num_hidden_layers} layers), bf16, {torch.cuda.get_device_name()}"))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    meta = {"layers": args.layers, "prompt": args.prompt, "steps": args.steps, "repeats": args.repeats,
+    meta = {"model": args.model, "layers": base.config.num_hidden_layers, "prompt": args.prompt, "steps": args.steps, "repeats": args.repeats,
             "device": torch.cuda.get_device_name(), "torch": torch.__version__}
     Path(args.out).write_text(json.dumps({"meta": meta, "ms_per_step": ms}, indent=2) + "\n")
 
