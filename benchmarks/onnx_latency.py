@@ -5,7 +5,7 @@ cache, for an unpruned and a pruned model, measured side by side in one run.
 
 Each variant is exported with ``moe_fx.exporters.onnx.export_onnx`` (parity checked there), then timed in
 the same process: PyTorch with the ``grouped_mm`` and ``batched_mm`` experts, onnxruntime with the exported
-graph (``batched_mm``, all threads). Prints a table and writes JSON.
+graph (``batched_mm``, all threads), in rounds that alternate the variants. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -71,7 +71,8 @@ def main() -> None:
     ap.add_argument("--ratio", type=float, default=0.5, help="fraction of experts dropped in the pruned variant")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prompt", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=10, help="timed calls per measurement (median)")
+    ap.add_argument("--rounds", type=int, default=3, help="measurements per variant, alternating the variants (median)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", default="benchmarks/results/onnx_latency.json")
     args = ap.parse_args()
@@ -81,22 +82,30 @@ def main() -> None:
     variants = {"unpruned": base, f"experts-{args.ratio:.0%}": compose(Score("random"), DropExperts(ratio=args.ratio))(copy.deepcopy(base))}
     vocab = base.get_output_embeddings().weight.shape[0]
     ids = torch.randint(3, vocab, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0))
-    rows, results = [], {}
+    runtimes = ("torch grouped_mm", "torch batched_mm", "onnxruntime")
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
+        runners = {}
         for name, model in variants.items():
             export = export_onnx(model, Path(tmp) / name)
-            runner = OnnxCausalLM(export.path, device="cpu")
-            entry = {"weight_bytes": model_size(model)["bytes"], "onnx_bytes": export.onnx_bytes,
-                     "parity": export.parity.to_dict(), "ms": {}}
-            for impl in ("grouped_mm", "batched_mm"):
-                entry["ms"][f"torch {impl}"] = _torch_latency(model, ids, impl, args.repeats)
-            entry["ms"]["onnxruntime"] = _ort_latency(runner, ids.numpy(), args.repeats)
-            results[name] = entry
-            for runtime, (prefill, decode) in entry["ms"].items():
-                rows.append([name, runtime, human_bytes(entry["weight_bytes"]), f"{prefill:.1f}", f"{decode:.2f}"])
-    header = f"batch {args.batch}, prompt {args.prompt} tokens, {args.threads} CPU threads, fp32; medians of {args.repeats}"
+            runners[name] = OnnxCausalLM(export.path, device="cpu")
+            results[name] = {"weight_bytes": model_size(model)["bytes"], "onnx_bytes": export.onnx_bytes,
+                             "parity": export.parity.to_dict(), "rounds": {r: [] for r in runtimes}}
+        # rounds alternate the variants, so drift of a shared machine (other jobs, clocks) hits both alike
+        for _ in range(args.rounds):
+            for name, model in variants.items():
+                rounds = results[name]["rounds"]
+                for impl in ("grouped_mm", "batched_mm"):
+                    rounds[f"torch {impl}"].append(_torch_latency(model, ids, impl, args.repeats))
+                rounds["onnxruntime"].append(_ort_latency(runners[name], ids.numpy(), args.repeats))
+    rows = []
+    for name, entry in results.items():
+        entry["ms"] = {r: [statistics.median(t[i] for t in entry["rounds"][r]) for i in (0, 1)] for r in runtimes}
+        for runtime, (prefill, decode) in entry["ms"].items():
+            rows.append([name, runtime, human_bytes(entry["weight_bytes"]), f"{prefill:.1f}", f"{decode:.2f}"])
+    header = f"batch {args.batch}, prompt {args.prompt} tokens, {args.threads} CPU threads, fp32; median of {args.rounds} alternating rounds of {args.repeats}"
     print(format_table(["variant", "runtime", "weights", "prefill ms", "decode step ms"], rows, title=header))
-    meta = {"model": args.model, "batch": args.batch, "prompt": args.prompt, "threads": args.threads,
+    meta = {"model": args.model, "rounds": args.rounds, "repeats": args.repeats, "batch": args.batch, "prompt": args.prompt, "threads": args.threads,
             "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
