@@ -133,6 +133,15 @@ def test_bad_export_input_is_named(capsys, micro_path, tmp_path) -> None:
         onnx_export.export_onnx(tiny_qwen3(), tmp_path / "taken")
 
 
+def test_weights_past_the_protobuf_limit_go_to_external_data(monkeypatch, tmp_path) -> None:
+    """The >2 GB path, on a tiny model with the limit lowered: weights in model.onnx_data, which onnxruntime reads."""
+    monkeypatch.setattr(onnx_export, "PROTOBUF_LIMIT", 0)
+    result = onnx_export.export_onnx(tiny_qwen3(), tmp_path / "onnx", with_past=False)
+    data = result.path / onnx_export.EXTERNAL_DATA_FILE
+    assert data.stat().st_size >= result.initializer_bytes * 0.9 > (result.path / "model.onnx").stat().st_size
+    assert result.parity.greedy_identical and result.parity.max_abs_logit_diff <= 1e-4
+
+
 def test_failed_parity_leaves_no_output(monkeypatch, tmp_path) -> None:
     monkeypatch.setattr(onnx_export, "FP32_LOGIT_TOLERANCE", -1.0)
     with pytest.raises(onnx_export.OnnxParityError, match="nothing written"):
