@@ -7,6 +7,13 @@ and exits with status 2, so the message must name the bad input and say what to 
 from __future__ import annotations
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an error's message (its type's name when it has none), cut to ``limit`` characters:
+    what a one-line error quoting a library's failure shows of it."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
+
+
 class MoeFxError(Exception):
     """Base class for errors caused by the user's input (path, model, data, option)."""
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from .errors import UnsupportedFamilyError
+from .errors import UnsupportedFamilyError, first_line
 from .experts_implementation import experts_implementation
 from .spec import MoEBlockSpec, MoEModelSpec
 
@@ -198,7 +198,7 @@ def infer_routing(model: nn.Module, block_path: str) -> GraphRouting:
     except Exception as exc:  # noqa: BLE001 - any export failure means the rule is unknown
         raise UnsupportedFamilyError(
             f"no adapter for {type(block).__name__} and its routing rule could not be read from a torch.export "
-            f"graph ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); register a FamilyAdapter"
+            f"graph ({type(exc).__name__}: {first_line(exc, 160)}); register a FamilyAdapter"
         ) from exc
     if routing.score_fn is None:
         raise UnsupportedFamilyError(f"no softmax/sigmoid found after the router of {block_path}; register a FamilyAdapter")
@@ -212,7 +212,7 @@ def check_block(model: nn.Module, block: MoEBlockSpec) -> BlockCheck:
     try:
         g = graph_routing(model, block)
     except Exception as exc:  # noqa: BLE001 - reported per block, not fatal
-        return BlockCheck(block.path, False, None, (), f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        return BlockCheck(block.path, False, None, (), f"{type(exc).__name__}: {first_line(exc, 200)}")
     r = block.router
     mismatches = []
     if g.top_k != r.top_k:

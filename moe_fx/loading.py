@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import NotAModelError
+from .errors import NotAModelError, first_line
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -71,8 +71,7 @@ def load_model(path: str | Path, *, dtype: str = "auto", device: str = "cpu"):
     try:
         model = model_class(p).from_pretrained(p, dtype=parse_dtype(dtype), device_map=None)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise NotAModelError(f"{p}: could not load the checkpoint ({type(exc).__name__}: {first[:300]})") from None
+        raise NotAModelError(f"{p}: could not load the checkpoint ({type(exc).__name__}: {first_line(exc)})") from None
     return model.to(device).eval()
 
 
@@ -82,4 +81,4 @@ def load_tokenizer(path: str | Path):
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
-        raise NotAModelError(f"{path}: no usable tokenizer ({str(exc).splitlines()[0][:200]})") from None
+        raise NotAModelError(f"{path}: no usable tokenizer ({first_line(exc, 200)})") from None

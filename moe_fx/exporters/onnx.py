@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import BadOptionError, MoeFxError
+from ..errors import BadOptionError, MoeFxError, first_line
 from ..evaluate import model_size
 from ..experts_implementation import EXPORT_IMPLEMENTATION, experts_implementation
 from ..loading import load_model, parse_dtype
@@ -88,7 +88,7 @@ def _require_onnx_stack() -> None:
         import transformers
 
         raise MoeFxError(f"ONNX export uses transformers.exporters, which transformers {transformers.__version__} does not have; "
-                         "pip install -U 'transformers>=5.20'") from None
+                         "pip install -U 'transformers>=5.23'") from None
 
 
 def _check_opset(opset: int | None) -> None:
@@ -131,7 +131,7 @@ def _cache_constants(cache) -> dict[tuple[int, str], torch.Tensor]:
 def _cache_values(values, pattern: re.Pattern) -> list[tuple[object, int, str]]:
     """The graph inputs/outputs that carry the cache object's tensors, with their layer and attribute name."""
     out = []
-    for value in list(values):
+    for value in values:
         m = pattern.match(value.name or "")
         if m:
             out.append((value, int(m.group(1)), m.group(2)))
@@ -190,17 +190,16 @@ def _name_dims(graph) -> None:
             rename(value, {0: "batch_size", 2: total})
 
 
-def _share_transposed_copies(graph) -> int:
+def _share_transposed_copies(graph) -> None:
     """Store a weight once when the graph holds it twice, once transposed (tied input and output embeddings:
     the optimizer folds ``Transpose(embedding)`` into a second initializer). The copy becomes a ``Transpose``
-    node reading the original; returns the bytes saved."""
+    node reading the original."""
     import onnx_ir as ir
 
     matrices = [v for v in graph.initializers.values() if v.const_value is not None and len(v.shape) == 2 and not v.is_graph_output()]
     by_shape: dict[tuple, list] = {}
     for v in matrices:
         by_shape.setdefault((tuple(v.shape), v.dtype), []).append(v)
-    saved = 0
     for (shape, dtype), copies in by_shape.items():
         if shape[0] == shape[1] or shape[0] > shape[1]:
             continue  # look from the wider orientation's side once; square weights are left alone
@@ -213,10 +212,8 @@ def _share_transposed_copies(graph) -> int:
                 graph.insert_before(graph.node(0), node)
                 node.outputs[0].name, node.outputs[0].shape, node.outputs[0].dtype = f"{copy.name}_t", copy.shape, copy.dtype
                 copy.replace_all_uses_with(node.outputs[0])
-                saved += copy.const_value.nbytes
                 graph.initializers.pop(copy.name)
                 copy.const_value = None
-    return saved
 
 
 def _strip_metadata(model) -> None:
@@ -228,11 +225,6 @@ def _strip_metadata(model) -> None:
 
 def _initializer_bytes(model) -> int:
     return sum(v.const_value.nbytes for g in model.graphs() for v in g.initializers.values() if v.const_value is not None)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
 def _explicit_dtype(name: str) -> torch.dtype:
@@ -283,57 +275,56 @@ def export_onnx(
     out = check_output_path(out, source, overwrite)
     torch_dtype = next(model.parameters()).dtype
 
+    import onnx_ir as ir
+
     started = time.perf_counter()
-    with experts_implementation(model, EXPORT_IMPLEMENTATION), torch.no_grad():
+    with experts_implementation(model, EXPORT_IMPLEMENTATION), torch.no_grad():  # the trace and the check
         inputs = _sample_inputs(model, with_past)
         constants = _cache_constants(inputs.get("past_key_values"))
         try:
             exported = OnnxExporter().export(model, inputs, OnnxConfig(dynamic=True, opset_version=opset))
         except (RuntimeError, ValueError, TypeError) as exc:
-            raise MoeFxError(f"transformers' ONNX exporter failed on {type(model).__name__}: {_first_line(exc)}") from exc
-    program = exported.program
-    folded = _to_optimum_interface(program.graph, constants)
-    _share_transposed_copies(program.graph)
-    _strip_metadata(program)
-    seconds = time.perf_counter() - started
+            raise MoeFxError(f"transformers' ONNX exporter failed on {type(model).__name__}: {first_line(exc)}") from exc
+        program = exported.program
+        folded = _to_optimum_interface(program.graph, constants)
+        _share_transposed_copies(program.graph)
+        _strip_metadata(program)
+        seconds = time.perf_counter() - started
 
-    import onnx_ir as ir
-
-    init_bytes = _initializer_bytes(program)
-    with atomic_directory(out) as tmp:
-        external = EXTERNAL_DATA_FILE if init_bytes > PROTOBUF_LIMIT else None
-        ir.save(program, str(tmp / ONNX_FILE), external_data=external)
-        if source is not None:  # the checkpoint's own config (aliases for older transformers included)
-            copy_files(source, tmp, CONFIG_FILES + TOKENIZER_FILES)
-            patch_config(tmp)
-        else:
-            write_config(model, tmp)
-        parity = None
-        if check:
-            with experts_implementation(model, EXPORT_IMPLEMENTATION), torch.no_grad():
+        init_bytes = _initializer_bytes(program)
+        with atomic_directory(out) as tmp:
+            external = EXTERNAL_DATA_FILE if init_bytes > PROTOBUF_LIMIT else None
+            ir.save(program, str(tmp / ONNX_FILE), external_data=external)
+            if source is not None:  # the checkpoint's own config (aliases for older transformers included)
+                copy_files(source, tmp, CONFIG_FILES + TOKENIZER_FILES)
+                patch_config(tmp)
+            else:
+                write_config(model, tmp)
+            parity = None
+            if check:
                 parity = check_parity(model, OnnxCausalLM(tmp, device="cpu" if device == "cpu" else "auto"))
-            limit = _tolerance(torch_dtype, parity)
-            if parity.max_abs_logit_diff > limit or (torch_dtype == torch.float32 and not parity.greedy_identical):
-                raise OnnxParityError(
-                    f"the ONNX graph does not match PyTorch: max |logit diff| {parity.max_abs_logit_diff:.3g} (limit {limit:.3g}), "
-                    f"greedy generation {'identical' if parity.greedy_identical else f'differs at token {parity.first_mismatch}'}; nothing written")
-        result = OnnxExport(
-            path=out,
-            with_past=with_past,
-            dtype=str(torch_dtype).removeprefix("torch."),
-            inputs=[v.name for v in program.graph.inputs],
-            outputs=[v.name for v in program.graph.outputs],
-            initializer_bytes=init_bytes,
-            parameter_bytes=model_size(model)["bytes"],
-            onnx_bytes=sum(f.stat().st_size for f in tmp.glob(f"{ONNX_FILE}*")),
-            export_seconds=round(seconds, 2),
-            parity=parity,
-            folded_constants=folded,
-        )
-        record = _source_record(source)
-        record["onnx_export"] = result.to_dict()
-        record["versions"] = versions()
-        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+                limit = _tolerance(torch_dtype, parity)
+                if parity.max_abs_logit_diff > limit or (torch_dtype == torch.float32 and not parity.greedy_identical):
+                    raise OnnxParityError(
+                        f"the ONNX graph does not match PyTorch: max |logit diff| {parity.max_abs_logit_diff:.3g} (limit {limit:.3g}), "
+                        f"greedy generation {'identical' if parity.greedy_identical else f'differs at token {parity.first_mismatch}'}; nothing written")
+            result = OnnxExport(
+                path=out,
+                with_past=with_past,
+                dtype=str(torch_dtype).removeprefix("torch."),
+                inputs=[v.name for v in program.graph.inputs],
+                outputs=[v.name for v in program.graph.outputs],
+                initializer_bytes=init_bytes,
+                parameter_bytes=model_size(model)["bytes"],
+                onnx_bytes=sum(f.stat().st_size for f in tmp.glob(f"{ONNX_FILE}*")),
+                export_seconds=round(seconds, 2),
+                parity=parity,
+                folded_constants=folded,
+            )
+            record = _source_record(source)
+            record["onnx_export"] = result.to_dict()
+            record["versions"] = versions()
+            (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return result
 
 
