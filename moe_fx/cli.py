@@ -6,6 +6,7 @@ Errors caused by the input (paths, options, data) print one line naming the prob
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -87,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-data", help="held-out .jsonl(.gz)/.txt for NLL before/after (default: a held-out slice of --calib)")
     p.add_argument("--holdout", type=float, default=0.05, help="fraction of --calib documents held out when --eval-data is absent")
     p.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
+    p.add_argument("--stream", default="auto", choices=("auto", "on", "off"),
+                   help="prune one decoder layer at a time, never holding the whole model: on, off, or auto (default: on when "
+                        "the checkpoint's weights exceed 80%% of the device's free memory); forward-only methods with uniform allocation")
     p.add_argument("--nproc", type=int, default=1, help="calibrate with this many processes on this host (runs torchrun; "
                    "or launch `torchrun --nproc-per-node N -m moe_fx prune ...` yourself)")
     _add_eval(p)
@@ -177,8 +181,10 @@ def cmd_eval(args) -> int:
 def cmd_prune(args) -> int:
     from . import distributed
     from .data import TokenBatch, pack, read_documents, split_fitness, split_holdout
-    from .evaluate import build_eval_set, disk_size, evaluate_nll, model_size
-    from .exporters.checkpoint import check_output_path, save_checkpoint
+    from .evaluate import build_eval_set, checkpoint_size, disk_size, evaluate_nll, model_size
+    from .exporters.checkpoint import check_output_path, save_checkpoint, update_record
+    from .lazy_checkpoint import meta_model
+    from .streaming import stream_evaluate, stream_prune
     from .loading import check_model_dir, load_model, load_tokenizer
     from .passes import Calibrate, CompensateExperts, DropExperts, MergeExperts, PruneChannels, Score
     from .passes.allocate import check_budget, experts_to_keep
@@ -205,7 +211,8 @@ def cmd_prune(args) -> int:
     device = _device(args.device)
     if distributed.init_from_env(device) and device == "cuda":
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    model = load_model(source, dtype=args.dtype, device=device)
+    stream = _streaming(args, source, device, search)
+    model = meta_model(source, args.dtype, device) if stream else load_model(source, dtype=args.dtype, device=device)
     save_dtype = model.config.dtype if isinstance(getattr(model.config, "dtype", None), torch.dtype) else next(model.parameters()).dtype
     spec = state_of(model).spec
     if not channels or args.expert_ratio:
@@ -221,8 +228,10 @@ def cmd_prune(args) -> int:
     eval_set = None
     if eval_docs and not args.no_eval and distributed.is_main():  # other ranks only help calibrate
         eval_set = build_eval_set(eval_docs, tokenizer, seq_len=args.eval_seq_len, seqs_per_domain=args.eval_seqs)
-    before_size = model_size(model)
-    before = evaluate_nll(model, eval_set, batch_size=args.batch_size, show_progress=show) if eval_set else None
+    size_of = checkpoint_size if stream else model_size
+    evaluate = functools.partial(stream_evaluate, device=device, dtype=args.dtype) if stream else evaluate_nll
+    before_size = size_of(source if stream else model)
+    before = evaluate(source if stream else model, eval_set, batch_size=args.batch_size, show_progress=show) if eval_set else None
 
     passes = []
     allocation = args.allocation
@@ -253,26 +262,35 @@ def cmd_prune(args) -> int:
     if args.compensate:
         passes.append(CompensateExperts(ridge=args.ridge))
     t0 = time.perf_counter()
-    model = compose(*passes)(model)
+    if stream:
+        streamed = stream_prune(source, args.out, passes, device=device, dtype=args.dtype, tokenizer=tokenizer,
+                                overwrite=args.overwrite, show_progress=show)
+        out, state = streamed.out, streamed.state
+    else:
+        model = compose(*passes)(model)
+        state = state_of(model)
     prune_seconds = time.perf_counter() - t0
-    state = state_of(model)
-    after = evaluate_nll(model, eval_set, batch_size=args.batch_size, show_progress=show) if eval_set else None
-    after_size = model_size(model)
+    after = evaluate(out if stream else model, eval_set, batch_size=args.batch_size, show_progress=show) if eval_set else None
+    after_size = size_of(out if stream else model)
 
     if not distributed.is_main():
         return 0
-    model.to(save_dtype)
     record = {
         "cli": {k: v for k, v in vars(args).items() if k != "func"},
         "eval_before": before,
         "eval_after": after,
         "eval_source": args.eval_data or (f"held-out {args.holdout:.0%} of {args.calib}" if eval_set else None),
         "size_before": before_size,
-        "size_after": model_size(model),
+        "size_after": after_size,
         "prune_seconds": prune_seconds,
         "world_size": distributed.world_size(),
     }
-    out = save_checkpoint(model, args.out, source=source, tokenizer=tokenizer, overwrite=args.overwrite, extra_record=record)
+    if stream:
+        update_record(out, record)
+    else:
+        model.to(save_dtype)
+        record["size_after"] = model_size(model)
+        out = save_checkpoint(model, args.out, source=source, tokenizer=tokenizer, overwrite=args.overwrite, extra_record=record)
 
     kept = sum(b.num_experts for b in state.spec.blocks)
     total = sum(b.num_experts for b in spec.blocks)
@@ -307,7 +325,34 @@ def cmd_prune(args) -> int:
         print(f"calibration: {calib['tokens']:,} tokens in {calib['seconds']:.1f} s ({calib['tokens'] / max(calib['seconds'], 1e-9):,.0f} tok/s), fingerprint {calib['fingerprint']}")
     if eval_set:
         print(f"evaluation: {record['eval_source']}, {eval_set.num_tokens:,} tokens")
+    if stream:
+        s = streamed
+        gpu = f"peak GPU memory {human_bytes(s.peak_gpu_bytes)}, " if s.peak_gpu_bytes is not None else ""
+        print(f"streamed {s.layers} layers ({s.resumed_layers} resumed) in {s.seconds:.1f} s: {gpu}peak CPU memory {human_bytes(s.peak_cpu_bytes)}; "
+              f"largest layer {human_bytes(s.layer_weight_bytes)}, hidden states {human_bytes(s.hidden_state_bytes)}")
     return 0
+
+
+def _streaming(args, source, device: str, search: bool) -> bool:
+    """Whether this prune streams: ``--stream on``, or ``auto`` when the weights would not fit the device."""
+    from . import distributed
+    from .evaluate import disk_size
+
+    if args.stream == "off":
+        return False
+    if args.stream == "auto":
+        if device.startswith("cuda"):
+            free = torch.cuda.mem_get_info(torch.device(device))[0]
+        else:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        if disk_size(source) <= 0.8 * free:
+            return False
+        print(f"moe-fx: the weights of {source} ({disk_size(source) / 2**30:.1f} GiB) exceed 80% of the free memory of {device}: streaming layer by layer (--stream off to force in memory)")
+    if search:
+        raise MoeFxError("--method eep searches over the whole model at once; it cannot stream layer by layer (use --stream off on a device that holds the model)")
+    if args.nproc > 1 or distributed.active():
+        raise MoeFxError("--stream runs in one process on one device; drop --nproc / torchrun, or use --stream off")
+    return True
 
 
 def _span(values) -> str:

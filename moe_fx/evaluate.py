@@ -6,6 +6,7 @@ options see exactly the same tokens and their deltas are paired.
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -90,6 +91,20 @@ def model_size(model: nn.Module) -> dict[str, int]:
         if isinstance(t, nn.Parameter):
             params += t.numel()
     return {"params": params, "bytes": nbytes}
+
+
+def checkpoint_size(path: str | Path) -> dict[str, int]:
+    """Stored values and bytes of a checkpoint's safetensors files, read from their headers (no tensor is
+    loaded: how a streaming run sizes a model it never holds)."""
+    values, nbytes = 0, 0
+    for f in Path(path).glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                values += math.prod(entry["shape"])
+                nbytes += entry["data_offsets"][1] - entry["data_offsets"][0]
+    return {"params": values, "bytes": nbytes}
 
 
 def disk_size(path: str | Path) -> int:

@@ -50,6 +50,9 @@ class MoEState:
     """The last :class:`~moe_fx.plan.ChannelPlan` applied (channel ids of the experts it saw)."""
     masked: bool = False
     """Channels were zeroed in place (``PruneChannels(mask_only=True)``, a debug mode): never saved."""
+    layout_deferred: bool = False
+    """Rewrites leave ``model.config`` alone: a streaming run (:mod:`moe_fx.streaming`) rewrites one layer at a
+    time and makes the config describe all layers once they are all done."""
     history: list[PassRecord] = field(default_factory=list)
 
     def recorded_positions(self, block: MoEBlockSpec, recorded: int) -> torch.Tensor | None:
@@ -115,6 +118,11 @@ class Pass(ABC):
 
     @abstractmethod
     def run(self, model: nn.Module, state: MoEState) -> PassResult: ...
+
+    def check_layerwise(self) -> None:
+        """Raise :class:`BadOptionError` unless this pass can run on one decoder layer at a time (a streaming run,
+        :mod:`moe_fx.streaming`): it must read and change only the blocks of the state's spec."""
+        raise BadOptionError(f"{self.name} needs the whole model at once and cannot run layer by layer (streaming); run it in memory")
 
     def config_dict(self) -> dict:
         """The pass's options as JSON-friendly values (data objects are summarised, not dumped)."""

@@ -18,6 +18,9 @@ class CalibrationStats:
     fingerprint: str = ""
     source: str = ""
     seconds: float = 0.0
+    released: tuple[str, ...] = ()
+    """Names of statistics that were recorded and have since been freed (a streaming run keeps none after each
+    layer): listed in the summary with those still held."""
 
     def get(self, block: str, name: str) -> torch.Tensor:
         try:
@@ -34,5 +37,5 @@ class CalibrationStats:
             "fingerprint": self.fingerprint,
             "source": self.source,
             "seconds": round(self.seconds, 3),
-            "statistics": sorted({k for acc in self.per_block.values() for k in acc}),
+            "statistics": sorted({k for acc in self.per_block.values() for k in acc} | set(self.released)),
         }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -193,16 +194,34 @@ def save_checkpoint(
     out = check_output_path(out, source, overwrite)
     with atomic_directory(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-            _patch_tokenizer_class(tmp)
-        elif source is not None:
-            copy_files(source, tmp)
-        patch_config(tmp, _config_aliases(model))
-        _write_per_layer_code(model, tmp)
-        record = state.record() if state is not None else {}
-        record.update(extra_record or {})
-        record["versions"] = versions()
-        record["source"] = str(Path(source).resolve()) if source is not None else None
-        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        write_companions(model, tmp, source=source, tokenizer=tokenizer, extra_record=extra_record)
     return out
+
+
+def update_record(path: str | Path, entries: dict) -> None:
+    """Add ``entries`` to the ``moe_fx.json`` of a finished checkpoint (replaced whole, never half-written)."""
+    file = Path(path) / RECORD_FILE
+    record = json.loads(file.read_text())
+    record.update(entries)
+    tmp = file.with_name(f".{file.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, file)
+
+
+def write_companions(model: nn.Module, path: Path, *, source: str | Path | None, tokenizer=None, extra_record: dict | None = None) -> None:
+    """Everything of a checkpoint beside its weights and ``config.json`` (which ``path`` already holds): the
+    tokenizer (``tokenizer``, else the source's files), the config's count aliases and rope fields for older
+    transformers, the per-layer model code when needed, and the ``moe_fx.json`` record."""
+    state = getattr(model, STATE_ATTR, None)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+        _patch_tokenizer_class(path)
+    elif source is not None:
+        copy_files(source, path)
+    patch_config(path, _config_aliases(model))
+    _write_per_layer_code(model, path)
+    record = state.record() if state is not None else {}
+    record.update(extra_record or {})
+    record["versions"] = versions()
+    record["source"] = str(Path(source).resolve()) if source is not None else None
+    (path / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")

@@ -212,6 +212,8 @@ def _split_block(scores: torch.Tensor, attribution: torch.Tensor, keep: int) -> 
 
 
 CHANNEL_ALLOCATIONS = {"uniform": uniform_channels, "layer": layer_channels, "expert": expert_channels, "coverage": coverage_channels}
+LAYERWISE_ALLOCATIONS = frozenset({"uniform"})
+"""Allocations that plan each block from its own scores alone (the others share one budget across blocks)."""
 
 
 def make_channel_plan(spec: MoEModelSpec, scores: ChannelScores, ratio: float, allocation: str = "uniform", **options) -> ChannelPlan:

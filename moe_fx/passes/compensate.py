@@ -148,6 +148,9 @@ class CompensateExperts(Pass):
         require(not missing, self.name, f"the 'inputs' calibration sample (missing for {missing[:2]})",
                 "Calibrate(observers=(..., 'inputs'))")
 
+    def check_layerwise(self) -> None:
+        """Each block is refit on its own sample: layer-local."""
+
     def run(self, model: nn.Module, state: MoEState) -> PassResult:
         if self.ridge < 0 or self.sweeps < 1:
             raise BadOptionError(f"ridge must be >= 0 and sweeps >= 1, got {self.ridge} and {self.sweeps}")

@@ -101,6 +101,11 @@ class DropExperts(Pass):
         state.search = self.allocation.search(model, state.spec, scores, ratio=self.ratio, keep=self.keep, stats=state.stats)
         return state.search.plan
 
+    def check_layerwise(self) -> None:
+        if self.plan is None and self.allocation != "uniform":
+            raise BadOptionError(f"{self.name}: allocation {self.allocation!r} ranks experts across all layers; "
+                                 "streaming (one layer at a time) needs allocation='uniform' or an explicit plan")
+
     def requires(self, state: MoEState) -> None:
         if self.plan is None and isinstance(self.allocation, str):
             require(state.scores is not None, self.name, "expert scores", "Score(...)")
@@ -109,7 +114,7 @@ class DropExperts(Pass):
         plan = self.make_plan(model, state)
         before = sum(b.num_experts for b in state.spec.blocks)
         modified = plan.kept_experts != PrunePlan.keep_all(state.spec).kept_experts
-        state.spec = drop_experts(model, state.spec, plan)
+        state.spec = drop_experts(model, state.spec, plan, update_config=not state.layout_deferred)
         # record kept ids in terms of the original experts, also after several DropExperts passes
         state.plan = plan if state.plan is None else state.plan.then(plan)
         after = sum(b.num_experts for b in state.spec.blocks)

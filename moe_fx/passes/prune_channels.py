@@ -24,7 +24,7 @@ from ..pipeline import MoEState, Pass, PassResult, require
 from ..plan import ChannelPlan
 from ..rewrite import get_tensor, set_attr, set_tensor
 from ..spec import MoEModelSpec
-from .channel_allocate import CHANNEL_ALLOCATIONS, make_channel_plan
+from .channel_allocate import CHANNEL_ALLOCATIONS, LAYERWISE_ALLOCATIONS, make_channel_plan
 from .drop_experts import drop_experts
 
 
@@ -100,6 +100,11 @@ class PruneChannels(Pass):
             if self.allocation not in CHANNEL_ALLOCATIONS:
                 raise BadOptionError(f"unknown channel allocation {self.allocation!r}; use one of {sorted(CHANNEL_ALLOCATIONS)}")
 
+    def check_layerwise(self) -> None:
+        if self.mask_only or (self.plan is None and self.allocation not in LAYERWISE_ALLOCATIONS):
+            raise BadOptionError(f"{self.name}: allocation {self.allocation!r} shares one budget across all layers; streaming "
+                                 f"(one layer at a time) takes allocation in {sorted(LAYERWISE_ALLOCATIONS)} or an explicit plan, without mask_only")
+
     def make_plan(self, state: MoEState) -> ChannelPlan:
         if self.plan is not None:
             return self.plan
@@ -123,7 +128,7 @@ class PruneChannels(Pass):
         state.channel_plan = plan
         if self.mask_only:
             state.masked = True
-        else:
+        elif not state.layout_deferred:
             record_layout(model, state.spec)
         after = routed_parameters(model, state.spec)
         padding = 0 if self.mask_only else sum(

@@ -24,6 +24,10 @@ class Score(Pass):
         scorer = get_scorer(self.method, seed=self.seed, **(self.options or {}))
         require(not scorer.needs or state.stats is not None, f"Score({self.method!r})", "calibration statistics", "Calibrate(...)")
 
+    def check_layerwise(self) -> None:
+        """Scorers score each block from its own statistics (and weights): layer-local. Statistics that need a
+        backward pass of the whole model are refused where calibration is streamed."""
+
     def run(self, model: nn.Module, state: MoEState) -> PassResult:
         scores = get_scorer(self.method, seed=self.seed, **(self.options or {}))(state.stats, state.spec, model)
         # statistics recorded before experts were dropped cover the original experts: keep the current ones' rows

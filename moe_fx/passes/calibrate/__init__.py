@@ -44,6 +44,7 @@ __all__ = [
     "instrument",
     "router_logits",
     "router_probs",
+    "calibration_stats",
     "run_calibration",
 ]
 
@@ -78,6 +79,11 @@ def run_calibration(
                 _reduce_across_ranks(acc, state.spec, observers)
     finally:
         model.train(was_training)
+    return calibration_stats(acc, tokens, time.perf_counter() - t0)
+
+
+def calibration_stats(acc: dict[str, dict[str, torch.Tensor]], tokens: TokenBatch, seconds: float) -> CalibrationStats:
+    """The observers' accumulators (moved to the CPU) with a description of the tokens they saw."""
     return CalibrationStats(
         per_block={path: {k: v.cpu() for k, v in a.items()} for path, a in acc.items()},
         tokens=tokens.num_tokens,
@@ -85,7 +91,7 @@ def run_calibration(
         seq_len=tokens.input_ids.shape[1],
         fingerprint=tokens.fingerprint,
         source=tokens.source,
-        seconds=time.perf_counter() - t0,
+        seconds=seconds,
     )
 
 
@@ -144,6 +150,13 @@ class Calibrate(Pass):
     name = "calibrate"
 
     def run(self, model: nn.Module, state: MoEState) -> PassResult:
+        tokens, observers = self.tokens(model), self.make_observers()
+        state.stats = run_calibration(model, state, tokens, observers, batch_size=self.batch_size, show_progress=self.show_progress)
+        return PassResult(model, False, state.stats.summary())
+
+    def tokens(self, model: nn.Module) -> TokenBatch:
+        """Check the options; the calibration windows (tokenized with the model's tokenizer unless given). A
+        streaming run (:mod:`moe_fx.streaming`) feeds them layer by layer, with :meth:`make_observers` per layer."""
         if self.data is None:
             raise BadOptionError("Calibrate needs data: a text/jsonl path, a list of strings or a token tensor")
         unknown = [o for o in self.observers if o not in OBSERVERS]
@@ -156,10 +169,11 @@ class Calibrate(Pass):
             from ...loading import load_tokenizer
 
             tokenizer = load_tokenizer(model.name_or_path)
-        tokens = calibration_tokens(self.data, tokenizer, seq_len=self.seq_len, max_tokens=self.max_tokens, seed=self.seed)
-        observers = [self._observer(OBSERVERS[o]) for o in self.observers]
-        state.stats = run_calibration(model, state, tokens, observers, batch_size=self.batch_size, show_progress=self.show_progress)
-        return PassResult(model, False, state.stats.summary())
+        return calibration_tokens(self.data, tokenizer, seq_len=self.seq_len, max_tokens=self.max_tokens, seed=self.seed)
+
+    def make_observers(self) -> list[Observer]:
+        """Fresh observers (zero state) for the configured names."""
+        return [self._observer(OBSERVERS[o]) for o in self.observers]
 
     def _observer(self, cls: type[Observer]) -> Observer:
         """Sampling observers get their sample size (the Calibrate field named by ``size_option``) and the seed."""

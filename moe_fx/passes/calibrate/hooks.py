@@ -121,8 +121,8 @@ def instrument(model: nn.Module, spec: MoEModelSpec, observers: Sequence[Observe
             raise UnsupportedFamilyError(
                 f"{block.path}: calibration of {block.experts.call_style!r} experts calls is not implemented yet"
             )
-    device = next(model.parameters()).device
-    probes = {b.path: _BlockProbe(model, b, observers, device) for b in spec.blocks}
+    # accumulators live beside each block's experts (a streaming run holds one layer on the GPU, the rest on meta)
+    probes = {b.path: _BlockProbe(model, b, observers, get_tensor(model, b.experts.down).device) for b in spec.blocks}
     handles, patched = [], []
     try:
         for path, probe in probes.items():

@@ -1,0 +1,189 @@
+"""Streaming (one decoder layer at a time) against the in-memory pipeline: same kept sets, same tensors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import OVERRIDES, _kwargs, auto_class, tiny_model
+from transformers import AutoConfig
+
+from moe_fx import compose
+from moe_fx.errors import BadOptionError, NotAModelError, OutputPathError
+from moe_fx.evaluate import build_eval_set, evaluate_nll
+from moe_fx.exporters import save_checkpoint
+from moe_fx.exporters.partial import PartialCheckpoint
+from moe_fx.loading import load_model, load_tokenizer
+from moe_fx.passes import Calibrate, CompensateExperts, DropExperts, MergeExperts, PruneChannels, Score
+from moe_fx.streaming import stream_evaluate, stream_prune
+
+TOKENS = torch.randint(3, 128, (6, 24), generator=torch.Generator().manual_seed(3))
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def _rounded(value):
+    if isinstance(value, float):
+        return round(value, 5)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    return [_rounded(v) for v in value] if isinstance(value, list) else value
+
+
+def _assert_same_checkpoint(streamed: Path, in_memory: Path) -> None:
+    a, b = _tensors(streamed), _tensors(in_memory)
+    assert sorted(a) == sorted(b)
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"tensors differ: {different[:3]}"
+    ra, rb = (json.loads((p / "moe_fx.json").read_text()) for p in (streamed, in_memory))
+    assert ra["plan"] == rb["plan"] and ra["scores"] == rb["scores"] and ra["channel_plan"] == rb["channel_plan"]
+    assert ra["experts_after"] == rb["experts_after"] and ra["widths_after"] == rb["widths_after"]
+    # per-layer reports are combined: a mean over layers of rounded per-block means may differ in the last digit
+    assert _rounded([p["report"] for p in ra["passes"][1:]]) == _rounded([p["report"] for p in rb["passes"][1:]])
+    ca, cb = (json.loads((p / "config.json").read_text()) for p in (streamed, in_memory))
+    assert ca == cb
+
+
+def _both(source: Path, tmp_path: Path, passes, **stream_options) -> tuple[Path, Path]:
+    streamed = stream_prune(source, tmp_path / "streamed", passes(), show_progress=False, **stream_options)
+    model = compose(*passes())(load_model(source))
+    save_checkpoint(model, tmp_path / "in_memory", source=source)
+    return streamed.out, tmp_path / "in_memory"
+
+
+def _saved_tiny(model_type: str, path: Path, **overrides) -> Path:
+    if overrides:
+        cls = type(AutoConfig.for_model(model_type))
+        config = cls(**_kwargs(cls, {**OVERRIDES.get(model_type, {}), **overrides}))
+        torch.manual_seed(0)
+        model = auto_class(config).from_config(config).eval()
+    else:
+        model = tiny_model(model_type)
+    model.save_pretrained(path)
+    return path
+
+
+def _reap(*extra, observers=("routing", "reap")):
+    return lambda: [Calibrate(TOKENS, batch_size=4, observers=observers, show_progress=False), Score("reap"), DropExperts(ratio=0.25), *extra]
+
+
+@pytest.mark.parametrize("model_type, overrides", [
+    ("mixtral", {}),
+    ("deepseek_v3", {"num_hidden_layers": 3, "first_k_dense_replace": 1}),  # a dense first layer
+    ("gpt_oss", {}),  # sliding-window layers, biases, transposed interleaved experts
+])
+def test_streaming_equals_in_memory(model_type, overrides, tmp_path):
+    source = _saved_tiny(model_type, tmp_path / "src", **overrides)
+    _assert_same_checkpoint(*_both(source, tmp_path, _reap()))
+
+
+def test_streaming_equals_in_memory_with_compensation_and_merge(micro_path, tmp_path):
+    passes = lambda: [  # noqa: E731
+        Calibrate(TOKENS, batch_size=4, observers=("routing", "reap", "samples", "inputs"), show_progress=False),
+        Score("reap"), MergeExperts(ratio=0.25), CompensateExperts(),
+    ]
+    streamed, in_memory = _both(micro_path, tmp_path, passes)
+    _assert_same_checkpoint(streamed, in_memory)
+    a, b = load_model(streamed), load_model(in_memory)
+    assert torch.equal(a(TOKENS).logits, b(TOKENS).logits)
+
+
+def test_streaming_channels_equals_in_memory(micro_path, tmp_path):
+    passes = lambda: [  # noqa: E731
+        Calibrate(TOKENS, batch_size=4, observers=("routing", "reap", "channels"), show_progress=False),
+        Score("reap"), DropExperts(ratio=0.25), Score("activation"), PruneChannels(ratio=0.5),
+    ]
+    _assert_same_checkpoint(*_both(micro_path, tmp_path, passes))
+
+
+def test_sharded_source_with_index(micro_path, tmp_path):
+    source = tmp_path / "sharded"
+    load_model(micro_path).save_pretrained(source, max_shard_size="200KB")
+    assert (source / "model.safetensors.index.json").is_file() and len(list(source.glob("*.safetensors"))) > 2
+    _assert_same_checkpoint(*_both(source, tmp_path, _reap()))
+
+
+def test_missing_shard_is_named_and_nothing_is_written(micro_path, tmp_path):
+    source = tmp_path / "sharded"
+    load_model(micro_path).save_pretrained(source, max_shard_size="200KB")
+    victim = sorted(source.glob("*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(NotAModelError, match=victim.name):
+        stream_prune(source, tmp_path / "out", _reap()(), show_progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sharded"]
+
+
+@pytest.mark.parametrize("snapshot_seconds", [0.0, 1e9])  # resume from saved hidden states / by replaying layer 0
+def test_interrupted_run_resumes_to_the_same_output(micro_path, tmp_path, monkeypatch, snapshot_seconds):
+    reference = stream_prune(micro_path, tmp_path / "reference", _reap(CompensateExperts(), observers=("routing", "reap", "inputs"))(),
+                             show_progress=False).out
+    passes = _reap(CompensateExperts(), observers=("routing", "reap", "inputs"))
+    write = PartialCheckpoint.write_shard
+    calls = []
+
+    def interrupted(self, name, tensors):
+        calls.append(name)
+        if len(calls) == 2:  # layer 1: a Ctrl-C in the middle of the run
+            raise KeyboardInterrupt
+        return write(self, name, tensors)
+
+    monkeypatch.setattr(PartialCheckpoint, "write_shard", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        stream_prune(micro_path, tmp_path / "out", passes(), show_progress=False, snapshot_seconds=snapshot_seconds)
+    assert not (tmp_path / "out").exists()
+    partial = tmp_path / ".out.partial"
+    assert json.loads((partial / "progress.json").read_text())["layers"].keys() == {"0"}
+    assert (partial / "hidden_states.pt").is_file() == (snapshot_seconds == 0)
+    monkeypatch.setattr(PartialCheckpoint, "write_shard", write)
+    with pytest.raises(OutputPathError, match="different run"):  # other options: not resumed, not overwritten
+        stream_prune(micro_path, tmp_path / "out", _reap()(), show_progress=False)
+    resumed = stream_prune(micro_path, tmp_path / "out", passes(), show_progress=False)
+    assert resumed.resumed_layers == 1 and not partial.exists()
+    assert json.loads((resumed.out / "moe_fx.json").read_text())["streaming"]["resumed_layers"] == 1
+    a, b = _tensors(resumed.out), _tensors(reference)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_streamed_evaluation_equals_in_memory(micro_path, valid_path):
+    eval_set = build_eval_set(valid_path, load_tokenizer(micro_path), seq_len=64, seqs_per_domain=3)
+    assert stream_evaluate(micro_path, eval_set, batch_size=2, show_progress=False) == evaluate_nll(
+        load_model(micro_path), eval_set, batch_size=2, show_progress=False)
+
+
+@pytest.mark.parametrize("passes, message", [
+    ([Calibrate(TOKENS), Score("reap"), DropExperts(ratio=0.25, allocation="global")], "allocation 'global'"),
+    ([Calibrate(TOKENS, observers=("routing", "channel_grads")), Score("fisher"), PruneChannels(ratio=0.5)], "gradient"),
+    ([Calibrate(TOKENS, observers=("channels",)), Score("activation"), PruneChannels(ratio=0.5, allocation="expert")], "allocation 'expert'"),
+    ([Calibrate(TOKENS), Score("reap"), Calibrate(TOKENS)], "Calibrate first"),
+])
+def test_passes_that_need_the_whole_model_are_refused(micro_path, tmp_path, passes, message):
+    with pytest.raises(BadOptionError, match=message):
+        stream_prune(micro_path, tmp_path / "out", passes, show_progress=False)
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_stream(micro_path, calib_path, tmp_path):
+    out = tmp_path / "out"
+    run = subprocess.run(
+        [sys.executable, "-m", "moe_fx", "prune", str(micro_path), "--ratio", "0.25", "--calib", str(calib_path), "--calib-tokens", "4096",
+         "--seq-len", "128", "--eval-seqs", "2", "--eval-seq-len", "128", "--stream", "on", "--out", str(out), "--quiet"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "streamed 2 layers (0 resumed)" in run.stdout and "NLL mean" in run.stdout
+    record = json.loads((out / "moe_fx.json").read_text())
+    assert record["eval_after"]["mean"]["nll"] > record["eval_before"]["mean"]["nll"] > 0
+    assert [len(v) for v in record["plan"]["kept_experts"].values()] == [6, 6]
+    refused = subprocess.run([sys.executable, "-m", "moe_fx", "prune", str(micro_path), "--method", "eep", "--ratio", "0.25", "--calib",
+                              str(calib_path), "--stream", "on", "--out", str(tmp_path / "eep")], capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "cannot stream" in refused.stderr
