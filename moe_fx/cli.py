@@ -345,9 +345,10 @@ def _streaming(args, source, device: str, search: bool) -> bool:
             free = torch.cuda.mem_get_info(torch.device(device))[0]
         else:
             free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        if disk_size(source) <= 0.8 * free:
+        weights = disk_size(source)
+        if weights <= 0.8 * free:
             return False
-        print(f"moe-fx: the weights of {source} ({disk_size(source) / 2**30:.1f} GiB) exceed 80% of the free memory of {device}: streaming layer by layer (--stream off to force in memory)")
+        print(f"moe-fx: the weights of {source} ({weights / 2**30:.1f} GiB) exceed 80% of the free memory of {device}: streaming layer by layer (--stream off to force in memory)")
     if search:
         raise MoeFxError("--method eep searches over the whole model at once; it cannot stream layer by layer (use --stream off on a device that holds the model)")
     if args.nproc > 1 or distributed.active():

@@ -72,7 +72,7 @@ class StreamReport:
     hidden_state_bytes: int
     """The calibration windows' hidden states between two layers."""
     hidden_state_device: str
-    """Where they were kept: the GPU while they take at most a quarter of its free memory, else the CPU."""
+    """Where they were kept (``stream_prune``'s ``states``)."""
     phase_seconds: dict[str, float]
     """Set-up (meta model, embeddings, calibration windows), the layers, and the rest (head, config, record)."""
 
@@ -127,29 +127,31 @@ def _peak_cpu_bytes() -> int:
 class _StreamRun:
     """One streaming run's working state: the meta model, the checkpoint, the hidden states."""
 
-    def __init__(self, source: Path, ckpt: LazyCheckpoint, model: nn.Module, spec: MoEModelSpec, device: str, dtype: torch.dtype) -> None:
+    def __init__(self, source: Path, ckpt: LazyCheckpoint, model: nn.Module, spec: MoEModelSpec, device: str, dtype: torch.dtype,
+                 states: str) -> None:
         self.source, self.ckpt, self.model, self.spec = source, ckpt, model, spec
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype, self.states_option = device, dtype, states
         self.prefix, self.layers = decoder_layers(model, spec)
         self.layer_keys, self.rest_keys = ckpt.keys_by_layer(len(self.layers))
         self.calls: dict[tuple[int, ...], list[LayerCall]] = {}
         self.states: list[torch.Tensor] = []
         self.state_device = torch.device("cpu")
-        self.states_option = "cpu"
         self.batch_shapes: list[tuple[int, ...]] = []
         self.layer_weight_bytes = 0
 
-    def embed(self, windows: torch.Tensor, batch_size: int) -> None:
-        """Hidden states entering layer 0 for every batch of windows, and each batch shape's layer calls."""
-        self._choose_state_device(windows.numel())
+    def embed(self, groups: Sequence[torch.Tensor], batch_size: int) -> None:
+        """Hidden states entering layer 0 for every batch of windows (batched within each group, e.g. per
+        evaluation domain), and each batch shape's layer calls."""
+        self._choose_state_device(sum(w.numel() for w in groups))
         _move_outside(self.model, self.prefix, self.device)
         try:
-            for i in range(0, windows.shape[0], batch_size):
-                batch = windows[i : i + batch_size].to(self.device)
-                hidden, calls = capture_layer_calls(self.model, self.layers, batch)
-                self.calls.setdefault(tuple(batch.shape), calls)
-                self.batch_shapes.append(tuple(batch.shape))
-                self.states.append(self.store(hidden))
+            for windows in groups:
+                for i in range(0, windows.shape[0], batch_size):
+                    batch = windows[i : i + batch_size].to(self.device)
+                    hidden, calls = capture_layer_calls(self.model, self.layers, batch)
+                    self.calls.setdefault(tuple(batch.shape), calls)
+                    self.batch_shapes.append(tuple(batch.shape))
+                    self.states.append(self.store(hidden))
         finally:
             _move_outside(self.model, self.prefix, "cpu")
 
@@ -158,7 +160,7 @@ class _StreamRun:
         memory (no copies); else (or ``"cpu"``) in pinned CPU memory, overwritten in place layer after layer
         (asynchronous copies)."""
         device = torch.device(self.device)
-        nbytes = (sum(s.numel() for s in self.states) + tokens * self.model.config.get_text_config().hidden_size) * self.dtype.itemsize
+        nbytes = tokens * self.model.config.get_text_config().hidden_size * self.dtype.itemsize
         if self.states_option == "auto" and device.type == "cuda" and nbytes <= torch.cuda.mem_get_info(device)[0] // 4:
             self.state_device = device
         else:
@@ -171,14 +173,13 @@ class _StreamRun:
         pin = self.state_device.type == "cpu" and torch.device(self.device).type == "cuda"
         return torch.empty(hidden.shape, dtype=hidden.dtype, device=self.state_device, pin_memory=pin).copy_(hidden)
 
-    def load_layer(self, index: int) -> nn.Module:
+    def load_layer(self, index: int) -> None:
         layer = self.layers[index]
         self.ckpt.load_into(self.model, self.layer_keys[index], device=self.device, dtype=self.dtype)
         missing = [n for n, t in layer.state_dict().items() if t.is_meta]
         if missing:
             raise NotAModelError(f"{self.source}: the checkpoint has no tensor for {self.prefix}.{index}.{missing[0]} (and {len(missing) - 1} more)")
         self.layer_weight_bytes = max(self.layer_weight_bytes, _layer_bytes(layer))
-        return layer
 
     def blocks_of(self, index: int) -> MoEModelSpec:
         """The spec restricted to the MoE blocks of decoder layer ``index`` (none for a dense layer)."""
@@ -188,7 +189,6 @@ class _StreamRun:
     def forward(self, index: int, observers: list, spec: MoEModelSpec) -> dict[str, dict[str, torch.Tensor]]:
         """Every batch's hidden states through layer ``index`` (replaced by its output), observers attached."""
         layer = self.layers[index]
-        acc: dict[str, dict[str, torch.Tensor]] = {}
         with torch.no_grad(), (instrument(self.model, spec, observers) if spec.blocks and observers else contextlib.nullcontext()) as recorded:
             for b, (hidden, shape) in enumerate(zip(self.states, self.batch_shapes)):
                 out = self.calls[shape][index](layer, hidden.to(self.device, non_blocking=True))
@@ -201,23 +201,24 @@ class _StreamRun:
             torch.cuda.synchronize(self.device)
         return acc
 
-    def write_layer(self, partial: PartialCheckpoint, index: int, shard: str) -> dict[str, str]:
+    def write_layer(self, partial: PartialCheckpoint, index: int, shard: str) -> tuple[list[str], int]:
         layer = self.layers[index]
         prefix = f"{self.prefix}.{index}."
         tensors = {prefix + k: v for k, v in layer.state_dict().items()}
         return self._write(partial, shard, tensors)
 
-    def write_rest(self, partial: PartialCheckpoint, shard: str) -> dict[str, str]:
+    def write_rest(self, partial: PartialCheckpoint, shard: str) -> tuple[list[str], int]:
         from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
         inside = self.prefix + "."
         tensors = {k: v for k, v in self.model.state_dict().items() if not k.startswith(inside)}
         return self._write(partial, shard, remove_tied_weights_from_state_dict(tensors, self.model))
 
-    def _write(self, partial: PartialCheckpoint, shard: str, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
-        saved = revert_to_checkpoint_names(self.model, tensors)
-        partial.write_shard(shard, {k: v.detach().to("cpu", copy=True).contiguous() for k, v in saved.items()})
-        return dict.fromkeys(saved, shard)
+    def _write(self, partial: PartialCheckpoint, shard: str, tensors: dict[str, torch.Tensor]) -> tuple[list[str], int]:
+        """Write ``tensors`` as one shard in the checkpoint layout; return its keys and bytes."""
+        saved = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in revert_to_checkpoint_names(self.model, tensors).items()}
+        partial.write_shard(shard, saved)
+        return sorted(saved), sum(t.numel() * t.element_size() for t in saved.values())
 
 
 def _layer_record(model: nn.Module, state: MoEState, keys: list[str], nbytes: int, seconds: dict[str, float]) -> dict:
@@ -316,9 +317,8 @@ def stream_prune(
         raise BadOptionError(f"states={states!r}: use 'auto' or 'cpu'")
     out = check_output_path(out, source, overwrite)
     with LazyCheckpoint(source) as ckpt:
-        run = _open_meta(source, ckpt, device, dtype)
+        run = _open_meta(source, ckpt, device, dtype, states)
         model, spec, dt = run.model, run.spec, run.dtype
-        run.states_option = states
         tokens = calibrate.tokens(model) if calibrate is not None else None
         key = _run_key(source, passes, tokens.fingerprint if tokens is not None else "", dt, device)
         partial = PartialCheckpoint(out, key, discard_other_runs=overwrite)
@@ -329,7 +329,7 @@ def stream_prune(
         resumed = partial.resumed
         start = n if resumed == n else (resumed if tokens is None else 0)
         if start < n and tokens is not None:
-            run.embed(tokens.input_ids, calibrate.batch_size)
+            run.embed([tokens.input_ids], calibrate.batch_size)
             snapshot = partial.load_states() if resumed else None
             if snapshot is not None and snapshot[0] <= resumed:
                 start, run.states = snapshot[0], [run.store(s.to(run.state_device)) for s in snapshot[1]]
@@ -355,9 +355,8 @@ def stream_prune(
                     object.__setattr__(model, STATE_ATTR, sub)
                     compose(*rest)(model)
                 t_write = time.perf_counter()
-                weights = run.write_layer(partial, i, shards[i])
-                nbytes = _layer_bytes(run.layers[i])
-                record = _layer_record(model, sub, sorted(weights), nbytes, {
+                keys, nbytes = run.write_layer(partial, i, shards[i])
+                record = _layer_record(model, sub, keys, nbytes, {
                     "load": t_fwd - t_load, "forward": t_pass - t_fwd, "passes": t_write - t_pass, "write": time.perf_counter() - t_write})
                 run.layers[i].to("meta")
                 partial.finish_layer(i, record)
@@ -370,15 +369,15 @@ def stream_prune(
             if record["layout"]:
                 apply_layout(model, {"blocks": record["layout"]})
         weight_map = {k: shards[i] for i, r in partial.layers.items() for k in r["keys"]}
-        weight_map.update(run.write_rest(partial, shards[n]))
-        total = sum(r["bytes"] for r in partial.layers.values()) + sum(
-            t.numel() * t.element_size() for k, t in model.state_dict().items() if not k.startswith(run.prefix + "."))
+        rest_keys, rest_bytes = run.write_rest(partial, shards[n])
+        weight_map.update(dict.fromkeys(rest_keys, shards[n]))
+        total = sum(r["bytes"] for r in partial.layers.values()) + rest_bytes
         stats = None
         if tokens is not None:
-            stats = CalibrationStats(tokens=tokens.num_tokens, sequences=tokens.input_ids.shape[0], seq_len=tokens.input_ids.shape[1],
-                                     fingerprint=tokens.fingerprint, source=tokens.source,
-                                     seconds=sum(r["seconds"]["forward"] for r in partial.layers.values()),
-                                     released=tuple(sorted({n for r in partial.layers.values() for n in r["statistics"]})))
+            stats = dataclasses.replace(
+                calibration_stats({}, tokens, sum(r["seconds"]["forward"] for r in partial.layers.values())),
+                released=tuple(sorted({n for r in partial.layers.values() for n in r["statistics"]})),
+            )
         state = _merged_state(spec, partial.layers, stats)
         if calibrate is not None:
             state.history.insert(0, PassRecord(calibrate.name, calibrate.config_dict(), stats.seconds, False, stats.summary()))
@@ -406,11 +405,11 @@ def stream_prune(
     return report
 
 
-def _open_meta(source: Path, ckpt: LazyCheckpoint, device: str, dtype: str) -> _StreamRun:
+def _open_meta(source: Path, ckpt: LazyCheckpoint, device: str, dtype: str, states: str = "cpu") -> _StreamRun:
     """A meta model of the checkpoint with the tensors outside its layers loaded (on the CPU)."""
     model = meta_model(source, dtype, device)
     dt = next(model.parameters()).dtype
-    run = _StreamRun(source, ckpt, model, state_of(model).spec, device, dt)
+    run = _StreamRun(source, ckpt, model, state_of(model).spec, device, dt, states)
     ckpt.load_into(model, run.rest_keys, device="cpu", dtype=dt)
     model.tie_weights()
     return run
@@ -425,8 +424,7 @@ def stream_evaluate(source: str | Path, eval_set: EvalSet, *, device: str = "cpu
     source = Path(source)
     with LazyCheckpoint(source) as ckpt:
         run = _open_meta(source, ckpt, device, dtype)
-        for windows in eval_set.windows.values():  # the order evaluate_nll batches them in
-            run.embed(windows, batch_size)
+        run.embed(list(eval_set.windows.values()), batch_size)  # batched per domain, as evaluate_nll does
         with progress_bar("stream eval", total=len(run.layers), unit="layer", enabled=show_progress) as bar:
             for i in range(len(run.layers)):
                 run.load_layer(i)

@@ -52,6 +52,9 @@ def _assert_same_checkpoint(streamed: Path, in_memory: Path) -> None:
     assert _rounded([p["report"] for p in ra["passes"][1:]]) == _rounded([p["report"] for p in rb["passes"][1:]])
     ca, cb = (json.loads((p / "config.json").read_text()) for p in (streamed, in_memory))
     assert ca == cb
+    index = json.loads((streamed / "model.safetensors.index.json").read_text())
+    assert sorted(index["weight_map"]) == sorted(a)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in a.values())
 
 
 def _both(source: Path, tmp_path: Path, passes, **stream_options) -> tuple[Path, Path]:

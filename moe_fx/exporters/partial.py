@@ -64,13 +64,11 @@ class PartialCheckpoint:
         """Layers finished by an earlier run (the first ones, in order)."""
         return len(self.layers)
 
-    def write_shard(self, name: str, tensors: dict[str, torch.Tensor]) -> int:
-        """Write one safetensors shard completely or not at all; return its size in bytes."""
+    def write_shard(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Write one safetensors shard completely or not at all."""
         from safetensors.torch import save_file
 
-        path = self.dir / name
-        _replace_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-        return path.stat().st_size
+        _replace_atomically(self.dir / name, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
 
     def finish_layer(self, index: int, record: dict) -> None:
         """Mark layer ``index`` done (its shard written) with ``record`` (JSON) for the final record."""
