@@ -1,4 +1,4 @@
-"""The ``moe-fx`` command: ``inspect``, ``prune``, ``eval``, ``export``.
+"""The ``moe-fx`` command: ``inspect``, ``prune``, ``sweep``, ``eval``, ``report``, ``export``.
 
 Errors caused by the input (paths, options, data) print one line naming the problem and exit with 2.
 """
@@ -36,6 +36,30 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-seqs", type=int, default=8, help="evaluation windows per domain (default 8)")
     p.add_argument("--eval-seq-len", type=int, default=512, help="evaluation window length in tokens (default 512)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+
+
+def _add_tasks(p: argparse.ArgumentParser, *, tasks_flag: str = "--tasks", limit_flag: str = "--limit") -> None:
+    g = p.add_argument_group("zero-shot tasks (lm-eval's prompts and metrics, offline)")
+    g.add_argument(tasks_flag, dest="tasks", help="comma list of blimp, lambada_openai, hellaswag, piqa, arc_easy, arc_challenge, copa, "
+                   "winogrande, boolq, openbookqa, blimp_<paradigm>; 'default' (those that separate small models) or 'all'")
+    g.add_argument(limit_flag, dest="limit", type=int, help="first N items of each task (of each BLiMP paradigm)")
+    g.add_argument("--task-data", default=os.environ.get("MOE_FX_EVAL_DATA"),
+                   help="directory of the task files (llm_foundry/, blimp/, hellaswag/ as in shared/data/eval; default $MOE_FX_EVAL_DATA)")
+    g.add_argument("--no-cache", action="store_true", help="score every request again (default: reuse a checkpoint's cached log-likelihoods)")
+
+
+def _add_data(p: argparse.ArgumentParser) -> None:
+    """Calibration, output and before/after evaluation options (prune and sweep)."""
+    p.add_argument("--calib", help="calibration text: .txt or .jsonl(.gz) with a 'text' field (needed except for --method random)")
+    p.add_argument("--calib-tokens", type=int, default=200_000, help="calibration tokens (default 200000)")
+    p.add_argument("--seq-len", type=int, default=512, help="calibration window length (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="seed for data order and random scores (default 0)")
+    p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--eval-data", help="held-out .jsonl(.gz)/.txt for NLL before/after (default: a held-out slice of --calib)")
+    p.add_argument("--holdout", type=float, default=0.05, help="fraction of --calib documents held out when --eval-data is absent")
+    p.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
+    _add_tasks(p, tasks_flag="--eval-tasks", limit_flag="--task-limit")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,20 +103,25 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--ratio", type=float, help="fraction of each block's experts to drop, in (0, 1); with --granularity channel: "
                         "fraction of the routed experts' channels (= routed-FFN parameters) to remove")
     budget.add_argument("--keep", type=int, help="experts to keep per block")
-    p.add_argument("--calib", help="calibration text: .txt or .jsonl(.gz) with a 'text' field (needed except for --method random)")
-    p.add_argument("--calib-tokens", type=int, default=200_000, help="calibration tokens (default 200000)")
-    p.add_argument("--seq-len", type=int, default=512, help="calibration window length (default 512)")
-    p.add_argument("--seed", type=int, default=0, help="seed for data order and random scores (default 0)")
-    p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.add_argument("--eval-data", help="held-out .jsonl(.gz)/.txt for NLL before/after (default: a held-out slice of --calib)")
-    p.add_argument("--holdout", type=float, default=0.05, help="fraction of --calib documents held out when --eval-data is absent")
-    p.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
+    _add_data(p)
     p.add_argument("--stream", default="auto", choices=("auto", "on", "off"),
                    help="prune one decoder layer at a time, never holding the whole model: on, off, or auto (default: on when "
                         "the checkpoint's weights exceed 80%% of the device's free memory); forward-only methods with uniform allocation")
     p.add_argument("--nproc", type=int, default=1, help="calibrate with this many processes on this host (runs torchrun; "
                    "or launch `torchrun --nproc-per-node N -m moe_fx prune ...` yourself)")
+    _add_eval(p)
+    _add_common(p)
+
+    p = sub.add_parser("sweep", help="prune at several methods x ratios from one calibration; table, JSON and quality-vs-ratio plots")
+    p.add_argument("model", help="source checkpoint directory (never modified)")
+    p.add_argument("--methods", default="random,frequency,reap",
+                   help="comma list of scoring methods (reap, frequency, random, shape, naee, merge-<method>; channel methods "
+                        "fisher, heapr, coverage, activation, weight); default random,frequency,reap")
+    p.add_argument("--ratios", default="0.25,0.5", help="comma list of fractions to prune, each in (0, 1) (default 0.25,0.5)")
+    p.add_argument("--allocation", default="uniform", help="allocation for every point (uniform, global; channel: layer, expert, coverage)")
+    p.add_argument("--compensate", action="store_true", help="refit kept experts after every rewrite")
+    p.add_argument("--save", action="store_true", help="also save each pruned checkpoint under OUT/checkpoints/<method>-<percent>")
+    _add_data(p)
     _add_eval(p)
     _add_common(p)
 
@@ -111,11 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    p = sub.add_parser("eval", help="per-domain NLL / perplexity of one or more checkpoints")
+    p = sub.add_parser("report", help="(re)write report.md, report.json and plots/ of a checkpoint moe-fx pruned, from its moe_fx.json")
+    p.add_argument("model", help="checkpoint directory written by moe-fx prune")
+
+    p = sub.add_parser("eval", help="per-domain NLL / perplexity and zero-shot task accuracy of one or more checkpoints")
     p.add_argument("models", nargs="+", help="checkpoint directories; with several, deltas are shown against the first")
-    p.add_argument("--data", required=True, help=".jsonl(.gz) with 'text' (and 'domain') fields, or .txt")
+    p.add_argument("--data", help=".jsonl(.gz) with 'text' (and 'domain') fields, or .txt (WikiText-2's valid.txt, say)")
     p.add_argument("--json", help="also write the results to this JSON file")
     _add_eval(p)
+    _add_tasks(p)
     _add_common(p)
     return parser
 
@@ -158,21 +191,88 @@ def _eval_rows(results: list[dict], names: list[str]) -> tuple[list[str], list[l
     return headers, rows
 
 
+def _task_rows(results: list[dict], names: list[str]) -> tuple[list[str], list[list]]:
+    """Zero-shot table: a row per (task, metric), accuracy in % with its standard error, deltas against the first."""
+    headers = ["task", "metric"] + names + [f"delta {n}" for n in names[1:]]
+    rows = []
+    for task, first in results[0].items():
+        for metric in [m for m in ("acc", "acc_norm", "ppl") if m in first]:
+            vals = [r[task][metric] for r in results]
+            if metric == "ppl":
+                rows.append([task, metric] + [f"{v:.2f}" for v in vals] + [f"{v / vals[0] - 1:+.1%}" for v in vals[1:]])
+                continue
+            err = [r[task].get(f"{metric}_stderr") for r in results]
+            rows.append([task, metric] + [f"{100 * v:.1f}" + (f" ±{100 * e:.1f}" if e == e and e is not None else "") for v, e in zip(vals, err)]
+                        + [f"{100 * (v - vals[0]):+.1f}" for v in vals[1:]])
+    return headers, rows
+
+
+def _task_dir(args) -> str:
+    if not args.task_data:
+        raise MoeFxError("zero-shot tasks need their files: pass --task-data DIR (the layout of shared/data/eval: llm_foundry/, "
+                         "blimp/, hellaswag/) or set MOE_FX_EVAL_DATA")
+    return args.task_data
+
+
+def _zero_shot(model, tokenizer, args, device: str, checkpoint: str | Path | None = None) -> dict:
+    """Zero-shot results of ``model``; cached per checkpoint (a model read from disk unchanged) unless --no-cache."""
+    from .zero_shot import LoglikCache, evaluate_tasks
+    from .zero_shot.loglik import max_length_of
+
+    cache = None
+    if checkpoint is not None and not args.no_cache:
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        cache = LoglikCache.for_checkpoint(checkpoint, dtype=dtype, device=device, max_length=max_length_of(model))
+    return evaluate_tasks(model, tokenizer, args.tasks, data_dir=_task_dir(args), limit=args.limit, batch_size=args.batch_size,
+                          cache=cache, show_progress=not args.quiet)
+
+
+def _calibration_and_eval(args, tokenizer) -> tuple[list, object]:
+    """Calibration documents and the evaluation set (``--eval-data``, else a held-out share of ``--calib``;
+    none with ``--no-eval``, or on ranks other than the first, which only help calibrate)."""
+    from . import distributed
+    from .data import read_documents, split_holdout
+    from .evaluate import build_eval_set
+
+    calib_docs, eval_docs = (read_documents(args.calib), None) if args.calib else ([], None)
+    if args.eval_data:
+        eval_docs = read_documents(args.eval_data)
+    elif calib_docs and not args.no_eval:
+        calib_docs, eval_docs = split_holdout(calib_docs, args.holdout, args.seed)
+    if not eval_docs or args.no_eval or not distributed.is_main():
+        return calib_docs, None
+    return calib_docs, build_eval_set(eval_docs, tokenizer, seq_len=args.eval_seq_len, seqs_per_domain=args.eval_seqs)
+
+
 def cmd_eval(args) -> int:
     from .evaluate import build_eval_set, evaluate_nll
     from .loading import load_model, load_tokenizer
     from .table import format_table
+    from .zero_shot import resolve_tasks
 
+    if not args.data and not args.tasks:
+        raise MoeFxError("nothing to evaluate: give --data FILE (NLL / perplexity) and/or --tasks NAMES (zero-shot accuracy)")
+    if args.tasks:
+        resolve_tasks(args.tasks, _task_dir(args))  # bad names or files fail before any model loads
     device = _device(args.device)
     tokenizer = load_tokenizer(args.models[0])
-    eval_set = build_eval_set(args.data, tokenizer, seq_len=args.eval_seq_len, seqs_per_domain=args.eval_seqs)
+    eval_set = build_eval_set(args.data, tokenizer, seq_len=args.eval_seq_len, seqs_per_domain=args.eval_seqs) if args.data else None
     results = []
     for path in args.models:
         model = load_model(path, dtype=args.dtype, device=device)
-        results.append(evaluate_nll(model, eval_set, batch_size=args.batch_size, show_progress=not args.quiet))
+        entry = {}
+        if eval_set:
+            entry["nll"] = evaluate_nll(model, eval_set, batch_size=args.batch_size, show_progress=not args.quiet)
+        if args.tasks:
+            entry["tasks"] = _zero_shot(model, tokenizer, args, device, checkpoint=path)
+        results.append(entry)
         del model
     names = [Path(m).name for m in args.models]
-    print(format_table(*_eval_rows(results, names), title=f"next-token NLL on {args.data} ({eval_set.num_tokens} tokens)"))
+    if eval_set:
+        print(format_table(*_eval_rows([r["nll"] for r in results], names), title=f"next-token NLL on {args.data} ({eval_set.num_tokens} tokens)"))
+    if args.tasks:
+        limit = f", first {args.limit} items per task" if args.limit else ""
+        print(format_table(*_task_rows([r["tasks"] for r in results], names), title=f"zero-shot accuracy (%){limit}"))
     if args.json:
         Path(args.json).write_text(json.dumps(dict(zip(args.models, results)), indent=2) + "\n")
     return 0
@@ -180,25 +280,29 @@ def cmd_eval(args) -> int:
 
 def cmd_prune(args) -> int:
     from . import distributed
-    from .data import TokenBatch, pack, read_documents, split_fitness, split_holdout
-    from .evaluate import build_eval_set, checkpoint_size, disk_size, evaluate_nll, model_size
+    from .data import TokenBatch, pack, split_fitness
+    from .evaluate import checkpoint_size, disk_size, evaluate_nll, model_size
     from .exporters.checkpoint import check_output_path, save_checkpoint, update_record
+    from .report import write_report
     from .lazy_checkpoint import meta_model
     from .streaming import stream_evaluate, stream_prune
     from .loading import check_model_dir, load_model, load_tokenizer
-    from .passes import Calibrate, CompensateExperts, DropExperts, MergeExperts, PruneChannels, Score
-    from .passes.allocate import check_budget, experts_to_keep
+    from .passes import Calibrate, CompensateExperts, DropExperts, Score
+    from .passes.allocate import check_budget
     from .passes.eep import EvolutionarySearch
     from .passes.scorers import get_scorer
     from .pipeline import compose, state_of
+    from .recipe import observers_for, parse_method, prune_passes
     from .table import format_table, human_bytes
+    from .zero_shot import resolve_tasks
 
     source = check_model_dir(args.model)
     check_output_path(args.out, source, args.overwrite)
+    if args.tasks:
+        resolve_tasks(args.tasks, _task_dir(args))
     channels = args.granularity == "channel"
-    args.method = args.method or ("fisher" if channels else "reap")
-    if args.method.startswith("merge-"):
-        args.method, args.merge = args.method.removeprefix("merge-"), True
+    args.method, merge = parse_method(args.method or ("fisher" if channels else "reap"))
+    args.merge = args.merge or merge
     search = args.method == "eep"
     scorer = get_scorer(args.eep_warm_start if search else args.method, seed=args.seed)
     expert_scorer = get_scorer(args.expert_method, seed=args.seed) if channels and args.expert_ratio else None
@@ -212,6 +316,9 @@ def cmd_prune(args) -> int:
     if distributed.init_from_env(device) and device == "cuda":
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     stream = _streaming(args, source, device, search)
+    if stream and args.tasks:
+        raise MoeFxError("--eval-tasks needs the whole model in memory, which a streamed prune never holds; run "
+                         "`moe-fx eval SOURCE OUT --tasks ...` on a device that holds it, or use --stream off")
     model = meta_model(source, args.dtype, device) if stream else load_model(source, dtype=args.dtype, device=device)
     save_dtype = model.config.dtype if isinstance(getattr(model.config, "dtype", None), torch.dtype) else next(model.parameters()).dtype
     spec = state_of(model).spec
@@ -219,19 +326,13 @@ def cmd_prune(args) -> int:
         check_budget(spec, ratio=args.expert_ratio if channels else args.ratio, keep=None if channels else args.keep)
     tokenizer = load_tokenizer(source)
 
-    calib_docs, eval_docs = (read_documents(args.calib), None) if args.calib else ([], None)
-    if args.eval_data:
-        eval_docs = read_documents(args.eval_data)
-    elif calib_docs and not args.no_eval:
-        calib_docs, eval_docs = split_holdout(calib_docs, args.holdout, args.seed)
+    calib_docs, eval_set = _calibration_and_eval(args, tokenizer)
     show = not args.quiet and distributed.is_main()
-    eval_set = None
-    if eval_docs and not args.no_eval and distributed.is_main():  # other ranks only help calibrate
-        eval_set = build_eval_set(eval_docs, tokenizer, seq_len=args.eval_seq_len, seqs_per_domain=args.eval_seqs)
     size_of = checkpoint_size if stream else model_size
     evaluate = functools.partial(stream_evaluate, device=device, dtype=args.dtype) if stream else evaluate_nll
     before_size = size_of(source if stream else model)
     before = evaluate(source if stream else model, eval_set, batch_size=args.batch_size, show_progress=show) if eval_set else None
+    tasks_before = _zero_shot(model, tokenizer, args, device, checkpoint=source) if args.tasks and distributed.is_main() else None
 
     passes = []
     allocation = args.allocation
@@ -244,23 +345,14 @@ def cmd_prune(args) -> int:
                 allocation=args.allocation, batch_size=args.batch_size, seed=args.seed, show_progress=show,
                 refine=CompensateExperts(ridge=args.ridge) if args.compensate and not args.merge else None,
             )
-        extra = (("samples",) if args.merge else ()) + (("inputs",) if args.compensate else ())
-        extra += expert_scorer.observers if expert_scorer else ()
-        observers = tuple(dict.fromkeys(Calibrate.observers + scorer.observers + extra))
-        passes.append(Calibrate(TokenBatch(windows, args.calib), batch_size=args.batch_size, seed=args.seed, observers=observers,
+        scorers = [scorer] + ([expert_scorer] if expert_scorer else [])
+        passes.append(Calibrate(TokenBatch(windows, args.calib), batch_size=args.batch_size, seed=args.seed,
+                                observers=observers_for(scorers, merge=args.merge, compensate=args.compensate),
                                 inputs_per_block=args.compensate_samples, show_progress=show))
-    rewrite = MergeExperts if args.merge else DropExperts
-    options = None
-    if scorer.name == "naee" and args.allocation == "uniform" and len({b.num_experts for b in spec.blocks}) == 1:
-        options = {"keep": experts_to_keep(spec.blocks[0].num_experts, args.ratio, args.keep)}  # exhaustive when small
-    if channels:
-        if expert_scorer:
-            passes += [Score(expert_scorer.name, seed=args.seed), DropExperts(ratio=args.expert_ratio)]
-        passes += [Score(scorer.name, seed=args.seed), PruneChannels(ratio=args.ratio, allocation=args.allocation, multiple=args.multiple)]
-    else:
-        passes += [Score(scorer.name, seed=args.seed, options=options), rewrite(ratio=args.ratio, keep=args.keep, allocation=allocation)]
-    if args.compensate:
-        passes.append(CompensateExperts(ridge=args.ridge))
+    if expert_scorer:
+        passes += [Score(expert_scorer.name, seed=args.seed), DropExperts(ratio=args.expert_ratio)]
+    passes += prune_passes(scorer, spec, ratio=args.ratio, keep=args.keep, merge=args.merge, compensate=args.compensate,
+                           allocation=allocation, multiple=args.multiple, seed=args.seed, ridge=args.ridge)
     t0 = time.perf_counter()
     if stream:
         streamed = stream_prune(source, args.out, passes, device=device, dtype=args.dtype, tokenizer=tokenizer,
@@ -272,6 +364,7 @@ def cmd_prune(args) -> int:
     prune_seconds = time.perf_counter() - t0
     after = evaluate(out if stream else model, eval_set, batch_size=args.batch_size, show_progress=show) if eval_set else None
     after_size = size_of(out if stream else model)
+    tasks_after = _zero_shot(model, tokenizer, args, device) if args.tasks and distributed.is_main() else None
 
     if not distributed.is_main():
         return 0
@@ -280,6 +373,8 @@ def cmd_prune(args) -> int:
         "eval_before": before,
         "eval_after": after,
         "eval_source": args.eval_data or (f"held-out {args.holdout:.0%} of {args.calib}" if eval_set else None),
+        "tasks_before": tasks_before,
+        "tasks_after": tasks_after,
         "size_before": before_size,
         "size_after": after_size,
         "prune_seconds": prune_seconds,
@@ -287,6 +382,7 @@ def cmd_prune(args) -> int:
     }
     if stream:
         update_record(out, record)
+        write_report(out)
     else:
         model.to(save_dtype)
         record["size_after"] = model_size(model)
@@ -325,6 +421,9 @@ def cmd_prune(args) -> int:
         print(f"calibration: {calib['tokens']:,} tokens in {calib['seconds']:.1f} s ({calib['tokens'] / max(calib['seconds'], 1e-9):,.0f} tok/s), fingerprint {calib['fingerprint']}")
     if eval_set:
         print(f"evaluation: {record['eval_source']}, {eval_set.num_tokens:,} tokens")
+    if args.tasks:
+        limit = f", first {args.limit} items per task" if args.limit else ""
+        print(format_table(*_task_rows([tasks_before, tasks_after], ["before", "after"]), title=f"zero-shot accuracy (%){limit}"))
     if stream:
         s = streamed
         gpu = f"peak GPU memory {human_bytes(s.peak_gpu_bytes)}, " if s.peak_gpu_bytes is not None else ""
@@ -379,6 +478,84 @@ def _check_granularity(args, scorer, expert_scorer) -> None:
         raise MoeFxError(f"--expert-method {args.expert_method} does not score experts; use reap, frequency, ...")
 
 
+def cmd_report(args) -> int:
+    from .loading import check_model_dir
+    from .report import write_report
+
+    md = write_report(check_model_dir(args.model))
+    print(md.read_text())
+    return 0
+
+
+def _ratios(text: str) -> list[float]:
+    try:
+        ratios = [float(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        raise MoeFxError(f"--ratios {text!r}: give a comma list of numbers in (0, 1), e.g. 0.25,0.5") from None
+    if not ratios or not all(0 < r < 1 for r in ratios):
+        raise MoeFxError(f"--ratios {text!r}: every ratio must be in (0, 1)")
+    return ratios
+
+
+def cmd_sweep(args) -> int:
+    from .data import TokenBatch, pack
+    from .exporters.atomic import atomic_directory
+    from .exporters.checkpoint import check_output_path, save_checkpoint
+    from .loading import check_model_dir, load_model, load_tokenizer
+    from .passes import Calibrate
+    from .passes.allocate import check_budget
+    from .pipeline import state_of
+    from .report.sweep_report import write_sweep
+    from .sweep import point_dir, run_sweep, sweep_scorers
+    from .table import format_table
+    from .zero_shot import resolve_tasks
+
+    source = check_model_dir(args.model)
+    out = check_output_path(args.out, source, args.overwrite)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    ratios = _ratios(args.ratios)
+    scorers = list(sweep_scorers(methods, seed=args.seed).values())  # unknown names fail before loading
+    if args.tasks:
+        resolve_tasks(args.tasks, _task_dir(args))
+    if any(s.needs for s in scorers) and not args.calib:
+        raise MoeFxError(f"--methods {args.methods} need calibration data: pass --calib FILE")
+    device = _device(args.device)
+    model = load_model(source, dtype=args.dtype, device=device)
+    save_dtype = model.config.dtype if isinstance(getattr(model.config, "dtype", None), torch.dtype) else next(model.parameters()).dtype
+    if any(s.granularity == "expert" for s in scorers):
+        for r in ratios:
+            check_budget(state_of(model).spec, ratio=r)
+    tokenizer = load_tokenizer(source)
+    calib_docs, eval_set = _calibration_and_eval(args, tokenizer)
+    show = not args.quiet
+    calibration = None
+    if calib_docs:
+        windows = pack(tokenizer, calib_docs, seq_len=args.seq_len, max_tokens=args.calib_tokens, seed=args.seed)
+        calibration = Calibrate(TokenBatch(windows, args.calib), batch_size=args.batch_size, seed=args.seed, show_progress=show)
+    base = model
+    zero_shot = (lambda m: _zero_shot(m, tokenizer, args, device, checkpoint=source if m is base else None)) if args.tasks else None
+
+    with atomic_directory(out) as tmp:
+        def finished(point: dict, pruned) -> None:
+            if show:
+                print(f"moe-fx sweep: {point['method']} {point['ratio']:.0%}: mean NLL change {point.get('nll_delta', float('nan')):+.4f}", file=sys.stderr)
+            if args.save:
+                save_checkpoint(pruned.to(save_dtype), point_dir(tmp, point), source=source, tokenizer=tokenizer, extra_record={"sweep_point": point})
+
+        result = run_sweep(model, methods=methods, ratios=ratios, calibration=calibration, eval_set=eval_set, zero_shot=zero_shot,
+                           compensate=args.compensate, allocation=args.allocation, seed=args.seed, batch_size=args.batch_size,
+                           show_progress=show, on_point=finished)
+        notes = [f"- calibration: {result.calibration['tokens']:,} tokens of {args.calib} ({result.calibration['seconds']:.1f} s, once for all points)" if result.calibration else "- no calibration",
+                 f"- evaluation: {args.eval_data or f'held-out {args.holdout:.0%} of {args.calib}'}, {eval_set.num_tokens:,} tokens" if eval_set else "- no NLL evaluation"]
+        if args.tasks:
+            notes.append(f"- zero-shot tasks: {args.tasks}" + (f", first {args.limit} items each" if args.limit else ""))
+        md = write_sweep(tmp, result, model=str(source), notes=notes)
+        table = md.read_text()
+    headers, *rows = [line.strip("|").split("|") for line in table.splitlines() if line.startswith("|") and not line.startswith("|---")]
+    print(format_table([h.strip() for h in headers], [[c.strip() for c in r] for r in rows], title=f"moe-fx sweep -> {out} (sweep.md, sweep.json, plots/)"))
+    return 0
+
+
 def cmd_export(args) -> int:
     from .exporters.onnx import export_onnx
     from .table import format_table, human_bytes
@@ -399,7 +576,7 @@ def cmd_export(args) -> int:
     return 0
 
 
-COMMANDS = {"inspect": cmd_inspect, "prune": cmd_prune, "eval": cmd_eval, "export": cmd_export}
+COMMANDS = {"inspect": cmd_inspect, "prune": cmd_prune, "eval": cmd_eval, "export": cmd_export, "report": cmd_report, "sweep": cmd_sweep}
 
 
 def _relaunch_under_torchrun(argv: list[str], nproc: int) -> int:
@@ -415,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "nproc", 1) > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return _relaunch_under_torchrun(argv, args.nproc)
-    if args.quiet:
+    if getattr(args, "quiet", False):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()

@@ -37,6 +37,7 @@ from torch import nn
 
 from .errors import BadOptionError, NotAModelError
 from .exporters.checkpoint import check_output_path, write_companions
+from .report import write_report
 from .exporters.partial import PartialCheckpoint
 from .exporters.per_layer_model import apply_layout
 from .layer_calls import LayerCall, capture_layer_calls, decoder_layers
@@ -400,7 +401,8 @@ def stream_prune(
                      "hidden_state_device": report.hidden_state_device,
                      "phase_seconds": {k: round(v, 3) for k, v in report.phase_seconds.items()},
                      "per_layer_seconds": {i: r["seconds"] for i, r in sorted(partial.layers.items())}}
-        write_companions(model, partial.dir, source=source, tokenizer=tokenizer, extra_record={"streaming": streaming, **(extra_record or {})})
+        record = write_companions(model, partial.dir, source=source, tokenizer=tokenizer, extra_record={"streaming": streaming, **(extra_record or {})})
+        write_report(partial.dir, record, location=out)
         partial.complete(weight_map, total)
     return report
 

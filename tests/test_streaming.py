@@ -187,6 +187,8 @@ def test_cli_stream(micro_path, calib_path, tmp_path):
     record = json.loads((out / "moe_fx.json").read_text())
     assert record["eval_after"]["mean"]["nll"] > record["eval_before"]["mean"]["nll"] > 0
     assert [len(v) for v in record["plan"]["kept_experts"].values()] == [6, 6]
+    report = json.loads((out / "report.json").read_text())  # written after the streamed evaluation
+    assert report["nll"]["mean"]["nll"]["after"] == record["eval_after"]["mean"]["nll"] and (out / "plots" / "importance.png").stat().st_size > 0
     refused = subprocess.run([sys.executable, "-m", "moe_fx", "prune", str(micro_path), "--method", "eep", "--ratio", "0.25", "--calib",
                               str(calib_path), "--stream", "on", "--out", str(tmp_path / "eep")], capture_output=True, text=True, timeout=600)
     assert refused.returncode == 2 and "cannot stream" in refused.stderr

@@ -24,6 +24,7 @@ from ..errors import BadOptionError, MoeFxError, OutputPathError
 from ..trace import trace
 from ..pipeline import STATE_ATTR
 from ..rewrite import config_at
+from ..report import write_report
 from . import per_layer_model
 from .atomic import atomic_directory
 
@@ -185,8 +186,10 @@ def save_checkpoint(
     tokenizer=None,
     overwrite: bool = False,
     extra_record: dict | None = None,
+    report: bool = True,
 ) -> Path:
-    """Save ``model`` (and its moe-fx record) atomically to ``out``; return the final path."""
+    """Save ``model`` (and its moe-fx record) atomically to ``out``; return the final path. ``report``: also
+    write ``report.md`` / ``report.json`` / ``plots/`` describing the run (from the record)."""
     state = getattr(model, STATE_ATTR, None)
     if state is not None and state.masked:
         raise BadOptionError("this model's channels were zeroed in place (PruneChannels(mask_only=True), a debug mode); "
@@ -194,7 +197,9 @@ def save_checkpoint(
     out = check_output_path(out, source, overwrite)
     with atomic_directory(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        write_companions(model, tmp, source=source, tokenizer=tokenizer, extra_record=extra_record)
+        record = write_companions(model, tmp, source=source, tokenizer=tokenizer, extra_record=extra_record)
+        if report:
+            write_report(tmp, record, location=out)
     return out
 
 
@@ -208,10 +213,10 @@ def update_record(path: str | Path, entries: dict) -> None:
     os.replace(tmp, file)
 
 
-def write_companions(model: nn.Module, path: Path, *, source: str | Path | None, tokenizer=None, extra_record: dict | None = None) -> None:
+def write_companions(model: nn.Module, path: Path, *, source: str | Path | None, tokenizer=None, extra_record: dict | None = None) -> dict:
     """Everything of a checkpoint beside its weights and ``config.json`` (which ``path`` already holds): the
     tokenizer (``tokenizer``, else the source's files), the config's count aliases and rope fields for older
-    transformers, the per-layer model code when needed, and the ``moe_fx.json`` record."""
+    transformers, the per-layer model code when needed, and the ``moe_fx.json`` record (returned)."""
     state = getattr(model, STATE_ATTR, None)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
@@ -225,3 +230,4 @@ def write_companions(model: nn.Module, path: Path, *, source: str | Path | None,
     record["versions"] = versions()
     record["source"] = str(Path(source).resolve()) if source is not None else None
     (path / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return record
