@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--reference", required=True)
     ap.add_argument("--model", help="default: the model the reference was run on")
     ap.add_argument("--task-data", default=os.environ.get("MOE_FX_EVAL_DATA", "../shared/data/eval"))
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-tokens", type=int, default=4096)
     ap.add_argument("--out")
     args = ap.parse_args()
     ref = json.loads(Path(args.reference).read_text())
@@ -47,7 +47,7 @@ def main() -> None:
         theirs = [tuple(cc) for s in shown for cc in s["context_continuation"]]
         ours_shown = [(r.context, r.continuation) for s in shown for r in items[s["doc_id"]].requests]
         same_prompts = sum(a == b for a, b in zip(ours_shown, theirs))
-        ours = loglikelihoods(model, encode, ours_requests, prefix_id=prefix, batch_size=args.batch_size, show_progress=False)
+        ours = loglikelihoods(model, encode, ours_requests, prefix_id=prefix, batch_tokens=args.batch_tokens, show_progress=False)
         their_ll = [tuple(ll) for s in sorted(samples, key=lambda s: s["doc_id"]) for ll in s["loglikelihoods"]]
         diffs = [abs(a[0] - b[0]) for a, b in zip(ours, their_ll)]
         greedy_same = sum(a[1] == b[1] for a, b in zip(ours, their_ll))

@@ -35,6 +35,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-seqs", type=int, default=8, help="evaluation windows per domain (default 8)")
     p.add_argument("--eval-seq-len", type=int, default=512, help="evaluation window length in tokens (default 512)")
+    p.add_argument("--eval-stride", type=int, help="sliding-window perplexity: windows start this many tokens apart, each token is "
+                   "scored once with up to seq-len - stride tokens of extra context (default: seq-len, no overlap)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
 
 
@@ -223,7 +225,7 @@ def _zero_shot(model, tokenizer, args, device: str, checkpoint: str | Path | Non
     if checkpoint is not None and not args.no_cache:
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         cache = LoglikCache.for_checkpoint(checkpoint, dtype=dtype, device=device, max_length=max_length_of(model))
-    return evaluate_tasks(model, tokenizer, args.tasks, data_dir=_task_dir(args), limit=args.limit, batch_size=args.batch_size,
+    return evaluate_tasks(model, tokenizer, args.tasks, data_dir=_task_dir(args), limit=args.limit, batch_tokens=args.batch_size * args.eval_seq_len,
                           cache=cache, show_progress=not args.quiet)
 
 
@@ -241,7 +243,7 @@ def _calibration_and_eval(args, tokenizer) -> tuple[list, object]:
         calib_docs, eval_docs = split_holdout(calib_docs, args.holdout, args.seed)
     if not eval_docs or args.no_eval or not distributed.is_main():
         return calib_docs, None
-    return calib_docs, build_eval_set(eval_docs, tokenizer, seq_len=args.eval_seq_len, seqs_per_domain=args.eval_seqs)
+    return calib_docs, build_eval_set(eval_docs, tokenizer, seq_len=args.eval_seq_len, seqs_per_domain=args.eval_seqs, stride=args.eval_stride)
 
 
 def cmd_eval(args) -> int:
@@ -256,7 +258,7 @@ def cmd_eval(args) -> int:
         resolve_tasks(args.tasks, _task_dir(args))  # bad names or files fail before any model loads
     device = _device(args.device)
     tokenizer = load_tokenizer(args.models[0])
-    eval_set = build_eval_set(args.data, tokenizer, seq_len=args.eval_seq_len, seqs_per_domain=args.eval_seqs) if args.data else None
+    eval_set = build_eval_set(args.data, tokenizer, seq_len=args.eval_seq_len, seqs_per_domain=args.eval_seqs, stride=args.eval_stride) if args.data else None
     results = []
     for path in args.models:
         model = load_model(path, dtype=args.dtype, device=device)
@@ -357,6 +359,8 @@ def cmd_prune(args) -> int:
     if stream:
         streamed = stream_prune(source, args.out, passes, device=device, dtype=args.dtype, tokenizer=tokenizer,
                                 overwrite=args.overwrite, show_progress=show)
+        if streamed is None:  # another rank: rank 0 writes, evaluates and reports
+            return 0
         out, state = streamed.out, streamed.state
     else:
         model = compose(*passes)(model)
@@ -445,13 +449,12 @@ def _streaming(args, source, device: str, search: bool) -> bool:
         else:
             free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         weights = disk_size(source)
-        if weights <= 0.8 * free:
+        if not distributed.broadcast_object(weights > 0.8 * free):  # every rank takes rank 0's decision
             return False
-        print(f"moe-fx: the weights of {source} ({weights / 2**30:.1f} GiB) exceed 80% of the free memory of {device}: streaming layer by layer (--stream off to force in memory)")
+        if distributed.is_main():
+            print(f"moe-fx: the weights of {source} ({weights / 2**30:.1f} GiB) exceed 80% of the free memory of {device}: streaming layer by layer (--stream off to force in memory)")
     if search:
         raise MoeFxError("--method eep searches over the whole model at once; it cannot stream layer by layer (use --stream off on a device that holds the model)")
-    if args.nproc > 1 or distributed.active():
-        raise MoeFxError("--stream runs in one process on one device; drop --nproc / torchrun, or use --stream off")
     return True
 
 

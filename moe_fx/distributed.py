@@ -11,9 +11,15 @@ evaluates and writes. Backend: NCCL when the model runs on CUDA, gloo otherwise.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+TIMEOUT = timedelta(hours=3)
+"""How long a rank waits at a collective: rank 0 alone evaluates before and after (a streamed evaluation of a
+large model takes many minutes) while the others wait at the next reduction. torchrun still stops every rank
+as soon as one fails."""
 
 
 def init_from_env(device: str) -> bool:
@@ -25,7 +31,7 @@ def init_from_env(device: str) -> bool:
         backend = "nccl" if device.startswith("cuda") else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=TIMEOUT)
     return True
 
 
@@ -100,3 +106,12 @@ def merge_reservoirs(acc: dict[str, torch.Tensor], keys: list[str], seen_key: st
         acc[key].zero_()
         acc[key][: len(merged)] = merged
     acc[seen_key].fill_(total)
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank (itself in a single process)."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from .errors import BadOptionError, NotAModelError
+from . import distributed
 from .exporters.checkpoint import check_output_path, write_companions
 from .report import write_report
 from .exporters.partial import PartialCheckpoint
@@ -44,7 +45,7 @@ from .layer_calls import LayerCall, capture_layer_calls, decoder_layers
 from .layout import layout_of, record_layout
 from .lazy_checkpoint import LazyCheckpoint, meta_model, revert_to_checkpoint_names
 from .evaluate import EvalSet, evaluate_nll
-from .passes.calibrate import Calibrate, calibration_stats, instrument
+from .passes.calibrate import Calibrate, calibration_stats, instrument, reduce_across_ranks
 from .passes.scorers import Scores
 from .pipeline import STATE_ATTR, MoEState, Pass, PassRecord, compose, state_of
 from .plan import ChannelPlan, PrunePlan
@@ -302,13 +303,18 @@ def stream_prune(
     snapshot_seconds: float = 300.0,
     states: str = "cpu",
     extra_record: dict | None = None,
-) -> StreamReport:
+) -> StreamReport | None:
     """Run ``passes`` (``Calibrate`` first, then layer-local passes) on the checkpoint at ``source`` one decoder
     layer at a time, writing the pruned checkpoint to ``out`` (see the module doc). ``snapshot_seconds``: how
     often the hidden states are saved for a resume (0: after every layer); ``states``: where the hidden states
     between layers are kept: ``cpu`` (pinned, copied asynchronously; as fast as ``auto`` on an H100 in
     ``benchmarks/streaming.py``, with the least GPU memory) or ``auto`` (on the GPU when they take at most a
-    quarter of its free memory)."""
+    quarter of its free memory).
+
+    Under torch.distributed (torchrun) every rank holds the current layer and the hidden states of its share
+    of the calibration windows; each layer's statistics are reduced across ranks before rank 0 alone runs the
+    passes and writes (the others return None). A resumed distributed run replays from the first layer (no
+    hidden-state snapshots: each rank's are its own), writing only the layers not finished."""
     from transformers import GenerationConfig
 
     t0 = time.perf_counter()
@@ -317,35 +323,39 @@ def stream_prune(
     if states not in ("auto", "cpu"):
         raise BadOptionError(f"states={states!r}: use 'auto' or 'cpu'")
     out = check_output_path(out, source, overwrite)
+    main, ranks = distributed.is_main(), distributed.active()
     with LazyCheckpoint(source) as ckpt:
         run = _open_meta(source, ckpt, device, dtype, states)
         model, spec, dt = run.model, run.spec, run.dtype
         tokens = calibrate.tokens(model) if calibrate is not None else None
         key = _run_key(source, passes, tokens.fingerprint if tokens is not None else "", dt, device)
-        partial = PartialCheckpoint(out, key, discard_other_runs=overwrite)
+        partial = PartialCheckpoint(out, key, discard_other_runs=overwrite) if main else None
         n = len(run.layers)
         shards = [f"model-{i + 1:05d}-of-{n + 1:05d}.safetensors" for i in range(n + 1)]
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        resumed = partial.resumed
+        resumed = distributed.broadcast_object(partial.resumed if main else None)
         start = n if resumed == n else (resumed if tokens is None else 0)
         if start < n and tokens is not None:
-            run.embed([tokens.input_ids], calibrate.batch_size)
-            snapshot = partial.load_states() if resumed else None
+            run.embed([distributed.shard(tokens.input_ids)], calibrate.batch_size)
+            snapshot = partial.load_states() if resumed and not ranks else None
             if snapshot is not None and snapshot[0] <= resumed:
                 start, run.states = snapshot[0], [run.store(s.to(run.state_device)) for s in snapshot[1]]
         hidden_bytes = sum(s.numel() * s.element_size() for s in run.states)
         last_snapshot = t_layers = time.perf_counter()
-        with progress_bar("stream", total=n, unit="layer", enabled=show_progress) as bar:
+        with progress_bar("stream", total=n, unit="layer", enabled=show_progress and main) as bar:
             bar.update(start)
             for i in range(start, n):
                 layer_spec = run.blocks_of(i)
                 t_load = time.perf_counter()
                 run.load_layer(i)
                 t_fwd = time.perf_counter()
-                acc = run.forward(i, calibrate.make_observers() if calibrate is not None else [], layer_spec)
+                observers = calibrate.make_observers() if calibrate is not None else []
+                acc = run.forward(i, observers, layer_spec)
+                if ranks and layer_spec.blocks and observers:
+                    reduce_across_ranks(acc, layer_spec, observers)
                 t_pass = time.perf_counter()
-                if i < resumed:  # finished by the interrupted run: replayed only for its output
+                if i < resumed or not main:  # finished by an interrupted run, or rank 0 writes it: only its output is needed
                     run.layers[i].to("meta")
                     bar.update(1)
                     continue
@@ -361,10 +371,12 @@ def stream_prune(
                     "load": t_fwd - t_load, "forward": t_pass - t_fwd, "passes": t_write - t_pass, "write": time.perf_counter() - t_write})
                 run.layers[i].to("meta")
                 partial.finish_layer(i, record)
-                if i + 1 < n and time.perf_counter() - last_snapshot >= snapshot_seconds:
+                if not ranks and i + 1 < n and time.perf_counter() - last_snapshot >= snapshot_seconds:
                     partial.save_states(i + 1, [s.cpu() for s in run.states])
                     last_snapshot = time.perf_counter()
                 bar.update(1)
+        if not main:
+            return None
         t_rest = time.perf_counter()
         for i, record in partial.layers.items():
             if record["layout"]:

@@ -56,3 +56,24 @@ def test_eep_spreads_candidates_over_the_ranks(micro_path, calib_path, tmp_path)
     assert a["evaluations"] == b["evaluations"] > 4
     for x, y in zip(a["history"], b["history"], strict=True):
         assert abs(x - y) <= 1e-6 * abs(x)
+
+
+def test_streaming_across_two_processes(micro_path, calib_path, tmp_path):
+    """Each rank streams its share of the windows through every layer; the reduced statistics give the
+    single-process streamed plan and scores, and rank 0 alone writes the checkpoint."""
+    args = ["--method", "reap", "--ratio", "0.25", "--stream", "on"]
+    merged = _prune(micro_path, calib_path, tmp_path / "comp", *args, "--compensate", "--compensate-samples", "512", "--nproc", "2")
+    assert merged.returncode == 0, merged.stderr[-2000:]  # the layer's input reservoirs are merged across ranks too
+    report = json.loads((tmp_path / "comp" / "moe_fx.json").read_text())["passes"][-1]["report"]
+    assert all(b["tokens"] == 512 for b in report["blocks"].values()) and report["mean_error_after"] < report["mean_error_before"]
+    one = _prune(micro_path, calib_path, tmp_path / "one", *args)
+    two = _prune(micro_path, calib_path, tmp_path / "two", *args, "--nproc", "2")
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    a, b = (json.loads((tmp_path / d / "moe_fx.json").read_text()) for d in ("one", "two"))
+    assert b["world_size"] == 2 and b["streaming"]["layers"] == 2
+    assert a["plan"] == b["plan"] and a["calibration"]["tokens"] == b["calibration"]["tokens"]
+    for path, scores in a["scores"]["per_block"].items():
+        for x, y in zip(scores, b["scores"]["per_block"][path], strict=True):
+            assert abs(x - y) <= 1e-6 * max(abs(x), 1e-12), (path, x, y)
+    files = sorted(p.name for p in (tmp_path / "two").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "one").iterdir()) and not list(tmp_path.glob(".two*"))

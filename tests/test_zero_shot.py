@@ -48,7 +48,7 @@ def test_loglikelihood_sums_are_exact():
     model = Bigram()
     t = model.table.detach()
     requests = [Request("ab", "cd"), Request("abc ", "hg"), Request("", "fed"), Request("h", "a")]
-    got = loglikelihoods(model, encode, requests, prefix_id=0, batch_size=3, show_progress=False)
+    got = loglikelihoods(model, encode, requests, prefix_id=0, batch_tokens=9, show_progress=False)
     a, b, c, d, e, f, g, h, sp = (VOCAB.index(x) for x in "abcdefgh ")
     want = [
         hand_logp(t, b, c) + hand_logp(t, c, d),
@@ -91,8 +91,8 @@ def test_padding_and_batching_do_not_change_results():
     model = tiny_qwen3()
     encode_ids = lambda s: [2 + (ord(ch) % 120) for ch in s]  # noqa: E731
     requests = [Request("a longer context here", " x"), Request("ab", " yz"), Request("", " short"), Request("mid size", " tail end")]
-    one = loglikelihoods(model, encode_ids, requests, prefix_id=0, batch_size=1, show_progress=False)
-    many = loglikelihoods(model, encode_ids, requests, prefix_id=0, batch_size=4, show_progress=False)
+    one = loglikelihoods(model, encode_ids, requests, prefix_id=0, batch_tokens=1, show_progress=False)
+    many = loglikelihoods(model, encode_ids, requests, prefix_id=0, batch_tokens=10**6, show_progress=False)
     for (a, ga), (b, gb) in zip(one, many):
         assert a == pytest.approx(b, abs=1e-4) and ga == gb
 

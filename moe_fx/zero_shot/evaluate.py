@@ -59,7 +59,7 @@ def evaluate_tasks(
     *,
     data_dir: str | Path,
     limit: int | None = None,
-    batch_size: int = 16,
+    batch_tokens: int = 4096,
     cache: LoglikCache | None = None,
     show_progress: bool = True,
 ) -> dict[str, dict]:
@@ -74,7 +74,7 @@ def evaluate_tasks(
         found = [cache.get(r) if cache else None for r in requests]
         missing = [i for i, f in enumerate(found) if f is None]
         if missing:
-            scored = loglikelihoods(model, encode, [requests[i] for i in missing], prefix_id=prefix, batch_size=batch_size,
+            scored = loglikelihoods(model, encode, [requests[i] for i in missing], prefix_id=prefix, batch_tokens=batch_tokens,
                                     show_progress=show_progress, desc=name)
             for i, result in zip(missing, scored):
                 found[i] = result

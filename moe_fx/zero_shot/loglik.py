@@ -5,8 +5,9 @@ does, so the same model gives the same numbers here as there.
   tokens are cut off the front (so a word split across the boundary is tokenised as in running text).
 * An empty context is replaced by the prefix token (BOS, else EOS).
 * Context and continuation are cut from the left to ``max_length + 1`` tokens; the last one is not fed.
-* Sequences are batched longest first, padded on the right (a causal model's earlier positions never see
-  the padding, so no attention mask is needed and no position shifts).
+* Sequences are batched longest first, up to a token budget (many short BLiMP sentences per batch, few
+  long HellaSwag contexts), padded on the right (a causal model's earlier positions never see the
+  padding, so no attention mask is needed and no position shifts).
 """
 
 from __future__ import annotations
@@ -67,12 +68,13 @@ def loglikelihoods(
     requests: Sequence[Request],
     *,
     prefix_id: int,
-    batch_size: int = 16,
+    batch_tokens: int = 4096,
     max_length: int | None = None,
     show_progress: bool = True,
     desc: str = "loglikelihood",
 ) -> list[tuple[float, bool]]:
-    """Per request: ``(sum of log p(continuation tokens), whether greedy decoding reproduces them)``."""
+    """Per request: ``(sum of log p(continuation tokens), whether greedy decoding reproduces them)``.
+    ``batch_tokens``: padded tokens per forward pass (at least one sequence)."""
     max_length = max_length or max_length_of(model)
     device = next(model.parameters()).device
     encoded = []
@@ -88,9 +90,11 @@ def loglikelihoods(
     model.eval()
     try:
         with progress_bar(desc, total=len(order), unit="req", enabled=show_progress) as bar:
-            for start in range(0, len(order), batch_size):
-                batch = order[start : start + batch_size]
-                width = len(encoded[batch[0]][0])
+            start = 0
+            while start < len(order):
+                width = len(encoded[order[start]][0])  # the longest of the batch: requests are sorted
+                batch = order[start : start + max(1, batch_tokens // width)]
+                start += len(batch)
                 inputs = torch.zeros(len(batch), width, dtype=torch.long)
                 for row, i in enumerate(batch):
                     ids = encoded[i][0]

@@ -76,7 +76,7 @@ def run_calibration(
                         model(input_ids=batch, use_cache=False)
                     bar.update(batch.numel())
             if distributed.active():
-                _reduce_across_ranks(acc, state.spec, observers)
+                reduce_across_ranks(acc, state.spec, observers)
     finally:
         model.train(was_training)
     return calibration_stats(acc, tokens, time.perf_counter() - t0)
@@ -118,7 +118,7 @@ def _backward_mode(model: nn.Module):
             p.requires_grad_(True)
 
 
-def _reduce_across_ranks(acc: dict[str, dict[str, torch.Tensor]], spec, observers: list[Observer]) -> None:
+def reduce_across_ranks(acc: dict[str, dict[str, torch.Tensor]], spec, observers: list[Observer]) -> None:
     """Combine every block's accumulators over the ranks, each observer its own (see moe_fx.distributed)."""
     for block in spec.blocks:
         for o in observers:
