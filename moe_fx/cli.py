@@ -271,7 +271,7 @@ def cmd_eval(args) -> int:
         del model
     names = [Path(m).name for m in args.models]
     if eval_set:
-        print(format_table(*_eval_rows([r["nll"] for r in results], names), title=f"next-token NLL on {args.data} ({eval_set.num_tokens} tokens)"))
+        print(format_table(*_eval_rows([r["nll"] for r in results], names), title=f"next-token NLL on {args.data} ({eval_set.scored_tokens:,} tokens scored)"))
     if args.tasks:
         limit = f", first {args.limit} items per task" if args.limit else ""
         print(format_table(*_task_rows([r["tasks"] for r in results], names), title=f"zero-shot accuracy (%){limit}"))
@@ -424,7 +424,7 @@ def cmd_prune(args) -> int:
     if calib:
         print(f"calibration: {calib['tokens']:,} tokens in {calib['seconds']:.1f} s ({calib['tokens'] / max(calib['seconds'], 1e-9):,.0f} tok/s), fingerprint {calib['fingerprint']}")
     if eval_set:
-        print(f"evaluation: {record['eval_source']}, {eval_set.num_tokens:,} tokens")
+        print(f"evaluation: {record['eval_source']}, {eval_set.scored_tokens:,} tokens scored")
     if args.tasks:
         limit = f", first {args.limit} items per task" if args.limit else ""
         print(format_table(*_task_rows([tasks_before, tasks_after], ["before", "after"]), title=f"zero-shot accuracy (%){limit}"))
@@ -549,7 +549,7 @@ def cmd_sweep(args) -> int:
                            compensate=args.compensate, allocation=args.allocation, seed=args.seed, batch_size=args.batch_size,
                            show_progress=show, on_point=finished)
         notes = [f"- calibration: {result.calibration['tokens']:,} tokens of {args.calib} ({result.calibration['seconds']:.1f} s, once for all points)" if result.calibration else "- no calibration",
-                 f"- evaluation: {args.eval_data or f'held-out {args.holdout:.0%} of {args.calib}'}, {eval_set.num_tokens:,} tokens" if eval_set else "- no NLL evaluation"]
+                 f"- evaluation: {args.eval_data or f'held-out {args.holdout:.0%} of {args.calib}'}, {eval_set.scored_tokens:,} tokens scored" if eval_set else "- no NLL evaluation"]
         if args.tasks:
             notes.append(f"- zero-shot tasks: {args.tasks}" + (f", first {args.limit} items each" if args.limit else ""))
         md = write_sweep(tmp, result, model=str(source), notes=notes)

@@ -38,6 +38,12 @@ class EvalSet:
     def num_tokens(self) -> int:
         return sum(w.numel() for w in self.windows.values())
 
+    @property
+    def scored_tokens(self) -> int:
+        """Tokens whose prediction is scored: all but each window's first, less the overlap already scored."""
+        skip = max(self.overlap - 1, 0)
+        return sum(w.shape[0] * (w.shape[1] - 1) - (w.shape[0] - 1) * skip for w in self.windows.values())
+
 
 def build_eval_set(source: str | Path | Sequence[str] | Sequence[Document], tokenizer, *, seq_len: int = 512, seqs_per_domain: int = 8,
                    stride: int | None = None) -> EvalSet:
