@@ -540,6 +540,9 @@ def cmd_sweep(args) -> int:
 
     with atomic_directory(out) as tmp:
         def finished(point: dict, pruned) -> None:
+            if pruned is None:
+                print(f"moe-fx sweep: {point['method']} {point['ratio']:.0%} failed: {point['error']}", file=sys.stderr)
+                return
             if show:
                 print(f"moe-fx sweep: {point['method']} {point['ratio']:.0%}: mean NLL change {point.get('nll_delta', float('nan')):+.4f}", file=sys.stderr)
             if args.save:

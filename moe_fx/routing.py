@@ -48,11 +48,13 @@ def combine(expert_out: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) 
 
 def matches_recorded(
     router: RouterSpec, logits: torch.Tensor, selection_bias: torch.Tensor | None, index: torch.Tensor, weight: torch.Tensor,
-    *, min_agreement: float = 0.98, tol: float = 0.02,
+    *, min_agreement: float = 0.95, tol: float = 0.02,
 ) -> bool:
     """Whether :func:`route` reproduces the routing the model really applied: the same experts for at least
-    ``min_agreement`` of the tokens (bf16 logits flip near-ties) and the same relative weights on those, within
-    ``tol``. This guard keeps search methods off routers whose rule the spec does not capture."""
+    ``min_agreement`` of the tokens and the same relative weights on those, within ``tol``. This guard keeps
+    search methods off routers whose rule the spec does not capture. The recorded logits are recomputed in
+    float32 while a bf16 model rounds its own, which flips near-ties: 97% agreement in the first layer of
+    qwen3moe-bench on the CPU (100% in float32)."""
     idx, w = route(router, logits, selection_bias)
     sim, real = idx.sort(-1), index.sort(-1)
     same = (sim.values == real.values).all(-1)

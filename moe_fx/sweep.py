@@ -15,7 +15,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .errors import BadOptionError
+from .errors import BadOptionError, MoeFxError, first_line
 from .evaluate import EvalSet, evaluate_nll, model_size
 from .passes import Calibrate
 from .passes.scorers import Scorer, get_scorer
@@ -69,10 +69,12 @@ def run_sweep(
     seed: int = 0,
     batch_size: int = 8,
     show_progress: bool = True,
-    on_point: Callable[[dict, nn.Module], None] | None = None,
+    on_point: Callable[[dict, nn.Module | None], None] | None = None,
 ) -> SweepResult:
     """Prune ``model`` (left unpruned) at every method x ratio; ``on_point(point, pruned)`` sees each result
-    (to save the checkpoint, say). ``calibration``'s observers are replaced by the union the methods need."""
+    (to save the checkpoint, say). ``calibration``'s observers are replaced by the union the methods need. A
+    point whose passes fail with a :class:`MoeFxError` is recorded with its ``error`` (``pruned`` None) and
+    the sweep goes on."""
     if not methods or not ratios:
         raise BadOptionError("a sweep needs at least one method and one ratio")
     if eval_set is None and zero_shot is None:
@@ -99,8 +101,14 @@ def run_sweep(
     for label, name, merge_it in parsed:
         for ratio in ratios:
             t0 = time.perf_counter()
-            pruned = compose(*prune_passes(scorers[label], spec, ratio=ratio, merge=merge_it, compensate=compensate,
-                                           allocation=allocation, seed=seed))(copy.deepcopy(model))
+            try:
+                pruned = compose(*prune_passes(scorers[label], spec, ratio=ratio, merge=merge_it, compensate=compensate,
+                                               allocation=allocation, seed=seed))(copy.deepcopy(model))
+            except MoeFxError as exc:  # one method that cannot run here does not cost the other points
+                result.points.append({"method": label + ("+comp" if compensate else ""), "ratio": ratio, "error": first_line(exc)})
+                if on_point is not None:
+                    on_point(result.points[-1], None)
+                continue
             seconds = time.perf_counter() - t0
             nll, tasks = measure(pruned)
             point = _point(label + ("+comp" if compensate else ""), ratio, result.base, nll, tasks, model_size(pruned), seconds)

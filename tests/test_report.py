@@ -124,3 +124,31 @@ def test_streamed_prune_refuses_tasks(capsys, micro_path, calib_path, tmp_path):
     code, _, err = _run(capsys, "prune", micro_path, "--ratio", "0.25", "--calib", calib_path, "--stream", "on", "--eval-tasks", "piqa",
                         *TASKS, "--out", tmp_path / "o", *FAST)
     assert code == 2 and "--eval-tasks needs the whole model in memory" in err
+
+
+def test_a_failing_point_is_recorded_and_the_sweep_goes_on(micro_path, calib_path, valid_path, tmp_path, monkeypatch):
+    import moe_fx.sweep as sweep
+    from moe_fx.errors import BadOptionError
+    from moe_fx.evaluate import build_eval_set
+    from moe_fx.loading import load_model, load_tokenizer
+    from moe_fx.passes import Calibrate
+    from moe_fx.report.sweep_report import write_sweep
+
+    real = sweep.prune_passes
+
+    def flaky(scorer, spec, **kw):
+        if scorer.name == "frequency":
+            raise BadOptionError("frequency cannot run on this model")
+        return real(scorer, spec, **kw)
+
+    monkeypatch.setattr(sweep, "prune_passes", flaky)
+    model, tok = load_model(micro_path), load_tokenizer(micro_path)
+    seen = []
+    result = sweep.run_sweep(model, methods=["frequency", "random"], ratios=[0.25], show_progress=False,
+                             calibration=Calibrate(calib_path, tokenizer=tok, max_tokens=2048, seq_len=64, show_progress=False),
+                             eval_set=build_eval_set(valid_path, tok, seq_len=64, seqs_per_domain=1),
+                             on_point=lambda point, pruned: seen.append(pruned is None))
+    assert result.points[0] == {"method": "frequency", "ratio": 0.25, "error": "frequency cannot run on this model"}
+    assert result.points[1]["method"] == "random" and "nll_delta" in result.points[1] and seen == [True, False]
+    md = write_sweep(tmp_path, result, model="micro", notes=[]).read_text()
+    assert "| frequency | 25% | failed | frequency cannot run on this model |" in md and _is_png(tmp_path / "plots" / "nll_delta.png")

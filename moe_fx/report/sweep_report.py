@@ -23,9 +23,10 @@ def _curves(result, out: Path) -> tuple[dict[str, str], dict[str, str]]:
         jobs.append((f"task_{task}", f"{task}: accuracy change vs fraction pruned", "Δ accuracy (points)",
                      lambda p, t=task: 100 * p["task_deltas"][t]))
     files, errors = {}, {}
+    done = [p for p in result.points if "error" not in p]
     for name, title, ylabel, value in jobs:
-        points = [{"method": p["method"], "ratio": p["ratio"], "delta": value(p)} for p in result.points]
-        points += [{"method": m, "ratio": 0.0, "delta": 0.0} for m in dict.fromkeys(p["method"] for p in result.points)]  # the unpruned model
+        points = [{"method": p["method"], "ratio": p["ratio"], "delta": value(p)} for p in done]
+        points += [{"method": m, "ratio": 0.0, "delta": 0.0} for m in dict.fromkeys(p["method"] for p in done)]  # the unpruned model
         try:
             plots.quality_curves(points, out / "plots" / f"{name}.png", metric="delta", title=title, ylabel=ylabel)
             files[name] = f"plots/{name}.png"
@@ -40,7 +41,10 @@ def render_sweep_markdown(result, model: str, files: dict[str, str], errors: dic
     base = result.base
     rows = [["unpruned", "0%", f"{base['size']['params']:,}", f"{base['nll']['mean']['nll']:.4f}" if base["nll"] else "-", "", ""]
             + [f"{100 * base['tasks'][t]['acc']:.1f}" for t in tasks] + [""]]
-    for p in sorted(result.points, key=lambda p: (p["ratio"], p.get("nll_delta", 0))):
+    for p in sorted(result.points, key=lambda p: (p["ratio"], p.get("nll_delta", float("inf")))):
+        if "error" in p:
+            rows.append([p["method"], f"{p['ratio']:.0%}", "failed", p["error"], "", ""] + [""] * len(tasks) + [""])
+            continue
         rows.append([p["method"], f"{p['ratio']:.0%}", f"{p['size']['params']:,}",
                      f"{p['nll_mean']:.4f}" if "nll_mean" in p else "-", f"{p['nll_delta']:+.4f}" if "nll_delta" in p else "-",
                      f"{p['worst_delta']:+.4f} ({p['worst_domain']})" if "worst_delta" in p else "-"]
