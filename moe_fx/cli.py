@@ -508,7 +508,7 @@ def cmd_sweep(args) -> int:
     from .passes import Calibrate
     from .passes.allocate import check_budget
     from .pipeline import state_of
-    from .report.sweep_report import write_sweep
+    from .report.sweep_report import sweep_table, write_sweep
     from .sweep import point_dir, run_sweep, sweep_scorers
     from .table import format_table
     from .zero_shot import resolve_tasks
@@ -555,10 +555,8 @@ def cmd_sweep(args) -> int:
                  f"- evaluation: {args.eval_data or f'held-out {args.holdout:.0%} of {args.calib}'}, {eval_set.scored_tokens:,} tokens scored" if eval_set else "- no NLL evaluation"]
         if args.tasks:
             notes.append(f"- zero-shot tasks: {args.tasks}" + (f", first {args.limit} items each" if args.limit else ""))
-        md = write_sweep(tmp, result, model=str(source), notes=notes)
-        table = md.read_text()
-    headers, *rows = [line.strip("|").split("|") for line in table.splitlines() if line.startswith("|") and not line.startswith("|---")]
-    print(format_table([h.strip() for h in headers], [[c.strip() for c in r] for r in rows], title=f"moe-fx sweep -> {out} (sweep.md, sweep.json, plots/)"))
+        write_sweep(tmp, result, model=str(source), notes=notes)
+    print(format_table(*sweep_table(result), title=f"moe-fx sweep -> {out} (sweep.md, sweep.json, plots/)"))
     return 0
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +25,7 @@ from ..pipeline import STATE_ATTR
 from ..rewrite import config_at
 from ..report import write_report
 from . import per_layer_model
-from .atomic import atomic_directory
+from .atomic import atomic_directory, replace_atomically
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -208,9 +207,7 @@ def update_record(path: str | Path, entries: dict) -> None:
     file = Path(path) / RECORD_FILE
     record = json.loads(file.read_text())
     record.update(entries)
-    tmp = file.with_name(f".{file.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, file)
+    replace_atomically(file, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
 
 
 def write_companions(model: nn.Module, path: Path, *, source: str | Path | None, tokenizer=None, extra_record: dict | None = None) -> dict:

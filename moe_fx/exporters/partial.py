@@ -12,24 +12,17 @@ is renamed into place at the end (:func:`~moe_fx.exporters.atomic.move_into_plac
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
 from ..errors import OutputPathError
-from .atomic import move_into_place
+from .atomic import move_into_place, replace_atomically
 
 PROGRESS_FILE = "progress.json"
 STATES_FILE = "hidden_states.pt"
 INDEX_FILE = "model.safetensors.index.json"
-
-
-def _replace_atomically(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 class PartialCheckpoint:
@@ -68,17 +61,17 @@ class PartialCheckpoint:
         """Write one safetensors shard completely or not at all."""
         from safetensors.torch import save_file
 
-        _replace_atomically(self.dir / name, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+        replace_atomically(self.dir / name, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
 
     def finish_layer(self, index: int, record: dict) -> None:
         """Mark layer ``index`` done (its shard written) with ``record`` (JSON) for the final record."""
         self.layers[index] = record
         data = {"run": self.run_key, "layers": {str(k): v for k, v in sorted(self.layers.items())}}
-        _replace_atomically(self.dir / PROGRESS_FILE, lambda tmp: tmp.write_text(json.dumps(data) + "\n"))
+        replace_atomically(self.dir / PROGRESS_FILE, lambda tmp: tmp.write_text(json.dumps(data) + "\n"))
 
     def save_states(self, next_layer: int, states: list[torch.Tensor]) -> None:
         """Keep the hidden states entering ``next_layer`` so a resumed run starts from them, not from layer 0."""
-        _replace_atomically(self.dir / STATES_FILE, lambda tmp: torch.save({"next_layer": next_layer, "states": states}, tmp))
+        replace_atomically(self.dir / STATES_FILE, lambda tmp: torch.save({"next_layer": next_layer, "states": states}, tmp))
 
     def load_states(self) -> tuple[int, list[torch.Tensor]] | None:
         """The last saved hidden states and the layer they enter, if any."""

@@ -8,26 +8,25 @@ the report instead of failing the run that wrote the checkpoint.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import NotAModelError, first_line
+from ..evaluate import disk_size
+from ..exporters.atomic import replace_atomically
 from ..table import human_bytes
 from . import plots
 
 REPORT_MD, REPORT_JSON, PLOTS_DIR = "report.md", "report.json", "plots"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def write_text(path: Path, text: str) -> None:
+    replace_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def _disk(path: str | None) -> int | None:
-    files = list(Path(path).glob("*.safetensors")) if path and Path(path).is_dir() else []
-    return sum(f.stat().st_size for f in files) or None
+    """Weight bytes of a checkpoint directory, None when it is gone (a source moved since the run)."""
+    return disk_size(path) if path and Path(path).is_dir() else None
 
 
 def _layers(record: dict) -> list[dict]:
@@ -119,7 +118,7 @@ def _change(before, after) -> str:
     return f"{after / before - 1:+.1%}" if before and after is not None else ""
 
 
-def _md_table(headers: list[str], rows: list[list]) -> list[str]:
+def md_table(headers: list[str], rows: list[list]) -> list[str]:
     return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)] + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
 
 
@@ -135,7 +134,7 @@ def render_markdown(summary: dict, plot_files: dict[str, str], plot_errors: dict
         "",
         "## Size",
         "",
-        *_md_table(["", "before", "after", "change"], [
+        *md_table(["", "before", "after", "change"], [
             ["parameters", _fmt_int(s["params_before"]), _fmt_int(s["params_after"]), _change(s["params_before"], s["params_after"])],
             ["bytes in memory", human_bytes(s["bytes_before"] or 0), human_bytes(s["bytes_after"] or 0), _change(s["bytes_before"], s["bytes_after"])],
             ["weights on disk", human_bytes(s["disk_before"]) if s["disk_before"] else "-", human_bytes(s["disk_after"] or 0), _change(s["disk_before"], s["disk_after"])],
@@ -144,7 +143,7 @@ def render_markdown(summary: dict, plot_files: dict[str, str], plot_errors: dict
     ]
     if summary["nll"]:
         lines += ["## Held-out NLL", "", f"Evaluated on {summary['eval_source']}.", ""]
-        lines += _md_table(["domain", "NLL before", "NLL after", "delta", "PPL before", "PPL after"], [
+        lines += md_table(["domain", "NLL before", "NLL after", "delta", "PPL before", "PPL after"], [
             [d, f"{v['nll']['before']:.4f}", f"{v['nll']['after']:.4f}", f"{v['nll']['delta']:+.4f}", f"{v['ppl']['before']:.2f}", f"{v['ppl']['after']:.2f}"]
             for d, v in summary["nll"].items()
         ]) + [""]
@@ -157,7 +156,7 @@ def render_markdown(summary: dict, plot_files: dict[str, str], plot_errors: dict
                 elif metric != "n":
                     rows.append([task, metric, metrics.get("n", ""), f"{100 * v['before']:.1f}", f"{100 * v['after']:.1f}", f"{100 * v['delta']:+.1f}"])
         lines += ["## Zero-shot tasks", "", "Accuracy in % (lm-eval's prompts and metrics; LAMBADA also perplexity, change in %).", ""]
-        lines += _md_table(["task", "metric", "items", "before", "after", "delta"], rows) + [""]
+        lines += md_table(["task", "metric", "items", "before", "after", "delta"], rows) + [""]
     lines += ["## Per layer", ""]
     layer_rows = []
     for r in summary["layers"]:
@@ -166,7 +165,7 @@ def render_markdown(summary: dict, plot_files: dict[str, str], plot_errors: dict
         widths = r["kept_widths"]
         width_txt = f"{r['width_after']}" + (f" (kept {min(widths)}-{max(widths)}, mean {sum(widths) / len(widths):.0f})" if widths else "")
         layer_rows.append([r["block"], f"{r['experts_before']} → {r['experts_after']}", f"{r['width_before']} → {width_txt}", kept_txt])
-    lines += _md_table(["block", "experts", "expert width", "kept experts (original ids)"], layer_rows) + [""]
+    lines += md_table(["block", "experts", "expert width", "kept experts (original ids)"], layer_rows) + [""]
     lines += ["## Run", ""]
     cal = summary["calibration"]
     if cal:
@@ -205,7 +204,7 @@ def write_report(checkpoint: str | Path, record: dict | None = None, *, location
             except (ImportError, ValueError, KeyError, TypeError, RuntimeError) as exc:
                 plot_errors[name] = first_line(exc)
     summary["plots"], summary["plot_errors"] = plot_files, plot_errors
-    _write_atomic(checkpoint / REPORT_JSON, json.dumps(summary, indent=2) + "\n")
+    write_text(checkpoint / REPORT_JSON, json.dumps(summary, indent=2) + "\n")
     md = checkpoint / REPORT_MD
-    _write_atomic(md, render_markdown(summary, plot_files, plot_errors))
+    write_text(md, render_markdown(summary, plot_files, plot_errors))
     return md

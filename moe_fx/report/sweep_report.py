@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import first_line
 from . import plots
-from .report import _md_table, _write_atomic
+from .report import md_table, write_text
 
 SWEEP_MD, SWEEP_JSON = "sweep.md", "sweep.json"
 
@@ -35,7 +35,9 @@ def _curves(result, out: Path) -> tuple[dict[str, str], dict[str, str]]:
     return files, errors
 
 
-def render_sweep_markdown(result, model: str, files: dict[str, str], errors: dict[str, str], notes: list[str]) -> str:
+def sweep_table(result) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows: the unpruned model, then every point by ratio, best mean NLL change first; task
+    columns hold the accuracy change in points (the unpruned row: accuracy in %)."""
     tasks = list(result.base.get("tasks") or {})
     headers = ["method", "pruned", "params", "NLL mean", "Δ mean", "worst Δ (domain)"] + [f"Δ {t}" for t in tasks] + ["prune s"]
     base = result.base
@@ -49,9 +51,13 @@ def render_sweep_markdown(result, model: str, files: dict[str, str], errors: dic
                      f"{p['nll_mean']:.4f}" if "nll_mean" in p else "-", f"{p['nll_delta']:+.4f}" if "nll_delta" in p else "-",
                      f"{p['worst_delta']:+.4f} ({p['worst_domain']})" if "worst_delta" in p else "-"]
                     + [f"{100 * p['task_deltas'][t]:+.1f}" for t in tasks] + [f"{p['seconds']:.1f}"])
+    return headers, rows
+
+
+def render_sweep_markdown(result, model: str, files: dict[str, str], errors: dict[str, str], notes: list[str]) -> str:
     lines = [f"# moe-fx sweep: {model}", "", *notes, "",
              "Rows by ratio, best mean NLL change first. Task columns: accuracy change in points (unpruned row: accuracy in %).", ""]
-    lines += _md_table(headers, rows) + [""]
+    lines += md_table(*sweep_table(result)) + [""]
     lines += [f"![{name}]({f})" for name, f in files.items()] + [f"- {name}: not drawn ({e})" for name, e in errors.items()]
     return "\n".join(lines) + "\n"
 
@@ -61,7 +67,7 @@ def write_sweep(out: str | Path, result, *, model: str, notes: list[str]) -> Pat
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files, errors = _curves(result, out)
-    _write_atomic(out / SWEEP_JSON, json.dumps({"model": model, "notes": notes, **dataclasses.asdict(result), "plots": files}, indent=2) + "\n")
+    write_text(out / SWEEP_JSON, json.dumps({"model": model, "notes": notes, **dataclasses.asdict(result), "plots": files}, indent=2) + "\n")
     md = out / SWEEP_MD
-    _write_atomic(md, render_sweep_markdown(result, model, files, errors, notes))
+    write_text(md, render_sweep_markdown(result, model, files, errors, notes))
     return md

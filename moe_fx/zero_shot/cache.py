@@ -13,6 +13,7 @@ import json
 import os
 from pathlib import Path
 
+from ..exporters.atomic import replace_atomically
 from .tasks import Request
 
 SCORING_VERSION = 1
@@ -94,7 +95,5 @@ class LoglikCache:
         if not self.dirty:
             return
         self.file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.file.with_name(f".{self.file.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"version": SCORING_VERSION, "entries": self.entries}))
-        os.replace(tmp, self.file)
+        replace_atomically(self.file, lambda tmp: tmp.write_text(json.dumps({"version": SCORING_VERSION, "entries": self.entries})))
         self.dirty = False
