@@ -358,7 +358,7 @@ def cmd_prune(args) -> int:
     t0 = time.perf_counter()
     if stream:
         streamed = stream_prune(source, args.out, passes, device=device, dtype=args.dtype, tokenizer=tokenizer,
-                                overwrite=args.overwrite, show_progress=show)
+                                overwrite=args.overwrite, show_progress=show, report=False)  # written once, with the evaluations
         if streamed is None:  # another rank: rank 0 writes, evaluates and reports
             return 0
         out, state = streamed.out, streamed.state
@@ -509,7 +509,7 @@ def cmd_sweep(args) -> int:
     from .passes.allocate import check_budget
     from .pipeline import state_of
     from .report.sweep_report import sweep_table, write_sweep
-    from .sweep import point_dir, run_sweep, sweep_scorers
+    from .sweep import needs_calibration, point_dir, run_sweep, sweep_scorers
     from .table import format_table
     from .zero_shot import resolve_tasks
 
@@ -520,8 +520,8 @@ def cmd_sweep(args) -> int:
     scorers = list(sweep_scorers(methods, seed=args.seed).values())  # unknown names fail before loading
     if args.tasks:
         resolve_tasks(args.tasks, _task_dir(args))
-    if any(s.needs for s in scorers) and not args.calib:
-        raise MoeFxError(f"--methods {args.methods} need calibration data: pass --calib FILE")
+    if needs_calibration(methods, compensate=args.compensate, seed=args.seed) and not args.calib:
+        raise MoeFxError(f"--methods {args.methods}{' --compensate' if args.compensate else ''} need calibration data: pass --calib FILE")
     device = _device(args.device)
     model = load_model(source, dtype=args.dtype, device=device)
     save_dtype = model.config.dtype if isinstance(getattr(model.config, "dtype", None), torch.dtype) else next(model.parameters()).dtype

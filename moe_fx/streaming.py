@@ -303,13 +303,15 @@ def stream_prune(
     snapshot_seconds: float = 300.0,
     states: str = "cpu",
     extra_record: dict | None = None,
+    report: bool = True,
 ) -> StreamReport | None:
     """Run ``passes`` (``Calibrate`` first, then layer-local passes) on the checkpoint at ``source`` one decoder
     layer at a time, writing the pruned checkpoint to ``out`` (see the module doc). ``snapshot_seconds``: how
     often the hidden states are saved for a resume (0: after every layer); ``states``: where the hidden states
     between layers are kept: ``cpu`` (pinned, copied asynchronously; as fast as ``auto`` on an H100 in
     ``benchmarks/streaming.py``, with the least GPU memory) or ``auto`` (on the GPU when they take at most a
-    quarter of its free memory).
+    quarter of its free memory); ``report``: also write ``report.md`` / ``report.json`` / ``plots/`` (as
+    :func:`~moe_fx.exporters.save_checkpoint` does).
 
     Under torch.distributed (torchrun) every rank holds the current layer and the hidden states of its share
     of the calibration windows; each layer's statistics are reduced across ranks before rank 0 alone runs the
@@ -399,7 +401,7 @@ def stream_prune(
         model.config.save_pretrained(partial.dir)
         if (source / "generation_config.json").is_file():
             GenerationConfig.from_pretrained(source).save_pretrained(partial.dir)
-        report = StreamReport(
+        summary = StreamReport(
             out=out, state=state, layers=n, resumed_layers=resumed,
             seconds=time.perf_counter() - t0,
             peak_gpu_bytes=torch.cuda.max_memory_allocated() if torch.device(device).type == "cuda" else None,
@@ -407,16 +409,17 @@ def stream_prune(
             hidden_state_device=str(run.state_device),
             phase_seconds={"setup": t_layers - t0, "layers": t_rest - t_layers, "finish": time.perf_counter() - t_rest},
         )
-        streaming = {"layers": n, "resumed_layers": report.resumed_layers, "seconds": round(report.seconds, 3),
-                     "peak_gpu_bytes": report.peak_gpu_bytes, "peak_cpu_bytes": report.peak_cpu_bytes,
-                     "layer_weight_bytes": report.layer_weight_bytes, "hidden_state_bytes": hidden_bytes,
-                     "hidden_state_device": report.hidden_state_device,
-                     "phase_seconds": {k: round(v, 3) for k, v in report.phase_seconds.items()},
+        streaming = {"layers": n, "resumed_layers": summary.resumed_layers, "seconds": round(summary.seconds, 3),
+                     "peak_gpu_bytes": summary.peak_gpu_bytes, "peak_cpu_bytes": summary.peak_cpu_bytes,
+                     "layer_weight_bytes": summary.layer_weight_bytes, "hidden_state_bytes": hidden_bytes,
+                     "hidden_state_device": summary.hidden_state_device,
+                     "phase_seconds": {k: round(v, 3) for k, v in summary.phase_seconds.items()},
                      "per_layer_seconds": {i: r["seconds"] for i, r in sorted(partial.layers.items())}}
         record = write_companions(model, partial.dir, source=source, tokenizer=tokenizer, extra_record={"streaming": streaming, **(extra_record or {})})
-        write_report(partial.dir, record, location=out)
+        if report:
+            write_report(partial.dir, record, location=out)
         partial.complete(weight_map, total)
-    return report
+    return summary
 
 
 def _open_meta(source: Path, ckpt: LazyCheckpoint, device: str, dtype: str, states: str = "cpu") -> _StreamRun:

@@ -56,6 +56,12 @@ def sweep_scorers(methods: Sequence[str], *, seed: int = 0) -> dict[str, Scorer]
     return {m: get_scorer(name, seed=seed) for m, name in names.items()}
 
 
+def needs_calibration(methods: Sequence[str], *, compensate: bool = False, seed: int = 0) -> bool:
+    """Whether any point of the sweep reads calibration statistics (a scorer's, merging's or compensation's)."""
+    scorers = sweep_scorers(methods, seed=seed)
+    return any(s.needs for s in scorers.values()) or any(parse_method(m)[1] for m in methods) or compensate
+
+
 def run_sweep(
     model: nn.Module,
     *,
@@ -82,7 +88,7 @@ def run_sweep(
     parsed = [(m, *parse_method(m)) for m in methods]
     scorers = sweep_scorers(methods, seed=seed)
     merge = any(mg for _, _, mg in parsed)
-    needs_data = any(s.needs for s in scorers.values()) or merge or compensate
+    needs_data = needs_calibration(methods, compensate=compensate, seed=seed)
     if needs_data and calibration is None:
         raise BadOptionError(f"methods {', '.join(methods)} need calibration data")
     spec = state_of(model).spec

@@ -150,8 +150,9 @@ def test_interrupted_run_resumes_to_the_same_output(micro_path, tmp_path, monkey
     monkeypatch.setattr(PartialCheckpoint, "write_shard", write)
     with pytest.raises(OutputPathError, match="different run"):  # other options: not resumed, not overwritten
         stream_prune(micro_path, tmp_path / "out", _reap()(), show_progress=False)
-    resumed = stream_prune(micro_path, tmp_path / "out", passes(), show_progress=False)
+    resumed = stream_prune(micro_path, tmp_path / "out", passes(), show_progress=False, report=False)
     assert resumed.resumed_layers == 1 and not partial.exists()
+    assert (reference / "report.md").is_file() and not (resumed.out / "report.md").exists()  # report=False: the caller writes it
     assert json.loads((resumed.out / "moe_fx.json").read_text())["streaming"]["resumed_layers"] == 1
     a, b = _tensors(resumed.out), _tensors(reference)
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
