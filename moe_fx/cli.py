@@ -600,8 +600,12 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    from . import distributed
+
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        distributed.finish()
+        return code
     except MoeFxError as exc:
         print(f"moe-fx {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -609,8 +613,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"moe-fx {args.command}: interrupted", file=sys.stderr)
         return 130
     finally:
-        from . import distributed
-
         distributed.shutdown()
 
 

@@ -35,6 +35,14 @@ def init_from_env(device: str) -> bool:
     return True
 
 
+def finish() -> None:
+    """Wait until every rank has finished its work: a rank that is done early (only rank 0 evaluates and writes)
+    must not leave the group while the others still use it. Called after success only: after an error the
+    process exits at once and torchrun stops the other ranks, which may be waiting in another collective."""
+    if active():
+        dist.barrier()
+
+
 def shutdown() -> None:
     """Leave the process group (no-op in a single process)."""
     if dist.is_available() and dist.is_initialized():
