@@ -3,7 +3,9 @@ graphs (``mode="reduce-overhead"``), against the same with ``mode="default"``, s
 
 ``deploy_speed.py`` decodes with a ``DynamicCache``; at a few layers its compiled steps spend more time on the
 host (guards, launches) than on the GPU, which hides what pruning saves in weight reads. Here each step is one
-replayed CUDA graph. Variants and the random-weight Qwen3-30B-A3B-shaped model come from ``deploy_speed.py``.
+replayed CUDA graph. Variants and the random-weight Qwen3-30B-A3B-shaped model come from ``deploy_speed.py``,
+the timing loop from ``decode.py`` (which compares experts implementations; this script compares pruned
+variants of any checkpoint with the stock one).
 
     python benchmarks/decode_static.py --layers 4
     python benchmarks/decode_static.py --model ../shared/models/qwen3moe-bench
@@ -13,41 +15,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 import types
 from pathlib import Path
 
 import torch
+from decode import decode_ms, forward_for
 from deploy_speed import SYNTHETIC, build_synthetic, make_variant
-from transformers import StaticCache
 
-from moe_fx.compiling import compile_model
 from moe_fx.loading import load_model
 from moe_fx.table import format_table
 
 
-@torch.no_grad()
-def step_ms(model, mode: str, batch: int, prompt_len: int, steps: int, repeats: int, seed: int) -> float:
-    """Median milliseconds per decode step (the first run, which compiles and records, is not counted)."""
-    torch._dynamo.reset()
-    forward = compile_model(model, mode=mode)
-    cache = StaticCache(config=model.config, max_cache_len=prompt_len + steps + 8)
-    g = torch.Generator(device="cuda").manual_seed(seed + batch)
-    prompt = torch.randint(3, 1000, (batch, prompt_len), device="cuda", generator=g)
-    tokens = [t.contiguous() for t in torch.randint(3, 1000, (batch, steps), device="cuda", generator=g).split(1, dim=1)]
-    positions = [torch.tensor([prompt_len + i], device="cuda") for i in range(steps)]
-    times = []
-    for _ in range(repeats + 1):
-        cache.reset()
-        model(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(prompt_len, device="cuda"), use_cache=True, logits_to_keep=1)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for ids, pos in zip(tokens, positions):
-            forward(input_ids=ids, past_key_values=cache, cache_position=pos, use_cache=True)
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) / steps * 1000)
-    return statistics.median(times[1:])
+def step_ms(model, mode: str, batch: int, args) -> float:
+    """Median milliseconds per decode step with the stock ``grouped_mm`` experts, compiled in ``mode``."""
+    return decode_ms(model, forward_for(model, "grouped_mm", {"reduce-overhead": "cuda-graphs", "default": "compiled"}[mode]), batch, args)
 
 
 def main() -> None:
@@ -62,13 +43,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results/decode_static.json")
+    ap.set_defaults(device="cuda")  # what decode.decode_ms runs on
     args = ap.parse_args()
     if args.model == SYNTHETIC:
         base = build_synthetic(types.SimpleNamespace(tiny=False, layers=args.layers, seed=args.seed, device="cuda"), torch.bfloat16)
     else:
         base = load_model(args.model, dtype="bfloat16", device="cuda")
     models = {name: make_variant(base, name, args.seed) for name in args.variants}
-    ms = {mode: {name: {b: step_ms(m, mode, b, args.prompt, args.steps, args.repeats, args.seed) for b in args.batches}
+    ms = {mode: {name: {b: step_ms(m, mode, b, args) for b in args.batches}
                  for name, m in models.items()} for mode in args.modes}
     ref = args.variants[0]
     rows = [[name, mode] + [f"{ms[mode][name][b]:.2f} ({ms[mode][ref][b] / ms[mode][name][b]:.2f}x)" for b in args.batches]

@@ -50,7 +50,7 @@ from moe_fx import PrunePlan, state_of
 from moe_fx.compiling import compile_model
 from moe_fx.evaluate import model_size
 from moe_fx.experts_implementation import (
-    COMPILE_IMPLEMENTATION,
+    DEFAULT_IMPLEMENTATION,
     IMPLEMENTATIONS,
     current,
     set_implementation,
@@ -383,7 +383,7 @@ def measure_variant(name: str, model, acc: dict, args, grid, vocab: int) -> dict
         for impl in args.impls:
             rows.append(Row(f"eager:{impl}", model, model, impl, False))
     if "compiled" in args.modes:
-        rows.append(Row("compiled", model, None, args.compile_impl or COMPILE_IMPLEMENTATION, True))
+        rows.append(Row("compiled", model, None, args.compile_impl or DEFAULT_IMPLEMENTATION, True))
     for row in rows:
         t0 = time.perf_counter()
         try:
@@ -522,7 +522,7 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, help="unpruned, experts-<N>%%, channels-<N>%%")
     ap.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
     ap.add_argument("--impls", nargs="*", default=["grouped_mm", "batched_mm"], choices=IMPLEMENTATIONS, help="experts implementations of the eager rows")
-    ap.add_argument("--compile-impl", default=None, choices=IMPLEMENTATIONS, help=f"experts implementation compiled (default {COMPILE_IMPLEMENTATION})")
+    ap.add_argument("--compile-impl", default=None, choices=IMPLEMENTATIONS, help=f"experts implementation compiled (default {DEFAULT_IMPLEMENTATION})")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode (default: none, i.e. 'default')")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="prefill batch sizes")
     ap.add_argument("--seqs", type=int, nargs="+", default=[128, 512, 2048], help="prefill sequence lengths")

@@ -8,18 +8,18 @@ import torch
 from torch import nn
 
 from .errors import BadOptionError
-from .experts_implementation import COMPILE_IMPLEMENTATION, current, set_implementation
+from .experts_implementation import DEFAULT_IMPLEMENTATION, current, set_implementation
 
 
 def compile_model(model: nn.Module, *, experts_implementation: str | None = None, fullgraph: bool = True, **compile_kwargs: Any) -> nn.Module:
     """Switch the routed experts to an implementation that compiles whole, then ``torch.compile`` the model.
 
-    The default (:data:`~moe_fx.experts_implementation.COMPILE_IMPLEMENTATION`) compiles with ``fullgraph=True``
+    The default (:data:`~moe_fx.experts_implementation.DEFAULT_IMPLEMENTATION`) compiles with ``fullgraph=True``
     on CPU and CUDA; ``eager`` experts loop over the experts hit, a data-dependent graph break, so it is
     refused with ``fullgraph``. The module is changed in place (its experts implementation) and the compiled
     wrapper returned; extra keyword arguments (``mode``, ``dynamic``, ``backend``) go to ``torch.compile``.
     """
-    name = experts_implementation or COMPILE_IMPLEMENTATION
+    name = experts_implementation or DEFAULT_IMPLEMENTATION
     if name == "eager" and fullgraph:
         raise BadOptionError("eager experts loop over the experts hit in Python and cannot compile with fullgraph=True; "
                              "use grouped_mm or batched_mm, or pass fullgraph=False")

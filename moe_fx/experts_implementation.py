@@ -4,7 +4,10 @@ transformers 5 runs a fused experts module through one of ``eager`` (a Python lo
 data-dependent, so it neither compiles without graph breaks nor exports), ``grouped_mm`` (one grouped GEMM:
 each active expert's weights read once; an opaque op to ONNX) or ``batched_mm`` (each (token, slot) gathers
 its expert's weights and runs one batched GEMM: plain ops that export everywhere, but its memory grows with
-tokens x top-k x expert size). The choice is not saved in the config, so every consumer sets it.
+tokens x top-k x expert size). moe-fx registers a fourth, ``moe_fx`` (:mod:`moe_fx.moe_experts`): each
+routed expert's weights read once at any token count, whole-graph compilable, CUDA-graph capturable and
+exportable without per-token weight copies; moe-fx uses it by default. The choice is not saved in the
+config, so every consumer sets it.
 """
 
 from __future__ import annotations
@@ -14,16 +17,17 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from . import moe_experts
 from .errors import BadOptionError
 
-IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
+moe_experts.register()
 
-EXPORT_IMPLEMENTATION = "batched_mm"
-"""ONNX needs plain ops: ``grouped_mm`` has no ONNX kernel that onnxruntime runs, ``eager`` loops in Python."""
+IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm", moe_experts.NAME)
 
-COMPILE_IMPLEMENTATION = "grouped_mm"
-"""Compiles with ``fullgraph=True`` on CPU and CUDA (transformers swaps in its custom-op fallback where the
-kernel is missing), and reads each active expert's weights once per step, which is what decode is bound by."""
+DEFAULT_IMPLEMENTATION = moe_experts.NAME
+"""What moe-fx runs loaded, compiled and exported models with: it compiles with ``fullgraph=True`` on CPU and
+CUDA in every dtype, reads each routed expert's weights once per step (what decode is bound by), and exports
+to ONNX in plain ops (``grouped_mm`` has no ONNX kernel, ``batched_mm`` copies weights per token)."""
 
 
 def current(model: nn.Module) -> str | None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .errors import NotAModelError, first_line
+from .experts_implementation import DEFAULT_IMPLEMENTATION, current, set_implementation
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -65,13 +66,18 @@ def model_class(path: Path):
     return per_layer_class(getattr(transformers, name))
 
 
-def load_model(path: str | Path, *, dtype: str = "auto", device: str = "cpu"):
-    """``from_pretrained`` with checks first and clear errors after; per-layer-count checkpoints load too."""
+def load_model(path: str | Path, *, dtype: str = "auto", device: str = "cpu", experts_implementation: str | None = DEFAULT_IMPLEMENTATION):
+    """``from_pretrained`` with checks first and clear errors after; per-layer-count checkpoints load too.
+
+    The routed experts run with ``experts_implementation`` (moe-fx's own by default: see
+    :mod:`moe_fx.moe_experts`; ``None`` keeps transformers' default) where the model can switch."""
     p = check_model_dir(path)
     try:
         model = model_class(p).from_pretrained(p, dtype=parse_dtype(dtype), device_map=None)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise NotAModelError(f"{p}: could not load the checkpoint ({type(exc).__name__}: {first_line(exc)})") from None
+    if experts_implementation is not None and current(model) is not None:
+        set_implementation(model, experts_implementation)
     return model.to(device).eval()
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import BadOptionError, MoeFxError, first_line
 from ..evaluate import model_size
-from ..experts_implementation import EXPORT_IMPLEMENTATION, experts_implementation
+from ..experts_implementation import DEFAULT_IMPLEMENTATION, experts_implementation
 from ..loading import load_model, parse_dtype
 from .atomic import atomic_directory
 from .checkpoint import CONFIG_FILES, RECORD_FILE, TOKENIZER_FILES, check_output_path, copy_files, patch_config, versions, write_config
@@ -278,7 +278,7 @@ def export_onnx(
     import onnx_ir as ir
 
     started = time.perf_counter()
-    with experts_implementation(model, EXPORT_IMPLEMENTATION), torch.no_grad():  # the trace and the check
+    with experts_implementation(model, DEFAULT_IMPLEMENTATION), torch.no_grad():  # the trace and the check
         inputs = _sample_inputs(model, with_past)
         constants = _cache_constants(inputs.get("past_key_values"))
         try:

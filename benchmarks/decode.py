@@ -1,0 +1,220 @@
+"""Decode and prefill speed of the ``moe_fx`` experts implementation against transformers' ``grouped_mm``, on
+random-weight models with Qwen3-30B-A3B layer shapes: unpruned, 50% of the experts dropped, 50% of the
+channels removed; every row measured side by side in one run (GPU).
+
+Rows: experts implementation (``grouped_mm``, ``moe_fx``) x mode (``eager``; ``compiled``: torch.compile
+fullgraph, default mode; ``cuda-graphs``: mode ``reduce-overhead``). Decode runs with a ``StaticCache`` (the HF
+static-cache path; each step a fixed-shape call), teacher-forced random tokens, batches 1/16/64; prefill is
+8 x 512 tokens without a cache. The bytes-read ideal of a pruned variant is the weight bytes a decode step
+touches (non-routed weights + distinct experts hit x expert bytes, counted on the same inputs) relative to
+the unpruned model's.
+
+    python benchmarks/decode.py --layers 4 --out benchmarks/results/decode.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import traceback
+import types
+from pathlib import Path
+
+import torch
+from deploy_speed import accounting, build_synthetic, distinct_hits, free, make_variant, random_ids, sync
+from transformers import StaticCache
+
+from moe_fx.compiling import compile_model
+from moe_fx.experts_implementation import set_implementation
+from moe_fx.table import format_table, human_bytes
+
+MODES = {"eager": None, "compiled": "default", "cuda-graphs": "reduce-overhead"}
+STOCK, OURS = "grouped_mm", "moe_fx"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def forward_for(model, impl: str, mode: str):
+    """The callable a row times: the model itself (eager) or a fresh whole-graph compilation of it."""
+    torch._dynamo.reset()
+    set_implementation(model, impl)
+    if MODES[mode] is None:
+        return model
+    return compile_model(model, experts_implementation=impl, mode=MODES[mode], dynamic=False)
+
+
+@torch.no_grad()
+def decode_ms(model, forward, batch: int, args) -> float:
+    """Median milliseconds per decode step over ``repeats`` runs of ``steps`` steps (a first, untimed run
+    compiles, records the CUDA graphs and warms up)."""
+    vocab = model.config.vocab_size
+    cache = StaticCache(config=model.config, max_cache_len=args.prompt + args.steps + 8)
+    dev = args.device
+    prompt = random_ids((batch, args.prompt), vocab, 1000 + batch, dev)
+    tokens = [t.contiguous() for t in random_ids((batch, args.steps), vocab, 2000 + batch, dev).split(1, dim=1)]
+    positions = [torch.tensor([args.prompt + i], device=dev) for i in range(args.steps)]
+    times = []
+    for _ in range(args.repeats + 1):
+        cache.reset()
+        model(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(args.prompt, device=dev), use_cache=True, logits_to_keep=1)
+        sync(dev)
+        start = time.perf_counter()
+        for ids, pos in zip(tokens, positions):
+            forward(input_ids=ids, past_key_values=cache, cache_position=pos, use_cache=True)
+        sync(dev)
+        times.append((time.perf_counter() - start) / args.steps * 1000)
+    return statistics.median(times[1:])
+
+
+@torch.no_grad()
+def prefill(model, forward, args) -> dict:
+    """Tokens/s of an ``args.prefill`` (batch x length) forward without a cache, and its peak memory above
+    the weights."""
+    batch, length = args.prefill
+    dev = args.device
+    cuda = dev.startswith("cuda")
+    ids = random_ids((batch, length), model.config.vocab_size, 7, dev)
+    times = []
+    peak = None  # measured on CUDA only
+    for _ in range(args.prefill_repeats + 1):
+        free(dev)
+        if cuda:
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        sync(dev)
+        start = time.perf_counter()
+        forward(input_ids=ids, use_cache=False, logits_to_keep=1)
+        sync(dev)
+        times.append(time.perf_counter() - start)
+        if cuda:
+            peak = torch.cuda.max_memory_allocated() - base
+    return {"tok_s": batch * length / statistics.median(times[1:]), "peak_above_weights_bytes": peak}
+
+
+def attempt(fn):
+    """``fn()``'s result, or the error it raised (a failing row is a result, not the end of the run)."""
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - recorded in the JSON and the table
+        traceback.print_exc()
+        return {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"}
+
+
+def measure(model, args) -> dict:
+    rows = {}
+    for impl in args.impls:
+        for mode in args.stock_modes if impl == STOCK else args.modes:
+            label = f"{impl}/{mode}"
+            forward = attempt(lambda: forward_for(model, impl, mode))
+            if isinstance(forward, dict):
+                rows[label] = {"error": forward["error"]}
+                continue
+            row = rows[label] = {"decode": {}}
+            for b in args.batches:
+                started = time.perf_counter()
+                ms = attempt(lambda: decode_ms(model, forward, b, args))
+                row["decode"][str(b)] = ms if isinstance(ms, dict) else {"ms_per_step": ms, "tok_s": b * 1000 / ms,
+                                                                          "seconds_with_compile": time.perf_counter() - started}
+                log(f"  {label:>22} decode b{b:<3} {row['decode'][str(b)]}")
+            if mode != "cuda-graphs":  # prefill has no cache to replay; CUDA graphs matter for decode
+                row["prefill"] = attempt(lambda: prefill(model, forward, args))
+                log(f"  {label:>22} prefill {row['prefill']}")
+            free(args.device)
+    return rows
+
+
+def goals(results: dict, args) -> dict:
+    """The issue's three goals, computed from the measured rows (``None`` where a row is missing)."""
+    def tok_s(variant: str, label: str, batch: int) -> float | None:
+        return results[variant]["rows"].get(label, {}).get("decode", {}).get(str(batch), {}).get("tok_s")
+
+    def best(variant: str, batch: int) -> float | None:
+        rates = [tok_s(variant, f"{OURS}/{m}", batch) for m in ("cuda-graphs", "compiled")]
+        return max((r for r in rates if r), default=None)
+
+    out: dict = {"batch1_vs_stock_compiled": {}, "pruned_speedup_vs_ideal": {}, "prefill_vs_stock_compiled": {}}
+    for v in results:
+        stock = tok_s(v, f"{STOCK}/compiled", 1)
+        ours = best(v, 1)
+        out["batch1_vs_stock_compiled"][v] = ours / stock if ours and stock else None
+        p_ours = results[v]["rows"].get(f"{OURS}/compiled", {}).get("prefill", {}).get("tok_s")
+        p_stock = results[v]["rows"].get(f"{STOCK}/compiled", {}).get("prefill", {}).get("tok_s")
+        out["prefill_vs_stock_compiled"][v] = p_ours / p_stock if p_ours and p_stock else None
+    ref = args.variants[0]
+    for v in args.variants[1:]:
+        for b in args.batches:
+            ours, base = best(v, b), best(ref, b)
+            ideal = results[ref]["reads"][str(b)]["bytes_per_step"] / results[v]["reads"][str(b)]["bytes_per_step"]
+            speedup = ours / base if ours and base else None
+            out["pruned_speedup_vs_ideal"][f"{v} b{b}"] = {"speedup": speedup, "ideal": ideal,
+                                                            "fraction_of_ideal": speedup / ideal if speedup else None}
+    return out
+
+
+def print_tables(results: dict, summary: dict, args) -> None:
+    cols = [f"decode b{b} tok/s" for b in args.batches] + [f"prefill {args.prefill[0]}x{args.prefill[1]} tok/s", "prefill peak"]
+    for v, res in results.items():
+        table = []
+        for label, row in res["rows"].items():
+            if "error" in row:
+                table.append([label, row["error"][:60]] + [""] * (len(cols) - 1))
+                continue
+            dec = [f"{row['decode'][str(b)]['tok_s']:,.0f}" if "tok_s" in row["decode"][str(b)] else "error" for b in args.batches]
+            pre = row.get("prefill", {})
+            table.append([label, *dec, f"{pre['tok_s']:,.0f}" if "tok_s" in pre else "-",
+                          human_bytes(pre["peak_above_weights_bytes"]) if pre.get("peak_above_weights_bytes") is not None else "-"])
+        print(format_table(["experts impl / mode", *cols], table,
+                           title=f"{v}: weights {human_bytes(res['accounting']['weights_bytes'])}, "
+                                 f"distinct experts per layer per step {[round(res['reads'][str(b)]['distinct_mean'], 1) for b in args.batches]}"))
+    print(json.dumps(summary, indent=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--variants", nargs="+", default=["unpruned", "experts-50%", "channels-50%"])
+    ap.add_argument("--impls", nargs="+", default=[STOCK, OURS])
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    ap.add_argument("--stock-modes", nargs="+", default=list(MODES), choices=list(MODES), help="modes of the stock rows")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--prefill", type=int, nargs=2, default=[8, 512], metavar=("BATCH", "LENGTH"))
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prefill-repeats", type=int, default=7)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="benchmarks/results/decode.json")
+    ap.add_argument("--device", default="cuda", help="cpu with --tiny: a smoke test of this script, not a measurement")
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes instead of Qwen3-30B-A3B's")
+    args = ap.parse_args()
+    import transformers
+
+    meta = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
+            "layers": args.layers, "shapes": "Qwen3-30B-A3B (random weights)", "dtype": "bfloat16", **{k: v for k, v in vars(args).items() if k != "out"}}
+    base = build_synthetic(types.SimpleNamespace(tiny=args.tiny, layers=args.layers, seed=args.seed, device=args.device), torch.bfloat16)
+    reads_args = types.SimpleNamespace(decode_batches=args.batches, prompt=args.prompt, decode_steps=args.steps, device=args.device)
+    results: dict = {}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for name in args.variants:
+        log(f"variant {name}")
+        model = base if name == "unpruned" else make_variant(base, name, args.seed)
+        acc = accounting(model)
+        set_implementation(model, OURS)
+        results[name] = {"accounting": acc, "reads": distinct_hits(model, acc, reads_args, model.config.vocab_size)}
+        results[name]["rows"] = measure(model, args)
+        out.write_text(json.dumps({"meta": meta, "variants": results}, indent=1) + "\n")  # kept after every variant
+        if model is not base:
+            del model
+        free(args.device)
+    summary = goals(results, args)
+    out.write_text(json.dumps({"meta": meta, "variants": results, "goals": summary}, indent=1) + "\n")
+    print_tables(results, summary, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""One experts call at Qwen3-30B-A3B shapes (128 experts, top-8, width 768, hidden 2048, bf16): microseconds
+per call and effective weight bandwidth of each experts implementation, side by side in one run (GPU).
+
+Each call is captured in a CUDA graph (20 calls a graph, replayed; launch overhead is not what is measured)
+and timed with CUDA events. ``bytes`` is what the call must read at least: the distinct experts its routing
+hits times one expert's bytes; ``GB/s`` divides that by the time, to compare with the device-to-device copy
+bandwidth measured in the same run. Routing: the top-8 of random router logits (uniform-ish loads).
+
+    python benchmarks/experts_kernels.py --out benchmarks/results/experts_kernels.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+from transformers import Qwen3MoeConfig
+from transformers.integrations.moe import batched_mm_experts_forward, grouped_mm_experts_forward
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+from moe_fx.moe_experts import moe_fx_experts_forward
+from moe_fx.table import format_table
+
+IMPLS = {
+    "grouped_mm (stock)": (grouped_mm_experts_forward, "auto"),
+    "batched_mm (stock)": (batched_mm_experts_forward, "auto"),
+    "moe_fx": (moe_fx_experts_forward, "auto"),
+    "moe_fx (triton grouped)": (moe_fx_experts_forward, "triton"),
+}
+BATCHED_MM_MAX_TOKENS = 64
+"""batched_mm copies one expert's weights per (token, slot): 64 tokens x 8 already gathers 2.4 GB."""
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a 2 GiB device-to-device copy (read + write counted), the bandwidth ceiling."""
+    src = torch.empty(2**30, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * src.numel() * src.element_size() * 10 / (start.elapsed_time(end) / 1000)
+
+
+def time_call(fn, calls: int = 20, replays: int = 10) -> float:
+    """Microseconds per ``fn()``, replayed in a CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / (calls * replays)
+
+
+@torch.no_grad()
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 16, 64, 256, 4096])
+    ap.add_argument("--experts", type=int, default=128)
+    ap.add_argument("--out", default="benchmarks/results/experts_kernels.json")
+    args = ap.parse_args()
+    config = Qwen3MoeConfig(hidden_size=2048, moe_intermediate_size=768, num_experts=args.experts, num_experts_per_tok=8)
+    experts = Qwen3MoeExperts(config).to("cuda", torch.bfloat16)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for p in experts.parameters():
+        p.normal_(0.0, 0.02, generator=g)
+    expert_bytes = sum(p[0].numel() * p.element_size() for p in experts.parameters())
+    bandwidth = copy_bandwidth()
+    results = []
+    for tokens in args.tokens:
+        h = torch.randn(tokens, 2048, device="cuda", dtype=torch.bfloat16, generator=g)
+        weights, index = torch.randn(tokens, args.experts, device="cuda", generator=g).softmax(-1).topk(8, dim=-1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        distinct = int(index.unique().numel())
+        reference = grouped_mm_experts_forward(experts, h, index, weights).float()
+        for name, (forward, kernel) in IMPLS.items():
+            if name.startswith("batched_mm") and tokens > BATCHED_MM_MAX_TOKENS:
+                continue
+            os.environ["MOE_FX_GROUPED_MM"] = kernel
+            try:
+                err = (forward(experts, h, index, weights).float() - reference).abs().max().item()
+                us = time_call(lambda: forward(experts, h, index, weights))
+            except Exception as exc:  # noqa: BLE001 - a failing implementation is a row of the table
+                results.append({"tokens": tokens, "impl": name, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+                continue
+            gbs = distinct * expert_bytes / (us * 1e-6) / 1e9
+            results.append({"tokens": tokens, "impl": name, "us": us, "distinct_experts": distinct, "weight_GB_s": gbs,
+                            "max_abs_vs_stock": err})
+            print(f"T={tokens:<5} {name:<24} {us:9.1f} us  {gbs:7.0f} GB/s  (distinct {distinct}, |diff| {err:.2e})", flush=True)
+        os.environ["MOE_FX_GROUPED_MM"] = "auto"
+    rows = [[r["tokens"], r["impl"], f"{r['us']:.1f}" if "us" in r else r["error"][:40], f"{r.get('weight_GB_s', 0):.0f}",
+             r.get("distinct_experts", ""), f"{r.get('max_abs_vs_stock', 0):.1e}"] for r in results]
+    print(format_table(["tokens", "experts implementation", "us / call", "weight GB/s", "distinct", "|diff| vs stock"], rows,
+                       title=f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e9:,.0f} GB/s (read + write)"))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                          "copy_GB_s": bandwidth / 1e9, "expert_bytes": expert_bytes, "rows": results}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
