@@ -50,9 +50,10 @@ def native_supported(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 @torch.compiler.assume_constant_result
-@functools.cache
 def supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``moe_fx::grouped_mm`` has a kernel for tensors of ``dtype`` on ``device`` (a constant to Dynamo)."""
+    """Whether ``moe_fx::grouped_mm`` has a kernel for tensors of ``dtype`` on ``device``. Dynamo runs it once and
+    keeps the result as a constant; not itself cached, because Dynamo inlines a ``functools.cache`` wrapper (with a
+    warning on every compile) instead of honouring ``assume_constant_result`` (the helpers it calls are cached)."""
     return native_supported(device, dtype) or (device.type == "cuda" and triton_available())
 
 
