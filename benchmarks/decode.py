@@ -23,7 +23,7 @@ import types
 from pathlib import Path
 
 import torch
-from deploy_speed import accounting, build_synthetic, distinct_hits, free, make_variant, random_ids, sync
+from deploy_speed import accounting, build_synthetic, distinct_hits, free, log, make_variant, random_ids, short, sync
 from transformers import StaticCache
 
 from moe_fx.compiling import compile_model
@@ -32,10 +32,6 @@ from moe_fx.table import format_table, human_bytes
 
 MODES = {"eager": None, "compiled": "default", "cuda-graphs": "reduce-overhead"}
 STOCK, OURS = "grouped_mm", "moe_fx"
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def forward_for(model, impl: str, mode: str):
@@ -101,7 +97,7 @@ def attempt(fn):
         return fn()
     except Exception as exc:  # noqa: BLE001 - recorded in the JSON and the table
         traceback.print_exc()
-        return {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"}
+        return {"error": short(exc)}
 
 
 def measure(model, args) -> dict:

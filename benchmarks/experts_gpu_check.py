@@ -18,7 +18,9 @@ import torch
 from transformers import StaticCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from tiny_models import tiny_model  # noqa: E402
+from tiny_models import first_experts_call, tiny_model  # noqa: E402
+
+from decode import attempt  # noqa: E402
 
 from moe_fx.compiling import compile_model  # noqa: E402
 from moe_fx.experts_implementation import set_implementation  # noqa: E402
@@ -61,29 +63,15 @@ def cuda_graph_decode(model, impl: str, steps: int = 6) -> float:
     return (outs[0] - outs[1]).abs().max().item()
 
 
-def attempt(fn, *args):
-    """``fn(*args)``, or the error it raised as a string: a failing row must not hide the rows after it
-    (transformers' own fp32 ``grouped_mm`` fallback calls ``offs.tolist()``, which CUDA-graph capture refuses)."""
-    try:
-        return fn(*args)
-    except Exception as exc:  # noqa: BLE001 - recorded in the JSON
-        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
-
-
 @torch.no_grad()
 def compiled_experts(family: str, dtype: torch.dtype) -> dict[str, float]:
     """Max |difference| between the moe_fx experts call compiled (fullgraph; CUDA graphs) and eager, on the
     inputs one real forward passes it (2 and 40 tokens): no routing can differ here."""
     model = tiny_model(family).to("cuda", dtype)
     set_implementation(model, "moe_fx")
-    experts = next(m for m in model.modules() if hasattr(m, "has_gate") and hasattr(m, "is_transposed"))
     out = {}
     for tokens in (2, 40):
-        calls = []
-        handle = experts.register_forward_pre_hook(lambda mod, a: calls.append(a))
-        model(input_ids=torch.randint(3, 100, (1, tokens), device="cuda"), use_cache=False)
-        handle.remove()
-        h, idx, w = calls[0]
+        experts, (h, idx, w) = first_experts_call(model, torch.randint(3, 100, (1, tokens), device="cuda"))
         ref = moe_fx_experts_forward(experts, h, idx, w).float()
         torch._dynamo.reset()
         fn = torch.compile(moe_fx_experts_forward, fullgraph=True, dynamic=False, mode="reduce-overhead")
@@ -119,7 +107,9 @@ def main() -> None:
         experts_only[key] = compiled_experts(family, dtype)
         print(key, "compiled experts call vs eager, same inputs:", experts_only[key], flush=True)
         model = tiny_model(family).to("cuda", dtype)
-        graphs[key] = {impl: attempt(cuda_graph_decode, model, impl) for impl in ("moe_fx", "grouped_mm")}
+        # a failing row must not hide the rows after it (transformers' own fp32 grouped_mm fallback calls
+        # offs.tolist(), which CUDA-graph capture refuses)
+        graphs[key] = {impl: attempt(lambda: cuda_graph_decode(model, impl)) for impl in ("moe_fx", "grouped_mm")}
         print(key, "cuda-graph decode vs eager:", graphs[key], flush=True)
         # bf16 decode: a rounding difference can flip a near-tied top-k choice, and the step's logits then
         # differ by a whole expert's contribution; fp32 and the experts call alone have no such excuse

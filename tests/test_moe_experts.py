@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from tiny_models import TINY_FAMILIES, tiny_model
+from tiny_models import TINY_FAMILIES, first_experts_call, tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import moe_fx
@@ -58,13 +58,7 @@ def _experts_call(family: str, tokens: int, dtype=torch.float32):
     """A block's experts module and one call's inputs, captured from a real forward."""
     model = _switchable(family).to(dtype)
     set_implementation(model, "moe_fx")
-    calls = []
-    experts = next(m for m in model.modules() if hasattr(m, "has_gate") and hasattr(m, "is_transposed"))
-    handle = experts.register_forward_pre_hook(lambda mod, args: calls.append(args))
-    with torch.no_grad():
-        model(input_ids=torch.randint(3, 100, (1, tokens)), use_cache=False)
-    handle.remove()
-    return experts, calls[0]
+    return first_experts_call(model, torch.randint(3, 100, (1, tokens)))
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "nemotron_h", "muse_spark", "aria", "deepseek_v3"])

@@ -188,6 +188,20 @@ def _perturb_constants(model: PreTrainedModel) -> None:
             t.add_(0.02 * torch.randn(t.shape, generator=generator).to(t.dtype))
 
 
+@torch.no_grad()
+def first_experts_call(model: PreTrainedModel, input_ids: torch.Tensor) -> tuple[torch.nn.Module, tuple]:
+    """The first fused experts module of ``model`` and the inputs a forward on ``input_ids`` calls it with
+    (``hidden_states, top_k_index, top_k_weights``): real routing, for checks of an experts call alone."""
+    experts = next(m for m in model.modules() if hasattr(m, "has_gate") and hasattr(m, "is_transposed"))
+    calls = []
+    handle = experts.register_forward_pre_hook(lambda mod, args: calls.append(args))
+    try:
+        model(input_ids=input_ids, use_cache=False)
+    finally:
+        handle.remove()
+    return experts, calls[0]
+
+
 def auto_class(config: PreTrainedConfig) -> type:
     """The first auto class of :data:`AUTO_CLASSES` that can build ``config`` (also used to reload it)."""
     for name in AUTO_CLASSES:

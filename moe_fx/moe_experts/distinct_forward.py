@@ -20,8 +20,7 @@ from . import layout
 def distinct_experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
     """``experts(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]`` in plain ops."""
     layout.check_supported(experts)
-    up, up_bias = layout.up_projection(experts)
-    down, down_bias = layout.down_projection(experts)
+    up, _ = layout.up_projection(experts)
     hit = torch.zeros(up.shape[0], dtype=torch.bool, device=up.device).index_fill(0, top_k_index.reshape(-1), True)
     used = hit.nonzero().squeeze(-1)
     # each token's routing weight per used expert, zero where it did not pick it (a comparison, not a
@@ -29,14 +28,10 @@ def distinct_experts_forward(experts: nn.Module, hidden_states: torch.Tensor, to
     picked = top_k_index.unsqueeze(-1) == used.view(1, 1, -1)  # [T, k, U]
     combine = (picked.to(top_k_weights.dtype) * top_k_weights.unsqueeze(-1)).sum(1)  # [T, U]
 
-    proj = _linear(hidden_states.to(up.dtype), up.index_select(0, used), experts.is_transposed)  # [T, U, out]
-    if up_bias is not None:
-        proj = proj + up_bias.index_select(0, used)
-    proj = layout.activate(experts, proj)
-    out = _linear(proj, down.index_select(0, used), experts.is_transposed, per_expert_input=True)
-    if down_bias is not None:
-        out = out + down_bias.index_select(0, used)
-    out = layout.post_norm(experts, out)
+    def gathered(x: torch.Tensor, weight: torch.Tensor, first: bool) -> torch.Tensor:
+        return _linear(x.to(weight.dtype), weight.index_select(0, used), experts.is_transposed, per_expert_input=not first)
+
+    out = layout.expert_mlp(experts, hidden_states, used, gathered)  # [T, U, H]
     # summed in the routing weights' dtype (fp32 for bf16 experts), as transformers' kernels do
     return torch.einsum("tu,tuh->th", combine, out.to(combine.dtype)).to(hidden_states.dtype)
 

@@ -19,10 +19,10 @@ from . import distinct_forward, grouped_mm, layout, routed_gemv
 def moe_fx_experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
     """``experts(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]`` (the experts call)."""
     layout.check_supported(experts)
-    up, up_bias = layout.up_projection(experts)
+    up, _ = layout.up_projection(experts)
     if _exporting() or not grouped_mm.supported(up.device, up.dtype):
         return distinct_forward.distinct_experts_forward(experts, hidden_states, top_k_index, top_k_weights)
-    num_tokens, top_k = top_k_index.shape
+    top_k = top_k_index.shape[-1]
     num_experts = up.shape[0]
     expert_ids = top_k_index.reshape(-1)
     if routed_gemv.applies(expert_ids.shape[0], num_experts, up.device):
@@ -31,33 +31,23 @@ def moe_fx_experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_
     # rows up to and including each expert: a fixed-length search (bincount would sync to size its output)
     offsets = torch.searchsorted(sorted_ids, torch.arange(num_experts, device=sorted_ids.device), right=True).to(torch.int32)
 
-    x = hidden_states[perm // top_k]
-    proj = torch.ops.moe_fx.grouped_mm(x, up, offsets, experts.is_transposed)
-    if up_bias is not None:
-        proj = proj + up_bias[sorted_ids]
-    proj = layout.activate(experts, proj)
-    down, down_bias = layout.down_projection(experts)
-    out = torch.ops.moe_fx.grouped_mm(proj, down, offsets, experts.is_transposed)
-    if down_bias is not None:
-        out = out + down_bias[sorted_ids]
-    out = layout.post_norm(experts, out)
+    def grouped(x: torch.Tensor, weight: torch.Tensor, first: bool) -> torch.Tensor:
+        return torch.ops.moe_fx.grouped_mm(x, weight, offsets, experts.is_transposed)
+
+    out = layout.expert_mlp(experts, hidden_states[perm // top_k], sorted_ids, grouped)
     per_slot = torch.empty_like(out).index_copy_(0, perm, out)
     return _combine(per_slot, top_k_weights, hidden_states.dtype)
 
 
 def _decode(experts: nn.Module, hidden_states: torch.Tensor, expert_ids: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-    """Few tokens on CUDA: pairs in token order, each through its expert (:mod:`.routed_gemv`); no sort."""
-    up, up_bias = layout.up_projection(experts)
-    down, down_bias = layout.down_projection(experts)
+    """Few tokens on CUDA: pairs in token order, each through its expert (:mod:`.routed_gemv`); no sort. The up
+    projection reads each token's hidden state in place (``top_k`` pairs per row)."""
     top_k = top_k_weights.shape[-1]
-    proj = torch.ops.moe_fx.routed_gemv(hidden_states, up, expert_ids, top_k, experts.is_transposed)
-    if up_bias is not None:
-        proj = proj + up_bias[expert_ids]
-    proj = layout.activate(experts, proj)
-    out = torch.ops.moe_fx.routed_gemv(proj, down, expert_ids, 1, experts.is_transposed)
-    if down_bias is not None:
-        out = out + down_bias[expert_ids]
-    return _combine(layout.post_norm(experts, out), top_k_weights, hidden_states.dtype)
+
+    def routed(x: torch.Tensor, weight: torch.Tensor, first: bool) -> torch.Tensor:
+        return torch.ops.moe_fx.routed_gemv(x, weight, expert_ids, top_k if first else 1, experts.is_transposed)
+
+    return _combine(layout.expert_mlp(experts, hidden_states, expert_ids, routed), top_k_weights, hidden_states.dtype)
 
 
 def _combine(per_slot: torch.Tensor, top_k_weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

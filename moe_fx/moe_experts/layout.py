@@ -43,6 +43,22 @@ def post_norm(experts: nn.Module, out: torch.Tensor) -> torch.Tensor:
     return experts.post_expert_norm(out) if getattr(experts, "has_post_expert_norm", False) else out
 
 
+def expert_mlp(experts: nn.Module, x: torch.Tensor, expert_ids: torch.Tensor, matmul) -> torch.Tensor:
+    """Rows through their experts: up projection, bias, the family's gating, down projection, bias, post-expert
+    norm. ``expert_ids`` indexes the biases for the output rows (it broadcasts: the export path passes the
+    distinct experts for a ``[T, U, out]`` output); ``matmul(x, weight, first)`` multiplies rows by their
+    experts' weights (``first``: the up projection), which is all the moe_fx paths do differently."""
+    up, up_bias = up_projection(experts)
+    down, down_bias = down_projection(experts)
+    proj = matmul(x, up, True)
+    if up_bias is not None:
+        proj = proj + up_bias[expert_ids]
+    out = matmul(activate(experts, proj), down, False)
+    if down_bias is not None:
+        out = out + down_bias[expert_ids]
+    return post_norm(experts, out)
+
+
 def check_supported(experts: nn.Module) -> None:
     """Refuse expert-parallel modules: their routing carries sentinel ids for experts held by other ranks."""
     if getattr(experts, "_is_expert_parallel", False):
