@@ -18,6 +18,18 @@ from .plan import PrunePlan  # noqa: E402
 from .spec import ExpertsSpec, MoEBlockSpec, MoEModelSpec, RouterSpec, SharedExpertSpec  # noqa: E402
 from .trace import trace  # noqa: E402
 
+
+
+def __getattr__(name: str):
+    """``moe_fx.backend`` / ``moe_fx.graph``: the torch.compile backend, imported on first use (it imports Dynamo)."""
+    if name in ("backend", "graph"):
+        import importlib
+
+        graph = importlib.import_module(f"{__name__}.graph")  # not `from . import graph`: that asks this hook again
+        return graph if name == "graph" else graph.backend
+    raise AttributeError(f"module 'moe_fx' has no attribute {name!r}")
+
+
 __all__ = [
     "ExpertsSpec",
     "MoEBlockSpec",
@@ -31,6 +43,7 @@ __all__ = [
     "RouterSpec",
     "SharedExpertSpec",
     "__version__",
+    "backend",
     "compile",
     "compose",
     "load",

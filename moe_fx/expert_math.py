@@ -105,14 +105,22 @@ def _routed_product(nt: NeuronTensor, t: torch.Tensor, x: torch.Tensor, ids: tor
     axis, read per neuron through ``nt`` (computed in the weights' dtype)."""
     w = t.detach()
     out = grouped_matmul(x.to(w.dtype), ids, w, neuron_last=nt.axis == 1).float()
-    return out[:, nt.index.to(out.device)]
+    return nt.by_neuron(out)
 
 
 def grouped_matmul(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, *, neuron_last: bool) -> torch.Tensor:
     """``[N, M]``: row ``n`` of ``x [N, K]`` times expert ``ids[n]``'s matrix, ``w[e] [K, M]`` (``neuron_last``) or
-    ``w[e] [M, K]`` (transposed on the fly), as one padded batched matmul (rows grouped by expert into
-    ``[E, max rows, K]``): a few kernels instead of a loop over experts, on any device and dtype."""
+    ``w[e] [M, K]`` (transposed on the fly). Rows sorted by expert through one ``moe_fx::grouped_mm`` (shapes that
+    depend on ``N`` only, so it also runs inside a compiled graph: :mod:`moe_fx.graph.instrument`); where that
+    operator has no kernel, one padded batched matmul (rows grouped by expert into ``[E, max rows, K]``)."""
+    from .moe_experts import grouped_mm
+
     n, e = x.shape[0], w.shape[0]
+    if grouped_mm.supported(x.device, w.dtype):
+        sorted_ids, order = torch.sort(ids)
+        offsets = torch.searchsorted(sorted_ids, torch.arange(e, device=ids.device), right=True).to(torch.int32)
+        product = torch.ops.moe_fx.grouped_mm(x[order], w, offsets, neuron_last)
+        return torch.empty_like(product).index_copy_(0, order, product)
     order = torch.argsort(ids, stable=True)
     grouped = ids[order]
     counts = torch.bincount(ids, minlength=e)

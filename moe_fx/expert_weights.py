@@ -31,6 +31,20 @@ class NeuronTensor:
     axis: int
     index: torch.Tensor
 
+    def __post_init__(self) -> None:
+        # read once here: inside a compiled graph (moe_fx.graph.instrument) the index cannot be read or indexed with
+        object.__setattr__(self, "_concatenated", self.index.shape[1] == 2 and int(self.index[0, 1]) != 1)
+
+    def by_neuron(self, t: torch.Tensor) -> torch.Tensor:
+        """``[..., I, parts]``: the last axis of ``t`` (this tensor's neuron axis) split into neurons, as views
+        (no gather: it runs in a compiled graph, where the index tensor is a constant of the wrong kind)."""
+        parts, inter = self.index.shape[1], self.index.shape[0]
+        if parts == 1:
+            return t.unsqueeze(-1)
+        if self._concatenated:
+            return t.unflatten(-1, (parts, inter)).transpose(-1, -2)
+        return t.unflatten(-1, (inter, parts))
+
     def features(self, w: torch.Tensor) -> torch.Tensor:
         """``[I, F]``: the entries of each neuron in the expert slice ``w``."""
         x = w.movedim(self.axis, 0)
@@ -38,7 +52,7 @@ class NeuronTensor:
 
     def stacked(self, t: torch.Tensor) -> torch.Tensor:
         """``[E, I, parts, ...]``: the entries of each neuron of every expert of the fused tensor ``t``."""
-        return t.movedim(self.axis + 1, 1)[:, self.index]
+        return self.by_neuron(t.movedim(self.axis + 1, -1)).movedim((-2, -1), (1, 2))
 
     def resized(self, width: int) -> "NeuronTensor":
         """The same layout for ``width`` neurons (what the tensor becomes when channels are removed)."""

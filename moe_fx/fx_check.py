@@ -11,7 +11,7 @@ this with the adapter's declared spec is how moe-fx stays correct when transform
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +46,7 @@ class BlockCheck:
     error: str | None = None
 
 
-def _op_name(node: fx.Node) -> str:
+def op_name(node: fx.Node) -> str:
     target = node.target
     name = getattr(target, "__name__", str(target))
     return name.split(".")[0]
@@ -116,15 +116,21 @@ def _hidden_size(block: nn.Module) -> int:
     return block.get_parameter(_router_weight(block)[0]).shape[1]
 
 
-def _descendants(start: fx.Node) -> set[fx.Node]:
-    seen, stack = set(), [start]
+def reachable(starts: Iterable[fx.Node], step: Callable[[fx.Node], Iterable[fx.Node]],
+              keep: Callable[[fx.Node], bool] = lambda n: True) -> set[fx.Node]:
+    """The nodes reached from ``starts`` by repeated ``step`` (``users``: descendants, ``all_input_nodes``:
+    ancestors), going only through nodes ``keep`` accepts; the starts themselves are not included."""
+    seen, stack = set(), list(starts)
     while stack:
-        n = stack.pop()
-        for u in n.users:
-            if u not in seen:
-                seen.add(u)
-                stack.append(u)
+        for m in step(stack.pop()):
+            if m not in seen and keep(m):
+                seen.add(m)
+                stack.append(m)
     return seen
+
+
+def _descendants(start: fx.Node) -> set[fx.Node]:
+    return reachable([start], lambda n: n.users)
 
 
 def _ancestors(node: fx.Node, depth: int) -> set[fx.Node]:
@@ -136,8 +142,41 @@ def _ancestors(node: fx.Node, depth: int) -> set[fx.Node]:
 
 
 def _shape(node: fx.Node) -> tuple[int, ...] | None:
-    val = node.meta.get("val")
+    """The node's tensor shape: ``val`` in export graphs, ``example_value`` in the graphs Dynamo hands a backend."""
+    val = node.meta.get("val", node.meta.get("example_value"))
     return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+_DIV = {"div", "div_", "truediv", "itruediv"}
+
+
+def _topk_k(node: fx.Node) -> int:
+    return int(node.args[1] if len(node.args) > 1 else node.kwargs["k"])
+
+
+def read_routing(nodes: list[fx.Node], num_experts: int) -> tuple[str | None, int | None, bool]:
+    """``(score_fn, top_k, normalized)`` of the routing computed by ``nodes``, in graph order: the nodes between
+    the router weight and the top-k result (a whole block's descendants of the weight in an export graph, the
+    routing subgraph of one block in a Dynamo graph). The main top-k is the last one over the expert axis."""
+    order = {n: i for i, n in enumerate(nodes)}
+    topks = [n for n in nodes if op_name(n) == "topk" and (_shape(n.args[0]) or (0,))[-1] == num_experts]
+    main_topk = topks[-1] if topks else None
+    top_k = _topk_k(main_topk) if main_topk is not None else None
+    score_nodes = [n for n in nodes if op_name(n) in _SOFTMAX | _SIGMOID]
+    score_fn = None
+    if score_nodes:
+        first = score_nodes[0]
+        kind = "softmax" if op_name(first) in _SOFTMAX else "sigmoid"
+        after = main_topk is not None and order[main_topk] < order[first]
+        score_fn = f"{kind}_after_topk" if after else kind
+    normalized = False
+    if main_topk is not None:
+        for n in _descendants(main_topk) & set(nodes):
+            if op_name(n) in _DIV and len(n.args) > 1 and isinstance(n.args[1], fx.Node):
+                if any(op_name(a) in {"sum", "norm", "linalg_vector_norm"} for a in _ancestors(n.args[1], 2) | {n.args[1]}):
+                    normalized = True
+                    break
+    return score_fn, top_k, normalized
 
 
 def analyze(ep: torch.export.ExportedProgram, router_weight: str, num_experts: int) -> GraphRouting:
@@ -150,27 +189,7 @@ def analyze(ep: torch.export.ExportedProgram, router_weight: str, num_experts: i
     if weight_node is None:
         raise UnsupportedFamilyError(f"router weight {router_weight!r} is not an input of the exported graph")
     order = {n: i for i, n in enumerate(graph.nodes)}
-    down = sorted(_descendants(weight_node), key=order.get)
-    topks = [n for n in down if _op_name(n) == "topk" and (_shape(n.args[0]) or (0,))[-1] == num_experts]
-    main_topk = topks[-1] if topks else None
-    top_k = int(main_topk.args[1]) if main_topk is not None else None
-    score_nodes = [n for n in down if _op_name(n) in _SOFTMAX | _SIGMOID]
-    score_fn = None
-    if score_nodes:
-        first = score_nodes[0]
-        kind = "softmax" if _op_name(first) in _SOFTMAX else "sigmoid"
-        after = main_topk is not None and order[main_topk] < order[first] and not any(
-            order[n] < order[main_topk] for n in score_nodes
-        )
-        score_fn = f"{kind}_after_topk" if after else kind
-    normalized = False
-    if main_topk is not None:
-        after_topk = _descendants(main_topk)
-        for n in after_topk:
-            if _op_name(n) in {"div", "div_"} and len(n.args) > 1 and isinstance(n.args[1], fx.Node):
-                if any(_op_name(a) in {"sum", "norm", "linalg_vector_norm"} for a in _ancestors(n.args[1], 2) | {n.args[1]}):
-                    normalized = True
-                    break
+    score_fn, top_k, normalized = read_routing(sorted(_descendants(weight_node), key=order.get), num_experts)
     experts_e = None
     for p, fqn in names.items():
         shape = _shape(placeholders[p])
@@ -207,12 +226,8 @@ def infer_routing(model: nn.Module, block_path: str) -> GraphRouting:
     return routing
 
 
-def check_block(model: nn.Module, block: MoEBlockSpec) -> BlockCheck:
-    """Compare the spec of one block with what its exported graph computes."""
-    try:
-        g = graph_routing(model, block)
-    except Exception as exc:  # noqa: BLE001 - reported per block, not fatal
-        return BlockCheck(block.path, False, None, (), f"{type(exc).__name__}: {first_line(exc, 200)}")
+def spec_mismatches(g: GraphRouting, block: MoEBlockSpec) -> list[str]:
+    """How the routing read from a graph differs from the block's spec (empty when they agree)."""
     r = block.router
     mismatches = []
     if g.top_k != r.top_k:
@@ -225,6 +240,16 @@ def check_block(model: nn.Module, block: MoEBlockSpec) -> BlockCheck:
         mismatches.append(f"norm_topk_prob spec={r.norm_topk_prob} graph={'renormalised' if g.normalized else 'not renormalised'}")
     if g.num_experts is not None and g.num_experts != block.num_experts:
         mismatches.append(f"num_experts spec={block.num_experts} graph={g.num_experts}")
+    return mismatches
+
+
+def check_block(model: nn.Module, block: MoEBlockSpec) -> BlockCheck:
+    """Compare the spec of one block with what its exported graph computes."""
+    try:
+        g = graph_routing(model, block)
+    except Exception as exc:  # noqa: BLE001 - reported per block, not fatal
+        return BlockCheck(block.path, False, None, (), f"{type(exc).__name__}: {first_line(exc, 200)}")
+    mismatches = spec_mismatches(g, block)
     return BlockCheck(block.path, not mismatches, g, tuple(mismatches))
 
 

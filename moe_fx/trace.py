@@ -84,6 +84,15 @@ def _count_attrs(module: nn.Module, path: str, e: int, *, recurse: bool) -> list
     return found
 
 
+def _parent_count_attrs(model: nn.Module, path: str, e: int) -> list[str]:
+    """Count attributes of the module holding the block: Ernie-VL's ``mlp`` holds ``text_moe`` and ``vision_moe`` and
+    reshapes their router logits by its own ``num_experts``, which a rewrite must update too."""
+    if "." not in path:
+        return []
+    parent = path.rsplit(".", 1)[0]
+    return _count_attrs(model.get_submodule(parent), parent, e, recurse=False)
+
+
 def _router_spec(block, block_path, router, router_path, e, adapter, config, score_fn, graph_norm) -> RouterSpec:
     weight = bias = None
     for name, t in _tensors(router, router_path):
@@ -287,7 +296,8 @@ def trace(model: nn.Module) -> MoEModelSpec:
                 experts=_experts_spec(experts, e_path, e, hidden, adapter, tconf),
                 shared=_shared_specs(block, path, adapter),
                 block_tensors=block_tensors,
-                count_attrs=tuple(_count_attrs(block, path, e, recurse=False) + _count_attrs(experts, e_path, e, recurse=False)),
+                count_attrs=tuple(_count_attrs(block, path, e, recurse=False) + _count_attrs(experts, e_path, e, recurse=False)
+                                  + _parent_count_attrs(model, path, e)),
             )
         )
     num_layers = int(getattr(tconf, "num_hidden_layers", 0) or 0)

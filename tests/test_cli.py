@@ -232,3 +232,22 @@ def test_prune_experts_then_channels(capsys, micro_path, calib_path, tmp_path):
     assert model.config.num_experts == 6 and model.config.moe_intermediate_size == 32
     assert [p["name"] for p in json.loads((out / "moe_fx.json").read_text())["passes"]] == [
         "calibrate", "score", "drop_experts", "score", "prune_channels"]
+
+
+def test_prune_with_compiled_calibration(capsys, micro_path, calib_path, tmp_path):
+    """--compiled-calibration records the statistics inside the compiled graph: REAP scores agree with the hooks' (up
+    to Inductor's arithmetic, which may flip a near-tie route), and bad combinations fail before any work."""
+    runs = {}
+    for name, extra in (("hooks", []), ("compiled", ["--compiled-calibration"])):
+        out = tmp_path / name
+        code, _, err = _run(capsys, "prune", micro_path, "--method", "reap", "--ratio", "0.25", "--calib", calib_path, "--no-eval",
+                            "--out", out, *FAST, *extra)
+        assert code == 0, err
+        runs[name] = json.loads((out / "moe_fx.json").read_text())
+    for block, expected in runs["hooks"]["scores"]["per_block"].items():
+        assert runs["compiled"]["scores"]["per_block"][block] == pytest.approx(expected, rel=0.02)
+    calibrate = next(p for p in runs["compiled"]["passes"] if p["name"] == "calibrate")
+    assert calibrate["config"]["compiled"] is True
+    code, _, err = _run(capsys, "prune", micro_path, "--method", "merge-reap", "--ratio", "0.25", "--calib", calib_path,
+                        "--out", tmp_path / "merge", "--compiled-calibration", *FAST)
+    assert code == 2 and "--compiled-calibration" in err and "samples" in err and not (tmp_path / "merge").exists()

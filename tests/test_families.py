@@ -219,3 +219,14 @@ def test_llama4_expert_layout_is_read_from_shapes() -> None:
     experts = trace(model).blocks[0].experts
     assert experts.is_transposed and experts.intermediate_size == 32
     assert model.get_parameter(experts.down).shape[1:] == (32, 64)
+
+
+def test_count_on_the_blocks_container_is_updated() -> None:
+    """Ernie-VL's ``mlp`` reshapes its blocks' router logits by its own ``num_experts``: dropping experts updates it
+    too (the 12-token INPUT hid it: 12 x 6 routes divide by 8, 9 x 6 do not)."""
+    model = tiny_model("ernie4_5_vl_moe")
+    spec = trace(model)
+    drop_experts(model, spec, PrunePlan({b.path: list(range(6)) for b in spec.blocks}))
+    with torch.no_grad():
+        model(input_ids=INPUT[:, :9], use_cache=False)
+    assert {model.get_submodule(b.path.rsplit(".", 1)[0]).num_experts for b in spec.blocks} == {6}

@@ -57,29 +57,53 @@ def run_calibration(
     *,
     batch_size: int,
     show_progress: bool = True,
+    compiled: bool = False,
 ) -> CalibrationStats:
-    """Forward every calibration window once with observers attached; return their running sums."""
+    """Forward every calibration window once with observers attached; return their running sums.
+
+    ``compiled``: the observers run inside the graph that ``torch.compile`` captures (:mod:`moe_fx.graph.instrument`)
+    instead of as Python hooks around each experts call; the statistics are the same."""
     device = next(model.parameters()).device
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()
     needs_grads = any(o.needs_grads for o in observers)
+    if compiled and needs_grads:
+        raise BadOptionError("compiled calibration runs forward passes only; observers that need gradients "
+                             f"({[o.name for o in observers if o.needs_grads]}) need Calibrate(compiled=False)")
     try:
         windows = distributed.shard(tokens.input_ids)
-        with instrument(model, state.spec, observers) as acc, _backward_mode(model) if needs_grads else torch.no_grad():
+        with _observed(model, state, observers, compiled) as (runner, accumulators), _backward_mode(model) if needs_grads else torch.no_grad():
             with progress_bar("calibrate", total=windows.numel(), unit="tok", enabled=show_progress and distributed.is_main()) as bar:
                 for i in range(0, windows.shape[0], batch_size):
                     batch = windows[i : i + batch_size].to(device)
                     if needs_grads:
                         _loss(model, batch).backward()
                     else:
-                        model(input_ids=batch, use_cache=False)
+                        runner(input_ids=batch, use_cache=False)
                     bar.update(batch.numel())
+            acc = accumulators()
             if distributed.active():
                 reduce_across_ranks(acc, state.spec, observers)
     finally:
         model.train(was_training)
     return calibration_stats(acc, tokens, time.perf_counter() - t0)
+
+
+@contextlib.contextmanager
+def _observed(model: nn.Module, state: MoEState, observers: list[Observer], compiled: bool):
+    """``(runner, accumulators)``: what to call on each batch and a function giving the observers' sums."""
+    if not compiled:
+        with instrument(model, state.spec, observers) as acc:
+            yield model, lambda: acc
+        return
+    from ...graph import InstrumentPass, compiled as compile_with
+
+    instrument_pass = InstrumentPass(observers)
+    # calibration windows have one shape: on CUDA each graph is recorded once and replayed (no launch overhead)
+    cuda = next(model.parameters()).device.type == "cuda"
+    runner, _ = compile_with(model, [instrument_pass], options={"triton.cudagraphs": True} if cuda else None)
+    yield runner, instrument_pass.accumulators
 
 
 def calibration_stats(acc: dict[str, dict[str, torch.Tensor]], tokens: TokenBatch, seconds: float) -> CalibrationStats:
@@ -147,11 +171,15 @@ class Calibrate(Pass):
     inputs_per_block: int = 16384
     """Tokens per block kept by the ``inputs`` observer (input, logits, routed output) for CompensateExperts."""
     show_progress: bool = True
+    compiled: bool = False
+    """Run the observers inside the compiled graph (:mod:`moe_fx.graph`): calibration at compiled speed, same
+    statistics; forward-pass observers only (``routing``, ``reap``, ``channels``)."""
     name = "calibrate"
 
     def run(self, model: nn.Module, state: MoEState) -> PassResult:
         tokens, observers = self.tokens(model), self.make_observers()
-        state.stats = run_calibration(model, state, tokens, observers, batch_size=self.batch_size, show_progress=self.show_progress)
+        state.stats = run_calibration(model, state, tokens, observers, batch_size=self.batch_size, show_progress=self.show_progress,
+                                      compiled=self.compiled)
         return PassResult(model, False, state.stats.summary())
 
     def tokens(self, model: nn.Module) -> TokenBatch:

@@ -56,8 +56,11 @@ def _per_slot_outputs(forward, hidden: torch.Tensor, idx: torch.Tensor) -> torch
     return forward(flat_hidden, flat_idx, ones)
 
 
-class _BlockProbe:
-    """Holds one block's observers and accumulators and the router probabilities of the current call."""
+class BlockProbe:
+    """Holds one block's observers and accumulators and the router logits of the current call.
+
+    :meth:`observe` is the instrumented experts call, shared by the eager hooks (:func:`instrument`) and the
+    compiled instrumentation pass (:mod:`moe_fx.graph.instrument`), which passes its own accumulators."""
 
     def __init__(self, model: nn.Module, block: MoEBlockSpec, observers: Sequence[Observer], device) -> None:
         self.model, self.block, self.observers = model, block, observers
@@ -80,32 +83,38 @@ class _BlockProbe:
     def wrap(self, forward):
         def instrumented(*args, **kwargs):
             hidden, idx, w = _routing_args(args, kwargs)
-            # with gradient observers the output stays differentiable, so the loss gradient reaches earlier layers
-            with torch.set_grad_enabled(bool(self.grad_observers) and torch.is_grad_enabled()):
-                if self.needs_outputs:
-                    y = _per_slot_outputs(forward, hidden, idx)
-                    t, k = idx.shape
-                    out = (y.view(t, k, -1) * w.unsqueeze(-1)).sum(dim=1).to(hidden.dtype)
-                else:
-                    y, out = None, forward(*args, **kwargs)
-            with torch.no_grad():
-                logits = self.pending_logits
-                event = RoutingEvent(
-                    hidden.detach(), idx, w.detach(), None if y is None else y.detach(),
-                    router_probs=router_probs(self.block, logits) if self.needs_probs else None,
-                    router_logits=logits,
-                    selection_bias=self.selection_bias,
-                    run_experts=lambda h, i: _per_slot_outputs(forward, h, i),
-                    expert_math=self.math,
-                )
-                for o in self.observers:
-                    o.update(self.acc, event)
-            if self.grad_observers and out.requires_grad:
-                out.register_hook(lambda grad: self._on_grad(event, grad))
+            out = self.observe(self.acc, forward, hidden, idx, w, self.pending_logits, lambda: forward(*args, **kwargs))
             self.pending_logits = None
             return out
 
         return instrumented
+
+    def observe(self, acc: dict[str, torch.Tensor], forward, hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
+                logits: torch.Tensor | None, call) -> torch.Tensor:
+        """The experts output for ``(hidden, idx, w)``, with every observer updated in ``acc``. ``forward``: the
+        experts forward (run per slot when observers need expert outputs); ``call()``: the original call."""
+        # with gradient observers the output stays differentiable, so the loss gradient reaches earlier layers
+        with torch.set_grad_enabled(bool(self.grad_observers) and torch.is_grad_enabled()):
+            if self.needs_outputs:
+                y = _per_slot_outputs(forward, hidden, idx)
+                t, k = idx.shape
+                out = (y.view(t, k, -1) * w.unsqueeze(-1)).sum(dim=1).to(hidden.dtype)
+            else:
+                y, out = None, call()
+        with torch.no_grad():
+            event = RoutingEvent(
+                hidden.detach(), idx, w.detach(), None if y is None else y.detach(),
+                router_probs=router_probs(self.block, logits) if self.needs_probs else None,
+                router_logits=logits,
+                selection_bias=self.selection_bias,
+                run_experts=lambda h, i: _per_slot_outputs(forward, h, i),
+                expert_math=self.math,
+            )
+            for o in self.observers:
+                o.update(acc, event)
+        if self.grad_observers and out.requires_grad:
+            out.register_hook(lambda grad: self._on_grad(event, grad))
+        return out
 
     def _on_grad(self, event: RoutingEvent, grad: torch.Tensor) -> None:
         with torch.no_grad():
@@ -122,7 +131,7 @@ def instrument(model: nn.Module, spec: MoEModelSpec, observers: Sequence[Observe
                 f"{block.path}: calibration of {block.experts.call_style!r} experts calls is not implemented yet"
             )
     # accumulators live beside each block's experts (a streaming run holds one layer on the GPU, the rest on meta)
-    probes = {b.path: _BlockProbe(model, b, observers, get_tensor(model, b.experts.down).device) for b in spec.blocks}
+    probes = {b.path: BlockProbe(model, b, observers, get_tensor(model, b.experts.down).device) for b in spec.blocks}
     handles, patched = [], []
     try:
         for path, probe in probes.items():

@@ -1,0 +1,94 @@
+"""InstrumentPass: calibration statistics accumulated inside the compiled graph, with no Python hooks.
+
+Each matched experts region is replaced by the instrumented call of the eager hooks
+(:meth:`~moe_fx.passes.calibrate.hooks.BlockProbe.observe`) on the graph's values: the experts' own forward
+runs per (token, slot), the observers update their running sums, the routing weights combine the outputs. The
+sums live in persistent tensors, registered on every graph as buffers, so AOTAutograd turns the updates into
+in-place writes of the compiled code and the statistics equal the eager hooks'. Observers that sample tokens
+(a host-side reservoir) or need a backward pass stay eager-only and are refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch
+from torch import fx, nn
+
+from ..errors import BadOptionError
+from ..passes.calibrate.hooks import BlockProbe, router_logits
+from ..passes.calibrate.observers import OBSERVERS, Observer
+from ..rewrite import get_tensor
+from ..spec import MoEModelSpec
+from .match import GraphMoEBlock
+from .pass_base import GraphContext, MoEGraphPass
+from .rewrite import constant, replace_experts, with_tensors
+
+GRAPH_OBSERVERS = ("routing", "reap", "channels")
+"""Observers that run inside a compiled graph (running sums of routing, REAP saliency, channel activations)."""
+
+
+class InstrumentPass(MoEGraphPass):
+    """Accumulate the ``observers``' statistics of every matched block inside the graph; read them with :meth:`stats`."""
+
+    name: ClassVar[str] = "instrument"
+
+    def __init__(self, observers: Sequence[str | Observer] = ("routing", "reap")) -> None:
+        made = [OBSERVERS[o]() if isinstance(o, str) and o in OBSERVERS else o for o in observers]
+        bad = [o if isinstance(o, str) else o.name for o in made if isinstance(o, str) or o.name not in GRAPH_OBSERVERS]
+        if bad:
+            known = sorted(OBSERVERS)
+            raise BadOptionError(f"observers {bad} cannot run inside a compiled graph (they sample tokens on the host or need "
+                                 f"a backward pass; known observers: {known}); compiled calibration supports {list(GRAPH_OBSERVERS)}")
+        self.observers: list[Observer] = made
+        self.probes: dict[str, BlockProbe] = {}
+
+    def check(self, model: nn.Module | None, spec: MoEModelSpec | None) -> None:
+        super().check(model, spec)
+        if spec is not None:
+            for block in spec.blocks:
+                if block.experts.call_style != "routed":
+                    raise BadOptionError(f"{block.path}: calibration of {block.experts.call_style!r} experts calls is not implemented")
+
+    def probe(self, model: nn.Module, block: GraphMoEBlock) -> BlockProbe:
+        """The block's probe, made once: every graph of the model (recompiles) adds to the same sums."""
+        owner = next(iter(self.probes.values())).model if self.probes else model
+        if owner is not model:
+            raise BadOptionError("this InstrumentPass already holds another model's statistics: use one InstrumentPass per model")
+        if block.path not in self.probes:
+            device = get_tensor(model, block.spec.experts.down).device
+            self.probes[block.path] = BlockProbe(model, block.spec, self.observers, device)
+        return self.probes[block.path]
+
+    def rewrite(self, gm: fx.GraphModule, block: GraphMoEBlock, ctx: GraphContext) -> bool:
+        if block.spec is None:
+            raise BadOptionError(f"{block.path}: instrumentation needs the block's spec (build the backend with model=...)")
+        model, probe = ctx.model, self.probe(ctx.model, block)
+        module = model.get_submodule(block.experts_path)
+        keys = list(probe.acc)
+        index = len([n for n in gm.graph.nodes if n.op == "get_attr"])
+        accs = [constant(gm, f"moe_fx_acc_{index}_{i}", probe.acc[k], before=block.region[0]) for i, k in enumerate(keys)]
+        names = list(block.tensors)
+
+        def observed(router_input: torch.Tensor, hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, *acc: torch.Tensor) -> torch.Tensor:
+            logits = router_logits(model, block.spec, router_input) if probe.needs_logits else None
+            return probe.observe(dict(zip(keys, acc)), module.forward, hidden, idx, w, logits, lambda: module.forward(hidden, idx, w))
+
+        args = [block.tensors[n] for n in names] + [block.router_input, block.hidden, block.top_k_index, block.top_k_weights] + accs
+        replace_experts(gm, block, "instrumented_experts", with_tensors(model, names, observed), args)
+        return True
+
+    def stats(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Per block path, the accumulated statistics (on the CPU), named as the eager observers name them."""
+        return {path: {k: v.detach().cpu().clone() for k, v in probe.acc.items()} for path, probe in self.probes.items()}
+
+    def reset(self) -> None:
+        """Zero the sums in place (the compiled graphs keep writing to the same tensors)."""
+        for probe in self.probes.values():
+            for v in probe.acc.values():
+                v.zero_()
+
+    def accumulators(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The live accumulators (on the model's devices), which the compiled graphs update in place."""
+        return {path: probe.acc for path, probe in self.probes.items()}

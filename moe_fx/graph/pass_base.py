@@ -1,0 +1,64 @@
+"""The base of moe-fx's graph passes: torch.fx ``PassBase`` objects that rewrite each matched MoE block.
+
+A pass is configured once (a plan, observers) and may run on many graphs: Dynamo hands the backend a new graph
+on every recompile (another batch shape, a graph break). Each run matches the graph afresh
+(:func:`~moe_fx.graph.match.match_moe_blocks`), so passes compose in any order: a rewritten experts region keeps
+the module stack that the matcher reads. What a pass needs from the model (its modules, its canonical spec) comes
+from the :class:`GraphContext` the backend attaches to the graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from torch import fx, nn
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from ..errors import BadOptionError
+from ..spec import MoEModelSpec
+from .match import GraphMoEBlock, MatchReport, match_moe_blocks
+
+CONTEXT_KEY = "moe_fx"
+
+
+@dataclass
+class GraphContext:
+    """What the backend knows beside the graph: the compiled model (None when only a graph is given) and its spec."""
+
+    model: nn.Module | None = None
+    spec: MoEModelSpec | None = None
+    reports: list[dict] = field(default_factory=list)
+    """Per pass run: the pass name and the blocks it rewrote."""
+
+
+def graph_context(gm: fx.GraphModule) -> GraphContext:
+    return gm.meta.setdefault(CONTEXT_KEY, GraphContext())
+
+
+class MoEGraphPass(PassBase):
+    """Rewrites every matched block of a graph with :meth:`rewrite`; ``needs_model``: it reads the model's modules."""
+
+    name: ClassVar[str] = "moe_graph_pass"
+    needs_model: ClassVar[bool] = True
+
+    def check(self, model: nn.Module | None, spec: MoEModelSpec | None) -> None:
+        """Raise :class:`BadOptionError` before any compile when this pass cannot run for ``model``."""
+        if self.needs_model and model is None:
+            raise BadOptionError(f"the {self.name} graph pass reads the model's modules: build the backend with "
+                                 "moe_fx.backend(passes=[...], model=model) (or use moe_fx.compile(model, passes=[...]))")
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        ctx = graph_context(graph_module)
+        self.check(ctx.model, ctx.spec)
+        report: MatchReport = match_moe_blocks(graph_module, ctx.spec)
+        rewritten = [b.path for b in report.blocks if self.rewrite(graph_module, b, ctx)]
+        ctx.reports.append({"pass": self.name, "rewritten": rewritten, "unmatched": [vars(u) for u in report.unmatched]})
+        if rewritten:
+            graph_module.graph.lint()
+            graph_module.recompile()
+        return PassResult(graph_module, bool(rewritten))
+
+    def rewrite(self, gm: fx.GraphModule, block: GraphMoEBlock, ctx: GraphContext) -> bool:
+        """Rewrite one block; return whether the graph changed."""
+        raise NotImplementedError
