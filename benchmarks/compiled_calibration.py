@@ -18,6 +18,7 @@ Goal (issue 11): compiled calibration >= 0.8x the plain compiled forward and >= 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -90,10 +91,7 @@ def run_model(name: str, model, batches: list[torch.Tensor], args) -> dict:
         for r in range(args.rounds):
             log(f"{name}: timed round {r + 1}/{args.rounds}")
             for mode, run in runners.items():
-                if mode == "eager_hooks":
-                    with instrument(model, spec, observers()):
-                        seconds[mode].append(one_pass(run, batches, args.device))
-                else:
+                with instrument(model, spec, observers()) if mode == "eager_hooks" else contextlib.nullcontext():
                     seconds[mode].append(one_pass(run, batches, args.device))
         if args.profile:
             for mode in ("plain_compiled", "compiled_instrumented"):

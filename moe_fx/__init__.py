@@ -19,7 +19,6 @@ from .spec import ExpertsSpec, MoEBlockSpec, MoEModelSpec, RouterSpec, SharedExp
 from .trace import trace  # noqa: E402
 
 
-
 def __getattr__(name: str):
     """``moe_fx.backend`` / ``moe_fx.graph``: the torch.compile backend, imported on first use (it imports Dynamo)."""
     if name in ("backend", "graph"):

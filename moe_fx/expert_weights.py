@@ -56,9 +56,7 @@ class NeuronTensor:
 
     def resized(self, width: int) -> "NeuronTensor":
         """The same layout for ``width`` neurons (what the tensor becomes when channels are removed)."""
-        parts = self.index.shape[1]
-        concatenated = parts == 2 and int(self.index[0, 1]) != 1
-        return NeuronTensor(self.name, self.axis, neuron_index(width, parts, concatenated))
+        return NeuronTensor(self.name, self.axis, neuron_index(width, self.index.shape[1], self._concatenated))
 
     def permuted(self, w: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
         """``w`` with its neurons reordered: new neuron ``j`` is old neuron ``perm[j]``."""

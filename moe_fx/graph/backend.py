@@ -60,9 +60,9 @@ class MoEBackend:
         self.pass_reports: list[dict] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
-        ctx = GraphContext(self.model, self.spec)
-        gm.meta[CONTEXT_KEY] = ctx
         report = match_moe_blocks(gm, self.spec)
+        ctx = GraphContext(self.model, self.spec, match=report)
+        gm.meta[CONTEXT_KEY] = ctx
         self.reports.append(report)
         for u in report.unmatched:
             log.warning("moe_fx backend: %s not matched: %s", u.path, u.reason)

@@ -17,13 +17,12 @@ import torch
 from torch import fx, nn
 
 from ..errors import BadOptionError
-from ..passes.calibrate.hooks import BlockProbe, router_logits
+from ..passes.calibrate.hooks import BlockProbe, check_routed, router_logits
 from ..passes.calibrate.observers import OBSERVERS, Observer
-from ..rewrite import get_tensor
 from ..spec import MoEModelSpec
 from .match import GraphMoEBlock
 from .pass_base import GraphContext, MoEGraphPass
-from .rewrite import constant, replace_experts, with_tensors
+from .rewrite import attr_name, constant, replace_experts, with_tensors
 
 GRAPH_OBSERVERS = ("routing", "reap", "channels")
 """Observers that run inside a compiled graph (running sums of routing, REAP saliency, channel activations)."""
@@ -35,21 +34,17 @@ class InstrumentPass(MoEGraphPass):
     name: ClassVar[str] = "instrument"
 
     def __init__(self, observers: Sequence[str | Observer] = ("routing", "reap")) -> None:
-        made = [OBSERVERS[o]() if isinstance(o, str) and o in OBSERVERS else o for o in observers]
-        bad = [o if isinstance(o, str) else o.name for o in made if isinstance(o, str) or o.name not in GRAPH_OBSERVERS]
+        names = [o if isinstance(o, str) else o.name for o in observers]
+        bad = [n for n in names if n not in GRAPH_OBSERVERS]
         if bad:
-            known = sorted(OBSERVERS)
             raise BadOptionError(f"observers {bad} cannot run inside a compiled graph (they sample tokens on the host or need "
-                                 f"a backward pass; known observers: {known}); compiled calibration supports {list(GRAPH_OBSERVERS)}")
-        self.observers: list[Observer] = made
+                                 f"a backward pass; known observers: {sorted(OBSERVERS)}); compiled calibration supports {list(GRAPH_OBSERVERS)}")
+        self.observers: list[Observer] = [OBSERVERS[o]() if isinstance(o, str) else o for o in observers]
         self.probes: dict[str, BlockProbe] = {}
 
     def check(self, model: nn.Module | None, spec: MoEModelSpec | None) -> None:
         super().check(model, spec)
-        if spec is not None:
-            for block in spec.blocks:
-                if block.experts.call_style != "routed":
-                    raise BadOptionError(f"{block.path}: calibration of {block.experts.call_style!r} experts calls is not implemented")
+        check_routed(spec)
 
     def probe(self, model: nn.Module, block: GraphMoEBlock) -> BlockProbe:
         """The block's probe, made once: every graph of the model (recompiles) adds to the same sums."""
@@ -57,18 +52,14 @@ class InstrumentPass(MoEGraphPass):
         if owner is not model:
             raise BadOptionError("this InstrumentPass already holds another model's statistics: use one InstrumentPass per model")
         if block.path not in self.probes:
-            device = get_tensor(model, block.spec.experts.down).device
-            self.probes[block.path] = BlockProbe(model, block.spec, self.observers, device)
+            self.probes[block.path] = BlockProbe(model, block.spec, self.observers)
         return self.probes[block.path]
 
     def rewrite(self, gm: fx.GraphModule, block: GraphMoEBlock, ctx: GraphContext) -> bool:
-        if block.spec is None:
-            raise BadOptionError(f"{block.path}: instrumentation needs the block's spec (build the backend with model=...)")
         model, probe = ctx.model, self.probe(ctx.model, block)
         module = model.get_submodule(block.experts_path)
         keys = list(probe.acc)
-        index = len([n for n in gm.graph.nodes if n.op == "get_attr"])
-        accs = [constant(gm, f"moe_fx_acc_{index}_{i}", probe.acc[k], before=block.region[0]) for i, k in enumerate(keys)]
+        accs = [constant(gm, attr_name(block, k), probe.acc[k], before=block.region[0]) for k in keys]
         names = list(block.tensors)
 
         def observed(router_input: torch.Tensor, hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, *acc: torch.Tensor) -> torch.Tensor:

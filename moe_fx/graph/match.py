@@ -80,9 +80,6 @@ class MatchReport:
     unmatched: list[Unmatched] = field(default_factory=list)
     absent: list[str] = field(default_factory=list)
 
-    def summary(self) -> dict:
-        return {"matched": [b.describe() for b in self.blocks], "unmatched": [vars(u) for u in self.unmatched], "absent": self.absent}
-
 
 def _implementation(region: tuple[fx.Node, ...]) -> str:
     names = {str(n.target) for n in region}

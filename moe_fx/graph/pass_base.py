@@ -1,8 +1,8 @@
 """The base of moe-fx's graph passes: torch.fx ``PassBase`` objects that rewrite each matched MoE block.
 
 A pass is configured once (a plan, observers) and may run on many graphs: Dynamo hands the backend a new graph
-on every recompile (another batch shape, a graph break). Each run matches the graph afresh
-(:func:`~moe_fx.graph.match.match_moe_blocks`), so passes compose in any order: a rewritten experts region keeps
+on every recompile (another batch shape, a graph break). A pass matches the graph again after another pass changed
+it (:func:`~moe_fx.graph.match.match_moe_blocks`), so passes compose in any order: a rewritten experts region keeps
 the module stack that the matcher reads. What a pass needs from the model (its modules, its canonical spec) comes
 from the :class:`GraphContext` the backend attaches to the graph.
 """
@@ -28,6 +28,8 @@ class GraphContext:
 
     model: nn.Module | None = None
     spec: MoEModelSpec | None = None
+    match: MatchReport | None = None
+    """The matches of the graph as it is now (None once a pass has changed it: the next pass matches again)."""
     reports: list[dict] = field(default_factory=list)
     """Per pass run: the pass name and the blocks it rewrote."""
 
@@ -37,22 +39,22 @@ def graph_context(gm: fx.GraphModule) -> GraphContext:
 
 
 class MoEGraphPass(PassBase):
-    """Rewrites every matched block of a graph with :meth:`rewrite`; ``needs_model``: it reads the model's modules."""
+    """Rewrites every matched block of a graph with :meth:`rewrite`, reading the model's modules and spec."""
 
     name: ClassVar[str] = "moe_graph_pass"
-    needs_model: ClassVar[bool] = True
 
     def check(self, model: nn.Module | None, spec: MoEModelSpec | None) -> None:
         """Raise :class:`BadOptionError` before any compile when this pass cannot run for ``model``."""
-        if self.needs_model and model is None:
+        if model is None:
             raise BadOptionError(f"the {self.name} graph pass reads the model's modules: build the backend with "
-                                 "moe_fx.backend(passes=[...], model=model) (or use moe_fx.compile(model, passes=[...]))")
+                                 "moe_fx.backend(passes=[...], model=model) (or use moe_fx.graph.compiled(model, passes))")
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         ctx = graph_context(graph_module)
         self.check(ctx.model, ctx.spec)
-        report: MatchReport = match_moe_blocks(graph_module, ctx.spec)
+        report = ctx.match or match_moe_blocks(graph_module, ctx.spec)
         rewritten = [b.path for b in report.blocks if self.rewrite(graph_module, b, ctx)]
+        ctx.match = None if rewritten else report
         ctx.reports.append({"pass": self.name, "rewritten": rewritten, "unmatched": [vars(u) for u in report.unmatched]})
         if rewritten:
             graph_module.graph.lint()

@@ -45,6 +45,16 @@ def with_tensors(root: nn.Module, names: Sequence[str], fn: Callable[..., torch.
     return call
 
 
+def _copy_meta(source: fx.Node, target: fx.Node) -> None:
+    """What later matches read of a node (its module stack, example value), for the node standing in for it."""
+    target.meta.update({k: source.meta[k] for k in ("nn_module_stack", "example_value", "stack_trace") if k in source.meta})
+
+
+def attr_name(block: GraphMoEBlock, what: str) -> str:
+    """A graph attribute name for ``block``'s tensor ``what``, unique across blocks (the block's path in it)."""
+    return "moe_fx_" + block.path.replace(".", "_") + "_" + what
+
+
 def replace_experts(gm: fx.GraphModule, block: GraphMoEBlock, name: str, fn: Callable[..., torch.Tensor], args: Sequence[fx.Node]) -> fx.Node:
     """Replace ``block``'s experts region by ``fn(*args)`` (same ``[T, H]`` output) and erase the region.
 
@@ -53,7 +63,7 @@ def replace_experts(gm: fx.GraphModule, block: GraphMoEBlock, name: str, fn: Cal
     graph = gm.graph
     with graph.inserting_before(block.output):
         new = graph.call_function(GraphCall(name, fn), tuple(args))
-    new.meta.update({k: block.output.meta[k] for k in ("nn_module_stack", "example_value", "stack_trace") if k in block.output.meta})
+    _copy_meta(block.output, new)
     block.output.replace_all_uses_with(new)
     for node in reversed(block.region):
         if not node.users:
@@ -83,6 +93,6 @@ def add_after(gm: fx.GraphModule, node: fx.Node, addend: fx.Node) -> fx.Node:
     """``node + addend`` in place of ``node`` for all of its users; ``addend`` lies between ``node`` and its users."""
     with gm.graph.inserting_after(addend):
         total = gm.graph.call_function(operator.add, (node, addend))
-    total.meta.update({k: node.meta[k] for k in ("nn_module_stack", "example_value", "stack_trace") if k in node.meta})
+    _copy_meta(node, total)
     node.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
     return total

@@ -18,13 +18,14 @@ from torch import fx, nn
 
 from ..errors import BadOptionError
 from ..expert_weights import neuron_tensors
+from ..passes.prune_channels import rebuilt
 from ..plan import ChannelPlan, PrunePlan
 from ..rewrite import get_tensor
 from ..spec import MoEBlockSpec, MoEModelSpec
 from .match import GraphMoEBlock
 from .names import tensor_value
 from .pass_base import GraphContext, MoEGraphPass
-from .rewrite import add_after, constant
+from .rewrite import add_after, attr_name, constant
 
 
 class VirtualPrunePass(MoEGraphPass):
@@ -41,8 +42,6 @@ class VirtualPrunePass(MoEGraphPass):
 
     def check(self, model: nn.Module | None, spec: MoEModelSpec | None) -> None:
         super().check(model, spec)
-        if spec is None:
-            raise BadOptionError("VirtualPrunePass needs the model's spec: build the backend with model=...")
         if self.plan is not None:
             self.plan.validate(spec)
         if self.channels is not None:
@@ -77,31 +76,24 @@ class VirtualPrunePass(MoEGraphPass):
             value = tensor_value(node)
             mask = torch.full((block.num_experts,), float("-inf"), dtype=value.dtype, device=value.device)
             mask[kept] = 0
-            add_after(gm, node, constant(gm, _attr(block, f"expert_mask_{i}"), mask, before=min(node.users, key=_order(gm))))
+            add_after(gm, node, constant(gm, attr_name(block, f"expert_mask_{i}"), mask, before=min(node.users, key=_order(gm))))
 
     def _mask_channels(self, gm: fx.GraphModule, block: GraphMoEBlock, model: nn.Module, kept: list[int], channels: list[list[int]]) -> None:
         spec = block.spec.experts
         node = block.tensors[spec.down]
         if block.path not in self._masked_down:
-            down = get_tensor(model, spec.down).detach()
             nt = next(t for t in neuron_tensors(model, spec)[0] if t.name == spec.down)
-            keep = torch.zeros(down.shape[0], down.shape[nt.axis + 1], dtype=down.dtype, device=down.device)
+            per_expert: list[list[int]] = [[] for _ in range(block.num_experts)]  # dropped experts: all zero
             for e, ids in zip(kept, channels):
-                keep[e, nt.index[ids, 0]] = 1
-            shape = [down.shape[0], 1, 1]
-            shape[nt.axis + 1] = down.shape[nt.axis + 1]
-            self._masked_down[block.path] = down * keep.view(shape)
-        masked = constant(gm, _attr(block, "masked_down"), self._masked_down[block.path], before=min(node.users, key=_order(gm)), stands_for=spec.down)
+                per_expert[e] = ids
+            self._masked_down[block.path] = rebuilt(get_tensor(model, spec.down).detach(), nt, per_expert, None)
+        masked = constant(gm, attr_name(block, "masked_down"), self._masked_down[block.path], before=min(node.users, key=_order(gm)), stands_for=spec.down)
         node.replace_all_uses_with(masked)
 
 
 def _order(gm: fx.GraphModule):
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     return order.get
-
-
-def _attr(block: GraphMoEBlock, what: str) -> str:
-    return "moe_fx_" + block.path.replace(".", "_") + "_" + what
 
 
 def _after_plan(spec: MoEModelSpec, plan: PrunePlan | None) -> MoEModelSpec:

@@ -28,7 +28,7 @@ from .channel_allocate import CHANNEL_ALLOCATIONS, LAYERWISE_ALLOCATIONS, make_c
 from .drop_experts import drop_experts
 
 
-def _rebuilt(t: torch.Tensor, nt: NeuronTensor, kept: list[list[int]], width: int | None) -> torch.Tensor:
+def rebuilt(t: torch.Tensor, nt: NeuronTensor, kept: list[list[int]], width: int | None) -> torch.Tensor:
     """``t`` with only each expert's ``kept`` neurons: moved to the first positions of a ``width``-neuron tensor
     (zeros after them), or left in place with the others zeroed when ``width`` is None (mask mode)."""
     target = nt if width is None else nt.resized(width)
@@ -61,7 +61,7 @@ def prune_channels(model: nn.Module, spec: MoEModelSpec, plan: ChannelPlan, *, m
         tensors, _ = neuron_tensors(model, block.experts)
         with torch.no_grad():
             for nt in tensors:
-                set_tensor(model, nt.name, _rebuilt(get_tensor(model, nt.name).detach(), nt, kept, width))
+                set_tensor(model, nt.name, rebuilt(get_tensor(model, nt.name).detach(), nt, kept, width))
         if width is not None:
             for ref in block.experts.width_attrs:
                 set_attr(model, ref, width)

@@ -62,8 +62,10 @@ class BlockProbe:
     :meth:`observe` is the instrumented experts call, shared by the eager hooks (:func:`instrument`) and the
     compiled instrumentation pass (:mod:`moe_fx.graph.instrument`), which passes its own accumulators."""
 
-    def __init__(self, model: nn.Module, block: MoEBlockSpec, observers: Sequence[Observer], device) -> None:
+    def __init__(self, model: nn.Module, block: MoEBlockSpec, observers: Sequence[Observer]) -> None:
         self.model, self.block, self.observers = model, block, observers
+        # accumulators live beside the block's experts (a streaming run holds one layer on the GPU, the rest on meta)
+        device = get_tensor(model, block.experts.down).device
         self.acc: dict[str, torch.Tensor] = {}
         for o in observers:
             self.acc.update(o.init(block, device))
@@ -122,16 +124,20 @@ class BlockProbe:
                 o.update_grads(self.acc, event, grad.detach())
 
 
-@contextlib.contextmanager
-def instrument(model: nn.Module, spec: MoEModelSpec, observers: Sequence[Observer]) -> Iterator[dict[str, dict[str, torch.Tensor]]]:
-    """Attach observers to every block; yield ``{block_path: accumulators}``; restore the model on exit."""
+def check_routed(spec: MoEModelSpec) -> None:
+    """Refuse blocks whose experts call is not ``experts(h, top_k_index, top_k_weights)``: nothing to observe."""
     for block in spec.blocks:
         if block.experts.call_style != "routed":
             raise UnsupportedFamilyError(
                 f"{block.path}: calibration of {block.experts.call_style!r} experts calls is not implemented yet"
             )
-    # accumulators live beside each block's experts (a streaming run holds one layer on the GPU, the rest on meta)
-    probes = {b.path: BlockProbe(model, b, observers, get_tensor(model, b.experts.down).device) for b in spec.blocks}
+
+
+@contextlib.contextmanager
+def instrument(model: nn.Module, spec: MoEModelSpec, observers: Sequence[Observer]) -> Iterator[dict[str, dict[str, torch.Tensor]]]:
+    """Attach observers to every block; yield ``{block_path: accumulators}``; restore the model on exit."""
+    check_routed(spec)
+    probes = {b.path: BlockProbe(model, b, observers) for b in spec.blocks}
     handles, patched = [], []
     try:
         for path, probe in probes.items():
