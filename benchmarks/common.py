@@ -42,3 +42,17 @@ def held_out_windows(tok, docs: list[Document], args) -> tuple[TokenBatch, torch
     windows = pack(tok, docs, seq_len=args.seq_len, max_tokens=args.calib_tokens + args.holdout_tokens, seed=0)
     calib, holdout = split_fitness(windows, args.holdout_tokens)
     return TokenBatch(calib, args.calib), holdout
+
+
+def print_profile(title: str, run, device: str, sort_by: tuple[str, ...] = ("self_cuda_time_total",), rows: int = 14) -> None:
+    """``run()`` under torch.profiler: its top operators and kernels, one table per key of ``sort_by`` (device
+    time: where the GPU goes; ``self_cpu_time_total``: where the host goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        run()
+    for key in sort_by:
+        key = key if cuda else key.replace("cuda", "cpu")
+        print(f"--- {title}: top by {key}")
+        print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70), flush=True)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 from deploy_speed import build_synthetic, free, log, sync
+from common import print_profile
 
 import moe_fx
 from moe_fx.data import calibration_tokens
@@ -110,15 +111,7 @@ def run_model(name: str, model, batches: list[torch.Tensor], args) -> dict:
 
 def profile(mode: str, run, batches: list[torch.Tensor], device: str) -> None:
     """The kernels of one pass of ``run``, by total device time (where the instrumentation's cost goes)."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
-    with torch_profile(activities=activities) as prof:
-        one_pass(run, batches, device)
-    key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
-    print(f"--- {mode}: top kernels over {len(batches)} batches")
-    print(prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=70))
+    print_profile(f"{mode}: one pass over {len(batches)} batches", lambda: one_pass(run, batches, device), device)
 
 
 def compare(got: dict, expected: dict) -> dict:

@@ -23,6 +23,7 @@ import types
 from pathlib import Path
 
 import torch
+from common import print_profile
 from deploy_speed import accounting, build_synthetic, distinct_hits, free, log, make_variant, random_ids, short, sync
 from transformers import StaticCache
 
@@ -44,25 +45,35 @@ def forward_for(model, impl: str, mode: str):
 
 
 @torch.no_grad()
-def decode_ms(model, forward, batch: int, args) -> float:
+def decode_ms(model, forward, batch: int, args, profile_title: str | None = None) -> float:
     """Median milliseconds per decode step over ``repeats`` runs of ``steps`` steps (a first, untimed run
-    compiles, records the CUDA graphs and warms up)."""
+    compiles, records the CUDA graphs and warms up); with ``profile_title``, one more run is profiled."""
     vocab = model.config.vocab_size
     cache = StaticCache(config=model.config, max_cache_len=args.prompt + args.steps + 8)
     dev = args.device
     prompt = random_ids((batch, args.prompt), vocab, 1000 + batch, dev)
     tokens = [t.contiguous() for t in random_ids((batch, args.steps), vocab, 2000 + batch, dev).split(1, dim=1)]
     positions = [torch.tensor([args.prompt + i], device=dev) for i in range(args.steps)]
-    times = []
-    for _ in range(args.repeats + 1):
+
+    def prefilled() -> None:
         cache.reset()
         model(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(args.prompt, device=dev), use_cache=True, logits_to_keep=1)
         sync(dev)
-        start = time.perf_counter()
+
+    def steps() -> None:
         for ids, pos in zip(tokens, positions):
             forward(input_ids=ids, past_key_values=cache, cache_position=pos, use_cache=True)
         sync(dev)
+
+    times = []
+    for _ in range(args.repeats + 1):
+        prefilled()
+        start = time.perf_counter()
+        steps()
         times.append((time.perf_counter() - start) / args.steps * 1000)
+    if profile_title:
+        prefilled()
+        print_profile(f"{profile_title} ({args.steps} steps)", steps, dev, ("self_cuda_time_total", "self_cpu_time_total"), rows=22)
     return statistics.median(times[1:])
 
 
@@ -112,7 +123,8 @@ def measure(model, args) -> dict:
             row = rows[label] = {"decode": {}}
             for b in args.batches:
                 started = time.perf_counter()
-                ms = attempt(lambda: decode_ms(model, forward, b, args))
+                title = f"{label} b{b}" if f"{mode}/b{b}" in args.profile else None
+                ms = attempt(lambda: decode_ms(model, forward, b, args, title))
                 row["decode"][str(b)] = ms if isinstance(ms, dict) else {"ms_per_step": ms, "tok_s": b * 1000 / ms,
                                                                           "seconds_with_compile": time.perf_counter() - started}
                 log(f"  {label:>22} decode b{b:<3} {row['decode'][str(b)]}")
@@ -176,13 +188,15 @@ def main() -> None:
     ap.add_argument("--impls", nargs="+", default=[STOCK, OURS])
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     ap.add_argument("--stock-modes", nargs="+", default=list(MODES), choices=list(MODES), help="modes of the stock rows")
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--batches", type=int, nargs="*", default=[1, 16, 64], help="decode batches (none: prefill only)")
     ap.add_argument("--prefill", type=int, nargs=2, default=[8, 512], metavar=("BATCH", "LENGTH"))
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--prefill-repeats", type=int, default=7)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile", nargs="*", default=[], metavar="MODE/bBATCH",
+                    help="decode rows to profile after timing them, e.g. compiled/b1 cuda-graphs/b64 (top kernels and host operators)")
     ap.add_argument("--out", default="benchmarks/results/decode.json")
     ap.add_argument("--device", default="cuda", help="cpu with --tiny: a smoke test of this script, not a measurement")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes instead of Qwen3-30B-A3B's")

@@ -7,6 +7,10 @@ hits times one expert's bytes; ``GB/s`` divides that by the time, to compare wit
 bandwidth measured in the same run. Routing: the top-8 of random router logits (uniform-ish loads).
 
     python benchmarks/experts_kernels.py --out benchmarks/results/experts_kernels.json
+
+``--sweep-tiles`` times the Triton grouped kernel alone, one projection at a time, over a grid of tile shapes
+for each (experts, tokens) pair, next to torch's native grouped GEMM: the data behind
+``triton_kernels.grouped_tiles``.
 """
 
 from __future__ import annotations
@@ -72,13 +76,69 @@ def time_call(fn, calls: int = 20, replays: int = 10) -> float:
     return start.elapsed_time(end) * 1000 / (calls * replays)
 
 
+SWEEP_TILES = [(bm, bn, bk, w, st) for bm in (16, 32) for bn in (32, 64, 128) for bk in (64, 128, 256)
+               for w, st in ((4, 3), (4, 4), (8, 3)) if not (bm == 32 and bk == 256)]
+"""(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) tried by ``--sweep-tiles``."""
+
+
+def routed_rows(tokens: int, num_experts: int, g: torch.Generator) -> tuple[torch.Tensor, int]:
+    """Offsets of ``tokens x 8`` routed rows sorted by expert (top-8 of random logits) and the distinct experts hit."""
+    index = torch.randn(tokens, num_experts, device="cuda", generator=g).topk(8, dim=-1).indices.reshape(-1).sort().values
+    offsets = torch.searchsorted(index, torch.arange(num_experts, device="cuda"), right=True).to(torch.int32)
+    return offsets, int(index.unique().numel())
+
+
+def sweep_tiles(args) -> list[dict]:
+    """Microseconds of one grouped matmul per tile shape (Qwen3-30B-A3B's up and down projections)."""
+    from moe_fx.moe_experts.grouped_mm import _native_function
+    from moe_fx.moe_experts.triton_kernels import grouped_tiles, triton_grouped_mm
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rows_out = []
+    for num_experts in args.sweep_experts:
+        for tokens in args.tokens:
+            offsets, distinct = routed_rows(tokens, num_experts, g)
+            for proj, (n, k) in {"up": (1536, 2048), "down": (2048, 768)}.items():
+                w = torch.randn(num_experts, n, k, device="cuda", dtype=torch.bfloat16, generator=g).transpose(-2, -1)
+                x = torch.randn(tokens * 8, k, device="cuda", dtype=torch.bfloat16, generator=g)
+                nbytes = distinct * n * k * 2
+                default = grouped_tiles(x.shape[0], num_experts, x.dtype)
+                candidates = {"native": lambda: _native_function()(x, w, offs=offsets)}
+                tiles = SWEEP_TILES + ([default] if default not in SWEEP_TILES else [])
+                candidates |= {str(t): (lambda t=t: triton_grouped_mm(x, w, offsets, t)) for t in tiles}
+                ref = candidates["native"]().float()
+                for name, fn in candidates.items():
+                    try:
+                        err = (fn().float() - ref).abs().max().item()
+                        us = time_call(fn)
+                    except Exception as exc:  # noqa: BLE001 - a tile shape that does not compile is a row
+                        rows_out.append({"experts": num_experts, "tokens": tokens, "proj": proj, "tiles": name, "error": str(exc)[:200]})
+                        continue
+                    rows_out.append({"experts": num_experts, "tokens": tokens, "proj": proj, "tiles": name, "us": us,
+                                     "weight_GB_s": nbytes / us / 1e3, "max_abs_vs_native": err, "default": name == str(default)})
+                ok = [r for r in rows_out if r.get("us") and r["experts"] == num_experts and r["tokens"] == tokens and r["proj"] == proj]
+                best = min(ok, key=lambda r: r["us"])
+                dflt = next((r for r in ok if r["default"]), None)
+                native = next(r for r in ok if r["tiles"] == "native")
+                print(f"E={num_experts:<4} T={tokens:<5} {proj:<5} best {best['tiles']:<24} {best['us']:7.1f} us ({best['weight_GB_s']:5.0f} GB/s)"
+                      f"  default {dflt['us'] if dflt else float('nan'):7.1f}  native {native['us']:7.1f}", flush=True)
+    return rows_out
+
+
 @torch.no_grad()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 16, 64, 256, 4096])
     ap.add_argument("--experts", type=int, default=128)
     ap.add_argument("--out", default="benchmarks/results/experts_kernels.json")
+    ap.add_argument("--sweep-tiles", action="store_true", help="time the Triton grouped kernel's tile shapes instead")
+    ap.add_argument("--sweep-experts", type=int, nargs="+", default=[128, 64], help="expert counts of --sweep-tiles")
     args = ap.parse_args()
+    if args.sweep_tiles:
+        rows = sweep_tiles(args)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, indent=1) + "\n")
+        return
     config = Qwen3MoeConfig(hidden_size=2048, moe_intermediate_size=768, num_experts=args.experts, num_experts_per_tok=8)
     experts = Qwen3MoeExperts(config).to("cuda", torch.bfloat16)
     g = torch.Generator(device="cuda").manual_seed(0)

@@ -149,6 +149,28 @@ def test_expert_parallel_modules_are_refused() -> None:
         moe_fx_experts_forward(experts, h, idx, w)
 
 
+def test_grouped_matmul_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel is picked where the graph is traced: the Triton ``triton_op`` for inference on the Triton
+    kernel, the custom operator (with autograd) otherwise; both compute rows times their experts' weights."""
+    from moe_fx.moe_experts import grouped_mm
+
+    ids = torch.tensor([0, 0, 2, 3, 3, 3])
+    offsets = torch.searchsorted(ids, torch.arange(4), right=True).to(torch.int32)
+    x, w = torch.randn(6, 8), torch.randn(4, 12, 8)  # 16-byte strides, as grouped GEMM needs
+    ref = torch.stack([w[e] @ x[i] for i, e in enumerate(ids)])
+    calls = []  # the Triton op stands in here (no Triton on the CPU): it records the call and returns the reference
+    monkeypatch.setattr(torch.ops.moe_fx, "triton_grouped_mm", lambda *a: calls.append("triton") or ref, raising=False)
+    with torch.no_grad():
+        assert torch.allclose(grouped_mm.grouped_matmul(x, w, offsets, False), ref, atol=1e-5) and calls == []
+        monkeypatch.setenv("MOE_FX_GROUPED_MM", "triton")
+        assert torch.allclose(grouped_mm.grouped_matmul(x, w, offsets, False), ref, atol=1e-5) and calls == ["triton"]
+    monkeypatch.setenv("MOE_FX_GROUPED_MM", "native")
+    x.requires_grad_(True)
+    out = grouped_mm.grouped_matmul(x, w, offsets, False)
+    out.sum().backward()
+    assert calls == ["triton"] and torch.allclose(x.grad, torch.stack([w[e].sum(0) for e in ids]), atol=1e-5)
+
+
 TRITON_CHECK = r"""
 import torch
 from moe_fx.moe_experts.triton_kernels import triton_grouped_mm, triton_routed_gemv

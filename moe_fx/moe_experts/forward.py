@@ -32,7 +32,7 @@ def moe_fx_experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_
     offsets = torch.searchsorted(sorted_ids, torch.arange(num_experts, device=sorted_ids.device), right=True).to(torch.int32)
 
     def grouped(x: torch.Tensor, weight: torch.Tensor, first: bool) -> torch.Tensor:
-        return torch.ops.moe_fx.grouped_mm(x, weight, offsets, experts.is_transposed)
+        return grouped_mm.grouped_matmul(x, weight, offsets, experts.is_transposed)
 
     out = layout.expert_mlp(experts, hidden_states[perm // top_k], sorted_ids, grouped)
     per_slot = torch.empty_like(out).index_copy_(0, perm, out)

@@ -10,7 +10,11 @@ the distinct routed experts, never tokens x top-k x expert size. Two kernels run
   fp16), and bf16 with few rows per expert (:data:`TRITON_MAX_ROWS_PER_EXPERT`), where it was faster.
 
 Being a custom operator, ``torch.compile(fullgraph=True)`` sees one call, on CPU in fp32 too (Inductor's own
-``grouped_mm`` lowering is bf16-only). Set ``MOE_FX_GROUPED_MM=triton|native`` to force a kernel (benchmarks).
+``grouped_mm`` lowering is bf16-only). :func:`grouped_matmul` picks the kernel where the graph is traced; for
+inference on the Triton kernel it calls ``moe_fx::triton_grouped_mm``, a ``triton_op``: Inductor launches that
+kernel from its own generated code instead of through Triton's Python launcher (about 100-200 us of host time a
+call on an H200 host, which made compiled decode without CUDA graphs host-bound). Set
+``MOE_FX_GROUPED_MM=triton|native`` to force a kernel (benchmarks).
 """
 
 from __future__ import annotations
@@ -50,30 +54,42 @@ def native_supported(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 @torch.compiler.assume_constant_result
+def native_here(device: torch.device, dtype: torch.dtype) -> bool:
+    """:func:`native_supported` as a constant of the compiled graph. Dynamo runs it once and keeps the result; not
+    itself cached, because Dynamo inlines a ``functools.cache`` wrapper (with a warning on every compile) instead
+    of honouring ``assume_constant_result`` (the helpers it calls are cached)."""
+    return native_supported(device, dtype)
+
+
+@torch.compiler.assume_constant_result
+def triton_here(device: torch.device) -> bool:
+    """Whether the Triton kernels run on ``device`` (CUDA with Triton), a constant of the compiled graph."""
+    return device.type == "cuda" and triton_available()
+
+
 def supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``moe_fx::grouped_mm`` has a kernel for tensors of ``dtype`` on ``device``. Dynamo runs it once and
-    keeps the result as a constant; not itself cached, because Dynamo inlines a ``functools.cache`` wrapper (with a
-    warning on every compile) instead of honouring ``assume_constant_result`` (the helpers it calls are cached)."""
-    return native_supported(device, dtype) or (device.type == "cuda" and triton_available())
+    """Whether ``moe_fx::grouped_mm`` has a kernel for tensors of ``dtype`` on ``device``."""
+    return native_here(device, dtype) or triton_here(device)
 
 
 TRITON_MAX_ROWS_PER_EXPERT = 16
 """Rows per expert up to which the Triton kernel runs even where the native one exists. On an H200 at
-Qwen3-30B-A3B expert shapes (``benchmarks/experts_kernels.py``) it took 15% less time than CUTLASS at 1 and 4
-rows per expert (decode at batch 16 and 64) and 5% less at 16; at 256 rows (a 4096-token prefill) CUTLASS took
-22% less."""
+Qwen3-30B-A3B expert shapes (``benchmarks/experts_kernels.py --sweep-tiles``) CUTLASS took 1.3-2.0x the Triton
+kernel's time from 1/4 to 32 rows per expert; with the earlier block-table kernel CUTLASS took 22% less at 256
+rows (a 4096-token prefill). Between 32 and 256 rows the crossover was not measured, so the bound stays here."""
 
 
 def kernel_for(x: torch.Tensor, num_experts: int) -> str:
     """``native`` where torch has a grouped GEMM for ``x`` and experts get many rows, else ``triton``;
-    ``MOE_FX_GROUPED_MM`` overrides. Runs eagerly inside the operator, so the row count is a plain int."""
+    ``MOE_FX_GROUPED_MM`` overrides. Read where the graph is traced (the row count is static there) and again
+    inside the operator when it runs eagerly."""
     forced = os.environ.get("MOE_FX_GROUPED_MM", "auto")
     if forced in ("triton", "native"):
         return forced
-    if not native_supported(x.device, x.dtype):
+    if not native_here(x.device, x.dtype):
         return "triton"
     few_rows = x.shape[0] <= TRITON_MAX_ROWS_PER_EXPERT * num_experts
-    return "triton" if few_rows and x.device.type == "cuda" and triton_available() else "native"
+    return "triton" if few_rows and triton_here(x.device) else "native"
 
 
 def _as_in_out(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -123,3 +139,20 @@ def _backward(ctx, grad: torch.Tensor):
 
 
 grouped_mm.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.triton_op("moe_fx::triton_grouped_mm", mutates_args=())
+def triton_grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """``moe_fx::grouped_mm`` on the Triton kernel (CUDA, inference), visible to Inductor (see module doc)."""
+    from . import triton_kernels
+
+    w = _as_in_out(weight, transposed)
+    return triton_kernels.triton_grouped_mm(x.to(w.dtype), w, offsets)
+
+
+def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """Rows sorted by expert times their experts' weights (``moe_fx::grouped_mm``'s contract): the ``triton_op``
+    for inference on the Triton kernel, else the custom operator (any kernel, with autograd)."""
+    if not torch.is_grad_enabled() and kernel_for(x, weight.shape[0]) == "triton":
+        return torch.ops.moe_fx.triton_grouped_mm(x, weight, offsets, transposed)
+    return torch.ops.moe_fx.grouped_mm(x, weight, offsets, transposed)

@@ -4,7 +4,8 @@ With a handful of tokens the routed pairs hit distinct experts almost surely (to
 does), so sorting pairs by expert buys nothing and costs kernels: here each pair's row is multiplied by its
 expert's weight directly, the up projection reading the token's hidden state in place
 (``rows_per_x = top_k``). Bytes read: one expert per pair, which equals the distinct experts while pairs
-rarely collide (:data:`MAX_PAIRS_PER_EXPERT`).
+rarely collide (:data:`MAX_PAIRS_PER_EXPERT`). A ``triton_op``: torch.compile sees the kernel and Inductor
+launches it from its generated code (no Triton Python launch per call).
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ whose expert another pair also hit is under 12%."""
 def applies(num_pairs: int, num_experts: int, device: torch.device) -> bool:
     """Whether the decode path runs: inference (it has no backward) on CUDA with Triton, few pairs per expert."""
     few = num_pairs <= MAX_PAIRS_PER_EXPERT * num_experts
-    return few and device.type == "cuda" and not torch.is_grad_enabled() and grouped_mm.triton_available()
+    return few and not torch.is_grad_enabled() and grouped_mm.triton_here(device)
 
 
-@torch.library.custom_op("moe_fx::routed_gemv", mutates_args=())
+@torch.library.triton_op("moe_fx::routed_gemv", mutates_args=())
 def routed_gemv(x: torch.Tensor, weight: torch.Tensor, expert_ids: torch.Tensor, rows_per_x: int, transposed: bool) -> torch.Tensor:
     """``out[p] = x[p // rows_per_x] @ W[expert_ids[p]]^T`` (``W[e]`` when ``transposed``), ``[P, out]`` in the
     weight's dtype; ``weight`` is ``[E, out, in]`` (``[E, in, out]`` when ``transposed``)."""
@@ -32,7 +33,3 @@ def routed_gemv(x: torch.Tensor, weight: torch.Tensor, expert_ids: torch.Tensor,
 
     return triton_routed_gemv(x, weight if transposed else weight.transpose(-2, -1), expert_ids, rows_per_x)
 
-
-@routed_gemv.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, expert_ids: torch.Tensor, rows_per_x: int, transposed: bool) -> torch.Tensor:
-    return x.new_empty(expert_ids.shape[0], weight.shape[-1 if transposed else -2], dtype=weight.dtype)
