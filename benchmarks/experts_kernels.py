@@ -107,16 +107,18 @@ def sweep_tiles(args) -> list[dict]:
                 tiles = SWEEP_TILES + ([default] if default not in SWEEP_TILES else [])
                 candidates |= {str(t): (lambda t=t: triton_grouped_mm(x, w, offsets, t)) for t in tiles}
                 ref = candidates["native"]().float()
+                problem = []
                 for name, fn in candidates.items():
+                    row = {"experts": num_experts, "tokens": tokens, "proj": proj, "tiles": name}
                     try:
                         err = (fn().float() - ref).abs().max().item()
                         us = time_call(fn)
                     except Exception as exc:  # noqa: BLE001 - a tile shape that does not compile is a row
-                        rows_out.append({"experts": num_experts, "tokens": tokens, "proj": proj, "tiles": name, "error": str(exc)[:200]})
+                        problem.append(row | {"error": str(exc)[:200]})
                         continue
-                    rows_out.append({"experts": num_experts, "tokens": tokens, "proj": proj, "tiles": name, "us": us,
-                                     "weight_GB_s": nbytes / us / 1e3, "max_abs_vs_native": err, "default": name == str(default)})
-                ok = [r for r in rows_out if r.get("us") and r["experts"] == num_experts and r["tokens"] == tokens and r["proj"] == proj]
+                    problem.append(row | {"us": us, "weight_GB_s": nbytes / us / 1e3, "max_abs_vs_native": err, "default": name == str(default)})
+                rows_out += problem
+                ok = [r for r in problem if "us" in r]
                 best = min(ok, key=lambda r: r["us"])
                 dflt = next((r for r in ok if r["default"]), None)
                 native = next(r for r in ok if r["tiles"] == "native")

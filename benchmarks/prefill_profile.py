@@ -11,10 +11,8 @@ import types
 
 import torch
 from common import print_profile
+from decode import forward_for
 from deploy_speed import build_synthetic, random_ids
-
-from moe_fx.compiling import compile_model
-from moe_fx.experts_implementation import set_implementation
 
 
 @torch.no_grad()
@@ -26,9 +24,7 @@ def main() -> None:
     model = build_synthetic(types.SimpleNamespace(tiny=False, layers=args.layers, seed=0, device="cuda"), torch.bfloat16)
     ids = random_ids(tuple(args.prefill), model.config.vocab_size, 7, "cuda")
     for impl in ("grouped_mm", "moe_fx"):
-        torch._dynamo.reset()
-        set_implementation(model, impl)
-        forward = compile_model(model, experts_implementation=impl, mode="default", dynamic=False)
+        forward = forward_for(model, impl, "compiled")
 
         def run() -> None:
             for _ in range(3):

@@ -79,17 +79,17 @@ kernel's time from 1/4 to 32 rows per expert; with the earlier block-table kerne
 rows (a 4096-token prefill). Between 32 and 256 rows the crossover was not measured, so the bound stays here."""
 
 
-def kernel_for(x: torch.Tensor, num_experts: int) -> str:
-    """``native`` where torch has a grouped GEMM for ``x`` and experts get many rows, else ``triton``;
-    ``MOE_FX_GROUPED_MM`` overrides. Read where the graph is traced (the row count is static there) and again
-    inside the operator when it runs eagerly."""
+def kernel_for(rows: int, weight: torch.Tensor) -> str:
+    """``native`` where torch has a grouped GEMM for ``weight`` (its device and dtype: the rows are cast to it) and
+    experts get many of the ``rows``, else ``triton``; ``MOE_FX_GROUPED_MM`` overrides. Read where the graph is
+    traced (the row count is static there) and again inside the operator when it runs eagerly."""
     forced = os.environ.get("MOE_FX_GROUPED_MM", "auto")
     if forced in ("triton", "native"):
         return forced
-    if not native_here(x.device, x.dtype):
+    if not native_here(weight.device, weight.dtype):
         return "triton"
-    few_rows = x.shape[0] <= TRITON_MAX_ROWS_PER_EXPERT * num_experts
-    return "triton" if few_rows and triton_here(x.device) else "native"
+    few_rows = rows <= TRITON_MAX_ROWS_PER_EXPERT * weight.shape[0]
+    return "triton" if few_rows and triton_here(weight.device) else "native"
 
 
 def _as_in_out(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -104,13 +104,18 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, tra
     ``x``: ``[S, in]`` sorted by expert; ``weight``: ``[E, out, in]`` (or ``[E, in, out]``); ``offsets``: ``[E]``
     int32, the running row count after each expert. Returns ``[S, out]`` in the weight's dtype.
     """
+    if kernel_for(x.shape[0], weight) == "triton":
+        return _on_triton(x, weight, offsets, transposed)
     w = _as_in_out(weight, transposed)
-    x = x.to(w.dtype)
-    if kernel_for(x, w.shape[0]) == "triton":
-        from .triton_kernels import triton_grouped_mm
+    return _native_function()(x.to(w.dtype), w, offs=offsets)
 
-        return triton_grouped_mm(x, w, offsets)
-    return _native_function()(x, w, offs=offsets)
+
+def _on_triton(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """The Triton kernel's call, shared by the custom operator and the ``triton_op``."""
+    from . import triton_kernels
+
+    w = _as_in_out(weight, transposed)
+    return triton_kernels.triton_grouped_mm(x.to(w.dtype), w, offsets)
 
 
 @grouped_mm.register_fake
@@ -144,15 +149,12 @@ grouped_mm.register_autograd(_backward, setup_context=_setup_context)
 @torch.library.triton_op("moe_fx::triton_grouped_mm", mutates_args=())
 def triton_grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, transposed: bool) -> torch.Tensor:
     """``moe_fx::grouped_mm`` on the Triton kernel (CUDA, inference), visible to Inductor (see module doc)."""
-    from . import triton_kernels
-
-    w = _as_in_out(weight, transposed)
-    return triton_kernels.triton_grouped_mm(x.to(w.dtype), w, offsets)
+    return _on_triton(x, weight, offsets, transposed)
 
 
 def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, transposed: bool) -> torch.Tensor:
     """Rows sorted by expert times their experts' weights (``moe_fx::grouped_mm``'s contract): the ``triton_op``
     for inference on the Triton kernel, else the custom operator (any kernel, with autograd)."""
-    if not torch.is_grad_enabled() and kernel_for(x, weight.shape[0]) == "triton":
+    if not torch.is_grad_enabled() and kernel_for(x.shape[0], weight) == "triton":
         return torch.ops.moe_fx.triton_grouped_mm(x, weight, offsets, transposed)
     return torch.ops.moe_fx.grouped_mm(x, weight, offsets, transposed)
