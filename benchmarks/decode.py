@@ -15,7 +15,9 @@ the unpruned model's.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import os
 import statistics
 import time
 import traceback
@@ -33,6 +35,10 @@ from moe_fx.table import format_table, human_bytes
 
 MODES = {"eager": None, "compiled": "default", "cuda-graphs": "reduce-overhead"}
 STOCK, OURS = "grouped_mm", "moe_fx"
+GQA_SWITCH = "TRANSFORMERS_SDPA_FORCE_GQA"
+"""transformers' switch for SDPA's own grouped-query attention (``enable_gqa``) even with a mask. Without it, a
+compiled static-cache decode step copies the whole cache through ``repeat_kv`` in every layer (0.5 ms of a
+2.1 ms b64 step on an H200, ``--profile cuda-graphs/b64``)."""
 
 
 def forward_for(model, impl: str, mode: str):
@@ -100,6 +106,26 @@ def prefill(model, forward, args) -> dict:
         if cuda:
             peak = torch.cuda.max_memory_allocated() - base
     return {"tok_s": batch * length / statistics.median(times[1:]), "peak_above_weights_bytes": peak}
+
+
+@torch.no_grad()
+def use_sdpa_gqa(model, args) -> float:
+    """Turn on :data:`GQA_SWITCH` for every row; returns the max |logit difference| of eager static-cache decode
+    steps with and without it (the switch picks another attention kernel, it must not change the result)."""
+    from transformers.integrations import sdpa_attention
+
+    if GQA_SWITCH not in inspect.getsource(sdpa_attention.use_gqa_in_sdpa):
+        raise SystemExit(f"--sdpa-gqa: this transformers ({sdpa_attention.__file__}) has no {GQA_SWITCH} switch")
+    set_implementation(model, OURS)
+    ids = random_ids((4, 17), model.config.vocab_size, 3, args.device)
+    logits = []
+    for value in ("0", "1"):
+        os.environ[GQA_SWITCH] = value
+        cache = StaticCache(config=model.config, max_cache_len=24)
+        model(input_ids=ids[:, :16], past_key_values=cache, cache_position=torch.arange(16, device=args.device), use_cache=True)
+        step = model(input_ids=ids[:, 16:], past_key_values=cache, cache_position=torch.tensor([16], device=args.device), use_cache=True)
+        logits.append(step.logits.float())
+    return (logits[0] - logits[1]).abs().max().item()
 
 
 def attempt(fn):
@@ -200,12 +226,17 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/decode.json")
     ap.add_argument("--device", default="cuda", help="cpu with --tiny: a smoke test of this script, not a measurement")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes instead of Qwen3-30B-A3B's")
+    ap.add_argument("--sdpa-gqa", action="store_true", help=f"every row with SDPA's grouped-query attention ({GQA_SWITCH}=1)")
     args = ap.parse_args()
     import transformers
 
-    meta = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
-            "layers": args.layers, "shapes": "Qwen3-30B-A3B (random weights)", "dtype": "bfloat16", **{k: v for k, v in vars(args).items() if k != "out"}}
+    meta = {"torch": torch.__version__, "transformers": transformers.__version__, "layers": args.layers, "shapes": "Qwen3-30B-A3B (random weights)",
+            "dtype": "bfloat16", **{k: v for k, v in vars(args).items() if k != "out"},
+            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
     base = build_synthetic(types.SimpleNamespace(tiny=args.tiny, layers=args.layers, seed=args.seed, device=args.device), torch.bfloat16)
+    if args.sdpa_gqa:
+        meta["sdpa_gqa_max_logit_diff"] = use_sdpa_gqa(base, args)
+        log(f"{GQA_SWITCH}=1: one decode step's logits differ by {meta['sdpa_gqa_max_logit_diff']:.3g} from without it")
     reads_args = types.SimpleNamespace(decode_batches=args.batches, prompt=args.prompt, decode_steps=args.steps, device=args.device)
     results: dict = {}
     out = Path(args.out)

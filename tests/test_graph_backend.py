@@ -62,6 +62,23 @@ def test_matcher_finds_every_block(family, implementation):
         assert found["implementation"] == implementation
 
 
+def test_moe_fx_region_on_torch_grouped_gemm_is_moe_fx(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA in bf16 moe_fx's forward calls torch's grouped GEMM itself (no moe_fx operator in the graph); the
+    matcher still reports it as ``moe_fx``, not transformers' ``grouped_mm``. That choice is forced here on the CPU."""
+    from moe_fx.moe_experts import grouped_mm
+
+    def torch_grouped_gemm(x, weight, offsets, transposed):
+        w = weight if transposed else weight.transpose(-2, -1)
+        return torch.nn.functional.grouped_mm(x.to(w.dtype), w, offs=offsets)
+
+    monkeypatch.setattr(grouped_mm, "grouped_matmul", torch_grouped_gemm)
+    model = _model("qwen3_moe", "moe_fx").to(torch.bfloat16)  # torch's grouped GEMM traces in bf16 only
+    compiled, be = _compiled(model)
+    with torch.no_grad():
+        compiled(input_ids=_ids(), use_cache=False)
+    assert {b["implementation"] for b in be.report()["matched"]} == {"moe_fx"}
+
+
 def _channel_prunable(model) -> bool:
     try:
         for b in moe_fx.state_of(model).spec.blocks:

@@ -13,7 +13,8 @@ Being a custom operator, ``torch.compile(fullgraph=True)`` sees one call, on CPU
 ``grouped_mm`` lowering is bf16-only). :func:`grouped_matmul` picks the kernel where the graph is traced; for
 inference on the Triton kernel it calls ``moe_fx::triton_grouped_mm``, a ``triton_op``: Inductor launches that
 kernel from its own generated code instead of through Triton's Python launcher (about 100-200 us of host time a
-call on an H200 host, which made compiled decode without CUDA graphs host-bound). Set
+call on an H200 host, which made compiled decode without CUDA graphs host-bound); on the native kernel on CUDA it
+calls torch's grouped GEMM itself, which Inductor also launches directly. Set
 ``MOE_FX_GROUPED_MM=triton|native`` to force a kernel (benchmarks).
 """
 
@@ -153,8 +154,20 @@ def triton_grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tens
 
 
 def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, transposed: bool) -> torch.Tensor:
-    """Rows sorted by expert times their experts' weights (``moe_fx::grouped_mm``'s contract): the ``triton_op``
-    for inference on the Triton kernel, else the custom operator (any kernel, with autograd)."""
-    if not torch.is_grad_enabled() and kernel_for(x.shape[0], weight) == "triton":
+    """Rows sorted by expert times their experts' weights (``moe_fx::grouped_mm``'s contract).
+
+    - Native kernel on CUDA: torch's grouped GEMM itself, as transformers' ``grouped_mm`` calls it. Inductor then
+      launches it from its generated code; through the custom operator, its Python dispatch cost about 2 ms of
+      host time a forward in a compiled 4-layer 8x512 prefill on an H200 (``benchmarks/prefill_profile.py``),
+      enough to make that prefill host-bound. torch's operator has its own autograd.
+    - Triton kernel, inference: the ``triton_op``.
+    - Otherwise (CPU, where Inductor lowers torch's grouped GEMM in bf16 only; Triton with gradients): the
+      custom operator, which compiles as one opaque call in any dtype and carries the autograd formula.
+    """
+    kernel = kernel_for(x.shape[0], weight)
+    if kernel == "native" and weight.device.type == "cuda":
+        w = _as_in_out(weight, transposed)
+        return _native_function()(x.to(w.dtype), w, offs=offsets)
+    if kernel == "triton" and not torch.is_grad_enabled():
         return torch.ops.moe_fx.triton_grouped_mm(x, weight, offsets, transposed)
     return torch.ops.moe_fx.grouped_mm(x, weight, offsets, transposed)
