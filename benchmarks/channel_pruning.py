@@ -20,12 +20,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import calibrate, data_parser, held_out_windows
+from common import calibrate, data_parser, mean_nll, quality_run
 
 from moe_fx import compose, state_of
-from moe_fx.data import TokenBatch, read_documents
-from moe_fx.evaluate import build_eval_set, evaluate_nll, model_size, nll_sum
-from moe_fx.loading import load_model, load_tokenizer
+from moe_fx.data import TokenBatch
+from moe_fx.evaluate import evaluate_nll, model_size
 from moe_fx.passes import (
     CompensateExperts,
     DropExperts,
@@ -117,13 +116,9 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/channel_pruning.json")
     args = ap.parse_args()
 
-    torch.manual_seed(0)
-    tok = load_tokenizer(args.model)
-    base = load_model(args.model, dtype=args.dtype, device=args.device)
-    tokens, holdout = held_out_windows(tok, read_documents(args.calib), args)
-    eval_set = build_eval_set(args.valid, tok, seq_len=args.seq_len, seqs_per_domain=args.eval_seqs)
-    before = evaluate_nll(base, eval_set, batch_size=args.batch_size, show_progress=False)
-    holdout_nll = lambda m: (lambda s, n: s / n)(*nll_sum(m, holdout, batch_size=args.batch_size))  # noqa: E731
+    run = quality_run(args)
+    base, tokens, holdout, eval_set, before = run.base, run.tokens, run.holdout, run.eval_set, run.before
+    holdout_nll = lambda m: mean_nll(m, holdout, args.batch_size)  # noqa: E731
     holdout_before = holdout_nll(base)
     domains = [d for d in before if d not in ("mean", "all")]
     routed_before = routed_parameters(base, state_of(base).spec)

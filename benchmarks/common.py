@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import copy
+from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from moe_fx import compose, state_of
-from moe_fx.data import Document, TokenBatch, pack, split_fitness
+from moe_fx.data import Document, TokenBatch, pack, read_documents, split_fitness
+from moe_fx.evaluate import EvalSet, build_eval_set, evaluate_nll, nll_sum
+from moe_fx.loading import load_model, load_tokenizer
 from moe_fx.passes import Calibrate
 from moe_fx.stats import CalibrationStats
 
@@ -42,6 +46,38 @@ def held_out_windows(tok, docs: list[Document], args) -> tuple[TokenBatch, torch
     windows = pack(tok, docs, seq_len=args.seq_len, max_tokens=args.calib_tokens + args.holdout_tokens, seed=0)
     calib, holdout = split_fitness(windows, args.holdout_tokens)
     return TokenBatch(calib, args.calib), holdout
+
+
+@dataclass
+class QualityRun:
+    """What a pruning-quality benchmark starts from (:func:`quality_run`)."""
+
+    tokenizer: object
+    base: nn.Module
+    tokens: TokenBatch
+    """Calibration windows (train split)."""
+    holdout: torch.Tensor
+    """Held-out train windows: EEP's fitness set, or where options are chosen."""
+    eval_set: EvalSet
+    """Valid-split windows per domain: reporting only."""
+    before: dict
+    """The base model's NLL per domain on ``eval_set``."""
+
+
+def quality_run(args) -> QualityRun:
+    """Seeded; the base model, its calibration and held-out train windows, the valid windows and its NLL on them."""
+    torch.manual_seed(0)
+    tok = load_tokenizer(args.model)
+    base = load_model(args.model, dtype=args.dtype, device=args.device)
+    tokens, holdout = held_out_windows(tok, read_documents(args.calib), args)
+    eval_set = build_eval_set(args.valid, tok, seq_len=args.seq_len, seqs_per_domain=args.eval_seqs)
+    return QualityRun(tok, base, tokens, holdout, eval_set, evaluate_nll(base, eval_set, batch_size=args.batch_size, show_progress=False))
+
+
+def mean_nll(model: nn.Module, windows: torch.Tensor, batch_size: int) -> float:
+    """Mean next-token NLL of ``model`` over ``windows``."""
+    total, count = nll_sum(model, windows, batch_size=batch_size)
+    return total / count
 
 
 def print_profile(title: str, run, device: str, sort_by: tuple[str, ...] = ("self_cuda_time_total",), rows: int = 14) -> None:

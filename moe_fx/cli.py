@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after dropping, refit the kept experts' down projections (ridge least squares) to reproduce each block's original output")
     p.add_argument("--ridge", type=float, default=1.0, help="--compensate: pull towards the current weights, relative to each expert's activation energy (default 1.0)")
     p.add_argument("--compensate-samples", type=int, default=16384, help="--compensate: calibration tokens per layer it fits on (default 16384)")
+    p.add_argument("--distill-steps", type=int, default=0,
+                   help="after pruning, fine-tune the routed experts and routers towards the unpruned model's logits (KL) for this many "
+                        "steps of --batch-size calibration windows (moe_fx.passes.Distill; default 0: off). Holds the source model in memory too")
+    p.add_argument("--distill-lr", type=float, default=3e-4, help="--distill-steps: peak AdamW learning rate (default 3e-4)")
     p.add_argument("--allocation", default="uniform", choices=("uniform", "global", "layer", "expert", "coverage"),
                    help="experts: uniform (same count in every layer; stock config) or global (ranked across layers; per-layer format). "
                    "channels: uniform (same width everywhere; stock config), layer (one width per layer), expert (HEAPr-style "
@@ -293,7 +297,7 @@ def cmd_prune(args) -> int:
     from .lazy_checkpoint import meta_model
     from .streaming import stream_evaluate, stream_prune
     from .loading import check_model_dir, load_model, load_tokenizer
-    from .passes import Calibrate, CompensateExperts, DropExperts, Score
+    from .passes import Calibrate, CompensateExperts, Distill, DropExperts, Score
     from .passes.allocate import check_budget
     from .passes.eep import EvolutionarySearch
     from .passes.scorers import get_scorer
@@ -322,14 +326,19 @@ def cmd_prune(args) -> int:
             raise MoeFxError(f"--compiled-calibration records {', '.join(GRAPH_OBSERVERS)} statistics only; this run needs "
                              f"{', '.join(eager_only)} (sampled or gradient statistics): drop --compiled-calibration")
     needs_data = scorer.needs or (expert_scorer and expert_scorer.needs)
-    if (needs_data or search or args.merge or args.compensate) and not args.calib:
-        raise MoeFxError(f"--method {args.method}{' --merge' if args.merge else ''}{' --compensate' if args.compensate else ''} needs calibration data: pass --calib FILE")
+    if (needs_data or search or args.merge or args.compensate or args.distill_steps) and not args.calib:
+        raise MoeFxError(f"--method {args.method}{' --merge' if args.merge else ''}{' --compensate' if args.compensate else ''}"
+                         f"{' --distill-steps' if args.distill_steps else ''} needs calibration data: pass --calib FILE")
+    if args.distill_steps < 0 or not args.distill_lr > 0:
+        raise MoeFxError(f"--distill-steps must be >= 0 and --distill-lr > 0, got {args.distill_steps} and {args.distill_lr}")
     if args.calib_tokens < 1 or args.seq_len < 2:
         raise MoeFxError("--calib-tokens must be positive and --seq-len at least 2")
     device = _device(args.device)
     if distributed.init_from_env(device) and device == "cuda":
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     stream = _streaming(args, source, device, search)
+    if stream and args.distill_steps:
+        raise MoeFxError("--distill-steps trains the whole model, which a streamed prune never holds; use --stream off")
     if stream and args.compiled_calibration:
         raise MoeFxError("--compiled-calibration compiles the whole model, which a streamed prune never holds; use --stream off")
     if stream and args.tasks:
@@ -352,7 +361,7 @@ def cmd_prune(args) -> int:
 
     passes = []
     allocation = args.allocation
-    if needs_data or search or args.merge or args.compensate:
+    if needs_data or search or args.merge or args.compensate or args.distill_steps:
         windows = pack(tokenizer, calib_docs, seq_len=args.seq_len, max_tokens=args.calib_tokens + (args.fitness_tokens if search else 0), seed=args.seed)
         if search:
             windows, fitness = split_fitness(windows, args.fitness_tokens)
@@ -369,6 +378,9 @@ def cmd_prune(args) -> int:
         passes += [Score(expert_scorer.name, seed=args.seed), DropExperts(ratio=args.expert_ratio)]
     passes += prune_passes(scorer, spec, ratio=args.ratio, keep=args.keep, merge=args.merge, compensate=args.compensate,
                            allocation=allocation, multiple=args.multiple, seed=args.seed, ridge=args.ridge)
+    if args.distill_steps:
+        passes.append(Distill(teacher=source, data=TokenBatch(windows, args.calib), steps=args.distill_steps, lr=args.distill_lr,
+                              batch_size=args.batch_size, seed=args.seed, show_progress=show))
     t0 = time.perf_counter()
     if stream:
         streamed = stream_prune(source, args.out, passes, device=device, dtype=args.dtype, tokenizer=tokenizer,
@@ -432,6 +444,10 @@ def cmd_prune(args) -> int:
     if args.compensate:
         report = state.history[-1].report
         print(f"compensation: block output error on the calibration sample {report['mean_error_before']:.4f} -> {report['mean_error_after']:.4f} (relative, mean over blocks)")
+    distilled = next((r.report for r in state.history if r.name == "distill" and r.modified), None)
+    if distilled:
+        print(f"distillation: KL to the unpruned model {distilled['kl_first']:.4f} -> {distilled['kl_last']:.4f} over {distilled['steps']} steps "
+              f"({distilled['trained_params']:,} parameters trained)")
     if state.search is not None:
         r = state.search
         print(f"eep search: fitness NLL {r.start_fitness:.4f} (warm start) -> {r.fitness:.4f} after {r.evaluations} plans in {r.seconds:.1f} s")

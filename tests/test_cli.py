@@ -178,6 +178,22 @@ def test_prune_with_every_method(argv, method, capsys, micro_path, calib_path, t
         assert report["report"]["mean_error_after"] < report["report"]["mean_error_before"]
 
 
+def test_prune_with_distillation(capsys, micro_path, calib_path, valid_path, tmp_path):
+    """--distill-steps fine-tunes after the rewrite, towards the source model (read, never written)."""
+    out = tmp_path / "pruned"
+    before = {p.name: p.stat().st_mtime_ns for p in micro_path.iterdir()}
+    code, stdout, err = _run(capsys, "prune", micro_path, "--method", "reap", "--ratio", "0.25", "--distill-steps", "4", "--calib", calib_path,
+                             "--eval-data", valid_path, "--out", out, *FAST)
+    assert code == 0, err
+    record = json.loads((out / "moe_fx.json").read_text())
+    distill = record["passes"][-1]
+    assert distill["name"] == "distill" and distill["report"]["steps"] == 4 and "distillation: KL to the unpruned model" in stdout
+    assert {p.name: p.stat().st_mtime_ns for p in micro_path.iterdir()} == before
+    code, _, err = _run(capsys, "prune", micro_path, "--method", "reap", "--ratio", "0.25", "--distill-steps", "-1", "--calib", calib_path,
+                        "--out", tmp_path / "bad", *FAST)
+    assert code == 2 and "--distill-steps must be >= 0" in err and not (tmp_path / "bad").exists()
+
+
 def test_eep_needs_room_for_its_fitness_set(capsys, micro_path, tmp_path):
     small = tmp_path / "small.txt"
     small.write_text("The markets rose today as traders bought shares of banks and oil companies. " * 40)

@@ -1,0 +1,112 @@
+"""Distillation recovery (moe_fx.passes.distill.Distill) after the best one-shot pipelines, on a trained MoE.
+
+Each pipeline prunes a copy of the base model with calibration statistics shared by all (train split), then
+Distill fine-tunes it towards the unpruned model's logits on the calibration windows, once per learning rate
+of ``--lrs``. The learning rate is chosen on held-out *train* windows (NLL); the valid split only reports,
+for every learning rate, so the choice can be checked. EEP's fitness windows are another held-out slice.
+
+    python benchmarks/distill_recovery.py --model ../shared/models/qwen3moe-bench \
+        --calib ../shared/data/corpus/train.jsonl.gz --valid ../shared/data/corpus/valid.jsonl.gz
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+from common import calibrate, data_parser, mean_nll, quality_run
+
+from moe_fx import compose, state_of
+from moe_fx.evaluate import evaluate_nll, model_size
+from moe_fx.passes import CompensateExperts, DropExperts, PruneChannels, Score
+from moe_fx.passes.distill import Distill
+from moe_fx.passes.eep import EvolutionarySearch
+from moe_fx.table import format_table
+
+OBSERVERS = ("routing", "reap", "inputs", "channels", "channel_grads")
+
+
+def pipelines(args, fitness: torch.Tensor) -> dict[str, list]:
+    """The one-shot pipelines distillation starts from: the best of issues 4 and 5, and REAP for reference."""
+    def eep():
+        return EvolutionarySearch(fitness, population=args.eep_population, generations=args.eep_generations, allocation="global",
+                                  batch_size=args.batch_size, seed=0, show_progress=False)
+
+    out = {
+        "reap 25%": [Score("reap"), DropExperts(ratio=0.25)],
+        "reap 25% + comp": [Score("reap"), DropExperts(ratio=0.25), CompensateExperts()],
+        "eep global 25% + comp": [Score("reap"), DropExperts(ratio=0.25, allocation=eep()), CompensateExperts()],
+        "reap 50% + comp": [Score("reap"), DropExperts(ratio=0.5), CompensateExperts()],
+        # a quarter of the experts, then channels: widths are multiples of 8 (128 -> 88 or 80 on the bench model)
+        "reap 25% experts + fisher 1/3 channels (48.4% routed) + comp": [
+            Score("reap"), DropExperts(ratio=0.25), Score("fisher"), PruneChannels(ratio=1 - 0.5 / 0.75), CompensateExperts()],
+        "reap 25% experts + fisher 37.5% channels (53.1% routed) + comp": [
+            Score("reap"), DropExperts(ratio=0.25), Score("fisher"), PruneChannels(ratio=0.375), CompensateExperts()],
+    }
+    return {k: v for k, v in out.items() if k in args.pipelines} if args.pipelines else out
+
+
+def main() -> None:
+    ap = data_parser(__doc__.splitlines()[0])
+    ap.add_argument("--pipelines", nargs="*", default=None, help="names of the pipelines to run (default: all)")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--lrs", type=float, nargs="*", default=[1e-4, 3e-4], help="peak learning rates (none: one-shot rows only)")
+    ap.add_argument("--train", default="experts", choices=["experts", "all"])
+    ap.add_argument("--eep-population", type=int, default=16)
+    ap.add_argument("--eep-generations", type=int, default=20)
+    ap.add_argument("--out", default="benchmarks/results/distill_recovery.json")
+    args = ap.parse_args()
+
+    setup = quality_run(args)
+    base, tokens, eval_set, before = setup.base, setup.tokens, setup.eval_set, setup.before
+    fitness, selection = setup.holdout[: len(setup.holdout) // 2], setup.holdout[len(setup.holdout) // 2 :]
+    domains = [d for d in before if d not in ("mean", "all")]
+    selection_nll = lambda m: mean_nll(m, selection, args.batch_size)  # noqa: E731
+    selection_before = selection_nll(base)
+    stats = calibrate(base, tokens, args.batch_size, OBSERVERS)
+
+    def measured(model, seconds: float, **extra) -> dict:
+        after = evaluate_nll(model, eval_set, batch_size=args.batch_size, show_progress=False)
+        delta = {d: after[d]["nll"] - before[d]["nll"] for d in domains + ["mean"]}
+        return {"delta_nll": delta, "worst_delta": max(delta[d] for d in domains), "worst_domain": max(domains, key=lambda d: delta[d]),
+                "selection_delta_nll": selection_nll(model) - selection_before, "seconds": seconds, **extra}
+
+    runs = []
+    for name, passes in pipelines(args, fitness).items():
+        model = copy.deepcopy(base)
+        state_of(model).stats = stats
+        t0 = time.perf_counter()
+        model = compose(*passes)(model)
+        run = {"pipeline": name, "params": model_size(model)["params"], "one_shot": measured(model, time.perf_counter() - t0), "distilled": {}}
+        print(f"{name:>46} one-shot      dNLL {run['one_shot']['delta_nll']['mean']:+.4f} (selection {run['one_shot']['selection_delta_nll']:+.4f})", flush=True)
+        for lr in args.lrs:
+            student = copy.deepcopy(model)
+            t0 = time.perf_counter()
+            student = Distill(teacher=base, data=tokens, steps=args.steps, lr=lr, batch_size=args.batch_size, train=args.train, show_progress=False)(student)
+            report = state_of(student).history[-1].report
+            run["distilled"][str(lr)] = measured(student, time.perf_counter() - t0, kl_first=report["kl_first"], kl_last=report["kl_last"])
+            r = run["distilled"][str(lr)]
+            print(f"{name:>46} distill lr={lr:g} dNLL {r['delta_nll']['mean']:+.4f} (selection {r['selection_delta_nll']:+.4f}) "
+                  f"KL {r['kl_first']:.3f} -> {r['kl_last']:.3f} {r['seconds']:.0f}s", flush=True)
+            del student
+        run["chosen_lr"] = min(args.lrs, key=lambda lr: run["distilled"][str(lr)]["selection_delta_nll"], default=None)
+        runs.append(run)
+        del model
+        result = {"model": args.model, "device": args.device, "dtype": args.dtype, "torch": torch.__version__, "calibration_tokens": tokens.num_tokens,
+                  "selection_tokens": int(selection.numel()), "fitness_tokens": int(fitness.numel()), "before": before, "runs": runs, "options": vars(args)}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")  # kept after every pipeline
+    rows = []
+    for r in runs:
+        chosen = r["distilled"].get(str(r["chosen_lr"]))
+        rows.append([r["pipeline"], f"{r['one_shot']['delta_nll']['mean']:+.4f}"] + ([f"{chosen['delta_nll']['mean']:+.4f}", f"{chosen['worst_delta']:+.4f}",
+                     f"{r['chosen_lr']:g}", f"{chosen['seconds']:.0f}"] if chosen else ["-"] * 4))
+    print(format_table(["pipeline", "one-shot dNLL", "+ distill dNLL", "worst domain", "lr (train holdout)", "distill s"], rows,
+                       title=f"distillation recovery, {args.steps} steps x {args.batch_size} x {args.seq_len} tokens, train={args.train}"))
+
+
+if __name__ == "__main__":
+    main()
