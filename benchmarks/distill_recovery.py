@@ -24,6 +24,7 @@ from moe_fx.evaluate import evaluate_nll, model_size
 from moe_fx.passes import CompensateExperts, DropExperts, PruneChannels, Score
 from moe_fx.passes.distill import Distill
 from moe_fx.passes.eep import EvolutionarySearch
+from moe_fx.passes.prune_channels import routed_parameters
 from moe_fx.table import format_table
 
 OBSERVERS = ("routing", "reap", "inputs", "channels", "channel_grads")
@@ -45,6 +46,9 @@ def pipelines(args, fitness: torch.Tensor) -> dict[str, list]:
             Score("reap"), DropExperts(ratio=0.25), Score("fisher"), PruneChannels(ratio=1 - 0.5 / 0.75), CompensateExperts()],
         "reap 25% experts + fisher 37.5% channels (53.1% routed) + comp": [
             Score("reap"), DropExperts(ratio=0.25), Score("fisher"), PruneChannels(ratio=0.375), CompensateExperts()],
+        # one width per layer, the layers' total within the budget of exactly half the routed parameters
+        "reap 25% experts + fisher per-layer widths (50% routed) + comp": [
+            Score("reap"), DropExperts(ratio=0.25), Score("fisher"), PruneChannels(ratio=1 - 0.5 / 0.75, allocation="layer"), CompensateExperts()],
     }
     return {k: v for k, v in out.items() if k in args.pipelines} if args.pipelines else out
 
@@ -80,7 +84,8 @@ def main() -> None:
         state_of(model).stats = stats
         t0 = time.perf_counter()
         model = compose(*passes)(model)
-        run = {"pipeline": name, "params": model_size(model)["params"], "one_shot": measured(model, time.perf_counter() - t0), "distilled": {}}
+        run = {"pipeline": name, "params": model_size(model)["params"], "routed_params": routed_parameters(model, state_of(model).spec),
+               "widths": [b.experts.intermediate_size for b in state_of(model).spec.blocks], "one_shot": measured(model, time.perf_counter() - t0), "distilled": {}}
         print(f"{name:>46} one-shot      dNLL {run['one_shot']['delta_nll']['mean']:+.4f} (selection {run['one_shot']['selection_delta_nll']:+.4f})", flush=True)
         for lr in args.lrs:
             student = copy.deepcopy(model)
