@@ -54,6 +54,8 @@ class QualityRun:
 
     tokenizer: object
     base: nn.Module
+    docs: list[Document]
+    """The train-split documents the windows come from."""
     tokens: TokenBatch
     """Calibration windows (train split)."""
     holdout: torch.Tensor
@@ -69,9 +71,10 @@ def quality_run(args) -> QualityRun:
     torch.manual_seed(0)
     tok = load_tokenizer(args.model)
     base = load_model(args.model, dtype=args.dtype, device=args.device)
-    tokens, holdout = held_out_windows(tok, read_documents(args.calib), args)
+    docs = read_documents(args.calib)
+    tokens, holdout = held_out_windows(tok, docs, args)
     eval_set = build_eval_set(args.valid, tok, seq_len=args.seq_len, seqs_per_domain=args.eval_seqs)
-    return QualityRun(tok, base, tokens, holdout, eval_set, evaluate_nll(base, eval_set, batch_size=args.batch_size, show_progress=False))
+    return QualityRun(tok, base, docs, tokens, holdout, eval_set, evaluate_nll(base, eval_set, batch_size=args.batch_size, show_progress=False))
 
 
 def mean_nll(model: nn.Module, windows: torch.Tensor, batch_size: int) -> float:

@@ -14,12 +14,10 @@ import copy
 import json
 from pathlib import Path
 
-from common import data_parser, held_out_windows
+from common import data_parser, mean_nll, quality_run
 
 from moe_fx import compose, state_of
-from moe_fx.data import read_documents
-from moe_fx.evaluate import build_eval_set, evaluate_nll, nll_sum
-from moe_fx.loading import load_model, load_tokenizer
+from moe_fx.evaluate import evaluate_nll
 from moe_fx.passes import Calibrate, CompensateExperts, DropExperts, Score
 from moe_fx.table import format_table
 
@@ -31,16 +29,13 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/compensation_ridge.json")
     args = ap.parse_args()
 
-    tok = load_tokenizer(args.model)
-    base = load_model(args.model, dtype=args.dtype, device=args.device)
-    calib, holdout = held_out_windows(tok, read_documents(args.calib), args)
-    eval_set = build_eval_set(args.valid, tok, seq_len=args.seq_len, seqs_per_domain=args.eval_seqs)
+    setup = quality_run(args)
+    base, calib, eval_set = setup.base, setup.tokens, setup.eval_set
 
     def holdout_nll(model) -> float:
-        s, n = nll_sum(model, holdout)
-        return s / n
+        return mean_nll(model, setup.holdout, args.batch_size)
 
-    base_holdout, base_valid = holdout_nll(base), evaluate_nll(base, eval_set, show_progress=False)["mean"]["nll"]
+    base_holdout, base_valid = holdout_nll(base), setup.before["mean"]["nll"]
     rows, results = [], []
     for samples in args.inputs_per_block:
         observers = ("routing", "reap", "inputs")

@@ -56,7 +56,7 @@ def pipelines(args, fitness: torch.Tensor) -> dict[str, list]:
 def main() -> None:
     ap = data_parser(__doc__.splitlines()[0])
     ap.add_argument("--pipelines", nargs="*", default=None, help="names of the pipelines to run (default: all)")
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--lrs", type=float, nargs="*", default=[1e-4, 3e-4], help="peak learning rates (none: one-shot rows only)")
     ap.add_argument("--train", default="experts", choices=["experts", "all"])
     ap.add_argument("--eep-population", type=int, default=16)

@@ -20,13 +20,12 @@ import time
 from pathlib import Path
 
 import torch
-from common import calibrate, data_parser, held_out_windows
+from common import calibrate, data_parser, held_out_windows, quality_run
 
 from moe_fx import compose, state_of
-from moe_fx.data import TokenBatch, read_documents
-from moe_fx.evaluate import build_eval_set, disk_size, evaluate_nll, model_size
+from moe_fx.data import TokenBatch
+from moe_fx.evaluate import disk_size, evaluate_nll, model_size
 from moe_fx.exporters import save_checkpoint
-from moe_fx.loading import load_model, load_tokenizer
 from moe_fx.passes import CompensateExperts, DropExperts, MergeExperts, Score
 from moe_fx.passes.eep import EvolutionarySearch
 from moe_fx.table import format_table, human_bytes
@@ -129,19 +128,14 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/expert_pruning.json")
     args = ap.parse_args()
 
-    torch.manual_seed(0)
-    tok = load_tokenizer(args.model)
-    base = load_model(args.model, dtype=args.dtype, device=args.device)
-    docs = read_documents(args.calib)
-    tokens, fitness = held_out_windows(tok, docs, args)
-    eval_set = build_eval_set(args.valid, tok, seq_len=args.seq_len, seqs_per_domain=args.eval_seqs)
+    setup = quality_run(args)
+    tok, base, docs, tokens, fitness, eval_set, before = setup.tokenizer, setup.base, setup.docs, setup.tokens, setup.holdout, setup.eval_set, setup.before
 
     plain, calib_s = [], []
     for _ in range(args.repeats):
         plain.append(plain_forward_seconds(base, tokens, args.batch_size))
         calib_s.append(calibrate(base, tokens, args.batch_size, ("routing", "reap")).seconds)
     stats = calibrate(base, tokens, args.batch_size, OBSERVERS)
-    before = evaluate_nll(base, eval_set, batch_size=args.batch_size, show_progress=False)
     size_before = model_size(base)
 
     runs, task_runs = [], []

@@ -326,7 +326,8 @@ def cmd_prune(args) -> int:
             raise MoeFxError(f"--compiled-calibration records {', '.join(GRAPH_OBSERVERS)} statistics only; this run needs "
                              f"{', '.join(eager_only)} (sampled or gradient statistics): drop --compiled-calibration")
     needs_data = scorer.needs or (expert_scorer and expert_scorer.needs)
-    if (needs_data or search or args.merge or args.compensate or args.distill_steps) and not args.calib:
+    needs_windows = needs_data or search or args.merge or args.compensate or args.distill_steps
+    if needs_windows and not args.calib:
         raise MoeFxError(f"--method {args.method}{' --merge' if args.merge else ''}{' --compensate' if args.compensate else ''}"
                          f"{' --distill-steps' if args.distill_steps else ''} needs calibration data: pass --calib FILE")
     if args.distill_steps < 0 or not args.distill_lr > 0:
@@ -361,7 +362,7 @@ def cmd_prune(args) -> int:
 
     passes = []
     allocation = args.allocation
-    if needs_data or search or args.merge or args.compensate or args.distill_steps:
+    if needs_windows:
         windows = pack(tokenizer, calib_docs, seq_len=args.seq_len, max_tokens=args.calib_tokens + (args.fitness_tokens if search else 0), seed=args.seed)
         if search:
             windows, fitness = split_fitness(windows, args.fitness_tokens)

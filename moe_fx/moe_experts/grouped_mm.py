@@ -107,6 +107,11 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, tra
     """
     if kernel_for(x.shape[0], weight) == "triton":
         return _on_triton(x, weight, offsets, transposed)
+    return _on_native(x, weight, offsets, transposed)
+
+
+def _on_native(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """torch's grouped GEMM call, shared by the custom operator and :func:`grouped_matmul` (CUDA)."""
     w = _as_in_out(weight, transposed)
     return _native_function()(x.to(w.dtype), w, offs=offsets)
 
@@ -166,8 +171,7 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
     """
     kernel = kernel_for(x.shape[0], weight)
     if kernel == "native" and weight.device.type == "cuda":
-        w = _as_in_out(weight, transposed)
-        return _native_function()(x.to(w.dtype), w, offs=offsets)
+        return _on_native(x, weight, offsets, transposed)
     if kernel == "triton" and not torch.is_grad_enabled():
         return torch.ops.moe_fx.triton_grouped_mm(x, weight, offsets, transposed)
     return torch.ops.moe_fx.grouped_mm(x, weight, offsets, transposed)
