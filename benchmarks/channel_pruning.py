@@ -118,7 +118,7 @@ def main() -> None:
 
     run = quality_run(args)
     base, tokens, holdout, eval_set, before = run.base, run.tokens, run.holdout, run.eval_set, run.before
-    holdout_nll = lambda m: mean_nll(m, holdout, args.batch_size)  # noqa: E731
+    holdout_nll = lambda m: mean_nll(m, holdout, args.batch_size)
     holdout_before = holdout_nll(base)
     domains = [d for d in before if d not in ("mean", "all")]
     routed_before = routed_parameters(base, state_of(base).spec)
@@ -200,7 +200,8 @@ def print_tables(result: dict) -> None:
          f"{r['removed_stored']:.1%}", f"{r['removed_ideal']:.1%}", "/".join(map(str, r["widths"])), f"{r['seconds']:.1f}s"]
         for r in result["runs"]
     ]
-    headers = ["kind", "method", "removed", "allocation", "compensate", "dNLL held-out train", "dNLL mean", "vs REAP same", "worst domain", "stored removed", "ideal removed", "widths", "score+rewrite"]
+    headers = ["kind", "method", "removed", "allocation", "compensate", "dNLL held-out train", "dNLL mean", "vs REAP same", "worst domain",
+               "stored removed", "ideal removed", "widths", "score+rewrite"]
     print(format_table(headers, rows, title=f"{result['model']}: before NLL mean {result['before']['nll']['mean']['nll']:.3f}"))
     t = result["timing"]
     print(f"calibration over {result['calibration_tokens']:,} tokens: forward {t['forward_s']:.1f} s, forward+backward {t['forward_backward_s']:.1f} s; "
@@ -210,7 +211,8 @@ def print_tables(result: dict) -> None:
         base = result["speed"]["unpruned"]
         rows = [[name, human_bytes(s["weights_bytes"]), human_bytes(s["peak_memory_bytes"]), f"{s['prefill_tok_s']:,.0f}", f"{s['prefill_tok_s'] / base['prefill_tok_s']:.2f}x",
                  f"{s['decode_tok_s']:,.0f}", f"{s['decode_tok_s'] / base['decode_tok_s']:.2f}x"] for name, s in result["speed"].items()]
-        print(format_table(["model", "weights", "peak memory", "prefill tok/s", "vs unpruned", "decode tok/s", "vs unpruned"], rows, title="bf16 on the GPU, batch 8, 512-token prompt, 64 decoded tokens"))
+        print(format_table(["model", "weights", "peak memory", "prefill tok/s", "vs unpruned", "decode tok/s", "vs unpruned"], rows,
+                           title="bf16 on the GPU, batch 8, 512-token prompt, 64 decoded tokens"))
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 import torch
-from deploy_speed import build_synthetic, free, log, sync
 from common import print_profile
+from deploy_speed import build_synthetic, free, log, sync
 
 import moe_fx
 from moe_fx.data import calibration_tokens
@@ -66,8 +66,8 @@ def run_model(name: str, model, batches: list[torch.Tensor], args) -> dict:
     compared on one pass each, then ``args.rounds`` timed rounds with the modes interleaved (median reported), so
     that clock and host drift hit every mode alike."""
     spec = moe_fx.state_of(model).spec
-    observers = lambda: [OBSERVERS[o]() for o in args.observers]  # noqa: E731
-    forward = lambda m: (lambda b: m(input_ids=b, use_cache=False))  # noqa: E731
+    observers = lambda: [OBSERVERS[o]() for o in args.observers]
+    forward = lambda m: (lambda b: m(input_ids=b, use_cache=False))
     torch._dynamo.reset()
     pass_ = InstrumentPass(args.observers)
     graphs = {"triton.cudagraphs": True} if args.device.startswith("cuda") else None
@@ -163,7 +163,8 @@ def main() -> None:
     for name, r in results["models"].items():
         agree = r["agreement"]
         rows.append([name, *(f"{r['modes'][m]['tokens_per_s']:,.0f}" for m in modes), f"{r['vs_plain_compiled']:.2f}x",
-                     f"{r['vs_plain_same_mode']:.2f}x", f"{r['vs_eager_hooks']:.2f}x", f"{agree['routes_moved']:.0f}/{agree['routes']:.0f}" + ("" if agree.get("tokens_equal", True) else " TOKENS DIFFER"),
+                     f"{r['vs_plain_same_mode']:.2f}x", f"{r['vs_eager_hooks']:.2f}x",
+                     f"{agree['routes_moved']:.0f}/{agree['routes']:.0f}" + ("" if agree.get("tokens_equal", True) else " TOKENS DIFFER"),
                      "met" if r["goal_met"] else "missed"])
     headers = ["model", *(f"{m} tok/s" for m in modes), "vs plain compiled", "vs plain, same mode", "vs eager hooks", "routes moved", "goal"]
     print(format_table(headers, rows, title=f"calibration throughput ({results['device']}, {args.dtype}, {args.batch}x{args.seq})"))

@@ -132,7 +132,7 @@ def attempt(fn):
     """``fn()``'s result, or the error it raised (a failing row is a result, not the end of the run)."""
     try:
         return fn()
-    except Exception as exc:  # noqa: BLE001 - recorded in the JSON and the table
+    except Exception as exc:
         traceback.print_exc()
         return {"error": short(exc)}
 

@@ -266,7 +266,7 @@ def guarded(row: Row, label: str, device: str, fn) -> dict:
         return fn()
     except CompileFailed as exc:
         return {"error": f"skipped: compile failed earlier ({exc})"}
-    except Exception as exc:  # noqa: BLE001 - recorded in the results; the run goes on
+    except Exception as exc:
         free(device)
         log(f"    {row.name} {label}: {short(exc)}")
         return {"error": short(exc)}
@@ -395,7 +395,7 @@ def measure_variant(name: str, model, acc: dict, args, grid, vocab: int) -> dict
                 row.fwd = compile_model(model, experts_implementation=args.compile_impl, **kw)
             else:
                 set_implementation(model, row.impl)
-        except Exception as exc:  # noqa: BLE001 - recorded in the results; the run goes on
+        except Exception as exc:
             row.failed = short(exc)
         if row.failed:
             row.result["error"] = row.failed

@@ -68,7 +68,7 @@ def main() -> None:
     base, tokens, eval_set, before = setup.base, setup.tokens, setup.eval_set, setup.before
     fitness, selection = setup.holdout[: len(setup.holdout) // 2], setup.holdout[len(setup.holdout) // 2 :]
     domains = [d for d in before if d not in ("mean", "all")]
-    selection_nll = lambda m: mean_nll(m, selection, args.batch_size)  # noqa: E731
+    selection_nll = lambda m: mean_nll(m, selection, args.batch_size)
     selection_before = selection_nll(base)
     stats = calibrate(base, tokens, args.batch_size, OBSERVERS)
 

@@ -185,7 +185,8 @@ def main() -> None:
 
 
 def _row(r: dict) -> str:
-    return f"{r['calibration']:>12} {r['method']:>9} {r['ratio']:.0%} {r['allocation']:>7} merge={r['merge']!s:5} comp={r['compensate']!s:5} dNLL {r['delta_nll']['mean']:+.3f} worst {r['worst_delta']:+.3f} {r['seconds']:.1f}s"
+    return (f"{r['calibration']:>12} {r['method']:>9} {r['ratio']:.0%} {r['allocation']:>7} merge={r['merge']!s:5} comp={r['compensate']!s:5} "
+            f"dNLL {r['delta_nll']['mean']:+.3f} worst {r['worst_delta']:+.3f} {r['seconds']:.1f}s")
 
 
 def print_tables(result: dict) -> None:
@@ -201,7 +202,8 @@ def print_tables(result: dict) -> None:
     headers = ["method", "dropped", "allocation", "merge", "compensate", "kept/block", "dNLL mean", "vs REAP", "worst domain", "score+rewrite", "params", "disk"]
     print(format_table(headers, rows, title=f"{result['model']}: before NLL mean {before['nll']['mean']['nll']:.3f}, {before['params'] / 1e6:.1f}M params, {human_bytes(before['disk_bytes'])}"))
     c = result["calibration"]
-    print(f"calibration: {c['tokens']:,} tokens, {c['seconds_min']:.1f} s vs plain forward {c['plain_forward_seconds_min']:.1f} s -> overhead {c['overhead']:.2f}x; with the samples observer {c['with_samples_seconds']:.1f} s")
+    print(f"calibration: {c['tokens']:,} tokens, {c['seconds_min']:.1f} s vs plain forward {c['plain_forward_seconds_min']:.1f} s -> "
+          f"overhead {c['overhead']:.2f}x; with the samples observer {c['with_samples_seconds']:.1f} s")
     task = result["task_driven"]
     if task:
         mixed = {(r["method"], r["ratio"], r["compensate"]): r for r in result["runs"] if r["allocation"] == "uniform" and not r["merge"]}
@@ -210,8 +212,9 @@ def print_tables(result: dict) -> None:
             m = mixed.get((r["method"], r["ratio"], r["compensate"]))
             if m is None:  # the method was not run on the mixed calibration
                 continue
-            others = lambda run: sum(v for d, v in run["delta_nll"].items() if d not in (task["domain"], "mean")) / (len(domains) - 1)  # noqa: E731
-            rows.append([r["method"] + (" +comp" if r["compensate"] else ""), f"{r['ratio']:.0%}", f"{m['delta_nll'][task['domain']]:+.3f}", f"{r['delta_nll'][task['domain']]:+.3f}", f"{others(m):+.3f}", f"{others(r):+.3f}"])
+            others = lambda run: sum(v for d, v in run["delta_nll"].items() if d not in (task["domain"], "mean")) / (len(domains) - 1)
+            rows.append([r["method"] + (" +comp" if r["compensate"] else ""), f"{r['ratio']:.0%}", f"{m['delta_nll'][task['domain']]:+.3f}",
+                         f"{r['delta_nll'][task['domain']]:+.3f}", f"{others(m):+.3f}", f"{others(r):+.3f}"])
         headers = ["method", "dropped", f"d {task['domain']} (mixed calib)", f"d {task['domain']} ({task['domain']} calib)", "d others (mixed)", f"d others ({task['domain']})"]
         print(format_table(headers, rows, title=f"task-driven check: calibrate on {task['domain']} only ({task['tokens']:,} tokens) vs the mixed corpus"))
 

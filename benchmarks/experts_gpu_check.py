@@ -18,13 +18,12 @@ import torch
 from transformers import StaticCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from tiny_models import first_experts_call, tiny_model  # noqa: E402
+from decode import attempt
+from tiny_models import first_experts_call, tiny_model
 
-from decode import attempt  # noqa: E402
-
-from moe_fx.compiling import compile_model  # noqa: E402
-from moe_fx.experts_implementation import set_implementation  # noqa: E402
-from moe_fx.moe_experts import moe_fx_experts_forward  # noqa: E402
+from moe_fx.compiling import compile_model
+from moe_fx.experts_implementation import set_implementation
+from moe_fx.moe_experts import moe_fx_experts_forward
 
 FAMILIES = ["qwen3_moe", "gpt_oss", "nemotron_h", "muse_spark", "aria", "mixtral"]
 GRAPH_CHECKS = [("qwen3_moe", torch.float32), ("gpt_oss", torch.float32), ("gpt_oss", torch.bfloat16)]

@@ -58,8 +58,8 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def run(source: Path, work: Path, device: str, sequences: int, seq_len: int, batch_size: int) -> dict:
     from moe_fx import compose
-    from moe_fx.loading import load_model
     from moe_fx.exporters import save_checkpoint
+    from moe_fx.loading import load_model
     from moe_fx.streaming import stream_prune
 
     tokens = torch.randint(0, SHAPES["vocab_size"], (sequences, seq_len), generator=torch.Generator().manual_seed(0))
@@ -145,7 +145,7 @@ def main() -> None:
         make(args.make, args.layers, args.device)
         return
     result = run(args.source, args.work, args.device, args.sequences, args.seq_len, args.batch_size)
-    gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+    gib = lambda b: f"{b / 2**30:.2f} GiB"
     rows = [
         ("layers / tokens", f"{result['layers']} / {result['tokens']:,}"),
         ("wall time streamed / in memory", f"{result['stream_seconds']} s / {result['in_memory_seconds']} s (ratio {result['time_ratio']})"),

@@ -10,13 +10,13 @@ checkpoint that stock transformers loads. Passes compose::
 
 __version__ = "0.1.0"
 
-from .compiling import compile_model as compile  # noqa: E402
-from .errors import MoeFxError  # noqa: E402
-from .loading import load_model as load  # noqa: E402
-from .pipeline import MoEState, Pass, PassResult, Pipeline, compose, state_of  # noqa: E402
-from .plan import PrunePlan  # noqa: E402
-from .spec import ExpertsSpec, MoEBlockSpec, MoEModelSpec, RouterSpec, SharedExpertSpec  # noqa: E402
-from .trace import trace  # noqa: E402
+from .compiling import compile_model as compile
+from .errors import MoeFxError
+from .loading import load_model as load
+from .pipeline import MoEState, Pass, PassResult, Pipeline, compose, state_of
+from .plan import PrunePlan
+from .spec import ExpertsSpec, MoEBlockSpec, MoEModelSpec, RouterSpec, SharedExpertSpec
+from .trace import trace
 
 
 def __getattr__(name: str):

@@ -58,7 +58,7 @@ class FamilyAdapter:
     """Reason the family cannot be rewritten (discovery raises with it)."""
     notes: str = ""
 
-    def with_(self, **changes) -> "FamilyAdapter":
+    def with_(self, **changes) -> FamilyAdapter:
         return replace(self, **changes)
 
 

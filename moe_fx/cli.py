@@ -293,9 +293,7 @@ def cmd_prune(args) -> int:
     from .data import TokenBatch, pack, split_fitness
     from .evaluate import checkpoint_size, disk_size, evaluate_nll, model_size
     from .exporters.checkpoint import check_output_path, save_checkpoint, update_record
-    from .report import write_report
     from .lazy_checkpoint import meta_model
-    from .streaming import stream_evaluate, stream_prune
     from .loading import check_model_dir, load_model, load_tokenizer
     from .passes import Calibrate, CompensateExperts, Distill, DropExperts, Score
     from .passes.allocate import check_budget
@@ -303,6 +301,8 @@ def cmd_prune(args) -> int:
     from .passes.scorers import get_scorer
     from .pipeline import compose, state_of
     from .recipe import observers_for, parse_method, prune_passes
+    from .report import write_report
+    from .streaming import stream_evaluate, stream_prune
     from .table import format_table, human_bytes
     from .zero_shot import resolve_tasks
 
@@ -345,20 +345,14 @@ def cmd_prune(args) -> int:
     if stream and args.tasks:
         raise MoeFxError("--eval-tasks needs the whole model in memory, which a streamed prune never holds; run "
                          "`moe-fx eval SOURCE OUT --tasks ...` on a device that holds it, or use --stream off")
-    model = meta_model(source, args.dtype, device) if stream else load_model(source, dtype=args.dtype, device=device)
-    save_dtype = model.config.dtype if isinstance(getattr(model.config, "dtype", None), torch.dtype) else next(model.parameters()).dtype
-    spec = state_of(model).spec
+    # the model's structure without its weights: options the family cannot take are refused before loading
+    meta = meta_model(source, args.dtype, device)
+    spec = state_of(meta).spec
     if not channels or args.expert_ratio:
         check_budget(spec, ratio=args.expert_ratio if channels else args.ratio, keep=None if channels else args.keep)
     tokenizer = load_tokenizer(source)
-
     calib_docs, eval_set = _calibration_and_eval(args, tokenizer)
     show = not args.quiet and distributed.is_main()
-    size_of = checkpoint_size if stream else model_size
-    evaluate = functools.partial(stream_evaluate, device=device, dtype=args.dtype) if stream else evaluate_nll
-    before_size = size_of(source if stream else model)
-    before = evaluate(source if stream else model, eval_set, batch_size=args.batch_size, show_progress=show) if eval_set else None
-    tasks_before = _zero_shot(model, tokenizer, args, device, checkpoint=source) if args.tasks and distributed.is_main() else None
 
     passes = []
     allocation = args.allocation
@@ -382,6 +376,16 @@ def cmd_prune(args) -> int:
     if args.distill_steps:
         passes.append(Distill(teacher=source, data=TokenBatch(windows, args.calib), steps=args.distill_steps, lr=args.distill_lr,
                               batch_size=args.batch_size, seed=args.seed, show_progress=show))
+    compose(*passes).check_model(meta)
+
+    model = meta if stream else load_model(source, dtype=args.dtype, device=device)
+    save_dtype = model.config.dtype if isinstance(getattr(model.config, "dtype", None), torch.dtype) else next(model.parameters()).dtype
+    size_of = checkpoint_size if stream else model_size
+    evaluate = functools.partial(stream_evaluate, device=device, dtype=args.dtype) if stream else evaluate_nll
+    before_size = size_of(source if stream else model)
+    before = evaluate(source if stream else model, eval_set, batch_size=args.batch_size, show_progress=show) if eval_set else None
+    tasks_before = _zero_shot(model, tokenizer, args, device, checkpoint=source) if args.tasks and distributed.is_main() else None
+
     t0 = time.perf_counter()
     if stream:
         streamed = stream_prune(source, args.out, passes, device=device, dtype=args.dtype, tokenizer=tokenizer,
@@ -422,7 +426,7 @@ def cmd_prune(args) -> int:
     kept = sum(b.num_experts for b in state.spec.blocks)
     total = sum(b.num_experts for b in spec.blocks)
     per_block = sorted({b.num_experts for b in state.spec.blocks})
-    channel_report = next((r.report for r in state.history if r.name == "prune_channels"), None)
+    channel_report = state.report_of("prune_channels")
     disk_before, disk_after = disk_size(source), disk_size(out)
     rows = [
         ["experts per block", spec.blocks[0].num_experts, str(per_block[0]) if len(per_block) == 1 else f"{per_block[0]}-{per_block[-1]}", ""],
@@ -442,10 +446,11 @@ def cmd_prune(args) -> int:
         print(f"routed-expert parameters: {r['routed_params_before']:,} -> {r['routed_params_after']:,} stored "
               f"({r['routed_params_after'] / r['routed_params_before'] - 1:+.1%}); kept channels alone: {r['routed_params_ideal']:,} "
               f"({r['routed_params_ideal'] / r['routed_params_before'] - 1:+.1%}); zero padding {r['routed_params_after'] - r['routed_params_ideal']:,}")
-    if args.compensate:
-        report = state.history[-1].report
-        print(f"compensation: block output error on the calibration sample {report['mean_error_before']:.4f} -> {report['mean_error_after']:.4f} (relative, mean over blocks)")
-    distilled = next((r.report for r in state.history if r.name == "distill" and r.modified), None)
+    compensated = state.report_of("compensate_experts")
+    if compensated and compensated["mean_error_before"] is not None:  # None: no block had sampled tokens
+        print(f"compensation: block output error on the calibration sample {compensated['mean_error_before']:.4f} -> "
+              f"{compensated['mean_error_after']:.4f} (relative, mean over blocks)")
+    distilled = state.report_of("distill", modified_only=True)
     if distilled:
         print(f"distillation: KL to the unpruned model {distilled['kl_first']:.4f} -> {distilled['kl_last']:.4f} over {distilled['steps']} steps "
               f"({distilled['trained_params']:,} parameters trained)")

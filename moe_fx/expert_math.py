@@ -3,8 +3,9 @@
 observers score each intermediate neuron by them.
 
 The experts module is never re-implemented for calibration outputs (see :mod:`moe_fx.passes.calibrate.hooks`);
-this reconstruction is for the quantities the module does not expose. Families whose experts differ from
-``down(act(gate) * up)`` with an ``ACT2FN`` activation (GPT-OSS's clamped GLU) are refused.
+this reconstruction is for the quantities the module does not expose. The gating is the module's own
+(``_apply_gate``: GPT-OSS's clamped GLU included); experts with neither that nor an ``ACT2FN`` activation are
+refused (:func:`check_expert_math`).
 """
 
 from __future__ import annotations
@@ -23,23 +24,17 @@ class ExpertMath:
 
     ``activations(e, x)``: ``[N, I]`` intermediate activations of expert ``e``; ``down(e)``: ``D_e^T [I, H]`` and
     ``down_bias(e)``: ``[H]``, in float64; ``set_down(e, DT)`` writes back in the tensor's dtype and layout.
+
+    The gating is the experts module's own (transformers' ``_apply_gate``: SwiGLU on concatenated or interleaved
+    halves, GPT-OSS's clamped GLU with ``alpha``/``limit``, ...), fed the per-neuron gate/up projections in the
+    layout it reads, so any gating transformers describes is reproduced, not re-implemented. Modules without it
+    use the spec's ``ACT2FN`` activation on ``gate * up`` (or on ``up``).
     """
 
     def __init__(self, model: nn.Module, experts: ExpertsSpec) -> None:
-        from transformers.activations import ACT2FN
-
         module = model.get_submodule(experts.path)
-        if hasattr(module, "limit") or hasattr(module, "alpha"):
-            raise UnsupportedFamilyError(
-                f"{experts.path}: {type(module).__name__} uses a custom (clamped) gated activation that expert "
-                "compensation does not reproduce"
-            )
-        if experts.activation not in ACT2FN:
-            raise UnsupportedFamilyError(
-                f"{experts.path}: expert activation {experts.activation!r} is not a transformers ACT2FN name; "
-                "expert compensation cannot reproduce the experts' output"
-            )
-        self.model, self.spec, self.act = model, experts, ACT2FN[experts.activation]
+        check_expert_math(module, experts)
+        self.model, self.spec, self.module = model, experts, module
         tensors, passive = neuron_tensors(model, experts)
         proj = experts.gate_up or experts.up
         by_name = {nt.name: nt for nt in tensors}
@@ -48,6 +43,7 @@ class ExpertMath:
         self.down_nt: NeuronTensor = by_name[experts.down]
         self.down_bias_name = passive[0] if passive else None
         self.parts = 2 if experts.gate_up else 1
+        self.act = None if _has_own_gating(module) else _act_fn(experts)
 
     def pre_activations(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """``[N, I, parts]``: expert ``e``'s gate and up projections of ``x`` (biases included), per neuron."""
@@ -72,10 +68,17 @@ class ExpertMath:
         return _routed_product(self.down_nt, get_tensor(self.model, self.spec.down), grad, ids)[..., 0]
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
-        """``[N, I]`` intermediate activations from :meth:`pre_activations`: ``act(gate) * up`` or ``act(up)``."""
+        """``[N, I]`` intermediate activations from :meth:`pre_activations`: the module's gating of its gate and up
+        projections (``act(gate) * up`` for most families), or ``act(up)`` for non-gated experts."""
+        if self.act is not None:
+            return self.act(pre[..., 0]) if self.parts == 1 else self.act(pre[..., 0]) * pre[..., 1]
         if self.parts == 1:
-            return self.act(pre[..., 0])
-        return self.act(pre[..., 0]) * pre[..., 1]
+            return self.module.act_fn(pre[..., 0])
+        if getattr(self.module, "is_concatenated", True):  # [gate_0 .. gate_I, up_0 .. up_I]
+            fused = torch.cat([pre[..., 0], pre[..., 1]], dim=-1)
+        else:  # interleaved: [gate_0, up_0, gate_1, up_1, ...]
+            fused = pre.flatten(-2)
+        return self.module._apply_gate(fused)
 
     def activations(self, e: int, x: torch.Tensor) -> torch.Tensor:
         return self.activate(self.pre_activations(e, x))
@@ -98,6 +101,39 @@ class ExpertMath:
         y = self.activations(e, x) @ self.down(e, x)
         b = self.down_bias(e, x)
         return y if b is None else y + b
+
+
+def _has_own_gating(module: nn.Module) -> bool:
+    """Whether transformers describes the module's gating (``use_experts_implementation``: ``has_gate`` and
+    ``_apply_gate``, or ``act_fn`` for non-gated experts)."""
+    if not hasattr(module, "has_gate"):
+        return False
+    return hasattr(module, "_apply_gate") if module.has_gate else hasattr(module, "act_fn")
+
+
+def _act_fn(experts: ExpertsSpec):
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[experts.activation]
+
+
+def check_expert_math(module: nn.Module, experts: ExpertsSpec, *, linear_down: bool = False) -> None:
+    """Refuse experts whose intermediate activations :class:`ExpertMath` cannot reproduce (no gating transformers
+    describes and no ``ACT2FN`` activation) and, with ``linear_down`` (what compensation needs), experts whose output
+    is not ``down(activations)`` (a per-expert norm after the down projection). Reads only the module's
+    attributes, so it runs on a model whose weights are not loaded (the meta device)."""
+    from transformers.activations import ACT2FN
+
+    if linear_down and getattr(module, "has_post_expert_norm", False):
+        raise UnsupportedFamilyError(
+            f"{experts.path}: {type(module).__name__} normalises each expert's output after its down projection, so its "
+            "output is not linear in the down weights; compensation and channel scoring cannot model it"
+        )
+    if not _has_own_gating(module) and experts.activation not in ACT2FN:
+        raise UnsupportedFamilyError(
+            f"{experts.path}: {type(module).__name__} has no transformers gating (_apply_gate) and its activation "
+            f"{experts.activation!r} is not an ACT2FN name, so its experts' output cannot be reproduced"
+        )
 
 
 def _routed_product(nt: NeuronTensor, t: torch.Tensor, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -54,7 +54,7 @@ class NeuronTensor:
         """``[E, I, parts, ...]``: the entries of each neuron of every expert of the fused tensor ``t``."""
         return self.by_neuron(t.movedim(self.axis + 1, -1)).movedim((-2, -1), (1, 2))
 
-    def resized(self, width: int) -> "NeuronTensor":
+    def resized(self, width: int) -> NeuronTensor:
         """The same layout for ``width`` neurons (what the tensor becomes when channels are removed)."""
         return NeuronTensor(self.name, self.axis, neuron_index(width, self.index.shape[1], self._concatenated))
 

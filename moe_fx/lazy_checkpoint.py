@@ -134,7 +134,7 @@ class LazyCheckpoint:
     def close(self) -> None:
         self._stack.close()
 
-    def __enter__(self) -> "LazyCheckpoint":
+    def __enter__(self) -> LazyCheckpoint:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -70,6 +70,11 @@ class MoEState:
             "plan does not map them; run Calibrate on the unpruned model, or again after the passes that changed the experts"
         )
 
+    def report_of(self, name: str, *, modified_only: bool = False) -> dict | None:
+        """The report of the last run of the pass called ``name`` (None if it did not run, or with
+        ``modified_only`` if it changed nothing): summaries read reports by name, never by position."""
+        return next((r.report for r in reversed(self.history) if r.name == name and (r.modified or not modified_only)), None)
+
     def record(self) -> dict:
         """JSON-serialisable summary (written to ``moe_fx.json``)."""
         return {
@@ -116,6 +121,12 @@ class Pass(ABC):
     def requires(self, state: MoEState) -> None:
         """Raise :class:`PassOrderError` if an earlier pass has not produced what this one needs."""
 
+    def check_model(self, model: nn.Module, spec: MoEModelSpec) -> None:
+        """Refuse what this pass cannot do on ``model`` whatever the data: its family's experts or routing, given the
+        pass's options. A :class:`Pipeline` checks every pass before it runs the first, so an unsupported
+        combination fails before calibration; checks read module attributes only, so they also run on a model
+        built on the meta device before its weights are loaded (what ``moe-fx prune`` does)."""
+
     @abstractmethod
     def run(self, model: nn.Module, state: MoEState) -> PassResult: ...
 
@@ -161,8 +172,15 @@ class Pipeline:
         self.passes = passes
         self.check = check
 
+    def check_model(self, model: nn.Module) -> None:
+        """Every pass's :meth:`Pass.check_model` on ``model`` (weights need not be loaded), before any work."""
+        spec = state_of(model).spec
+        for p in self.passes:
+            p.check_model(model, spec)
+
     def __call__(self, model: nn.Module) -> nn.Module:
         state = state_of(model)
+        self.check_model(model)
         done: list[str] = []
         for p in self.passes:
             t0 = time.perf_counter()

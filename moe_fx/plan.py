@@ -19,17 +19,17 @@ class PrunePlan:
     kept_experts: dict[str, list[int]] = field(default_factory=dict)
 
     @classmethod
-    def keep_all(cls, spec: MoEModelSpec) -> "PrunePlan":
+    def keep_all(cls, spec: MoEModelSpec) -> PrunePlan:
         return cls({b.path: list(range(b.num_experts)) for b in spec.blocks})
 
     def to_dict(self) -> dict:
         return {"kept_experts": {k: list(map(int, v)) for k, v in self.kept_experts.items()}}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "PrunePlan":
+    def from_dict(cls, data: dict) -> PrunePlan:
         return cls({k: [int(i) for i in v] for k, v in data["kept_experts"].items()})
 
-    def then(self, later: "PrunePlan") -> "PrunePlan":
+    def then(self, later: PrunePlan) -> PrunePlan:
         """The plan equal to applying ``self`` and then ``later`` (whose ids index ``self``'s kept experts)."""
         out = {}
         for path, kept in self.kept_experts.items():
@@ -136,5 +136,5 @@ class ChannelPlan:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ChannelPlan":
+    def from_dict(cls, data: dict) -> ChannelPlan:
         return cls({p: [_hex_ids(m) for m in masks] for p, masks in data["kept_channels"].items()}, int(data.get("multiple", 64)))

@@ -19,9 +19,10 @@ def route(router: RouterSpec, logits: torch.Tensor, selection_bias: torch.Tensor
 
     ``logits``: raw router logits ``[T, E]`` (router bias included); ``selection_bias``: ``[E]`` or None.
     """
-    if router.n_group and router.n_group > 1:
-        raise UnsupportedFamilyError("routing simulation of group-limited routing (n_group > 1) is not implemented")
+    grouped = _grouped(router)
     if kept is not None:
+        if grouped:
+            _check_balanced(router, kept, logits.shape[1])
         logits = logits[:, kept]
         selection_bias = None if selection_bias is None else selection_bias.reshape(-1)[kept]
     logits = logits.float()
@@ -29,7 +30,8 @@ def route(router: RouterSpec, logits: torch.Tensor, selection_bias: torch.Tensor
     k = router.top_k
     if router.score_fn in ("softmax", "sigmoid"):
         scores = torch.softmax(logits, dim=-1) if router.score_fn == "softmax" else torch.sigmoid(logits)
-        idx = torch.topk(scores + bias, k, dim=-1).indices
+        choice = scores + bias
+        idx = torch.topk(_within_best_groups(router, choice) if grouped else choice, k, dim=-1).indices
         weights = scores.gather(1, idx)
     else:
         top, idx = torch.topk(logits + bias, k, dim=-1)
@@ -38,6 +40,59 @@ def route(router: RouterSpec, logits: torch.Tensor, selection_bias: torch.Tensor
     if router.norm_topk_prob:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     return idx, weights * router.routed_scaling_factor
+
+
+def _grouped(router: RouterSpec) -> bool:
+    """Whether ``router`` is group-limited; such routing is simulated for softmax and sigmoid scores only."""
+    if not router.n_group or router.n_group <= 1:
+        return False
+    if router.score_fn not in ("softmax", "sigmoid") or router.group_score not in ("top2_sum", "max"):
+        raise UnsupportedFamilyError(f"routing simulation of group-limited routing with {router.score_fn} scores is not implemented")
+    return True
+
+
+def check_group_simulation(router: RouterSpec) -> None:
+    """Raise :class:`UnsupportedFamilyError` where :func:`route` cannot simulate ``router`` (checked up front)."""
+    _grouped(router)
+
+
+def check_subset_routing(router: RouterSpec) -> None:
+    """Refuse routers whose routing over *any* subset of experts (:func:`route_within`, :func:`selection_scores`,
+    NAEE's and SHAPE's coalitions) cannot be simulated: group-limited routers, where a subset with unequal counts
+    per group has no pruned model to stand for."""
+    if router.n_group and router.n_group > 1:
+        raise UnsupportedFamilyError(
+            f"{router.path}: group-limited routing (n_group={router.n_group}) is simulated only for the same number of "
+            "kept experts per group, not over any subset of experts; use --method reap, frequency or eep"
+        )
+
+
+def _check_balanced(router: RouterSpec, kept: torch.Tensor, num_experts: int) -> None:
+    """A group-limited block keeps the same number of experts in every group (:func:`~moe_fx.plan.PrunePlan.validate`),
+    in order, so the kept experts form ``n_group`` groups of consecutive positions again."""
+    size, groups = num_experts // router.n_group, router.n_group
+    ids = torch.as_tensor(kept).reshape(-1)
+    per = len(ids) // groups
+    if len(ids) % groups or not bool((ids.sort().values // size == torch.arange(len(ids)) // per).all()):
+        raise UnsupportedFamilyError(
+            f"{router.path}: group-limited routing (n_group={groups}) over kept experts {ids.tolist()[:8]}... that are not "
+            "the same number per group"
+        )
+
+
+def _within_best_groups(router: RouterSpec, choice: torch.Tensor) -> torch.Tensor:
+    """``choice [T, E]`` with every expert outside each token's ``topk_group`` best groups set to a very low value:
+    the group-limited step of the router (groups of ``E / n_group`` consecutive experts, scored by ``group_score``)."""
+    t, e = choice.shape
+    groups = router.n_group
+    by_group = choice.view(t, groups, e // groups)
+    if router.group_score == "max":
+        group_scores = by_group.max(dim=-1).values
+    else:
+        group_scores = by_group.topk(min(2, e // groups), dim=-1).values.sum(dim=-1)
+    best = torch.topk(group_scores, router.topk_group, dim=-1).indices
+    allowed = torch.zeros(t, groups, dtype=torch.bool, device=choice.device).scatter_(1, best, True)
+    return choice.masked_fill(~allowed.repeat_interleave(e // groups, dim=1), _MASKED)
 
 
 def combine(expert_out: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -61,7 +116,7 @@ def matches_recorded(
     if same.float().mean() < min_agreement:
         return False
     sim_w, real_w = w.gather(1, sim.indices)[same], weight.float().gather(1, real.indices)[same]
-    norm = lambda x: x / x.sum(-1, keepdim=True).clamp(min=1e-20)  # noqa: E731 - a constant scale changes no ranking
+    norm = lambda x: x / x.sum(-1, keepdim=True).clamp(min=1e-20)
     return bool(torch.allclose(norm(sim_w), norm(real_w), atol=tol, rtol=0))
 
 
@@ -72,8 +127,7 @@ _MASKED = -1e9
 
 def selection_scores(router: RouterSpec, logits: torch.Tensor, selection_bias: torch.Tensor | None) -> torch.Tensor:
     """The ``[T, E]`` scores the router ranks experts by when all experts exist (top-k of these = the routed set)."""
-    if router.n_group and router.n_group > 1:
-        raise UnsupportedFamilyError("routing simulation of group-limited routing (n_group > 1) is not implemented")
+    check_subset_routing(router)
     logits = logits.float()
     bias = 0.0 if selection_bias is None else selection_bias.reshape(-1).float()
     if router.score_fn == "softmax":
@@ -94,8 +148,7 @@ def route_within(
     than k allowed experts) get weight exactly 0. Rows that all equal one ``kept`` set agree with
     ``route(router, logits, selection_bias, kept)`` up to the index mapping ``kept[idx]``.
     """
-    if router.n_group and router.n_group > 1:
-        raise UnsupportedFamilyError("routing simulation of group-limited routing (n_group > 1) is not implemented")
+    check_subset_routing(router)
     allowed = allowed.to(device=logits.device, dtype=torch.bool)
     logits = logits.float()
     bias = 0.0 if selection_bias is None else selection_bias.reshape(-1).float().to(logits.device)

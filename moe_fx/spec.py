@@ -43,10 +43,15 @@ class RouterSpec:
     top_k: int
     norm_topk_prob: bool
     n_group: int | None
+    """Group-limited routing: experts form ``n_group`` equal groups of consecutive ids, and each token picks its
+    top-k among the experts of its ``topk_group`` best groups (None or 1: no groups)."""
     topk_group: int | None
     routed_scaling_factor: float
     count_attrs: tuple[str, ...]
     """``module_path:attribute`` of every integer attribute holding the expert count (updated on rewrite)."""
+    group_score: str = "top2_sum"
+    """How a group is scored for group-limited routing: ``top2_sum`` (sum of its two best selection scores;
+    DeepSeek-V3 and the routers that copy it) or ``max`` (its best score; DeepSeek-V2's group_limited_greedy)."""
 
 
 @dataclass(frozen=True)

@@ -35,21 +35,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import BadOptionError, NotAModelError
 from . import distributed
+from .errors import BadOptionError, NotAModelError
+from .evaluate import EvalSet, evaluate_nll
 from .exporters.checkpoint import check_output_path, write_companions
-from .report import write_report
 from .exporters.partial import PartialCheckpoint
 from .exporters.per_layer_model import apply_layout
 from .layer_calls import LayerCall, capture_layer_calls, decoder_layers
 from .layout import layout_of, record_layout
 from .lazy_checkpoint import LazyCheckpoint, meta_model, revert_to_checkpoint_names
-from .evaluate import EvalSet, evaluate_nll
 from .passes.calibrate import Calibrate, calibration_stats, instrument, reduce_across_ranks
 from .passes.scorers import Scores
 from .pipeline import STATE_ATTR, MoEState, Pass, PassRecord, compose, state_of
 from .plan import ChannelPlan, PrunePlan
 from .progress import progress_bar
+from .report import write_report
 from .spec import MoEModelSpec
 from .stats import CalibrationStats
 
@@ -263,7 +263,7 @@ def _merged_state(spec: MoEModelSpec, records: dict[int, dict], stats: Calibrati
     scored = [r["scores"] for r in ordered if r["scores"]]
     if scored:
         first = scored[0]
-        table = lambda key: {p: torch.tensor(v, dtype=torch.float64) for s in scored for p, v in (s[key] or {}).items()}  # noqa: E731
+        table = lambda key: {p: torch.tensor(v, dtype=torch.float64) for s in scored for p, v in (s[key] or {}).items()}
         state.scores = Scores(first["method"], table("per_block"), first["granularity"], table("per_expert") or None, first["comparable"])
     passes = [r["history"] for r in ordered if r["history"]]
     for j, rec in enumerate(passes[0] if passes else []):
@@ -329,6 +329,7 @@ def stream_prune(
     with LazyCheckpoint(source) as ckpt:
         run = _open_meta(source, ckpt, device, dtype, states)
         model, spec, dt = run.model, run.spec, run.dtype
+        compose(*passes).check_model(model)  # what the family cannot take fails before any layer is read
         tokens = calibrate.tokens(model) if calibrate is not None else None
         key = _run_key(source, passes, tokens.fingerprint if tokens is not None else "", dt, device)
         partial = PartialCheckpoint(out, key, discard_other_runs=overwrite) if main else None
@@ -380,7 +381,7 @@ def stream_prune(
         if not main:
             return None
         t_rest = time.perf_counter()
-        for i, record in partial.layers.items():
+        for record in partial.layers.values():
             if record["layout"]:
                 apply_layout(model, {"blocks": record["layout"]})
         weight_map = {k: shards[i] for i, r in partial.layers.items() for k in r["keys"]}

@@ -104,7 +104,7 @@ def run_sweep(
         calibration.observers = observers_for(scorers.values(), merge=merge, compensate=compensate)
         model = compose(calibration)(model)
         result.calibration = state_of(model).stats.summary()
-    for label, name, merge_it in parsed:
+    for label, _name, merge_it in parsed:
         for ratio in ratios:
             t0 = time.perf_counter()
             try:

@@ -118,6 +118,10 @@ def _router_spec(block, block_path, router, router_path, e, adapter, config, sco
         norm = graph_norm if graph_norm is not None else bool(_first_attr(owners + (config,), ("norm_topk_prob",), False))
     n_group = _first_attr(owners, ("num_group", "n_group")) or getattr(config, "n_group", None)
     topk_group = _first_attr(owners, ("topk_group",)) or getattr(config, "topk_group", None)
+    # DeepSeek-V2's router names its rule: plain top-k ignores the groups its config declares
+    topk_method = _first_attr(owners, ("topk_method",))
+    if topk_method == "greedy":
+        n_group = topk_group = None
     scale = _first_attr(owners, adapter.scaling_attrs) or _first_attr((config,), adapter.scaling_attrs, 1.0)
     counts = _count_attrs(router, router_path, e, recurse=True)
     return RouterSpec(
@@ -132,6 +136,7 @@ def _router_spec(block, block_path, router, router_path, e, adapter, config, sco
         topk_group=int(topk_group) if topk_group else None,
         routed_scaling_factor=float(scale),
         count_attrs=tuple(counts),
+        group_score="max" if topk_method == "group_limited_greedy" else "top2_sum",
     )
 
 

@@ -13,13 +13,13 @@ import functools
 import pytest
 import torch
 from conftest import tiny_qwen3
-from tiny_models import tiny_model
+from tiny_models import TINY_FAMILIES, tiny_model
 
 from moe_fx.data import calibration_tokens
 from moe_fx.errors import PassOrderError, UnsupportedFamilyError
+from moe_fx.expert_math import ExpertMath
 from moe_fx.loading import load_model, load_tokenizer
 from moe_fx.passes import Calibrate, CompensateExperts, DropExperts, Score
-from moe_fx.expert_math import ExpertMath
 from moe_fx.pipeline import compose, state_of
 from moe_fx.plan import PrunePlan
 from moe_fx.rewrite import get_tensor
@@ -52,11 +52,23 @@ def test_reconstruction_matches_experts_module_non_gated():
     _check_math(model)
 
 
-def test_custom_glu_is_refused():
-    model = tiny_model("gpt_oss")
-    block = trace(model).blocks[0]
-    with pytest.raises(UnsupportedFamilyError, match="custom"):
-        ExpertMath(model, block.experts)
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_reconstruction_matches_experts_module_every_family(family):
+    """Every family's gating (GPT-OSS's clamped, interleaved GLU with biases included) is reproduced exactly;
+    a family whose experts output is not ``down(activations)`` is refused by the up-front check, as is one
+    whose experts call the hooks cannot observe."""
+    model = tiny_model(family)
+    spec = trace(model)
+    if spec.blocks[0].experts.call_style != "routed":
+        with pytest.raises(UnsupportedFamilyError, match="calibration of"):
+            compose(Calibrate(TOKENS, observers=OBS), CompensateExperts()).check_model(model)
+        return
+    if getattr(model.get_submodule(spec.blocks[0].experts.path), "has_post_expert_norm", False):
+        with pytest.raises(UnsupportedFamilyError, match="normalises each expert's output"):
+            CompensateExperts().check_model(model, spec)
+        return
+    CompensateExperts().check_model(model, spec)
+    _check_math(model)
 
 
 def _calibrated(model, data, **kw):

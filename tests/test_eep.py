@@ -74,9 +74,56 @@ def test_refined_search_measures_the_compensated_model() -> None:
     """With ``refine``, a candidate's fitness is the NLL of the plan *after* compensation, as it will be saved."""
     from moe_fx.passes import CompensateExperts
 
-    calibrated = lambda: compose(Calibrate(CALIB, observers=("routing", "reap", "inputs"), show_progress=False), Score("reap"))(tiny_qwen3())  # noqa: E731
+    calibrated = lambda: compose(Calibrate(CALIB, observers=("routing", "reap", "inputs"), show_progress=False), Score("reap"))(tiny_qwen3())
     model = compose(DropExperts(ratio=0.5, allocation=_search(seed=2, refine=CompensateExperts())), CompensateExperts())(calibrated())
     state = state_of(model)
     s, n = nll_sum(model, FIT)
     assert s / n == pytest.approx(state.search.fitness, abs=1e-5)
     assert next(r for r in state.history if r.name == "drop_experts").config["allocation"]["refine"]["name"] == "compensate_experts"  # recorded in moe_fx.json
+
+
+def test_time_limit_holds_within_a_generation(monkeypatch) -> None:
+    """``max_seconds`` is checked before each candidate: the search overruns it by at most one fitness evaluation,
+    even when one generation's evaluations would take many times the limit (the warm start is always measured)."""
+    import time
+
+    from moe_fx.passes import eep
+
+    def slow_nll(*args, **kwargs):
+        time.sleep(0.2)
+        return nll_sum(*args, **kwargs)
+
+    monkeypatch.setattr(eep, "nll_sum", slow_nll)
+    search = EvolutionarySearch(FIT, population=8, generations=5, max_seconds=0.5, show_progress=False)
+    model = compose(DropExperts(ratio=0.5, allocation=search))(_scored())
+    search = state_of(model).search
+    assert 2 <= search.evaluations <= 5  # a generation alone is 8 evaluations (1.6 s)
+    assert search.seconds < 0.5 + 0.2 + 0.3
+    assert search.fitness <= search.start_fitness
+
+
+def test_cli_search_saves_the_plan_it_found(capsys, micro_path, calib_path, tmp_path) -> None:
+    """Through the command line, on the trained micro model: the checkpoint EEP + compensation writes is the
+    searched plan, compensated: reloaded, its NLL on the search's fitness windows is the fitness the search
+    reported for its best plan (not the warm start's)."""
+    import json
+
+    from moe_fx import cli
+    from moe_fx.data import pack, read_documents, split_fitness
+    from moe_fx.loading import load_model, load_tokenizer
+
+    out = tmp_path / "eep"
+    argv = ["prune", micro_path, "--method", "eep", "--allocation", "global", "--compensate", "--ratio", "0.25",
+            "--calib", calib_path, "--calib-tokens", "4096", "--seq-len", "128", "--fitness-tokens", "1024",
+            "--eep-population", "6", "--eep-generations", "3", "--compensate-samples", "1024", "--no-eval", "--quiet",
+            "--device", "cpu", "--out", out]
+    assert cli.main(argv) == 0
+    record = json.loads((out / "moe_fx.json").read_text())
+    search = record["search"]
+    assert "eep search: fitness NLL" in capsys.readouterr().out
+    windows = pack(load_tokenizer(micro_path), read_documents(calib_path), seq_len=128, max_tokens=4096 + 1024, seed=0)
+    _, fitness = split_fitness(windows, 1024)
+    saved = load_model(out)
+    assert sorted(b.num_experts for b in state_of(saved).spec.blocks) != [6, 6]  # global: the counts moved
+    s, n = nll_sum(saved, fitness)
+    assert s / n == pytest.approx(search["fitness"], abs=2e-4)

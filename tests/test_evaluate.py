@@ -6,11 +6,10 @@ import math
 
 import pytest
 import torch
+from test_zero_shot import VOCAB, Bigram, hand_logp
 
 from moe_fx.errors import BadOptionError
 from moe_fx.evaluate import build_eval_set, evaluate_nll
-
-from test_zero_shot import Bigram, VOCAB, hand_logp
 
 
 class CharTokenizer:

@@ -13,6 +13,8 @@ import sys
 
 import pytest
 import torch
+from tiny_models import SMALL, TINY_FAMILIES, UNSUPPORTED_FAMILIES, auto_class
+from tiny_models import tiny_model as _build
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -24,9 +26,6 @@ from moe_fx.passes.drop_experts import drop_experts
 from moe_fx.plan import PrunePlan
 from moe_fx.spec import MoEModelSpec
 from moe_fx.trace import trace
-
-from tiny_models import SMALL, TINY_FAMILIES, UNSUPPORTED_FAMILIES, auto_class
-from tiny_models import tiny_model as _build
 
 E, K = SMALL["num_experts"], SMALL["num_experts_per_tok"]
 INPUT = torch.randint(0, SMALL["vocab_size"], (1, 12), generator=torch.Generator().manual_seed(0))

@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from tiny_models import TINY_FAMILIES, tiny_model
 
 import moe_fx
 from moe_fx.errors import BadOptionError, MoeFxError
@@ -15,8 +16,6 @@ from moe_fx.graph import ExpertsPass, InstrumentPass, MoEBackend, VirtualPrunePa
 from moe_fx.passes import Calibrate, DropExperts, PruneChannels
 from moe_fx.passes.calibrate import OBSERVERS, instrument
 from moe_fx.plan import ChannelPlan, PrunePlan
-
-from tiny_models import TINY_FAMILIES, tiny_model
 
 FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "gpt_oss", "olmoe", "granitemoe"]
 """Standard, shared experts + gate, group-limited sigmoid + selection bias, transposed + biases + top-k-then-softmax."""

@@ -18,8 +18,8 @@ from moe_fx import PrunePlan, state_of
 from moe_fx.cli import main
 from moe_fx.compiling import compile_model
 from moe_fx.errors import BadOptionError, MoeFxError, OutputPathError
-from moe_fx.exporters import save_checkpoint
 from moe_fx.exporters import onnx as onnx_export
+from moe_fx.exporters import save_checkpoint
 from moe_fx.passes import DropExperts, PruneChannels
 from moe_fx.trace import trace
 

@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import ASSETS
 from transformers import AutoModelForCausalLM
 
 from moe_fx.cli import main
-
-from conftest import ASSETS
 
 FAST = ["--calib-tokens", "4096", "--seq-len", "128", "--eval-seqs", "2", "--eval-seq-len", "128", "--quiet"]
 TASKS = ["--task-data", str(ASSETS / "eval"), "--task-limit", "6"]

@@ -4,6 +4,7 @@ import itertools
 
 import pytest
 import torch
+from tiny_models import TINY_FAMILIES, tiny_model
 
 from moe_fx import compose, state_of, trace
 from moe_fx.errors import UnsupportedFamilyError
@@ -12,7 +13,6 @@ from moe_fx.passes.calibrate import Observer, instrument
 from moe_fx.passes.scorers import get_scorer
 from moe_fx.passes.scorers.naee import reconstruction_error
 from moe_fx.routing import combine, matches_recorded, route
-from tiny_models import TINY_FAMILIES, tiny_model
 
 
 class _Recorder(Observer):
@@ -39,20 +39,69 @@ def test_simulated_routing_matches_the_real_router(family):
     model = tiny_model(family)
     spec = trace(model)
     block = spec.blocks[0]
-    if (block.router.n_group or 1) > 1 or block.experts.call_style != "routed":
-        pytest.skip("group-limited or dense routing is not simulated")
-    vocab = model.get_input_embeddings().weight.shape[0]
-    with instrument(model, spec, [_Recorder()]) as acc, torch.no_grad():
-        model(input_ids=torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(0)), use_cache=False)
-    logits, bias, real_idx, real_w = acc[block.path]["call"]
+    if block.experts.call_style != "routed":
+        pytest.skip("the experts are called densely (no routed call to record)")
+    logits, bias, real_idx, real_w = _recorded_call(model, spec)
     assert matches_recorded(block.router, logits, bias, real_idx, real_w)
 
 
-def test_group_limited_routing_is_refused_clearly():
-    block = trace(tiny_model("deepseek_v3")).blocks[0]
-    assert block.router.n_group > 1
+def _recorded_call(model, spec):
+    """The first block's raw router logits, selection bias and the routing the model applied, on fixed tokens."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    with instrument(model, spec, [_Recorder()]) as acc, torch.no_grad():
+        model(input_ids=torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(0)), use_cache=False)
+    return acc[spec.blocks[0].path]["call"]
+
+
+def _group_limited(family: str, **config):
+    from tiny_models import auto_class, tiny_config
+
+    cfg = tiny_config(family)
+    for k, v in config.items():
+        setattr(cfg, k, v)
+    torch.manual_seed(0)
+    return auto_class(cfg).from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("family, config, group_score", [
+    ("deepseek_v3", {}, "top2_sum"),  # n_group=2, topk_group=1 in the tiny config: sum of each group's two best
+    ("deepseek_v2", {"n_group": 2, "topk_group": 1, "topk_method": "group_limited_greedy"}, "max"),
+])
+def test_group_limited_routing_is_simulated_before_and_after_a_drop(family, config, group_score):
+    """The simulation picks each token's best groups as the router does; over a kept set with the same count per
+    group it reproduces the routing of the pruned model itself (whose groups are the kept experts, in order)."""
+    from moe_fx.passes import DropExperts
+    from moe_fx.plan import PrunePlan
+
+    model = _group_limited(family, **config)
+    spec = trace(model)
+    router = spec.blocks[0].router
+    assert router.n_group == 2 and router.group_score == group_score
+    logits, bias, real_idx, real_w = _recorded_call(model, spec)
+    assert matches_recorded(router, logits, bias, real_idx, real_w, min_agreement=1.0, tol=1e-5)
+    kept = [0, 2, 3, 4, 5, 7]  # three of each group of four
+    pruned = compose(DropExperts(plan=PrunePlan({b.path: kept for b in spec.blocks})))(model)
+    p_logits, p_bias, p_idx, p_w = _recorded_call(pruned, state_of(pruned).spec)
+    torch.testing.assert_close(p_logits, logits[:, kept])
+    idx, w = route(router, logits, bias, torch.tensor(kept))
+    assert torch.equal(idx.sort(-1).values, p_idx.sort(-1).values)
+    torch.testing.assert_close(w.gather(1, idx.sort(-1).indices), p_w.float().gather(1, p_idx.sort(-1).indices))
+
+
+def test_group_limited_subset_search_is_refused_before_calibration():
+    """NAEE and SHAPE evaluate arbitrary subsets, which group-limited routing has no pruned model for: refused by
+    the pipeline's up-front check, naming the methods that work; an unbalanced kept set is refused too."""
+    from moe_fx.routing import route_within
+
+    model = tiny_model("deepseek_v3")
+    block = trace(model).blocks[0]
+    for method in ("naee", "shape"):
+        with pytest.raises(UnsupportedFamilyError, match="use --method reap"):
+            compose(Calibrate(torch.zeros(1, 4, dtype=torch.long), observers=("routing", "samples")), Score(method)).check_model(model)
     with pytest.raises(UnsupportedFamilyError, match="group-limited"):
-        route(block.router, torch.zeros(2, block.num_experts), None)
+        route_within(block.router, torch.zeros(2, 8), None, torch.ones(2, 8, dtype=torch.bool))
+    with pytest.raises(UnsupportedFamilyError, match="same number per group"):
+        route(block.router, torch.zeros(2, 8), None, torch.tensor([0, 1, 2, 4]))
 
 
 @pytest.fixture
@@ -108,7 +157,7 @@ def test_naee_with_a_small_budget_enumerates_every_subset(naee_state):
         logits = state.stats.get(block.path, "sample_logits")
         out = state.stats.get(block.path, "sample_expert_out")
         target = combine(out, *route(block.router, logits, None))
-        err = lambda c: reconstruction_error(block.router, logits, out, None, torch.tensor(sorted(c)), target)  # noqa: E731
+        err = lambda c: reconstruction_error(block.router, logits, out, None, torch.tensor(sorted(c)), target)
         best = min(itertools.combinations(range(8), 5), key=err)
         assert sorted(scores[block.path].argsort(descending=True)[:5].tolist()) == list(best)
     big = get_scorer("naee", keep=5, max_subsets=10)

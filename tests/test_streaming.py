@@ -91,7 +91,7 @@ def test_streaming_equals_in_memory(model_type, overrides, tmp_path):
 
 
 def test_streaming_equals_in_memory_with_compensation_and_merge(micro_path, tmp_path):
-    passes = lambda: [  # noqa: E731
+    passes = lambda: [
         Calibrate(TOKENS, batch_size=4, observers=("routing", "reap", "samples", "inputs"), show_progress=False),
         Score("reap"), MergeExperts(ratio=0.25), CompensateExperts(),
     ]
@@ -102,7 +102,7 @@ def test_streaming_equals_in_memory_with_compensation_and_merge(micro_path, tmp_
 
 
 def test_streaming_channels_equals_in_memory(micro_path, tmp_path):
-    passes = lambda: [  # noqa: E731
+    passes = lambda: [
         Calibrate(TOKENS, batch_size=4, observers=("routing", "reap", "channels"), show_progress=False),
         Score("reap"), DropExperts(ratio=0.25), Score("activation"), PruneChannels(ratio=0.5),
     ]

@@ -9,13 +9,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import ASSETS, SHARED, tiny_qwen3
 from torch import nn
 
 from moe_fx.errors import BadOptionError, CalibrationDataError
 from moe_fx.zero_shot import TASKS, Item, LoglikCache, Request, checkpoint_fingerprint, evaluate_tasks, read_items, resolve_tasks, task_metrics
 from moe_fx.zero_shot.loglik import encode_pair, loglikelihoods
-
-from conftest import ASSETS, SHARED, tiny_qwen3
 
 SAMPLES = ASSETS / "eval"
 VOCAB = " abcdefgh"
@@ -89,7 +88,7 @@ def test_encode_pair_tokenises_the_pair_whole():
 
 def test_padding_and_batching_do_not_change_results():
     model = tiny_qwen3()
-    encode_ids = lambda s: [2 + (ord(ch) % 120) for ch in s]  # noqa: E731
+    encode_ids = lambda s: [2 + (ord(ch) % 120) for ch in s]
     requests = [Request("a longer context here", " x"), Request("ab", " yz"), Request("", " short"), Request("mid size", " tail end")]
     one = loglikelihoods(model, encode_ids, requests, prefix_id=0, batch_tokens=1, show_progress=False)
     many = loglikelihoods(model, encode_ids, requests, prefix_id=0, batch_tokens=10**6, show_progress=False)

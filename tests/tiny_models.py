@@ -209,3 +209,22 @@ def auto_class(config: PreTrainedConfig) -> type:
         if type(config) in auto._model_mapping:
             return auto
     raise ValueError(f"no auto class of {AUTO_CLASSES} builds {type(config).__name__}")
+
+
+def tiny_checkpoint(model_type: str, path, *, tokenizer_from, vocab_size: int = 8192):
+    """A tiny random ``model_type`` checkpoint on disk as the hub lays it out (config, safetensors, tokenizer),
+    with the vocabulary of the tokenizer copied from ``tokenizer_from`` (a checkpoint directory), so the command
+    line can calibrate and evaluate it on real text. Deterministic (seeded); returns ``path``."""
+    import shutil
+    from pathlib import Path
+
+    config = tiny_config(model_type)
+    config.vocab_size = vocab_size
+    torch.manual_seed(0)
+    model = auto_class(config).from_config(config).eval()
+    _perturb_constants(model)
+    path = Path(path)
+    model.save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(tokenizer_from) / name, path / name)
+    return path

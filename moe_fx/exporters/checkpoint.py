@@ -20,10 +20,10 @@ from torch import nn
 from .. import __version__
 from ..adapters import COUNT_ATTRS, get_adapter
 from ..errors import BadOptionError, MoeFxError, OutputPathError
-from ..trace import trace
 from ..pipeline import STATE_ATTR
-from ..rewrite import config_at
 from ..report import write_report
+from ..rewrite import config_at
+from ..trace import trace
 from . import per_layer_model
 from .atomic import atomic_directory, replace_atomically
 

@@ -118,7 +118,7 @@ def layer_channels(spec: MoEModelSpec, scores: ChannelScores, ratio: float, *, c
     gains = {b.path: torch.sort(ranked[b.path], dim=1, descending=True).values.sum(0) for b in spec.blocks}
     widths = {b.path: min(WIDTH_ALIGN, b.experts.intermediate_size) for b in spec.blocks}
     used = sum(b.num_experts * widths[b.path] for b in spec.blocks)
-    step = lambda b: float(gains[b.path][widths[b.path] : widths[b.path] + WIDTH_ALIGN].sum())  # noqa: E731
+    step = lambda b: float(gains[b.path][widths[b.path] : widths[b.path] + WIDTH_ALIGN].sum())
     heap = [(-step(b), i) for i, b in enumerate(spec.blocks) if widths[b.path] < b.experts.intermediate_size]
     heapq.heapify(heap)
     while heap:
@@ -178,7 +178,7 @@ def coverage_channels(
         sorted_cum[b.path] = torch.sort(v / v.mean().clamp(min=1e-30), descending=True).values.cumsum(0)
     total = sum(b.num_experts * b.experts.intermediate_size for b in spec.blocks)
     budget = channels_to_keep(total, ratio)
-    per_block = lambda s: {p: _coverage_count(c, s) for p, c in sorted_cum.items()}  # noqa: E731
+    per_block = lambda s: {p: _coverage_count(c, s) for p, c in sorted_cum.items()}
     s = _bisect(lambda s: sum(per_block(s).values()), budget, 0.0, 1.0)
     block_keep = per_block(s)
     counts = {}
@@ -199,7 +199,7 @@ def _split_block(scores: torch.Tensor, attribution: torch.Tensor, keep: int) -> 
     w = (w / w.sum().clamp(min=1e-30)).clamp(min=1e-6)
     ordered = torch.sort(scores.clamp(min=0), dim=1, descending=True).values
     cum = ordered.cumsum(1)
-    count = lambda mu: [_coverage_count(cum[e], min(1.0, float(w[e]) * mu)) for e in range(e_count)]  # noqa: E731
+    count = lambda mu: [_coverage_count(cum[e], min(1.0, float(w[e]) * mu)) for e in range(e_count)]
     counts = count(_bisect(lambda mu: sum(count(mu)), keep, 0.0, 1.05 / float(w.min())))
     scaled = ordered * attribution.clamp(min=0)[:, None]
     while sum(counts) != keep:

@@ -24,11 +24,12 @@ one ``I x I`` float64 solve (O(n I^2 + I^3)); seconds on the CPU for small model
 otherwise. The ``inputs`` observer holds ``samples x (2H + E + 2k)`` floats per block on the CPU.
 
 Limits: the fit is block-local on the sample (no end-to-end loss), only the down projection moves, and a
-too small ``ridge`` overfits the sample. Needs experts whose math is ``down(act(gate) * up)`` with an
-``ACT2FN`` activation, fused ``[E, ...]`` tensors in any layout :func:`neuron_tensors` reads (concatenated or
-interleaved gate/up, transposed, non-gated, biases); the reconstruction is checked against the experts
-module itself and families that differ (GPT-OSS's clamped GLU, ...) are refused with
-:class:`UnsupportedFamilyError`, as are routers :func:`route` cannot reproduce (``n_group > 1``, ...).
+too small ``ridge`` overfits the sample. Needs experts whose output is ``down(gating(gate, up))`` with the
+module's own gating (:class:`~moe_fx.expert_math.ExpertMath`: SwiGLU, GPT-OSS's clamped GLU, non-gated, biases)
+in any layout :func:`neuron_tensors` reads, and a routing rule :func:`route` re-applies (group-limited routing
+included). Families outside that (a norm after each expert's down projection) are refused with
+:class:`UnsupportedFamilyError` before any pass runs (:meth:`CompensateExperts.check_model`); the reconstruction
+is also checked against the experts module itself on the sample.
 """
 
 from __future__ import annotations
@@ -39,11 +40,11 @@ import torch
 from torch import nn
 
 from ..errors import BadOptionError, UnsupportedFamilyError
-from ..expert_math import ExpertMath
+from ..expert_math import ExpertMath, check_expert_math
 from ..pipeline import MoEState, Pass, PassResult, require
 from ..rewrite import get_tensor
-from ..routing import matches_recorded, route
-from ..spec import MoEBlockSpec
+from ..routing import check_group_simulation, matches_recorded, route
+from ..spec import MoEBlockSpec, MoEModelSpec
 
 __all__ = ["CompensateExperts", "compensate_block"]
 
@@ -147,6 +148,12 @@ class CompensateExperts(Pass):
         missing = [b.path for b in state.spec.blocks if not all(k in state.stats.per_block.get(b.path, {}) for k in _NEEDS)]
         require(not missing, self.name, f"the 'inputs' calibration sample (missing for {missing[:2]})",
                 "Calibrate(observers=(..., 'inputs'))")
+
+    def check_model(self, model: nn.Module, spec: MoEModelSpec) -> None:
+        """Experts whose output is ``down(activations)`` and a routing rule :func:`route` re-applies after the drop."""
+        for block in spec.blocks:
+            check_expert_math(model.get_submodule(block.experts.path), block.experts, linear_down=True)
+            check_group_simulation(block.router)
 
     def check_layerwise(self) -> None:
         """Each block is refit on its own sample: layer-local."""

@@ -101,6 +101,12 @@ class DropExperts(Pass):
         state.search = self.allocation.search(model, state.spec, scores, ratio=self.ratio, keep=self.keep, stats=state.stats)
         return state.search.plan
 
+    def check_model(self, model: nn.Module, spec: MoEModelSpec) -> None:
+        """A search's ``refine`` pass (compensation measured inside the search) must run on this model too."""
+        refine = getattr(self.allocation, "refine", None)
+        if refine is not None:
+            refine.check_model(model, spec)
+
     def check_layerwise(self) -> None:
         if self.plan is None and self.allocation != "uniform":
             raise BadOptionError(f"{self.name}: allocation {self.allocation!r} ranks experts across all layers; "

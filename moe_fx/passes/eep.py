@@ -93,7 +93,9 @@ class EvolutionarySearch:
 
     ``data``: fitness tokens (a TokenBatch, a LongTensor ``[N, L]``, texts or a path; held out from calibration).
     ``allocation``: ``uniform`` (same count per block) or ``global`` (counts move between blocks).
-    ``max_evals`` / ``max_seconds``: stop early once either budget is spent (checked per generation).
+    ``max_evals`` / ``max_seconds``: stop early once either budget is spent (checked before each candidate's
+    fitness evaluation, so the search overruns ``max_seconds`` by at most one evaluation; the warm start is
+    always measured).
     ``refine``: a pass applied to every candidate before its fitness is measured (``CompensateExperts()``),
     so the search picks the plan that is best *after* the rewrite that will follow it (costs one refine
     per candidate).
@@ -150,24 +152,31 @@ class EvolutionarySearch:
         t0 = time.perf_counter()
 
         def measure(genomes) -> None:
-            """Fitness of every genome not measured yet. Under torch.distributed each rank measures every
-            world-th one and the values are shared (a sum over ranks of one-hot vectors), so every rank
-            holds the same cache and takes the same search steps."""
+            """Fitness of every genome not measured yet, until the budget is spent: the clock and the evaluation
+            count are checked before each candidate, so ``max_seconds`` is overrun by at most one fitness
+            evaluation. Under torch.distributed each rank measures every world-th one and the values are shared
+            (sums over ranks of one-hot vectors, with a flag per measured genome), so every rank holds the same
+            cache and takes the same search steps."""
             new = sorted({g for g in genomes if g not in cache})
             values = torch.zeros(len(new), dtype=torch.float64)
+            measured = torch.zeros(len(new), dtype=torch.float64)
             for i in range(distributed.rank(), len(new), distributed.world_size()):
+                if cache and self._over(len(cache) + int(measured.sum()) * distributed.world_size(), time.perf_counter() - t0):
+                    break
                 view = pruned_view(model, spec, ops.plan(new[i]), self.refine, stats)
                 s, n = nll_sum(view, tokens.input_ids, batch_size=self.batch_size)
-                values[i] = s / n
+                values[i], measured[i] = s / n, 1.0
             if distributed.active():
                 distributed.all_reduce_sum_(values)
-            cache.update(zip(new, values.tolist()))
+                distributed.all_reduce_sum_(measured)
+            cache.update((g, v) for g, v, m in zip(new, values.tolist(), measured.tolist()) if m > 0)
 
         try:
+            measure([start])  # the warm start is always measured: the search returns a plan either way
             pop = [start] + [ops.mutate(start, rng.randint(1, 2 * self.mutation_swaps), budget) for _ in range(self.population - 1)]
             measure(pop)
-            rank = lambda g: (cache[g], g)  # noqa: E731 - ties broken by the genome: deterministic order
-            pop = sorted(set(pop), key=rank)
+            rank = lambda g: (cache[g], g)
+            pop = sorted({g for g in pop if g in cache}, key=rank)
             history = [cache[pop[0]]]
             with progress_bar("eep search", total=self.generations, unit="gen", enabled=self.show_progress and distributed.is_main()) as bar:
                 for _ in range(self.generations):
@@ -182,7 +191,7 @@ class EvolutionarySearch:
                             children.add(child)
                     # (mu + lambda): parents and children compete, so the best plan is never lost
                     measure(children)
-                    pop = sorted(set(pop) | children, key=rank)[: self.population]
+                    pop = sorted(set(pop) | {c for c in children if c in cache}, key=rank)[: self.population]
                     history.append(cache[pop[0]])
                     bar.update(1)
                     bar.set_postfix(best=f"{history[-1]:.4f}", start=f"{cache[start]:.4f}", evals=len(cache))
@@ -190,17 +199,21 @@ class EvolutionarySearch:
             model.train(was_training)
         return SearchResult(ops.plan(pop[0]), cache[pop[0]], cache[start], history, len(cache), time.perf_counter() - t0)
 
+    def _over(self, evals: int, seconds: float) -> bool:
+        """Whether ``evals`` evaluations or ``seconds`` of search reach ``max_evals`` / ``max_seconds`` (this rank's view)."""
+        return (self.max_evals is not None and evals >= self.max_evals) or (self.max_seconds is not None and seconds >= self.max_seconds)
+
     def _spent(self, evals: int, seconds: float) -> bool:
         """Whether the budget is used up; across ranks, as soon as one rank's clock says so (all stop together)."""
-        spent = (self.max_evals is not None and evals >= self.max_evals) or (self.max_seconds is not None and seconds >= self.max_seconds)
+        spent = self._over(evals, seconds)
         if distributed.active():
             flag = torch.tensor([float(spent)])
             distributed.all_reduce_sum_(flag)
             spent = bool(flag.item() > 0)
         return spent
 
-    def _child(self, pop: list[Genome], ops: "_Operators", rng: random.Random, budget: int) -> Genome:
-        tournament = lambda: min(rng.sample(range(len(pop)), min(3, len(pop))))  # noqa: E731 - pop is sorted by fitness
+    def _child(self, pop: list[Genome], ops: _Operators, rng: random.Random, budget: int) -> Genome:
+        tournament = lambda: min(rng.sample(range(len(pop)), min(3, len(pop))))
         child = pop[tournament()]
         if rng.random() < self.crossover:
             child = ops.crossover(child, pop[tournament()], budget)

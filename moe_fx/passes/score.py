@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..pipeline import MoEState, Pass, PassResult, require
+from ..spec import MoEModelSpec
 from .scorers import get_scorer
 
 
@@ -23,6 +24,9 @@ class Score(Pass):
     def requires(self, state: MoEState) -> None:
         scorer = get_scorer(self.method, seed=self.seed, **(self.options or {}))
         require(not scorer.needs or state.stats is not None, f"Score({self.method!r})", "calibration statistics", "Calibrate(...)")
+
+    def check_model(self, model: nn.Module, spec: MoEModelSpec) -> None:
+        get_scorer(self.method, seed=self.seed, **(self.options or {})).check(spec)
 
     def check_layerwise(self) -> None:
         """Scorers score each block from its own statistics (and weights): layer-local. Statistics that need a

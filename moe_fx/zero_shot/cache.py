@@ -75,7 +75,7 @@ class LoglikCache:
                 self.entries = {}  # a damaged cache file is only a cache: start afresh
 
     @classmethod
-    def for_checkpoint(cls, path: str | Path, *, dtype: str, device: str, max_length: int, directory: str | Path | None = None) -> "LoglikCache":
+    def for_checkpoint(cls, path: str | Path, *, dtype: str, device: str, max_length: int, directory: str | Path | None = None) -> LoglikCache:
         key = hashlib.sha256(f"{checkpoint_fingerprint(path)}|{dtype}|{device.split(':')[0]}|{max_length}".encode()).hexdigest()[:24]
         return cls(directory or default_cache_dir(), key)
 

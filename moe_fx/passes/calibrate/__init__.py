@@ -14,10 +14,12 @@ from torch import nn
 from ... import distributed
 from ...data import TokenBatch, calibration_tokens
 from ...errors import BadOptionError
+from ...expert_math import check_expert_math
 from ...pipeline import MoEState, Pass, PassResult
 from ...progress import progress_bar
+from ...spec import MoEModelSpec
 from ...stats import CalibrationStats
-from .hooks import instrument, router_logits, router_probs
+from .hooks import check_routed, instrument, router_logits, router_probs
 from .observers import (
     OBSERVERS,
     ChannelGradObserver,
@@ -49,6 +51,9 @@ __all__ = [
 ]
 
 
+_COMPILED_FORWARD_ONLY = "compiled calibration runs forward passes only; observers that need gradients ({}) need Calibrate(compiled=False)"
+
+
 def run_calibration(
     model: nn.Module,
     state: MoEState,
@@ -69,8 +74,7 @@ def run_calibration(
     model.eval()
     needs_grads = any(o.needs_grads for o in observers)
     if compiled and needs_grads:
-        raise BadOptionError("compiled calibration runs forward passes only; observers that need gradients "
-                             f"({[o.name for o in observers if o.needs_grads]}) need Calibrate(compiled=False)")
+        raise BadOptionError(_COMPILED_FORWARD_ONLY.format([o.name for o in observers if o.needs_grads]))
     try:
         windows = distributed.shard(tokens.input_ids)
         with _observed(model, state, observers, compiled) as (runner, accumulators), _backward_mode(model) if needs_grads else torch.no_grad():
@@ -97,7 +101,8 @@ def _observed(model: nn.Module, state: MoEState, observers: list[Observer], comp
         with instrument(model, state.spec, observers) as acc:
             yield model, lambda: acc
         return
-    from ...graph import InstrumentPass, compiled as compile_with
+    from ...graph import InstrumentPass
+    from ...graph import compiled as compile_with
 
     instrument_pass = InstrumentPass(observers)
     # calibration windows have one shape: on CUDA each graph is recorded once and replayed (no launch overhead)
@@ -176,6 +181,17 @@ class Calibrate(Pass):
     statistics; forward-pass observers only (``routing``, ``reap``, ``channels``)."""
     name = "calibrate"
 
+    def check_model(self, model: nn.Module, spec: MoEModelSpec) -> None:
+        """Experts calls the hooks can observe, and for observers that read inside the experts (channels),
+        experts whose activations :class:`~moe_fx.expert_math.ExpertMath` reproduces."""
+        observers = self.make_observers()
+        check_routed(spec)
+        if any(o.needs_math for o in observers):
+            for block in spec.blocks:
+                check_expert_math(model.get_submodule(block.experts.path), block.experts)
+        if self.compiled and any(o.needs_grads for o in observers):
+            raise BadOptionError(_COMPILED_FORWARD_ONLY.format([o.name for o in observers if o.needs_grads]))
+
     def run(self, model: nn.Module, state: MoEState) -> PassResult:
         tokens, observers = self.tokens(model), self.make_observers()
         state.stats = run_calibration(model, state, tokens, observers, batch_size=self.batch_size, show_progress=self.show_progress,
@@ -187,9 +203,6 @@ class Calibrate(Pass):
         streaming run (:mod:`moe_fx.streaming`) feeds them layer by layer, with :meth:`make_observers` per layer."""
         if self.data is None:
             raise BadOptionError("Calibrate needs data: a text/jsonl path, a list of strings or a token tensor")
-        unknown = [o for o in self.observers if o not in OBSERVERS]
-        if unknown:
-            raise BadOptionError(f"unknown observers {unknown}; available: {sorted(OBSERVERS)}")
         if self.batch_size < 1 or self.max_tokens < 1:
             raise BadOptionError(f"batch_size and max_tokens must be positive, got {self.batch_size} and {self.max_tokens}")
         tokenizer = self.tokenizer
@@ -201,6 +214,9 @@ class Calibrate(Pass):
 
     def make_observers(self) -> list[Observer]:
         """Fresh observers (zero state) for the configured names."""
+        unknown = [o for o in self.observers if o not in OBSERVERS]
+        if unknown:
+            raise BadOptionError(f"unknown observers {unknown}; available: {sorted(OBSERVERS)}")
         return [self._observer(OBSERVERS[o]) for o in self.observers]
 
     def _observer(self, cls: type[Observer]) -> Observer:

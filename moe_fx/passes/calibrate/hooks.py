@@ -140,7 +140,7 @@ def instrument(model: nn.Module, spec: MoEModelSpec, observers: Sequence[Observe
     probes = {b.path: BlockProbe(model, b, observers) for b in spec.blocks}
     handles, patched = [], []
     try:
-        for path, probe in probes.items():
+        for probe in probes.values():
             if probe.needs_logits:
                 router = model.get_submodule(probe.block.router.path)
                 handles.append(router.register_forward_pre_hook(probe.router_pre_hook, with_kwargs=True))

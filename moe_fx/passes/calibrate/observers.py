@@ -76,7 +76,7 @@ class RoutingObserver(Observer):
     needs_probs = True
 
     def init(self, block, device):
-        z = lambda: torch.zeros(block.num_experts, dtype=torch.float64, device=device)  # noqa: E731
+        z = lambda: torch.zeros(block.num_experts, dtype=torch.float64, device=device)
         return {"count": z(), "weight_sum": z(), "prob_mass": z(), "tokens": torch.zeros((), dtype=torch.float64, device=device)}
 
     def update(self, acc, event):
@@ -95,7 +95,7 @@ class ReapObserver(Observer):
     needs_outputs = True
 
     def init(self, block, device):
-        z = lambda: torch.zeros(block.num_experts, dtype=torch.float64, device=device)  # noqa: E731
+        z = lambda: torch.zeros(block.num_experts, dtype=torch.float64, device=device)
         return {"reap_sum": z(), "out_norm_sum": z()}
 
     def update(self, acc, event):
@@ -251,7 +251,7 @@ class ChannelObserver(Observer):
 
     def init(self, block, device):
         e, i = block.num_experts, block.experts.intermediate_size
-        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
+        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)
         return {"chan_abs_sum": z(e, i), "chan_act_sq": z(e, i), "chan_up_sq": z(e, i), "chan_gate_sq": z(e, i),
                 "chan_count": z(e), "expert_attribution": z(e)}
 

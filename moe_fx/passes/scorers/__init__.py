@@ -52,6 +52,10 @@ class Scorer:
         self.seed = seed
         self.model: nn.Module | None = None
 
+    def check(self, spec: MoEModelSpec) -> None:
+        """Refuse blocks this scorer cannot score whatever the data (a routing rule it cannot simulate, ...):
+        called by :class:`~moe_fx.passes.Score` before any pass runs, so the refusal comes before calibration."""
+
     def score_block(self, stats: CalibrationStats | None, block: MoEBlockSpec) -> torch.Tensor:
         raise NotImplementedError
 
@@ -94,4 +98,4 @@ def get_scorer(name: str, **kwargs) -> Scorer:
         raise BadOptionError(f"scorer {name!r}: {exc}") from None
 
 
-from . import channel, frequency, naee, random, reap, shape  # noqa: F401  (register the built-in scorers)
+from . import channel, frequency, naee, random, reap, shape  # noqa: E402, F401  (registers the built-in scorers; they import this module)

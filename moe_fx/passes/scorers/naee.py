@@ -19,8 +19,8 @@ import math
 import torch
 
 from ...routing import combine, route
-from . import Scorer, register_scorer
-from .sample import SAMPLE_NEEDS, routed_sample
+from . import register_scorer
+from .sample import SubsetScorer, routed_sample
 
 
 def reconstruction_error(router, logits, expert_out, bias, kept: torch.Tensor, target: torch.Tensor) -> float:
@@ -30,12 +30,10 @@ def reconstruction_error(router, logits, expert_out, bias, kept: torch.Tensor, t
 
 
 @register_scorer
-class NaeeScorer(Scorer):
+class NaeeScorer(SubsetScorer):
     """``keep``: experts each block will keep (enables the exhaustive search); ``max_subsets``: its limit."""
 
     name = "naee"
-    observers = ("routing", "samples")
-    needs = SAMPLE_NEEDS
 
     def __init__(self, seed: int = 0, keep: int | None = None, max_subsets: int = 5000) -> None:
         super().__init__(seed)

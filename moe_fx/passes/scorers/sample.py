@@ -7,9 +7,10 @@ from dataclasses import dataclass
 import torch
 
 from ...errors import UnsupportedFamilyError
-from ...routing import matches_recorded
-from ...spec import MoEBlockSpec
+from ...routing import check_subset_routing, matches_recorded
+from ...spec import MoEBlockSpec, MoEModelSpec
 from ...stats import CalibrationStats
+from . import Scorer
 
 SAMPLE_NEEDS = ("sample_logits", "sample_expert_out", "sample_seen", "sample_topk_index", "sample_topk_weight")
 """Statistics of the ``samples`` observer that :func:`routed_sample` reads."""
@@ -23,6 +24,18 @@ class RoutedSample:
     logits: torch.Tensor
     expert_out: torch.Tensor
     bias: torch.Tensor | None
+
+
+class SubsetScorer(Scorer):
+    """Base of the scorers that evaluate expert subsets on the sample (NAEE, SHAPE): they read the ``samples``
+    observer and need a routing rule that :mod:`moe_fx.routing` simulates over any subset."""
+
+    observers = ("routing", "samples")
+    needs = SAMPLE_NEEDS
+
+    def check(self, spec: MoEModelSpec) -> None:
+        for block in spec.blocks:
+            check_subset_routing(block.router)
 
 
 def routed_sample(stats: CalibrationStats, block: MoEBlockSpec, evaluated: str) -> RoutedSample:

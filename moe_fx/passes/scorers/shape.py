@@ -31,8 +31,8 @@ import torch
 from ...errors import BadOptionError
 from ...routing import combine, route, route_within, selection_scores
 from ...spec import RouterSpec
-from . import Scorer, register_scorer
-from .sample import SAMPLE_NEEDS, routed_sample
+from . import register_scorer
+from .sample import SubsetScorer, routed_sample
 
 
 def candidate_sets(router: RouterSpec, logits: torch.Tensor, selection_bias: torch.Tensor | None, candidates: int) -> torch.Tensor:
@@ -77,10 +77,8 @@ def shapley_samples(
 
 
 @register_scorer
-class ShapeScorer(Scorer):
+class ShapeScorer(SubsetScorer):
     name = "shape"
-    observers = ("routing", "samples")
-    needs = SAMPLE_NEEDS
 
     def __init__(self, seed: int = 0, permutations: int = 32, candidates: int | None = None) -> None:
         super().__init__(seed)
