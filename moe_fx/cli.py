@@ -64,8 +64,22 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     _add_tasks(p, tasks_flag="--eval-tasks", limit_flag="--task-limit")
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: the stack's versions, read from package metadata (nothing heavy is imported)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .environment import version_line
+
+        print(version_line())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-fx", description="Make Mixture-of-Experts models smaller: trace, calibrate, prune, save.")
+    parser.add_argument("--version", action=_VersionAction, help="print the versions of moe-fx, torch, transformers and onnxruntime, and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inspect", help="describe every MoE block of a checkpoint")
@@ -637,7 +651,11 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.disable_progress_bar()
     from . import distributed
+    from .environment import untested_transformers
 
+    warning = untested_transformers()
+    if warning and distributed.is_main():
+        print(f"moe-fx: warning: {warning}", file=sys.stderr)
     try:
         code = COMMANDS[args.command](args)
         distributed.finish()

@@ -14,6 +14,7 @@ from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 
 SMALL: dict[str, object] = dict(
     vocab_size=128,
+    unpadded_vocab_size=128,  # inkling2 pads its lm_head from this to vocab_size on load (transformers 5.24+)
     hidden_size=64,
     intermediate_size=64,
     moe_intermediate_size=32,

@@ -14,11 +14,10 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from .. import __version__
 from ..adapters import COUNT_ATTRS, get_adapter
+from ..environment import versions
 from ..errors import BadOptionError, MoeFxError, OutputPathError
 from ..pipeline import STATE_ATTR
 from ..report import write_report
@@ -152,12 +151,6 @@ def _drop_stale_auto_map(path: Path) -> None:
             data["auto_map"] = kept
         else:
             data.pop("auto_map", None)
-
-
-def versions() -> dict[str, str]:
-    import transformers
-
-    return {"moe_fx": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def copy_files(source: str | Path, dest: Path, names: tuple[str, ...] = TOKENIZER_FILES) -> None:

@@ -20,12 +20,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..environment import versions
 from ..errors import BadOptionError, MoeFxError, first_line
 from ..evaluate import model_size
 from ..experts_implementation import DEFAULT_IMPLEMENTATION, experts_implementation
 from ..loading import load_model, parse_dtype
 from .atomic import atomic_directory
-from .checkpoint import CONFIG_FILES, RECORD_FILE, TOKENIZER_FILES, check_output_path, copy_files, patch_config, versions, write_config
+from .checkpoint import CONFIG_FILES, RECORD_FILE, TOKENIZER_FILES, check_output_path, copy_files, patch_config, write_config
 from .onnx_runtime import ONNX_FILE, OnnxCausalLM, Parity, check_parity
 
 EXTERNAL_DATA_FILE = "model.onnx_data"
@@ -42,9 +43,14 @@ FP32_LOGIT_TOLERANCE = 1e-4
 HALF_LOGIT_TOLERANCE = 2e-2
 """Relative to the largest logit, for float16/bfloat16 exports (rounding of the half-precision ops)."""
 
-_PAST_INPUT = re.compile(r"^input\.past_key_values\.layers\.(\d+)\.(\w+)$")
-_PAST_OUTPUT = re.compile(r"^output\.past_key_values\.layers\.(\d+)\.(\w+)$")
+_PAST_INPUT = re.compile(r"^(?:input\.)?past_key_values\.layers\.(\d+)\.(\w+)$")
+"""The cache object's tensors among the exporter's graph inputs: ``input.past_key_values.layers.{i}.{attr}``
+(transformers 5.23) or ``past_key_values.layers.{i}.{attr}`` (5.24 and later)."""
+_PAST_OUTPUT = re.compile(r"^(?:output\.past_key_values|cache)\.layers\.(\d+)\.(\w+)$")
+"""The same among its outputs: ``output.past_key_values.layers.{i}.{attr}`` (5.23) or ``cache.layers.{i}.{attr}`` (5.24+)."""
 _CACHE_KIND = {"keys": "key", "values": "value"}
+_OPTIMUM_PAST = re.compile(r"^(past_key_values|present)\.\d+\.(key|value)$")
+"""Optimum's names for the cache inputs and outputs, which moe-fx gives them."""
 
 
 class OnnxParityError(MoeFxError):
@@ -159,8 +165,21 @@ def _to_optimum_interface(graph, constants: dict[tuple[int, str], torch.Tensor])
             value.name = f"present.{layer}.{_CACHE_KIND[kind]}"
         else:
             graph.outputs.remove(value)
+    _check_interface(graph)
     _name_dims(graph)
     return folded
+
+
+def _check_interface(graph) -> None:
+    """Every input and output has one of Optimum's decoder names after the renaming: a transformers release that
+    names the cache differently fails here, naming the value, instead of at inference time."""
+    import transformers
+
+    expected = {"input_ids", "attention_mask", "position_ids", "logits"}
+    odd = [v.name for v in [*graph.inputs, *graph.outputs] if v.name not in expected and not _OPTIMUM_PAST.match(v.name or "")]
+    if odd:
+        raise MoeFxError(f"transformers {transformers.__version__}'s ONNX exporter named graph values {odd[:3]}, which moe-fx does not map to "
+                         "Optimum's decoder layout; please report it with your transformers version")
 
 
 def _name_dims(graph) -> None:
@@ -184,10 +203,8 @@ def _name_dims(graph) -> None:
             rename(value, {0: "batch_size", 1: total})
         elif name == "logits":
             rename(value, {0: "batch_size", 1: "sequence_length"})
-        elif name.startswith("past_key_values."):
-            rename(value, {0: "batch_size", 2: "past_sequence_length"})
-        elif name.startswith("present."):
-            rename(value, {0: "batch_size", 2: total})
+        elif _OPTIMUM_PAST.match(name):
+            rename(value, {0: "batch_size", 2: "past_sequence_length" if name.startswith("past_key_values.") else total})
 
 
 def _share_transposed_copies(graph) -> None:

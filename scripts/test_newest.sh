@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The newest transformers that pip resolves today (no constraints.txt pin), in its own environment
+# (.venv-newest), on a broad subset of the suite: every family's discovery, prune -> save -> reload and
+# per-layer format, the experts kernels and the compiled graph, the graph backend's matcher, ONNX export of
+# several families, streaming equality, and the CLI recipes' fast subset. CI runs it after scripts/test.sh;
+# a failure here means a transformers release changed something moe-fx relies on. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MOE_FX_VENV=.venv-newest MOE_FX_CONSTRAINTS="" bash scripts/setup.sh
+# the newest release: installing with --upgrade keeps an environment made on an earlier day current
+.venv-newest/bin/python -m pip install -q --upgrade transformers 2>&1 | grep -v "^WARNING: Location" || true
+exec .venv-newest/bin/python -m pytest -q -p no:cacheprovider \
+    tests/test_families.py \
+    "tests/test_per_layer.py::test_per_layer_format_every_family" \
+    "tests/test_moe_experts.py::test_equals_eager_for_every_family" \
+    "tests/test_moe_experts.py::test_compiles_whole_graph" \
+    "tests/test_graph_backend.py::test_every_tiny_family_is_matched_and_virtually_pruned" \
+    "tests/test_onnx.py::test_pruned_family_exports_and_matches" \
+    "tests/test_onnx.py::test_sliding_window_past_the_window" \
+    "tests/test_onnx.py::test_cli_exports_the_trained_micro_model" \
+    "tests/test_streaming.py::test_streaming_equals_in_memory" \
+    "tests/test_streaming.py::test_cli_stream" \
+    tests/test_checkpoint.py \
+    "tests/test_recipes.py::test_recipe" \
+    tests/test_environment.py \
+    "$@"
