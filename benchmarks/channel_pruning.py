@@ -23,16 +23,11 @@ import torch.nn.functional as F
 from common import calibrate, data_parser, mean_nll, quality_run
 
 from moe_fx import compose, state_of
-from moe_fx.data import TokenBatch
-from moe_fx.evaluate import evaluate_nll, model_size
-from moe_fx.passes import (
-    CompensateExperts,
-    DropExperts,
-    PruneChannels,
-    Score,
-)
-from moe_fx.passes.prune_channels import routed_parameters
-from moe_fx.table import format_table, human_bytes
+from moe_fx.calibrate.data import TokenBatch
+from moe_fx.evaluate.nll import evaluate_nll, model_size
+from moe_fx.evaluate.table import format_table, human_bytes
+from moe_fx.passes import CompensateExperts, DropExperts, PruneChannels, Score
+from moe_fx.rewrite.prune_channels import routed_parameters
 
 OBSERVERS = ("routing", "reap", "channels", "channel_grads", "inputs")
 

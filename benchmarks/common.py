@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from moe_fx import compose, state_of
-from moe_fx.data import Document, TokenBatch, pack, read_documents, split_fitness
-from moe_fx.evaluate import EvalSet, build_eval_set, evaluate_nll, nll_sum
-from moe_fx.loading import load_model, load_tokenizer
+from moe_fx.calibrate.data import Document, TokenBatch, pack, read_documents, split_fitness
+from moe_fx.calibrate.stats import CalibrationStats
+from moe_fx.evaluate.nll import EvalSet, build_eval_set, evaluate_nll, nll_sum
+from moe_fx.formats.loading import load_model, load_tokenizer
 from moe_fx.passes import Calibrate
-from moe_fx.stats import CalibrationStats
 
 
 def data_parser(description: str) -> argparse.ArgumentParser:

@@ -17,9 +17,9 @@ from pathlib import Path
 from common import data_parser, mean_nll, quality_run
 
 from moe_fx import compose, state_of
-from moe_fx.evaluate import evaluate_nll
+from moe_fx.evaluate.nll import evaluate_nll
+from moe_fx.evaluate.table import format_table
 from moe_fx.passes import Calibrate, CompensateExperts, DropExperts, Score
-from moe_fx.table import format_table
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Calibration throughput: eager hooks vs instrumentation compiled into the graph (moe_fx.graph) vs the plain
+"""Calibration throughput: eager hooks vs instrumentation compiled into the graph (moe_fx.deliver.graph) vs the plain
 compiled forward, side by side in one process, on a trained checkpoint and on a random-weight model with
 Qwen3-30B-A3B layer shapes.
 
@@ -6,8 +6,8 @@ Qwen3-30B-A3B layer shapes.
     python benchmarks/compiled_calibration.py --device cpu --tiny --batches 2 --seq 64  # smoke test
 
 Every mode runs the same batches with ``torch.no_grad()``; compiled modes are compiled on the first batch, outside
-the timing; the modes take turns over ``--rounds`` timed rounds and the median round is reported. ``eager_hooks`` is :func:`moe_fx.passes.calibrate.instrument` (what ``Calibrate`` runs),
-``compiled_instrumented`` the :class:`~moe_fx.graph.InstrumentPass` under Inductor (``Calibrate(compiled=True)``),
+the timing; the modes take turns over ``--rounds`` timed rounds and the median round is reported. ``eager_hooks`` is :func:`moe_fx.calibrate.instrument` (what ``Calibrate`` runs),
+``compiled_instrumented`` the :class:`~moe_fx.deliver.graph.InstrumentPass` under Inductor (``Calibrate(compiled=True)``),
 ``plain_compiled`` ``torch.compile(model, fullgraph=True)`` with no statistics. On CUDA the instrumented graphs replay
 as CUDA graphs (Inductor's ``triton.cudagraphs``, as ``Calibrate(compiled=True)`` runs them), and
 ``plain_cuda_graphs`` (``mode="reduce-overhead"``) is the plain forward in the same mode. The instrumented modes record the
@@ -29,11 +29,11 @@ from common import print_profile
 from deploy_speed import build_synthetic, free, log, sync
 
 import moe_fx
-from moe_fx.data import calibration_tokens
-from moe_fx.experts_implementation import set_implementation
-from moe_fx.graph import InstrumentPass, compiled
-from moe_fx.passes.calibrate import OBSERVERS, instrument
-from moe_fx.table import format_table
+from moe_fx.calibrate import OBSERVERS, instrument
+from moe_fx.calibrate.data import calibration_tokens
+from moe_fx.deliver.graph import InstrumentPass, compiled
+from moe_fx.evaluate.table import format_table
+from moe_fx.kernels.implementation import set_implementation
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,7 @@ def batches_for(model, args, path: str | None) -> list[torch.Tensor]:
     """``args.batches`` batches of ``[batch, seq]`` ids: calibration text for a trained checkpoint, random ids otherwise."""
     n = args.batches * args.batch
     if path is not None:
-        tokens = calibration_tokens(str(REPO / "examples" / "assets" / "calib.jsonl.gz"), moe_fx.loading.load_tokenizer(path),
+        tokens = calibration_tokens(str(REPO / "examples" / "assets" / "calib.jsonl.gz"), moe_fx.formats.loading.load_tokenizer(path),
                                     seq_len=args.seq, max_tokens=n * args.seq, seed=0).input_ids
     else:
         tokens = torch.randint(0, model.config.vocab_size, (n, args.seq), generator=torch.Generator().manual_seed(0))

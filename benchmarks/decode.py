@@ -29,9 +29,9 @@ from common import print_profile
 from deploy_speed import accounting, build_synthetic, distinct_hits, free, log, make_variant, random_ids, short, sync
 from transformers import StaticCache
 
-from moe_fx.compiling import compile_model
-from moe_fx.experts_implementation import set_implementation
-from moe_fx.table import format_table, human_bytes
+from moe_fx.deliver.compile import compile_model
+from moe_fx.evaluate.table import format_table, human_bytes
+from moe_fx.kernels.implementation import set_implementation
 
 MODES = {"eager": None, "compiled": "default", "cuda-graphs": "reduce-overhead"}
 STOCK, OURS = "grouped_mm", "moe_fx"

@@ -22,8 +22,8 @@ import torch
 from decode import decode_ms, forward_for
 from deploy_speed import SYNTHETIC, build_synthetic, make_variant
 
-from moe_fx.loading import load_model
-from moe_fx.table import format_table
+from moe_fx.evaluate.table import format_table
+from moe_fx.formats.loading import load_model
 
 
 def step_ms(model, mode: str, batch: int, args) -> float:

@@ -4,7 +4,7 @@ Variants of one base model, each a deep copy pruned with moe-fx passes (seeded r
 experts or channels does not change speed): ``unpruned``, ``experts-25%``, ``experts-50%`` (each layer drops
 that share of its experts) and ``channels-50%`` (every expert keeps half of its intermediate channels: one width
 everywhere, stock shapes). Per variant, eager (one row per ``--impls`` experts implementation) and compiled
-(``moe_fx.compiling.compile_model``, compiled once per variant with ``dynamic=None``; every timed shape is warmed
+(``moe_fx.deliver.compile.compile_model``, compiled once per variant with ``dynamic=None``; every timed shape is warmed
 up first, and the sequence, batch and cache length are hinted dynamic with ``maybe_mark_dynamic`` so that four
 graphs cover a variant instead of six, ``--no-mark-dynamic`` to leave it to automatic dynamic shapes):
 
@@ -47,19 +47,14 @@ import transformers
 from transformers import DynamicCache
 
 from moe_fx import PrunePlan, state_of
-from moe_fx.compiling import compile_model
-from moe_fx.evaluate import model_size
-from moe_fx.experts_implementation import (
-    DEFAULT_IMPLEMENTATION,
-    IMPLEMENTATIONS,
-    current,
-    set_implementation,
-)
-from moe_fx.loading import load_model, parse_dtype
+from moe_fx.deliver.compile import compile_model
+from moe_fx.evaluate.nll import model_size
+from moe_fx.evaluate.table import format_table, human_bytes
+from moe_fx.formats.loading import load_model, parse_dtype
+from moe_fx.kernels.implementation import DEFAULT_IMPLEMENTATION, IMPLEMENTATIONS, current, set_implementation
+from moe_fx.model.tensors import get_tensor
 from moe_fx.passes import DropExperts, PruneChannels
-from moe_fx.plan import ChannelPlan
-from moe_fx.rewrite import get_tensor
-from moe_fx.table import format_table, human_bytes
+from moe_fx.plan.plans import ChannelPlan
 
 SYNTHETIC = "qwen3-30b-shapes"
 QWEN3_30B_A3B = {

@@ -1,4 +1,4 @@
-"""Distillation recovery (moe_fx.passes.distill.Distill) after the best one-shot pipelines, on a trained MoE.
+"""Distillation recovery (moe_fx.rewrite.distill.Distill) after the best one-shot pipelines, on a trained MoE.
 
 Each pipeline prunes a copy of the base model with calibration statistics shared by all (train split), then
 Distill fine-tunes it towards the unpruned model's logits on the calibration windows, once per learning rate
@@ -20,12 +20,12 @@ import torch
 from common import calibrate, data_parser, mean_nll, quality_run
 
 from moe_fx import compose, state_of
-from moe_fx.evaluate import evaluate_nll, model_size
+from moe_fx.evaluate.nll import evaluate_nll, model_size
+from moe_fx.evaluate.table import format_table
 from moe_fx.passes import CompensateExperts, DropExperts, PruneChannels, Score
-from moe_fx.passes.distill import Distill
-from moe_fx.passes.eep import EvolutionarySearch
-from moe_fx.passes.prune_channels import routed_parameters
-from moe_fx.table import format_table
+from moe_fx.plan.eep import EvolutionarySearch
+from moe_fx.rewrite.distill import Distill
+from moe_fx.rewrite.prune_channels import routed_parameters
 
 OBSERVERS = ("routing", "reap", "inputs", "channels", "channel_grads")
 

@@ -23,12 +23,12 @@ import torch
 from common import calibrate, data_parser, held_out_windows, quality_run
 
 from moe_fx import compose, state_of
-from moe_fx.data import TokenBatch
-from moe_fx.evaluate import disk_size, evaluate_nll, model_size
-from moe_fx.exporters import save_checkpoint
+from moe_fx.calibrate.data import TokenBatch
+from moe_fx.evaluate.nll import disk_size, evaluate_nll, model_size
+from moe_fx.evaluate.table import format_table, human_bytes
+from moe_fx.formats import save_checkpoint
 from moe_fx.passes import CompensateExperts, DropExperts, MergeExperts, Score
-from moe_fx.passes.eep import EvolutionarySearch
-from moe_fx.table import format_table, human_bytes
+from moe_fx.plan.eep import EvolutionarySearch
 
 OBSERVERS = ("routing", "reap", "samples", "inputs")
 

@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from decode import attempt
 from tiny_models import first_experts_call, tiny_model
 
-from moe_fx.compiling import compile_model
-from moe_fx.experts_implementation import set_implementation
-from moe_fx.moe_experts import moe_fx_experts_forward
+from moe_fx.deliver.compile import compile_model
+from moe_fx.kernels import moe_fx_experts_forward
+from moe_fx.kernels.implementation import set_implementation
 
 FAMILIES = ["qwen3_moe", "gpt_oss", "nemotron_h", "muse_spark", "aria", "mixtral"]
 GRAPH_CHECKS = [("qwen3_moe", torch.float32), ("gpt_oss", torch.float32), ("gpt_oss", torch.bfloat16)]

@@ -25,8 +25,8 @@ from transformers import Qwen3MoeConfig
 from transformers.integrations.moe import batched_mm_experts_forward, grouped_mm_experts_forward
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
-from moe_fx.moe_experts import moe_fx_experts_forward
-from moe_fx.table import format_table
+from moe_fx.evaluate.table import format_table
+from moe_fx.kernels import moe_fx_experts_forward
 
 IMPLS = {
     "grouped_mm (stock)": (grouped_mm_experts_forward, "auto"),
@@ -90,8 +90,8 @@ def routed_rows(tokens: int, num_experts: int, g: torch.Generator) -> tuple[torc
 
 def sweep_tiles(args) -> list[dict]:
     """Microseconds of one grouped matmul per tile shape (Qwen3-30B-A3B's up and down projections)."""
-    from moe_fx.moe_experts.grouped_mm import _native_function
-    from moe_fx.moe_experts.triton_kernels import grouped_tiles, triton_grouped_mm
+    from moe_fx.kernels.grouped_mm import _native_function
+    from moe_fx.kernels.triton_kernels import grouped_tiles, triton_grouped_mm
 
     g = torch.Generator(device="cuda").manual_seed(0)
     rows_out = []

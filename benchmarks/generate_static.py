@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from deploy_speed import build_synthetic, random_ids
 
-from moe_fx.experts_implementation import IMPLEMENTATIONS, set_implementation
+from moe_fx.kernels.implementation import IMPLEMENTATIONS, set_implementation
 
 
 @torch.no_grad()

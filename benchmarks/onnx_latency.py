@@ -3,7 +3,7 @@ cache, for an unpruned and a pruned model, measured side by side in one run.
 
     python benchmarks/onnx_latency.py --model ../shared/models/qwen3moe-bench --ratio 0.5
 
-Each variant is exported with ``moe_fx.exporters.onnx.export_onnx`` (parity checked there), then timed in
+Each variant is exported with ``moe_fx.deliver.onnx.export.export_onnx`` (parity checked there), then timed in
 the same process: PyTorch with the ``grouped_mm`` and ``batched_mm`` experts, onnxruntime with the exported
 graph (``batched_mm``, all threads), in rounds that alternate the variants. Prints a table and writes JSON.
 """
@@ -22,13 +22,13 @@ import numpy as np
 import torch
 
 from moe_fx import compose
-from moe_fx.evaluate import model_size
-from moe_fx.experts_implementation import experts_implementation
-from moe_fx.exporters.onnx import export_onnx
-from moe_fx.exporters.onnx_runtime import OnnxCausalLM
-from moe_fx.loading import load_model
+from moe_fx.deliver.onnx.export import export_onnx
+from moe_fx.deliver.onnx.runtime import OnnxCausalLM
+from moe_fx.evaluate.nll import model_size
+from moe_fx.evaluate.table import format_table, human_bytes
+from moe_fx.formats.loading import load_model
+from moe_fx.kernels.implementation import experts_implementation
 from moe_fx.passes import DropExperts, Score
-from moe_fx.table import format_table, human_bytes
 
 
 def _median_ms(fn, repeats: int) -> float:

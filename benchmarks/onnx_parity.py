@@ -20,12 +20,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from tiny_models import tiny_model
 
 from moe_fx import PrunePlan
+from moe_fx.deliver.onnx.export import export_onnx
 from moe_fx.environment import versions
-from moe_fx.exporters import save_checkpoint
-from moe_fx.exporters.onnx import export_onnx
+from moe_fx.evaluate.table import format_table
+from moe_fx.formats import save_checkpoint
+from moe_fx.model.trace import trace
 from moe_fx.passes import DropExperts
-from moe_fx.table import format_table
-from moe_fx.trace import trace
 
 FAMILIES = ["qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss", "olmoe"]
 

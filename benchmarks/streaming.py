@@ -58,9 +58,9 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def run(source: Path, work: Path, device: str, sequences: int, seq_len: int, batch_size: int) -> dict:
     from moe_fx import compose
-    from moe_fx.exporters import save_checkpoint
-    from moe_fx.loading import load_model
-    from moe_fx.streaming import stream_prune
+    from moe_fx.formats import save_checkpoint
+    from moe_fx.formats.loading import load_model
+    from moe_fx.run.streaming import stream_prune
 
     tokens = torch.randint(0, SHAPES["vocab_size"], (sequences, seq_len), generator=torch.Generator().manual_seed(0))
     shutil.rmtree(work, ignore_errors=True)

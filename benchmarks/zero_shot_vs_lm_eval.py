@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from moe_fx.loading import load_model, load_tokenizer
-from moe_fx.table import format_table
-from moe_fx.zero_shot import read_items, resolve_tasks, task_metrics
-from moe_fx.zero_shot.loglik import loglikelihoods, prefix_token_id, tokenizer_encoder
+from moe_fx.evaluate.table import format_table
+from moe_fx.evaluate.zero_shot import read_items, resolve_tasks, task_metrics
+from moe_fx.evaluate.zero_shot.loglik import loglikelihoods, prefix_token_id, tokenizer_encoder
+from moe_fx.formats.loading import load_model, load_tokenizer
 
 
 def main() -> None:

@@ -2,6 +2,6 @@
 
 import sys
 
-from .cli import main
+from moe_fx.cli import main
 
 sys.exit(main())

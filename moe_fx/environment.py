@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from importlib import metadata
 
-from . import __version__
+from moe_fx import __version__
 
 TESTED_TRANSFORMERS: tuple[str, str] = ("5.23.0", "5.25.0")
 """Oldest and newest transformers release the test suite has passed on (the pin, and the newest checked)."""

@@ -18,8 +18,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .errors import BadOptionError, MoeFxError, PassOrderError
-from .spec import MoEBlockSpec, MoEModelSpec
+from moe_fx.errors import BadOptionError, MoeFxError, PassOrderError
+from moe_fx.model.spec import MoEBlockSpec, MoEModelSpec
 
 STATE_ATTR = "moe_fx_state"
 
@@ -51,7 +51,7 @@ class MoEState:
     masked: bool = False
     """Channels were zeroed in place (``PruneChannels(mask_only=True)``, a debug mode): never saved."""
     layout_deferred: bool = False
-    """Rewrites leave ``model.config`` alone: a streaming run (:mod:`moe_fx.streaming`) rewrites one layer at a
+    """Rewrites leave ``model.config`` alone: a streaming run (:mod:`moe_fx.run.streaming`) rewrites one layer at a
     time and makes the config describe all layers once they are all done."""
     history: list[PassRecord] = field(default_factory=list)
 
@@ -97,7 +97,7 @@ def state_of(model: nn.Module) -> MoEState:
     """The model's :class:`MoEState`, created by tracing the model on first use."""
     state = getattr(model, STATE_ATTR, None)
     if state is None:
-        from .trace import trace
+        from moe_fx.model.trace import trace
 
         spec = trace(model)
         state = MoEState(spec=spec, original_spec=spec)
@@ -132,7 +132,7 @@ class Pass(ABC):
 
     def check_layerwise(self) -> None:
         """Raise :class:`BadOptionError` unless this pass can run on one decoder layer at a time (a streaming run,
-        :mod:`moe_fx.streaming`): it must read and change only the blocks of the state's spec."""
+        :mod:`moe_fx.run.streaming`): it must read and change only the blocks of the state's spec."""
         raise BadOptionError(f"{self.name} needs the whole model at once and cannot run layer by layer (streaming); run it in memory")
 
     def config_dict(self) -> dict:

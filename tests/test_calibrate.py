@@ -3,9 +3,9 @@ import torch
 import torch.nn.functional as F
 
 from moe_fx import PrunePlan, compose, state_of
+from moe_fx.calibrate import OBSERVERS, instrument
 from moe_fx.errors import BadOptionError, PassOrderError
 from moe_fx.passes import Calibrate, DropExperts, Score
-from moe_fx.passes.calibrate import OBSERVERS, instrument
 
 
 def _logits(model, tokens):

@@ -14,13 +14,13 @@ from transformers import AutoModelForCausalLM
 
 from moe_fx import compose, load, state_of
 from moe_fx.errors import BadOptionError, MoeFxError, PassOrderError
-from moe_fx.expert_weights import neuron_tensors
-from moe_fx.exporters import save_checkpoint
-from moe_fx.exporters.per_layer_model import LAYOUT_KEY
+from moe_fx.formats import save_checkpoint
+from moe_fx.model.expert_weights import neuron_tensors
+from moe_fx.model.per_layer import LAYOUT_KEY
+from moe_fx.model.trace import trace
 from moe_fx.passes import Calibrate, PruneChannels, Score
-from moe_fx.passes.channel_allocate import coverage_channels, expert_channels, layer_channels, uniform_channels
-from moe_fx.plan import ChannelPlan
-from moe_fx.trace import trace
+from moe_fx.plan.channel_allocate import coverage_channels, expert_channels, layer_channels, uniform_channels
+from moe_fx.plan.plans import ChannelPlan
 
 X = torch.randint(2, 128, (2, 16), generator=torch.Generator().manual_seed(3))
 
@@ -199,7 +199,7 @@ def test_channel_plan_round_trips_and_reports_padding() -> None:
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_batched_expert_math_matches_per_expert(family: str) -> None:
     """The observers' one-matmul path over all routes equals the per-expert math in every stored layout."""
-    from moe_fx.expert_math import ExpertMath
+    from moe_fx.model.expert_math import ExpertMath
 
     model = tiny_model(family)
     block = trace(model).blocks[0]

@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from moe_fx import PrunePlan, state_of
 from moe_fx.errors import OutputPathError
-from moe_fx.exporters import save_checkpoint
+from moe_fx.formats import save_checkpoint
 from moe_fx.passes import DropExperts
 
 

@@ -114,9 +114,9 @@ def test_bad_input_fails_with_one_line(case, message, capsys, micro_path, calib_
 def test_reap_beats_random_on_trained_micro(micro_path, calib_path, valid_path):
     """REAP's held-out NLL after dropping 25% of experts beats the mean over random drops (3 seeds)."""
     from moe_fx import compose
-    from moe_fx.data import calibration_tokens
-    from moe_fx.evaluate import build_eval_set, evaluate_nll
-    from moe_fx.loading import load_model, load_tokenizer
+    from moe_fx.calibrate.data import calibration_tokens
+    from moe_fx.evaluate.nll import build_eval_set, evaluate_nll
+    from moe_fx.formats.loading import load_model, load_tokenizer
     from moe_fx.passes import Calibrate, DropExperts, Score
 
     tok = load_tokenizer(micro_path)

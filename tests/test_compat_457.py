@@ -16,10 +16,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moe_fx import compose
-from moe_fx.exporters import save_checkpoint
-from moe_fx.loading import load_model
+from moe_fx.formats import save_checkpoint
+from moe_fx.formats.loading import load_model
 from moe_fx.passes import DropExperts, PruneChannels, Score
-from moe_fx.plan import ChannelPlan
+from moe_fx.plan.plans import ChannelPlan
 
 PYTHON = os.environ.get("MOE_FX_T457_PYTHON")
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "check_t457.py"
@@ -106,7 +106,7 @@ def test_optimum_exports_other_families(family, tmp_path):
     from test_families import kept_ids, tiny_model
 
     from moe_fx import PrunePlan
-    from moe_fx.trace import trace
+    from moe_fx.model.trace import trace
 
     model = tiny_model(family).float()
     spec = trace(model)
@@ -121,7 +121,7 @@ def test_optimum_exports_other_families(family, tmp_path):
 @needs_457
 def test_optimum_loads_moe_fx_onnx_export(micro_path, tmp_path):
     """Path (b): our own export (transformers 5) loads in ORTModelForCausalLM and generates the same tokens."""
-    from moe_fx.exporters.onnx import export_onnx
+    from moe_fx.deliver.onnx.export import export_onnx
 
     out = _pruned_micro(micro_path, tmp_path)
     onnx_dir = export_onnx(out, tmp_path / "onnx").path

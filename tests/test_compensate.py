@@ -15,15 +15,15 @@ import torch
 from conftest import tiny_qwen3
 from tiny_models import TINY_FAMILIES, tiny_model
 
-from moe_fx.data import calibration_tokens
+from moe_fx.calibrate.data import calibration_tokens
 from moe_fx.errors import PassOrderError, UnsupportedFamilyError
-from moe_fx.expert_math import ExpertMath
-from moe_fx.loading import load_model, load_tokenizer
+from moe_fx.formats.loading import load_model, load_tokenizer
+from moe_fx.model.expert_math import ExpertMath
+from moe_fx.model.tensors import get_tensor
+from moe_fx.model.trace import trace
 from moe_fx.passes import Calibrate, CompensateExperts, DropExperts, Score
 from moe_fx.pipeline import compose, state_of
-from moe_fx.plan import PrunePlan
-from moe_fx.rewrite import get_tensor
-from moe_fx.trace import trace
+from moe_fx.plan.plans import PrunePlan
 
 TOKENS = torch.randint(2, 128, (8, 32), generator=torch.Generator().manual_seed(3))
 OBS = ("routing", "reap", "inputs")

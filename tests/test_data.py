@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from moe_fx.data import Document, calibration_tokens, pack, read_documents, split_holdout
+from moe_fx.calibrate.data import Document, calibration_tokens, pack, read_documents, split_holdout
 from moe_fx.errors import CalibrationDataError
 
 

@@ -10,11 +10,11 @@ from conftest import tiny_qwen3
 
 from moe_fx import compose, state_of
 from moe_fx.errors import BadOptionError
-from moe_fx.loading import load_model
+from moe_fx.formats.loading import load_model
+from moe_fx.model.trace import trace
 from moe_fx.passes import Calibrate, Distill, DropExperts, PruneChannels, Score
-from moe_fx.passes.distill import kl_to_teacher
-from moe_fx.plan import ChannelPlan
-from moe_fx.trace import trace
+from moe_fx.plan.plans import ChannelPlan
+from moe_fx.rewrite.distill import kl_to_teacher
 
 WINDOWS = torch.randint(2, 128, (8, 24), generator=torch.Generator().manual_seed(5))
 

@@ -8,9 +8,9 @@ from conftest import tiny_qwen3
 
 from moe_fx import PrunePlan, compose, state_of
 from moe_fx.errors import BadOptionError
-from moe_fx.evaluate import nll_sum
+from moe_fx.evaluate.nll import nll_sum
 from moe_fx.passes import Calibrate, DropExperts, Score
-from moe_fx.passes.eep import EvolutionarySearch, pruned_view
+from moe_fx.plan.eep import EvolutionarySearch, pruned_view
 
 FIT = torch.randint(2, 128, (4, 16), generator=torch.Generator().manual_seed(5))
 CALIB = torch.randint(2, 128, (8, 16), generator=torch.Generator().manual_seed(6))
@@ -87,7 +87,7 @@ def test_time_limit_holds_within_a_generation(monkeypatch) -> None:
     even when one generation's evaluations would take many times the limit (the warm start is always measured)."""
     import time
 
-    from moe_fx.passes import eep
+    from moe_fx.plan import eep
 
     def slow_nll(*args, **kwargs):
         time.sleep(0.2)
@@ -109,8 +109,8 @@ def test_cli_search_saves_the_plan_it_found(capsys, micro_path, calib_path, tmp_
     import json
 
     from moe_fx import cli
-    from moe_fx.data import pack, read_documents, split_fitness
-    from moe_fx.loading import load_model, load_tokenizer
+    from moe_fx.calibrate.data import pack, read_documents, split_fitness
+    from moe_fx.formats.loading import load_model, load_tokenizer
 
     out = tmp_path / "eep"
     argv = ["prune", micro_path, "--method", "eep", "--allocation", "global", "--compensate", "--ratio", "0.25",

@@ -9,7 +9,7 @@ import torch
 from test_zero_shot import VOCAB, Bigram, hand_logp
 
 from moe_fx.errors import BadOptionError
-from moe_fx.evaluate import build_eval_set, evaluate_nll
+from moe_fx.evaluate.nll import build_eval_set, evaluate_nll
 
 
 class CharTokenizer:

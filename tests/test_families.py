@@ -18,14 +18,14 @@ from tiny_models import tiny_model as _build
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from moe_fx.adapters import GENERIC
 from moe_fx.errors import NotMoEError, UnsupportedFamilyError
-from moe_fx.exporters.checkpoint import save_checkpoint
-from moe_fx.fx_check import verify
-from moe_fx.passes.drop_experts import drop_experts
-from moe_fx.plan import PrunePlan
-from moe_fx.spec import MoEModelSpec
-from moe_fx.trace import trace
+from moe_fx.formats.checkpoint import save_checkpoint
+from moe_fx.model.adapters import GENERIC
+from moe_fx.model.fx_check import verify
+from moe_fx.model.spec import MoEModelSpec
+from moe_fx.model.trace import trace
+from moe_fx.plan.plans import PrunePlan
+from moe_fx.rewrite.drop_experts import drop_experts
 
 E, K = SMALL["num_experts"], SMALL["num_experts_per_tok"]
 INPUT = torch.randint(0, SMALL["vocab_size"], (1, 12), generator=torch.Generator().manual_seed(0))
@@ -113,7 +113,7 @@ def test_graph_inference_matches_adapter(family: str, monkeypatch) -> None:
     """Without its adapter, discovery reads the same routing rule from the block's graph."""
     model = tiny_model(family)
     declared = trace(model)
-    # ``moe_fx.trace`` the attribute is the function; patch the module it comes from
+    # ``moe_fx.model.trace`` the attribute is the function; patch the module it comes from
     monkeypatch.setattr(sys.modules[trace.__module__], "get_adapter", lambda model_type: GENERIC)
     inferred = trace(model)
     assert inferred.family == "generic"

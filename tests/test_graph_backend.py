@@ -1,4 +1,4 @@
-"""moe-fx as a torch.compile backend (moe_fx.graph): matcher, instrumentation, virtual pruning, experts swap."""
+"""moe-fx as a torch.compile backend (moe_fx.deliver.graph): matcher, instrumentation, virtual pruning, experts swap."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import torch
 from tiny_models import TINY_FAMILIES, tiny_model
 
 import moe_fx
+from moe_fx.calibrate import OBSERVERS, instrument
+from moe_fx.deliver.graph import ExpertsPass, InstrumentPass, MoEBackend, VirtualPrunePass, backend
 from moe_fx.errors import BadOptionError, MoeFxError
-from moe_fx.expert_weights import neuron_tensors
-from moe_fx.graph import ExpertsPass, InstrumentPass, MoEBackend, VirtualPrunePass, backend
+from moe_fx.model.expert_weights import neuron_tensors
 from moe_fx.passes import Calibrate, DropExperts, PruneChannels
-from moe_fx.passes.calibrate import OBSERVERS, instrument
-from moe_fx.plan import ChannelPlan, PrunePlan
+from moe_fx.plan.plans import ChannelPlan, PrunePlan
 
 FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "gpt_oss", "olmoe", "granitemoe"]
 """Standard, shared experts + gate, group-limited sigmoid + selection bias, transposed + biases + top-k-then-softmax."""
@@ -64,7 +64,7 @@ def test_matcher_finds_every_block(family, implementation):
 def test_moe_fx_region_on_torch_grouped_gemm_is_moe_fx(monkeypatch: pytest.MonkeyPatch) -> None:
     """On CUDA in bf16 moe_fx's forward calls torch's grouped GEMM itself (no moe_fx operator in the graph); the
     matcher still reports it as ``moe_fx``, not transformers' ``grouped_mm``. That choice is forced here on the CPU."""
-    from moe_fx.moe_experts import grouped_mm
+    from moe_fx.kernels import grouped_mm
 
     def torch_grouped_gemm(x, weight, offsets, transposed):
         w = weight if transposed else weight.transpose(-2, -1)
@@ -239,7 +239,7 @@ def test_virtual_pruning_equals_the_saved_pruned_checkpoint(tmp_path):
     pruned = copy.deepcopy(model)
     DropExperts(plan=plan)(pruned)
     PruneChannels(plan=channels)(pruned)
-    from moe_fx.exporters.checkpoint import save_checkpoint
+    from moe_fx.formats.checkpoint import save_checkpoint
 
     save_checkpoint(pruned, tmp_path / "pruned")
     reloaded = moe_fx.load(tmp_path / "pruned")
@@ -259,7 +259,7 @@ def test_experts_pass_swaps_in_moe_fx(family):
     seen = []
 
     def inner(gm, example_inputs):
-        seen.append(moe_fx.graph.match_moe_blocks(gm))
+        seen.append(moe_fx.deliver.graph.match_moe_blocks(gm))
         return gm.forward
 
     compiled, be = _compiled(model, [ExpertsPass()], inner)

@@ -16,18 +16,18 @@ from conftest import tiny_qwen3
 from tiny_models import TINY_FAMILIES, tiny_model
 from torch import nn
 
+from moe_fx.calibrate.stats import CalibrationStats
 from moe_fx.errors import MoeFxError, PassOrderError
-from moe_fx.expert_weights import neuron_features, neuron_tensors, permute_expert
-from moe_fx.exporters.checkpoint import save_checkpoint
-from moe_fx.loading import load_model
+from moe_fx.formats.checkpoint import save_checkpoint
+from moe_fx.formats.loading import load_model
+from moe_fx.model.expert_weights import neuron_features, neuron_tensors, permute_expert
+from moe_fx.model.spec import MoEModelSpec
+from moe_fx.model.tensors import get_tensor
+from moe_fx.model.trace import trace
 from moe_fx.passes import Calibrate, DropExperts, MergeExperts, Score
-from moe_fx.passes.merge_experts import align
 from moe_fx.pipeline import compose, state_of
-from moe_fx.plan import PrunePlan
-from moe_fx.rewrite import get_tensor
-from moe_fx.spec import MoEModelSpec
-from moe_fx.stats import CalibrationStats
-from moe_fx.trace import trace
+from moe_fx.plan.plans import PrunePlan
+from moe_fx.rewrite.merge_experts import align
 
 INPUT = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
 COPIES = {1: 0, 5: 4}

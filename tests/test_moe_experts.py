@@ -16,8 +16,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import moe_fx
 from moe_fx.errors import BadOptionError
-from moe_fx.experts_implementation import set_implementation
-from moe_fx.moe_experts import distinct_forward, moe_fx_experts_forward
+from moe_fx.kernels import distinct_forward, moe_fx_experts_forward
+from moe_fx.kernels.implementation import set_implementation
 
 TOKENS = (1, 3, 40)
 """One token (decode), a few, and more (pairs) than experts, so some experts get several rows."""
@@ -152,7 +152,7 @@ def test_expert_parallel_modules_are_refused() -> None:
 def test_grouped_matmul_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
     """The kernel is picked where the graph is traced: the Triton ``triton_op`` for inference on the Triton
     kernel, the custom operator (with autograd) otherwise; both compute rows times their experts' weights."""
-    from moe_fx.moe_experts import grouped_mm
+    from moe_fx.kernels import grouped_mm
 
     ids = torch.tensor([0, 0, 2, 3, 3, 3])
     offsets = torch.searchsorted(ids, torch.arange(4), right=True).to(torch.int32)
@@ -173,7 +173,7 @@ def test_grouped_matmul_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
 
 TRITON_CHECK = r"""
 import torch
-from moe_fx.moe_experts.triton_kernels import triton_grouped_mm, triton_routed_gemv
+from moe_fx.kernels.triton_kernels import triton_grouped_mm, triton_routed_gemv
 torch.manual_seed(0)
 worst = 0.0
 for rows, experts, k, n, transposed in [(8, 16, 64, 96, False), (40, 8, 48, 80, True), (200, 4, 32, 64, False), (0, 4, 32, 32, False)]:

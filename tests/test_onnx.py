@@ -16,12 +16,12 @@ from test_per_layer import _uneven
 import moe_fx
 from moe_fx import PrunePlan, state_of
 from moe_fx.cli import main
-from moe_fx.compiling import compile_model
+from moe_fx.deliver.compile import compile_model
+from moe_fx.deliver.onnx import export as onnx_export
 from moe_fx.errors import BadOptionError, MoeFxError, OutputPathError
-from moe_fx.exporters import onnx as onnx_export
-from moe_fx.exporters import save_checkpoint
+from moe_fx.formats import save_checkpoint
+from moe_fx.model.trace import trace
 from moe_fx.passes import DropExperts, PruneChannels
-from moe_fx.trace import trace
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")

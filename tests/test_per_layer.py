@@ -13,12 +13,12 @@ from transformers import AutoModelForCausalLM
 
 from moe_fx import PrunePlan, load, state_of
 from moe_fx.errors import BadOptionError
-from moe_fx.exporters import save_checkpoint
-from moe_fx.exporters.per_layer_model import LAYOUT_KEY
+from moe_fx.formats import save_checkpoint
+from moe_fx.model.per_layer import LAYOUT_KEY
+from moe_fx.model.trace import trace
 from moe_fx.passes import DropExperts
-from moe_fx.passes.allocate import global_plan, uniform_plan
-from moe_fx.passes.drop_experts import drop_experts
-from moe_fx.trace import trace
+from moe_fx.plan.allocate import global_plan, uniform_plan
+from moe_fx.rewrite.drop_experts import drop_experts
 
 X = torch.randint(2, 128, (2, 16), generator=torch.Generator().manual_seed(3))
 

@@ -1,4 +1,4 @@
-"""moe_fx.report.plots: every figure writes a readable PNG, empty input is rejected, global state is untouched."""
+"""moe_fx.evaluate.report.plots: every figure writes a readable PNG, empty input is rejected, global state is untouched."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ matplotlib = pytest.importorskip("matplotlib")
 
 from matplotlib import image as mpimg
 
-from moe_fx.report import plots
+from moe_fx.evaluate.report import plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

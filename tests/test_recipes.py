@@ -21,9 +21,9 @@ import torch
 from tiny_models import auto_class, tiny_checkpoint
 
 from moe_fx import cli
-from moe_fx.experts_implementation import DEFAULT_IMPLEMENTATION, set_implementation
-from moe_fx.exporters import checkpoint as checkpoint_module
-from moe_fx.exporters.per_layer_model import LAYOUT_KEY
+from moe_fx.formats import checkpoint as checkpoint_module
+from moe_fx.kernels.implementation import DEFAULT_IMPLEMENTATION, set_implementation
+from moe_fx.model.per_layer import LAYOUT_KEY
 
 FAMILIES = ("qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3", "gpt_oss", "olmoe", "qwen2_moe", "granitemoe")
 
@@ -125,12 +125,12 @@ def _run(family: str, recipe: str, checkpoints, tmp_path: Path, calib_path, vali
 
 def _check_cell(family, recipe, checkpoints, tmp_path, calib_path, valid_path, capsys, monkeypatch) -> None:
     if (family, recipe) in REFUSED:
-        import moe_fx.loading
+        import moe_fx.formats.loading
 
         def no_load(*args, **kwargs):
             raise AssertionError("the model was loaded before the refusal")
 
-        monkeypatch.setattr(moe_fx.loading, "load_model", no_load)
+        monkeypatch.setattr(moe_fx.formats.loading, "load_model", no_load)
         code, stdout, stderr, out, _ = _run(family, recipe, checkpoints, tmp_path, calib_path, valid_path, capsys, monkeypatch)
         lines = stderr.strip().splitlines()
         assert code == 2 and len(lines) == 1 and REFUSED[family, recipe] in lines[0], stderr

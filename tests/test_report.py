@@ -126,12 +126,12 @@ def test_streamed_prune_refuses_tasks(capsys, micro_path, calib_path, tmp_path):
 
 
 def test_a_failing_point_is_recorded_and_the_sweep_goes_on(micro_path, calib_path, valid_path, tmp_path, monkeypatch):
-    import moe_fx.sweep as sweep
+    import moe_fx.run.sweep as sweep
     from moe_fx.errors import BadOptionError
-    from moe_fx.evaluate import build_eval_set
-    from moe_fx.loading import load_model, load_tokenizer
+    from moe_fx.evaluate.nll import build_eval_set
+    from moe_fx.evaluate.report.sweep_report import write_sweep
+    from moe_fx.formats.loading import load_model, load_tokenizer
     from moe_fx.passes import Calibrate
-    from moe_fx.report.sweep_report import write_sweep
 
     real = sweep.prune_passes
 

@@ -6,13 +6,14 @@ import pytest
 import torch
 from tiny_models import TINY_FAMILIES, tiny_model
 
-from moe_fx import compose, state_of, trace
+from moe_fx import compose, state_of
+from moe_fx.calibrate import Observer, instrument
 from moe_fx.errors import UnsupportedFamilyError
+from moe_fx.model.routing import combine, matches_recorded, route
+from moe_fx.model.trace import trace
 from moe_fx.passes import Calibrate, Score
-from moe_fx.passes.calibrate import Observer, instrument
-from moe_fx.passes.scorers import get_scorer
-from moe_fx.passes.scorers.naee import reconstruction_error
-from moe_fx.routing import combine, matches_recorded, route
+from moe_fx.score import get_scorer
+from moe_fx.score.naee import reconstruction_error
 
 
 class _Recorder(Observer):
@@ -71,7 +72,7 @@ def test_group_limited_routing_is_simulated_before_and_after_a_drop(family, conf
     """The simulation picks each token's best groups as the router does; over a kept set with the same count per
     group it reproduces the routing of the pruned model itself (whose groups are the kept experts, in order)."""
     from moe_fx.passes import DropExperts
-    from moe_fx.plan import PrunePlan
+    from moe_fx.plan.plans import PrunePlan
 
     model = _group_limited(family, **config)
     spec = trace(model)
@@ -91,7 +92,7 @@ def test_group_limited_routing_is_simulated_before_and_after_a_drop(family, conf
 def test_group_limited_subset_search_is_refused_before_calibration():
     """NAEE and SHAPE evaluate arbitrary subsets, which group-limited routing has no pruned model for: refused by
     the pipeline's up-front check, naming the methods that work; an unbalanced kept set is refused too."""
-    from moe_fx.routing import route_within
+    from moe_fx.model.routing import route_within
 
     model = tiny_model("deepseek_v3")
     block = trace(model).blocks[0]
@@ -106,8 +107,8 @@ def test_group_limited_subset_search_is_refused_before_calibration():
 
 @pytest.fixture
 def naee_state(micro_path, calib_path):
-    from moe_fx.data import calibration_tokens
-    from moe_fx.loading import load_model, load_tokenizer
+    from moe_fx.calibrate.data import calibration_tokens
+    from moe_fx.formats.loading import load_model, load_tokenizer
 
     tokens = calibration_tokens(calib_path, load_tokenizer(micro_path), seq_len=128, max_tokens=4096)
     model = compose(Calibrate(tokens, observers=("routing", "samples"), samples_per_block=256, show_progress=False))(load_model(micro_path, dtype="float32"))

@@ -2,7 +2,7 @@ import torch
 
 from moe_fx import compose, state_of
 from moe_fx.passes import SCORERS, Calibrate, Score
-from moe_fx.passes.scorers import get_scorer
+from moe_fx.score import get_scorer
 
 
 def test_builtin_scorers_registered():
@@ -41,7 +41,7 @@ def test_unknown_scorer_option_is_a_clear_error():
     import pytest
 
     from moe_fx.errors import BadOptionError
-    from moe_fx.passes.scorers import get_scorer
+    from moe_fx.score import get_scorer
 
     with pytest.raises(BadOptionError, match="'naee'.*colour"):
         get_scorer("naee", colour="blue")

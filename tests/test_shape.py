@@ -10,12 +10,12 @@ import torch
 from conftest import tiny_qwen3
 
 from moe_fx import compose, state_of
+from moe_fx.calibrate.stats import CalibrationStats
 from moe_fx.errors import UnsupportedFamilyError
+from moe_fx.model.routing import combine, route, route_within
 from moe_fx.passes import Calibrate, Score
-from moe_fx.passes.scorers import get_scorer
-from moe_fx.passes.scorers.shape import candidate_sets, shapley_samples
-from moe_fx.routing import combine, route, route_within
-from moe_fx.stats import CalibrationStats
+from moe_fx.score import get_scorer
+from moe_fx.score.shape import candidate_sets, shapley_samples
 
 E, K, H, T = 5, 2, 6, 6
 

@@ -15,12 +15,12 @@ from transformers import AutoConfig
 
 from moe_fx import compose
 from moe_fx.errors import BadOptionError, NotAModelError, OutputPathError
-from moe_fx.evaluate import build_eval_set, evaluate_nll
-from moe_fx.exporters import save_checkpoint
-from moe_fx.exporters.partial import PartialCheckpoint
-from moe_fx.loading import load_model, load_tokenizer
+from moe_fx.evaluate.nll import build_eval_set, evaluate_nll
+from moe_fx.formats import save_checkpoint
+from moe_fx.formats.loading import load_model, load_tokenizer
+from moe_fx.formats.partial import PartialCheckpoint
 from moe_fx.passes import Calibrate, CompensateExperts, DropExperts, MergeExperts, PruneChannels, Score
-from moe_fx.streaming import stream_evaluate, stream_prune
+from moe_fx.run.streaming import stream_evaluate, stream_prune
 
 TOKENS = torch.randint(3, 128, (6, 24), generator=torch.Generator().manual_seed(3))
 

@@ -13,8 +13,8 @@ from conftest import ASSETS, SHARED, tiny_qwen3
 from torch import nn
 
 from moe_fx.errors import BadOptionError, CalibrationDataError
-from moe_fx.zero_shot import TASKS, Item, LoglikCache, Request, checkpoint_fingerprint, evaluate_tasks, read_items, resolve_tasks, task_metrics
-from moe_fx.zero_shot.loglik import encode_pair, loglikelihoods
+from moe_fx.evaluate.zero_shot import TASKS, Item, LoglikCache, Request, checkpoint_fingerprint, evaluate_tasks, read_items, resolve_tasks, task_metrics
+from moe_fx.evaluate.zero_shot.loglik import encode_pair, loglikelihoods
 
 SAMPLES = ASSETS / "eval"
 VOCAB = " abcdefgh"
@@ -176,7 +176,7 @@ def test_full_task_files_item_counts():
 
 
 def test_evaluate_tasks_on_the_micro_model_and_cache(micro_path, tmp_path):
-    from moe_fx.loading import load_model, load_tokenizer
+    from moe_fx.formats.loading import load_model, load_tokenizer
 
     model, tok = load_model(micro_path), load_tokenizer(micro_path)
     cache = LoglikCache.for_checkpoint(micro_path, dtype="auto", device="cpu", max_length=2048, directory=tmp_path)

@@ -1,12 +1,28 @@
 """The passes a build script composes: Calibrate -> Score -> DropExperts (or MergeExperts) / PruneChannels -> CompensateExperts -> Distill."""
 
-from .calibrate import Calibrate
-from .compensate import CompensateExperts
-from .distill import Distill
-from .drop_experts import DropExperts, drop_experts
-from .merge_experts import MergeExperts
-from .prune_channels import PruneChannels, prune_channels
-from .score import Score
-from .scorers import SCORERS, Scorer, Scores, register_scorer
+from moe_fx.calibrate import Calibrate
+from moe_fx.plan.eep import EvolutionarySearch
+from moe_fx.rewrite.compensate import CompensateExperts
+from moe_fx.rewrite.distill import Distill
+from moe_fx.rewrite.drop_experts import DropExperts, drop_experts
+from moe_fx.rewrite.merge_experts import MergeExperts
+from moe_fx.rewrite.prune_channels import PruneChannels, prune_channels
+from moe_fx.score import SCORERS, Scorer, Scores, register_scorer
+from moe_fx.score.score_pass import Score
 
-__all__ = ["SCORERS", "Calibrate", "CompensateExperts", "Distill", "DropExperts", "MergeExperts", "PruneChannels", "Score", "Scorer", "Scores", "drop_experts", "prune_channels", "register_scorer"]
+__all__ = [
+    "SCORERS",
+    "Calibrate",
+    "CompensateExperts",
+    "Distill",
+    "DropExperts",
+    "EvolutionarySearch",
+    "MergeExperts",
+    "PruneChannels",
+    "Score",
+    "Scorer",
+    "Scores",
+    "drop_experts",
+    "prune_channels",
+    "register_scorer",
+]

@@ -1,0 +1,220 @@
+"""Calibrate: run calibration tokens through the model with observers attached; store CalibrationStats."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_fx.calibrate import distributed
+from moe_fx.calibrate.data import TokenBatch, calibration_tokens
+from moe_fx.calibrate.hooks import check_routed, instrument, router_logits, router_probs
+from moe_fx.calibrate.observers import OBSERVERS, ChannelGradObserver, ChannelObserver, InputObserver, Observer, ReapObserver, RoutingEvent, RoutingObserver, SampleObserver
+from moe_fx.calibrate.stats import CalibrationStats
+from moe_fx.errors import BadOptionError
+from moe_fx.model.expert_math import check_expert_math
+from moe_fx.model.spec import MoEModelSpec
+from moe_fx.pipeline import MoEState, Pass, PassResult
+from moe_fx.progress import progress_bar
+
+__all__ = [
+    "OBSERVERS",
+    "Calibrate",
+    "ChannelGradObserver",
+    "ChannelObserver",
+    "InputObserver",
+    "Observer",
+    "ReapObserver",
+    "RoutingEvent",
+    "RoutingObserver",
+    "SampleObserver",
+    "instrument",
+    "router_logits",
+    "router_probs",
+    "calibration_stats",
+    "run_calibration",
+]
+
+
+_COMPILED_FORWARD_ONLY = "compiled calibration runs forward passes only; observers that need gradients ({}) need Calibrate(compiled=False)"
+
+
+def run_calibration(
+    model: nn.Module,
+    state: MoEState,
+    tokens: TokenBatch,
+    observers: list[Observer],
+    *,
+    batch_size: int,
+    show_progress: bool = True,
+    compiled: bool = False,
+) -> CalibrationStats:
+    """Forward every calibration window once with observers attached; return their running sums.
+
+    ``compiled``: the observers run inside the graph that ``torch.compile`` captures (:mod:`moe_fx.deliver.graph.instrument`)
+    instead of as Python hooks around each experts call; the statistics are the same."""
+    device = next(model.parameters()).device
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    needs_grads = any(o.needs_grads for o in observers)
+    if compiled and needs_grads:
+        raise BadOptionError(_COMPILED_FORWARD_ONLY.format([o.name for o in observers if o.needs_grads]))
+    try:
+        windows = distributed.shard(tokens.input_ids)
+        with _observed(model, state, observers, compiled) as (runner, accumulators), _backward_mode(model) if needs_grads else torch.no_grad():
+            with progress_bar("calibrate", total=windows.numel(), unit="tok", enabled=show_progress and distributed.is_main()) as bar:
+                for i in range(0, windows.shape[0], batch_size):
+                    batch = windows[i : i + batch_size].to(device)
+                    if needs_grads:
+                        _loss(model, batch).backward()
+                    else:
+                        runner(input_ids=batch, use_cache=False)
+                    bar.update(batch.numel())
+            acc = accumulators()
+            if distributed.active():
+                reduce_across_ranks(acc, state.spec, observers)
+    finally:
+        model.train(was_training)
+    return calibration_stats(acc, tokens, time.perf_counter() - t0)
+
+
+@contextlib.contextmanager
+def _observed(model: nn.Module, state: MoEState, observers: list[Observer], compiled: bool):
+    """``(runner, accumulators)``: what to call on each batch and a function giving the observers' sums."""
+    if not compiled:
+        with instrument(model, state.spec, observers) as acc:
+            yield model, lambda: acc
+        return
+    from moe_fx.deliver.graph import InstrumentPass
+    from moe_fx.deliver.graph import compiled as compile_with
+
+    instrument_pass = InstrumentPass(observers)
+    # calibration windows have one shape: on CUDA each graph is recorded once and replayed (no launch overhead)
+    cuda = next(model.parameters()).device.type == "cuda"
+    runner, _ = compile_with(model, [instrument_pass], options={"triton.cudagraphs": True} if cuda else None)
+    yield runner, instrument_pass.accumulators
+
+
+def calibration_stats(acc: dict[str, dict[str, torch.Tensor]], tokens: TokenBatch, seconds: float) -> CalibrationStats:
+    """The observers' accumulators (moved to the CPU) with a description of the tokens they saw."""
+    return CalibrationStats(
+        per_block={path: {k: v.cpu() for k, v in a.items()} for path, a in acc.items()},
+        tokens=tokens.num_tokens,
+        sequences=tokens.input_ids.shape[0],
+        seq_len=tokens.input_ids.shape[1],
+        fingerprint=tokens.fingerprint,
+        source=tokens.source,
+        seconds=seconds,
+    )
+
+
+def _loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL of ``batch`` (a sum, so every token weighs the same in every batch)."""
+    logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+
+
+@contextlib.contextmanager
+def _backward_mode(model: nn.Module):
+    """Gradients flow through the activations only: parameters are frozen for the duration (no weight
+    gradients are stored) and the embedding output is made to require grad, so the graph is built."""
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_())
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        handle.remove()
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def reduce_across_ranks(acc: dict[str, dict[str, torch.Tensor]], spec, observers: list[Observer]) -> None:
+    """Combine every block's accumulators over the ranks, each observer its own (see moe_fx.calibrate.distributed)."""
+    for block in spec.blocks:
+        for o in observers:
+            with torch.device("meta"):  # only the accumulator names: allocate nothing
+                keys = list(o.init(block, torch.device("meta")))
+            o.reduce(acc[block.path], keys)
+
+
+@dataclass
+class Calibrate(Pass):
+    """Record routing statistics and REAP saliency over calibration data.
+
+    ``data``: a path (.txt / .jsonl(.gz)), a list of strings, a ``LongTensor [N, L]`` or a TokenBatch.
+    Text is tokenized with ``tokenizer`` (default: the model's own, from ``model.name_or_path``).
+    """
+
+    data: Any = None
+    tokenizer: Any = None
+    max_tokens: int = 200_000
+    seq_len: int = 512
+    batch_size: int = 8
+    seed: int = 0
+    observers: tuple[str, ...] = ("routing", "reap")
+    samples_per_block: int = 1024
+    """Tokens per block kept by the ``samples`` observer (with every expert's output) for search methods."""
+    inputs_per_block: int = 16384
+    """Tokens per block kept by the ``inputs`` observer (input, logits, routed output) for CompensateExperts."""
+    show_progress: bool = True
+    compiled: bool = False
+    """Run the observers inside the compiled graph (:mod:`moe_fx.deliver.graph`): calibration at compiled speed, same
+    statistics; forward-pass observers only (``routing``, ``reap``, ``channels``)."""
+    name = "calibrate"
+
+    def check_model(self, model: nn.Module, spec: MoEModelSpec) -> None:
+        """Experts calls the hooks can observe, and for observers that read inside the experts (channels),
+        experts whose activations :class:`~moe_fx.model.expert_math.ExpertMath` reproduces."""
+        observers = self.make_observers()
+        check_routed(spec)
+        if any(o.needs_math for o in observers):
+            for block in spec.blocks:
+                check_expert_math(model.get_submodule(block.experts.path), block.experts)
+        if self.compiled and any(o.needs_grads for o in observers):
+            raise BadOptionError(_COMPILED_FORWARD_ONLY.format([o.name for o in observers if o.needs_grads]))
+
+    def run(self, model: nn.Module, state: MoEState) -> PassResult:
+        tokens, observers = self.tokens(model), self.make_observers()
+        state.stats = run_calibration(model, state, tokens, observers, batch_size=self.batch_size, show_progress=self.show_progress,
+                                      compiled=self.compiled)
+        return PassResult(model, False, state.stats.summary())
+
+    def tokens(self, model: nn.Module) -> TokenBatch:
+        """Check the options; the calibration windows (tokenized with the model's tokenizer unless given). A
+        streaming run (:mod:`moe_fx.run.streaming`) feeds them layer by layer, with :meth:`make_observers` per layer."""
+        if self.data is None:
+            raise BadOptionError("Calibrate needs data: a text/jsonl path, a list of strings or a token tensor")
+        if self.batch_size < 1 or self.max_tokens < 1:
+            raise BadOptionError(f"batch_size and max_tokens must be positive, got {self.batch_size} and {self.max_tokens}")
+        tokenizer = self.tokenizer
+        if tokenizer is None and not isinstance(self.data, (torch.Tensor, TokenBatch)):
+            from moe_fx.formats.loading import load_tokenizer
+
+            tokenizer = load_tokenizer(model.name_or_path)
+        return calibration_tokens(self.data, tokenizer, seq_len=self.seq_len, max_tokens=self.max_tokens, seed=self.seed)
+
+    def make_observers(self) -> list[Observer]:
+        """Fresh observers (zero state) for the configured names."""
+        unknown = [o for o in self.observers if o not in OBSERVERS]
+        if unknown:
+            raise BadOptionError(f"unknown observers {unknown}; available: {sorted(OBSERVERS)}")
+        return [self._observer(OBSERVERS[o]) for o in self.observers]
+
+    def _observer(self, cls: type[Observer]) -> Observer:
+        """Sampling observers get their sample size (the Calibrate field named by ``size_option``) and the seed."""
+        option = getattr(cls, "size_option", None)
+        if option is None:
+            return cls()
+        size = getattr(self, option)
+        if size < 1:
+            raise BadOptionError(f"{option} must be positive, got {size}")
+        return cls(size, self.seed)

@@ -1,0 +1,55 @@
+"""``moe-fx eval``: per-domain NLL / perplexity and zero-shot accuracy of one or more checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from moe_fx.cli.common import add_common, add_eval, add_tasks, eval_rows, resolve_device, task_dir, task_rows, zero_shot_results
+from moe_fx.errors import MoeFxError
+
+
+def add_parser(sub) -> None:
+    """Declare the command and its options on the ``moe-fx`` subparsers ``sub``."""
+    p = sub.add_parser("eval", help="per-domain NLL / perplexity and zero-shot task accuracy of one or more checkpoints")
+    p.add_argument("models", nargs="+", help="checkpoint directories; with several, deltas are shown against the first")
+    p.add_argument("--data", help=".jsonl(.gz) with 'text' (and 'domain') fields, or .txt (WikiText-2's valid.txt, say)")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    add_eval(p)
+    add_tasks(p)
+    add_common(p)
+
+
+def run(args) -> int:
+    """Run the command with the parsed ``args``; return the exit status."""
+    from moe_fx.evaluate.nll import build_eval_set, evaluate_nll
+    from moe_fx.evaluate.table import format_table
+    from moe_fx.evaluate.zero_shot import resolve_tasks
+    from moe_fx.formats.loading import load_model, load_tokenizer
+
+    if not args.data and not args.tasks:
+        raise MoeFxError("nothing to evaluate: give --data FILE (NLL / perplexity) and/or --tasks NAMES (zero-shot accuracy)")
+    if args.tasks:
+        resolve_tasks(args.tasks, task_dir(args))  # bad names or files fail before any model loads
+    device = resolve_device(args.device)
+    tokenizer = load_tokenizer(args.models[0])
+    eval_set = build_eval_set(args.data, tokenizer, seq_len=args.eval_seq_len, seqs_per_domain=args.eval_seqs, stride=args.eval_stride) if args.data else None
+    results = []
+    for path in args.models:
+        model = load_model(path, dtype=args.dtype, device=device)
+        entry = {}
+        if eval_set:
+            entry["nll"] = evaluate_nll(model, eval_set, batch_size=args.batch_size, show_progress=not args.quiet)
+        if args.tasks:
+            entry["tasks"] = zero_shot_results(model, tokenizer, args, device, checkpoint=path)
+        results.append(entry)
+        del model
+    names = [Path(m).name for m in args.models]
+    if eval_set:
+        print(format_table(*eval_rows([r["nll"] for r in results], names), title=f"next-token NLL on {args.data} ({eval_set.scored_tokens:,} tokens scored)"))
+    if args.tasks:
+        limit = f", first {args.limit} items per task" if args.limit else ""
+        print(format_table(*task_rows([r["tasks"] for r in results], names), title=f"zero-shot accuracy (%){limit}"))
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(zip(args.models, results)), indent=2) + "\n")
+    return 0

@@ -1,0 +1,46 @@
+"""``moe-fx inspect``: describe every MoE block of a checkpoint (and check the spec against the block's graph)."""
+
+from __future__ import annotations
+
+import json
+
+from moe_fx.cli.common import add_common, resolve_device
+
+
+def add_parser(sub) -> None:
+    """Declare the command and its options on the ``moe-fx`` subparsers ``sub``."""
+    p = sub.add_parser("inspect", help="describe every MoE block of a checkpoint")
+    p.add_argument("model", help="checkpoint directory (transformers format)")
+    p.add_argument("--verify", action="store_true", help="check each block's routing spec against its torch.export graph")
+    p.add_argument("--all-blocks", action="store_true", help="with --verify: check every block, not one per block class")
+    p.add_argument("--json", action="store_true", help="print the spec as JSON")
+    add_common(p)
+
+
+def run(args) -> int:
+    """Run the command with the parsed ``args``; return the exit status."""
+    from moe_fx.evaluate.table import format_table
+    from moe_fx.formats.loading import load_model
+    from moe_fx.pipeline import state_of
+
+    model = load_model(args.model, dtype=args.dtype, device=resolve_device(args.device))
+    spec = state_of(model).spec
+    if args.json:
+        print(json.dumps(spec.to_dict(), indent=2))
+        return 0
+    rows = spec.summary_rows()
+    print(format_table(list(rows[0]), [list(r.values()) for r in rows], title=f"{args.model}: {spec.model_type} ({spec.family} adapter), {len(spec.blocks)} MoE blocks of {spec.num_layers} layers"))
+    print(f"dense layers: {list(spec.dense_layers) or 'none'}")
+    print(f"config keys holding the expert count: {', '.join(spec.config_count_keys) or 'none'}")
+    b = spec.blocks[0]
+    print(f"per-expert tensors (block 0): {', '.join(b.per_expert_tensors)}")
+    if b.shared:
+        print(f"shared experts (block 0): {', '.join(s.path for s in b.shared)}")
+    if args.verify:
+        from moe_fx.model.fx_check import verify
+
+        checks = verify(model, spec, all_blocks=args.all_blocks)
+        vrows = [[c.block, "ok" if c.ok else "MISMATCH", c.graph.score_fn if c.graph else "-", c.graph.top_k if c.graph else "-", "; ".join(c.mismatches) or (c.error or "")] for c in checks]
+        print(format_table(["block", "fx check", "graph score", "graph top_k", "details"], vrows, title="torch.export graph check"))
+        return 0 if all(c.ok for c in checks) else 1
+    return 0

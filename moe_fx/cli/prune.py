@@ -1,0 +1,288 @@
+"""``moe-fx prune``: calibrate, score and drop experts (or channels inside experts), optionally compensate and
+distill, in memory or streamed layer by layer; save a checkpoint with its record and report and print before/after."""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+import torch
+
+from moe_fx.cli.common import add_common, add_data, add_eval, calibration_and_eval, resolve_device, span, task_dir, task_rows, zero_shot_results
+from moe_fx.errors import MoeFxError
+
+
+def add_parser(sub) -> None:
+    """Declare the command and its options on the ``moe-fx`` subparsers ``sub``."""
+    p = sub.add_parser("prune", help="calibrate, score and drop experts (or channels inside experts); save a checkpoint")
+    p.add_argument("model", help="source checkpoint directory (never modified)")
+    p.add_argument("--granularity", default="expert", choices=("expert", "channel"),
+                   help="expert: drop whole experts; channel: remove intermediate channels inside the experts (default expert)")
+    p.add_argument("--method", help="expert scoring: reap (default), shape, naee, frequency, random; or eep (evolutionary search "
+                   "warm-started from --eep-warm-start); a merge- prefix (merge-reap) is the same as --merge. "
+                   "channel scoring (--granularity channel): fisher (default), heapr, coverage, activation, weight")
+    p.add_argument("--merge", action="store_true", help="fold each dropped expert into its most similar kept expert instead of discarding it")
+    p.add_argument("--compensate", action="store_true",
+                   help="after dropping, refit the kept experts' down projections (ridge least squares) to reproduce each block's original output")
+    p.add_argument("--ridge", type=float, default=1.0, help="--compensate: pull towards the current weights, relative to each expert's activation energy (default 1.0)")
+    p.add_argument("--compensate-samples", type=int, default=16384, help="--compensate: calibration tokens per layer it fits on (default 16384)")
+    p.add_argument("--distill-steps", type=int, default=0,
+                   help="after pruning, fine-tune the routed experts and routers towards the unpruned model's logits (KL) for this many "
+                        "steps of --batch-size calibration windows (moe_fx.passes.Distill; default 0: off). Holds the source model in memory too")
+    p.add_argument("--distill-lr", type=float, default=3e-4, help="--distill-steps: peak AdamW learning rate (default 3e-4)")
+    p.add_argument("--allocation", default="uniform", choices=("uniform", "global", "layer", "expert", "coverage"),
+                   help="experts: uniform (same count in every layer; stock config) or global (ranked across layers; per-layer format). "
+                   "channels: uniform (same width everywhere; stock config), layer (one width per layer), expert (HEAPr-style "
+                   "global ranking, a width per expert) or coverage (Ding et al. score coverage)")
+    chan = p.add_argument_group("channel pruning (--granularity channel)")
+    chan.add_argument("--multiple", type=int, default=64, help="per-expert widths are padded to the layer's widest, rounded up to this (default 64)")
+    chan.add_argument("--expert-ratio", type=float, help="first drop this fraction of each layer's experts (scored by --expert-method), then --ratio of the kept experts' channels")
+    chan.add_argument("--expert-method", default="reap", help="expert scoring for --expert-ratio (default reap)")
+    eep = p.add_argument_group("eep search (--method eep)")
+    eep.add_argument("--eep-warm-start", default="reap", help="scorer whose plan seeds the search (default reap)")
+    eep.add_argument("--eep-population", type=int, default=16, help="plans per generation (default 16)")
+    eep.add_argument("--eep-generations", type=int, default=20, help="generations (default 20)")
+    eep.add_argument("--eep-max-seconds", type=float, help="stop the search after this many seconds")
+    eep.add_argument("--fitness-tokens", type=int, default=16384, help="calibration tokens held out as the search's fitness set (default 16384)")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--ratio", type=float, help="fraction of each block's experts to drop, in (0, 1); with --granularity channel: "
+                        "fraction of the routed experts' channels (= routed-FFN parameters) to remove")
+    budget.add_argument("--keep", type=int, help="experts to keep per block")
+    add_data(p)
+    p.add_argument("--compiled-calibration", action="store_true",
+                   help="record the calibration statistics inside the torch.compile graph (moe_fx.deliver.graph; CUDA graphs on GPU): the "
+                        "same statistics as the default hooks, several times faster on a GPU; routing/REAP/channel-activation "
+                        "statistics only (not --merge, --compensate, search scorers or gradient scorers)")
+    p.add_argument("--stream", default="auto", choices=("auto", "on", "off"),
+                   help="prune one decoder layer at a time, never holding the whole model: on, off, or auto (default: on when "
+                        "the checkpoint's weights exceed 80%% of the device's free memory); forward-only methods with uniform allocation")
+    p.add_argument("--nproc", type=int, default=1, help="calibrate with this many processes on this host (runs torchrun; "
+                   "or launch `torchrun --nproc-per-node N -m moe_fx prune ...` yourself)")
+    add_eval(p)
+    add_common(p)
+
+
+def _streaming(args, source, device: str, search: bool) -> bool:
+    """Whether this prune streams: ``--stream on``, or ``auto`` when the weights would not fit the device."""
+    from moe_fx.calibrate import distributed
+    from moe_fx.evaluate.nll import disk_size
+
+    if args.stream == "off":
+        return False
+    if args.stream == "auto":
+        if device.startswith("cuda"):
+            free = torch.cuda.mem_get_info(torch.device(device))[0]
+        else:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        weights = disk_size(source)
+        if not distributed.broadcast_object(weights > 0.8 * free):  # every rank takes rank 0's decision
+            return False
+        if distributed.is_main():
+            print(f"moe-fx: the weights of {source} ({weights / 2**30:.1f} GiB) exceed 80% of the free memory of {device}: streaming layer by layer (--stream off to force in memory)")
+    if search:
+        raise MoeFxError("--method eep searches over the whole model at once; it cannot stream layer by layer (use --stream off on a device that holds the model)")
+    return True
+
+
+def _check_granularity(args, scorer, expert_scorer) -> None:
+    """Options that only make sense for one granularity, and scorers of the other one, are named errors."""
+    channels = args.granularity == "channel"
+    allowed = ("uniform", "layer", "expert", "coverage") if channels else ("uniform", "global")
+    if args.allocation not in allowed:
+        raise MoeFxError(f"--allocation {args.allocation} is for {'experts' if channels else 'channels'}; with --granularity {args.granularity} use one of {', '.join(allowed)}")
+    if scorer.granularity != args.granularity:
+        raise MoeFxError(f"--method {args.method} scores {scorer.granularity}s; pass --granularity {scorer.granularity} or a {args.granularity} method")
+    if channels and (args.merge or args.method == "eep" or args.keep is not None):
+        raise MoeFxError("--granularity channel takes --ratio (fraction of channels), without --merge, --keep or --method eep")
+    if channels and not 0 < args.ratio < 1:
+        raise MoeFxError(f"--ratio {args.ratio}: ratio must be in (0, 1), the fraction of the routed experts' channels to remove")
+    if not channels and args.expert_ratio is not None:
+        raise MoeFxError("--expert-ratio is for --granularity channel (drop experts, then channels); for experts alone use --ratio")
+    if expert_scorer is not None and expert_scorer.granularity != "expert":
+        raise MoeFxError(f"--expert-method {args.expert_method} does not score experts; use reap, frequency, ...")
+
+
+def run(args) -> int:
+    """Run the command with the parsed ``args``; return the exit status."""
+    from moe_fx.calibrate import distributed
+    from moe_fx.calibrate.data import TokenBatch, pack, split_fitness
+    from moe_fx.evaluate.nll import checkpoint_size, disk_size, evaluate_nll, model_size
+    from moe_fx.evaluate.report import write_report
+    from moe_fx.evaluate.table import format_table, human_bytes
+    from moe_fx.evaluate.zero_shot import resolve_tasks
+    from moe_fx.formats.checkpoint import check_output_path, save_checkpoint, update_record
+    from moe_fx.formats.lazy import meta_model
+    from moe_fx.formats.loading import check_model_dir, load_model, load_tokenizer
+    from moe_fx.passes import Calibrate, CompensateExperts, Distill, DropExperts, Score
+    from moe_fx.pipeline import compose, state_of
+    from moe_fx.plan.allocate import check_budget
+    from moe_fx.plan.eep import EvolutionarySearch
+    from moe_fx.run.recipe import observers_for, parse_method, prune_passes
+    from moe_fx.run.streaming import stream_evaluate, stream_prune
+    from moe_fx.score import get_scorer
+
+    source = check_model_dir(args.model)
+    check_output_path(args.out, source, args.overwrite)
+    if args.tasks:
+        resolve_tasks(args.tasks, task_dir(args))
+    channels = args.granularity == "channel"
+    args.method, merge = parse_method(args.method or ("fisher" if channels else "reap"))
+    args.merge = args.merge or merge
+    search = args.method == "eep"
+    scorer = get_scorer(args.eep_warm_start if search else args.method, seed=args.seed)
+    expert_scorer = get_scorer(args.expert_method, seed=args.seed) if channels and args.expert_ratio else None
+    _check_granularity(args, scorer, expert_scorer)
+    if args.compiled_calibration:
+        from moe_fx.deliver.graph import GRAPH_OBSERVERS
+
+        needed = observers_for([s for s in (scorer, expert_scorer) if s], merge=args.merge, compensate=args.compensate)
+        eager_only = [o for o in needed if o not in GRAPH_OBSERVERS]
+        if eager_only:
+            raise MoeFxError(f"--compiled-calibration records {', '.join(GRAPH_OBSERVERS)} statistics only; this run needs "
+                             f"{', '.join(eager_only)} (sampled or gradient statistics): drop --compiled-calibration")
+    needs_data = scorer.needs or (expert_scorer and expert_scorer.needs)
+    needs_windows = needs_data or search or args.merge or args.compensate or args.distill_steps
+    if needs_windows and not args.calib:
+        raise MoeFxError(f"--method {args.method}{' --merge' if args.merge else ''}{' --compensate' if args.compensate else ''}"
+                         f"{' --distill-steps' if args.distill_steps else ''} needs calibration data: pass --calib FILE")
+    if args.distill_steps < 0 or not args.distill_lr > 0:
+        raise MoeFxError(f"--distill-steps must be >= 0 and --distill-lr > 0, got {args.distill_steps} and {args.distill_lr}")
+    if args.calib_tokens < 1 or args.seq_len < 2:
+        raise MoeFxError("--calib-tokens must be positive and --seq-len at least 2")
+    device = resolve_device(args.device)
+    if distributed.init_from_env(device) and device == "cuda":
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    stream = _streaming(args, source, device, search)
+    if stream and args.distill_steps:
+        raise MoeFxError("--distill-steps trains the whole model, which a streamed prune never holds; use --stream off")
+    if stream and args.compiled_calibration:
+        raise MoeFxError("--compiled-calibration compiles the whole model, which a streamed prune never holds; use --stream off")
+    if stream and args.tasks:
+        raise MoeFxError("--eval-tasks needs the whole model in memory, which a streamed prune never holds; run "
+                         "`moe-fx eval SOURCE OUT --tasks ...` on a device that holds it, or use --stream off")
+    # the model's structure without its weights: options the family cannot take are refused before loading
+    meta = meta_model(source, args.dtype, device)
+    spec = state_of(meta).spec
+    if not channels or args.expert_ratio:
+        check_budget(spec, ratio=args.expert_ratio if channels else args.ratio, keep=None if channels else args.keep)
+    tokenizer = load_tokenizer(source)
+    calib_docs, eval_set = calibration_and_eval(args, tokenizer)
+    show = not args.quiet and distributed.is_main()
+
+    passes = []
+    allocation = args.allocation
+    if needs_windows:
+        windows = pack(tokenizer, calib_docs, seq_len=args.seq_len, max_tokens=args.calib_tokens + (args.fitness_tokens if search else 0), seed=args.seed)
+        if search:
+            windows, fitness = split_fitness(windows, args.fitness_tokens)
+            allocation = EvolutionarySearch(
+                fitness, population=args.eep_population, generations=args.eep_generations, max_seconds=args.eep_max_seconds,
+                allocation=args.allocation, batch_size=args.batch_size, seed=args.seed, show_progress=show,
+                refine=CompensateExperts(ridge=args.ridge) if args.compensate and not args.merge else None,
+            )
+        scorers = [scorer] + ([expert_scorer] if expert_scorer else [])
+        passes.append(Calibrate(TokenBatch(windows, args.calib), batch_size=args.batch_size, seed=args.seed,
+                                observers=observers_for(scorers, merge=args.merge, compensate=args.compensate),
+                                inputs_per_block=args.compensate_samples, show_progress=show, compiled=args.compiled_calibration))
+    if expert_scorer:
+        passes += [Score(expert_scorer.name, seed=args.seed), DropExperts(ratio=args.expert_ratio)]
+    passes += prune_passes(scorer, spec, ratio=args.ratio, keep=args.keep, merge=args.merge, compensate=args.compensate,
+                           allocation=allocation, multiple=args.multiple, seed=args.seed, ridge=args.ridge)
+    if args.distill_steps:
+        passes.append(Distill(teacher=source, data=TokenBatch(windows, args.calib), steps=args.distill_steps, lr=args.distill_lr,
+                              batch_size=args.batch_size, seed=args.seed, show_progress=show))
+    compose(*passes).check_model(meta)
+
+    model = meta if stream else load_model(source, dtype=args.dtype, device=device)
+    save_dtype = model.config.dtype if isinstance(getattr(model.config, "dtype", None), torch.dtype) else next(model.parameters()).dtype
+    size_of = checkpoint_size if stream else model_size
+    evaluate = functools.partial(stream_evaluate, device=device, dtype=args.dtype) if stream else evaluate_nll
+    before_size = size_of(source if stream else model)
+    before = evaluate(source if stream else model, eval_set, batch_size=args.batch_size, show_progress=show) if eval_set else None
+    tasks_before = zero_shot_results(model, tokenizer, args, device, checkpoint=source) if args.tasks and distributed.is_main() else None
+
+    t0 = time.perf_counter()
+    if stream:
+        streamed = stream_prune(source, args.out, passes, device=device, dtype=args.dtype, tokenizer=tokenizer,
+                                overwrite=args.overwrite, show_progress=show, report=False)  # written once, with the evaluations
+        if streamed is None:  # another rank: rank 0 writes, evaluates and reports
+            return 0
+        out, state = streamed.out, streamed.state
+    else:
+        model = compose(*passes)(model)
+        state = state_of(model)
+    prune_seconds = time.perf_counter() - t0
+    after = evaluate(out if stream else model, eval_set, batch_size=args.batch_size, show_progress=show) if eval_set else None
+    after_size = size_of(out if stream else model)
+    tasks_after = zero_shot_results(model, tokenizer, args, device) if args.tasks and distributed.is_main() else None
+
+    if not distributed.is_main():
+        return 0
+    record = {
+        "cli": {k: v for k, v in vars(args).items() if k != "func"},
+        "eval_before": before,
+        "eval_after": after,
+        "eval_source": args.eval_data or (f"held-out {args.holdout:.0%} of {args.calib}" if eval_set else None),
+        "tasks_before": tasks_before,
+        "tasks_after": tasks_after,
+        "size_before": before_size,
+        "size_after": after_size,
+        "prune_seconds": prune_seconds,
+        "world_size": distributed.world_size(),
+    }
+    if stream:
+        update_record(out, record)
+        write_report(out)
+    else:
+        model.to(save_dtype)
+        record["size_after"] = model_size(model)
+        out = save_checkpoint(model, args.out, source=source, tokenizer=tokenizer, overwrite=args.overwrite, extra_record=record)
+
+    kept = sum(b.num_experts for b in state.spec.blocks)
+    total = sum(b.num_experts for b in spec.blocks)
+    per_block = sorted({b.num_experts for b in state.spec.blocks})
+    channel_report = state.report_of("prune_channels")
+    disk_before, disk_after = disk_size(source), disk_size(out)
+    rows = [
+        ["experts per block", spec.blocks[0].num_experts, str(per_block[0]) if len(per_block) == 1 else f"{per_block[0]}-{per_block[-1]}", ""],
+        ["experts (all blocks)", total, kept, f"{kept / total - 1:+.1%}"],
+        ["expert width", spec.blocks[0].experts.intermediate_size, span(b.experts.intermediate_size for b in state.spec.blocks), ""],
+        ["parameters", f"{before_size['params']:,}", f"{after_size['params']:,}", f"{after_size['params'] / before_size['params'] - 1:+.1%}"],
+        ["weights on disk", human_bytes(disk_before), human_bytes(disk_after), f"{disk_after / disk_before - 1:+.1%}"],
+    ]
+    if before and after:
+        for d in [k for k in before if k not in ("mean", "all")] + ["mean"]:
+            rows.append([f"NLL {d}", f"{before[d]['nll']:.4f}", f"{after[d]['nll']:.4f}", f"{after[d]['nll'] - before[d]['nll']:+.4f}"])
+    calib = state.stats.summary() if state.stats is not None else None
+    title = f"moe-fx prune {args.method} ratio={args.ratio if args.ratio is not None else f'keep {args.keep}'} -> {out}"
+    print(format_table(["", "before", "after", "change"], rows, title=title))
+    if channel_report:
+        r = channel_report
+        print(f"routed-expert parameters: {r['routed_params_before']:,} -> {r['routed_params_after']:,} stored "
+              f"({r['routed_params_after'] / r['routed_params_before'] - 1:+.1%}); kept channels alone: {r['routed_params_ideal']:,} "
+              f"({r['routed_params_ideal'] / r['routed_params_before'] - 1:+.1%}); zero padding {r['routed_params_after'] - r['routed_params_ideal']:,}")
+    compensated = state.report_of("compensate_experts")
+    if compensated and compensated["mean_error_before"] is not None:  # None: no block had sampled tokens
+        print(f"compensation: block output error on the calibration sample {compensated['mean_error_before']:.4f} -> "
+              f"{compensated['mean_error_after']:.4f} (relative, mean over blocks)")
+    distilled = state.report_of("distill", modified_only=True)
+    if distilled:
+        print(f"distillation: KL to the unpruned model {distilled['kl_first']:.4f} -> {distilled['kl_last']:.4f} over {distilled['steps']} steps "
+              f"({distilled['trained_params']:,} parameters trained)")
+    if state.search is not None:
+        r = state.search
+        print(f"eep search: fitness NLL {r.start_fitness:.4f} (warm start) -> {r.fitness:.4f} after {r.evaluations} plans in {r.seconds:.1f} s")
+    if calib:
+        print(f"calibration: {calib['tokens']:,} tokens in {calib['seconds']:.1f} s ({calib['tokens'] / max(calib['seconds'], 1e-9):,.0f} tok/s), fingerprint {calib['fingerprint']}")
+    if eval_set:
+        print(f"evaluation: {record['eval_source']}, {eval_set.scored_tokens:,} tokens scored")
+    if args.tasks:
+        limit = f", first {args.limit} items per task" if args.limit else ""
+        print(format_table(*task_rows([tasks_before, tasks_after], ["before", "after"]), title=f"zero-shot accuracy (%){limit}"))
+    if stream:
+        s = streamed
+        gpu = f"peak GPU memory {human_bytes(s.peak_gpu_bytes)}, " if s.peak_gpu_bytes is not None else ""
+        print(f"streamed {s.layers} layers ({s.resumed_layers} resumed) in {s.seconds:.1f} s: {gpu}peak CPU memory {human_bytes(s.peak_cpu_bytes)}; "
+              f"largest layer {human_bytes(s.layer_weight_bytes)}, hidden states {human_bytes(s.hidden_state_bytes)}")
+    return 0

@@ -1,0 +1,353 @@
+"""ONNX export of a (pruned) MoE causal LM, with KV cache, in the layout Optimum's decoder exports use.
+
+The graph comes from transformers' own ONNX exporter (``transformers.exporters``: ``torch.export`` then
+``torch.onnx.export(dynamo=True)`` with its fixes for onnxruntime), traced with the ``batched_mm`` experts
+(see :mod:`moe_fx.kernels.implementation`), dynamic in batch, sequence and past length. moe-fx then gives
+it Optimum's interface (``past_key_values.{i}.key|value`` -> ``present.{i}.key|value``, named dims), folds
+per-layer constants that the cache object carries (sliding-window sizes) into the graph, strips the
+stack-trace metadata, checks it in onnxruntime against PyTorch, and writes the directory atomically with
+the config, generation config and tokenizer, so ``ORTModelForCausalLM.from_pretrained(dir)`` loads it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moe_fx.deliver.onnx.runtime import ONNX_FILE, OnnxCausalLM, Parity, check_parity
+from moe_fx.environment import versions
+from moe_fx.errors import BadOptionError, MoeFxError, first_line
+from moe_fx.evaluate.nll import model_size
+from moe_fx.formats.atomic import atomic_directory
+from moe_fx.formats.checkpoint import CONFIG_FILES, RECORD_FILE, TOKENIZER_FILES, check_output_path, copy_files, patch_config, write_config
+from moe_fx.formats.loading import load_model, parse_dtype
+from moe_fx.kernels.implementation import DEFAULT_IMPLEMENTATION, experts_implementation
+
+EXTERNAL_DATA_FILE = "model.onnx_data"
+"""Weights go here (Optimum's name) when the graph would pass protobuf's 2 GB limit."""
+
+PROTOBUF_LIMIT = 2_000_000_000
+
+MIN_OPSET, MAX_OPSET = 18, 24
+"""Opsets the dynamo exporter writes and onnxruntime (1.2x) loads for these graphs; 25+ trips ORT on ``Attention``."""
+
+FP32_LOGIT_TOLERANCE = 1e-4
+"""Absolute logit difference an fp32 export may show against PyTorch (the issue's bar)."""
+
+HALF_LOGIT_TOLERANCE = 2e-2
+"""Relative to the largest logit, for float16/bfloat16 exports (rounding of the half-precision ops)."""
+
+_PAST_INPUT = re.compile(r"^(?:input\.)?past_key_values\.layers\.(\d+)\.(\w+)$")
+"""The cache object's tensors among the exporter's graph inputs: ``input.past_key_values.layers.{i}.{attr}``
+(transformers 5.23) or ``past_key_values.layers.{i}.{attr}`` (5.24 and later)."""
+_PAST_OUTPUT = re.compile(r"^(?:output\.past_key_values|cache)\.layers\.(\d+)\.(\w+)$")
+"""The same among its outputs: ``output.past_key_values.layers.{i}.{attr}`` (5.23) or ``cache.layers.{i}.{attr}`` (5.24+)."""
+_CACHE_KIND = {"keys": "key", "values": "value"}
+_OPTIMUM_PAST = re.compile(r"^(past_key_values|present)\.\d+\.(key|value)$")
+"""Optimum's names for the cache inputs and outputs, which moe-fx gives them."""
+
+
+class OnnxParityError(MoeFxError):
+    """The exported graph does not reproduce the PyTorch model within tolerance (nothing is written)."""
+
+
+@dataclass
+class OnnxExport:
+    """What an export wrote and measured."""
+
+    path: Path
+    with_past: bool
+    dtype: str
+    inputs: list[str]
+    outputs: list[str]
+    initializer_bytes: int
+    parameter_bytes: int
+    onnx_bytes: int
+    export_seconds: float
+    parity: Parity | None = None
+    folded_constants: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        out = {k: v for k, v in self.__dict__.items() if k not in ("path", "parity")}
+        out["parity"] = self.parity.to_dict() if self.parity is not None else None
+        return out
+
+
+def _require_onnx_stack() -> None:
+    missing = []
+    for module in ("onnx", "onnxscript", "onnx_ir", "onnxruntime"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise MoeFxError(f"ONNX export needs {', '.join(missing)}: pip install 'moe-fx[onnx]' (or 'moe-fx[onnx-gpu]')")
+    try:
+        from transformers.exporters import OnnxExporter  # noqa: F401
+    except ImportError:
+        import transformers
+
+        raise MoeFxError(f"ONNX export uses transformers.exporters, which transformers {transformers.__version__} does not have; "
+                         "pip install -U 'transformers>=5.23'") from None
+
+
+def _check_opset(opset: int | None) -> None:
+    if opset is None:
+        return
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise BadOptionError(f"--opset {opset} is not supported: use {MIN_OPSET} to {MAX_OPSET} (what torch's dynamo exporter "
+                             "writes and onnxruntime runs for these graphs)")
+
+
+def _sample_inputs(model: nn.Module, with_past: bool, *, batch: int = 2, past_len: int = 5, new_len: int = 3) -> dict:
+    """Example inputs to trace with; every size differs from the others so no two axes get unified."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    device = next(model.parameters()).device
+    ids = torch.randint(3, min(vocab, 32000), (batch, past_len + new_len), generator=torch.Generator().manual_seed(0)).to(device)
+    if not with_past:
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": torch.arange(ids.shape[1], device=device).expand(batch, -1),
+                "use_cache": False}
+    past = model(ids[:, :past_len], use_cache=True).past_key_values
+    return {
+        "input_ids": ids[:, past_len:],
+        "attention_mask": torch.ones_like(ids),
+        "position_ids": torch.arange(past_len, past_len + new_len, device=device).expand(batch, -1),
+        "past_key_values": past,
+        "use_cache": True,
+    }
+
+
+def _cache_constants(cache) -> dict[tuple[int, str], torch.Tensor]:
+    """Per-layer scalar tensors a cache object carries besides keys and values (a sliding window's size):
+    they ride along as graph inputs and outputs, but are configuration, so they become constants."""
+    out = {}
+    for i, layer in enumerate(getattr(cache, "layers", [])):
+        for name, value in vars(layer).items():
+            if isinstance(value, torch.Tensor) and value.dim() == 0 and name not in _CACHE_KIND:
+                out[(i, name)] = value.detach().cpu()
+    return out
+
+
+def _cache_values(values, pattern: re.Pattern) -> list[tuple[object, int, str]]:
+    """The graph inputs/outputs that carry the cache object's tensors, with their layer and attribute name."""
+    out = []
+    for value in values:
+        m = pattern.match(value.name or "")
+        if m:
+            out.append((value, int(m.group(1)), m.group(2)))
+    return out
+
+
+def _to_optimum_interface(graph, constants: dict[tuple[int, str], torch.Tensor]) -> dict[str, int]:
+    """Rename the cache inputs/outputs to Optimum's names, fold cache constants, and name the dynamic dims."""
+    import onnx_ir as ir
+
+    folded = {}
+    for value, layer, kind in _cache_values(graph.inputs, _PAST_INPUT):
+        if kind in _CACHE_KIND:
+            value.name = f"past_key_values.{layer}.{_CACHE_KIND[kind]}"
+            continue
+        if (layer, kind) not in constants:
+            raise MoeFxError(f"the exported graph takes cache input {value.name!r}, which moe-fx does not know how to feed; "
+                             "please report the model family")
+        graph.inputs.remove(value)
+        value.const_value = ir.tensor(constants[(layer, kind)].numpy(), name=value.name)
+        graph.register_initializer(value)
+        folded[f"layers.{layer}.{kind}"] = int(constants[(layer, kind)])
+    for value, layer, kind in _cache_values(graph.outputs, _PAST_OUTPUT):
+        if kind in _CACHE_KIND:
+            value.name = f"present.{layer}.{_CACHE_KIND[kind]}"
+        else:
+            graph.outputs.remove(value)
+    _check_interface(graph)
+    _name_dims(graph)
+    return folded
+
+
+def _check_interface(graph) -> None:
+    """Every input and output has one of Optimum's decoder names after the renaming: a transformers release that
+    names the cache differently fails here, naming the value, instead of at inference time."""
+    import transformers
+
+    expected = {"input_ids", "attention_mask", "position_ids", "logits"}
+    odd = [v.name for v in [*graph.inputs, *graph.outputs] if v.name not in expected and not _OPTIMUM_PAST.match(v.name or "")]
+    if odd:
+        raise MoeFxError(f"transformers {transformers.__version__}'s ONNX exporter named graph values {odd[:3]}, which moe-fx does not map to "
+                         "Optimum's decoder layout; please report it with your transformers version")
+
+
+def _name_dims(graph) -> None:
+    """Give the dynamic axes Optimum's names instead of torch.export's symbols (s44, s70 + s36...)."""
+    import onnx_ir as ir
+
+    def rename(value, names: dict[int, str]) -> None:
+        dims = list(value.shape)
+        for axis, name in names.items():
+            dims[axis] = name
+        # static axes torch.export left symbolic (heads, head size) become their sizes
+        value.shape = ir.Shape([int(d.value) if isinstance(d, ir.SymbolicDim) and str(d.value).isdigit() else d for d in dims])
+
+    io = {v.name: v for v in [*graph.inputs, *graph.outputs]}
+    with_past = any(n.startswith("past_key_values.") for n in io)
+    total = "total_sequence_length" if with_past else "sequence_length"
+    for name, value in io.items():
+        if name in ("input_ids", "position_ids"):
+            rename(value, {0: "batch_size", 1: "sequence_length"})
+        elif name == "attention_mask":
+            rename(value, {0: "batch_size", 1: total})
+        elif name == "logits":
+            rename(value, {0: "batch_size", 1: "sequence_length"})
+        elif _OPTIMUM_PAST.match(name):
+            rename(value, {0: "batch_size", 2: "past_sequence_length" if name.startswith("past_key_values.") else total})
+
+
+def _share_transposed_copies(graph) -> None:
+    """Store a weight once when the graph holds it twice, once transposed (tied input and output embeddings:
+    the optimizer folds ``Transpose(embedding)`` into a second initializer). The copy becomes a ``Transpose``
+    node reading the original."""
+    import onnx_ir as ir
+
+    matrices = [v for v in graph.initializers.values() if v.const_value is not None and len(v.shape) == 2 and not v.is_graph_output()]
+    by_shape: dict[tuple, list] = {}
+    for v in matrices:
+        by_shape.setdefault((tuple(v.shape), v.dtype), []).append(v)
+    for (shape, dtype), copies in by_shape.items():
+        if shape[0] == shape[1] or shape[0] > shape[1]:
+            continue  # look from the wider orientation's side once; square weights are left alone
+        for original in by_shape.get(((shape[1], shape[0]), dtype), []):
+            array = original.const_value.numpy()
+            for copy in copies:
+                if copy.const_value is None or not (copy.const_value.numpy() == array.T).all():
+                    continue
+                node = ir.node("Transpose", inputs=[original], attributes={"perm": [1, 0]}, name=f"{copy.name}_shared")
+                graph.insert_before(graph.node(0), node)
+                node.outputs[0].name, node.outputs[0].shape, node.outputs[0].dtype = f"{copy.name}_t", copy.shape, copy.dtype
+                copy.replace_all_uses_with(node.outputs[0])
+                graph.initializers.pop(copy.name)
+                copy.const_value = None
+
+
+def _strip_metadata(model) -> None:
+    """Drop the per-node stack traces and FX names torch.onnx records (they are large and leak local paths)."""
+    for graph in model.graphs():
+        for node in graph:
+            node.metadata_props.clear()
+
+
+def _initializer_bytes(model) -> int:
+    return sum(v.const_value.nbytes for g in model.graphs() for v in g.initializers.values() if v.const_value is not None)
+
+
+def _explicit_dtype(name: str) -> torch.dtype:
+    dtype = parse_dtype(name)
+    if dtype == "auto":
+        raise BadOptionError("an in-memory model exports in an explicit dtype: float32, float16 or bfloat16")
+    return dtype
+
+
+def _tolerance(dtype: torch.dtype, parity: Parity) -> float:
+    return FP32_LOGIT_TOLERANCE if dtype == torch.float32 else HALF_LOGIT_TOLERANCE * max(1.0, parity.logit_scale)
+
+
+def export_onnx(
+    model: nn.Module | str | Path,
+    out: str | Path,
+    *,
+    with_past: bool = True,
+    dtype: str = "float32",
+    opset: int | None = None,
+    check: bool = True,
+    device: str = "cpu",
+    overwrite: bool = False,
+    source: str | Path | None = None,
+) -> OnnxExport:
+    """Export ``model`` (a loaded model or a checkpoint directory, pruned or not) to ``out``; return what was written.
+
+    ``check`` runs the exported graph in onnxruntime against the PyTorch model (logits with and through the
+    past, and greedy generation); a graph that misses the tolerance raises :class:`OnnxParityError` and
+    leaves no output. ``dtype`` is the precision of the graph (float32 is the one onnxruntime's CPU kernels
+    cover fully); an in-memory model is cast to it in place (a directory is loaded in it), and its experts
+    implementation is restored afterwards.
+    """
+    _require_onnx_stack()
+    _check_opset(opset)
+    from transformers.exporters import OnnxConfig, OnnxExporter
+
+    if check and device == "cpu" and parse_dtype(dtype) == torch.bfloat16:
+        raise BadOptionError("onnxruntime's CPU kernels do not run bfloat16 graphs, so the parity check cannot run: "
+                             "export --dtype float16 or float32, or pass --no-check (or check on a CUDA device)")
+    if isinstance(model, (str, Path)):
+        source = Path(model)
+        model = load_model(model, dtype=dtype, device=device)
+    else:
+        model = model.to(dtype=_explicit_dtype(dtype))
+    if not hasattr(model, "generate") or model.get_output_embeddings() is None:
+        raise BadOptionError(f"{type(model).__name__} is not a causal LM with an LM head; ONNX export writes decoder graphs")
+    out = check_output_path(out, source, overwrite)
+    torch_dtype = next(model.parameters()).dtype
+
+    import onnx_ir as ir
+
+    started = time.perf_counter()
+    with experts_implementation(model, DEFAULT_IMPLEMENTATION), torch.no_grad():  # the trace and the check
+        inputs = _sample_inputs(model, with_past)
+        constants = _cache_constants(inputs.get("past_key_values"))
+        try:
+            exported = OnnxExporter().export(model, inputs, OnnxConfig(dynamic=True, opset_version=opset))
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise MoeFxError(f"transformers' ONNX exporter failed on {type(model).__name__}: {first_line(exc)}") from exc
+        program = exported.program
+        folded = _to_optimum_interface(program.graph, constants)
+        _share_transposed_copies(program.graph)
+        _strip_metadata(program)
+        seconds = time.perf_counter() - started
+
+        init_bytes = _initializer_bytes(program)
+        with atomic_directory(out) as tmp:
+            external = EXTERNAL_DATA_FILE if init_bytes > PROTOBUF_LIMIT else None
+            ir.save(program, str(tmp / ONNX_FILE), external_data=external)
+            if source is not None:  # the checkpoint's own config (aliases for older transformers included)
+                copy_files(source, tmp, CONFIG_FILES + TOKENIZER_FILES)
+                patch_config(tmp)
+            else:
+                write_config(model, tmp)
+            parity = None
+            if check:
+                parity = check_parity(model, OnnxCausalLM(tmp, device="cpu" if device == "cpu" else "auto"))
+                limit = _tolerance(torch_dtype, parity)
+                if parity.max_abs_logit_diff > limit or (torch_dtype == torch.float32 and not parity.greedy_identical):
+                    raise OnnxParityError(
+                        f"the ONNX graph does not match PyTorch: max |logit diff| {parity.max_abs_logit_diff:.3g} (limit {limit:.3g}), "
+                        f"greedy generation {'identical' if parity.greedy_identical else f'differs at token {parity.first_mismatch}'}; nothing written")
+            result = OnnxExport(
+                path=out,
+                with_past=with_past,
+                dtype=str(torch_dtype).removeprefix("torch."),
+                inputs=[v.name for v in program.graph.inputs],
+                outputs=[v.name for v in program.graph.outputs],
+                initializer_bytes=init_bytes,
+                parameter_bytes=model_size(model)["bytes"],
+                onnx_bytes=sum(f.stat().st_size for f in tmp.glob(f"{ONNX_FILE}*")),
+                export_seconds=round(seconds, 2),
+                parity=parity,
+                folded_constants=folded,
+            )
+            record = _source_record(source)
+            record["onnx_export"] = result.to_dict()
+            record["versions"] = versions()
+            (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return result
+
+
+def _source_record(source: Path | None) -> dict:
+    """The pruning record of the checkpoint exported (what was removed), carried into the export's record."""
+    if source is None or not (Path(source) / RECORD_FILE).is_file():
+        return {}
+    return json.loads((Path(source) / RECORD_FILE).read_text())
+

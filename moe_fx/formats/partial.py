@@ -1,0 +1,91 @@
+"""A checkpoint written piece by piece that survives an interruption: the output of a streaming run.
+
+Shards are written into a hidden directory beside the output (``.<name>.partial``), each under a temporary
+name and renamed when complete, and ``progress.json`` (also replaced atomically) lists the finished layers
+with what each needs for the final record. A run stopped at any point (Ctrl-C, a crash, a lost machine) leaves
+only complete shards and a progress file that names them; the same command started again finds the
+directory, checks that it was written by the same run (source, passes, calibration tokens, dtype, device),
+and goes on after the last finished layer. The output path itself only ever appears complete: the directory
+is renamed into place at the end (:func:`~moe_fx.formats.atomic.move_into_place`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from moe_fx.errors import OutputPathError
+from moe_fx.formats.atomic import move_into_place, replace_atomically
+
+PROGRESS_FILE = "progress.json"
+STATES_FILE = "hidden_states.pt"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class PartialCheckpoint:
+    """The resumable working directory of a streaming run that will become ``out``."""
+
+    def __init__(self, out: Path, run_key: str, *, discard_other_runs: bool = False) -> None:
+        self.out = out
+        self.dir = out.parent / f".{out.name}.partial"
+        self.run_key = run_key
+        self.layers: dict[int, dict] = {}
+        if self.dir.exists():
+            progress = self._read_progress()
+            if progress is not None and progress.get("run") == run_key:
+                self.layers = {int(k): v for k, v in progress["layers"].items()}
+            elif discard_other_runs:
+                shutil.rmtree(self.dir)
+            else:
+                raise OutputPathError(
+                    f"{self.dir} holds a partial output of a different run (other source, passes, data, dtype or device); "
+                    "rerun the same command to resume it, or delete it (or pass --overwrite) to start over"
+                )
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _read_progress(self) -> dict | None:
+        try:
+            return json.loads((self.dir / PROGRESS_FILE).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    @property
+    def resumed(self) -> int:
+        """Layers finished by an earlier run (the first ones, in order)."""
+        return len(self.layers)
+
+    def write_shard(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Write one safetensors shard completely or not at all."""
+        from safetensors.torch import save_file
+
+        replace_atomically(self.dir / name, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+
+    def finish_layer(self, index: int, record: dict) -> None:
+        """Mark layer ``index`` done (its shard written) with ``record`` (JSON) for the final record."""
+        self.layers[index] = record
+        data = {"run": self.run_key, "layers": {str(k): v for k, v in sorted(self.layers.items())}}
+        replace_atomically(self.dir / PROGRESS_FILE, lambda tmp: tmp.write_text(json.dumps(data) + "\n"))
+
+    def save_states(self, next_layer: int, states: list[torch.Tensor]) -> None:
+        """Keep the hidden states entering ``next_layer`` so a resumed run starts from them, not from layer 0."""
+        replace_atomically(self.dir / STATES_FILE, lambda tmp: torch.save({"next_layer": next_layer, "states": states}, tmp))
+
+    def load_states(self) -> tuple[int, list[torch.Tensor]] | None:
+        """The last saved hidden states and the layer they enter, if any."""
+        path = self.dir / STATES_FILE
+        if not path.is_file():
+            return None
+        data = torch.load(path, weights_only=True)
+        return int(data["next_layer"]), list(data["states"])
+
+    def complete(self, weight_map: dict[str, str], total_size: int) -> Path:
+        """Write the shard index, drop the run's bookkeeping and rename the directory to the output."""
+        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        for name in (PROGRESS_FILE, STATES_FILE):
+            (self.dir / name).unlink(missing_ok=True)
+        move_into_place(self.dir, self.out)
+        return self.out

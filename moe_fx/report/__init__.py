@@ -1,5 +1,0 @@
-"""Run reports: report.md / report.json and their plots."""
-
-from .report import REPORT_JSON, REPORT_MD, summarize, write_report
-
-__all__ = ["REPORT_JSON", "REPORT_MD", "summarize", "write_report"]

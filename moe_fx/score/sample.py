@@ -1,0 +1,53 @@
+"""The token sample that search scorers (NAEE, SHAPE) evaluate expert subsets on, read and checked once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moe_fx.calibrate.stats import CalibrationStats
+from moe_fx.errors import UnsupportedFamilyError
+from moe_fx.model.routing import check_subset_routing, matches_recorded
+from moe_fx.model.spec import MoEBlockSpec, MoEModelSpec
+from moe_fx.score.base import Scorer
+
+SAMPLE_NEEDS = ("sample_logits", "sample_expert_out", "sample_seen", "sample_topk_index", "sample_topk_weight")
+"""Statistics of the ``samples`` observer that :func:`routed_sample` reads."""
+
+
+@dataclass(frozen=True)
+class RoutedSample:
+    """Sampled tokens of one block: raw router logits ``[N, E]``, every expert's output ``[N, E, H]``, and
+    the selection bias ``[E]`` (None when the router has none)."""
+
+    logits: torch.Tensor
+    expert_out: torch.Tensor
+    bias: torch.Tensor | None
+
+
+class SubsetScorer(Scorer):
+    """Base of the scorers that evaluate expert subsets on the sample (NAEE, SHAPE): they read the ``samples``
+    observer and need a routing rule that :mod:`moe_fx.model.routing` simulates over any subset."""
+
+    observers = ("routing", "samples")
+    needs = SAMPLE_NEEDS
+
+    def check(self, spec: MoEModelSpec) -> None:
+        for block in spec.blocks:
+            check_subset_routing(block.router)
+
+
+def routed_sample(stats: CalibrationStats, block: MoEBlockSpec, evaluated: str) -> RoutedSample:
+    """The block's sample, after checking that the spec's routing rule reproduces the routing the model
+    applied to it; ``evaluated`` names what the caller evaluates, for the error message."""
+    n = min(int(stats.get(block.path, "sample_seen")), stats.get(block.path, "sample_logits").shape[0])
+    logits = stats.get(block.path, "sample_logits")[:n]
+    bias = stats.get(block.path, "sample_selection_bias") if block.router.selection_bias else None
+    index, weight = stats.get(block.path, "sample_topk_index")[:n], stats.get(block.path, "sample_topk_weight")[:n]
+    if not matches_recorded(block.router, logits, bias, index, weight):
+        raise UnsupportedFamilyError(
+            f"{block.path}: the routing rule in the spec does not reproduce this router's choices "
+            f"(an extra logit transform?), so {evaluated} cannot be evaluated; use --method reap"
+        )
+    return RoutedSample(logits, stats.get(block.path, "sample_expert_out")[:n], bias)
