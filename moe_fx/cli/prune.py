@@ -4,8 +4,10 @@ distill, in memory or streamed layer by layer; save a checkpoint with its record
 from __future__ import annotations
 
 import functools
+import json
 import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -270,6 +272,12 @@ def run(args) -> int:
     if distilled:
         print(f"distillation: KL to the unpruned model {distilled['kl_first']:.4f} -> {distilled['kl_last']:.4f} over {distilled['steps']} steps "
               f"({distilled['trained_params']:,} parameters trained)")
+    expert_format = json.loads((Path(out) / "moe_fx.json").read_text()).get("expert_format")
+    if expert_format:
+        changed = expert_format["max_relative_error"]
+        print(f"experts written in {expert_format['format'].upper()} like the source ({human_bytes(expert_format['bytes'])} of weights)"
+              + (f"; weights a pass changed were rounded to it (largest relative error {changed:.3f}): the NLL above is before "
+                 f"rounding, `moe-fx eval` measures the saved model" if changed > 0 else "; the kept experts' values are exact"))
     if state.search is not None:
         r = state.search
         print(f"eep search: fitness NLL {r.start_fitness:.4f} (warm start) -> {r.fitness:.4f} after {r.evaluations} plans in {r.seconds:.1f} s")

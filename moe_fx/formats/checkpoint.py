@@ -19,6 +19,7 @@ from torch import nn
 from moe_fx.environment import versions
 from moe_fx.errors import BadOptionError, MoeFxError, OutputPathError
 from moe_fx.evaluate.report import write_report
+from moe_fx.formats import mxfp4
 from moe_fx.formats.atomic import atomic_directory, replace_atomically
 from moe_fx.model import per_layer as per_layer_model
 from moe_fx.model.adapters import COUNT_ATTRS, get_adapter
@@ -181,7 +182,9 @@ def save_checkpoint(
     report: bool = True,
 ) -> Path:
     """Save ``model`` (and its moe-fx record) atomically to ``out``; return the final path. ``report``: also
-    write ``report.md`` / ``report.json`` / ``plots/`` describing the run (from the record)."""
+    write ``report.md`` / ``report.json`` / ``plots/`` describing the run (from the record). A source whose experts
+    are MXFP4 (GPT-OSS) gets MXFP4 experts back (:mod:`moe_fx.formats.mxfp4`; the record's ``expert_format`` says
+    the bytes and the round-trip error of weights a pass changed)."""
     state = getattr(model, STATE_ATTR, None)
     if state is not None and state.masked:
         raise BadOptionError("this model's channels were zeroed in place (PruneChannels(mask_only=True), a debug mode); "
@@ -189,10 +192,21 @@ def save_checkpoint(
     out = check_output_path(out, source, overwrite)
     with atomic_directory(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        quantization = source_mxfp4(source)
+        if quantization is not None:
+            extra_record = {**(extra_record or {}), "expert_format": mxfp4.repack_directory(tmp, quantization)}
         record = write_companions(model, tmp, source=source, tokenizer=tokenizer, extra_record=extra_record)
         if report:
             write_report(tmp, record, location=out)
     return out
+
+
+def source_mxfp4(source: str | Path | None) -> dict | None:
+    """The source checkpoint's ``quantization_config`` when its experts are MXFP4 (what a pruned copy keeps), else None."""
+    if source is None or not (Path(source) / "config.json").is_file():
+        return None
+    config = json.loads((Path(source) / "config.json").read_text())
+    return config["quantization_config"] if mxfp4.is_mxfp4(config) else None
 
 
 def update_record(path: str | Path, entries: dict) -> None:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from moe_fx.errors import NotAModelError, first_line
+from moe_fx.formats import mxfp4
 from moe_fx.formats.loading import check_model_dir, model_class, parse_dtype
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -66,8 +67,9 @@ def meta_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
     p = check_model_dir(path)
     config = AutoConfig.from_pretrained(p)
     cls = model_class(p)
-    with torch.device("meta"):
-        model = cls._from_config(config, dtype=resolve_dtype(config, dtype))
+    with torch.device("meta"):  # an auto class (a config without ``architectures``) builds through from_config
+        build = cls.from_config if hasattr(cls, "_model_mapping") else cls._from_config
+        model = build(config, dtype=resolve_dtype(config, dtype))
     owners = set()
     for name, buf in list(model.named_non_persistent_buffers()):
         owner, _, attr = name.rpartition(".")
@@ -156,7 +158,7 @@ class LazyCheckpoint:
         parameter that those keys should fill and did not is an error naming it."""
         mapping_of, convert_and_load, _, load_config_cls = _transformers_loading()
         keys = list(keys)
-        state = {k: self.file_of[k].get_slice(k) for k in keys}
+        state = mxfp4.unpack_state({k: self.file_of[k].get_slice(k) for k in keys})  # MXFP4 experts: dequantized
         config = load_config_cls(device_map={"": str(device)}, dtype=dtype, weight_mapping=mapping_of(model))
         with _quiet_transformers():
             info, _ = convert_and_load(model, state, config)

@@ -40,7 +40,8 @@ from moe_fx.calibrate.stats import CalibrationStats
 from moe_fx.errors import BadOptionError, NotAModelError
 from moe_fx.evaluate.nll import EvalSet, evaluate_nll
 from moe_fx.evaluate.report import write_report
-from moe_fx.formats.checkpoint import check_output_path, write_companions
+from moe_fx.formats import mxfp4
+from moe_fx.formats.checkpoint import check_output_path, source_mxfp4, write_companions
 from moe_fx.formats.lazy import LazyCheckpoint, meta_model, revert_to_checkpoint_names
 from moe_fx.formats.partial import PartialCheckpoint
 from moe_fx.model.layers import LayerCall, capture_layer_calls, decoder_layers
@@ -139,6 +140,9 @@ class _StreamRun:
         self.state_device = torch.device("cpu")
         self.batch_shapes: list[tuple[int, ...]] = []
         self.layer_weight_bytes = 0
+        self.mxfp4 = source_mxfp4(source) is not None
+        """The source's experts are MXFP4: each layer is dequantized when read and written back in MXFP4."""
+        self.mxfp4_errors: dict[str, float] = {}
 
     def embed(self, groups: Sequence[torch.Tensor], batch_size: int) -> None:
         """Hidden states entering layer 0 for every batch of windows (batched within each group, e.g. per
@@ -218,6 +222,9 @@ class _StreamRun:
     def _write(self, partial: PartialCheckpoint, shard: str, tensors: dict[str, torch.Tensor]) -> tuple[list[str], int]:
         """Write ``tensors`` as one shard in the checkpoint layout; return its keys and bytes."""
         saved = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in revert_to_checkpoint_names(self.model, tensors).items()}
+        if self.mxfp4:
+            saved, errors = mxfp4.pack_state(saved)
+            self.mxfp4_errors.update(errors)
         partial.write_shard(shard, saved)
         return sorted(saved), sum(t.numel() * t.element_size() for t in saved.values())
 
@@ -415,7 +422,11 @@ def stream_prune(
                      "hidden_state_device": summary.hidden_state_device,
                      "phase_seconds": {k: round(v, 3) for k, v in summary.phase_seconds.items()},
                      "per_layer_seconds": {i: r["seconds"] for i, r in sorted(partial.layers.items())}}
-        record = write_companions(model, partial.dir, source=source, tokenizer=tokenizer, extra_record={"streaming": streaming, **(extra_record or {})})
+        extra = {"streaming": streaming, **(extra_record or {})}
+        if run.mxfp4:  # errors of layers an interrupted run finished are not known to this one
+            extra["expert_format"] = {"format": "mxfp4", "tensors": len(run.mxfp4_errors), "bytes": total,
+                                      "max_relative_error": max(run.mxfp4_errors.values(), default=0.0)}
+        record = write_companions(model, partial.dir, source=source, tokenizer=tokenizer, extra_record=extra)
         if report:
             write_report(partial.dir, record, location=out)
         partial.complete(weight_map, total)

@@ -1,0 +1,152 @@
+"""MXFP4 expert weights, the format GPT-OSS checkpoints ship their routed experts in.
+
+On disk a fused experts tensor ``experts.gate_up_proj`` (``[E, in, out]`` in the model) is stored as
+``experts.gate_up_proj_blocks`` (``[E, out, in / 32, 16]`` uint8: two 4-bit E2M1 codes per byte, the even element
+in the low nibble) and ``experts.gate_up_proj_scales`` (``[E, out, in / 32]`` uint8: one power of two per block of
+32, biased by 127), with ``quantization_config = {"quant_method": "mxfp4", ...}`` in ``config.json``; the same for
+``down_proj``. transformers dequantizes it to bfloat16 on load where it has no MXFP4 kernel (the CPU, or without
+Triton), and :mod:`moe_fx.formats.lazy` does the same when streaming.
+
+Why write it back: a pruned GPT-OSS should stay the size its users expect (MXFP4 experts are about a quarter of
+bfloat16's bytes). Dropping experts keeps each kept expert's values exactly, and :func:`quantize` is exact on
+values that came from MXFP4 (each block's scale is the smallest power of two that fits its largest value, and
+every value of such a block is a code of that scale); weights a pass changed (compensation, merging, channel
+removal's compensation, distillation) are rounded to the nearest code, and :func:`quantization_error` says how much.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BLOCK = 32
+"""Values per block (one shared scale)."""
+
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+"""Magnitudes of the 4-bit codes 0-7; codes 8-15 are their negatives (the sign bit)."""
+
+SUFFIXES = ("_blocks", "_scales")
+EXPERT_TENSORS = ("experts.gate_up_proj", "experts.down_proj")
+"""The fused expert tensors GPT-OSS stores in MXFP4 (their biases stay in bfloat16)."""
+
+
+def is_mxfp4(config) -> bool:
+    """Whether a config (object or ``config.json`` dict) declares MXFP4 weights."""
+    q = config.get("quantization_config") if isinstance(config, dict) else getattr(config, "quantization_config", None)
+    q = q.to_dict() if hasattr(q, "to_dict") else q
+    return isinstance(q, dict) and q.get("quant_method") == "mxfp4"
+
+
+def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """``[E, out, G, 16]`` codes and ``[E, out, G]`` scales -> the model's ``[E, in, out]`` weight (``in = 32 G``)."""
+    lut = torch.tensor(E2M1 + tuple(-v for v in E2M1), dtype=torch.float32, device=blocks.device)
+    codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1).to(torch.long)  # even element first
+    values = lut[codes].flatten(-3)  # [E, out, G * 32]
+    exponent = (scales.to(torch.int32) - 127).repeat_interleave(BLOCK, dim=-1)
+    return torch.ldexp(values, exponent.to(values.dtype)).to(dtype).transpose(1, 2).contiguous()
+
+
+def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's ``[E, in, out]`` weight -> (``[E, out, in / 32, 16]`` codes, ``[E, out, in / 32]`` scales): per block
+    of 32 input values the smallest power of two ``2^k`` with ``max |w| / 2^k <= 6``, each value rounded to the
+    nearest E2M1 code (ties to the smaller magnitude)."""
+    e, k, n = weight.shape
+    if k % BLOCK:
+        raise ValueError(f"MXFP4 needs the input size to be a multiple of {BLOCK}; got {k}")
+    w = weight.detach().float().transpose(1, 2).reshape(e, n, k // BLOCK, BLOCK)
+    amax = w.abs().amax(dim=-1)
+    exponent = torch.ceil(torch.log2(amax.clamp(min=2.0**-126) / 6.0)).clamp(-127, 128)
+    scaled = (w / torch.exp2(exponent).unsqueeze(-1)).abs()
+    magnitudes = torch.tensor(E2M1, device=w.device)
+    midpoints = (magnitudes[1:] + magnitudes[:-1]) / 2
+    index = torch.bucketize(scaled.contiguous(), midpoints)  # nearest magnitude; a value on a midpoint goes to the lower one
+    codes = (index + 8 * (w < 0)).to(torch.uint8)
+    codes = codes.view(e, n, k // BLOCK, BLOCK // 2, 2)
+    blocks = codes[..., 0] | (codes[..., 1] << 4)
+    return blocks, (exponent + 127).to(torch.uint8)
+
+
+def quantization_error(weight: torch.Tensor) -> float:
+    """Relative Frobenius error of ``weight`` after an MXFP4 round trip (0 for values that came from MXFP4)."""
+    back = dequantize(*quantize(weight), dtype=torch.float32)
+    w = weight.detach().float()
+    return float((back - w).norm() / w.norm().clamp(min=1e-30))
+
+
+def pack_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """``state`` (checkpoint names) with every fused GPT-OSS expert weight replaced by its MXFP4 blocks and
+    scales; also the relative round-trip error per packed tensor."""
+    out, errors = {}, {}
+    for name, t in state.items():
+        # transformers saves a GPT-OSS it dequantized on load with its weights under the "_blocks" names (the
+        # reverse of its dequantizing conversion renames only): a float "_blocks" tensor is a dequantized weight
+        if name.endswith("_blocks") and t.is_floating_point() and name[: -len("_blocks")].endswith(EXPERT_TENSORS):
+            name = name[: -len("_blocks")]
+        if name.endswith(EXPERT_TENSORS) and t.dim() == 3:
+            blocks, scales = quantize(t)
+            out[f"{name}_blocks"], out[f"{name}_scales"] = blocks, scales
+            back = dequantize(blocks, scales, dtype=torch.float32)
+            errors[name] = float((back - t.float()).norm() / t.float().norm().clamp(min=1e-30))
+        else:
+            out[name] = t
+    return out, errors
+
+
+def unpacked_name(name: str) -> str | None:
+    """``...experts.gate_up_proj`` for ``...experts.gate_up_proj_blocks`` / ``_scales``; None for other names."""
+    for suffix in SUFFIXES:
+        if name.endswith(suffix) and name[: -len(suffix)].endswith(EXPERT_TENSORS):
+            return name[: -len(suffix)]
+    return None
+
+
+def unpack_state(state: dict) -> dict:
+    """``state`` (checkpoint names -> tensors or safetensors slices) with every MXFP4 blocks/scales pair replaced by
+    the dequantized bfloat16 weight under the model's name (what transformers' loader expects of a dequantized
+    GPT-OSS)."""
+    out, pairs = {}, {}
+    for name, value in state.items():
+        base = unpacked_name(name)
+        if base is None:
+            out[name] = value
+        else:
+            pairs.setdefault(base, {})[name[len(base):]] = value[:] if not isinstance(value, torch.Tensor) else value
+    for base, parts in pairs.items():
+        if set(parts) != set(SUFFIXES):
+            raise ValueError(f"{base}: MXFP4 needs both {base}_blocks and {base}_scales; the checkpoint has {sorted(parts)}")
+        out[base] = dequantize(parts["_blocks"], parts["_scales"])
+    return out
+
+
+def repack_directory(path, quantization_config: dict) -> dict:
+    """Rewrite a saved checkpoint's fused expert weights as MXFP4, in place: every shard, the index's weight map and
+    total size, and ``quantization_config`` in ``config.json``. Returns what the record keeps: bytes before and
+    after, the number of tensors packed and the largest relative round-trip error."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    path = Path(path)
+    index_file = path / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text()) if index_file.is_file() else None
+    files = sorted(set(index["weight_map"].values())) if index else ["model.safetensors"]
+    before = after = 0
+    errors: dict[str, float] = {}
+    weight_map = {}
+    for file in files:
+        state = load_file(path / file)
+        before += sum(t.numel() * t.element_size() for t in state.values())
+        packed, errs = pack_state(state)
+        errors.update(errs)
+        after += sum(t.numel() * t.element_size() for t in packed.values())
+        save_file(packed, path / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(packed, file))
+    if index:
+        index["weight_map"], index["metadata"]["total_size"] = weight_map, after
+        index_file.write_text(json.dumps(index, indent=2) + "\n")
+    config_file = path / "config.json"
+    config = json.loads(config_file.read_text())
+    config["quantization_config"] = quantization_config
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return {"format": "mxfp4", "tensors": len(errors), "bytes_unpacked": before, "bytes": after,
+            "max_relative_error": max(errors.values(), default=0.0)}
