@@ -18,7 +18,7 @@ from moe_fx.passes import Calibrate, DropExperts, Score
 from moe_fx.run.streaming import stream_prune
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-from synth_checkpoint import PRESETS, write_checkpoint  # noqa: E402
+from synth_checkpoint import PRESETS, write_checkpoint
 
 PROBE = torch.randint(3, 8000, (2, 10), generator=torch.Generator().manual_seed(0))
 
@@ -82,7 +82,7 @@ def test_loads_and_routes_like_a_trained_model(preset, synthesized):
 def test_streamed_prune_equals_in_memory_and_reloads(preset, synthesized, tmp_path):
     path = synthesized[preset]
     tokenizer = load_tokenizer(path)
-    passes = lambda: [Calibrate(ASSETS / "calib.jsonl.gz", tokenizer=tokenizer, max_tokens=2048, seq_len=128, show_progress=False),  # noqa: E731
+    passes = lambda: [Calibrate(ASSETS / "calib.jsonl.gz", tokenizer=tokenizer, max_tokens=2048, seq_len=128, show_progress=False),
                       Score("reap"), DropExperts(ratio=0.5)]
     in_memory = moe_fx.compose(*passes())(moe_fx.load(path, dtype="float32"))
     from moe_fx.formats import save_checkpoint
