@@ -1,0 +1,159 @@
+"""The whole user path at real scale, for one preset of ``synth_checkpoint.py``: write the checkpoint in the hub's
+layout, ``moe-fx prune --stream on`` from disk (each recipe), reload the output in stock transformers, and decode
+with ``moe_fx.compile``; every phase timed, with peak GPU memory, peak CPU memory and disk written.
+
+    python benchmarks/scale_run.py --preset qwen3-30b-a3b --layers 24 --work /data --calib DATA.jsonl.gz \
+        --out benchmarks/results/scale_h200/qwen3-30b-a3b.json
+    python benchmarks/scale_run.py --preset gpt-oss-20b --tiny --device cpu --work /tmp/scale   # CPU smoke run
+
+Recipes (``--recipes``): ``reap50`` (REAP, half the experts of every layer) and ``reap50-comp`` (the same with
+compensation, the best recipe that streams). Calibration: ``--sequences`` x ``--seq-len`` tokens (256 x 2048).
+Each prune runs as a subprocess, as a user would run it; its peak CPU memory is the child's maximum RSS, its
+per-layer seconds and peak GPU memory come from the ``streaming`` entry of the output's ``moe_fx.json``. The
+source and every output are deleted when measured (``--keep`` keeps them), so the disk holds one source and one
+output at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from synth_checkpoint import PRESETS, write_checkpoint  # noqa: E402
+
+RECIPES = {"reap50": ["--method", "reap", "--ratio", "0.5"], "reap50-comp": ["--method", "reap", "--ratio", "0.5", "--compensate"]}
+GIB = 2**30
+
+
+def disk_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def prune(source: Path, out: Path, recipe: str, args) -> dict:
+    """One streamed prune through the CLI; its wall time, child peak RSS, and the record's streaming entry."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    cmd = [sys.executable, "-m", "moe_fx", "prune", str(source), *RECIPES[recipe], "--stream", "on", "--calib", str(args.calib),
+           "--calib-tokens", str(args.sequences * args.seq_len), "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
+           "--device", args.device, "--no-eval", "--quiet", "--out", str(out)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        return {"recipe": recipe, "error": (proc.stderr or proc.stdout)[-2000:], "seconds": round(seconds, 1)}
+    peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
+    record = json.loads((out / "moe_fx.json").read_text())
+    s = record["streaming"]
+    per_layer = list(s["per_layer_seconds"].values())
+    mean = {k: round(sum(p[k] for p in per_layer) / len(per_layer), 3) for k in per_layer[0]}
+    return {
+        "recipe": recipe, "seconds": round(seconds, 1), "stream_seconds": s["seconds"], "layers": s["layers"],
+        "per_layer_mean_seconds": mean, "seconds_per_layer": round(sum(mean.values()), 3), "phase_seconds": s["phase_seconds"],
+        "peak_gpu_gib": round(s["peak_gpu_bytes"] / GIB, 2) if s["peak_gpu_bytes"] is not None else None,
+        "peak_cpu_rss_gib": round(max(peak_rss, before * 1024) / GIB, 2), "layer_weights_gib": round(s["layer_weight_bytes"] / GIB, 3),
+        "hidden_states_gib": round(s["hidden_state_bytes"] / GIB, 2), "disk_written_gib": round(disk_bytes(out) / GIB, 2),
+        "expert_format": record.get("expert_format"), "stdout_tail": proc.stdout[-1500:],
+    }
+
+
+@torch.no_grad()
+def reload_and_decode(out: Path, device: str, steps: int) -> dict:
+    """Stock ``from_pretrained`` of the pruned output, a forward's logits checked finite, then ``moe_fx.compile``d
+    greedy decode with a static cache (CUDA graphs on a GPU) at batch 1: tokens per second after compiling."""
+    from transformers import AutoModelForCausalLM, StaticCache
+
+    import moe_fx
+
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16, device_map=device).eval()
+    load_seconds = time.perf_counter() - t0
+    ids = torch.randint(3, 8000, (1, 64), device=device, generator=torch.Generator(device).manual_seed(0))
+    logits = model(ids).logits
+    result = {"reload_ok": bool(torch.isfinite(logits).all()), "reload_seconds": round(load_seconds, 1),
+              "experts_per_layer": sorted({b.num_experts for b in moe_fx.state_of(model).spec.blocks})}
+    fast = moe_fx.compile(model, mode="reduce-overhead" if device.startswith("cuda") else "default", dynamic=False)
+    cache = StaticCache(config=model.config, max_cache_len=64 + steps + 8)
+    model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(64, device=device), use_cache=True)
+    token = ids[:, -1:]
+    timings = []
+    for i in range(steps):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        token = fast(input_ids=token, past_key_values=cache, cache_position=torch.tensor([64 + i], device=device), use_cache=True).logits[:, -1:].argmax(-1)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        timings.append(time.perf_counter() - t)
+    steady = sorted(timings[3:])[len(timings[3:]) // 2]  # median after the compiling / recording steps
+    result.update({"compile_seconds": round(sum(timings[:3]), 1), "decode_b1_tok_s": round(1 / steady, 1)})
+    del model, fast
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    ap.add_argument("--layers", type=int)
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--work", type=Path, required=True, help="directory for the source and the outputs (needs the disk)")
+    ap.add_argument("--calib", type=Path, default=Path(__file__).resolve().parents[1] / "examples" / "assets" / "calib.jsonl.gz")
+    ap.add_argument("--sequences", type=int, default=256)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--decode-steps", type=int, default=24)
+    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    import transformers
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    source = args.work / f"{args.preset}-src"
+    shutil.rmtree(source, ignore_errors=True)
+    t0 = time.perf_counter()
+    synth = write_checkpoint(args.preset, source, layers=args.layers, tiny=args.tiny, device=args.device, quiet=True,
+                             tokenizer=Path(__file__).resolve().parents[1] / "examples" / "assets" / "qwen3moe-micro")
+    synth["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    result = {"meta": {"preset": args.preset, "tiny": args.tiny, "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+                       "torch": torch.__version__, "transformers": transformers.__version__, "calibration_tokens": args.sequences * args.seq_len,
+                       "batch_size": args.batch_size},
+              "source": {**synth, "disk_gib": round(disk_bytes(source) / GIB, 2)}, "runs": []}
+    print(json.dumps(result["source"]), flush=True)
+
+    def save() -> None:
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+    for recipe in args.recipes:
+        out = args.work / f"{args.preset}-{recipe}"
+        shutil.rmtree(out, ignore_errors=True)
+        run = prune(source, out, recipe, args)
+        if "error" not in run:
+            try:
+                run.update(reload_and_decode(out, args.device, args.decode_steps))
+            except Exception as exc:  # reported, not hidden: the row says what failed
+                run["reload_error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
+        print(json.dumps({k: v for k, v in run.items() if k != "stdout_tail"}), flush=True)
+        result["runs"].append(run)
+        save()
+        if not args.keep:
+            shutil.rmtree(out, ignore_errors=True)
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    if not args.keep:
+        shutil.rmtree(source, ignore_errors=True)
+    save()
+
+
+if __name__ == "__main__":
+    main()
