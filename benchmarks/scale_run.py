@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synth_checkpoint import PRESETS, write_checkpoint  # noqa: E402
+from synth_checkpoint import PRESETS, write_checkpoint
 
 RECIPES = {"reap50": ["--method", "reap", "--ratio", "0.5"], "reap50-comp": ["--method", "reap", "--ratio", "0.5", "--compensate"]}
 GIB = 2**30
