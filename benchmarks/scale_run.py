@@ -79,6 +79,8 @@ def reload_and_decode(out: Path, device: str, steps: int) -> dict:
     logits = model(ids).logits
     result = {"reload_ok": bool(torch.isfinite(logits).all()), "reload_seconds": round(load_seconds, 1),
               "experts_per_layer": sorted({b.num_experts for b in moe_fx.state_of(model).spec.blocks})}
+    if steps == 0:
+        return result
     fast = moe_fx.compile(model, mode="reduce-overhead" if device.startswith("cuda") else "default", dynamic=False)
     cache = StaticCache(config=model.config, max_cache_len=64 + steps + 8)
     model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(64, device=device), use_cache=True)
@@ -110,7 +112,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--decode-steps", type=int, default=24)
+    ap.add_argument("--decode-steps", type=int, default=24, help="0: reload only, no compiled decode")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
@@ -138,13 +140,14 @@ def main() -> None:
         out = args.work / f"{args.preset}-{recipe}"
         shutil.rmtree(out, ignore_errors=True)
         run = prune(source, out, recipe, args)
+        result["runs"].append(run)
+        save()  # the prune's numbers are kept even if the reload or decode below fails or runs out of time
         if "error" not in run:
             try:
                 run.update(reload_and_decode(out, args.device, args.decode_steps))
             except Exception as exc:  # reported, not hidden: the row says what failed
                 run["reload_error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
         print(json.dumps({k: v for k, v in run.items() if k != "stdout_tail"}), flush=True)
-        result["runs"].append(run)
         save()
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
