@@ -158,7 +158,7 @@ class LazyCheckpoint:
         parameter that those keys should fill and did not is an error naming it."""
         mapping_of, convert_and_load, _, load_config_cls = _transformers_loading()
         keys = list(keys)
-        state = mxfp4.unpack_state({k: self.file_of[k].get_slice(k) for k in keys})  # MXFP4 experts: dequantized
+        state = mxfp4.unpack_state({k: self.file_of[k].get_slice(k) for k in keys}, device)  # MXFP4 experts: dequantized on the device
         config = load_config_cls(device_map={"": str(device)}, dtype=dtype, weight_mapping=mapping_of(model))
         with _quiet_transformers():
             info, _ = convert_and_load(model, state, config)

@@ -74,7 +74,7 @@ def load_model(path: str | Path, *, dtype: str = "auto", device: str = "cpu", ex
     p = check_model_dir(path)
     try:
         model = model_class(p).from_pretrained(p, dtype=parse_dtype(dtype), device_map=None)
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+    except (OSError, ValueError, RuntimeError, KeyError, ImportError) as exc:  # ImportError: a quantizer's package is missing
         raise NotAModelError(f"{p}: could not load the checkpoint ({type(exc).__name__}: {first_line(exc)})") from None
     if experts_implementation is not None and current(model) is not None:
         set_implementation(model, experts_implementation)

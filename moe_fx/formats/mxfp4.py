@@ -37,12 +37,17 @@ def is_mxfp4(config) -> bool:
 
 
 def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """``[E, out, G, 16]`` codes and ``[E, out, G]`` scales -> the model's ``[E, in, out]`` weight (``in = 32 G``)."""
+    """``[E, out, G, 16]`` codes and ``[E, out, G]`` scales -> the model's ``[E, in, out]`` weight (``in = 32 G``),
+    one expert at a time (the index tensors of a whole GPT-OSS-20B layer would take 10 GB)."""
     lut = torch.tensor(E2M1 + tuple(-v for v in E2M1), dtype=torch.float32, device=blocks.device)
-    codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1).to(torch.long)  # even element first
-    values = lut[codes].flatten(-3)  # [E, out, G * 32]
-    exponent = (scales.to(torch.int32) - 127).repeat_interleave(BLOCK, dim=-1)
-    return torch.ldexp(values, exponent.to(values.dtype)).to(dtype).transpose(1, 2).contiguous()
+    e, n, g, _ = blocks.shape
+    out = torch.empty(e, g * BLOCK, n, dtype=dtype, device=blocks.device)
+    for i in range(e):
+        codes = torch.stack([blocks[i] & 0x0F, blocks[i] >> 4], dim=-1).to(torch.long)  # even element first
+        values = lut[codes].flatten(-3)  # [out, G * 32]
+        exponent = (scales[i].to(torch.int32) - 127).repeat_interleave(BLOCK, dim=-1)
+        out[i] = torch.ldexp(values, exponent.to(values.dtype)).T.to(dtype)
+    return out
 
 
 def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,17 +57,19 @@ def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     e, k, n = weight.shape
     if k % BLOCK:
         raise ValueError(f"MXFP4 needs the input size to be a multiple of {BLOCK}; got {k}")
-    w = weight.detach().float().transpose(1, 2).reshape(e, n, k // BLOCK, BLOCK)
-    amax = w.abs().amax(dim=-1)
-    exponent = torch.ceil(torch.log2(amax.clamp(min=2.0**-126) / 6.0)).clamp(-127, 128)
-    scaled = (w / torch.exp2(exponent).unsqueeze(-1)).abs()
-    magnitudes = torch.tensor(E2M1, device=w.device)
+    magnitudes = torch.tensor(E2M1, device=weight.device)
     midpoints = (magnitudes[1:] + magnitudes[:-1]) / 2
-    index = torch.bucketize(scaled.contiguous(), midpoints)  # nearest magnitude; a value on a midpoint goes to the lower one
-    codes = (index + 8 * (w < 0)).to(torch.uint8)
-    codes = codes.view(e, n, k // BLOCK, BLOCK // 2, 2)
-    blocks = codes[..., 0] | (codes[..., 1] << 4)
-    return blocks, (exponent + 127).to(torch.uint8)
+    blocks = torch.empty(e, n, k // BLOCK, BLOCK // 2, dtype=torch.uint8, device=weight.device)
+    scales = torch.empty(e, n, k // BLOCK, dtype=torch.uint8, device=weight.device)
+    for i in range(e):  # one expert at a time: the index tensors are 8 bytes a value
+        w = weight[i].detach().float().T.reshape(n, k // BLOCK, BLOCK)
+        exponent = torch.ceil(torch.log2(w.abs().amax(dim=-1).clamp(min=2.0**-126) / 6.0)).clamp(-127, 128)
+        scaled = (w / torch.exp2(exponent).unsqueeze(-1)).abs().contiguous()
+        index = torch.bucketize(scaled, midpoints)  # nearest magnitude; a value on a midpoint goes to the lower one
+        codes = (index + 8 * (w < 0)).to(torch.uint8).view(n, k // BLOCK, BLOCK // 2, 2)
+        blocks[i] = codes[..., 0] | (codes[..., 1] << 4)
+        scales[i] = (exponent + 127).to(torch.uint8)
+    return blocks, scales
 
 
 def quantization_error(weight: torch.Tensor) -> float:
@@ -99,17 +106,18 @@ def unpacked_name(name: str) -> str | None:
     return None
 
 
-def unpack_state(state: dict) -> dict:
+def unpack_state(state: dict, device: str | torch.device = "cpu") -> dict:
     """``state`` (checkpoint names -> tensors or safetensors slices) with every MXFP4 blocks/scales pair replaced by
     the dequantized bfloat16 weight under the model's name (what transformers' loader expects of a dequantized
-    GPT-OSS)."""
+    GPT-OSS). The codes are moved to ``device`` first and expanded there: on a GPU that is milliseconds a layer,
+    on the CPU seconds (a GPT-OSS-20B layer's experts are 1.2 G values)."""
     out, pairs = {}, {}
     for name, value in state.items():
         base = unpacked_name(name)
         if base is None:
             out[name] = value
         else:
-            pairs.setdefault(base, {})[name[len(base):]] = value[:] if not isinstance(value, torch.Tensor) else value
+            pairs.setdefault(base, {})[name[len(base):]] = (value if isinstance(value, torch.Tensor) else value[:]).to(device)
     for base, parts in pairs.items():
         if set(parts) != set(SUFFIXES):
             raise ValueError(f"{base}: MXFP4 needs both {base}_blocks and {base}_scales; the checkpoint has {sorted(parts)}")

@@ -221,10 +221,11 @@ class _StreamRun:
 
     def _write(self, partial: PartialCheckpoint, shard: str, tensors: dict[str, torch.Tensor]) -> tuple[list[str], int]:
         """Write ``tensors`` as one shard in the checkpoint layout; return its keys and bytes."""
-        saved = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in revert_to_checkpoint_names(self.model, tensors).items()}
-        if self.mxfp4:
+        saved = revert_to_checkpoint_names(self.model, tensors)
+        if self.mxfp4:  # packed where the layer is (the GPU): seconds a layer on the CPU
             saved, errors = mxfp4.pack_state(saved)
             self.mxfp4_errors.update(errors)
+        saved = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in saved.items()}
         partial.write_shard(shard, saved)
         return sorted(saved), sum(t.numel() * t.element_size() for t in saved.values())
 
