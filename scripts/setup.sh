@@ -12,5 +12,6 @@ VENV="${MOE_FX_VENV:-.venv}"
 # constraints.txt pins the transformers version the tests are written against (MOE_FX_CONSTRAINTS="" to lift it)
 constraints=(-c "${MOE_FX_CONSTRAINTS-constraints.txt}")
 [ -n "${MOE_FX_CONSTRAINTS-constraints.txt}" ] || constraints=()
-"$VENV/bin/python" -m pip install -q -e ".[test,onnx]" "${constraints[@]}" 2>&1 | grep -v "^WARNING: Location" || true
+# PYTHONWARNINGS reaches the build backend: setuptools' notice about editable installs is not for our users
+PYTHONWARNINGS=ignore "$VENV/bin/python" -m pip install -q -e ".[test,onnx]" "${constraints[@]}" 2>&1 | grep -v "^WARNING: Location" || true
 "$VENV/bin/python" -c "import moe_fx, torch, transformers; print(f'moe-fx {moe_fx.__version__}, torch {torch.__version__}, transformers {transformers.__version__}')"
