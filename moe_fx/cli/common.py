@@ -50,6 +50,22 @@ def add_tasks(p: argparse.ArgumentParser, *, tasks_flag: str = "--tasks", limit_
     g.add_argument("--no-cache", action="store_true", help="score every request again (default: reuse a checkpoint's cached log-likelihoods)")
 
 
+def add_generation(p: argparse.ArgumentParser, flag: str = "--generate") -> None:
+    """Generation agreement options (greedy continuations against the reference model's)."""
+    g = p.add_argument_group("generation agreement (greedy continuations against the unpruned / first model)")
+    g.add_argument(flag, dest="generate", type=int, default=0, metavar="PROMPTS",
+                   help="held-out prompts to continue greedily and compare (default 0: off); needs evaluation text")
+    g.add_argument("--generate-tokens", type=int, default=32, help="new tokens per prompt (default 32)")
+    g.add_argument("--prompt-len", type=int, default=64, help="prompt length in tokens (default 64)")
+
+
+def generation_rows(results: list[dict], names: list[str]) -> tuple[list[str], list[list]]:
+    """The generation-agreement table: a row per compared model."""
+    headers = ["model", "all tokens identical", "mean agreeing prefix", "tokens identical", "mean KL"]
+    return headers, [[n, f"{100 * r['exact_match']:.1f}%", f"{r['prefix_tokens']:.1f} of {r['new_tokens']}", f"{100 * r['token_match']:.1f}%",
+                      f"{r['kl']:.4f}"] for n, r in zip(names, results)]
+
+
 def add_data(p: argparse.ArgumentParser) -> None:
     """Calibration, output and before/after evaluation options (prune and sweep)."""
     p.add_argument("--calib", help="calibration text: .txt or .jsonl(.gz) with a 'text' field (needed except for --method random)")

@@ -5,7 +5,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from moe_fx.cli.common import add_common, add_eval, add_tasks, eval_rows, resolve_device, task_dir, task_rows, zero_shot_results
+from moe_fx.cli.common import (
+    add_common,
+    add_eval,
+    add_generation,
+    add_tasks,
+    eval_rows,
+    generation_rows,
+    resolve_device,
+    task_dir,
+    task_rows,
+    zero_shot_results,
+)
 from moe_fx.errors import MoeFxError
 
 
@@ -17,11 +28,13 @@ def add_parser(sub) -> None:
     p.add_argument("--json", help="also write the results to this JSON file")
     add_eval(p)
     add_tasks(p)
+    add_generation(p)
     add_common(p)
 
 
 def run(args) -> int:
     """Run the command with the parsed ``args``; return the exit status."""
+    from moe_fx.evaluate.generation import agreement, generation_prompts, reference
     from moe_fx.evaluate.nll import build_eval_set, evaluate_nll
     from moe_fx.evaluate.table import format_table
     from moe_fx.evaluate.zero_shot import resolve_tasks
@@ -29,12 +42,15 @@ def run(args) -> int:
 
     if not args.data and not args.tasks:
         raise MoeFxError("nothing to evaluate: give --data FILE (NLL / perplexity) and/or --tasks NAMES (zero-shot accuracy)")
+    if args.generate and (not args.data or len(args.models) < 2):
+        raise MoeFxError("--generate compares greedy continuations of --data prompts against the first model: give --data and two or more models")
     if args.tasks:
         resolve_tasks(args.tasks, task_dir(args))  # bad names or files fail before any model loads
     device = resolve_device(args.device)
     tokenizer = load_tokenizer(args.models[0])
     eval_set = build_eval_set(args.data, tokenizer, seq_len=args.eval_seq_len, seqs_per_domain=args.eval_seqs, stride=args.eval_stride) if args.data else None
-    results = []
+    prompts = generation_prompts(eval_set, prompts=args.generate, prompt_len=args.prompt_len) if args.generate else None
+    results, ref = [], None
     for path in args.models:
         model = load_model(path, dtype=args.dtype, device=device)
         entry = {}
@@ -42,6 +58,10 @@ def run(args) -> int:
             entry["nll"] = evaluate_nll(model, eval_set, batch_size=args.batch_size, show_progress=not args.quiet)
         if args.tasks:
             entry["tasks"] = zero_shot_results(model, tokenizer, args, device, checkpoint=path)
+        if prompts is not None and ref is None:  # the first model is the reference
+            ref = reference(model, prompts, args.generate_tokens, batch_size=args.batch_size, show_progress=not args.quiet)
+        elif prompts is not None:
+            entry["generation"] = agreement(model, ref, batch_size=args.batch_size, show_progress=not args.quiet)
         results.append(entry)
         del model
     names = [Path(m).name for m in args.models]
@@ -50,6 +70,9 @@ def run(args) -> int:
     if args.tasks:
         limit = f", first {args.limit} items per task" if args.limit else ""
         print(format_table(*task_rows([r["tasks"] for r in results], names), title=f"zero-shot accuracy (%){limit}"))
+    if prompts is not None:
+        print(format_table(*generation_rows([r["generation"] for r in results[1:]], names[1:]),
+                           title=f"greedy continuations against {names[0]}: {args.generate} prompts of {args.prompt_len} tokens, {args.generate_tokens} new tokens"))
     if args.json:
         Path(args.json).write_text(json.dumps(dict(zip(args.models, results)), indent=2) + "\n")
     return 0

@@ -11,7 +11,19 @@ from pathlib import Path
 
 import torch
 
-from moe_fx.cli.common import add_common, add_data, add_eval, calibration_and_eval, resolve_device, span, task_dir, task_rows, zero_shot_results
+from moe_fx.cli.common import (
+    add_common,
+    add_data,
+    add_eval,
+    add_generation,
+    calibration_and_eval,
+    generation_rows,
+    resolve_device,
+    span,
+    task_dir,
+    task_rows,
+    zero_shot_results,
+)
 from moe_fx.errors import MoeFxError
 
 
@@ -62,6 +74,7 @@ def add_parser(sub) -> None:
     p.add_argument("--nproc", type=int, default=1, help="calibrate with this many processes on this host (runs torchrun; "
                    "or launch `torchrun --nproc-per-node N -m moe_fx prune ...` yourself)")
     add_eval(p)
+    add_generation(p, "--eval-generate")
     add_common(p)
 
 
@@ -160,9 +173,11 @@ def run(args) -> int:
         raise MoeFxError("--distill-steps trains the whole model, which a streamed prune never holds; use --stream off")
     if stream and args.compiled_calibration:
         raise MoeFxError("--compiled-calibration compiles the whole model, which a streamed prune never holds; use --stream off")
-    if stream and args.tasks:
-        raise MoeFxError("--eval-tasks needs the whole model in memory, which a streamed prune never holds; run "
-                         "`moe-fx eval SOURCE OUT --tasks ...` on a device that holds it, or use --stream off")
+    if stream and (args.tasks or args.generate):
+        raise MoeFxError(f"{'--eval-tasks' if args.tasks else '--eval-generate'} needs the whole model in memory, which a streamed prune never "
+                         "holds; run `moe-fx eval SOURCE OUT ...` on a device that holds it, or use --stream off")
+    if args.generate and args.no_eval:
+        raise MoeFxError("--eval-generate continues held-out prompts: drop --no-eval")
     # the model's structure without its weights: options the family cannot take are refused before loading
     meta = meta_model(source, args.dtype, device)
     spec = state_of(meta).spec
@@ -203,6 +218,12 @@ def run(args) -> int:
     before_size = size_of(source if stream else model)
     before = evaluate(source if stream else model, eval_set, batch_size=args.batch_size, show_progress=show) if eval_set else None
     tasks_before = zero_shot_results(model, tokenizer, args, device, checkpoint=source) if args.tasks and distributed.is_main() else None
+    gen_ref = None
+    if args.generate and eval_set and distributed.is_main():  # the unpruned model's continuations, before the passes change it
+        from moe_fx.evaluate.generation import generation_prompts, reference
+
+        prompts = generation_prompts(eval_set, prompts=args.generate, prompt_len=args.prompt_len)
+        gen_ref = reference(model, prompts, args.generate_tokens, batch_size=args.batch_size, show_progress=show)
 
     t0 = time.perf_counter()
     if stream:
@@ -218,6 +239,12 @@ def run(args) -> int:
     after = evaluate(out if stream else model, eval_set, batch_size=args.batch_size, show_progress=show) if eval_set else None
     after_size = size_of(out if stream else model)
     tasks_after = zero_shot_results(model, tokenizer, args, device) if args.tasks and distributed.is_main() else None
+    if gen_ref is not None:
+        from moe_fx.evaluate.generation import agreement
+
+        generation = agreement(model, gen_ref, batch_size=args.batch_size, show_progress=show)
+    else:
+        generation = None
 
     if not distributed.is_main():
         return 0
@@ -228,6 +255,7 @@ def run(args) -> int:
         "eval_source": args.eval_data or (f"held-out {args.holdout:.0%} of {args.calib}" if eval_set else None),
         "tasks_before": tasks_before,
         "tasks_after": tasks_after,
+        "generation": generation,
         "size_before": before_size,
         "size_after": after_size,
         "prune_seconds": prune_seconds,
@@ -288,6 +316,9 @@ def run(args) -> int:
     if args.tasks:
         limit = f", first {args.limit} items per task" if args.limit else ""
         print(format_table(*task_rows([tasks_before, tasks_after], ["before", "after"]), title=f"zero-shot accuracy (%){limit}"))
+    if generation:
+        print(format_table(*generation_rows([generation], ["pruned"]), title=f"greedy continuations against the unpruned model: {args.generate} "
+                           f"prompts of {args.prompt_len} tokens, {args.generate_tokens} new tokens"))
     if stream:
         s = streamed
         gpu = f"peak GPU memory {human_bytes(s.peak_gpu_bytes)}, " if s.peak_gpu_bytes is not None else ""

@@ -83,6 +83,7 @@ def summarize(record: dict, checkpoint: Path, location: Path | None = None) -> d
         "eval_source": record.get("eval_source"),
         "nll": _paired(record.get("eval_before"), record.get("eval_after"), ("nll", "ppl")),
         "tasks": _paired(record.get("tasks_before"), record.get("tasks_after"), ("acc", "acc_norm", "ppl")),
+        "generation": record.get("generation"),
         "versions": record.get("versions"),
     }
 
@@ -157,6 +158,15 @@ def render_markdown(summary: dict, plot_files: dict[str, str], plot_errors: dict
                     rows.append([task, metric, metrics.get("n", ""), f"{100 * v['before']:.1f}", f"{100 * v['after']:.1f}", f"{100 * v['delta']:+.1f}"])
         lines += ["## Zero-shot tasks", "", "Accuracy in % (lm-eval's prompts and metrics; LAMBADA also perplexity, change in %).", ""]
         lines += md_table(["task", "metric", "items", "before", "after", "delta"], rows) + [""]
+    gen = summary.get("generation")
+    if gen:
+        lines += ["## Generation agreement", "",
+                  f"Greedy continuations of {gen['prompts']} held-out prompts ({gen['prompt_tokens']} tokens each), {gen['new_tokens']} new tokens, "
+                  "against the unpruned model's; KL along the unpruned model's continuation"
+                  + ("" if gen["kl_bins"] == "full" else f" ({gen['kl_bins']} bins, a lower bound)") + ".", ""]
+        lines += md_table(["all tokens identical", "mean agreeing prefix", "tokens identical", "mean KL (nats / token)"], [
+            [f"{100 * gen['exact_match']:.1f}%", f"{gen['prefix_tokens']:.1f} of {gen['new_tokens']}", f"{100 * gen['token_match']:.1f}%", f"{gen['kl']:.4f}"],
+        ]) + [""]
     lines += ["## Per layer", ""]
     layer_rows = []
     for r in summary["layers"]:
