@@ -44,3 +44,22 @@ class OutputPathError(MoeFxError):
 
 class PassOrderError(MoeFxError):
     """A pass ran before the pass that produces what it needs (e.g. Score before Calibrate)."""
+
+
+class DeviceMemoryError(MoeFxError):
+    """The device ran out of memory; the message gives the numbers and the options that lower the need."""
+
+
+def out_of_memory(stage: str, device, batch: tuple[int, ...], fix: str) -> DeviceMemoryError:
+    """A one-line :class:`DeviceMemoryError` for ``torch.OutOfMemoryError`` during ``stage`` on ``device`` with a
+    batch of shape ``batch``: the memory the device had (free, total, the peak this process allocated) and ``fix``."""
+    import torch
+
+    numbers = ""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        numbers = (f" ({free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB; this process peaked at "
+                   f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB)")
+    shape = " x ".join(map(str, batch))
+    return DeviceMemoryError(f"{stage} ran out of memory on {device} with a batch of {shape} tokens{numbers}: {fix}")

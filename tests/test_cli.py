@@ -267,3 +267,21 @@ def test_prune_with_compiled_calibration(capsys, micro_path, calib_path, tmp_pat
     code, _, err = _run(capsys, "prune", micro_path, "--method", "merge-reap", "--ratio", "0.25", "--calib", calib_path,
                         "--out", tmp_path / "merge", "--compiled-calibration", *FAST)
     assert code == 2 and "--compiled-calibration" in err and "samples" in err and not (tmp_path / "merge").exists()
+
+
+def test_out_of_memory_is_one_line_naming_the_fix(capsys, micro_path, calib_path, tmp_path, monkeypatch):
+    """A device running out of memory during calibration ends the command with one line: the batch and the options
+    that lower the need, exit status 2, no output directory."""
+    import torch
+
+    from moe_fx.calibrate import hooks
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(hooks.BlockProbe, "observe", no_memory)
+    code, _, err = _run(capsys, "prune", micro_path, "--ratio", "0.25", "--calib", calib_path, "--calib-tokens", "2048", "--seq-len", "128",
+                        "--batch-size", "4", "--no-eval", "--quiet", "--device", "cpu", "--out", tmp_path / "oom")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "calibration ran out of memory on cpu with a batch of 4 x 128 tokens" in lines[0]
+    assert "--batch-size" in lines[0] and "--stream on" in lines[0] and not (tmp_path / "oom").exists()

@@ -16,7 +16,7 @@ from moe_fx.calibrate.data import TokenBatch, calibration_tokens
 from moe_fx.calibrate.hooks import check_routed, instrument, router_logits, router_probs
 from moe_fx.calibrate.observers import OBSERVERS, ChannelGradObserver, ChannelObserver, InputObserver, Observer, ReapObserver, RoutingEvent, RoutingObserver, SampleObserver
 from moe_fx.calibrate.stats import CalibrationStats
-from moe_fx.errors import BadOptionError
+from moe_fx.errors import BadOptionError, out_of_memory
 from moe_fx.model.expert_math import check_expert_math
 from moe_fx.model.spec import MoEModelSpec
 from moe_fx.pipeline import MoEState, Pass, PassResult
@@ -71,10 +71,14 @@ def run_calibration(
             with progress_bar("calibrate", total=windows.numel(), unit="tok", enabled=show_progress and distributed.is_main()) as bar:
                 for i in range(0, windows.shape[0], batch_size):
                     batch = windows[i : i + batch_size].to(device)
-                    if needs_grads:
-                        _loss(model, batch).backward()
-                    else:
-                        runner(input_ids=batch, use_cache=False)
+                    try:
+                        if needs_grads:
+                            _loss(model, batch).backward()
+                        else:
+                            runner(input_ids=batch, use_cache=False)
+                    except torch.OutOfMemoryError:
+                        raise out_of_memory("calibration" + (" (forward and backward)" if needs_grads else ""), device, tuple(batch.shape),
+                                            "lower --batch-size or --seq-len, or prune layer by layer with --stream on") from None
                     bar.update(batch.numel())
             acc = accumulators()
             if distributed.active():

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_fx.calibrate.data import Document, as_documents, pack
-from moe_fx.errors import BadOptionError, CalibrationDataError
+from moe_fx.errors import BadOptionError, CalibrationDataError, out_of_memory
 from moe_fx.progress import progress_bar
 
 
@@ -76,7 +76,10 @@ def nll_sum(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 8, bar
     total, count = 0.0, 0
     for i in range(0, windows.shape[0], batch_size):
         batch = windows[i : i + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        try:
+            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        except torch.OutOfMemoryError:
+            raise out_of_memory("evaluation", device, tuple(batch.shape), "lower --batch-size or --eval-seq-len") from None
         targets = batch[:, 1:].clone()
         if overlap > 1:  # target j predicts token j + 1: tokens [0, overlap) of a later window were scored before
             targets[0 if i > 0 else 1 :, : overlap - 1] = -100

@@ -37,7 +37,7 @@ from torch import nn
 
 from moe_fx.calibrate import Calibrate, calibration_stats, distributed, instrument, reduce_across_ranks
 from moe_fx.calibrate.stats import CalibrationStats
-from moe_fx.errors import BadOptionError, NotAModelError
+from moe_fx.errors import BadOptionError, NotAModelError, out_of_memory
 from moe_fx.evaluate.nll import EvalSet, evaluate_nll
 from moe_fx.evaluate.report import write_report
 from moe_fx.formats import mxfp4
@@ -196,7 +196,11 @@ class _StreamRun:
         layer = self.layers[index]
         with torch.no_grad(), (instrument(self.model, spec, observers) if spec.blocks and observers else contextlib.nullcontext()) as recorded:
             for b, (hidden, shape) in enumerate(zip(self.states, self.batch_shapes)):
-                out = self.calls[shape][index](layer, hidden.to(self.device, non_blocking=True))
+                try:
+                    out = self.calls[shape][index](layer, hidden.to(self.device, non_blocking=True))
+                except torch.OutOfMemoryError:
+                    raise out_of_memory(f"layer {index} of the streamed calibration", self.device, shape[:2],
+                                        "lower --batch-size or --seq-len (the layer's weights stay on the device while its batches run)") from None
                 if hidden.device.type == out.device.type:
                     self.states[b] = out
                 else:  # the same stream reads the old values before this copy overwrites them
