@@ -137,8 +137,29 @@ def attempt(fn):
         return {"error": short(exc)}
 
 
-def measure(model, args) -> dict:
-    rows = {}
+@torch.no_grad()
+def read_bandwidth(device: str, gib: float = 4.0, repeats: int = 20) -> float | None:
+    """Bytes per second a reduction reads from device memory (median of ``repeats`` sums over a ``gib`` GiB
+    tensor), measured in the same process as the decode rows: the roofline's denominator (``None`` on the CPU)."""
+    if not device.startswith("cuda"):
+        return None
+    x = torch.ones(int(gib * 2**30) // 2, dtype=torch.bfloat16, device=device)
+    times = []
+    for _ in range(repeats + 1):
+        sync(device)
+        start = time.perf_counter()
+        x.sum(dtype=torch.float32)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    nbytes = x.numel() * x.element_size()
+    del x
+    free(device)
+    return nbytes / statistics.median(times[1:])
+
+
+def measure(model, args, rows: dict, saved=lambda: None) -> dict:
+    """Fills ``rows`` (label -> decode/prefill numbers), calling ``saved()`` after each row so that a run cut
+    short by a time limit keeps what it measured."""
     for impl in args.impls:
         for mode in args.stock_modes if impl == STOCK else args.modes:
             label = f"{impl}/{mode}"
@@ -158,6 +179,7 @@ def measure(model, args) -> dict:
                 row["prefill"] = attempt(lambda: prefill(model, forward, args))
                 log(f"  {label:>22} prefill {row['prefill']}")
             free(args.device)
+            saved()
     return rows
 
 
@@ -186,6 +208,20 @@ def goals(results: dict, args) -> dict:
             speedup = ours / base if ours and base else None
             out["pruned_speedup_vs_ideal"][f"{v} b{b}"] = {"speedup": speedup, "ideal": ideal,
                                                             "fraction_of_ideal": speedup / ideal if speedup else None}
+    return out
+
+
+def roofline(results: dict, bandwidth: float | None) -> dict:
+    """Per variant, row and batch: the weight bytes a step reads (``reads``) divided by the step's time, as a
+    fraction of the measured read bandwidth: 1.0 would be a step that only streams its weights at full speed."""
+    if not bandwidth:
+        return {}
+    out: dict = {}
+    for v, res in results.items():
+        for label, row in res["rows"].items():
+            for b, d in row.get("decode", {}).items():
+                if "ms_per_step" in d:
+                    out[f"{v} {label} b{b}"] = res["reads"][b]["bytes_per_step"] / (d["ms_per_step"] / 1000) / bandwidth
     return out
 
 
@@ -233,6 +269,9 @@ def main() -> None:
     meta = {"torch": torch.__version__, "transformers": transformers.__version__, "layers": args.layers, "shapes": "Qwen3-30B-A3B (random weights)",
             "dtype": "bfloat16", **{k: v for k, v in vars(args).items() if k != "out"},
             "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
+    meta["read_bandwidth_bytes_per_s"] = read_bandwidth(args.device)
+    if meta["read_bandwidth_bytes_per_s"]:
+        log(f"read bandwidth {meta['read_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s")
     base = build_synthetic(types.SimpleNamespace(tiny=args.tiny, layers=args.layers, seed=args.seed, device=args.device), torch.bfloat16)
     if args.sdpa_gqa:
         meta["sdpa_gqa_max_logit_diff"] = use_sdpa_gqa(base, args)
@@ -247,12 +286,13 @@ def main() -> None:
         acc = accounting(model)
         set_implementation(model, OURS)
         results[name] = {"accounting": acc, "reads": distinct_hits(model, acc, reads_args, model.config.vocab_size)}
-        results[name]["rows"] = measure(model, args)
-        out.write_text(json.dumps({"meta": meta, "variants": results}, indent=1) + "\n")  # kept after every variant
+        results[name]["rows"] = {}
+        measure(model, args, results[name]["rows"], lambda: out.write_text(json.dumps({"meta": meta, "variants": results}, indent=1) + "\n"))
         if model is not base:
             del model
         free(args.device)
     summary = goals(results, args)
+    summary["roofline_fraction"] = roofline(results, meta["read_bandwidth_bytes_per_s"])
     out.write_text(json.dumps({"meta": meta, "variants": results, "goals": summary}, indent=1) + "\n")
     print_tables(results, summary, args)
 
