@@ -46,6 +46,10 @@ class PassOrderError(MoeFxError):
     """A pass ran before the pass that produces what it needs (e.g. Score before Calibrate)."""
 
 
+class HostMemoryError(MoeFxError):
+    """What a run would keep in CPU memory is more than the machine has available; said before the run starts."""
+
+
 class DeviceMemoryError(MoeFxError):
     """The device ran out of memory; the message gives the numbers and the options that lower the need."""
 

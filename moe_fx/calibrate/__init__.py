@@ -16,7 +16,7 @@ from moe_fx.calibrate.data import TokenBatch, calibration_tokens
 from moe_fx.calibrate.hooks import check_routed, instrument, router_logits, router_probs
 from moe_fx.calibrate.observers import OBSERVERS, ChannelGradObserver, ChannelObserver, InputObserver, Observer, ReapObserver, RoutingEvent, RoutingObserver, SampleObserver
 from moe_fx.calibrate.stats import CalibrationStats
-from moe_fx.errors import BadOptionError, out_of_memory
+from moe_fx.errors import BadOptionError, HostMemoryError, out_of_memory
 from moe_fx.model.expert_math import check_expert_math
 from moe_fx.model.spec import MoEModelSpec
 from moe_fx.pipeline import MoEState, Pass, PassResult
@@ -37,6 +37,8 @@ __all__ = [
     "router_logits",
     "router_probs",
     "calibration_stats",
+    "check_host_memory",
+    "host_memory_available",
     "run_calibration",
 ]
 
@@ -150,6 +152,44 @@ def reduce_across_ranks(acc: dict[str, dict[str, torch.Tensor]], spec, observers
             o.reduce(acc[block.path], keys)
 
 
+def host_memory_available() -> int | None:
+    """Bytes the OS says a new allocation can take without swapping (``MemAvailable``); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_host_memory(spec: MoEModelSpec, observers: list[Observer], *, streamed: bool = False, available: int | None = None) -> None:
+    """Refuse, before any token is run, sampled statistics that would not fit in CPU memory.
+
+    The sampling observers keep their tokens on the CPU for every block until the passes have run (a streamed run:
+    for the block being processed), and at full size that is what grows: NAEE/SHAPE's sample holds every expert's
+    output, ``samples x E x H`` floats, 1 GiB a block at Qwen3-30B-A3B's shapes, 48 GiB for its 48 blocks.
+    ``available``: the bytes to compare with (default :func:`host_memory_available`; no check where unknown)."""
+    held = [o for o in observers if o.on_host]
+    available = host_memory_available() if available is None else available
+    if not held or available is None or not spec.blocks:
+        return
+    per_block = [sum(o.accumulator_bytes(b) for o in held) for b in spec.blocks]
+    need = max(per_block) if streamed else sum(per_block)
+    if need <= available:
+        return
+    gib = lambda n: f"{n / 2**30:.1f} GiB"
+    parts = ", ".join(f"{o.name} {gib(o.accumulator_bytes(spec.blocks[0]))}" for o in held)
+    where = "for the block being streamed" if streamed else f"for all {len(spec.blocks)} blocks"
+    fix = ("lower the sample: --search-samples (Calibrate.samples_per_block) for NAEE/SHAPE/merging, --compensate-samples "
+           "(inputs_per_block) for compensation")
+    if not streamed:
+        fix = f"stream the model (--stream on / moe_fx.stream_prune holds one block's sample) or {fix}"
+    raise HostMemoryError(f"calibration would keep {gib(need)} of sampled tokens in CPU memory {where} (a block: {parts}) "
+                          f"and {gib(available)} is available: {fix}")
+
+
 @dataclass
 class Calibrate(Pass):
     """Record routing statistics and REAP saliency over calibration data.
@@ -188,6 +228,7 @@ class Calibrate(Pass):
 
     def run(self, model: nn.Module, state: MoEState) -> PassResult:
         tokens, observers = self.tokens(model), self.make_observers()
+        check_host_memory(state.spec, observers)
         state.stats = run_calibration(model, state, tokens, observers, batch_size=self.batch_size, show_progress=self.show_progress,
                                       compiled=self.compiled)
         return PassResult(model, False, state.stats.summary())

@@ -49,6 +49,8 @@ class Observer:
     """Reads the experts' intermediate activations (``event.expert_math``)."""
     needs_grads = False
     """Calibration runs a backward pass of the summed next-token loss and calls :meth:`update_grads`."""
+    on_host = False
+    """Its accumulators live in CPU memory (sampled tokens) rather than beside the model (running sums)."""
 
     def init(self, block: MoEBlockSpec, device: torch.device) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -63,6 +65,11 @@ class Observer:
         """Combine this observer's accumulators ``keys`` across ranks (torch.distributed): running sums add."""
         for key in keys:
             distributed.all_reduce_sum_(acc[key])
+
+    def accumulator_bytes(self, block: MoEBlockSpec) -> int:
+        """Bytes of one block's accumulators, counted on the meta device (nothing is allocated)."""
+        with torch.device("meta"):
+            return sum(t.numel() * t.element_size() for t in self.init(block, torch.device("meta")).values())
 
 
 def _scatter(acc: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
@@ -128,6 +135,9 @@ class _SampledObserver(Observer):
     as ``cls(getattr(calibrate, size_option), calibrate.seed)``)."""
 
     size_option = "samples_per_block"
+    on_host = True
+    """Keeps its sample in CPU memory, one per block, for the whole run: the part of calibration that grows with
+    the model (``samples x E x H`` floats a block for NAEE/SHAPE), checked by :func:`moe_fx.calibrate.check_host_memory`."""
     seen_key = "sample_seen"
     shared_keys: tuple[str, ...] = ()
     """Accumulators that are the same on every rank (not per sampled token)."""

@@ -36,10 +36,15 @@ def add_parser(sub) -> None:
     p.add_argument("--method", help="expert scoring: reap (default), shape, naee, frequency, random; or eep (evolutionary search "
                    "warm-started from --eep-warm-start); a merge- prefix (merge-reap) is the same as --merge. "
                    "channel scoring (--granularity channel): fisher (default), heapr, coverage, activation, weight")
+    p.add_argument("--preset", choices=("best-oneshot", "best"),
+                   help="the measured best recipe, instead of choosing --method/--allocation/--compensate/--distill-steps: best-oneshot "
+                        "(EEP global + compensation; REAP + compensation when streamed) or best (best-oneshot + 200 distillation steps)")
     p.add_argument("--merge", action="store_true", help="fold each dropped expert into its most similar kept expert instead of discarding it")
     p.add_argument("--compensate", action="store_true",
                    help="after dropping, refit the kept experts' down projections (ridge least squares) to reproduce each block's original output")
     p.add_argument("--ridge", type=float, default=1.0, help="--compensate: pull towards the current weights, relative to each expert's activation energy (default 1.0)")
+    p.add_argument("--search-samples", type=int, default=1024, help="naee, shape, merge-*: calibration tokens per layer kept with every "
+                   "expert's output (samples x experts x hidden floats a layer; default 1024)")
     p.add_argument("--compensate-samples", type=int, default=16384, help="--compensate: calibration tokens per layer it fits on (default 16384)")
     p.add_argument("--distill-steps", type=int, default=0,
                    help="after pruning, fine-tune the routed experts and routers towards the unpruned model's logits (KL) for this many "
@@ -76,9 +81,29 @@ def add_parser(sub) -> None:
     add_eval(p)
     add_generation(p, "--eval-generate")
     add_common(p)
+    from moe_fx.run.presets import PRESET_OPTIONS
+
+    p.set_defaults(parser_defaults={o: p.get_default(o) for o in PRESET_OPTIONS})  # what --preset compares against
 
 
-def _streaming(args, source, device: str, search: bool) -> bool:
+def _apply_preset(args, stream: bool) -> None:
+    """Set the options ``--preset`` stands for (moe_fx.run.presets), refusing options of the preset's set beside it."""
+    from moe_fx.calibrate import distributed
+    from moe_fx.run.presets import PRESET_OPTIONS, preset_options
+
+    set_beside = [f"--{o.replace('_', '-')}" for o in PRESET_OPTIONS if getattr(args, o) != args.parser_defaults[o]]
+    if set_beside:
+        raise MoeFxError(f"--preset {args.preset} chooses {', '.join(set_beside)} itself: drop {'them' if len(set_beside) > 1 else 'it'} "
+                         "or the preset")
+    chosen = preset_options(args.preset, streamed=stream)
+    for key, value in chosen.items():
+        setattr(args, key, value)
+    if distributed.is_main():
+        flags = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in chosen.items())
+        print(f"moe-fx: --preset {args.preset}{' (streamed)' if stream else ''}: {flags}")
+
+
+def _streaming(args, source, device: str) -> bool:
     """Whether this prune streams: ``--stream on``, or ``auto`` when the weights would not fit the device."""
     from moe_fx.calibrate import distributed
     from moe_fx.evaluate.nll import disk_size
@@ -95,8 +120,6 @@ def _streaming(args, source, device: str, search: bool) -> bool:
             return False
         if distributed.is_main():
             print(f"moe-fx: the weights of {source} ({weights / 2**30:.1f} GiB) exceed 80% of the free memory of {device}: streaming layer by layer (--stream off to force in memory)")
-    if search:
-        raise MoeFxError("--method eep searches over the whole model at once; it cannot stream layer by layer (use --stream off on a device that holds the model)")
     return True
 
 
@@ -120,7 +143,7 @@ def _check_granularity(args, scorer, expert_scorer) -> None:
 
 def run(args) -> int:
     """Run the command with the parsed ``args``; return the exit status."""
-    from moe_fx.calibrate import distributed
+    from moe_fx.calibrate import check_host_memory, distributed
     from moe_fx.calibrate.data import TokenBatch, pack, split_fitness
     from moe_fx.evaluate.nll import checkpoint_size, disk_size, evaluate_nll, model_size
     from moe_fx.evaluate.report import write_report
@@ -141,6 +164,12 @@ def run(args) -> int:
     check_output_path(args.out, source, args.overwrite)
     if args.tasks:
         resolve_tasks(args.tasks, task_dir(args))
+    device = resolve_device(args.device)
+    if distributed.init_from_env(device) and device == "cuda":
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    stream = _streaming(args, source, device)
+    if args.preset:
+        _apply_preset(args, stream)
     channels = args.granularity == "channel"
     args.method, merge = parse_method(args.method or ("fisher" if channels else "reap"))
     args.merge = args.merge or merge
@@ -165,10 +194,8 @@ def run(args) -> int:
         raise MoeFxError(f"--distill-steps must be >= 0 and --distill-lr > 0, got {args.distill_steps} and {args.distill_lr}")
     if args.calib_tokens < 1 or args.seq_len < 2:
         raise MoeFxError("--calib-tokens must be positive and --seq-len at least 2")
-    device = resolve_device(args.device)
-    if distributed.init_from_env(device) and device == "cuda":
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    stream = _streaming(args, source, device, search)
+    if stream and search:
+        raise MoeFxError("--method eep searches over the whole model at once; it cannot stream layer by layer (use --stream off on a device that holds the model)")
     if stream and args.distill_steps:
         raise MoeFxError("--distill-steps trains the whole model, which a streamed prune never holds; use --stream off")
     if stream and args.compiled_calibration:
@@ -201,7 +228,7 @@ def run(args) -> int:
         scorers = [scorer] + ([expert_scorer] if expert_scorer else [])
         passes.append(Calibrate(TokenBatch(windows, args.calib), batch_size=args.batch_size, seed=args.seed,
                                 observers=observers_for(scorers, merge=args.merge, compensate=args.compensate),
-                                inputs_per_block=args.compensate_samples, show_progress=show, compiled=args.compiled_calibration))
+                                samples_per_block=args.search_samples, inputs_per_block=args.compensate_samples, show_progress=show, compiled=args.compiled_calibration))
     if expert_scorer:
         passes += [Score(expert_scorer.name, seed=args.seed), DropExperts(ratio=args.expert_ratio)]
     passes += prune_passes(scorer, spec, ratio=args.ratio, keep=args.keep, merge=args.merge, compensate=args.compensate,
@@ -210,6 +237,8 @@ def run(args) -> int:
         passes.append(Distill(teacher=source, data=TokenBatch(windows, args.calib), steps=args.distill_steps, lr=args.distill_lr,
                               batch_size=args.batch_size, seed=args.seed, show_progress=show))
     compose(*passes).check_model(meta)
+    if needs_windows and not stream:  # a streamed run checks its one block's sample itself
+        check_host_memory(spec, next(p for p in passes if isinstance(p, Calibrate)).make_observers())
 
     model = meta if stream else load_model(source, dtype=args.dtype, device=device)
     save_dtype = model.config.dtype if isinstance(getattr(model.config, "dtype", None), torch.dtype) else next(model.parameters()).dtype
@@ -249,7 +278,7 @@ def run(args) -> int:
     if not distributed.is_main():
         return 0
     record = {
-        "cli": {k: v for k, v in vars(args).items() if k != "func"},
+        "cli": {k: v for k, v in vars(args).items() if k not in ("func", "parser_defaults")},
         "eval_before": before,
         "eval_after": after,
         "eval_source": args.eval_data or (f"held-out {args.holdout:.0%} of {args.calib}" if eval_set else None),

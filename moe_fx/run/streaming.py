@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moe_fx.calibrate import Calibrate, calibration_stats, distributed, instrument, reduce_across_ranks
+from moe_fx.calibrate import Calibrate, calibration_stats, check_host_memory, distributed, instrument, reduce_across_ranks
 from moe_fx.calibrate.stats import CalibrationStats
 from moe_fx.errors import BadOptionError, NotAModelError, out_of_memory
 from moe_fx.evaluate.nll import EvalSet, evaluate_nll
@@ -341,6 +341,8 @@ def stream_prune(
         run = _open_meta(source, ckpt, device, dtype, states)
         model, spec, dt = run.model, run.spec, run.dtype
         compose(*passes).check_model(model)  # what the family cannot take fails before any layer is read
+        if calibrate is not None:
+            check_host_memory(spec, calibrate.make_observers(), streamed=True)
         tokens = calibrate.tokens(model) if calibrate is not None else None
         key = _run_key(source, passes, tokens.fingerprint if tokens is not None else "", dt, device)
         partial = PartialCheckpoint(out, key, discard_other_runs=overwrite) if main else None

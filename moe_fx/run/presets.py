@@ -1,0 +1,65 @@
+"""Named pruning recipes, so a user does not have to know the best combination of options: ``moe-fx prune
+--preset NAME`` (and :func:`preset_options` for scripts) expands to the options the measurements chose.
+
+What chose them (``docs/benchmarks/quality.md``; trained qwen3moe-bench, held-out valid split, Δ NLL against
+REAP's on the same calibration tokens):
+
+- ``best-oneshot``: EEP (global allocation) + compensation, the best pipeline without training at both budgets
+  measured: 0.73x REAP's loss at 25% of the experts dropped and 0.59x at 50% (REAP + compensation: 0.83x and
+  0.66x). EEP searches over the whole model, so a streamed prune (a model larger than the device) takes the
+  best pipeline that streams, REAP + compensation.
+- ``best``: ``best-oneshot`` then 200 steps of distillation (lr 3e-4, chosen on held-out train windows):
+  0.37x REAP's loss at 25%. Distillation holds the unpruned model too, so it does not stream.
+
+Both are expert-pruning recipes: the budget is ``--ratio`` / ``--keep`` of the experts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from moe_fx.errors import BadOptionError
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A preset's options in memory and, when it has one, the variant a streamed prune runs (None: it cannot
+    stream, ``why_not_streamed`` says why)."""
+
+    name: str
+    options: dict = field(default_factory=dict)
+    streamed: dict | None = None
+    why_not_streamed: str = ""
+    measured: str = ""
+
+
+PRESETS: dict[str, Preset] = {
+    "best-oneshot": Preset(
+        "best-oneshot",
+        {"method": "eep", "allocation": "global", "compensate": True},
+        streamed={"method": "reap", "allocation": "uniform", "compensate": True},
+        measured="EEP global + compensation: 0.73x / 0.59x REAP's loss at 25% / 50% on qwen3moe-bench",
+    ),
+    "best": Preset(
+        "best",
+        {"method": "eep", "allocation": "global", "compensate": True, "distill_steps": 200, "distill_lr": 3e-4},
+        why_not_streamed="its distillation trains the whole model next to the unpruned one",
+        measured="EEP global + compensation + 200 distillation steps: 0.37x REAP's loss at 25% on qwen3moe-bench",
+    ),
+}
+
+PRESET_OPTIONS = ("method", "allocation", "compensate", "merge", "distill_steps", "distill_lr", "granularity")
+"""The options a preset decides; setting one of them beside ``--preset`` is refused rather than silently overridden."""
+
+
+def preset_options(name: str, *, streamed: bool = False) -> dict:
+    """The options preset ``name`` stands for (keys as ``moe-fx prune``'s argument names), for an in-memory or a
+    streamed prune; one-line errors for an unknown name or a preset that cannot stream."""
+    if name not in PRESETS:
+        raise BadOptionError(f"--preset {name}: unknown preset; choose one of {', '.join(PRESETS)}")
+    preset = PRESETS[name]
+    if not streamed:
+        return dict(preset.options)
+    if preset.streamed is None:
+        raise BadOptionError(f"--preset {name} cannot stream: {preset.why_not_streamed}; use --stream off on a device that "
+                             f"holds the model, or --preset best-oneshot")
+    return dict(preset.streamed)

@@ -1,0 +1,85 @@
+"""The CPU-memory plan of sampled calibration statistics: what NAEE/SHAPE/merging and compensation keep per block,
+counted without allocating, and refused up front (before the model is loaded) when the machine cannot hold it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+import moe_fx
+import moe_fx.calibrate as calibrate
+import moe_fx.formats.loading
+from moe_fx import cli
+from moe_fx.calibrate import InputObserver, ReapObserver, RoutingObserver, SampleObserver, check_host_memory
+from moe_fx.errors import HostMemoryError
+
+GIB = 2**30
+
+
+@pytest.fixture(scope="module")
+def qwen3_30b_spec():
+    """Qwen3-30B-A3B's MoE spec (48 blocks of 128 experts, hidden 2048, top-8) from a model built on meta."""
+    config = Qwen3MoeConfig(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+                            num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+                            vocab_size=151936)
+    with torch.device("meta"):
+        model = Qwen3MoeForCausalLM(config)
+    return moe_fx.state_of(model).spec
+
+
+def test_sample_bytes_counted_without_allocating(qwen3_30b_spec):
+    block = qwen3_30b_spec.blocks[0]
+    n, e, h, k = 1024, 128, 2048, 8
+    # logits [n,E] + every expert's output [n,E,H] + bias [E] + top-k index (int64) and weight [n,k] + the count
+    assert SampleObserver(n).accumulator_bytes(block) == 4 * (n * e + n * e * h + e + n * k) + 8 * n * k + 8
+    assert InputObserver(16384).accumulator_bytes(block) == 4 * (16384 * (2 * h + e + k) + e) + 8 * 16384 * k + 8
+    assert SampleObserver.on_host and InputObserver.on_host and not ReapObserver.on_host
+
+
+def test_whole_model_sample_refused_streamed_fits(qwen3_30b_spec):
+    observers = [RoutingObserver(), SampleObserver(1024)]
+    with pytest.raises(HostMemoryError) as err:
+        check_host_memory(qwen3_30b_spec, observers, available=23 * GIB)
+    message = str(err.value)
+    assert "48.0 GiB" in message and "all 48 blocks" in message and "samples 1.0 GiB" in message
+    assert "--stream on" in message and "--search-samples" in message and "\n" not in message
+    check_host_memory(qwen3_30b_spec, observers, streamed=True, available=23 * GIB)  # one block: 1 GiB
+    check_host_memory(qwen3_30b_spec, [RoutingObserver(), SampleObserver(256)], available=23 * GIB)  # 12 GiB
+    check_host_memory(qwen3_30b_spec, [RoutingObserver(), ReapObserver()], available=1)  # running sums only: nothing to check
+
+
+def test_streamed_block_too_large_names_the_sample_options(qwen3_30b_spec):
+    with pytest.raises(HostMemoryError) as err:
+        check_host_memory(qwen3_30b_spec, [SampleObserver(1024), InputObserver(16384)], streamed=True, available=GIB)
+    message = str(err.value)
+    assert "the block being streamed" in message and "--stream on" not in message and "--compensate-samples" in message
+
+
+def _prune(micro_path: Path, calib_path: Path, out: Path, *extra: str) -> list[str]:
+    return ["prune", str(micro_path), "--method", "naee", "--ratio", "0.25", "--calib", str(calib_path), "--calib-tokens", "2048",
+            "--seq-len", "128", "--no-eval", "--device", "cpu", "--quiet", "--out", str(out), *extra]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_cli_refuses_before_loading(stream, micro_path, calib_path, tmp_path, capsys, monkeypatch):
+    """With less memory available than the NAEE sample needs, `moe-fx prune` exits 2 with one line, loads nothing,
+    writes nothing; `--search-samples` lowers the need and the same command then runs."""
+    monkeypatch.setattr(calibrate, "host_memory_available", lambda: 2**20)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the refusal")
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        m.setattr(moe_fx.formats.loading, "load_model", no_load)
+        code = cli.main(_prune(micro_path, calib_path, out, *(["--stream", "on"] if stream else [])))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "sampled tokens in CPU memory" in lines[0], lines
+    assert ("--stream on" in lines[0]) is not stream
+    assert not out.exists()
+    code = cli.main(_prune(micro_path, calib_path, out, "--search-samples", "8", *(["--stream", "on"] if stream else [])))
+    assert code == 0, capsys.readouterr().err
+    assert (out / "config.json").exists()

@@ -1,0 +1,72 @@
+"""``moe-fx prune --preset``: each preset runs the pipeline it documents (in memory and streamed), and options the
+preset decides, or a preset that cannot stream, are refused in one line before the model is loaded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import moe_fx.formats.loading
+from moe_fx import cli
+from moe_fx.errors import BadOptionError
+from moe_fx.run.presets import PRESETS, preset_options
+
+FAST_EEP = ["--eep-generations", "1", "--eep-population", "2", "--fitness-tokens", "512"]
+
+
+def _prune(micro_path: Path, calib_path: Path, out: Path, *extra: str) -> list[str]:
+    return ["prune", str(micro_path), "--ratio", "0.25", "--calib", str(calib_path), "--calib-tokens", "2048", "--seq-len", "64",
+            "--batch-size", "2", "--compensate-samples", "512", "--no-eval", "--device", "cpu", "--quiet", "--out", str(out), *extra]
+
+
+def _passes(out: Path) -> list[str]:
+    return [p["name"] for p in json.loads((out / "moe_fx.json").read_text())["passes"]]
+
+
+@pytest.mark.parametrize(("preset", "stream", "expected"), [
+    ("best-oneshot", "off", ["calibrate", "score", "drop_experts", "compensate_experts"]),
+    ("best-oneshot", "on", ["calibrate", "score", "drop_experts", "compensate_experts"]),
+    ("best", "off", ["calibrate", "score", "drop_experts", "compensate_experts", "distill"]),
+])
+def test_preset_runs_its_pipeline(preset, stream, expected, micro_path, calib_path, tmp_path, capsys):
+    out = tmp_path / preset
+    extra = ["--stream", stream, *FAST_EEP] if stream == "off" else ["--stream", stream]
+    code = cli.main(_prune(micro_path, calib_path, out, "--preset", preset, *extra))
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stderr
+    record = json.loads((out / "moe_fx.json").read_text())
+    chosen = preset_options(preset, streamed=stream == "on")
+    assert f"--preset {preset}" in stdout and all(record["cli"][k] == v for k, v in chosen.items())
+    assert _passes(out)[: len(expected)] == expected
+    assert (record["search"] is not None) == (chosen["method"] == "eep")  # EEP in memory, REAP streamed
+    if preset == "best":
+        distill = next(p for p in record["passes"] if p["name"] == "distill")
+        assert distill["config"]["steps"] == 200 and distill["config"]["lr"] == 3e-4
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--preset", "best", "--method", "reap"], "--preset best chooses --method itself"),
+    (["--preset", "best-oneshot", "--compensate", "--allocation", "uniform"], "chooses --compensate itself"),
+    (["--preset", "best-oneshot", "--granularity", "channel"], "chooses --granularity itself"),
+    (["--preset", "best", "--stream", "on"], "--preset best cannot stream"),
+])
+def test_refused_before_loading(extra, message, micro_path, calib_path, tmp_path, capsys, monkeypatch):
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr(moe_fx.formats.loading, "load_model", no_load)
+    out = tmp_path / "out"
+    code = cli.main(_prune(micro_path, calib_path, out, *extra))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and message in lines[0], lines
+    assert not out.exists()
+
+
+def test_preset_table():
+    assert set(PRESETS) == {"best-oneshot", "best"}
+    assert preset_options("best-oneshot") == {"method": "eep", "allocation": "global", "compensate": True}
+    assert preset_options("best-oneshot", streamed=True)["method"] == "reap"
+    with pytest.raises(BadOptionError, match="unknown preset"):
+        preset_options("fastest")
