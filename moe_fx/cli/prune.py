@@ -89,7 +89,7 @@ def add_parser(sub) -> None:
 def _apply_preset(args, stream: bool) -> None:
     """Set the options ``--preset`` stands for (moe_fx.run.presets), refusing options of the preset's set beside it."""
     from moe_fx.calibrate import distributed
-    from moe_fx.run.presets import PRESET_OPTIONS, preset_options
+    from moe_fx.run.presets import PRESET_OPTIONS, PRESETS, preset_options
 
     set_beside = [f"--{o.replace('_', '-')}" for o in PRESET_OPTIONS if getattr(args, o) != args.parser_defaults[o]]
     if set_beside:
@@ -100,7 +100,7 @@ def _apply_preset(args, stream: bool) -> None:
         setattr(args, key, value)
     if distributed.is_main():
         flags = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in chosen.items())
-        print(f"moe-fx: --preset {args.preset}{' (streamed)' if stream else ''}: {flags}")
+        print(f"moe-fx: --preset {args.preset}{' (streamed)' if stream else ''}: {flags} ({PRESETS[args.preset].streamed_measured if stream else PRESETS[args.preset].measured})")
 
 
 def _streaming(args, source, device: str) -> bool:
