@@ -4,6 +4,8 @@ Each pipeline prunes a copy of the base model with calibration statistics shared
 Distill fine-tunes it towards the unpruned model's logits on the calibration windows, once per learning rate
 of ``--lrs``. The learning rate is chosen on held-out *train* windows (NLL); the valid split only reports,
 for every learning rate, so the choice can be checked. EEP's fitness windows are another held-out slice.
+``--teachers model cached``: each distillation also runs from the unpruned model's top-``--top-k`` distributions
+cached before pruning (``CacheTeacher``; no teacher in memory while training), side by side with the full-KL one.
 
     python benchmarks/distill_recovery.py --model ../shared/models/qwen3moe-bench \
         --calib ../shared/data/corpus/train.jsonl.gz --valid ../shared/data/corpus/valid.jsonl.gz
@@ -26,6 +28,7 @@ from moe_fx.passes import CompensateExperts, DropExperts, PruneChannels, Score
 from moe_fx.plan.eep import EvolutionarySearch
 from moe_fx.rewrite.distill import Distill
 from moe_fx.rewrite.prune_channels import routed_parameters
+from moe_fx.rewrite.teacher_cache import CacheTeacher
 
 OBSERVERS = ("routing", "reap", "inputs", "channels", "channel_grads")
 
@@ -59,6 +62,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--lrs", type=float, nargs="*", default=[1e-4, 3e-4], help="peak learning rates (none: one-shot rows only)")
     ap.add_argument("--train", default="experts", choices=["experts", "all"])
+    ap.add_argument("--teachers", nargs="+", default=["model"], choices=["model", "cached"],
+                    help="model: full-vocabulary KL to the unpruned model in memory; cached: its top-k cached before pruning")
+    ap.add_argument("--top-k", type=int, default=64, help="tokens per position in the teacher cache (--teachers cached)")
     ap.add_argument("--eep-population", type=int, default=16)
     ap.add_argument("--eep-generations", type=int, default=20)
     ap.add_argument("--out", default="benchmarks/results/distill_recovery.json")
@@ -71,6 +77,12 @@ def main() -> None:
     selection_nll = lambda m: mean_nll(m, selection, args.batch_size)
     selection_before = selection_nll(base)
     stats = calibrate(base, tokens, args.batch_size, OBSERVERS)
+    cache = None
+    if "cached" in args.teachers:  # one teacher pass over the distillation windows, shared by every cached run
+        t0 = time.perf_counter()
+        CacheTeacher(tokens, top_k=args.top_k, batch_size=args.batch_size, show_progress=False).run(base, state_of(base))
+        cache = state_of(base).teacher_cache
+        print(f"teacher cache: top-{args.top_k}, {cache.summary()} in {time.perf_counter() - t0:.1f}s", flush=True)
 
     def measured(model, seconds: float, **extra) -> dict:
         after = evaluate_nll(model, eval_set, batch_size=args.batch_size, show_progress=False)
@@ -88,16 +100,19 @@ def main() -> None:
                "widths": [b.experts.intermediate_size for b in state_of(model).spec.blocks], "one_shot": measured(model, time.perf_counter() - t0), "distilled": {}}
         print(f"{name:>46} one-shot      dNLL {run['one_shot']['delta_nll']['mean']:+.4f} (selection {run['one_shot']['selection_delta_nll']:+.4f})", flush=True)
         for lr in args.lrs:
-            student = copy.deepcopy(model)
-            t0 = time.perf_counter()
-            student = Distill(teacher=base, data=tokens, steps=args.steps, lr=lr, batch_size=args.batch_size, train=args.train, show_progress=False)(student)
-            report = state_of(student).history[-1].report
-            run["distilled"][str(lr)] = measured(student, time.perf_counter() - t0, kl_first=report["kl_first"], kl_last=report["kl_last"])
-            r = run["distilled"][str(lr)]
-            print(f"{name:>46} distill lr={lr:g} dNLL {r['delta_nll']['mean']:+.4f} (selection {r['selection_delta_nll']:+.4f}) "
-                  f"KL {r['kl_first']:.3f} -> {r['kl_last']:.3f} {r['seconds']:.0f}s", flush=True)
-            del student
-        run["chosen_lr"] = min(args.lrs, key=lambda lr: run["distilled"][str(lr)]["selection_delta_nll"], default=None)
+            for kind in args.teachers:  # "distilled" keeps the model teacher's rows (the lr choice), "distilled_cached" the cache's
+                student = copy.deepcopy(model)
+                t0 = time.perf_counter()
+                student = Distill(teacher=base if kind == "model" else cache, data=tokens, steps=args.steps, lr=lr, batch_size=args.batch_size,
+                                  train=args.train, show_progress=False)(student)
+                report = state_of(student).history[-1].report
+                r = measured(student, time.perf_counter() - t0, kl_first=report["kl_first"], kl_last=report["kl_last"], teacher=report["teacher"])
+                run.setdefault("distilled" if kind == "model" else "distilled_cached", {})[str(lr)] = r
+                print(f"{name:>46} distill lr={lr:g} ({report['teacher']}) dNLL {r['delta_nll']['mean']:+.4f} (selection {r['selection_delta_nll']:+.4f}) "
+                      f"KL {r['kl_first']:.3f} -> {r['kl_last']:.3f} {r['seconds']:.0f}s", flush=True)
+                del student
+        chosen_from = run["distilled"] or run.get("distilled_cached", {})
+        run["chosen_lr"] = min(args.lrs, key=lambda lr: chosen_from[str(lr)]["selection_delta_nll"], default=None)
         runs.append(run)
         del model
         result = {"model": args.model, "device": args.device, "dtype": args.dtype, "torch": torch.__version__, "calibration_tokens": tokens.num_tokens,
@@ -107,9 +122,11 @@ def main() -> None:
     rows = []
     for r in runs:
         chosen = r["distilled"].get(str(r["chosen_lr"]))
+        cached = r.get("distilled_cached", {}).get(str(r["chosen_lr"]))
         rows.append([r["pipeline"], f"{r['one_shot']['delta_nll']['mean']:+.4f}"] + ([f"{chosen['delta_nll']['mean']:+.4f}", f"{chosen['worst_delta']:+.4f}",
-                     f"{r['chosen_lr']:g}", f"{chosen['seconds']:.0f}"] if chosen else ["-"] * 4))
-    print(format_table(["pipeline", "one-shot dNLL", "+ distill dNLL", "worst domain", "lr (train holdout)", "distill s"], rows,
+                     f"{r['chosen_lr']:g}", f"{chosen['seconds']:.0f}"] if chosen else ["-"] * 4)
+                    + [f"{cached['delta_nll']['mean']:+.4f} ({cached['seconds']:.0f} s)" if cached else "-"])
+    print(format_table(["pipeline", "one-shot dNLL", "+ distill dNLL", "worst domain", "lr (train holdout)", "distill s", f"cached top-{args.top_k} dNLL"], rows,
                        title=f"distillation recovery, {args.steps} steps x {args.batch_size} x {args.seq_len} tokens, train={args.train}"))
 
 

@@ -44,6 +44,9 @@ class MoEState:
     stats: Any = None
     scores: Any = None
     plan: Any = None
+    teacher_cache: Any = None
+    """The unpruned model's cached top-k distributions (:class:`~moe_fx.rewrite.teacher_cache.CacheTeacher`), read by
+    ``Distill(teacher="cached")``."""
     search: Any = None
     """The last plan search's result (``EvolutionarySearch``), with its fitness history."""
     channel_plan: Any = None

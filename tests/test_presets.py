@@ -1,8 +1,9 @@
 """``moe-fx prune --preset``: each preset runs the pipeline it documents (in memory and streamed), and options the
-preset decides, or a preset that cannot stream, are refused in one line before the model is loaded."""
+preset decides are refused in one line before the model is loaded."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -29,10 +30,14 @@ def _passes(out: Path) -> list[str]:
     ("best-oneshot", "off", ["calibrate", "score", "drop_experts", "compensate_experts"]),
     ("best-oneshot", "on", ["calibrate", "score", "drop_experts", "compensate_experts"]),
     ("best", "off", ["calibrate", "score", "drop_experts", "compensate_experts", "distill"]),
+    ("best", "on", ["calibrate", "score", "drop_experts", "compensate_experts", "distill"]),
 ])
-def test_preset_runs_its_pipeline(preset, stream, expected, micro_path, calib_path, tmp_path, capsys):
+def test_preset_runs_its_pipeline(preset, stream, expected, micro_path, calib_path, tmp_path, capsys, monkeypatch):
     out = tmp_path / preset
     extra = ["--stream", stream, *FAST_EEP] if stream == "off" else ["--stream", stream]
+    if preset == "best":  # the same pipeline with 3 distillation steps instead of 200 (test_preset_table checks the 200)
+        fast = {key: {**options, "distill_steps": 3} for key, options in (("options", PRESETS["best"].options), ("streamed", PRESETS["best"].streamed))}
+        monkeypatch.setitem(PRESETS, "best", dataclasses.replace(PRESETS["best"], **fast))
     code = cli.main(_prune(micro_path, calib_path, out, "--preset", preset, *extra))
     stdout, stderr = capsys.readouterr()
     assert code == 0, stderr
@@ -43,14 +48,14 @@ def test_preset_runs_its_pipeline(preset, stream, expected, micro_path, calib_pa
     assert (record["search"] is not None) == (chosen["method"] == "eep")  # EEP in memory, REAP streamed
     if preset == "best":
         distill = next(p for p in record["passes"] if p["name"] == "distill")
-        assert distill["config"]["steps"] == 200 and distill["config"]["lr"] == 3e-4
+        assert distill["config"]["steps"] == 3 and distill["config"]["lr"] == 3e-4
+        assert distill["report"]["teacher"] == ("cached top-64" if stream == "on" else "model")
 
 
 @pytest.mark.parametrize(("extra", "message"), [
     (["--preset", "best", "--method", "reap"], "--preset best chooses --method itself"),
     (["--preset", "best-oneshot", "--compensate", "--allocation", "uniform"], "chooses --compensate itself"),
     (["--preset", "best-oneshot", "--granularity", "channel"], "chooses --granularity itself"),
-    (["--preset", "best", "--stream", "on"], "--preset best cannot stream"),
 ])
 def test_refused_before_loading(extra, message, micro_path, calib_path, tmp_path, capsys, monkeypatch):
     def no_load(*args, **kwargs):
@@ -68,5 +73,7 @@ def test_preset_table():
     assert set(PRESETS) == {"best-oneshot", "best"}
     assert preset_options("best-oneshot") == {"method": "eep", "allocation": "global", "compensate": True}
     assert preset_options("best-oneshot", streamed=True)["method"] == "reap"
+    assert preset_options("best")["distill_steps"] == preset_options("best", streamed=True)["distill_steps"] == 200
+    assert preset_options("best", streamed=True)["distill_teacher"] == "cached"
     with pytest.raises(BadOptionError, match="unknown preset"):
         preset_options("fastest")

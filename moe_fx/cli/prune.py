@@ -7,6 +7,7 @@ import functools
 import json
 import os
 import time
+from dataclasses import replace as dataclasses_replace
 from pathlib import Path
 
 import torch
@@ -50,6 +51,10 @@ def add_parser(sub) -> None:
                    help="after pruning, fine-tune the routed experts and routers towards the unpruned model's logits (KL) for this many "
                         "steps of --batch-size calibration windows (moe_fx.passes.Distill; default 0: off). Holds the source model in memory too")
     p.add_argument("--distill-lr", type=float, default=3e-4, help="--distill-steps: peak AdamW learning rate (default 3e-4)")
+    p.add_argument("--distill-teacher", default="model", choices=("model", "cached"),
+                   help="--distill-steps: model (the source model in memory beside the student; full-vocabulary KL) or cached (the "
+                        "unpruned model's top-k distributions cached to disk before pruning: the teacher is never held beside the student)")
+    p.add_argument("--distill-top-k", type=int, default=64, help="--distill-teacher cached: tokens kept per position (default 64)")
     p.add_argument("--allocation", default="uniform", choices=("uniform", "global", "layer", "expert", "coverage"),
                    help="experts: uniform (same count in every layer; stock config) or global (ranked across layers; per-layer format). "
                    "channels: uniform (same width everywhere; stock config), layer (one width per layer), expert (HEAPr-style "
@@ -103,6 +108,37 @@ def _apply_preset(args, stream: bool) -> None:
         print(f"moe-fx: --preset {args.preset}{' (streamed)' if stream else ''}: {flags} ({PRESETS[args.preset].streamed_measured if stream else PRESETS[args.preset].measured})")
 
 
+def _streamed_then_distilled(source: Path, passes: list, args, device: str, tokenizer, show: bool):
+    """``--stream on --distill-steps N --distill-teacher cached``: the streamed prune (which also caches the unpruned
+    model's top-k on the calibration windows) into a staging directory beside the output, then the pruned student
+    loaded whole and distilled on the cache: memory is the student and its trainable state, never the teacher.
+    Returns the student and its state; the staging directory and the cache are removed, also after a failure."""
+    import shutil
+
+    from moe_fx.formats.loading import load_model
+    from moe_fx.pipeline import STATE_ATTR, compose
+    from moe_fx.rewrite.distill import Distill
+    from moe_fx.rewrite.teacher_cache import CacheTeacher
+    from moe_fx.run.streaming import stream_prune
+
+    out = Path(args.out)
+    staging, cache_dir = out.with_name(f".{out.name}.streamed"), out.with_name(f".{out.name}.teacher")
+    distill = next(p for p in passes if isinstance(p, Distill))
+    streamed_passes = [p for p in passes if not isinstance(p, (Distill, CacheTeacher))]
+    try:
+        for leftover in (staging, cache_dir):
+            shutil.rmtree(leftover, ignore_errors=True)
+        streamed = stream_prune(source, staging, streamed_passes, device=device, dtype=args.dtype, tokenizer=tokenizer, overwrite=True,
+                                show_progress=show, report=False, teacher_cache=cache_dir, teacher_top_k=args.distill_top_k)
+        model = load_model(staging, dtype=args.dtype, device=device)
+        object.__setattr__(model, STATE_ATTR, streamed.state)  # the streamed run's plan, statistics and history
+        model = compose(dataclasses_replace(distill, teacher=cache_dir))(model)
+        return model, streamed.state
+    finally:
+        for leftover in (staging, cache_dir):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def _streaming(args, source, device: str) -> bool:
     """Whether this prune streams: ``--stream on``, or ``auto`` when the weights would not fit the device."""
     from moe_fx.calibrate import distributed
@@ -152,7 +188,7 @@ def run(args) -> int:
     from moe_fx.formats.checkpoint import check_output_path, save_checkpoint, update_record
     from moe_fx.formats.lazy import meta_model
     from moe_fx.formats.loading import check_model_dir, load_model, load_tokenizer
-    from moe_fx.passes import Calibrate, CompensateExperts, Distill, DropExperts, Score
+    from moe_fx.passes import CacheTeacher, Calibrate, CompensateExperts, Distill, DropExperts, Score
     from moe_fx.pipeline import compose, state_of
     from moe_fx.plan.allocate import check_budget
     from moe_fx.plan.eep import EvolutionarySearch
@@ -190,14 +226,18 @@ def run(args) -> int:
     if needs_windows and not args.calib:
         raise MoeFxError(f"--method {args.method}{' --merge' if args.merge else ''}{' --compensate' if args.compensate else ''}"
                          f"{' --distill-steps' if args.distill_steps else ''} needs calibration data: pass --calib FILE")
-    if args.distill_steps < 0 or not args.distill_lr > 0:
-        raise MoeFxError(f"--distill-steps must be >= 0 and --distill-lr > 0, got {args.distill_steps} and {args.distill_lr}")
+    if args.distill_steps < 0 or not args.distill_lr > 0 or args.distill_top_k < 1:
+        raise MoeFxError(f"--distill-steps must be >= 0, --distill-lr > 0 and --distill-top-k >= 1, got {args.distill_steps}, {args.distill_lr} "
+                         f"and {args.distill_top_k}")
     if args.calib_tokens < 1 or args.seq_len < 2:
         raise MoeFxError("--calib-tokens must be positive and --seq-len at least 2")
     if stream and search:
         raise MoeFxError("--method eep searches over the whole model at once; it cannot stream layer by layer (use --stream off on a device that holds the model)")
-    if stream and args.distill_steps:
-        raise MoeFxError("--distill-steps trains the whole model, which a streamed prune never holds; use --stream off")
+    if stream and args.distill_steps and args.distill_teacher != "cached":
+        raise MoeFxError("--distill-steps with the model as teacher holds the source beside the student, which a streamed prune never does; "
+                         "use --distill-teacher cached (the teacher's top-k are cached by the streamed pass) or --stream off")
+    if stream and args.distill_steps and args.nproc > 1:
+        raise MoeFxError("--stream on --distill-steps caches the teacher in a single process; drop --nproc")
     if stream and args.compiled_calibration:
         raise MoeFxError("--compiled-calibration compiles the whole model, which a streamed prune never holds; use --stream off")
     if stream and (args.tasks or args.generate):
@@ -234,7 +274,11 @@ def run(args) -> int:
     passes += prune_passes(scorer, spec, ratio=args.ratio, keep=args.keep, merge=args.merge, compensate=args.compensate,
                            allocation=allocation, multiple=args.multiple, seed=args.seed, ridge=args.ridge)
     if args.distill_steps:
-        passes.append(Distill(teacher=source, data=TokenBatch(windows, args.calib), steps=args.distill_steps, lr=args.distill_lr,
+        data = TokenBatch(windows, args.calib)
+        cached = args.distill_teacher == "cached"
+        if cached:  # before the first pass that changes the model
+            passes.insert(1, CacheTeacher(data, top_k=args.distill_top_k, batch_size=args.batch_size, seed=args.seed, show_progress=show))
+        passes.append(Distill(teacher="cached" if cached else source, data=data, steps=args.distill_steps, lr=args.distill_lr,
                               batch_size=args.batch_size, seed=args.seed, show_progress=show))
     compose(*passes).check_model(meta)
     if needs_windows and not stream:  # a streamed run checks its one block's sample itself
@@ -255,14 +299,21 @@ def run(args) -> int:
         gen_ref = reference(model, prompts, args.generate_tokens, batch_size=args.batch_size, show_progress=show)
 
     t0 = time.perf_counter()
-    if stream:
+    if stream and args.distill_steps:  # stream the prune and the teacher pass, then train the student alone, in memory
+        model, state = _streamed_then_distilled(source, passes, args, device, tokenizer, show)
+        stream, size_of, evaluate = False, model_size, evaluate_nll  # from here on the student is in memory
+    elif stream:
         streamed = stream_prune(source, args.out, passes, device=device, dtype=args.dtype, tokenizer=tokenizer,
                                 overwrite=args.overwrite, show_progress=show, report=False)  # written once, with the evaluations
         if streamed is None:  # another rank: rank 0 writes, evaluates and reports
             return 0
         out, state = streamed.out, streamed.state
     else:
-        model = compose(*passes)(model)
+        try:
+            model = compose(*passes)(model)
+        finally:  # a temporary teacher cache that Distill did not get to remove
+            if (cache := state_of(model).teacher_cache) is not None:
+                cache.discard()
         state = state_of(model)
     prune_seconds = time.perf_counter() - t0
     after = evaluate(out if stream else model, eval_set, batch_size=args.batch_size, show_progress=show) if eval_set else None
@@ -328,7 +379,7 @@ def run(args) -> int:
     distilled = state.report_of("distill", modified_only=True)
     if distilled:
         print(f"distillation: KL to the unpruned model {distilled['kl_first']:.4f} -> {distilled['kl_last']:.4f} over {distilled['steps']} steps "
-              f"({distilled['trained_params']:,} parameters trained)")
+              f"({distilled['trained_params']:,} parameters trained; teacher: {distilled['teacher']})")
     expert_format = json.loads((Path(out) / "moe_fx.json").read_text()).get("expert_format")
     if expert_format:
         changed = expert_format["max_relative_error"]

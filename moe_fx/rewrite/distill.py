@@ -37,11 +37,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_fx.calibrate.data import calibration_tokens
-from moe_fx.errors import BadOptionError
+from moe_fx.errors import BadOptionError, PassOrderError
 from moe_fx.kernels import grouped_mm
 from moe_fx.kernels.implementation import experts_implementation
 from moe_fx.pipeline import MoEState, Pass, PassResult
 from moe_fx.progress import progress_bar
+from moe_fx.rewrite.teacher_cache import TeacherCache, topk_kl
 
 __all__ = ["Distill", "kl_to_teacher"]
 
@@ -80,8 +81,9 @@ class Distill(Pass):
     name = "distill"
 
     def _check(self) -> None:
-        if self.teacher is None or self.data is None:
-            raise BadOptionError("Distill needs teacher= (the unpruned model or its checkpoint directory) and data= (calibration windows)")
+        if self.teacher is None or (self.data is None and not _cached(self.teacher)):
+            raise BadOptionError("Distill needs teacher= (the unpruned model, its checkpoint directory, or \"cached\" after CacheTeacher) "
+                                 "and data= (calibration windows; a teacher cache brings its own)")
         if self.steps < 0 or self.batch_size < 1 or not self.lr > 0:
             raise BadOptionError(f"Distill: steps must be >= 0, batch_size >= 1 and lr > 0, got {self.steps}, {self.batch_size}, {self.lr}")
         if self.train not in TRAINABLE:
@@ -91,12 +93,16 @@ class Distill(Pass):
         self._check()
         if self.steps == 0:
             return PassResult(model, False, {"steps": 0})
-        windows = calibration_tokens(self.data, self.tokenizer, seq_len=self.seq_len, max_tokens=self.max_tokens, seed=self.seed).input_ids
         device = next(model.parameters()).device
-        teacher = _teacher(self.teacher, device, next(model.parameters()).dtype)
-        if teacher.config.vocab_size != model.config.vocab_size:
-            raise BadOptionError(f"Distill: teacher vocabulary ({teacher.config.vocab_size}) differs from the model's ({model.config.vocab_size}); "
-                                 "the teacher must be the model before pruning")
+        cache = _cache(self.teacher, state)
+        if cache is not None:
+            windows, teacher = cache.windows, None
+        else:
+            windows = calibration_tokens(self.data, self.tokenizer, seq_len=self.seq_len, max_tokens=self.max_tokens, seed=self.seed).input_ids
+            teacher = _teacher(self.teacher, device, next(model.parameters()).dtype)
+            if teacher.config.vocab_size != model.config.vocab_size:
+                raise BadOptionError(f"Distill: teacher vocabulary ({teacher.config.vocab_size}) differs from the model's ({model.config.vocab_size}); "
+                                     "the teacher must be the model before pruning")
         params = _trainable(model, state, self.train)
         zeros = {p: zero for p in params if bool((zero := p == 0).any())}
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
@@ -112,9 +118,12 @@ class Distill(Pass):
             with _autograd_experts(model), progress_bar("distill", total=self.steps, unit="step", enabled=self.show_progress) as bar:
                 for rows in order:
                     batch = windows[rows].to(device)
-                    with torch.no_grad():
-                        target = teacher(input_ids=batch, use_cache=False).logits
-                    loss = kl_to_teacher(model(input_ids=batch, use_cache=False).logits, target)
+                    if cache is not None:
+                        loss = topk_kl(model(input_ids=batch, use_cache=False).logits, *cache.targets(rows, device))
+                    else:
+                        with torch.no_grad():
+                            target = teacher(input_ids=batch, use_cache=False).logits
+                        loss = kl_to_teacher(model(input_ids=batch, use_cache=False).logits, target)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -130,11 +139,34 @@ class Distill(Pass):
             for p, flag in requires.items():
                 p.requires_grad_(flag)
             model.train(was_training)
+            if cache is not None and cache is state.teacher_cache and cache.temporary:
+                cache.discard()
+                state.teacher_cache = None
         tail = max(1, len(losses) // 10)
         return PassResult(model, True, {
-            "steps": self.steps, "tokens_per_step": self.batch_size * windows.shape[1], "trained_params": sum(p.numel() for p in params),
+            "steps": self.steps, "teacher": f"cached top-{cache.top_k}" if cache is not None else "model",
+            "tokens_per_step": self.batch_size * windows.shape[1], "trained_params": sum(p.numel() for p in params),
             "kl_first": round(sum(losses[:tail]) / tail, 6), "kl_last": round(sum(losses[-tail:]) / tail, 6),
         })
+
+
+def _cached(teacher: Any) -> bool:
+    """``teacher`` names a cache: ``"cached"`` (the state's, from CacheTeacher), a TeacherCache, or a cache directory."""
+    return (isinstance(teacher, str) and teacher == "cached") or isinstance(teacher, TeacherCache) or (
+        isinstance(teacher, (str, Path)) and (Path(teacher) / "cache.json").is_file())
+
+
+def _cache(teacher: Any, state: MoEState) -> TeacherCache | None:
+    """The teacher cache Distill trains on, or None when the teacher is a model."""
+    if not _cached(teacher):
+        return None
+    if isinstance(teacher, TeacherCache):
+        return teacher
+    if teacher == "cached":
+        if state.teacher_cache is None:
+            raise PassOrderError('Distill(teacher="cached") needs CacheTeacher earlier in the pipeline, before the pruning passes')
+        return state.teacher_cache
+    return TeacherCache.open(teacher)
 
 
 def _teacher(teacher: nn.Module | str | Path, device: torch.device, dtype: torch.dtype) -> nn.Module:

@@ -28,7 +28,7 @@ import hashlib
 import json
 import resource
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +51,7 @@ from moe_fx.model.spec import MoEModelSpec
 from moe_fx.pipeline import STATE_ATTR, MoEState, Pass, PassRecord, compose, state_of
 from moe_fx.plan.plans import ChannelPlan, PrunePlan
 from moe_fx.progress import progress_bar
+from moe_fx.rewrite.teacher_cache import TeacherCache
 from moe_fx.score import Scores
 
 
@@ -315,6 +316,8 @@ def stream_prune(
     states: str = "cpu",
     extra_record: dict | None = None,
     report: bool = True,
+    teacher_cache: str | Path | None = None,
+    teacher_top_k: int = 64,
 ) -> StreamReport | None:
     """Run ``passes`` (``Calibrate`` first, then layer-local passes) on the checkpoint at ``source`` one decoder
     layer at a time, writing the pruned checkpoint to ``out`` (see the module doc). ``snapshot_seconds``: how
@@ -322,7 +325,9 @@ def stream_prune(
     between layers are kept: ``cpu`` (pinned, copied asynchronously; as fast as ``auto`` on an H100 in
     ``benchmarks/streaming.py``, with the least GPU memory) or ``auto`` (on the GPU when they take at most a
     quarter of its free memory); ``report``: also write ``report.md`` / ``report.json`` / ``plots/`` (as
-    :func:`~moe_fx.formats.save_checkpoint` does).
+    :func:`~moe_fx.formats.save_checkpoint` does); ``teacher_cache``: also cache the unpruned model's top-``teacher_top_k``
+    next-token distributions on the calibration windows in that directory, for ``Distill(teacher=<that directory>)``
+    on the pruned output afterwards (:mod:`moe_fx.rewrite.teacher_cache`; one process only).
 
     Under torch.distributed (torchrun) every rank holds the current layer and the hidden states of its share
     of the calibration windows; each layer's statistics are reduced across ranks before rank 0 alone runs the
@@ -333,6 +338,8 @@ def stream_prune(
     t0 = time.perf_counter()
     source = Path(source)
     calibrate, rest = _checked_passes(passes)
+    if teacher_cache is not None and (calibrate is None or distributed.active()):
+        raise BadOptionError("teacher_cache needs a Calibrate pass (its windows are what the teacher is cached on) and a single process")
     if states not in ("auto", "cpu"):
         raise BadOptionError(f"states={states!r}: use 'auto' or 'cpu'")
     out = check_output_path(out, source, overwrite)
@@ -393,6 +400,8 @@ def stream_prune(
                 bar.update(1)
         if not main:
             return None
+        if teacher_cache is not None:
+            _teacher_pass(run, tokens.input_ids, teacher_cache, teacher_top_k, device, show_progress)
         t_rest = time.perf_counter()
         for record in partial.layers.values():
             if record["layout"]:
@@ -466,8 +475,40 @@ def stream_evaluate(source: str | Path, eval_set: EvalSet, *, device: str = "cpu
                 run.forward(i, [], run.blocks_of(i))
                 run.layers[i].to("meta")
                 bar.update(1)
-        final = iter(run.states)
-        for j, layer in enumerate(run.layers):
-            layer.forward = (lambda h, *a, **k: h) if j < len(run.layers) - 1 else (lambda h, *a, **k: next(final).to(device))
-        _move_outside(run.model, run.prefix, device)
-        return evaluate_nll(run.model, eval_set, batch_size=batch_size, show_progress=show_progress)
+        with _layers_replaying(run, iter(run.states), device) as model:
+            return evaluate_nll(model, eval_set, batch_size=batch_size, show_progress=show_progress)
+
+
+@contextlib.contextmanager
+def _layers_replaying(run: _StreamRun, finals: Iterator[torch.Tensor], device: str | torch.device) -> Iterator[nn.Module]:
+    """The model, on ``device`` outside its decoder layers, with the layers standing in for outputs a streamed pass
+    stored: each passes its input on and the last returns the next of ``finals``, so a forward's final norm, head
+    and loss are the model's own, for any family."""
+    last = len(run.layers) - 1
+    for j, layer in enumerate(run.layers):
+        layer.forward = (lambda h, *a, **k: h) if j < last else (lambda h, *a, **k: next(finals).to(device))
+    _move_outside(run.model, run.prefix, device)
+    try:
+        yield run.model
+    finally:
+        for layer in run.layers:
+            layer.__dict__.pop("forward", None)
+
+
+@torch.no_grad()
+def _teacher_pass(run: _StreamRun, windows: torch.Tensor, path: str | Path, top_k: int, device: str, show_progress: bool) -> TeacherCache:
+    """The unpruned model's top-k next-token distributions on the calibration ``windows``, cached at ``path``: the
+    streamed calibration carried the windows' hidden states through every layer before it was pruned, so the
+    model's forward over those final states (one window at a time: the logits of one window are the memory it
+    needs) gives the teacher's logits without the teacher ever being whole in memory."""
+    if len(run.states) == 0:
+        raise BadOptionError("the teacher cache needs this run's hidden states; a finished earlier run left none: pass --overwrite to run again")
+    cache = TeacherCache.create(path, windows, top_k)
+    finals = (s[r : r + 1] for s in run.states for r in range(s.shape[0]))
+    with _layers_replaying(run, finals, device) as model, progress_bar("teacher", total=windows.shape[0], unit="window", enabled=show_progress) as bar:
+        for w in range(windows.shape[0]):
+            cache.write(slice(w, w + 1), model(input_ids=windows[w : w + 1].to(device), use_cache=False).logits)
+            bar.update(1)
+    _move_outside(run.model, run.prefix, "cpu")
+    cache.finish(source="streamed prune: the unpruned model's final hidden states")
+    return cache
