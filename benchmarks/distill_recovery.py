@@ -61,7 +61,7 @@ def main() -> None:
     ap.add_argument("--pipelines", nargs="*", default=None, help="names of the pipelines to run (default: all)")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--lrs", type=float, nargs="*", default=[1e-4, 3e-4], help="peak learning rates (none: one-shot rows only)")
-    ap.add_argument("--train", default="experts", choices=["experts", "all"])
+    ap.add_argument("--train", default="experts", choices=["experts", "routers", "all"])
     ap.add_argument("--teachers", nargs="+", default=["model"], choices=["model", "cached"],
                     help="model: full-vocabulary KL to the unpruned model in memory; cached: its top-k cached before pruning")
     ap.add_argument("--top-k", type=int, default=64, help="tokens per position in the teacher cache (--teachers cached)")

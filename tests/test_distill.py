@@ -70,6 +70,17 @@ def test_fixed_seed_is_deterministic_and_the_seed_matters() -> None:
     assert torch.equal(params[0], params[1]) and not torch.equal(params[0], params[2])
 
 
+def test_train_routers_moves_only_the_routers() -> None:
+    teacher = tiny_qwen3()
+    model = _pruned(tiny_qwen3())
+    spec = state_of(model).spec
+    routers = {n for b in spec.blocks for n, _ in model.get_submodule(b.router.path).named_parameters(prefix=b.router.path)}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _distill(model, teacher, train="routers")
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == routers and state_of(model).history[-1].report["trained_params"] == sum(before[n].numel() for n in routers)
+
+
 def test_train_all_moves_attention_too() -> None:
     teacher = tiny_qwen3()
     model = _pruned(tiny_qwen3())

@@ -54,6 +54,8 @@ def add_parser(sub) -> None:
     p.add_argument("--distill-teacher", default="model", choices=("model", "cached"),
                    help="--distill-steps: model (the source model in memory beside the student; full-vocabulary KL) or cached (the "
                         "unpruned model's top-k distributions cached to disk before pruning: the teacher is never held beside the student)")
+    p.add_argument("--distill-train", default="experts", choices=("experts", "routers", "all"),
+                   help="--distill-steps: what moves: the routed experts and routers (default), the routers alone (least memory), or all")
     p.add_argument("--distill-top-k", type=int, default=64, help="--distill-teacher cached: tokens kept per position (default 64)")
     p.add_argument("--allocation", default="uniform", choices=("uniform", "global", "layer", "expert", "coverage"),
                    help="experts: uniform (same count in every layer; stock config) or global (ranked across layers; per-layer format). "
@@ -279,7 +281,7 @@ def run(args) -> int:
         if cached:  # before the first pass that changes the model
             passes.insert(1, CacheTeacher(data, top_k=args.distill_top_k, batch_size=args.batch_size, seed=args.seed, show_progress=show))
         passes.append(Distill(teacher="cached" if cached else source, data=data, steps=args.distill_steps, lr=args.distill_lr,
-                              batch_size=args.batch_size, seed=args.seed, show_progress=show))
+                              train=args.distill_train, batch_size=args.batch_size, seed=args.seed, show_progress=show))
     compose(*passes).check_model(meta)
     if needs_windows and not stream:  # a streamed run checks its one block's sample itself
         check_host_memory(spec, next(p for p in passes if isinstance(p, Calibrate)).make_observers())

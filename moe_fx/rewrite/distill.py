@@ -5,7 +5,7 @@ student read the same calibration windows; the student's trainable parameters ta
 the mean per-token KL divergence ``KL(teacher || student)`` of the full next-token distributions. Which
 parameters move: ``train="experts"`` (default) the routed experts' tensors and the routers (what pruning
 changed: the kept experts absorb the dropped ones' work, the router re-learns where to send tokens);
-``"all"``: every parameter. The learning rate warms up over the first 5% of the steps, then decays on a cosine.
+``"routers"``: the routers only (the smallest trainable state); ``"all"``: every parameter. The learning rate warms up over the first 5% of the steps, then decays on a cosine.
 
 Why: one-shot rewrites (dropping, merging, channel removal, :class:`CompensateExperts`' block-local refit)
 each fix a block on its own; the error that matters is end to end, where a block's error changes what the next
@@ -46,7 +46,7 @@ from moe_fx.rewrite.teacher_cache import TeacherCache, topk_kl
 
 __all__ = ["Distill", "kl_to_teacher"]
 
-TRAINABLE = ("experts", "all")
+TRAINABLE = ("experts", "routers", "all")
 
 
 def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -188,10 +188,13 @@ def _autograd_experts(model: nn.Module) -> contextlib.AbstractContextManager:
 
 
 def _trainable(model: nn.Module, state: MoEState, which: str) -> list[nn.Parameter]:
-    """The parameters that move: every one (``all``), or those of the routed experts and routers of the spec."""
+    """The parameters that move: every one (``all``), those of the routed experts and routers of the spec
+    (``experts``), or the routers' alone (``routers``: a trainable state of ``E x H`` a block, what fits beside a
+    student of hundreds of GB)."""
     if which == "all":
         return list(model.parameters())
-    modules = [model.get_submodule(path) for b in state.spec.blocks for path in (b.experts.path, b.router.path)]
+    paths = ("router",) if which == "routers" else ("experts", "router")
+    modules = [model.get_submodule(getattr(b, part).path) for b in state.spec.blocks for part in paths]
     return list(dict.fromkeys(p for m in modules for p in m.parameters()))  # once each, in order
 
 
