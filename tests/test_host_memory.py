@@ -1,5 +1,6 @@
-"""The CPU-memory plan of sampled calibration statistics: what NAEE/SHAPE/merging and compensation keep per block,
-counted without allocating, and refused up front (before the model is loaded) when the machine cannot hold it."""
+"""Memory plans made before loading: the CPU memory of sampled calibration statistics (what NAEE/SHAPE/merging
+and compensation keep per block) and what distillation holds, counted without allocating, and refused up front
+(before the model is loaded) when the machine cannot hold it."""
 
 from __future__ import annotations
 
@@ -15,19 +16,37 @@ import moe_fx.formats.loading
 from moe_fx import cli
 from moe_fx.calibrate import InputObserver, ReapObserver, RoutingObserver, SampleObserver, check_host_memory
 from moe_fx.errors import HostMemoryError
+from moe_fx.rewrite.distill import training_memory
 
 GIB = 2**30
 
 
 @pytest.fixture(scope="module")
-def qwen3_30b_spec():
-    """Qwen3-30B-A3B's MoE spec (48 blocks of 128 experts, hidden 2048, top-8) from a model built on meta."""
+def qwen3_30b():
+    """Qwen3-30B-A3B (48 blocks of 128 experts, hidden 2048, top-8) built on meta in bfloat16."""
     config = Qwen3MoeConfig(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
                             num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
                             vocab_size=151936)
     with torch.device("meta"):
-        model = Qwen3MoeForCausalLM(config)
-    return moe_fx.state_of(model).spec
+        model = Qwen3MoeForCausalLM(config).to(torch.bfloat16)
+    return model
+
+
+@pytest.fixture(scope="module")
+def qwen3_30b_spec(qwen3_30b):
+    return moe_fx.state_of(qwen3_30b).spec
+
+
+def test_distillation_memory_plan(qwen3_30b, qwen3_30b_spec):
+    """REAP 50% of Qwen3-30B-A3B in bf16: 16.0 B parameters stay; training the routed experts and routers holds a
+    gradient and two AdamW moments (bf16, as torch keeps them) per kept routed parameter; the routers alone, 12.6 M."""
+    routed, routers = 48 * 128 * 3 * 2048 * 768, 48 * 128 * 2048
+    total = sum(p.numel() for p in qwen3_30b.parameters())
+    plan = training_memory(qwen3_30b, qwen3_30b_spec, kept_fraction=0.5)
+    assert plan == {"student": 2 * (total - routed // 2), "gradients": 2 * (routed // 2 + routers), "moments": 4 * (routed // 2 + routers), "teacher": 0}
+    assert 118e9 < sum(plan.values()) < 121e9  # inside one H200 (139 GiB = 149 GB), before activations
+    small = training_memory(qwen3_30b, qwen3_30b_spec, kept_fraction=0.5, train="routers", teacher_in_memory=True)
+    assert small["gradients"] == 2 * routers and small["teacher"] == 2 * total
 
 
 def test_sample_bytes_counted_without_allocating(qwen3_30b_spec):
@@ -61,6 +80,17 @@ def test_streamed_block_too_large_names_the_sample_options(qwen3_30b_spec):
 def _prune(micro_path: Path, calib_path: Path, out: Path, *extra: str) -> list[str]:
     return ["prune", str(micro_path), "--method", "naee", "--ratio", "0.25", "--calib", str(calib_path), "--calib-tokens", "2048",
             "--seq-len", "128", "--no-eval", "--device", "cpu", "--quiet", "--out", str(out), *extra]
+
+
+def test_cli_refuses_distillation_that_cannot_fit(micro_path, calib_path, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(calibrate, "host_memory_available", lambda: 2**20)
+    monkeypatch.setattr(moe_fx.formats.loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the refusal"))
+    out = tmp_path / "out"
+    code = cli.main(["prune", str(micro_path), "--method", "reap", "--ratio", "0.25", "--calib", str(calib_path), "--distill-steps", "2",
+                     "--no-eval", "--device", "cpu", "--quiet", "--out", str(out)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "distillation would hold" in lines[0] and "--distill-train routers needs" in lines[0], lines
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("stream", [False, True])

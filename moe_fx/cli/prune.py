@@ -110,6 +110,30 @@ def _apply_preset(args, stream: bool) -> None:
         print(f"moe-fx: --preset {args.preset}{' (streamed)' if stream else ''}: {flags} ({PRESETS[args.preset].streamed_measured if stream else PRESETS[args.preset].measured})")
 
 
+def _check_distill_memory(meta, spec, args, device: str, stream: bool, show: bool) -> None:
+    """Print what distillation will hold (weights, gradients, AdamW moments, the teacher) and refuse, before loading
+    anything, a run whose total already exceeds the device's memory (the host's available memory on the CPU)."""
+    from moe_fx.calibrate import host_memory_available
+    from moe_fx.rewrite.distill import training_memory
+
+    kept = args.keep / spec.blocks[0].num_experts if args.keep is not None else 1 - args.ratio
+    if args.granularity == "channel" and args.expert_ratio:
+        kept *= 1 - args.expert_ratio
+    plan = training_memory(meta, spec, kept_fraction=kept, train=args.distill_train,
+                           teacher_in_memory=args.distill_teacher == "model" and not stream)
+    need = sum(plan.values())
+    capacity = torch.cuda.mem_get_info(torch.device(device))[1] if device.startswith("cuda") else host_memory_available()
+    gb = lambda n: f"{n / 1e9:.1f} GB"
+    parts = " + ".join(f"{k} {gb(v)}" for k, v in plan.items() if v)
+    if capacity is not None and need > capacity:
+        cheaper = "" if args.distill_train == "routers" else (
+            f"; --distill-train routers needs {gb(sum(training_memory(meta, spec, kept_fraction=kept, train='routers').values()))}")
+        raise MoeFxError(f"distillation would hold {gb(need)} ({parts}) before activations, more than {device}'s {gb(capacity)}: "
+                         f"use a larger device{cheaper}, or --distill-teacher cached if the teacher is in memory")
+    if show:
+        print(f"moe-fx: distillation will hold {gb(need)} on {device} before activations ({parts})")
+
+
 def _streamed_then_distilled(source: Path, passes: list, args, device: str, tokenizer, show: bool):
     """``--stream on --distill-steps N --distill-teacher cached``: the streamed prune (which also caches the unpruned
     model's top-k on the calibration windows) into a staging directory beside the output, then the pruned student
@@ -283,6 +307,8 @@ def run(args) -> int:
         passes.append(Distill(teacher="cached" if cached else source, data=data, steps=args.distill_steps, lr=args.distill_lr,
                               train=args.distill_train, batch_size=args.batch_size, seed=args.seed, show_progress=show))
     compose(*passes).check_model(meta)
+    if args.distill_steps:
+        _check_distill_memory(meta, spec, args, device, stream, show)
     if needs_windows and not stream:  # a streamed run checks its one block's sample itself
         check_host_memory(spec, next(p for p in passes if isinstance(p, Calibrate)).make_observers())
 

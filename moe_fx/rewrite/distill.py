@@ -40,11 +40,12 @@ from moe_fx.calibrate.data import calibration_tokens
 from moe_fx.errors import BadOptionError, PassOrderError
 from moe_fx.kernels import grouped_mm
 from moe_fx.kernels.implementation import experts_implementation
+from moe_fx.model.spec import MoEModelSpec
 from moe_fx.pipeline import MoEState, Pass, PassResult
 from moe_fx.progress import progress_bar
 from moe_fx.rewrite.teacher_cache import TeacherCache, topk_kl
 
-__all__ = ["Distill", "kl_to_teacher"]
+__all__ = ["Distill", "kl_to_teacher", "training_memory"]
 
 TRAINABLE = ("experts", "routers", "all")
 
@@ -103,7 +104,7 @@ class Distill(Pass):
             if teacher.config.vocab_size != model.config.vocab_size:
                 raise BadOptionError(f"Distill: teacher vocabulary ({teacher.config.vocab_size}) differs from the model's ({model.config.vocab_size}); "
                                      "the teacher must be the model before pruning")
-        params = _trainable(model, state, self.train)
+        params = _trainable(model, state.spec, self.train)
         zeros = {p: zero for p in params if bool((zero := p == 0).any())}
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(self.steps))
@@ -187,14 +188,32 @@ def _autograd_experts(model: nn.Module) -> contextlib.AbstractContextManager:
     return experts_implementation(model, "eager", required=False)
 
 
-def _trainable(model: nn.Module, state: MoEState, which: str) -> list[nn.Parameter]:
+def training_memory(model: nn.Module, spec: MoEModelSpec, *, kept_fraction: float, train: str = "experts", teacher_in_memory: bool = False) -> dict[str, int]:
+    """Bytes Distill holds besides activations, counted before anything is loaded (``model`` may be on the meta
+    device, ``spec`` its unpruned spec): the student's weights once ``kept_fraction`` of the routed experts'
+    parameters remain, a gradient and two AdamW moments per trained parameter (torch keeps them in the
+    parameter's dtype), and the teacher's weights when it is a model in memory. What a prune checks against the
+    device before it starts: the activations only add to it."""
+    from moe_fx.rewrite.prune_channels import routed_parameters
+
+    if train not in TRAINABLE:
+        raise BadOptionError(f"Distill: train must be one of {TRAINABLE}, got {train!r}")
+    size = next(model.parameters()).element_size()
+    total, routed = sum(p.numel() for p in model.parameters()), routed_parameters(model, spec)
+    removed = round((1 - kept_fraction) * routed)
+    trained = sum(p.numel() for p in _trainable(model, spec, train)) - (removed if train != "routers" else 0)
+    return {"student": (total - removed) * size, "gradients": trained * size, "moments": 2 * trained * size,
+            "teacher": total * size if teacher_in_memory else 0}
+
+
+def _trainable(model: nn.Module, spec: MoEModelSpec, which: str) -> list[nn.Parameter]:
     """The parameters that move: every one (``all``), those of the routed experts and routers of the spec
     (``experts``), or the routers' alone (``routers``: a trainable state of ``E x H`` a block, what fits beside a
     student of hundreds of GB)."""
     if which == "all":
         return list(model.parameters())
     paths = ("router",) if which == "routers" else ("experts", "router")
-    modules = [model.get_submodule(getattr(b, part).path) for b in state.spec.blocks for part in paths]
+    modules = [model.get_submodule(getattr(b, part).path) for b in spec.blocks for part in paths]
     return list(dict.fromkeys(p for m in modules for p in m.parameters()))  # once each, in order
 
 
