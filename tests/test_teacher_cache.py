@@ -131,6 +131,7 @@ def test_cli_streamed_prune_then_cached_distillation(micro_path, calib_path, tmp
     stdout, stderr = capsys.readouterr()
     assert code == 0, stderr
     assert "teacher: cached top-16" in stdout
-    names = [p["name"] for p in json.loads((out / "moe_fx.json").read_text())["passes"]]
-    assert names[0] == "calibrate" and names[-1] == "distill"
+    record = json.loads((out / "moe_fx.json").read_text())
+    names = [p["name"] for p in record["passes"]]
+    assert names[0] == "calibrate" and names[-1] == "distill" and record["streaming"]["layers"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging directory, no cache left beside it

@@ -138,7 +138,8 @@ def _streamed_then_distilled(source: Path, passes: list, args, device: str, toke
     """``--stream on --distill-steps N --distill-teacher cached``: the streamed prune (which also caches the unpruned
     model's top-k on the calibration windows) into a staging directory beside the output, then the pruned student
     loaded whole and distilled on the cache: memory is the student and its trainable state, never the teacher.
-    Returns the student and its state; the staging directory and the cache are removed, also after a failure."""
+    Returns the student, its state and the streamed run's record entry ``streaming`` (per-layer times, peak memory); the
+    staging directory and the cache are removed, also after a failure."""
     import shutil
 
     from moe_fx.formats.loading import load_model
@@ -156,10 +157,11 @@ def _streamed_then_distilled(source: Path, passes: list, args, device: str, toke
             shutil.rmtree(leftover, ignore_errors=True)
         streamed = stream_prune(source, staging, streamed_passes, device=device, dtype=args.dtype, tokenizer=tokenizer, overwrite=True,
                                 show_progress=show, report=False, teacher_cache=cache_dir, teacher_top_k=args.distill_top_k)
+        streamed_record = {k: v for k, v in json.loads((staging / "moe_fx.json").read_text()).items() if k == "streaming"}
         model = load_model(staging, dtype=args.dtype, device=device)
         object.__setattr__(model, STATE_ATTR, streamed.state)  # the streamed run's plan, statistics and history
         model = compose(dataclasses_replace(distill, teacher=cache_dir))(model)
-        return model, streamed.state
+        return model, streamed.state, streamed_record
     finally:
         for leftover in (staging, cache_dir):
             shutil.rmtree(leftover, ignore_errors=True)
@@ -327,8 +329,9 @@ def run(args) -> int:
         gen_ref = reference(model, prompts, args.generate_tokens, batch_size=args.batch_size, show_progress=show)
 
     t0 = time.perf_counter()
+    streamed_record: dict = {}
     if stream and args.distill_steps:  # stream the prune and the teacher pass, then train the student alone, in memory
-        model, state = _streamed_then_distilled(source, passes, args, device, tokenizer, show)
+        model, state, streamed_record = _streamed_then_distilled(source, passes, args, device, tokenizer, show)
         stream, size_of, evaluate = False, model_size, evaluate_nll  # from here on the student is in memory
     elif stream:
         streamed = stream_prune(source, args.out, passes, device=device, dtype=args.dtype, tokenizer=tokenizer,
@@ -368,6 +371,7 @@ def run(args) -> int:
         "size_after": after_size,
         "prune_seconds": prune_seconds,
         "world_size": distributed.world_size(),
+        **streamed_record,
     }
     if stream:
         update_record(out, record)
