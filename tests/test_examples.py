@@ -15,6 +15,7 @@ EXAMPLES = {
     "compile.py": ["max |logit diff| vs eager"],
     "export_onnx.py": ["greedy tokens identical"],
     "stream.py": ["streamed 2 layers", "checkpoint in"],
+    "distill_streamed.py": ["distilled on the cached top-64 teacher", "saved to"],
 }
 
 
