@@ -74,7 +74,12 @@ def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quantization_error(weight: torch.Tensor) -> float:
     """Relative Frobenius error of ``weight`` after an MXFP4 round trip (0 for values that came from MXFP4)."""
-    back = dequantize(*quantize(weight), dtype=torch.float32)
+    return _round_trip_error(weight, *quantize(weight))
+
+
+def _round_trip_error(weight: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> float:
+    """Relative Frobenius error of ``weight`` against its MXFP4 ``blocks`` and ``scales``."""
+    back = dequantize(blocks, scales, dtype=torch.float32)
     w = weight.detach().float()
     return float((back - w).norm() / w.norm().clamp(min=1e-30))
 
@@ -91,8 +96,7 @@ def pack_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
         if name.endswith(EXPERT_TENSORS) and t.dim() == 3:
             blocks, scales = quantize(t)
             out[f"{name}_blocks"], out[f"{name}_scales"] = blocks, scales
-            back = dequantize(blocks, scales, dtype=torch.float32)
-            errors[name] = float((back - t.float()).norm() / t.float().norm().clamp(min=1e-30))
+            errors[name] = _round_trip_error(t, blocks, scales)
         else:
             out[name] = t
     return out, errors
