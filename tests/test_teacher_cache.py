@@ -135,3 +135,19 @@ def test_cli_streamed_prune_then_cached_distillation(micro_path, calib_path, tmp
     names = [p["name"] for p in record["passes"]]
     assert names[0] == "calibrate" and names[-1] == "distill" and record["streaming"]["layers"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging directory, no cache left beside it
+
+
+def test_temporary_cache_is_removed_with_it(monkeypatch, tmp_path) -> None:
+    """A pipeline that stops after CacheTeacher (a failure before Distill, here no Distill at all) leaves no cache
+    directory once the cache is gone; an explicit path is kept."""
+    import gc
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model = compose(Calibrate(WINDOWS, batch_size=4, show_progress=False), CacheTeacher(WINDOWS, top_k=4, show_progress=False))(tiny_qwen3())
+    assert len(list(tmp_path.glob("moe_fx-teacher-*"))) == 1 and state_of(model).teacher_cache.temporary
+    del model
+    gc.collect()
+    assert not list(tmp_path.glob("moe_fx-teacher-*"))
+    kept = TeacherCache.create(tmp_path / "chosen", WINDOWS[:2, :4], top_k=2)
+    kept.discard()
+    assert (tmp_path / "chosen").is_dir() and not kept.temporary

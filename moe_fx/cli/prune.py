@@ -145,13 +145,12 @@ def _streamed_then_distilled(source: Path, passes: list, args, device: str, toke
     from moe_fx.formats.loading import load_model
     from moe_fx.pipeline import STATE_ATTR, compose
     from moe_fx.rewrite.distill import Distill
-    from moe_fx.rewrite.teacher_cache import CacheTeacher
     from moe_fx.run.streaming import stream_prune
 
     out = Path(args.out)
     staging, cache_dir = out.with_name(f".{out.name}.streamed"), out.with_name(f".{out.name}.teacher")
     distill = next(p for p in passes if isinstance(p, Distill))
-    streamed_passes = [p for p in passes if not isinstance(p, (Distill, CacheTeacher))]
+    streamed_passes = [p for p in passes if p is not distill]
     try:
         for leftover in (staging, cache_dir):
             shutil.rmtree(leftover, ignore_errors=True)
@@ -304,7 +303,7 @@ def run(args) -> int:
     if args.distill_steps:
         data = TokenBatch(windows, args.calib)
         cached = args.distill_teacher == "cached"
-        if cached:  # before the first pass that changes the model
+        if cached and not stream:  # before the first pass that changes the model (a streamed prune caches in its own pass)
             passes.insert(1, CacheTeacher(data, top_k=args.distill_top_k, batch_size=args.batch_size, seed=args.seed, show_progress=show))
         passes.append(Distill(teacher="cached" if cached else source, data=data, steps=args.distill_steps, lr=args.distill_lr,
                               train=args.distill_train, batch_size=args.batch_size, seed=args.seed, show_progress=show))
@@ -340,11 +339,7 @@ def run(args) -> int:
             return 0
         out, state = streamed.out, streamed.state
     else:
-        try:
-            model = compose(*passes)(model)
-        finally:  # a temporary teacher cache that Distill did not get to remove
-            if (cache := state_of(model).teacher_cache) is not None:
-                cache.discard()
+        model = compose(*passes)(model)
         state = state_of(model)
     prune_seconds = time.perf_counter() - t0
     after = evaluate(out if stream else model, eval_set, batch_size=args.batch_size, show_progress=show) if eval_set else None

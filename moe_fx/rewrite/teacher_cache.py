@@ -20,7 +20,8 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,12 +73,18 @@ class TeacherCache:
     windows: torch.Tensor
     indices: np.ndarray
     logprobs: np.ndarray
-    temporary: bool = False
-    """Made in the system's temporary directory by :class:`CacheTeacher`; :meth:`discard` removes it."""
+    _remove: weakref.finalize | None = field(default=None, repr=False, compare=False)
+    """For a temporary cache: removes its directory on :meth:`discard`, when the cache is collected, or at exit,
+    so a pipeline that fails between CacheTeacher and Distill leaves no files behind."""
 
     @property
     def top_k(self) -> int:
         return self.indices.shape[-1]
+
+    @property
+    def temporary(self) -> bool:
+        """Made in the system's temporary directory (``create(None, ...)``, what :class:`CacheTeacher` does by default)."""
+        return self._remove is not None
 
     @classmethod
     def create(cls, path: str | Path | None, windows: torch.Tensor, top_k: int) -> TeacherCache:
@@ -92,7 +99,10 @@ class TeacherCache:
         shape = (n, length, top_k)
         indices = np.lib.format.open_memmap(path / "indices.npy", mode="w+", dtype=np.int32, shape=shape)
         logprobs = np.lib.format.open_memmap(path / "logprobs.npy", mode="w+", dtype=np.float32, shape=shape)
-        return cls(path, windows, indices, logprobs, temporary)
+        cache = cls(path, windows, indices, logprobs)
+        if temporary:
+            cache._remove = weakref.finalize(cache, shutil.rmtree, path, True)
+        return cache
 
     @classmethod
     def open(cls, path: str | Path) -> TeacherCache:
@@ -132,8 +142,8 @@ class TeacherCache:
 
     def discard(self) -> None:
         """Remove a temporary cache's files (a cache at a path the caller chose is kept)."""
-        if self.temporary:
-            shutil.rmtree(self.path, ignore_errors=True)
+        if self._remove is not None:
+            self._remove()
 
 
 @torch.no_grad()
