@@ -29,6 +29,7 @@ from torch import nn
 from moe_fx.errors import BadOptionError
 from moe_fx.evaluate.nll import EvalSet
 from moe_fx.progress import progress_bar
+from moe_fx.rewrite.teacher_cache import binned_logprobs
 
 FULL_KL_ELEMENTS = 64 * 2**20
 """Above this many reference log-probabilities (prompts x new tokens x vocabulary), KL is taken over top-k bins."""
@@ -96,9 +97,7 @@ def _logprobs(model: nn.Module, prompts: torch.Tensor, tokens: torch.Tensor, bat
 
 def _binned(logprobs: torch.Tensor, top_ids: torch.Tensor) -> torch.Tensor:
     """``[..., k + 1]`` log-probabilities of ``top_ids`` and of everything else together."""
-    kept = logprobs.gather(-1, top_ids)
-    rest = torch.log1p(-kept.exp().sum(-1).clamp(max=1 - 1e-7))
-    return torch.cat([kept, rest.unsqueeze(-1)], dim=-1)
+    return binned_logprobs(logprobs.gather(-1, top_ids))
 
 
 def reference(model: nn.Module, prompts: torch.Tensor, new_tokens: int = 32, *, batch_size: int = 8, show_progress: bool = False) -> GenerationReference:

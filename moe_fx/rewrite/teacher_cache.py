@@ -35,7 +35,7 @@ from moe_fx.errors import BadOptionError
 from moe_fx.pipeline import MoEState, Pass, PassResult
 from moe_fx.progress import progress_bar
 
-__all__ = ["CacheTeacher", "TeacherCache", "topk_kl", "topk_targets"]
+__all__ = ["CacheTeacher", "TeacherCache", "binned_logprobs", "topk_kl", "topk_targets"]
 
 FORMAT = "moe_fx.teacher_cache/1"
 
@@ -47,22 +47,21 @@ def topk_targets(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     return indices.to(torch.int32), values
 
 
-def _log_rest(logp_k: torch.Tensor) -> torch.Tensor:
-    """log(1 - sum(exp(logp_k))): the log of the mass outside the k tokens, without cancellation near 1."""
+def binned_logprobs(logp_k: torch.Tensor) -> torch.Tensor:
+    """``[..., k + 1]``: the log-probabilities of k tokens and, last, of the rest of the vocabulary together
+    (log(1 - sum(exp(logp_k))), computed without cancellation near 1): a distribution coarsened to k + 1 bins,
+    whose KL is a lower bound of the full one (here and in :mod:`moe_fx.evaluate.generation`)."""
     covered = torch.logsumexp(logp_k, dim=-1).clamp(max=-1e-9)  # a rounding excess over 1 counts as no tail
-    return torch.log(-torch.expm1(covered))
+    return torch.cat([logp_k, torch.log(-torch.expm1(covered)).unsqueeze(-1)], dim=-1)
 
 
 def topk_kl(student_logits: torch.Tensor, indices: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
     """Mean over positions of ``KL(teacher || student)`` over the teacher's ``k`` cached tokens plus one bin for the
     rest of the vocabulary, in nats, float32. ``student_logits [..., V]``, ``indices``/``teacher_logp [..., k]``."""
     s = F.log_softmax(student_logits.float().flatten(0, -2), dim=-1)
-    idx, t = indices.flatten(0, -2).long(), teacher_logp.float().flatten(0, -2)
-    s_k = s.gather(-1, idx)
-    head = (t.exp() * (t - s_k)).sum(-1)
-    t_rest, s_rest = _log_rest(t), _log_rest(s_k)
-    tail = t_rest.exp() * (t_rest - s_rest)
-    return (head + tail).mean()
+    t = binned_logprobs(teacher_logp.float().flatten(0, -2))
+    s = binned_logprobs(s.gather(-1, indices.flatten(0, -2).long()))
+    return (t.exp() * (t - s)).sum(-1).mean()
 
 
 @dataclass
