@@ -1,11 +1,13 @@
-"""ONNX in onnxruntime (CPU) vs PyTorch eager (CPU): latency of a prefill and of one decode step with the KV
-cache, for an unpruned and a pruned model, measured side by side in one run.
+"""ONNX in onnxruntime vs PyTorch eager: latency of a prefill and of one decode step with the KV cache, for an
+unpruned and a pruned model, at several batch sizes, measured side by side in one run.
 
-    python benchmarks/onnx_latency.py --model ../shared/models/qwen3moe-bench --ratio 0.5
+    python benchmarks/onnx_latency.py --model ../shared/models/qwen3moe-bench --ratio 0.5 --batches 1 16
 
-Each variant is exported with ``moe_fx.deliver.onnx.export.export_onnx`` (parity checked there), then timed in
-the same process: PyTorch with the ``grouped_mm`` and ``batched_mm`` experts, onnxruntime with the exported
-graph (``batched_mm``, all threads), in rounds that alternate the variants. Prints a table and writes JSON.
+Each variant is exported with ``moe_fx.deliver.onnx.export.export_onnx`` once per expert format
+(``--exports``: plain ops ``unfused``, onnxruntime's fused MoE node ``fused``, and its int8/int4 ``QMoE``; parity
+checked there), then timed in the same process with PyTorch's ``moe_fx`` experts, in rounds that alternate
+the variants. ``--device cuda`` runs onnxruntime's CUDA provider (onnxruntime-gpu) and PyTorch on the GPU.
+Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ from moe_fx.kernels.implementation import experts_implementation
 from moe_fx.passes import DropExperts, Score
 
 
-def _median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
+def median_ms(fn, repeats: int, warmup: int = 1) -> float:
+    """Median milliseconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -41,10 +45,22 @@ def _median_ms(fn, repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
+def _synced(fn, device: str):
+    if device == "cpu":
+        return fn
+
+    def call():
+        fn()
+        torch.cuda.synchronize()
+
+    return call
+
+
 @torch.no_grad()
 def _torch_latency(model, ids: torch.Tensor, impl: str, repeats: int) -> tuple[float, float]:
+    device = str(ids.device)
     with experts_implementation(model, impl):
-        prefill = _median_ms(lambda: model(input_ids=ids, use_cache=True), repeats)
+        prefill = median_ms(_synced(lambda: model(input_ids=ids, use_cache=True), device), repeats)
         past = model(input_ids=ids, use_cache=True).past_key_values
         step = ids[:, -1:]
 
@@ -52,25 +68,47 @@ def _torch_latency(model, ids: torch.Tensor, impl: str, repeats: int) -> tuple[f
             model(input_ids=step, past_key_values=past, use_cache=True)
             past.crop(-1)
 
-        return prefill, _median_ms(decode, repeats)
+        return prefill, median_ms(_synced(decode, device), repeats)
 
 
 def _ort_latency(runner: OnnxCausalLM, ids: np.ndarray, repeats: int) -> tuple[float, float]:
     batch, length = ids.shape
     empty = runner.empty_past(batch)
-    prefill = _median_ms(lambda: runner.forward(ids, np.ones((batch, length), np.int64), empty), repeats)
+    prefill = median_ms(lambda: runner.forward(ids, np.ones((batch, length), np.int64), empty), repeats)
     _, past = runner.forward(ids, np.ones((batch, length), np.int64), empty)
     step = ids[:, -1:]
-    decode = _median_ms(lambda: runner.forward(step, np.ones((batch, length + 1), np.int64), past), repeats)
+    decode = median_ms(lambda: runner.forward(step, np.ones((batch, length + 1), np.int64), past), repeats)
     return prefill, decode
+
+
+EXPORTS = {
+    "unfused": {"moe_op": "unfused"},
+    "fused": {"moe_op": "fused"},
+    "fused-int8": {"moe_op": "fused", "weights": "int8"},
+    "fused-int4": {"moe_op": "fused", "weights": "int4"},
+    "fused+ort-fusions": {"moe_op": "fused", "ort_fusions": True},
+    "fused-int4+ort-fusions": {"moe_op": "fused", "weights": "int4", "ort_fusions": True},
+}
+"""The exports a benchmark can time: ``export_onnx`` options (``ort_fusions``: for the provider the run uses)."""
+
+
+def export_options(label: str, device: str) -> dict:
+    """``export_onnx`` keyword arguments of the export ``label`` for a run on ``device``."""
+    options = dict(EXPORTS[label])
+    if options.pop("ort_fusions", False):
+        options["ort_fusions"] = "cuda" if device.startswith("cuda") else "cpu"
+    return options
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--ratio", type=float, default=0.5, help="fraction of experts dropped in the pruned variant")
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--exports", nargs="+", default=["unfused", "fused", "fused-int8", "fused-int4"], choices=list(EXPORTS))
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (onnxruntime-gpu's CUDA provider)")
     ap.add_argument("--repeats", type=int, default=10, help="timed calls per measurement (median)")
     ap.add_argument("--rounds", type=int, default=3, help="measurements per variant, alternating the variants (median)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -78,34 +116,44 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    base = load_model(args.model, dtype="float32")
+    base = load_model(args.model, dtype=args.dtype, device=args.device)
     variants = {"unpruned": base, f"experts-{args.ratio:.0%}": compose(Score("random"), DropExperts(ratio=args.ratio))(copy.deepcopy(base))}
     vocab = base.get_output_embeddings().weight.shape[0]
-    ids = torch.randint(3, vocab, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0))
-    runtimes = ("torch grouped_mm", "torch batched_mm", "onnxruntime")
+    runtimes = ["torch moe_fx", *(f"onnx {e}" for e in args.exports)]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         runners = {}
         for name, model in variants.items():
-            export = export_onnx(model, Path(tmp) / name)
-            runners[name] = OnnxCausalLM(export.path, device="cpu")
-            results[name] = {"weight_bytes": model_size(model)["bytes"], "onnx_bytes": export.onnx_bytes,
-                             "parity": export.parity.to_dict(), "rounds": {r: [] for r in runtimes}}
+            results[name] = {"weight_bytes": model_size(model)["bytes"], "exports": {},
+                             "rounds": {f"b{b}": {r: [] for r in runtimes} for b in args.batches}}
+            for label in args.exports:
+                export = export_onnx(model, Path(tmp) / name / label, dtype=args.dtype, device=args.device, **export_options(label, args.device))
+                runners[name, label] = OnnxCausalLM(export.path, device=args.device)
+                results[name]["exports"][label] = {"onnx_bytes": export.onnx_bytes, "fused_blocks": len(export.fused_blocks),
+                                                   "parity": export.parity.to_dict(),
+                                                   "quantization": export.quantization.to_dict() if export.quantization else None}
         # rounds alternate the variants, so drift of a shared machine (other jobs, clocks) hits both alike
         for _ in range(args.rounds):
-            for name, model in variants.items():
-                rounds = results[name]["rounds"]
-                for impl in ("grouped_mm", "batched_mm"):
-                    rounds[f"torch {impl}"].append(_torch_latency(model, ids, impl, args.repeats))
-                rounds["onnxruntime"].append(_ort_latency(runners[name], ids.numpy(), args.repeats))
+            for batch in args.batches:
+                ids = torch.randint(3, vocab, (batch, args.prompt), generator=torch.Generator().manual_seed(batch))
+                for name, model in variants.items():
+                    rounds = results[name]["rounds"][f"b{batch}"]
+                    rounds["torch moe_fx"].append(_torch_latency(model, ids.to(args.device), "moe_fx", args.repeats))
+                    for label in args.exports:
+                        rounds[f"onnx {label}"].append(_ort_latency(runners[name, label], ids.numpy(), args.repeats))
     rows = []
-    for name, entry in results.items():
-        entry["ms"] = {r: [statistics.median(t[i] for t in entry["rounds"][r]) for i in (0, 1)] for r in runtimes}
-        for runtime, (prefill, decode) in entry["ms"].items():
-            rows.append([name, runtime, human_bytes(entry["weight_bytes"]), f"{prefill:.1f}", f"{decode:.2f}"])
-    header = f"batch {args.batch}, prompt {args.prompt} tokens, {args.threads} CPU threads, fp32; median of {args.rounds} alternating rounds of {args.repeats}"
-    print(format_table(["variant", "runtime", "weights", "prefill ms", "decode step ms"], rows, title=header))
-    meta = {"model": args.model, "rounds": args.rounds, "repeats": args.repeats, "batch": args.batch, "prompt": args.prompt, "threads": args.threads,
+    for batch in args.batches:
+        for name, entry in results.items():
+            ms = entry.setdefault("ms", {})[f"b{batch}"] = {
+                r: [statistics.median(t[i] for t in entry["rounds"][f"b{batch}"][r]) for i in (0, 1)] for r in runtimes}
+            for runtime, (prefill, decode) in ms.items():
+                size = entry["exports"].get(runtime.removeprefix("onnx "), {}).get("onnx_bytes", entry["weight_bytes"])
+                rows.append([batch, name, runtime, human_bytes(size), f"{prefill:.1f}", f"{decode:.2f}"])
+    header = (f"prompt {args.prompt} tokens, {args.device} ({args.threads} CPU threads), {args.dtype}; "
+              f"median of {args.rounds} alternating rounds of {args.repeats}")
+    print(format_table(["batch", "variant", "runtime", "weights", "prefill ms", "decode step ms"], rows, title=header))
+    meta = {"model": args.model, "rounds": args.rounds, "repeats": args.repeats, "batches": args.batches, "prompt": args.prompt,
+            "threads": args.threads, "device": args.device, "dtype": args.dtype,
             "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")

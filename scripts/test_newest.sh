@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The newest transformers that pip resolves today (no constraints.txt pin), in its own environment
 # (.venv-newest), on a broad subset of the suite: every family's discovery, prune -> save -> reload and
-# per-layer format, the experts kernels and the compiled graph, the graph backend's matcher, ONNX export of
+# per-layer format, the experts kernels and the compiled graph, the graph backend's matcher, ONNX export (fused MoE
+# and QMoE nodes, the plain-op fallback) of
 # several families, streaming equality, and the CLI recipes' fast subset. CI runs it after scripts/test.sh;
 # a failure here means a transformers release changed something moe-fx relies on. Extra arguments go to pytest.
 set -euo pipefail
@@ -18,6 +19,8 @@ exec .venv-newest/bin/python -m pytest -q -p no:cacheprovider \
     "tests/test_onnx.py::test_pruned_family_exports_and_matches" \
     "tests/test_onnx.py::test_sliding_window_past_the_window" \
     "tests/test_onnx.py::test_cli_exports_the_trained_micro_model" \
+    "tests/test_onnx_fused.py::test_integer_weights" \
+    "tests/test_onnx_fused.py::test_block_the_operator_cannot_express_falls_back" \
     "tests/test_streaming.py::test_streaming_equals_in_memory" \
     "tests/test_streaming.py::test_cli_stream" \
     tests/test_checkpoint.py \

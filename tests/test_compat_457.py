@@ -119,11 +119,21 @@ def test_optimum_exports_other_families(family, tmp_path):
 
 
 @needs_457
-def test_optimum_loads_moe_fx_onnx_export(micro_path, tmp_path):
-    """Path (b): our own export (transformers 5) loads in ORTModelForCausalLM and generates the same tokens."""
+@pytest.mark.parametrize(("moe_op", "weights"), [("fused", "float"), ("unfused", "float"), ("fused", "int4")])
+def test_optimum_loads_moe_fx_onnx_export(moe_op, weights, micro_path, tmp_path):
+    """Path (b): our own export (transformers 5) loads in ORTModelForCausalLM and generates the same tokens: the
+    fused MoE nodes, the plain-op experts, and int4 QMoE nodes (compared with moe-fx's own onnxruntime runner, as
+    int4 weights may change a greedy token)."""
+    import numpy as np
+
     from moe_fx.deliver.onnx.export import export_onnx
+    from moe_fx.deliver.onnx.runtime import OnnxCausalLM
 
     out = _pruned_micro(micro_path, tmp_path)
-    onnx_dir = export_onnx(out, tmp_path / "onnx").path
-    result = _run_457(OPTIMUM_SCRIPT, "load", onnx_dir, json.dumps(PROMPT), 12)
-    assert result["ort"] == _greedy(out, 12)
+    export = export_onnx(out, tmp_path / "onnx", moe_op=moe_op, weights=weights)
+    assert bool(export.fused_blocks) == (moe_op == "fused")
+    result = _run_457(OPTIMUM_SCRIPT, "load", export.path, json.dumps(PROMPT), 12)
+    if weights == "float":
+        assert result["ort"] == _greedy(out, 12)
+    else:
+        assert result["ort"] == OnnxCausalLM(export.path, device="cpu").generate(np.array([PROMPT]), 12)[0].tolist()

@@ -17,6 +17,15 @@ def add_parser(sub) -> None:
     past.add_argument("--no-past", dest="with_past", action="store_false", help="logits from the whole sequence only")
     p.add_argument("--dtype", default="float32", help="graph precision: float32 (default), float16, bfloat16")
     p.add_argument("--opset", type=int, help="ONNX opset (default: the newest onnxscript writes)")
+    p.add_argument("--moe-op", choices=("fused", "unfused"),
+                   help="routed experts as one onnxruntime com.microsoft.MoE node per block (fused) or as plain ONNX ops "
+                        "(unfused); default: fused where onnxruntime has a kernel for the graph's dtype on the checking device")
+    p.add_argument("--weights", choices=("float", "int8", "int4"), default="float",
+                   help="precision of the fused nodes' expert weights: float (the graph's dtype), int8 (one scale per row) "
+                        "or int4 (blocks of up to 128 inputs), as onnxruntime's QMoE (default float)")
+    p.add_argument("--ort-fusions", choices=("cpu", "cuda"),
+                   help="also fuse attention, rotary embeddings and norms into onnxruntime's own ops for this provider "
+                        "(transformers' onnxruntime fusions); default: none")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-PyTorch parity check")
     p.add_argument("--device", default="cpu", help="device the model is traced and checked on (default cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -29,16 +38,34 @@ def run(args) -> int:
     from moe_fx.evaluate.table import format_table, human_bytes
 
     result = export_onnx(args.model, args.out, with_past=args.with_past, dtype=args.dtype, opset=args.opset,
-                         check=not args.no_check, device=resolve_device(args.device), overwrite=args.overwrite)
+                         check=not args.no_check, device=resolve_device(args.device), overwrite=args.overwrite,
+                         moe_op=args.moe_op, weights=args.weights, ort_fusions=args.ort_fusions)
     rows = [
         ["graph inputs", f"{len(result.inputs)} ({', '.join(result.inputs[:3])}{', past_key_values.*' if result.with_past else ''})"],
         ["weights in graph", f"{human_bytes(result.initializer_bytes)} (model parameters: {human_bytes(result.parameter_bytes)})"],
         ["files", human_bytes(result.onnx_bytes)],
+        ["MoE blocks", _moe_summary(result)],
         ["export time", f"{result.export_seconds:.1f} s"],
     ]
     if result.parity is not None:
         par = result.parity
-        rows += [["max |logit diff|", f"{par.max_abs_logit_diff:.2e} over {par.steps_checked} steps (largest logit {par.logit_scale:.1f})"],
+        against = " (vs the dequantized experts)" if result.weights != "float" else ""
+        rows += [["max |logit diff|", f"{par.max_abs_logit_diff:.2e} over {par.steps_checked} steps (largest logit {par.logit_scale:.1f}){against}"],
                  ["greedy generation", f"{par.generated_tokens} tokens, " + ("identical" if par.greedy_identical else f"differs at token {par.first_mismatch}")]]
+    if result.quantization is not None:
+        q = result.quantization
+        rows.append([f"{result.weights} vs float model", f"max |logit diff| {q.max_abs_logit_diff:.2e}, greedy "
+                     + ("identical" if q.greedy_identical else f"differs at token {q.first_mismatch}")])
     print(format_table(["", f"{args.model} -> {result.path}"], rows, title=f"ONNX export ({result.dtype}, onnxruntime parity checked: {result.parity is not None})"))
     return 0
+
+
+def _moe_summary(result) -> str:
+    """Which blocks are fused nodes, and why the others are not (the first reason, with how many share it)."""
+    fused = len(result.fused_blocks)
+    op = "QMoE " + result.weights if result.weights != "float" else "MoE"
+    text = f"{fused} as com.microsoft.{op}" if fused else "none fused"
+    if result.unfused_blocks:
+        reasons = list(result.unfused_blocks.values())
+        text += f"; {len(reasons)} as plain ops ({reasons[0]}" + (f", and {len(set(reasons)) - 1} other reasons" if len(set(reasons)) > 1 else "") + ")"
+    return text

@@ -1,8 +1,10 @@
 """ONNX export of a (pruned) MoE causal LM, with KV cache, in the layout Optimum's decoder exports use.
 
 The graph comes from transformers' own ONNX exporter (``transformers.exporters``: ``torch.export`` then
-``torch.onnx.export(dynamo=True)`` with its fixes for onnxruntime), traced with the ``batched_mm`` experts
-(see :mod:`moe_fx.kernels.implementation`), dynamic in batch, sequence and past length. moe-fx then gives
+``torch.onnx.export(dynamo=True)`` with its fixes for onnxruntime), dynamic in batch, sequence and past length.
+Each block's routed experts become one onnxruntime ``com.microsoft.MoE`` node (``QMoE`` with int8/int4
+weights) where the operator computes the family's experts (:mod:`.fused_experts`), else the plain-op path
+of the ``moe_fx`` experts implementation (:mod:`moe_fx.kernels.distinct_forward`); the record says which. moe-fx then gives
 it Optimum's interface (``past_key_values.{i}.key|value`` -> ``present.{i}.key|value``, named dims), folds
 per-layer constants that the cache object carries (sliding-window sizes) into the graph, strips the
 stack-trace metadata, checks it in onnxruntime against PyTorch, and writes the directory atomically with
@@ -11,15 +13,19 @@ the config, generation config and tokenizer, so ``ORTModelForCausalLM.from_pretr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from moe_fx.deliver.onnx.fused_experts import FusedLayout, dequantized_weights, fused_export, lower_fused_experts, plan_fusion
+from moe_fx.deliver.onnx.quantized_weights import WEIGHT_FORMATS
 from moe_fx.deliver.onnx.runtime import ONNX_FILE, OnnxCausalLM, Parity, check_parity
 from moe_fx.environment import versions
 from moe_fx.errors import BadOptionError, MoeFxError, first_line
@@ -28,6 +34,13 @@ from moe_fx.formats.atomic import atomic_directory
 from moe_fx.formats.checkpoint import CONFIG_FILES, RECORD_FILE, TOKENIZER_FILES, check_output_path, copy_files, patch_config, write_config
 from moe_fx.formats.loading import load_model, parse_dtype
 from moe_fx.kernels.implementation import DEFAULT_IMPLEMENTATION, experts_implementation
+from moe_fx.model.spec import MoEModelSpec
+from moe_fx.model.trace import trace
+
+MOE_OPS = ("fused", "unfused")
+"""``--moe-op``: routed experts as onnxruntime's MoE node per block, or as plain ONNX ops."""
+ORT_FUSIONS = ("cpu", "cuda")
+"""``--ort-fusions``: the provider transformers' onnxruntime fusions target."""
 
 EXTERNAL_DATA_FILE = "model.onnx_data"
 """Weights go here (Optimum's name) when the graph would pass protobuf's 2 GB limit."""
@@ -72,10 +85,19 @@ class OnnxExport:
     export_seconds: float
     parity: Parity | None = None
     folded_constants: dict[str, int] = field(default_factory=dict)
+    weights: str = "float"
+    fused_blocks: list[str] = field(default_factory=list)
+    """Blocks whose experts are one ``com.microsoft.MoE``/``QMoE`` node."""
+    unfused_blocks: dict[str, str] = field(default_factory=dict)
+    """Blocks left on the plain-op path, with the reason."""
+    ort_fusions: str | None = None
+    quantization: Parity | None = None
+    """int8/int4 weights: the graph against the unquantized model (``parity`` is against the dequantized one)."""
 
     def to_dict(self) -> dict:
-        out = {k: v for k, v in self.__dict__.items() if k not in ("path", "parity")}
+        out = {k: v for k, v in self.__dict__.items() if k not in ("path", "parity", "quantization")}
         out["parity"] = self.parity.to_dict() if self.parity is not None else None
+        out["quantization"] = self.quantization.to_dict() if self.quantization is not None else None
         return out
 
 
@@ -103,6 +125,58 @@ def _check_opset(opset: int | None) -> None:
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise BadOptionError(f"--opset {opset} is not supported: use {MIN_OPSET} to {MAX_OPSET} (what torch's dynamo exporter "
                              "writes and onnxruntime runs for these graphs)")
+
+
+def _check_moe_options(moe_op: str | None, weights: str, dtype: str, check: bool, device: str, ort_fusions: str | None) -> None:
+    """Refuse inconsistent fused-MoE options before any model is loaded."""
+    if ort_fusions is not None and ort_fusions not in ORT_FUSIONS:
+        raise BadOptionError(f"--ort-fusions {ort_fusions!r} is not one of {', '.join(ORT_FUSIONS)}")
+    if moe_op is not None and moe_op not in MOE_OPS:
+        raise BadOptionError(f"--moe-op {moe_op!r} is not one of {', '.join(MOE_OPS)}")
+    if weights not in WEIGHT_FORMATS:
+        raise BadOptionError(f"--weights {weights!r} is not one of {', '.join(WEIGHT_FORMATS)}")
+    if weights != "float" and moe_op == "unfused":
+        raise BadOptionError(f"--weights {weights} quantizes the fused MoE node (onnxruntime's QMoE): drop --moe-op unfused")
+    if moe_op == "fused" and weights == "float" and check and device == "cpu" and parse_dtype(dtype) != torch.float32:
+        raise BadOptionError(f"onnxruntime's CPU MoE kernel runs float32 only, so a fused {dtype} graph cannot be checked here: "
+                             "export --dtype float32, check on a CUDA device, pass --no-check, or --moe-op unfused")
+
+
+def _fusion_plan(model: nn.Module, moe_op: str | None, weights: str, dtype: torch.dtype, check_on_cpu: bool) -> tuple[MoEModelSpec | None, dict]:
+    """Which blocks get the fused node (``FusedLayout``) and why the others do not (a reason)."""
+    if moe_op == "unfused":
+        return None, {}
+    try:
+        spec = trace(model)
+    except MoeFxError as exc:
+        if moe_op == "fused" or weights != "float":
+            raise BadOptionError(f"--moe-op fused needs routed experts moe-fx can read: {first_line(exc)}") from None
+        return None, {}
+    if moe_op is None and weights == "float" and check_on_cpu and dtype != torch.float32:
+        return spec, {b.path: "onnxruntime's CPU MoE kernel runs float32 only (the parity check runs on the CPU)" for b in spec.blocks}
+    plan = plan_fusion(model, spec)
+    if (moe_op == "fused" or weights != "float") and not any(isinstance(v, FusedLayout) for v in plan.values()):
+        raise BadOptionError(f"no block of {type(model).__name__} maps onto onnxruntime's MoE operator ({next(iter(plan.values()))}): "
+                             "export with --moe-op unfused")
+    return spec, plan
+
+
+@contextlib.contextmanager
+def _dequantized(model: nn.Module, spec: MoEModelSpec, blocks: list[str], weights: str) -> Iterator[None]:
+    """The fused blocks' expert weights replaced by what the int8/int4 node computes with, restored on exit."""
+    saved = []
+    paths = {b.path: b.experts.path for b in spec.blocks}
+    try:
+        for block in blocks:
+            experts = model.get_submodule(paths[block])
+            for name, value in dequantized_weights(experts, weights).items():
+                param = getattr(experts, name)
+                saved.append((param, param.data))
+                param.data = value.to(param.device)
+        yield
+    finally:
+        for param, data in saved:
+            param.data = data
 
 
 def _sample_inputs(model: nn.Module, with_past: bool, *, batch: int = 2, past_len: int = 5, new_len: int = 3) -> dict:
@@ -266,6 +340,9 @@ def export_onnx(
     device: str = "cpu",
     overwrite: bool = False,
     source: str | Path | None = None,
+    moe_op: str | None = None,
+    weights: str = "float",
+    ort_fusions: str | None = None,
 ) -> OnnxExport:
     """Export ``model`` (a loaded model or a checkpoint directory, pruned or not) to ``out``; return what was written.
 
@@ -274,9 +351,18 @@ def export_onnx(
     leaves no output. ``dtype`` is the precision of the graph (float32 is the one onnxruntime's CPU kernels
     cover fully); an in-memory model is cast to it in place (a directory is loaded in it), and its experts
     implementation is restored afterwards.
+
+    ``moe_op``: ``"fused"`` (each block's experts one onnxruntime MoE node; blocks the operator cannot express
+    stay on plain ops, recorded), ``"unfused"`` (plain ops), or ``None``: fused where onnxruntime has a kernel
+    for the graph's dtype on the device the check runs on. ``weights``: ``"int8"``/``"int4"`` quantize the fused
+    nodes' experts (``QMoE``); parity is then checked against the model with those weights dequantized (the
+    fp32 tolerance), and the difference to the unquantized model is recorded in ``quantization``.
+    ``ort_fusions`` (``"cpu"``/``"cuda"``): transformers' onnxruntime fusions for that provider (attention,
+    rotary embeddings, norms into onnxruntime's own ops), applied after the MoE nodes are in place.
     """
     _require_onnx_stack()
     _check_opset(opset)
+    _check_moe_options(moe_op, weights, dtype, check, device, ort_fusions)
     from transformers.exporters import OnnxConfig, OnnxExporter
 
     if check and device == "cpu" and parse_dtype(dtype) == torch.bfloat16:
@@ -291,6 +377,8 @@ def export_onnx(
         raise BadOptionError(f"{type(model).__name__} is not a causal LM with an LM head; ONNX export writes decoder graphs")
     out = check_output_path(out, source, overwrite)
     torch_dtype = next(model.parameters()).dtype
+    spec, plan = _fusion_plan(model, moe_op, weights, torch_dtype, check and device == "cpu")
+    fused = [block for block, how in plan.items() if isinstance(how, FusedLayout)]
 
     import onnx_ir as ir
 
@@ -299,10 +387,19 @@ def export_onnx(
         inputs = _sample_inputs(model, with_past)
         constants = _cache_constants(inputs.get("past_key_values"))
         try:
-            exported = OnnxExporter().export(model, inputs, OnnxConfig(dynamic=True, opset_version=opset))
+            with fused_export(model, plan, spec) if fused else contextlib.nullcontext():
+                exported = OnnxExporter().export(model, inputs, OnnxConfig(dynamic=True, opset_version=opset))
         except (RuntimeError, ValueError, TypeError) as exc:
             raise MoeFxError(f"transformers' ONNX exporter failed on {type(model).__name__}: {first_line(exc)}") from exc
         program = exported.program
+        lowered = lower_fused_experts(program.graph, weights)
+        if ort_fusions is not None:  # after the MoE nodes exist: the fusions leave them alone
+            from transformers.exporters.onnxruntime_fusions import fuse_for_onnxruntime
+
+            fuse_for_onnxruntime(program, ort_fusions)
+        if sorted(lowered) != sorted(fused):
+            raise MoeFxError(f"the exported graph holds fused MoE nodes for {sorted(lowered)[:3]}, expected {sorted(fused)[:3]}; "
+                             "please report the model family (export with --moe-op unfused meanwhile)")
         folded = _to_optimum_interface(program.graph, constants)
         _share_transposed_copies(program.graph)
         _strip_metadata(program)
@@ -317,9 +414,13 @@ def export_onnx(
                 patch_config(tmp)
             else:
                 write_config(model, tmp)
-            parity = None
+            parity = quantization = None
             if check:
-                parity = check_parity(model, OnnxCausalLM(tmp, device="cpu" if device == "cpu" else "auto"))
+                runner = OnnxCausalLM(tmp, device="cpu" if device == "cpu" else "auto")
+                if weights != "float":
+                    quantization = check_parity(model, runner)
+                with _dequantized(model, spec, fused, weights) if weights != "float" else contextlib.nullcontext():
+                    parity = check_parity(model, runner)
                 limit = _tolerance(torch_dtype, parity)
                 if parity.max_abs_logit_diff > limit or (torch_dtype == torch.float32 and not parity.greedy_identical):
                     raise OnnxParityError(
@@ -337,6 +438,11 @@ def export_onnx(
                 export_seconds=round(seconds, 2),
                 parity=parity,
                 folded_constants=folded,
+                weights=weights,
+                fused_blocks=fused,
+                unfused_blocks={block: how for block, how in plan.items() if isinstance(how, str)},
+                quantization=quantization,
+                ort_fusions=ort_fusions,
             )
             record = _source_record(source)
             record["onnx_export"] = result.to_dict()
