@@ -9,10 +9,11 @@ import argparse
 import os
 import sys
 
-from moe_fx.cli import evaluate, export, inspect, prune, report, sweep
+from moe_fx.cli import evaluate, export, inspect, prune, quantize, report, sweep
 from moe_fx.errors import MoeFxError
 
-COMMANDS = {"inspect": inspect, "prune": prune, "sweep": sweep, "export": export, "report": report, "eval": evaluate}
+COMMANDS = {"inspect": inspect, "prune": prune, "sweep": sweep, "export": export, "report": report, "eval": evaluate,
+            "quantize": quantize}
 """Command name -> its module (``add_parser(sub)`` declares the options, ``run(args)`` runs it)."""
 
 

@@ -25,7 +25,7 @@ from moe_fx.cli.common import (
     task_rows,
     zero_shot_results,
 )
-from moe_fx.errors import MoeFxError
+from moe_fx.errors import BadOptionError, MoeFxError
 
 
 def add_parser(sub) -> None:
@@ -80,6 +80,9 @@ def add_parser(sub) -> None:
                    help="record the calibration statistics inside the torch.compile graph (moe_fx.deliver.graph; CUDA graphs on GPU): the "
                         "same statistics as the default hooks, several times faster on a GPU; routing/REAP/channel-activation "
                         "statistics only (not --merge, --compensate, search scorers or gradient scorers)")
+    p.add_argument("--quantize", choices=("fp8-block",),
+                   help="write the pruned experts as block-wise FP8 (float8_e4m3fn, one scale per 128 x 128 block: the hub's "
+                        "format, loaded by stock transformers); routers, attention, norms, embeddings and the head keep their dtype")
     p.add_argument("--stream", default="auto", choices=("auto", "on", "off"),
                    help="prune one decoder layer at a time, never holding the whole model: on, off, or auto (default: on when "
                         "the checkpoint's weights exceed 80%% of the device's free memory); forward-only methods with uniform allocation")
@@ -212,7 +215,7 @@ def run(args) -> int:
     from moe_fx.evaluate.report import write_report
     from moe_fx.evaluate.table import format_table, human_bytes
     from moe_fx.evaluate.zero_shot import resolve_tasks
-    from moe_fx.formats.checkpoint import check_output_path, save_checkpoint, update_record
+    from moe_fx.formats.checkpoint import check_output_path, save_checkpoint, source_mxfp4, update_record
     from moe_fx.formats.lazy import meta_model
     from moe_fx.formats.loading import check_model_dir, load_model, load_tokenizer
     from moe_fx.passes import CacheTeacher, Calibrate, CompensateExperts, Distill, DropExperts, Score
@@ -231,6 +234,11 @@ def run(args) -> int:
     if distributed.init_from_env(device) and device == "cuda":
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     stream = _streaming(args, source, device)
+    if args.quantize and stream:
+        raise BadOptionError(f"--quantize {args.quantize} is not applied to a streamed prune; prune with --stream on, then "
+                             f"`moe-fx quantize OUT --scheme {args.quantize} --out DST` (it works shard by shard)")
+    if args.quantize and source_mxfp4(source) is not None:
+        raise BadOptionError(f"{source}'s experts are MXFP4, which the pruned copy keeps; drop --quantize {args.quantize}")
     if args.preset:
         _apply_preset(args, stream)
     channels = args.granularity == "channel"
@@ -374,7 +382,8 @@ def run(args) -> int:
     else:
         model.to(save_dtype)
         record["size_after"] = model_size(model)
-        out = save_checkpoint(model, args.out, source=source, tokenizer=tokenizer, overwrite=args.overwrite, extra_record=record)
+        out = save_checkpoint(model, args.out, source=source, tokenizer=tokenizer, overwrite=args.overwrite, extra_record=record,
+                              quantize=args.quantize)
 
     kept = sum(b.num_experts for b in state.spec.blocks)
     total = sum(b.num_experts for b in spec.blocks)

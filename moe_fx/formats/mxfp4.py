@@ -133,32 +133,18 @@ def repack_directory(path, quantization_config: dict) -> dict:
     """Rewrite a saved checkpoint's fused expert weights as MXFP4, in place: every shard, the index's weight map and
     total size, and ``quantization_config`` in ``config.json``. Returns what the record keeps: bytes before and
     after, the number of tensors packed and the largest relative round-trip error."""
-    import json
     from pathlib import Path
 
-    from safetensors.torch import load_file, save_file
+    from moe_fx.formats.shards import rewrite_shards, set_quantization_config
 
-    path = Path(path)
-    index_file = path / "model.safetensors.index.json"
-    index = json.loads(index_file.read_text()) if index_file.is_file() else None
-    files = sorted(set(index["weight_map"].values())) if index else ["model.safetensors"]
-    before = after = 0
     errors: dict[str, float] = {}
-    weight_map = {}
-    for file in files:
-        state = load_file(path / file)
-        before += sum(t.numel() * t.element_size() for t in state.values())
+
+    def pack(state: dict) -> dict:
         packed, errs = pack_state(state)
         errors.update(errs)
-        after += sum(t.numel() * t.element_size() for t in packed.values())
-        save_file(packed, path / file, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(packed, file))
-    if index:
-        index["weight_map"], index["metadata"]["total_size"] = weight_map, after
-        index_file.write_text(json.dumps(index, indent=2) + "\n")
-    config_file = path / "config.json"
-    config = json.loads(config_file.read_text())
-    config["quantization_config"] = quantization_config
-    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        return packed
+
+    before, after = rewrite_shards(Path(path), pack)
+    set_quantization_config(Path(path), quantization_config)
     return {"format": "mxfp4", "tensors": len(errors), "bytes_unpacked": before, "bytes": after,
             "max_relative_error": max(errors.values(), default=0.0)}

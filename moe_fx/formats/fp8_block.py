@@ -1,0 +1,156 @@
+"""Block-wise FP8 expert weights in the hub's format (Qwen3-30B-A3B-FP8, DeepSeek-V3), which stock transformers
+loads with its own fine-grained FP8 integration.
+
+On disk every per-expert projection ``...experts.{e}.{proj}.weight`` becomes ``float8_e4m3fn`` with a
+``...weight_scale_inv`` beside it: one float32 per 128 x 128 block (partial edge blocks allowed), the block's
+largest magnitude over 448 (the format's largest value), which multiplies the stored codes back into the weight.
+``config.json`` gets ``quantization_config = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme":
+"dynamic", "weight_block_size": [128, 128], "modules_to_not_convert": [...]}``; the list names every linear
+layer that keeps the source dtype (attention, routers, dense MLPs, the head), so transformers converts exactly
+the experts. On a GPU of compute capability 8.9+ transformers runs FP8 kernels; elsewhere it dequantizes to
+bfloat16 on load.
+
+Why hand-written rather than a library: the math is one scale per block and a cast, and the format must be the
+hub's tensor names exactly (per-expert tensors, ``weight_scale_inv``), which transformers' own writer needs a GPU
+to produce and torchao / compressed-tensors name differently.
+
+What is quantized: routed experts and shared experts. Routers, norms, embeddings, attention and the head stay in
+the source dtype (the scheme's scope; the bytes they keep are reported).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moe_fx.errors import BadOptionError
+
+SCHEMES = ("fp8-block",)
+BLOCK = 128
+FP8_MAX = 448.0
+"""The largest finite ``float8_e4m3fn`` value."""
+
+SCALE_SUFFIX = "_scale_inv"
+_EXPERT_WEIGHT = re.compile(r"(?:^|\.)experts\.\d+\.[A-Za-z0-9_]+\.weight$")
+"""A routed expert's projection in the hub's per-expert layout."""
+_SHARED = re.compile(r"shared_experts?\b")
+
+
+def quantization_config(not_converted: list[str]) -> dict:
+    """``config.json``'s ``quantization_config`` of the scheme, with the layers that keep the source dtype."""
+    return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [BLOCK, BLOCK],
+            "modules_to_not_convert": not_converted}
+
+
+def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight [out, in]`` as ``float8_e4m3fn`` codes and float32 ``scale_inv [ceil(out/128), ceil(in/128)]``."""
+    rows, cols = weight.shape
+    padded = torch.nn.functional.pad(weight.float(), (0, -cols % BLOCK, 0, -rows % BLOCK))
+    blocks = padded.unflatten(1, (-1, BLOCK)).unflatten(0, (-1, BLOCK))  # [rb, 128, cb, 128]
+    scale = blocks.abs().amax(dim=(1, 3)) / FP8_MAX
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = (blocks / safe[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return codes.flatten(2, 3).flatten(0, 1)[:rows, :cols].contiguous(), scale
+
+
+def dequantize(codes: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weight the codes and scales stand for (what transformers computes with)."""
+    rows, cols = codes.shape
+    scale = scale_inv.repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)[:rows, :cols]
+    return (codes.float() * scale).to(dtype)
+
+
+def _linear_layers(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+
+
+def plan_tensors(meta: nn.Module, keys: list[str]) -> tuple[set[str], list[str]]:
+    """(the stored tensors to quantize, the linear layers that keep the source dtype) for a checkpoint with these
+    tensor names and this model (built on meta). Refuses fused on-disk experts (no per-expert tensor to write)."""
+    linears = _linear_layers(meta)
+    shared = {f"{name}.weight" for name in linears if _SHARED.search(name)}
+    chosen = {k for k in keys if _EXPERT_WEIGHT.search(k) or k in shared}
+    if not any(_EXPERT_WEIGHT.search(k) for k in keys):
+        fused = [k for k in keys if ".experts." in k][:2]
+        raise BadOptionError(f"fp8-block writes per-expert tensors (experts.N.proj.weight), and this checkpoint stores its experts "
+                             f"fused ({', '.join(fused) or 'no expert tensor found'}); it cannot take this scheme")
+    from moe_fx.model.trace import trace
+
+    routers = [b.router.path for b in trace(meta).blocks]  # not always nn.Linear (top-k router modules): listed anyway
+    return chosen, list(dict.fromkeys([name for name in linears if f"{name}.weight" not in chosen] + routers))
+
+
+def quantize_directory(path: str | Path) -> dict:
+    """Rewrite a saved checkpoint's expert weights as block-wise FP8, in place (every shard, the index, the
+    config). Returns what the record keeps: the bytes before and after, the tensors quantized, the largest
+    relative round-trip error."""
+    from safetensors import safe_open
+
+    from moe_fx.formats.lazy import meta_model
+    from moe_fx.formats.shards import rewrite_shards, set_quantization_config, shard_files
+
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text())
+    if "quantization_config" in config:
+        method = config["quantization_config"].get("quant_method")
+        raise BadOptionError(f"{path}: the checkpoint is already quantized ({method}); fp8-block needs a checkpoint in bfloat16/float16/float32")
+    keys = []
+    for file in shard_files(path):
+        with safe_open(str(path / file), "pt") as f:
+            keys += list(f.keys())
+    chosen, not_converted = plan_tensors(meta_model(path), keys)
+    worst = 0.0
+
+    def encode(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        nonlocal worst
+        out = {}
+        for name, tensor in state.items():
+            if name not in chosen:
+                out[name] = tensor
+                continue
+            codes, scale = quantize(tensor)
+            worst = max(worst, _relative_error(tensor, codes, scale))
+            out[name], out[name + SCALE_SUFFIX] = codes, scale
+        return out
+
+    before, after = rewrite_shards(path, encode)
+    set_quantization_config(path, quantization_config(not_converted))
+    return {"scheme": "fp8-block", "tensors": len(chosen), "bytes_before": before, "bytes": after,
+            "max_relative_error": worst, "kept_in_source_dtype": len(not_converted)}
+
+
+def _relative_error(weight: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> float:
+    ref = weight.float()
+    return float((dequantize(codes, scale) - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def check_scheme(scheme: str) -> None:
+    if scheme not in SCHEMES:
+        raise BadOptionError(f"unknown quantization scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
+
+
+def quantize_checkpoint(source: str | Path, out: str | Path, *, scheme: str = "fp8-block", overwrite: bool = False) -> dict:
+    """Write ``source`` (a checkpoint directory, pruned or not, left untouched) to ``out`` with ``scheme``'s
+    experts, atomically; return the record's ``quantization`` entry (also written to ``out``'s ``moe_fx.json``)."""
+    from moe_fx.formats.atomic import atomic_directory
+    from moe_fx.formats.checkpoint import RECORD_FILE, check_output_path
+    from moe_fx.formats.loading import check_model_dir
+
+    check_scheme(scheme)
+    source = check_model_dir(source)
+    out = check_output_path(out, source, overwrite)
+    with atomic_directory(out) as tmp:
+        for item in source.iterdir():
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        entry = quantize_directory(tmp)
+        record_file = tmp / RECORD_FILE
+        record = json.loads(record_file.read_text()) if record_file.is_file() else {"source": str(source.resolve())}
+        record["quantization"] = entry
+        record_file.write_text(json.dumps(record, indent=2) + "\n")
+    return entry
+

@@ -1,0 +1,54 @@
+"""Rewriting a saved checkpoint's safetensors shards in place, one shard in memory at a time: what the formats
+that re-encode weights after saving (MXFP4 experts, block-wise FP8) share."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def shard_files(path: Path) -> list[str]:
+    """The checkpoint's shard file names (the index's, or the single ``model.safetensors``)."""
+    index_file = path / INDEX_FILE
+    if index_file.is_file():
+        return sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
+    return ["model.safetensors"]
+
+
+def _bytes(state: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def rewrite_shards(path: Path, transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> tuple[int, int]:
+    """Replace every shard's tensors by ``transform(tensors)`` and the index's weight map and total size to match;
+    return the tensor bytes before and after."""
+    from safetensors.torch import load_file, save_file
+
+    before = after = 0
+    weight_map = {}
+    for file in shard_files(path):
+        state = load_file(path / file)
+        before += _bytes(state)
+        out = transform(state)
+        after += _bytes(out)
+        save_file(out, path / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(out, file))
+    index_file = path / INDEX_FILE
+    if index_file.is_file():
+        index = json.loads(index_file.read_text())
+        index["weight_map"], index["metadata"]["total_size"] = weight_map, after
+        index_file.write_text(json.dumps(index, indent=2) + "\n")
+    return before, after
+
+
+def set_quantization_config(path: Path, quantization_config: dict) -> None:
+    """Write ``quantization_config`` into the checkpoint's ``config.json``."""
+    config_file = path / "config.json"
+    config = json.loads(config_file.read_text())
+    config["quantization_config"] = quantization_config
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,125 @@
+"""Block-wise FP8 experts in the hub's format: the quantizer, the checkpoint that stock transformers loads (on the
+CPU it dequantizes), per-layer expert counts, the CLI (`moe-fx quantize`, `moe-fx prune --quantize`), refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_families import kept_ids, tiny_model
+from transformers import AutoModelForCausalLM
+
+import moe_fx
+from moe_fx import PrunePlan
+from moe_fx.cli import main
+from moe_fx.errors import BadOptionError
+from moe_fx.formats import save_checkpoint
+from moe_fx.formats.fp8_block import BLOCK, FP8_MAX, SCALE_SUFFIX, dequantize, quantize, quantize_checkpoint
+from moe_fx.model.trace import trace
+from moe_fx.passes import DropExperts
+
+pytest.importorskip("accelerate")  # transformers' FP8 loading needs it
+
+
+def _state(path) -> dict[str, torch.Tensor]:
+    state = {}
+    for file in sorted(path.glob("*.safetensors")):
+        state.update(load_file(file))
+    return state
+
+
+def test_quantize_blocks() -> None:
+    """One scale per 128 x 128 block (partial edge blocks too), codes within the format's range, a zero block
+    stays zero, and the round trip is within e4m3's precision of each block's largest value."""
+    w = torch.randn(200, 300, generator=torch.Generator().manual_seed(0))
+    w[:BLOCK, :BLOCK] = 0
+    codes, scale = quantize(w)
+    assert codes.dtype == torch.float8_e4m3fn and codes.shape == w.shape and scale.shape == (2, 3)
+    assert codes.float().abs().max() <= FP8_MAX and scale[0, 0] == 0
+    back = dequantize(codes, scale)
+    assert torch.all(back[:BLOCK, :BLOCK] == 0)
+    step = scale.repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)[:200, :300] * FP8_MAX / 8  # 3 mantissa bits
+    assert torch.all((back - w).abs() <= step)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deepseek_v3", "qwen2_moe"])
+def test_checkpoint_loads_in_stock_transformers(family: str, tmp_path) -> None:
+    """Per-layer expert counts, saved, quantized: the source is untouched; stock ``from_pretrained`` builds the same
+    experts the codes stand for; routers, attention and the head are listed as kept and stay unquantized."""
+    model = tiny_model(family).to(torch.bfloat16)
+    spec = trace(model)
+    DropExperts(plan=PrunePlan({spec.blocks[0].path: kept_ids(spec)}))(model)
+    src = save_checkpoint(model, tmp_path / "src", report=False)
+    before = _state(src)
+    entry = quantize_checkpoint(src, tmp_path / "fp8")
+    assert all(torch.equal(t, before[k]) for k, t in _state(src).items())
+    stored = _state(tmp_path / "fp8")
+    experts = [k for k in stored if k.endswith(".weight") and stored[k].dtype == torch.float8_e4m3fn]
+    assert len(experts) == entry["tensors"] > 0 and all(k + SCALE_SUFFIX in stored for k in experts)
+    assert entry["bytes"] < entry["bytes_before"] == sum(t.numel() * t.element_size() for t in before.values())
+    config = json.loads((tmp_path / "fp8" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "fp8" and config["weight_block_size"] == [BLOCK, BLOCK]
+    kept = config["modules_to_not_convert"]
+    assert "lm_head" in kept and any(k.endswith(".gate") for k in kept) and any("self_attn" in k for k in kept)
+    if family == "qwen2_moe":  # shared experts are quantized too
+        assert any("shared_expert." in k for k in experts) and not any("shared_expert." in k for k in kept)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "fp8", dtype=torch.bfloat16, trust_remote_code=True)
+    assert loaded.get_submodule(spec.blocks[0].experts.path).down_proj.shape[0] == len(kept_ids(spec))  # per-layer counts
+    loaded_state = loaded.state_dict()
+    reference = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16, trust_remote_code=True).state_dict()
+    for name, tensor in loaded_state.items():
+        if name in reference and ".experts." not in name and "shared_expert" not in name:
+            assert torch.equal(tensor, reference[name]), name  # everything but the experts is the source's
+    x = torch.randint(3, 100, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (loaded(x).logits.float() - model(x).logits.float()).abs().max()
+    assert 0 < diff < 0.1
+
+
+def test_dequantized_experts_are_what_transformers_computes(tmp_path) -> None:
+    model = tiny_model("qwen3_moe").to(torch.bfloat16)
+    src = save_checkpoint(model, tmp_path / "src", report=False)
+    quantize_checkpoint(src, tmp_path / "fp8")
+    stored = _state(tmp_path / "fp8")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "fp8", dtype=torch.float32)
+    experts = loaded.get_submodule(trace(loaded).blocks[0].experts.path)
+    prefix = trace(loaded).blocks[0].experts.path
+    gate = dequantize(stored[f"{prefix}.1.gate_proj.weight"], stored[f"{prefix}.1.gate_proj.weight{SCALE_SUFFIX}"])
+    up = dequantize(stored[f"{prefix}.1.up_proj.weight"], stored[f"{prefix}.1.up_proj.weight{SCALE_SUFFIX}"])
+    torch.testing.assert_close(experts.gate_up_proj[1], torch.cat([gate, up]), rtol=1e-2, atol=1e-3)
+
+
+def test_refusals(tmp_path) -> None:
+    """Fused on-disk experts (GPT-OSS's MXFP4 layout) and an already quantized checkpoint are refused; no output."""
+    gpt = save_checkpoint(tiny_model("gpt_oss").to(torch.bfloat16), tmp_path / "gpt", report=False)
+    with pytest.raises(BadOptionError, match="stores its experts fused"):
+        quantize_checkpoint(gpt, tmp_path / "x")
+    src = save_checkpoint(tiny_model("qwen3_moe").to(torch.bfloat16), tmp_path / "src", report=False)
+    fp8 = tmp_path / "fp8"
+    quantize_checkpoint(src, fp8)
+    with pytest.raises(BadOptionError, match="already quantized"):
+        quantize_checkpoint(fp8, tmp_path / "y")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_cli_prune_then_quantize(capsys, micro_path, tmp_path) -> None:
+    """`moe-fx prune --quantize fp8-block` writes FP8 experts that moe_fx.load and stock transformers load alike;
+    `moe-fx quantize` on a pruned checkpoint gives the same tensors; a streamed prune is refused before loading."""
+    out = tmp_path / "pruned-fp8"
+    code = main(["prune", str(micro_path), "--out", str(out), "--method", "random", "--ratio", "0.5", "--quantize", "fp8-block",
+                 "--calib-tokens", "2000", "--no-eval", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    record = json.loads((out / "moe_fx.json").read_text())
+    assert record["quantization"]["scheme"] == "fp8-block" and record["quantization"]["bytes"] < record["quantization"]["bytes_before"]
+    x = torch.randint(3, 100, (1, 8))
+    with torch.no_grad():
+        a = moe_fx.load(out)(x).logits
+        b = AutoModelForCausalLM.from_pretrained(out)(x).logits
+    torch.testing.assert_close(a, b)
+    capsys.readouterr()
+    assert main(["quantize", str(out), "--out", str(tmp_path / "again")]) == 2
+    assert "already quantized" in capsys.readouterr().err
+    assert main(["prune", str(micro_path), "--out", str(tmp_path / "s"), "--stream", "on", "--method", "random", "--ratio", "0.5", "--quantize", "fp8-block", "--quiet"]) == 2
+    assert "moe-fx quantize OUT" in capsys.readouterr().err and not (tmp_path / "s").exists()
