@@ -42,22 +42,27 @@ def main() -> None:
         passes = [Calibrate(run.tokens, batch_size=args.batch_size, show_progress=False), Score("reap"), DropExperts(ratio=ratio)]
         variants[f"reap-{ratio:.0%}"] = compose(*passes)(copy.deepcopy(run.base))
     rows, results = [], {}
-    base_nll = nll(run.base)
+    base_nll = None
     with tempfile.TemporaryDirectory() as tmp:
         source_bytes = None
         for name, model in variants.items():
             plain = save_checkpoint(copy.deepcopy(model).to(torch.bfloat16), Path(tmp) / name, report=False)
             fp8 = Path(tmp) / f"{name}-fp8"
             entry = quantize_checkpoint(plain, fp8)
-            quantized = load_model(fp8, dtype=args.dtype, device=args.device)
-            result = {"nll": nll(model), "nll_fp8": nll(quantized), "bytes_bf16": disk_size(plain), "bytes_fp8": disk_size(fp8), "quantization": entry}
+            # both checkpoints as users load them, in bfloat16 (transformers dequantizes FP8 to bfloat16 where it has
+            # no FP8 kernels), so that "fp8 adds" is the quantization alone
+            bf16 = load_model(plain, dtype="bfloat16", device=args.device)
+            quantized = load_model(fp8, dtype="bfloat16", device=args.device)
+            result = {"nll": nll(bf16), "nll_fp8": nll(quantized), "nll_float32": nll(model), "bytes_bf16": disk_size(plain),
+                      "bytes_fp8": disk_size(fp8), "quantization": entry}
             source_bytes = source_bytes or result["bytes_bf16"]
+            base_nll = result["nll"] if base_nll is None else base_nll
             results[name] = result
             for label, value, size in ((name, result["nll"], result["bytes_bf16"]), (f"{name} + fp8-block", result["nll_fp8"], result["bytes_fp8"])):
                 rows.append([label, f"{value:.4f}", f"{value - base_nll:+.4f}", human_bytes(size), f"{size / source_bytes:.3f}"])
             result["fp8_added_nll"] = result["nll_fp8"] - result["nll"]
     print(format_table(["checkpoint", "mean NLL", "vs unpruned", "on disk", "x bf16 source"], rows,
-                       title=f"{args.model}: REAP then fp8-block experts (valid, {args.eval_seqs} windows/domain x {args.seq_len})"))
+                       title=f"{args.model}: REAP then fp8-block experts, bfloat16 (valid, {args.eval_seqs} windows/domain x {args.seq_len})"))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"model": args.model, "calib_tokens": args.calib_tokens, "results": results}, indent=2) + "\n")
 

@@ -46,8 +46,8 @@ def test_quantize_blocks() -> None:
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deepseek_v3", "qwen2_moe"])
 def test_checkpoint_loads_in_stock_transformers(family: str, tmp_path) -> None:
-    """Per-layer expert counts, saved, quantized: the source is untouched; stock ``from_pretrained`` builds the same
-    experts the codes stand for; routers, attention and the head are listed as kept and stay unquantized."""
+    """Per-layer expert counts, saved, quantized: the source is untouched; stock ``from_pretrained`` loads every
+    tensor not stored in FP8 as the source's; linear layers and routers are listed as kept."""
     model = tiny_model(family).to(torch.bfloat16)
     spec = trace(model)
     DropExperts(plan=PrunePlan({spec.blocks[0].path: kept_ids(spec)}))(model)
@@ -62,16 +62,17 @@ def test_checkpoint_loads_in_stock_transformers(family: str, tmp_path) -> None:
     config = json.loads((tmp_path / "fp8" / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "fp8" and config["weight_block_size"] == [BLOCK, BLOCK]
     kept = config["modules_to_not_convert"]
-    assert "lm_head" in kept and any(k.endswith(".gate") for k in kept) and any("self_attn" in k for k in kept)
-    if family == "qwen2_moe":  # shared experts are quantized too
-        assert any("shared_expert." in k for k in experts) and not any("shared_expert." in k for k in kept)
+    assert "lm_head" in kept and all(b.router.path in kept for b in spec.blocks) and any("self_attn" in k for k in kept)
+    assert all(".experts." in k for k in experts)  # routed experts only: linear layers keep the source dtype
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "fp8", dtype=torch.bfloat16, trust_remote_code=True)
     assert loaded.get_submodule(spec.blocks[0].experts.path).down_proj.shape[0] == len(kept_ids(spec))  # per-layer counts
     loaded_state = loaded.state_dict()
     reference = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16, trust_remote_code=True).state_dict()
     for name, tensor in loaded_state.items():
-        if name in reference and ".experts." not in name and "shared_expert" not in name:
-            assert torch.equal(tensor, reference[name]), name  # everything but the experts is the source's
+        if name in stored and stored[name].dtype != torch.float8_e4m3fn:
+            assert torch.equal(tensor, reference[name]), name  # what is not stored in FP8 is the source's
+        elif name in stored:
+            torch.testing.assert_close(tensor, dequantize(stored[name], stored[name + SCALE_SUFFIX], tensor.dtype), rtol=0, atol=0)
     x = torch.randint(3, 100, (2, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         diff = (loaded(x).logits.float() - model(x).logits.float()).abs().max()
@@ -89,6 +90,14 @@ def test_dequantized_experts_are_what_transformers_computes(tmp_path) -> None:
     gate = dequantize(stored[f"{prefix}.1.gate_proj.weight"], stored[f"{prefix}.1.gate_proj.weight{SCALE_SUFFIX}"])
     up = dequantize(stored[f"{prefix}.1.up_proj.weight"], stored[f"{prefix}.1.up_proj.weight{SCALE_SUFFIX}"])
     torch.testing.assert_close(experts.gate_up_proj[1], torch.cat([gate, up]), rtol=1e-2, atol=1e-3)
+
+
+def test_cli_quantize(capsys, tmp_path) -> None:
+    src = save_checkpoint(tiny_model("mixtral").to(torch.bfloat16), tmp_path / "src", report=False)
+    assert main(["quantize", str(src), "--out", str(tmp_path / "fp8"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "expert projections" in out and "x)" in out
+    assert json.loads((tmp_path / "fp8" / "moe_fx.json").read_text())["quantization"]["scheme"] == "fp8-block"
 
 
 def test_refusals(tmp_path) -> None:

@@ -81,8 +81,8 @@ def add_parser(sub) -> None:
                         "same statistics as the default hooks, several times faster on a GPU; routing/REAP/channel-activation "
                         "statistics only (not --merge, --compensate, search scorers or gradient scorers)")
     p.add_argument("--quantize", choices=("fp8-block",),
-                   help="write the pruned experts as block-wise FP8 (float8_e4m3fn, one scale per 128 x 128 block: the hub's "
-                        "format, loaded by stock transformers); routers, attention, norms, embeddings and the head keep their dtype")
+                   help="write the pruned routed experts as block-wise FP8 (float8_e4m3fn, one scale per 128 x 128 block: the "
+                        "hub's format, loaded by stock transformers); every other weight keeps its dtype")
     p.add_argument("--stream", default="auto", choices=("auto", "on", "off"),
                    help="prune one decoder layer at a time, never holding the whole model: on, off, or auto (default: on when "
                         "the checkpoint's weights exceed 80%% of the device's free memory); forward-only methods with uniform allocation")

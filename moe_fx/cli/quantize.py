@@ -1,4 +1,5 @@
-"""``moe-fx quantize``: a checkpoint's experts in block-wise FP8, the hub's format that stock transformers loads."""
+"""``moe-fx quantize``: a checkpoint's routed experts in block-wise FP8, the hub's format that stock transformers
+loads."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ from moe_fx.cli.common import add_output
 
 def add_parser(sub) -> None:
     """Declare the command and its options on the ``moe-fx`` subparsers ``sub``."""
-    p = sub.add_parser("quantize", help="write a (pruned) checkpoint's experts as block-wise FP8 (the hub's format, loaded by transformers)")
+    p = sub.add_parser("quantize", help="write a (pruned) checkpoint's routed experts as block-wise FP8 (the hub's format, loaded by transformers)")
     p.add_argument("model", help="checkpoint directory (pruned by moe-fx or stock transformers), left untouched")
     p.add_argument("--scheme", default="fp8-block", choices=("fp8-block",),
-                   help="fp8-block: float8_e4m3fn experts with one scale per 128 x 128 block (Qwen3-30B-A3B-FP8's format)")
+                   help="fp8-block: float8_e4m3fn routed experts with one scale per 128 x 128 block (Qwen3-30B-A3B-FP8's format); "
+                        "every other weight keeps its dtype")
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     add_output(p)
@@ -21,9 +23,9 @@ def run(args) -> int:
     from moe_fx.evaluate.table import format_table, human_bytes
     from moe_fx.formats.fp8_block import quantize_checkpoint
 
-    entry = quantize_checkpoint(args.model, args.out, scheme=args.scheme, overwrite=args.overwrite)
+    entry = quantize_checkpoint(args.model, args.out, scheme=args.scheme, overwrite=args.overwrite, show_progress=not args.quiet)
     rows = [
-        ["tensors quantized", f"{entry['tensors']} expert projections ({entry['kept_in_source_dtype']} linear layers keep the source dtype)"],
+        ["tensors quantized", f"{entry['tensors']} expert projections ({entry['kept_in_source_dtype']} linear layers and routers keep the source dtype)"],
         ["weights on disk", f"{human_bytes(entry['bytes_before'])} -> {human_bytes(entry['bytes'])} ({entry['bytes'] / entry['bytes_before']:.3f}x)"],
         ["largest relative error", f"{entry['max_relative_error']:.2e} (one expert projection's, Frobenius norm)"],
     ]

@@ -6,16 +6,16 @@ On disk every per-expert projection ``...experts.{e}.{proj}.weight`` becomes ``f
 largest magnitude over 448 (the format's largest value), which multiplies the stored codes back into the weight.
 ``config.json`` gets ``quantization_config = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme":
 "dynamic", "weight_block_size": [128, 128], "modules_to_not_convert": [...]}``; the list names every linear
-layer that keeps the source dtype (attention, routers, dense MLPs, the head), so transformers converts exactly
-the experts. On a GPU of compute capability 8.9+ transformers runs FP8 kernels; elsewhere it dequantizes to
+layer and router that keeps the source dtype, so transformers converts exactly what is stored in FP8. On a GPU of compute capability 8.9+ transformers runs FP8 kernels; elsewhere it dequantizes to
 bfloat16 on load.
 
 Why hand-written rather than a library: the math is one scale per block and a cast, and the format must be the
 hub's tensor names exactly (per-expert tensors, ``weight_scale_inv``), which transformers' own writer needs a GPU
 to produce and torchao / compressed-tensors name differently.
 
-What is quantized: routed experts and shared experts. Routers, norms, embeddings, attention and the head stay in
-the source dtype (the scheme's scope; the bytes they keep are reported).
+What is quantized: the routed experts (nearly all of an MoE's bytes). Every linear layer (attention, shared
+experts, dense MLPs, the head), the routers, norms and embeddings stay in the source dtype (a first scope: FP8
+linear layers add little size and their GPU path is not verified here).
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ FP8_MAX = 448.0
 SCALE_SUFFIX = "_scale_inv"
 _EXPERT_WEIGHT = re.compile(r"(?:^|\.)experts\.\d+\.[A-Za-z0-9_]+\.weight$")
 """A routed expert's projection in the hub's per-expert layout."""
-_SHARED = re.compile(r"shared_experts?\b")
 
 
 def quantization_config(not_converted: list[str]) -> dict:
@@ -65,27 +64,22 @@ def dequantize(codes: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype 
     return (codes.float() * scale).to(dtype)
 
 
-def _linear_layers(model: nn.Module) -> list[str]:
-    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-
-
 def plan_tensors(meta: nn.Module, keys: list[str]) -> tuple[set[str], list[str]]:
-    """(the stored tensors to quantize, the linear layers that keep the source dtype) for a checkpoint with these
-    tensor names and this model (built on meta). Refuses fused on-disk experts (no per-expert tensor to write)."""
-    linears = _linear_layers(meta)
-    shared = {f"{name}.weight" for name in linears if _SHARED.search(name)}
-    chosen = {k for k in keys if _EXPERT_WEIGHT.search(k) or k in shared}
-    if not any(_EXPERT_WEIGHT.search(k) for k in keys):
+    """(the stored tensors to quantize, the layers that keep the source dtype) for a checkpoint with these tensor
+    names and this model (built on meta): the routed experts' per-expert projections are quantized; every linear
+    layer and router keeps the source dtype. Refuses fused on-disk experts (no per-expert tensor to write)."""
+    from moe_fx.model.trace import trace
+
+    chosen = {k for k in keys if _EXPERT_WEIGHT.search(k)}
+    if not chosen:
         fused = [k for k in keys if ".experts." in k][:2]
         raise BadOptionError(f"fp8-block writes per-expert tensors (experts.N.proj.weight), and this checkpoint stores its experts "
                              f"fused ({', '.join(fused) or 'no expert tensor found'}); it cannot take this scheme")
-    from moe_fx.model.trace import trace
-
-    routers = [b.router.path for b in trace(meta).blocks]  # not always nn.Linear (top-k router modules): listed anyway
-    return chosen, list(dict.fromkeys([name for name in linears if f"{name}.weight" not in chosen] + routers))
+    linears = [name for name, module in meta.named_modules() if isinstance(module, nn.Linear)]
+    return chosen, list(dict.fromkeys(linears + [b.router.path for b in trace(meta).blocks]))
 
 
-def quantize_directory(path: str | Path) -> dict:
+def quantize_directory(path: str | Path, *, show_progress: bool = False) -> dict:
     """Rewrite a saved checkpoint's expert weights as block-wise FP8, in place (every shard, the index, the
     config). Returns what the record keeps: the bytes before and after, the tensors quantized, the largest
     relative round-trip error."""
@@ -118,7 +112,7 @@ def quantize_directory(path: str | Path) -> dict:
             out[name], out[name + SCALE_SUFFIX] = codes, scale
         return out
 
-    before, after = rewrite_shards(path, encode)
+    before, after = rewrite_shards(path, encode, desc="fp8-block", show_progress=show_progress)
     set_quantization_config(path, quantization_config(not_converted))
     return {"scheme": "fp8-block", "tensors": len(chosen), "bytes_before": before, "bytes": after,
             "max_relative_error": worst, "kept_in_source_dtype": len(not_converted)}
@@ -134,7 +128,8 @@ def check_scheme(scheme: str) -> None:
         raise BadOptionError(f"unknown quantization scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
 
 
-def quantize_checkpoint(source: str | Path, out: str | Path, *, scheme: str = "fp8-block", overwrite: bool = False) -> dict:
+def quantize_checkpoint(source: str | Path, out: str | Path, *, scheme: str = "fp8-block", overwrite: bool = False,
+                        show_progress: bool = False) -> dict:
     """Write ``source`` (a checkpoint directory, pruned or not, left untouched) to ``out`` with ``scheme``'s
     experts, atomically; return the record's ``quantization`` entry (also written to ``out``'s ``moe_fx.json``)."""
     from moe_fx.formats.atomic import atomic_directory
@@ -147,7 +142,7 @@ def quantize_checkpoint(source: str | Path, out: str | Path, *, scheme: str = "f
     with atomic_directory(out) as tmp:
         for item in source.iterdir():
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
-        entry = quantize_directory(tmp)
+        entry = quantize_directory(tmp, show_progress=show_progress)
         record_file = tmp / RECORD_FILE
         record = json.loads(record_file.read_text()) if record_file.is_file() else {"source": str(source.resolve())}
         record["quantization"] = entry

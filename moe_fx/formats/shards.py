@@ -24,20 +24,27 @@ def _bytes(state: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
-def rewrite_shards(path: Path, transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> tuple[int, int]:
+def rewrite_shards(path: Path, transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]], *,
+                   desc: str = "rewriting", show_progress: bool = False) -> tuple[int, int]:
     """Replace every shard's tensors by ``transform(tensors)`` and the index's weight map and total size to match;
-    return the tensor bytes before and after."""
+    return the tensor bytes before and after. ``show_progress``: a bar over the shards' bytes."""
     from safetensors.torch import load_file, save_file
+
+    from moe_fx.progress import progress_bar
 
     before = after = 0
     weight_map = {}
-    for file in shard_files(path):
-        state = load_file(path / file)
-        before += _bytes(state)
-        out = transform(state)
-        after += _bytes(out)
-        save_file(out, path / file, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(out, file))
+    files = shard_files(path)
+    with progress_bar(desc, total=sum((path / f).stat().st_size for f in files), unit="B", enabled=show_progress) as bar:
+        for file in files:
+            size = (path / file).stat().st_size
+            state = load_file(path / file)
+            before += _bytes(state)
+            out = transform(state)
+            after += _bytes(out)
+            save_file(out, path / file, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(out, file))
+            bar.update(size)
     index_file = path / INDEX_FILE
     if index_file.is_file():
         index = json.loads(index_file.read_text())
