@@ -192,15 +192,16 @@ def save_checkpoint(
         raise BadOptionError("this model's channels were zeroed in place (PruneChannels(mask_only=True), a debug mode); "
                              "run PruneChannels without mask_only to get a smaller model to save")
     out = check_output_path(out, source, overwrite)
+    quantization = source_mxfp4(source)
+    if quantize is not None:  # before anything is written
+        fp8_block.check_scheme(quantize)
+        if quantization is not None:
+            raise BadOptionError(f"the source's experts are MXFP4, which the pruned copy keeps; --quantize {quantize} does not apply to it")
     with atomic_directory(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        quantization = source_mxfp4(source)
-        if quantization is not None and quantize is not None:
-            raise BadOptionError(f"the source's experts are MXFP4, which the pruned copy keeps; --quantize {quantize} does not apply to it")
         if quantization is not None:
             extra_record = {**(extra_record or {}), "expert_format": mxfp4.repack_directory(tmp, quantization)}
         if quantize is not None:
-            fp8_block.check_scheme(quantize)
             extra_record = {**(extra_record or {}), "quantization": fp8_block.quantize_directory(tmp)}
         record = write_companions(model, tmp, source=source, tokenizer=tokenizer, extra_record=extra_record)
         if report:

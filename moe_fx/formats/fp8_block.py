@@ -79,25 +79,27 @@ def plan_tensors(meta: nn.Module, keys: list[str]) -> tuple[set[str], list[str]]
     return chosen, list(dict.fromkeys(linears + [b.router.path for b in trace(meta).blocks]))
 
 
-def quantize_directory(path: str | Path, *, show_progress: bool = False) -> dict:
+def quantize_directory(path: str | Path, *, source: Path | None = None, show_progress: bool = False) -> dict:
     """Rewrite a saved checkpoint's expert weights as block-wise FP8, in place (every shard, the index, the
-    config). Returns what the record keeps: the bytes before and after, the tensors quantized, the largest
-    relative round-trip error."""
+    config), or, with ``source``, write ``source``'s shards into ``path``, which holds its other files already.
+    Returns what the record keeps: the bytes before and after, the tensors quantized, the largest relative
+    round-trip error."""
     from safetensors import safe_open
 
     from moe_fx.formats.lazy import meta_model
     from moe_fx.formats.shards import rewrite_shards, set_quantization_config, shard_files
 
     path = Path(path)
-    config = json.loads((path / "config.json").read_text())
+    shards = source or path  # its config is the one ``path`` holds
+    config = json.loads((shards / "config.json").read_text())
     if "quantization_config" in config:
         method = config["quantization_config"].get("quant_method")
-        raise BadOptionError(f"{path}: the checkpoint is already quantized ({method}); fp8-block needs a checkpoint in bfloat16/float16/float32")
+        raise BadOptionError(f"{shards}: the checkpoint is already quantized ({method}); fp8-block needs a checkpoint in bfloat16/float16/float32")
     keys = []
-    for file in shard_files(path):
-        with safe_open(str(path / file), "pt") as f:
+    for file in shard_files(shards):
+        with safe_open(str(shards / file), "pt") as f:
             keys += list(f.keys())
-    chosen, not_converted = plan_tensors(meta_model(path), keys)
+    chosen, not_converted = plan_tensors(meta_model(shards), keys)
     worst = 0.0
 
     def encode(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -112,7 +114,7 @@ def quantize_directory(path: str | Path, *, show_progress: bool = False) -> dict
             out[name], out[name + SCALE_SUFFIX] = codes, scale
         return out
 
-    before, after = rewrite_shards(path, encode, desc="fp8-block", show_progress=show_progress)
+    before, after = rewrite_shards(path, encode, source=source, desc="fp8-block", show_progress=show_progress)
     set_quantization_config(path, quantization_config(not_converted))
     return {"scheme": "fp8-block", "tensors": len(chosen), "bytes_before": before, "bytes": after,
             "max_relative_error": worst, "kept_in_source_dtype": len(not_converted)}
@@ -135,14 +137,17 @@ def quantize_checkpoint(source: str | Path, out: str | Path, *, scheme: str = "f
     from moe_fx.formats.atomic import atomic_directory
     from moe_fx.formats.checkpoint import RECORD_FILE, check_output_path
     from moe_fx.formats.loading import check_model_dir
+    from moe_fx.formats.shards import INDEX_FILE, shard_files
 
     check_scheme(scheme)
     source = check_model_dir(source)
     out = check_output_path(out, source, overwrite)
+    shards = {*shard_files(source), INDEX_FILE}
     with atomic_directory(out) as tmp:
-        for item in source.iterdir():
-            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
-        entry = quantize_directory(tmp, show_progress=show_progress)
+        for item in source.iterdir():  # everything but the weights, which quantize_directory writes
+            if item.name not in shards:
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        entry = quantize_directory(tmp, source=source, show_progress=show_progress)
         record_file = tmp / RECORD_FILE
         record = json.loads(record_file.read_text()) if record_file.is_file() else {"source": str(source.resolve())}
         record["quantization"] = entry

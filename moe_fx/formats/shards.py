@@ -24,32 +24,32 @@ def _bytes(state: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
-def rewrite_shards(path: Path, transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]], *,
+def rewrite_shards(path: Path, transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]], *, source: Path | None = None,
                    desc: str = "rewriting", show_progress: bool = False) -> tuple[int, int]:
-    """Replace every shard's tensors by ``transform(tensors)`` and the index's weight map and total size to match;
-    return the tensor bytes before and after. ``show_progress``: a bar over the shards' bytes."""
+    """Write every shard's tensors as ``transform(tensors)`` into ``path``, and the index's weight map and total size
+    to match; the shards are read from ``source`` (another checkpoint, so each byte is read and written once) or
+    from ``path`` itself. Returns the tensor bytes before and after. ``show_progress``: a bar over the shards' bytes."""
     from safetensors.torch import load_file, save_file
 
     from moe_fx.progress import progress_bar
 
+    source = source or path
     before = after = 0
     weight_map = {}
-    files = shard_files(path)
-    with progress_bar(desc, total=sum((path / f).stat().st_size for f in files), unit="B", enabled=show_progress) as bar:
+    files = shard_files(source)
+    with progress_bar(desc, total=sum((source / f).stat().st_size for f in files), unit="B", enabled=show_progress) as bar:
         for file in files:
-            size = (path / file).stat().st_size
-            state = load_file(path / file)
+            state = load_file(source / file)
             before += _bytes(state)
             out = transform(state)
             after += _bytes(out)
             save_file(out, path / file, metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(out, file))
-            bar.update(size)
-    index_file = path / INDEX_FILE
-    if index_file.is_file():
-        index = json.loads(index_file.read_text())
+            bar.update((source / file).stat().st_size)
+    if (source / INDEX_FILE).is_file():
+        index = json.loads((source / INDEX_FILE).read_text())
         index["weight_map"], index["metadata"]["total_size"] = weight_map, after
-        index_file.write_text(json.dumps(index, indent=2) + "\n")
+        (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     return before, after
 
 

@@ -34,7 +34,6 @@ from moe_fx.formats.atomic import atomic_directory
 from moe_fx.formats.checkpoint import CONFIG_FILES, RECORD_FILE, TOKENIZER_FILES, check_output_path, copy_files, patch_config, write_config
 from moe_fx.formats.loading import load_model, parse_dtype
 from moe_fx.kernels.implementation import DEFAULT_IMPLEMENTATION, experts_implementation
-from moe_fx.model.spec import MoEModelSpec
 from moe_fx.model.trace import trace
 
 MOE_OPS = ("fused", "unfused")
@@ -142,33 +141,32 @@ def _check_moe_options(moe_op: str | None, weights: str, dtype: str, check: bool
                              "export --dtype float32, check on a CUDA device, pass --no-check, or --moe-op unfused")
 
 
-def _fusion_plan(model: nn.Module, moe_op: str | None, weights: str, dtype: torch.dtype, check_on_cpu: bool) -> tuple[MoEModelSpec | None, dict]:
+def _fusion_plan(model: nn.Module, moe_op: str | None, weights: str, dtype: torch.dtype, check_on_cpu: bool) -> dict[str, FusedLayout | str]:
     """Which blocks get the fused node (``FusedLayout``) and why the others do not (a reason)."""
     if moe_op == "unfused":
-        return None, {}
+        return {}
     try:
         spec = trace(model)
     except MoeFxError as exc:
         if moe_op == "fused" or weights != "float":
             raise BadOptionError(f"--moe-op fused needs routed experts moe-fx can read: {first_line(exc)}") from None
-        return None, {}
+        return {}
     if moe_op is None and weights == "float" and check_on_cpu and dtype != torch.float32:
-        return spec, {b.path: "onnxruntime's CPU MoE kernel runs float32 only (the parity check runs on the CPU)" for b in spec.blocks}
+        return {b.path: "onnxruntime's CPU MoE kernel runs float32 only (the parity check runs on the CPU)" for b in spec.blocks}
     plan = plan_fusion(model, spec)
     if (moe_op == "fused" or weights != "float") and not any(isinstance(v, FusedLayout) for v in plan.values()):
         raise BadOptionError(f"no block of {type(model).__name__} maps onto onnxruntime's MoE operator ({next(iter(plan.values()))}): "
                              "export with --moe-op unfused")
-    return spec, plan
+    return plan
 
 
 @contextlib.contextmanager
-def _dequantized(model: nn.Module, spec: MoEModelSpec, blocks: list[str], weights: str) -> Iterator[None]:
+def _dequantized(model: nn.Module, fused: list[FusedLayout], weights: str) -> Iterator[None]:
     """The fused blocks' expert weights replaced by what the int8/int4 node computes with, restored on exit."""
     saved = []
-    paths = {b.path: b.experts.path for b in spec.blocks}
     try:
-        for block in blocks:
-            experts = model.get_submodule(paths[block])
+        for how in fused:
+            experts = model.get_submodule(how.experts)
             for name, value in dequantized_weights(experts, weights).items():
                 param = getattr(experts, name)
                 saved.append((param, param.data))
@@ -377,8 +375,8 @@ def export_onnx(
         raise BadOptionError(f"{type(model).__name__} is not a causal LM with an LM head; ONNX export writes decoder graphs")
     out = check_output_path(out, source, overwrite)
     torch_dtype = next(model.parameters()).dtype
-    spec, plan = _fusion_plan(model, moe_op, weights, torch_dtype, check and device == "cpu")
-    fused = [block for block, how in plan.items() if isinstance(how, FusedLayout)]
+    plan = _fusion_plan(model, moe_op, weights, torch_dtype, check and device == "cpu")
+    fused = [how for how in plan.values() if isinstance(how, FusedLayout)]
 
     import onnx_ir as ir
 
@@ -387,7 +385,7 @@ def export_onnx(
         inputs = _sample_inputs(model, with_past)
         constants = _cache_constants(inputs.get("past_key_values"))
         try:
-            with fused_export(model, plan, spec) if fused else contextlib.nullcontext():
+            with fused_export(model, fused) if fused else contextlib.nullcontext():
                 exported = OnnxExporter().export(model, inputs, OnnxConfig(dynamic=True, opset_version=opset))
         except (RuntimeError, ValueError, TypeError) as exc:
             raise MoeFxError(f"transformers' ONNX exporter failed on {type(model).__name__}: {first_line(exc)}") from exc
@@ -397,8 +395,9 @@ def export_onnx(
             from transformers.exporters.onnxruntime_fusions import fuse_for_onnxruntime
 
             fuse_for_onnxruntime(program, ort_fusions)
-        if sorted(lowered) != sorted(fused):
-            raise MoeFxError(f"the exported graph holds fused MoE nodes for {sorted(lowered)[:3]}, expected {sorted(fused)[:3]}; "
+        expected = sorted(how.block for how in fused)
+        if sorted(lowered) != expected:
+            raise MoeFxError(f"the exported graph holds fused MoE nodes for {sorted(lowered)[:3]}, expected {expected[:3]}; "
                              "please report the model family (export with --moe-op unfused meanwhile)")
         folded = _to_optimum_interface(program.graph, constants)
         _share_transposed_copies(program.graph)
@@ -419,7 +418,7 @@ def export_onnx(
                 runner = OnnxCausalLM(tmp, device="cpu" if device == "cpu" else "auto")
                 if weights != "float":
                     quantization = check_parity(model, runner)
-                with _dequantized(model, spec, fused, weights) if weights != "float" else contextlib.nullcontext():
+                with _dequantized(model, fused, weights) if weights != "float" else contextlib.nullcontext():
                     parity = check_parity(model, runner)
                 limit = _tolerance(torch_dtype, parity)
                 if parity.max_abs_logit_diff > limit or (torch_dtype == torch.float32 and not parity.greedy_identical):
@@ -439,7 +438,7 @@ def export_onnx(
                 parity=parity,
                 folded_constants=folded,
                 weights=weights,
-                fused_blocks=fused,
+                fused_blocks=[how.block for how in fused],
                 unfused_blocks={block: how for block, how in plan.items() if isinstance(how, str)},
                 quantization=quantization,
                 ort_fusions=ort_fusions,

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from moe_fx.deliver.onnx.quantized_weights import WEIGHT_FORMATS, block_size_for, dequantize_blocks, quantize_blocks
-from moe_fx.errors import BadOptionError, MoeFxError
+from moe_fx.errors import MoeFxError
 from moe_fx.kernels import distinct_forward
 from moe_fx.kernels import experts_module as layout
 from moe_fx.model.spec import MoEModelSpec
@@ -61,6 +61,8 @@ class FusedLayout:
     """How one experts module maps onto the operator: its activation and where its weights sit."""
 
     block: str
+    experts: str
+    """The experts module's path."""
     top_k: int
     activation: str
     """``swiglu`` (gated experts) or one of the plain activations."""
@@ -109,8 +111,8 @@ def _match_activation(experts: nn.Module, width: int) -> tuple[str, bool, float,
     return None
 
 
-def fusion_of(experts: nn.Module, block: str, top_k: int) -> FusedLayout | str:
-    """How ``experts`` maps onto ``com.microsoft.MoE``, or why it does not (one line)."""
+def fusion_of(experts: nn.Module, block: str, path: str, top_k: int) -> FusedLayout | str:
+    """How ``experts`` (the module at ``path``) maps onto ``com.microsoft.MoE``, or why it does not (one line)."""
     if getattr(experts, "has_post_expert_norm", False):
         return "a norm after each expert's down projection (the operator has none)"
     up, _ = layout.up_projection(experts)
@@ -118,7 +120,7 @@ def fusion_of(experts: nn.Module, block: str, top_k: int) -> FusedLayout | str:
     if match is None:
         return f"its gating ({type(experts).__name__}) is none of the operator's activations (SwiGLU with alpha/beta/limit, silu, gelu, relu)"
     activation, interleaved, alpha, beta, limit = match
-    return FusedLayout(block, top_k, activation, interleaved, bool(experts.is_transposed), alpha, beta, limit)
+    return FusedLayout(block, path, top_k, activation, interleaved, bool(experts.is_transposed), alpha, beta, limit)
 
 
 def plan_fusion(model: nn.Module, spec: MoEModelSpec) -> dict[str, FusedLayout | str]:
@@ -129,7 +131,7 @@ def plan_fusion(model: nn.Module, spec: MoEModelSpec) -> dict[str, FusedLayout |
         if not hasattr(experts, "has_gate"):
             plan[block.path] = f"{type(experts).__name__} is not a transformers fused experts module"
             continue
-        plan[block.path] = fusion_of(experts, block.path, block.router.top_k)
+        plan[block.path] = fusion_of(experts, block.path, block.experts.path, block.router.top_k)
     return plan
 
 
@@ -212,8 +214,8 @@ def _placeholder_schema():
 
 
 @contextlib.contextmanager
-def fused_export(model: nn.Module, plan: dict[str, FusedLayout | str], spec: MoEModelSpec) -> Iterator[None]:
-    """Trace ``model`` with the fused blocks of ``plan`` calling the op, and the exporter translating it."""
+def fused_export(model: nn.Module, fused: list[FusedLayout]) -> Iterator[None]:
+    """Trace ``model`` with the ``fused`` blocks calling the op, and the exporter translating it."""
     from transformers.exporters import exporter_onnx
     from transformers.integrations.moe import ExpertsInterface
 
@@ -224,10 +226,8 @@ def fused_export(model: nn.Module, plan: dict[str, FusedLayout | str], spec: MoE
         raise MoeFxError(f"transformers {transformers.__version__}'s ONNX exporter takes no translation table, so the fused MoE "
                          "node cannot be emitted: export with --moe-op unfused")
     ExpertsInterface.register(IMPLEMENTATION, fused_experts_forward)
-    paths = {b.path: b.experts.path for b in spec.blocks}
-    for block, fused in plan.items():
-        if isinstance(fused, FusedLayout):
-            _plans[model.get_submodule(paths[block])] = fused
+    for how in fused:
+        _plans[model.get_submodule(how.experts)] = how
     key = torch.ops.moe_fx.onnx_moe.default
     before = model.get_experts_implementation()
     table[key] = _translate
@@ -250,12 +250,10 @@ def _gate_up_interleaved(array: np.ndarray, interleaved: bool) -> np.ndarray:
 
 def lower_fused_experts(graph, weights: str = "float") -> list[str]:
     """Rewrite every placeholder node of ``graph`` into ``com.microsoft.MoE`` (``weights="float"``) or ``QMoE``
-    (``int8``/``int4``), its weights in the operator's layout; return the blocks rewritten. The module's stored
-    tensors, read by nothing else, leave the graph."""
+    (``int8``/``int4``, one of ``WEIGHT_FORMATS``, checked by the export), its weights in the operator's layout;
+    return the blocks rewritten. The module's stored tensors, read by nothing else, leave the graph."""
     import onnx_ir as ir
 
-    if weights not in WEIGHT_FORMATS:
-        raise BadOptionError(f"unknown expert weight format {weights!r}; use one of {', '.join(WEIGHT_FORMATS)}")
     lowered = []
     for node in [n for n in graph.all_nodes() if n.domain == PLACEHOLDER_DOMAIN and n.op_type == PLACEHOLDER_OP]:
         attrs = {name: attr.value for name, attr in node.attributes.items()}
