@@ -52,9 +52,11 @@ from moe_fx.evaluate.nll import model_size
 from moe_fx.evaluate.table import format_table, human_bytes
 from moe_fx.formats.loading import load_model, parse_dtype
 from moe_fx.kernels.implementation import DEFAULT_IMPLEMENTATION, IMPLEMENTATIONS, current, set_implementation
+from moe_fx.kernels.quantized import SCALE_SUFFIX, SCHEMES
 from moe_fx.model.tensors import get_tensor
 from moe_fx.passes import DropExperts, PruneChannels
 from moe_fx.plan.plans import ChannelPlan
+from moe_fx.rewrite.quantize_experts import quantize_experts_
 
 SYNTHETIC = "qwen3-30b-shapes"
 QWEN3_30B_A3B = {
@@ -113,18 +115,26 @@ def build_synthetic(args, dtype: torch.dtype) -> torch.nn.Module:
     return model.eval()
 
 
-def parse_variant(name: str) -> tuple[str, float]:
-    if name == "unpruned":
-        return "unpruned", 0.0
-    m = re.fullmatch(r"(experts|channels)-(\d+(?:\.\d+)?)%", name)
+def parse_variant(name: str) -> tuple[str, float, str | None]:
+    """(``unpruned`` / ``experts`` / ``channels``, ratio, quantization scheme or ``None``) of a variant name:
+    ``unpruned``, ``experts-<N>%``, ``channels-<N>%``, a scheme (``fp8-block``), or a prune ``+`` a scheme."""
+    prune, _, scheme = name.partition("+")
+    if prune in SCHEMES and not scheme:
+        prune, scheme = "unpruned", prune
+    if scheme and scheme not in SCHEMES:
+        raise SystemExit(f"unknown quantization scheme {scheme!r} in variant {name!r}: use one of {', '.join(SCHEMES)}")
+    if prune == "unpruned":
+        return "unpruned", 0.0, scheme or None
+    m = re.fullmatch(r"(experts|channels)-(\d+(?:\.\d+)?)%", prune)
     if not m:
-        raise SystemExit(f"unknown variant {name!r}: use unpruned, experts-<N>% or channels-<N>%")
-    return m.group(1), float(m.group(2)) / 100
+        raise SystemExit(f"unknown variant {name!r}: use unpruned, experts-<N>%, channels-<N>%, a scheme or PRUNE+SCHEME")
+    return m.group(1), float(m.group(2)) / 100, scheme or None
 
 
 def make_variant(base: torch.nn.Module, name: str, seed: int) -> torch.nn.Module:
-    """A deep copy of ``base`` pruned with moe-fx passes along seeded random kept sets."""
-    kind, ratio = parse_variant(name)
+    """A deep copy of ``base`` pruned with moe-fx passes along seeded random kept sets, then quantized in
+    memory if the name says so."""
+    kind, ratio, scheme = parse_variant(name)
     model = copy.deepcopy(base)
     spec = state_of(model).spec
     g = torch.Generator().manual_seed(seed)
@@ -139,6 +149,8 @@ def make_variant(base: torch.nn.Module, name: str, seed: int) -> torch.nn.Module
             keep = max(1, round(width * (1 - ratio)))
             kept[b.path] = [sorted(torch.randperm(width, generator=g)[:keep].tolist()) for _ in range(b.num_experts)]
         PruneChannels(plan=ChannelPlan(kept, multiple=8))(model)
+    if scheme:
+        quantize_experts_(model, scheme, state_of(model).spec)
     return model.eval()
 
 
@@ -148,7 +160,10 @@ def accounting(model: torch.nn.Module) -> dict:
     total = model_size(model)["bytes"]
     per_block = []
     for b in spec.blocks:
-        nbytes = sum(get_tensor(model, n).numel() * get_tensor(model, n).element_size() for n in b.experts.tensors)
+        # the experts' weights, and the scales of quantized ones
+        experts = model.get_submodule(b.experts.path)
+        tensors = [get_tensor(model, n) for n in b.experts.tensors] + [t for n, t in experts.named_buffers() if n.endswith(SCALE_SUFFIX)]
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
         per_block.append({"path": b.path, "experts": b.num_experts, "width": b.experts.intermediate_size, "top_k": b.top_k,
                           "routed_bytes": nbytes, "expert_bytes": nbytes / b.num_experts})
     routed = sum(r["routed_bytes"] for r in per_block)

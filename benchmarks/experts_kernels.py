@@ -11,6 +11,11 @@ bandwidth measured in the same run. Routing: the top-8 of random router logits (
 ``--sweep-tiles`` times the Triton grouped kernel alone, one projection at a time, over a grid of tile shapes
 for each (experts, tokens) pair, next to torch's native grouped GEMM: the data behind
 ``triton_kernels.grouped_tiles``.
+
+``--sweep-quantized`` does the same for quantized experts (``moe_fx.kernels.quantized``: fp8-block,
+int8-channel, int4-group, next to bf16): both Triton kernels (the routed GEMV of decode, the grouped kernel),
+each over its tile grid; ``GB/s`` counts the codes and scales of the distinct experts hit: the data behind
+``gemv_tiles`` / ``grouped_tiles`` for quantized codes.
 """
 
 from __future__ import annotations
@@ -127,6 +132,60 @@ def sweep_tiles(args) -> list[dict]:
     return rows_out
 
 
+QUANT_GEMV_TILES = [(bn, 128, w) for bn in (16, 32, 64, 128) for w in (2, 4, 8)]
+"""Routed GEMV tiles tried (128 inputs a step: one scale group)."""
+QUANT_GROUPED_FEW = [(bm, bn, 128, w, st) for bm in (16, 64) for bn in (32, 64, 128) for w, st in ((4, 3), (8, 3))]
+"""Grouped tiles tried with up to 64 tokens (a few rows per expert); 128 inputs a step (the activation group)."""
+QUANT_GROUPED_MANY = [(bm, bn, 128, w, 3) for bm in (64, 128) for bn in (64, 128) for w in (4, 8)]
+"""Grouped tiles tried with more tokens."""
+
+
+def sweep_quantized(args) -> list[dict]:
+    """Microseconds of one projection's routed GEMV and grouped matmul per scheme and tile shape."""
+    from moe_fx.kernels.grouped_mm import _native_function
+    from moe_fx.kernels.quantized import SCHEMES, quantize
+    from moe_fx.kernels.triton_kernels import triton_grouped_mm, triton_routed_gemv
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    out = []
+    num_experts = 128
+    for proj, (n, k) in {"up": (1536, 2048), "down": (2048, 768)}.items():
+        dense = torch.randn(num_experts, n, k, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
+        weights = {"bf16": (dense.transpose(-2, -1), None, dense.numel() * 2)}
+        for scheme, spec in SCHEMES.items():
+            codes, scale = quantize(dense, scheme)
+            weights[scheme] = (codes.transpose(-2, -1), (scale, spec.group_size(k), spec.kernel),
+                               codes.numel() * codes.element_size() + scale.numel() * 4)
+        for tokens in args.tokens:
+            ids = torch.randn(tokens, num_experts, device="cuda", generator=g).topk(8, dim=-1).indices.reshape(-1)
+            distinct = int(ids.unique().numel())
+            sorted_ids = ids.sort().values
+            offsets = torch.searchsorted(sorted_ids, torch.arange(num_experts, device="cuda"), right=True).to(torch.int32)
+            x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16, generator=g)
+            rows = torch.randn(tokens * 8, k, device="cuda", dtype=torch.bfloat16, generator=g)
+            for name, (w, quant, nbytes) in weights.items():
+                read = nbytes * distinct / num_experts
+                grid = QUANT_GROUPED_FEW if tokens <= 64 else QUANT_GROUPED_MANY
+                kinds = {"grouped": [(t, lambda t=t: triton_grouped_mm(rows, w, offsets, t, quant)) for t in grid]}
+                if quant is None:
+                    kinds["native"] = [("cutlass", lambda: _native_function()(rows, w, offs=offsets))]
+                if tokens <= 64:
+                    kinds["gemv"] = [(t, lambda t=t: triton_routed_gemv(x, w, ids, 8, quant, t)) for t in QUANT_GEMV_TILES
+                                     if quant is None or t[1] <= 128]
+                for kind, cands in kinds.items():
+                    timed = []
+                    for tiles, fn in cands:
+                        try:
+                            timed.append((time_call(fn, calls=10, replays=5), tiles))
+                        except Exception as exc:  # a tile shape the kernel cannot compile (shared memory)
+                            out.append({"proj": proj, "tokens": tokens, "weights": name, "kernel": kind, "tiles": tiles, "error": str(exc)[:120]})
+                    us, tiles = min(timed)
+                    out.append({"proj": proj, "tokens": tokens, "weights": name, "kernel": kind, "best_tiles": tiles, "us": us,
+                                "GB_s": read / us / 1e3, "bytes": read, "all": [[t, u] for u, t in sorted(timed)[:5]]})
+                    print(f"{proj:<5} T={tokens:<5} {name:<13} {kind:<8} best {str(tiles):<24} {us:8.1f} us {read / us / 1e3:6.0f} GB/s", flush=True)
+    return out
+
+
 @torch.no_grad()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -135,9 +194,10 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/experts_kernels.json")
     ap.add_argument("--sweep-tiles", action="store_true", help="time the Triton grouped kernel's tile shapes instead")
     ap.add_argument("--sweep-experts", type=int, nargs="+", default=[128, 64], help="expert counts of --sweep-tiles")
+    ap.add_argument("--sweep-quantized", action="store_true", help="time the quantized kernels' tile shapes instead")
     args = ap.parse_args()
-    if args.sweep_tiles:
-        rows = sweep_tiles(args)
+    if args.sweep_tiles or args.sweep_quantized:
+        rows = sweep_quantized(args) if args.sweep_quantized else sweep_tiles(args)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, indent=1) + "\n")
         return

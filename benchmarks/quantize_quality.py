@@ -1,12 +1,20 @@
-"""Prune, then quantize: held-out NLL and bytes on disk of block-wise FP8 experts (``moe_fx.formats.fp8_block``),
-after pruning, and of quantizing alone, on the same valid windows.
+"""Prune, then quantize: held-out NLL, generation agreement and bytes of quantized experts, after pruning and
+alone, on the same valid windows.
 
     python benchmarks/quantize_quality.py --model ../shared/models/qwen3moe-bench \\
-        --calib ../shared/data/corpus/train.jsonl.gz --valid ../shared/data/corpus/valid.jsonl.gz --ratios 0.5
+        --calib ../shared/data/corpus/train.jsonl.gz --valid ../shared/data/corpus/valid.jsonl.gz --ratios 0.25 0.5
 
-Each checkpoint is saved in bfloat16 (the size a user downloads), quantized with ``quantize_checkpoint`` and
-loaded back through stock ``from_pretrained`` (which dequantizes FP8 where it has no FP8 kernel, as on a CPU),
-then evaluated in float32 like the unquantized ones. Prints a table and writes JSON.
+Each variant (unpruned, REAP at each ratio) is saved in bfloat16 (the size a user downloads) and loaded back:
+
+- ``fp8-block``: the checkpoint written by ``quantize_checkpoint`` (bytes on disk), loaded by stock
+  ``from_pretrained`` (dequantized to bfloat16 where transformers has no FP8 kernel, as on a CPU);
+- ``int8-channel`` / ``int4-group``: the bfloat16 model with its experts quantized in memory
+  (``quantize_experts_``; no checkpoint format yet): bytes in memory, and on disk as the bf16 checkpoint's
+  non-expert tensors plus the codes and scales.
+
+Generation agreement (greedy continuations of valid prompts, ``moe_fx.evaluate.generation``) is measured
+against the unpruned bf16 model and against the same variant unquantized ("quantize alone"). Prints a table
+and writes JSON.
 """
 
 from __future__ import annotations
@@ -20,19 +28,26 @@ import torch
 from common import data_parser, quality_run
 
 from moe_fx import compose
-from moe_fx.evaluate.nll import disk_size, evaluate_nll
+from moe_fx.evaluate.generation import agreement, generation_prompts, reference
+from moe_fx.evaluate.nll import disk_size, evaluate_nll, model_size
 from moe_fx.evaluate.table import format_table, human_bytes
 from moe_fx.formats import save_checkpoint
 from moe_fx.formats.fp8_block import quantize_checkpoint
 from moe_fx.formats.loading import load_model
 from moe_fx.passes import Calibrate, DropExperts, Score
+from moe_fx.rewrite.quantize_experts import quantize_experts_
+
+IN_MEMORY = ("int8-channel", "int4-group")
 
 
 def main() -> None:
     ap = data_parser(__doc__.splitlines()[0])
+    ap.add_argument("--prompts", type=int, default=32, help="valid prompts of the generation agreement")
+    ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--out", default="benchmarks/results/quantize_quality.json")
     args = ap.parse_args()
     run = quality_run(args)
+    prompts = generation_prompts(run.eval_set, prompts=args.prompts, prompt_len=64)
 
     def nll(model) -> float:
         return evaluate_nll(model, run.eval_set, batch_size=args.batch_size, show_progress=False)["mean"]["nll"]
@@ -42,29 +57,50 @@ def main() -> None:
         passes = [Calibrate(run.tokens, batch_size=args.batch_size, show_progress=False), Score("reap"), DropExperts(ratio=ratio)]
         variants[f"reap-{ratio:.0%}"] = compose(*passes)(copy.deepcopy(run.base))
     rows, results = [], {}
-    base_nll = None
+    base_nll = base_ref = source_bytes = None
     with tempfile.TemporaryDirectory() as tmp:
-        source_bytes = None
         for name, model in variants.items():
             plain = save_checkpoint(copy.deepcopy(model).to(torch.bfloat16), Path(tmp) / name, report=False)
             fp8 = Path(tmp) / f"{name}-fp8"
             entry = quantize_checkpoint(plain, fp8)
-            # both checkpoints as users load them, in bfloat16 (transformers dequantizes FP8 to bfloat16 where it has
-            # no FP8 kernels), so that "fp8 adds" is the quantization alone
             bf16 = load_model(plain, dtype="bfloat16", device=args.device)
-            quantized = load_model(fp8, dtype="bfloat16", device=args.device)
-            result = {"nll": nll(bf16), "nll_fp8": nll(quantized), "nll_float32": nll(model), "bytes_bf16": disk_size(plain),
-                      "bytes_fp8": disk_size(fp8), "quantization": entry}
+            own_ref = reference(bf16, prompts, args.new_tokens, batch_size=args.batch_size)
+            base_ref = base_ref or own_ref
+            bf16_bytes = model_size(bf16)["bytes"]
+            result = {"nll": nll(bf16), "nll_float32": nll(model), "bytes_bf16": disk_size(plain), "memory_bytes_bf16": bf16_bytes,
+                      "vs_unpruned": agreement(bf16, base_ref, batch_size=args.batch_size), "schemes": {}}
             source_bytes = source_bytes or result["bytes_bf16"]
             base_nll = result["nll"] if base_nll is None else base_nll
+            rows.append(_row(name, result["nll"], base_nll, None, result["bytes_bf16"], source_bytes, result["vs_unpruned"], None))
+            quantized = {"fp8-block": load_model(fp8, dtype="bfloat16", device=args.device, quantize=None)}
+            for scheme in IN_MEMORY:
+                quantized[scheme] = copy.deepcopy(bf16)
+                quantize_experts_(quantized[scheme], scheme)
+            for scheme, qmodel in quantized.items():
+                memory = model_size(qmodel)["bytes"]
+                disk = disk_size(fp8) if scheme == "fp8-block" else result["bytes_bf16"] - (bf16_bytes - memory)
+                q = {"nll": nll(qmodel), "bytes": disk, "bytes_measured_on_disk": scheme == "fp8-block", "memory_bytes": memory,
+                     "vs_unpruned": agreement(qmodel, base_ref, batch_size=args.batch_size),
+                     "vs_unquantized": agreement(qmodel, own_ref, batch_size=args.batch_size)}
+                q["added_nll"] = q["nll"] - result["nll"]
+                if scheme == "fp8-block":
+                    q["quantization"] = entry
+                result["schemes"][scheme] = q
+                rows.append(_row(f"{name} + {scheme}", q["nll"], base_nll, result["nll"], disk, source_bytes, q["vs_unpruned"], q["vs_unquantized"]))
             results[name] = result
-            for label, value, size in ((name, result["nll"], result["bytes_bf16"]), (f"{name} + fp8-block", result["nll_fp8"], result["bytes_fp8"])):
-                rows.append([label, f"{value:.4f}", f"{value - base_nll:+.4f}", human_bytes(size), f"{size / source_bytes:.3f}"])
-            result["fp8_added_nll"] = result["nll_fp8"] - result["nll"]
-    print(format_table(["checkpoint", "mean NLL", "vs unpruned", "on disk", "x bf16 source"], rows,
-                       title=f"{args.model}: REAP then fp8-block experts, bfloat16 (valid, {args.eval_seqs} windows/domain x {args.seq_len})"))
+    print(format_table(["model", "mean NLL", "vs unpruned", "added by quantizing", "on disk", "x bf16 source", "greedy tokens = unpruned",
+                        "= unquantized"], rows,
+                       title=f"{args.model}: REAP then quantized experts, bfloat16 (valid, {args.eval_seqs} windows/domain x {args.seq_len}; "
+                             f"{args.prompts} prompts x {args.new_tokens} greedy tokens)"))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"model": args.model, "calib_tokens": args.calib_tokens, "results": results}, indent=2) + "\n")
+
+
+def _row(label: str, value: float, base: float, unquantized: float | None, size: int, source: int, vs_base: dict, vs_own: dict | None) -> list[str]:
+    """A table row; ``unquantized`` (the same variant's NLL before quantizing) and ``vs_own`` are ``None`` for
+    an unquantized variant."""
+    return [label, f"{value:.4f}", f"{value - base:+.4f}", "" if unquantized is None else f"{value - unquantized:+.4f}", human_bytes(size),
+            f"{size / source:.3f}", f"{vs_base['token_match']:.3f}", "" if vs_own is None else f"{vs_own['token_match']:.3f}"]
 
 
 if __name__ == "__main__":

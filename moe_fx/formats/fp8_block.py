@@ -29,11 +29,10 @@ import torch
 from torch import nn
 
 from moe_fx.errors import BadOptionError
+from moe_fx.kernels import quantized
 
 SCHEMES = ("fp8-block",)
-BLOCK = 128
-FP8_MAX = 448.0
-"""The largest finite ``float8_e4m3fn`` value."""
+BLOCK = quantized.FP8_BLOCK
 
 SCALE_SUFFIX = "_scale_inv"
 _EXPERT_WEIGHT = re.compile(r"(?:^|\.)experts\.\d+\.[A-Za-z0-9_]+\.weight$")
@@ -47,21 +46,15 @@ def quantization_config(not_converted: list[str]) -> dict:
 
 
 def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``weight [out, in]`` as ``float8_e4m3fn`` codes and float32 ``scale_inv [ceil(out/128), ceil(in/128)]``."""
-    rows, cols = weight.shape
-    padded = torch.nn.functional.pad(weight.float(), (0, -cols % BLOCK, 0, -rows % BLOCK))
-    blocks = padded.unflatten(1, (-1, BLOCK)).unflatten(0, (-1, BLOCK))  # [rb, 128, cb, 128]
-    scale = blocks.abs().amax(dim=(1, 3)) / FP8_MAX
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    codes = (blocks / safe[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return codes.flatten(2, 3).flatten(0, 1)[:rows, :cols].contiguous(), scale
+    """``weight [out, in]`` as ``float8_e4m3fn`` codes and float32 ``scale_inv [ceil(out/128), ceil(in/128)]``
+    (the in-memory scheme's math, :mod:`moe_fx.kernels.quantized`, whose per-row scales repeat each block's)."""
+    codes, per_row = quantized.quantize(weight, "fp8-block")
+    return codes, per_row[::BLOCK].contiguous()
 
 
 def dequantize(codes: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The weight the codes and scales stand for (what transformers computes with)."""
-    rows, cols = codes.shape
-    scale = scale_inv.repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)[:rows, :cols]
-    return (codes.float() * scale).to(dtype)
+    return quantized.dequantize(codes, scale_inv.repeat_interleave(BLOCK, 0)[: codes.shape[0]], "fp8-block", dtype)
 
 
 def plan_tensors(meta: nn.Module, keys: list[str]) -> tuple[set[str], list[str]]:

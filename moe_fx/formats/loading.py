@@ -66,19 +66,53 @@ def model_class(path: Path):
     return per_layer_class(getattr(transformers, name))
 
 
-def load_model(path: str | Path, *, dtype: str = "auto", device: str = "cpu", experts_implementation: str | None = DEFAULT_IMPLEMENTATION):
+def load_model(path: str | Path, *, dtype: str = "auto", device: str = "cpu", experts_implementation: str | None = DEFAULT_IMPLEMENTATION,
+               quantize: str | None = "auto"):
     """``from_pretrained`` with checks first and clear errors after; per-layer-count checkpoints load too.
 
     The routed experts run with ``experts_implementation`` (moe-fx's own by default: see
-    :mod:`moe_fx.kernels`; ``None`` keeps transformers' default) where the model can switch."""
+    :mod:`moe_fx.kernels`; ``None`` keeps transformers' default) where the model can switch.
+
+    ``quantize``: a scheme of :mod:`moe_fx.kernels.quantized` stores the routed experts quantized in memory
+    (:func:`~moe_fx.rewrite.quantize_experts.quantize_experts_`); ``None`` keeps them dense; ``auto`` keeps a
+    block-wise FP8 checkpoint's experts in FP8 on CUDA, where the moe_fx kernels read FP8 (elsewhere dense).
+    A block-wise FP8 checkpoint is always read through transformers' dequantizing path, which needs no FP8
+    kernels (and holds the dense weights in memory while loading); its experts are then quantized again. From
+    a checkpoint quantized from bfloat16 weights (``moe-fx quantize``'s, the hub's) in bfloat16, that gives
+    back the stored codes and scales exactly: each block's largest weight is a bfloat16 value, so its scale
+    is recomputed bit for bit, and every other dequantized value rounds back to its code."""
+    from moe_fx.rewrite.quantize_experts import check_scheme, quantize_experts_
+
     p = check_model_dir(path)
+    fp8 = _block_fp8(p)
+    if quantize not in (None, "auto"):
+        check_scheme(quantize)
+    scheme = ("fp8-block" if fp8 and torch.device(device).type == "cuda" else None) if quantize == "auto" else quantize
+    kwargs = {"quantization_config": _dequantizing(fp8)} if fp8 else {}
     try:
-        model = model_class(p).from_pretrained(p, dtype=parse_dtype(dtype), device_map=None)
+        model = model_class(p).from_pretrained(p, dtype=parse_dtype(dtype), device_map=None, **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError, ImportError) as exc:  # ImportError: a quantizer's package is missing
         raise NotAModelError(f"{p}: could not load the checkpoint ({type(exc).__name__}: {first_line(exc)})") from None
     if experts_implementation is not None and current(model) is not None:
         set_implementation(model, experts_implementation)
+    if scheme is not None:
+        quantize_experts_(model, scheme)
     return model.to(device).eval()
+
+
+def _block_fp8(path: Path) -> dict | None:
+    """The ``quantization_config`` of a block-wise FP8 checkpoint (``moe-fx quantize --scheme fp8-block``'s
+    format, the hub's FP8 models), else ``None``."""
+    config = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    return config if config.get("quant_method") == "fp8" and config.get("weight_block_size") else None
+
+
+def _dequantizing(config: dict):
+    """transformers' FP8 config of the checkpoint with ``dequantize=True``: loads anywhere, no FP8 kernel needed."""
+    from transformers import FineGrainedFP8Config
+
+    keys = ("activation_scheme", "weight_block_size", "modules_to_not_convert")
+    return FineGrainedFP8Config(dequantize=True, **{k: config[k] for k in keys if k in config})
 
 
 def load_tokenizer(path: str | Path):

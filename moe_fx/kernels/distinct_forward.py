@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from moe_fx.kernels import experts_module as layout
+from moe_fx.kernels.quantized import QuantizedWeight
 
 
 def distinct_experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -28,8 +29,9 @@ def distinct_experts_forward(experts: nn.Module, hidden_states: torch.Tensor, to
     picked = top_k_index.unsqueeze(-1) == used.view(1, 1, -1)  # [T, k, U]
     combine = (picked.to(top_k_weights.dtype) * top_k_weights.unsqueeze(-1)).sum(1)  # [T, U]
 
-    def gathered(x: torch.Tensor, weight: torch.Tensor, first: bool) -> torch.Tensor:
-        return _linear(x.to(weight.dtype), weight.index_select(0, used), experts.is_transposed, per_expert_input=not first)
+    def gathered(x: torch.Tensor, weight: layout.Weight, first: bool) -> torch.Tensor:
+        dense = weight.gather(used, x.dtype) if isinstance(weight, QuantizedWeight) else weight.index_select(0, used)
+        return _linear(x.to(dense.dtype), dense, experts.is_transposed, per_expert_input=not first)
 
     out = layout.expert_mlp(experts, hidden_states, used, gathered)  # [T, U, H]
     # summed in the routing weights' dtype (fp32 for bf16 experts), as transformers' kernels do

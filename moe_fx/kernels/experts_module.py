@@ -13,18 +13,37 @@ import torch
 from torch import nn
 
 from moe_fx.errors import BadOptionError
+from moe_fx.kernels.quantized import SCALE_SUFFIX, SCHEME_ATTR, QuantizedWeight
+
+Weight = torch.Tensor | QuantizedWeight
+"""A projection's fused weight as the paths read it: dense, or codes and scales (:mod:`.quantized`)."""
 
 
-def up_projection(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+def up_projection(experts: nn.Module) -> tuple[Weight, torch.Tensor | None]:
     """The first projection's fused weight and bias (``None`` without biases)."""
-    if experts.has_gate:
-        return experts.gate_up_proj, experts.gate_up_proj_bias if experts.has_bias else None
-    return experts.up_proj, experts.up_proj_bias if experts.has_bias else None
+    name = up_projection_name(experts)
+    return _weight(experts, name), getattr(experts, name + "_bias") if experts.has_bias else None
 
 
-def down_projection(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+def down_projection(experts: nn.Module) -> tuple[Weight, torch.Tensor | None]:
     """The down projection's fused weight and bias (``None`` without biases)."""
-    return experts.down_proj, experts.down_proj_bias if experts.has_bias else None
+    return _weight(experts, "down_proj"), experts.down_proj_bias if experts.has_bias else None
+
+
+def up_projection_name(experts: nn.Module) -> str:
+    return "gate_up_proj" if experts.has_gate else "up_proj"
+
+
+def _weight(experts: nn.Module, name: str) -> Weight:
+    scheme = getattr(experts, SCHEME_ATTR, None)
+    if scheme is None:
+        return getattr(experts, name)
+    return QuantizedWeight(getattr(experts, name), getattr(experts, name + SCALE_SUFFIX), scheme, experts.is_transposed)
+
+
+def quantization(experts: nn.Module) -> str | None:
+    """The scheme of an experts module's quantized weights (``None``: dense)."""
+    return getattr(experts, SCHEME_ATTR, None)
 
 
 def activate(experts: nn.Module, proj: torch.Tensor) -> torch.Tensor:

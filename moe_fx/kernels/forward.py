@@ -13,26 +13,30 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moe_fx.kernels import distinct_forward, grouped_mm, routed_gemv
+from moe_fx.kernels import distinct_forward, grouped_mm, quantized_ops, routed_gemv
 from moe_fx.kernels import experts_module as layout
+from moe_fx.kernels.quantized import QuantizedWeight
 
 
 def moe_fx_experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
     """``experts(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]`` (the experts call)."""
     layout.check_supported(experts)
     up, _ = layout.up_projection(experts)
-    if _exporting() or not grouped_mm.supported(up.device, up.dtype):
+    quantized = isinstance(up, QuantizedWeight)
+    if _exporting() or not (quantized_ops.runs(up) if quantized else grouped_mm.supported(up.device, up.dtype)):
         return distinct_forward.distinct_experts_forward(experts, hidden_states, top_k_index, top_k_weights)
     top_k = top_k_index.shape[-1]
     num_experts = up.shape[0]
     expert_ids = top_k_index.reshape(-1)
-    if routed_gemv.applies(expert_ids.shape[0], num_experts, up.device):
+    if routed_gemv.applies(expert_ids.shape[0], num_experts, up.device, quantized):
         return _decode(experts, hidden_states, expert_ids, top_k_weights)
     sorted_ids, perm = torch.sort(expert_ids)
     # rows up to and including each expert: a fixed-length search (bincount would sync to size its output)
     offsets = torch.searchsorted(sorted_ids, torch.arange(num_experts, device=sorted_ids.device), right=True).to(torch.int32)
 
-    def grouped(x: torch.Tensor, weight: torch.Tensor, first: bool) -> torch.Tensor:
+    def grouped(x: torch.Tensor, weight: layout.Weight, first: bool) -> torch.Tensor:
+        if isinstance(weight, QuantizedWeight):
+            return quantized_ops.grouped(x, weight, offsets)
         return grouped_mm.grouped_matmul(x, weight, offsets, experts.is_transposed)
 
     out = layout.expert_mlp(experts, hidden_states[perm // top_k], sorted_ids, grouped)
@@ -45,7 +49,9 @@ def _decode(experts: nn.Module, hidden_states: torch.Tensor, expert_ids: torch.T
     projection reads each token's hidden state in place (``top_k`` pairs per row)."""
     top_k = top_k_weights.shape[-1]
 
-    def routed(x: torch.Tensor, weight: torch.Tensor, first: bool) -> torch.Tensor:
+    def routed(x: torch.Tensor, weight: layout.Weight, first: bool) -> torch.Tensor:
+        if isinstance(weight, QuantizedWeight):
+            return quantized_ops.routed(x, weight, expert_ids, top_k if first else 1)
         return torch.ops.moe_fx.routed_gemv(x, weight, expert_ids, top_k if first else 1, experts.is_transposed)
 
     return _combine(layout.expert_mlp(experts, hidden_states, expert_ids, routed), top_k_weights, hidden_states.dtype)

@@ -1,0 +1,96 @@
+"""QuantizeExperts: store every block's routed experts as FP8 or integer codes in memory, for the moe_fx kernels.
+
+``quantize_experts_(model, "fp8-block")`` (in place, as torchao's ``quantize_``) replaces each fused projection
+with its codes and registers its scales (:mod:`moe_fx.kernels.quantized`), then switches the model to the
+``moe_fx`` experts implementation: on CUDA its Triton kernels read the codes (a decode step reads half the
+expert bytes in FP8, a quarter in int4); elsewhere, and with gradients, it dequantizes only the experts a call
+runs. Routers, shared experts, attention, norms, embeddings and the head keep their dtype. Composes after any
+prune (per-layer expert counts and widths included): each block is quantized as it is.
+
+This is the runtime form; it is not saved as is (``moe-fx quantize`` writes the hub's FP8 checkpoint format,
+and :func:`moe_fx.load` with ``quantize=`` rebuilds this form from it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moe_fx.errors import BadOptionError
+from moe_fx.kernels import experts_module as layout
+from moe_fx.kernels.implementation import DEFAULT_IMPLEMENTATION, set_implementation
+from moe_fx.kernels.quantized import SCALE_SUFFIX, SCHEME_ATTR, SCHEMES, quantize
+from moe_fx.model.spec import MoEModelSpec
+from moe_fx.pipeline import MoEState, Pass, PassResult
+
+
+def check_scheme(scheme: str) -> None:
+    if scheme not in SCHEMES:
+        raise BadOptionError(f"unknown quantization scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
+
+
+def check_quantizable(model: nn.Module, spec: MoEModelSpec) -> None:
+    """Refuse experts the moe_fx kernels cannot run quantized: modules without transformers' fused-experts flags
+    (Llama 4's dense-prescaled experts, per-expert linear layers) and experts quantized already."""
+    for block in spec.blocks:
+        experts = model.get_submodule(block.experts.path)
+        if not hasattr(experts, "has_gate") or block.experts.call_style != "routed":
+            raise BadOptionError(f"{block.experts.path}: {type(experts).__name__} is not a transformers fused-experts module "
+                                 "that the moe_fx kernels run; its experts cannot be quantized in memory")
+        if layout.quantization(experts) is not None:
+            raise BadOptionError(f"{block.experts.path}: experts are already quantized ({layout.quantization(experts)})")
+
+
+def quantize_experts_(model: nn.Module, scheme: str, spec: MoEModelSpec | None = None) -> dict:
+    """Quantize every block's routed experts of ``model`` in place with ``scheme``; returns the bytes of the
+    experts' weights before and after (codes and scales) and the largest relative weight error."""
+    from moe_fx.model.trace import trace
+
+    check_scheme(scheme)
+    spec = spec or trace(model)
+    check_quantizable(model, spec)
+    before = after = 0
+    worst = 0.0
+    for block in spec.blocks:
+        experts = model.get_submodule(block.experts.path)
+        for name in (layout.up_projection_name(experts), "down_proj"):
+            weight = getattr(experts, name).detach()
+            dense = weight.transpose(-2, -1) if experts.is_transposed else weight
+            # concatenated gate and up halves get FP8 blocks of their own, as the hub's per-expert tensors have
+            halves = (dense.shape[-2] // 2,) * 2 if name == "gate_up_proj" and block.experts.is_concatenated else None
+            codes, scale = quantize(dense, scheme, segments=halves)
+            worst = max(worst, _relative_error(dense, codes, scale, scheme))
+            before += weight.numel() * weight.element_size()
+            after += codes.numel() * codes.element_size() + scale.numel() * scale.element_size()
+            delattr(experts, name)
+            experts.register_parameter(name, nn.Parameter(codes, requires_grad=False))
+            experts.register_buffer(name + SCALE_SUFFIX, scale)
+        setattr(experts, SCHEME_ATTR, scheme)
+    set_implementation(model, DEFAULT_IMPLEMENTATION)
+    return {"scheme": scheme, "blocks": len(spec.blocks), "experts_bytes_before": before, "experts_bytes": after,
+            "max_relative_error": worst}
+
+
+def _relative_error(dense: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, scheme: str) -> float:
+    from moe_fx.kernels.quantized import dequantize
+
+    ref = dense.float()
+    return float((dequantize(codes, scale, scheme) - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+@dataclass
+class QuantizeExperts(Pass):
+    """Store the routed experts as ``scheme`` codes (``fp8-block``, ``int8-channel``, ``int4-group``) for the
+    moe_fx kernels; the last pass of a recipe (later rewrites need dense weights)."""
+
+    scheme: str = "fp8-block"
+    name = "quantize_experts"
+
+    def check_model(self, model: nn.Module, spec: MoEModelSpec) -> None:
+        check_scheme(self.scheme)
+        check_quantizable(model, spec)
+
+    def run(self, model: nn.Module, state: MoEState) -> PassResult:
+        return PassResult(model, True, quantize_experts_(model, self.scheme, state.spec))

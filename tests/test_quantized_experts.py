@@ -1,0 +1,191 @@
+"""Routed experts quantized in memory (fp8-block, int8-channel, int4-group) and run by the moe_fx experts
+implementation: the codes' format, every family against the dequantized reference (per-layer counts and widths
+included), compile, composition after a prune, loading an FP8 checkpoint into FP8 experts, refusals, and on
+CUDA the Triton kernels against the dequantized weights."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_channels import _random_plan
+from test_families import kept_ids, tiny_model
+from test_fp8_block import _state
+
+from moe_fx import PrunePlan, compose
+from moe_fx.errors import BadOptionError
+from moe_fx.formats import save_checkpoint
+from moe_fx.formats.fp8_block import SCALE_SUFFIX as STORED_SCALE
+from moe_fx.formats.fp8_block import quantize_checkpoint
+from moe_fx.formats.loading import load_model
+from moe_fx.kernels import experts_module as layout
+from moe_fx.kernels.implementation import set_implementation
+from moe_fx.kernels.quantized import FP8_MAX, SCHEMES, QuantizedWeight, dequantize, quantize
+from moe_fx.model.trace import trace
+from moe_fx.passes import DropExperts, PruneChannels
+from moe_fx.rewrite.quantize_experts import QuantizeExperts, quantize_experts_
+
+FAMILIES = ["qwen3_moe", "mixtral", "deepseek_v3", "qwen2_moe", "olmoe", "gpt_oss"]
+"""Softmax / sigmoid group-limited routing, shared experts, and GPT-OSS's transposed, interleaved experts with biases."""
+
+
+def _ids(model, shape=(2, 12)) -> torch.Tensor:
+    return torch.randint(3, model.config.vocab_size - 3, shape, generator=torch.Generator().manual_seed(0))
+
+
+def _dequantized_copy(model: torch.nn.Module, quantized: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with each experts weight replaced by what ``quantized``'s codes and scales stand for."""
+    ref = copy.deepcopy(model)
+    for block in trace(ref).blocks:
+        q = quantized.get_submodule(block.experts.path)
+        dense = ref.get_submodule(block.experts.path)
+        for name, (weight, _) in ((layout.up_projection_name(q), layout.up_projection(q)), ("down_proj", layout.down_projection(q))):
+            getattr(dense, name).data.copy_(weight.gather(torch.arange(weight.shape[0]), getattr(dense, name).dtype))
+    return ref
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_codes_round_trip(scheme: str) -> None:
+    """Every weight within half a step of its code (integers), or within FP8's 3-bit mantissa; int4 codes
+    hold two inputs a byte, even input in the low nibble."""
+    w = torch.randn(3, 40, 260) * torch.logspace(-3, 0, 260)  # columns of very different magnitudes
+    codes, scale = quantize(w, scheme)
+    spec = SCHEMES[scheme]
+    group = spec.group_size(260)
+    assert scale.shape == (3, 40, -(-260 // group)) and scale.dtype == torch.float32
+    back = dequantize(codes, scale, scheme)
+    step = scale.repeat_interleave(group, -1)[..., :260]
+    if spec.fp8:
+        assert codes.dtype == torch.float8_e4m3fn and codes.float().abs().max() <= FP8_MAX
+        assert torch.all((back - w).abs() <= torch.maximum(w.abs() / 16, step * 2**-6) + 1e-12)
+    else:
+        assert torch.all((back - w).abs() <= step / 2 + 1e-7)
+    if spec.kernel == 2:
+        assert codes.shape == (3, 40, 130) and codes.dtype == torch.uint8
+        # max |w| = 8, scale 8/7: -8 -> -7 and 7 -> 6, stored +8 as 1 (low nibble) and 14 (high)
+        pair = quantize(torch.tensor([[-8.0, 7.0] + [0.0] * 126]), scheme)[0][0, 0].item()
+        assert pair == 1 | 14 << 4
+
+
+def test_fp8_block_halves_match_the_checkpoint_format() -> None:
+    """A fused gate/up projection gets the blocks a per-expert checkpoint stores for each half (the width is
+    not a multiple of 128, so blocks spanning both halves would differ)."""
+    from moe_fx.formats.fp8_block import quantize as checkpoint_quantize
+
+    gate, up = torch.randn(200, 300), torch.randn(200, 300) * 5
+    codes, scale = quantize(torch.cat([gate, up]), "fp8-block", segments=(200, 200))
+    for half, rows in ((gate, slice(0, 200)), (up, slice(200, 400))):
+        ref_codes, ref_scale = checkpoint_quantize(half)
+        assert torch.equal(codes[rows].view(torch.uint8), ref_codes.view(torch.uint8))
+        assert torch.equal(scale[rows], ref_scale.repeat_interleave(128, 0)[:200])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_matches_dequantized_reference(family: str) -> None:
+    """Per-layer expert counts (first block pruned) and zero-padded per-expert widths, then each scheme: the
+    quantized model's logits equal the dense model's with the dequantized weights, prefill and a decode step."""
+    model = tiny_model(family).float().eval()
+    spec = trace(model)
+    DropExperts(plan=PrunePlan({spec.blocks[0].path: kept_ids(spec)}))(model)
+    PruneChannels(plan=_random_plan(trace(model), 0.5, seed=1, vary=True))(model)
+    set_implementation(model, "moe_fx")
+    ids = _ids(model)
+    for scheme in SCHEMES:
+        quantized = copy.deepcopy(model)
+        record = quantize_experts_(quantized, scheme)
+        assert record["experts_bytes"] < record["experts_bytes_before"] / (3.5 if scheme != "int4-group" else 6)
+        experts = quantized.get_submodule(trace(quantized).blocks[0].experts.path)
+        assert isinstance(layout.up_projection(experts)[0], QuantizedWeight) and not experts.down_proj.requires_grad
+        reference = _dequantized_copy(model, quantized)
+        with torch.no_grad():
+            got, want = quantized(ids).logits, reference(ids).logits
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+
+
+def test_compiled_matches_eager_and_source_untouched() -> None:
+    model = tiny_model("qwen3_moe").float().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    quantized = copy.deepcopy(model)
+    quantize_experts_(quantized, "int4-group")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    ids = _ids(model)
+    with torch.no_grad():
+        eager = quantized(ids).logits
+        compiled = torch.compile(quantized, fullgraph=True)(ids).logits
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_pass_composes_after_a_prune() -> None:
+    model = tiny_model("mixtral").float().eval()
+    spec = trace(model)
+    plan = PrunePlan({b.path: list(range(b.num_experts // 2)) for b in spec.blocks})
+    compose(DropExperts(plan=plan), QuantizeExperts("fp8-block"))(model)
+    experts = model.get_submodule(spec.blocks[0].experts.path)
+    assert layout.quantization(experts) == "fp8-block" and experts.gate_up_proj.shape[0] == spec.blocks[0].num_experts // 2
+    with torch.no_grad():
+        assert torch.isfinite(model(_ids(model)).logits).all()
+
+
+def test_refusals() -> None:
+    model = tiny_model("qwen3_moe").float()
+    with pytest.raises(BadOptionError, match="unknown quantization scheme 'int3'"):
+        quantize_experts_(model, "int3")
+    quantize_experts_(model, "int8-channel")
+    with pytest.raises(BadOptionError, match="already quantized"):
+        quantize_experts_(model, "fp8-block")
+    with pytest.raises(ValueError, match="even input size"):
+        quantize(torch.randn(2, 4, 7), "int4-group")
+    with pytest.raises(BadOptionError, match="unknown quantization scheme"):
+        compose(QuantizeExperts("fp4"))(tiny_model("qwen3_moe").float())
+
+
+def test_fp8_checkpoint_loads_into_fp8_experts(tmp_path) -> None:
+    """``load_model(quantize="fp8-block")`` of an fp8-block checkpoint gives back the stored codes and scales
+    bit for bit (bfloat16 source), and its logits are those of transformers' own dequantized load."""
+    model = tiny_model("qwen3_moe").to(torch.bfloat16)
+    src = save_checkpoint(model, tmp_path / "src", report=False)
+    quantize_checkpoint(src, tmp_path / "fp8")
+    stored = _state(tmp_path / "fp8")
+    loaded = load_model(tmp_path / "fp8", quantize="fp8-block")
+    dense = load_model(tmp_path / "fp8", quantize=None)
+    assert load_model(tmp_path / "fp8").get_submodule(trace(dense).blocks[0].experts.path).down_proj.dtype == torch.bfloat16  # auto: dense on CPU
+    block = trace(loaded).blocks[0]
+    experts = loaded.get_submodule(block.experts.path)
+    for e in range(block.num_experts):
+        key = f"{block.experts.path}.{e}.down_proj.weight"
+        assert torch.equal(experts.down_proj[e].view(torch.uint8), stored[key].view(torch.uint8))
+        assert torch.equal(experts.down_proj_scale[e], stored[key + STORED_SCALE].repeat_interleave(128, 0)[: stored[key].shape[0]])
+        gate, up = (stored[f"{block.experts.path}.{e}.{p}_proj.weight"] for p in ("gate", "up"))
+        assert torch.equal(experts.gate_up_proj[e].view(torch.uint8), torch.cat([gate, up]).view(torch.uint8))
+    ids = _ids(loaded)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits.float(), dense(ids).logits.float(), rtol=0, atol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels run on CUDA")
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_cuda_kernels_match_dequantized(scheme: str) -> None:
+    """Qwen3-30B-A3B expert shapes against the dequantized weights, in bfloat16: the decode path (routed GEMV)
+    and the sorted path (grouped kernel)."""
+    from moe_fx.kernels import quantized_ops
+
+    torch.manual_seed(0)
+    experts, hidden, width = 16, 2048, 768
+    for out_f, in_f in ((2 * width, hidden), (hidden, width)):
+        w = torch.randn(experts, out_f, in_f, device="cuda") * 0.02
+        codes, scale = quantize(w, scheme)
+        weight = QuantizedWeight(codes, scale, scheme, False)
+        dense = dequantize(codes, scale, scheme, torch.float32)
+        x = torch.randn(4, in_f, device="cuda", dtype=torch.bfloat16)
+        ids = torch.tensor([1, 5, 9, 15, 0, 3, 5, 7], device="cuda")
+        with torch.no_grad():
+            got = quantized_ops.routed(x, weight, ids, 2).float()
+            want = torch.stack([x[p // 2].float() @ dense[ids[p]].T for p in range(8)])
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+            rows = torch.randn(600, in_f, device="cuda", dtype=torch.bfloat16)
+            owner = torch.sort(torch.randint(0, experts, (600,), device="cuda")).values
+            offsets = torch.searchsorted(owner, torch.arange(experts, device="cuda"), right=True).to(torch.int32)
+            got = quantized_ops.grouped(rows, weight, offsets).float()
+            want = torch.einsum("ri,roi->ro", rows.float(), dense[owner])
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-2 * want.abs().max().item())
