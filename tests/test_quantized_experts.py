@@ -6,6 +6,7 @@ CUDA the Triton kernels against the dequantized weights."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -189,3 +190,20 @@ def test_cuda_kernels_match_dequantized(scheme: str) -> None:
             got = quantized_ops.grouped(rows, weight, offsets).float()
             want = torch.einsum("ri,roi->ro", rows.float(), dense[owner])
             torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-2 * want.abs().max().item())
+
+
+def test_cli_eval_quantizes_all_but_the_reference(micro_path, valid_path, tmp_path, capsys) -> None:
+    """``moe-fx eval A A --quantize int4-group``: the first model is the unquantized reference, the second its
+    int4 experts (what quantizing alone costs); a bad scheme is refused by the parser."""
+    from moe_fx.cli import main
+
+    out = tmp_path / "eval.json"
+    args = ["eval", str(micro_path), str(micro_path), "--quantize", "int4-group", "--data", str(valid_path), "--eval-seqs", "1",
+            "--eval-seq-len", "128", "--quiet", "--json", str(out)]
+    assert main(args) == 0
+    assert "+ int4-group" in capsys.readouterr().out
+    results = json.loads(out.read_text())
+    reference, quantized = results[str(micro_path)], results[f"{micro_path} + int4-group"]
+    assert quantized["nll"]["mean"]["nll"] != reference["nll"]["mean"]["nll"]
+    with pytest.raises(SystemExit):
+        main(["eval", str(micro_path), "--quantize", "int3", "--data", str(valid_path)])

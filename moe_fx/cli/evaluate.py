@@ -18,6 +18,7 @@ from moe_fx.cli.common import (
     zero_shot_results,
 )
 from moe_fx.errors import MoeFxError
+from moe_fx.kernels.quantized import SCHEMES
 
 
 def add_parser(sub) -> None:
@@ -26,6 +27,9 @@ def add_parser(sub) -> None:
     p.add_argument("models", nargs="+", help="checkpoint directories; with several, deltas are shown against the first")
     p.add_argument("--data", help=".jsonl(.gz) with 'text' (and 'domain') fields, or .txt (WikiText-2's valid.txt, say)")
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--quantize", choices=SCHEMES, metavar="SCHEME",
+                   help=f"quantize the routed experts of every model but the first (the reference) in memory: {', '.join(SCHEMES)}; "
+                        "list one checkpoint twice to see what quantizing alone costs")
     add_eval(p)
     add_tasks(p)
     add_generation(p)
@@ -51,8 +55,8 @@ def run(args) -> int:
     eval_set = build_eval_set(args.data, tokenizer, seq_len=args.eval_seq_len, seqs_per_domain=args.eval_seqs, stride=args.eval_stride) if args.data else None
     prompts = generation_prompts(eval_set, prompts=args.generate, prompt_len=args.prompt_len) if args.generate else None
     results, ref = [], None
-    for path in args.models:
-        model = load_model(path, dtype=args.dtype, device=device)
+    for i, path in enumerate(args.models):
+        model = load_model(path, dtype=args.dtype, device=device, **({"quantize": args.quantize} if args.quantize and i else {}))
         entry = {}
         if eval_set:
             entry["nll"] = evaluate_nll(model, eval_set, batch_size=args.batch_size, show_progress=not args.quiet)
@@ -64,7 +68,8 @@ def run(args) -> int:
             entry["generation"] = agreement(model, ref, batch_size=args.batch_size, show_progress=not args.quiet)
         results.append(entry)
         del model
-    names = [Path(m).name for m in args.models]
+    labels = [m + (f" + {args.quantize}" if args.quantize and i else "") for i, m in enumerate(args.models)]
+    names = [Path(m).name for m in labels]
     if eval_set:
         print(format_table(*eval_rows([r["nll"] for r in results], names), title=f"next-token NLL on {args.data} ({eval_set.scored_tokens:,} tokens scored)"))
     if args.tasks:
@@ -74,5 +79,5 @@ def run(args) -> int:
         print(format_table(*generation_rows([r["generation"] for r in results[1:]], names[1:]),
                            title=f"greedy continuations against {names[0]}: {args.generate} prompts of {args.prompt_len} tokens, {args.generate_tokens} new tokens"))
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(zip(args.models, results)), indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(dict(zip(labels, results)), indent=2) + "\n")
     return 0

@@ -1,4 +1,4 @@
-"""The passes a build script composes: Calibrate -> [CacheTeacher] -> Score -> DropExperts (or MergeExperts) / PruneChannels -> CompensateExperts -> Distill."""
+"""The passes a build script composes: Calibrate -> [CacheTeacher] -> Score -> DropExperts (or MergeExperts) / PruneChannels -> CompensateExperts -> Distill -> QuantizeExperts."""
 
 from moe_fx.calibrate import Calibrate
 from moe_fx.plan.eep import EvolutionarySearch
@@ -7,6 +7,7 @@ from moe_fx.rewrite.distill import Distill
 from moe_fx.rewrite.drop_experts import DropExperts, drop_experts
 from moe_fx.rewrite.merge_experts import MergeExperts
 from moe_fx.rewrite.prune_channels import PruneChannels, prune_channels
+from moe_fx.rewrite.quantize_experts import QuantizeExperts, quantize_experts_
 from moe_fx.rewrite.teacher_cache import CacheTeacher
 from moe_fx.score import SCORERS, Scorer, Scores, register_scorer
 from moe_fx.score.score_pass import Score
@@ -21,10 +22,12 @@ __all__ = [
     "EvolutionarySearch",
     "MergeExperts",
     "PruneChannels",
+    "QuantizeExperts",
     "Score",
     "Scorer",
     "Scores",
     "drop_experts",
     "prune_channels",
+    "quantize_experts_",
     "register_scorer",
 ]
