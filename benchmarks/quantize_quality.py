@@ -4,13 +4,10 @@ alone, on the same valid windows.
     python benchmarks/quantize_quality.py --model ../shared/models/qwen3moe-bench \\
         --calib ../shared/data/corpus/train.jsonl.gz --valid ../shared/data/corpus/valid.jsonl.gz --ratios 0.25 0.5
 
-Each variant (unpruned, REAP at each ratio) is saved in bfloat16 (the size a user downloads) and loaded back:
-
-- ``fp8-block``: the checkpoint written by ``quantize_checkpoint`` (bytes on disk), loaded by stock
-  ``from_pretrained`` (dequantized to bfloat16 where transformers has no FP8 kernel, as on a CPU);
-- ``int8-channel`` / ``int4-group``: the bfloat16 model with its experts quantized in memory
-  (``quantize_experts_``; no checkpoint format yet): bytes in memory, and on disk as the bf16 checkpoint's
-  non-expert tensors plus the codes and scales.
+Each variant (unpruned, REAP at each ratio) is saved in bfloat16 (the size a user downloads), then written with
+each scheme by ``quantize_checkpoint`` (``fp8-block``: the hub's FP8 format; ``int8-channel`` / ``int4-group``:
+compressed-tensors' format), and every checkpoint is loaded back through stock ``from_pretrained`` in bfloat16
+(which dequantizes where it has no kernel for the format, as on a CPU). Bytes are measured on disk.
 
 Generation agreement (greedy continuations of valid prompts, ``moe_fx.evaluate.generation``) is measured
 against the unpruned bf16 model and against the same variant unquantized ("quantize alone"). Prints a table
@@ -29,15 +26,12 @@ from common import data_parser, quality_run
 
 from moe_fx import compose
 from moe_fx.evaluate.generation import agreement, generation_prompts, reference
-from moe_fx.evaluate.nll import disk_size, evaluate_nll, model_size
+from moe_fx.evaluate.nll import disk_size, evaluate_nll
 from moe_fx.evaluate.table import format_table, human_bytes
 from moe_fx.formats import save_checkpoint
-from moe_fx.formats.fp8_block import quantize_checkpoint
 from moe_fx.formats.loading import load_model
+from moe_fx.formats.quantized_checkpoint import SCHEMES, quantize_checkpoint
 from moe_fx.passes import Calibrate, DropExperts, Score
-from moe_fx.rewrite.quantize_experts import quantize_experts_
-
-IN_MEMORY = ("int8-channel", "int4-group")
 
 
 def main() -> None:
@@ -61,36 +55,29 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, model in variants.items():
             plain = save_checkpoint(copy.deepcopy(model).to(torch.bfloat16), Path(tmp) / name, report=False)
-            fp8 = Path(tmp) / f"{name}-fp8"
-            entry = quantize_checkpoint(plain, fp8)
             bf16 = load_model(plain, dtype="bfloat16", device=args.device)
             own_ref = reference(bf16, prompts, args.new_tokens, batch_size=args.batch_size)
             base_ref = base_ref or own_ref
-            bf16_bytes = model_size(bf16)["bytes"]
-            result = {"nll": nll(bf16), "nll_float32": nll(model), "bytes_bf16": disk_size(plain), "memory_bytes_bf16": bf16_bytes,
+            result = {"nll": nll(bf16), "nll_float32": nll(model), "bytes_bf16": disk_size(plain),
                       "vs_unpruned": agreement(bf16, base_ref, batch_size=args.batch_size), "schemes": {}}
             source_bytes = source_bytes or result["bytes_bf16"]
             base_nll = result["nll"] if base_nll is None else base_nll
             rows.append(_row(name, result["nll"], base_nll, None, result["bytes_bf16"], source_bytes, result["vs_unpruned"], None))
-            quantized = {"fp8-block": load_model(fp8, dtype="bfloat16", device=args.device, quantize=None)}
-            for scheme in IN_MEMORY:
-                quantized[scheme] = copy.deepcopy(bf16)
-                quantize_experts_(quantized[scheme], scheme)
-            for scheme, qmodel in quantized.items():
-                memory = model_size(qmodel)["bytes"]
-                disk = disk_size(fp8) if scheme == "fp8-block" else result["bytes_bf16"] - (bf16_bytes - memory)
-                q = {"nll": nll(qmodel), "bytes": disk, "bytes_measured_on_disk": scheme == "fp8-block", "memory_bytes": memory,
+            for scheme in SCHEMES:
+                stored = Path(tmp) / f"{name}-{scheme}"
+                entry = quantize_checkpoint(plain, stored, scheme=scheme)
+                qmodel = load_model(stored, dtype="bfloat16", device=args.device, quantize=None)
+                q = {"nll": nll(qmodel), "bytes": disk_size(stored), "quantization": entry,
                      "vs_unpruned": agreement(qmodel, base_ref, batch_size=args.batch_size),
                      "vs_unquantized": agreement(qmodel, own_ref, batch_size=args.batch_size)}
                 q["added_nll"] = q["nll"] - result["nll"]
-                if scheme == "fp8-block":
-                    q["quantization"] = entry
                 result["schemes"][scheme] = q
-                rows.append(_row(f"{name} + {scheme}", q["nll"], base_nll, result["nll"], disk, source_bytes, q["vs_unpruned"], q["vs_unquantized"]))
+                rows.append(_row(f"{name} + {scheme}", q["nll"], base_nll, result["nll"], q["bytes"], source_bytes, q["vs_unpruned"], q["vs_unquantized"]))
+                del qmodel
             results[name] = result
     print(format_table(["model", "mean NLL", "vs unpruned", "added by quantizing", "on disk", "x bf16 source", "greedy tokens = unpruned",
                         "= unquantized"], rows,
-                       title=f"{args.model}: REAP then quantized experts, bfloat16 (valid, {args.eval_seqs} windows/domain x {args.seq_len}; "
+                       title=f"{args.model}: REAP then quantized expert checkpoints, bfloat16 (valid, {args.eval_seqs} windows/domain x {args.seq_len}; "
                              f"{args.prompts} prompts x {args.new_tokens} greedy tokens)"))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"model": args.model, "calib_tokens": args.calib_tokens, "results": results}, indent=2) + "\n")

@@ -16,7 +16,8 @@ from moe_fx import PrunePlan
 from moe_fx.cli import main
 from moe_fx.errors import BadOptionError
 from moe_fx.formats import save_checkpoint
-from moe_fx.formats.fp8_block import BLOCK, SCALE_SUFFIX, dequantize, quantize, quantize_checkpoint
+from moe_fx.formats.fp8_block import BLOCK, SCALE_SUFFIX, dequantize, quantize
+from moe_fx.formats.quantized_checkpoint import quantize_checkpoint
 from moe_fx.kernels.quantized import FP8_MAX
 from moe_fx.model.trace import trace
 from moe_fx.passes import DropExperts

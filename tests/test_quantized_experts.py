@@ -18,8 +18,8 @@ from moe_fx import PrunePlan, compose
 from moe_fx.errors import BadOptionError
 from moe_fx.formats import save_checkpoint
 from moe_fx.formats.fp8_block import SCALE_SUFFIX as STORED_SCALE
-from moe_fx.formats.fp8_block import quantize_checkpoint
 from moe_fx.formats.loading import load_model
+from moe_fx.formats.quantized_checkpoint import quantize_checkpoint
 from moe_fx.kernels import experts_module as layout
 from moe_fx.kernels.implementation import set_implementation
 from moe_fx.kernels.quantized import FP8_MAX, SCHEMES, QuantizedWeight, dequantize, quantize

@@ -26,6 +26,7 @@ from moe_fx.cli.common import (
     zero_shot_results,
 )
 from moe_fx.errors import BadOptionError, MoeFxError
+from moe_fx.formats.quantized_checkpoint import SCHEMES, check_before_pruning
 
 
 def add_parser(sub) -> None:
@@ -80,9 +81,10 @@ def add_parser(sub) -> None:
                    help="record the calibration statistics inside the torch.compile graph (moe_fx.deliver.graph; CUDA graphs on GPU): the "
                         "same statistics as the default hooks, several times faster on a GPU; routing/REAP/channel-activation "
                         "statistics only (not --merge, --compensate, search scorers or gradient scorers)")
-    p.add_argument("--quantize", choices=("fp8-block",),
-                   help="write the pruned routed experts as block-wise FP8 (float8_e4m3fn, one scale per 128 x 128 block: the "
-                        "hub's format, loaded by stock transformers); every other weight keeps its dtype")
+    p.add_argument("--quantize", choices=SCHEMES,
+                   help="write the pruned routed experts quantized: fp8-block (float8_e4m3fn, one scale per 128 x 128 block: the "
+                        "hub's format) or int8-channel / int4-group (compressed-tensors' formats, group 128); every other weight "
+                        "keeps its dtype")
     p.add_argument("--stream", default="auto", choices=("auto", "on", "off"),
                    help="prune one decoder layer at a time, never holding the whole model: on, off, or auto (default: on when "
                         "the checkpoint's weights exceed 80%% of the device's free memory); forward-only methods with uniform allocation")
@@ -242,6 +244,8 @@ def run(args) -> int:
     if args.preset:
         _apply_preset(args, stream)
     channels = args.granularity == "channel"
+    if args.quantize:
+        check_before_pruning(source, args.quantize, width_multiple=args.multiple if channels else None)
     args.method, merge = parse_method(args.method or ("fisher" if channels else "reap"))
     args.merge = args.merge or merge
     search = args.method == "eep"

@@ -19,7 +19,7 @@ from torch import nn
 from moe_fx.environment import versions
 from moe_fx.errors import BadOptionError, MoeFxError, OutputPathError
 from moe_fx.evaluate.report import write_report
-from moe_fx.formats import fp8_block, mxfp4
+from moe_fx.formats import mxfp4, quantized_checkpoint
 from moe_fx.formats.atomic import atomic_directory, replace_atomically
 from moe_fx.model import per_layer as per_layer_model
 from moe_fx.model.adapters import COUNT_ATTRS, get_adapter
@@ -186,7 +186,8 @@ def save_checkpoint(
     write ``report.md`` / ``report.json`` / ``plots/`` describing the run (from the record). A source whose experts
     are MXFP4 (GPT-OSS) gets MXFP4 experts back (:mod:`moe_fx.formats.mxfp4`; the record's ``expert_format`` says
     the bytes and the round-trip error of weights a pass changed). ``quantize="fp8-block"`` writes the experts in
-    the hub's block-wise FP8 format (:mod:`moe_fx.formats.fp8_block`; the record's ``quantization`` says the bytes)."""
+    the hub's block-wise FP8 format, ``int8-channel`` / ``int4-group`` in compressed-tensors' format
+    (:mod:`moe_fx.formats.quantized_checkpoint`; the record's ``quantization`` says the bytes)."""
     state = getattr(model, STATE_ATTR, None)
     if state is not None and state.masked:
         raise BadOptionError("this model's channels were zeroed in place (PruneChannels(mask_only=True), a debug mode); "
@@ -194,7 +195,7 @@ def save_checkpoint(
     out = check_output_path(out, source, overwrite)
     quantization = source_mxfp4(source)
     if quantize is not None:  # before anything is written
-        fp8_block.check_scheme(quantize)
+        quantized_checkpoint.codec(quantize)
         if quantization is not None:
             raise BadOptionError(f"the source's experts are MXFP4, which the pruned copy keeps; --quantize {quantize} does not apply to it")
     with atomic_directory(out) as tmp:
@@ -202,7 +203,7 @@ def save_checkpoint(
         if quantization is not None:
             extra_record = {**(extra_record or {}), "expert_format": mxfp4.repack_directory(tmp, quantization)}
         if quantize is not None:
-            extra_record = {**(extra_record or {}), "quantization": fp8_block.quantize_directory(tmp)}
+            extra_record = {**(extra_record or {}), "quantization": quantized_checkpoint.quantize_directory(tmp, scheme=quantize)}
         record = write_companions(model, tmp, source=source, tokenizer=tokenizer, extra_record=extra_record)
         if report:
             write_report(tmp, record, location=out)

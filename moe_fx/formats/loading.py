@@ -75,7 +75,9 @@ def load_model(path: str | Path, *, dtype: str = "auto", device: str = "cpu", ex
 
     ``quantize``: a scheme of :mod:`moe_fx.kernels.quantized` stores the routed experts quantized in memory
     (:func:`~moe_fx.rewrite.quantize_experts.quantize_experts_`); ``None`` keeps them dense; ``auto`` keeps a
-    block-wise FP8 checkpoint's experts in FP8 on CUDA, where the moe_fx kernels read FP8 (elsewhere dense).
+    quantized checkpoint's experts in their stored scheme on CUDA (:func:`stored_scheme`), where the moe_fx
+    kernels read the codes (elsewhere dense). Integer checkpoints load through transformers' compressed-tensors
+    integration (dequantized) and are quantized again: codes equal, scales within bfloat16 rounding.
     A block-wise FP8 checkpoint is always read through transformers' dequantizing path, which needs no FP8
     kernels (and holds the dense weights in memory while loading); its experts are then quantized again. From
     a checkpoint quantized from bfloat16 weights (``moe-fx quantize``'s, the hub's) in bfloat16, that gives
@@ -87,7 +89,7 @@ def load_model(path: str | Path, *, dtype: str = "auto", device: str = "cpu", ex
     fp8 = _block_fp8(p)
     if quantize not in (None, "auto"):
         check_scheme(quantize)
-    scheme = ("fp8-block" if fp8 and torch.device(device).type == "cuda" else None) if quantize == "auto" else quantize
+    scheme = (stored_scheme(p) if torch.device(device).type == "cuda" else None) if quantize == "auto" else quantize
     kwargs = {"quantization_config": _dequantizing(fp8)} if fp8 else {}
     try:
         model = model_class(p).from_pretrained(p, dtype=parse_dtype(dtype), device_map=None, **kwargs)
@@ -98,6 +100,24 @@ def load_model(path: str | Path, *, dtype: str = "auto", device: str = "cpu", ex
     if scheme is not None:
         quantize_experts_(model, scheme)
     return model.to(device).eval()
+
+
+def stored_scheme(path: Path) -> str | None:
+    """The in-memory scheme that holds a quantized checkpoint's experts as stored: ``fp8-block`` for block-wise
+    FP8, ``int8-channel`` / ``int4-group`` (groups of 128) for compressed-tensors' symmetric integer formats
+    (``moe-fx quantize``'s); ``None`` for anything else."""
+    if _block_fp8(path):
+        return "fp8-block"
+    config = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    groups = list((config.get("config_groups") or {}).values()) if config.get("quant_method") == "compressed-tensors" else []
+    weights = groups[0].get("weights") or {} if len(groups) == 1 else {}
+    if not weights.get("symmetric") or weights.get("type") != "int":
+        return None
+    if weights.get("num_bits") == 8 and weights.get("strategy") == "channel":
+        return "int8-channel"
+    if weights.get("num_bits") == 4 and weights.get("strategy") == "group" and weights.get("group_size") == 128:
+        return "int4-group"
+    return None
 
 
 def _block_fp8(path: Path) -> dict | None:

@@ -1,0 +1,162 @@
+"""``moe-fx quantize``: a checkpoint's routed experts rewritten in a quantized on-disk format, shard by shard.
+
+Schemes and formats:
+
+- ``fp8-block``: the hub's block-wise FP8 format (:mod:`.fp8_block`), which transformers' FP8 integration loads.
+- ``int8-channel``, ``int4-group``: compressed-tensors' format (:mod:`.compressed_experts`), which vLLM serves
+  and transformers loads with the ``compressed-tensors`` package.
+
+Either way, only the per-expert projections ``...experts.{e}.{proj}.weight`` change. Every linear layer and
+router is listed as kept in the source dtype; norms and embeddings keep it too. Checkpoints whose experts are
+stored fused (GPT-OSS) are refused, since they have no per-expert tensor to write, and so are checkpoints that
+are already quantized.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moe_fx.errors import BadOptionError
+from moe_fx.formats import compressed_experts, fp8_block
+
+SCHEMES = ("fp8-block", "int8-channel", "int4-group")
+_EXPERT_WEIGHT = re.compile(r"(?:^|\.)experts\.\d+\.[A-Za-z0-9_]+\.weight$")
+"""A routed expert's projection in the hub's per-expert layout."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Codec:
+    """How one scheme writes a per-expert projection: ``encode(key, weight)`` -> stored tensors, ``decode(key,
+    stored)`` -> the float32 weight they stand for, ``config(not_converted)`` -> ``quantization_config``."""
+
+    encode: Callable[[str, torch.Tensor], dict[str, torch.Tensor]]
+    decode: Callable[[str, dict[str, torch.Tensor]], torch.Tensor]
+    config: Callable[[list[str]], dict]
+
+
+def codec(scheme: str, group_size: int = compressed_experts.DEFAULT_GROUP) -> Codec:
+    """The scheme's codec; a bad scheme, or compressed-tensors missing for the integer ones, fails here."""
+    check_scheme(scheme)
+    if scheme == "fp8-block":
+        return Codec(fp8_block.encode, fp8_block.decode, fp8_block.quantization_config)
+    compressed_experts.scheme_of(scheme, group_size)
+    return Codec(partial(compressed_experts.encode, scheme, group_size), partial(compressed_experts.decode, scheme, group_size),
+                 partial(compressed_experts.quantization_config, scheme, group_size))
+
+
+def check_scheme(scheme: str) -> None:
+    if scheme not in SCHEMES:
+        raise BadOptionError(f"unknown quantization scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
+
+
+def check_before_pruning(source: Path, scheme: str, *, group_size: int = compressed_experts.DEFAULT_GROUP,
+                         width_multiple: int | None = None) -> None:
+    """Refuse ``prune --quantize scheme`` before any work: a missing library, and for int4-group expert input
+    sizes (the hidden size, the experts' width, or with channel pruning the multiple widths are padded to) that
+    its group size does not divide."""
+    from moe_fx.formats.lazy import meta_model
+    from moe_fx.model.trace import trace
+
+    codec(scheme, group_size)
+    if scheme != "int4-group":
+        return
+    for block in trace(meta_model(source)).blocks:
+        sizes = {"hidden size": block.experts.hidden_size, "expert width": block.experts.intermediate_size}
+        if width_multiple is not None:
+            sizes["--multiple (channel-pruned widths are padded to it)"] = width_multiple
+        for what, size in sizes.items():
+            compressed_experts.check_group(scheme, group_size, size, f"{block.path} {what}")
+
+
+def plan_tensors(meta: nn.Module, keys: list[str], scheme: str) -> tuple[set[str], list[str]]:
+    """(the stored tensors to quantize, the layers that keep the source dtype) for a checkpoint with these tensor
+    names and this model (built on meta): the routed experts' per-expert projections are quantized; every linear
+    layer and router keeps the source dtype. Refuses fused on-disk experts (no per-expert tensor to write)."""
+    from moe_fx.model.trace import trace
+
+    chosen = {k for k in keys if _EXPERT_WEIGHT.search(k)}
+    if not chosen:
+        fused = [k for k in keys if ".experts." in k][:2]
+        raise BadOptionError(f"{scheme} writes per-expert tensors (experts.N.proj.weight), and this checkpoint stores its experts "
+                             f"fused ({', '.join(fused) or 'no expert tensor found'}); it cannot take this scheme")
+    linears = [name for name, module in meta.named_modules() if isinstance(module, nn.Linear)]
+    return chosen, list(dict.fromkeys(linears + [b.router.path for b in trace(meta).blocks]))
+
+
+def quantize_directory(path: str | Path, *, scheme: str = "fp8-block", group_size: int = compressed_experts.DEFAULT_GROUP,
+                       source: Path | None = None, show_progress: bool = False) -> dict:
+    """Rewrite a saved checkpoint's expert weights with ``scheme``, in place (every shard, the index, the
+    config), or, with ``source``, write ``source``'s shards into ``path``, which holds its other files already.
+    Returns what the record keeps: the bytes before and after, the tensors quantized, the largest relative
+    round-trip error."""
+    from safetensors import safe_open
+
+    from moe_fx.formats.lazy import meta_model
+    from moe_fx.formats.shards import rewrite_shards, set_quantization_config, shard_files
+
+    fmt = codec(scheme, group_size)
+    path = Path(path)
+    shards = source or path  # its config is the one ``path`` holds
+    config = json.loads((shards / "config.json").read_text())
+    if "quantization_config" in config:
+        method = config["quantization_config"].get("quant_method")
+        raise BadOptionError(f"{shards}: the checkpoint is already quantized ({method}); {scheme} needs a checkpoint in bfloat16/float16/float32")
+    keys = []
+    for file in shard_files(shards):
+        with safe_open(str(shards / file), "pt") as f:
+            keys += list(f.keys())
+    chosen, not_converted = plan_tensors(meta_model(shards), keys, scheme)
+    worst = 0.0
+
+    def encode(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        nonlocal worst
+        out = {}
+        for name, tensor in state.items():
+            if name not in chosen:
+                out[name] = tensor
+                continue
+            stored = fmt.encode(name, tensor)
+            ref = tensor.float()
+            worst = max(worst, float((fmt.decode(name, stored) - ref).norm() / ref.norm().clamp_min(1e-30)))
+            out.update(stored)
+        return out
+
+    before, after = rewrite_shards(path, encode, source=source, desc=scheme, show_progress=show_progress)
+    set_quantization_config(path, fmt.config(not_converted))
+    return {"scheme": scheme, "tensors": len(chosen), "bytes_before": before, "bytes": after,
+            "max_relative_error": worst, "kept_in_source_dtype": len(not_converted),
+            **({"group_size": group_size} if scheme == "int4-group" else {})}
+
+
+def quantize_checkpoint(source: str | Path, out: str | Path, *, scheme: str = "fp8-block", group_size: int = compressed_experts.DEFAULT_GROUP,
+                        overwrite: bool = False, show_progress: bool = False) -> dict:
+    """Write ``source`` (a checkpoint directory, pruned or not, left untouched) to ``out`` with ``scheme``'s
+    experts, atomically; return the record's ``quantization`` entry (also written to ``out``'s ``moe_fx.json``)."""
+    from moe_fx.formats.atomic import atomic_directory
+    from moe_fx.formats.checkpoint import RECORD_FILE, check_output_path
+    from moe_fx.formats.loading import check_model_dir
+    from moe_fx.formats.shards import INDEX_FILE, shard_files
+
+    codec(scheme, group_size)  # a bad scheme, or a missing library, before anything is written
+    source = check_model_dir(source)
+    out = check_output_path(out, source, overwrite)
+    shards = {*shard_files(source), INDEX_FILE}
+    with atomic_directory(out) as tmp:
+        for item in source.iterdir():  # everything but the weights, which quantize_directory writes
+            if item.name not in shards:
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        entry = quantize_directory(tmp, scheme=scheme, group_size=group_size, source=source, show_progress=show_progress)
+        record_file = tmp / RECORD_FILE
+        record = json.loads(record_file.read_text()) if record_file.is_file() else {"source": str(source.resolve())}
+        record["quantization"] = entry
+        record_file.write_text(json.dumps(record, indent=2) + "\n")
+    return entry
