@@ -117,7 +117,7 @@ def test_refusals(tmp_path) -> None:
 
 def test_cli_prune_then_quantize(capsys, micro_path, tmp_path) -> None:
     """`moe-fx prune --quantize fp8-block` writes FP8 experts that moe_fx.load and stock transformers load alike;
-    `moe-fx quantize` on a pruned checkpoint gives the same tensors; a streamed prune is refused before loading."""
+    an already quantized checkpoint is refused; a streamed prune with --quantize writes the same tensors."""
     out = tmp_path / "pruned-fp8"
     code = main(["prune", str(micro_path), "--out", str(out), "--method", "random", "--ratio", "0.5", "--quantize", "fp8-block",
                  "--calib-tokens", "2000", "--no-eval", "--quiet"])
@@ -132,5 +132,13 @@ def test_cli_prune_then_quantize(capsys, micro_path, tmp_path) -> None:
     capsys.readouterr()
     assert main(["quantize", str(out), "--out", str(tmp_path / "again")]) == 2
     assert "already quantized" in capsys.readouterr().err
-    assert main(["prune", str(micro_path), "--out", str(tmp_path / "s"), "--stream", "on", "--method", "random", "--ratio", "0.5", "--quantize", "fp8-block", "--quiet"]) == 2
-    assert "moe-fx quantize OUT" in capsys.readouterr().err and not (tmp_path / "s").exists()
+    streamed = tmp_path / "streamed-fp8"
+    assert main(["prune", str(micro_path), "--out", str(streamed), "--stream", "on", "--method", "random", "--ratio", "0.5", "--quantize",
+                 "fp8-block", "--calib-tokens", "2000", "--no-eval", "--quiet"]) == 0, capsys.readouterr().err
+    record = json.loads((streamed / "moe_fx.json").read_text())
+    assert record["quantization"]["scheme"] == "fp8-block" and "streaming" in record
+    in_memory, from_stream = _state(out), _state(streamed)
+    assert in_memory.keys() == from_stream.keys()
+    assert all(torch.equal(t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t,
+                           from_stream[k].view(torch.uint8) if t.dtype == torch.float8_e4m3fn else from_stream[k]) for k, t in in_memory.items())
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging directory left behind

@@ -26,7 +26,7 @@ from moe_fx.cli.common import (
     zero_shot_results,
 )
 from moe_fx.errors import BadOptionError, MoeFxError
-from moe_fx.formats.quantized_checkpoint import SCHEMES, check_before_pruning
+from moe_fx.formats.quantized_checkpoint import SCHEMES, check_before_pruning, quantize_in_place
 
 
 def add_parser(sub) -> None:
@@ -84,7 +84,7 @@ def add_parser(sub) -> None:
     p.add_argument("--quantize", choices=SCHEMES,
                    help="write the pruned routed experts quantized: fp8-block (float8_e4m3fn, one scale per 128 x 128 block: the "
                         "hub's format) or int8-channel / int4-group (compressed-tensors' formats, group 128); every other weight "
-                        "keeps its dtype")
+                        "keeps its dtype; a streamed prune's output is quantized shard by shard after it is written")
     p.add_argument("--stream", default="auto", choices=("auto", "on", "off"),
                    help="prune one decoder layer at a time, never holding the whole model: on, off, or auto (default: on when "
                         "the checkpoint's weights exceed 80%% of the device's free memory); forward-only methods with uniform allocation")
@@ -236,9 +236,6 @@ def run(args) -> int:
     if distributed.init_from_env(device) and device == "cuda":
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     stream = _streaming(args, source, device)
-    if args.quantize and stream:
-        raise BadOptionError(f"--quantize {args.quantize} is not applied to a streamed prune; prune with --stream on, then "
-                             f"`moe-fx quantize OUT --scheme {args.quantize} --out DST` (it works shard by shard)")
     if args.quantize and source_mxfp4(source) is not None:
         raise BadOptionError(f"{source}'s experts are MXFP4, which the pruned copy keeps; drop --quantize {args.quantize}")
     if args.preset:
@@ -382,6 +379,8 @@ def run(args) -> int:
     }
     if stream:
         update_record(out, record)
+        if args.quantize:  # the streamed output is rewritten shard by shard, replaced only when complete
+            quantize_in_place(out, scheme=args.quantize, show_progress=show)
         write_report(out)
     else:
         model.to(save_dtype)

@@ -141,14 +141,26 @@ def quantize_checkpoint(source: str | Path, out: str | Path, *, scheme: str = "f
                         overwrite: bool = False, show_progress: bool = False) -> dict:
     """Write ``source`` (a checkpoint directory, pruned or not, left untouched) to ``out`` with ``scheme``'s
     experts, atomically; return the record's ``quantization`` entry (also written to ``out``'s ``moe_fx.json``)."""
-    from moe_fx.formats.atomic import atomic_directory
-    from moe_fx.formats.checkpoint import RECORD_FILE, check_output_path
+    from moe_fx.formats.checkpoint import check_output_path
     from moe_fx.formats.loading import check_model_dir
-    from moe_fx.formats.shards import INDEX_FILE, shard_files
 
     codec(scheme, group_size)  # a bad scheme, or a missing library, before anything is written
     source = check_model_dir(source)
-    out = check_output_path(out, source, overwrite)
+    return _write(source, check_output_path(out, source, overwrite), scheme, group_size, show_progress)
+
+
+def quantize_in_place(path: str | Path, *, scheme: str, group_size: int = compressed_experts.DEFAULT_GROUP, show_progress: bool = False) -> dict:
+    """:func:`quantize_checkpoint` from ``path`` onto itself: the quantized copy is built beside it and replaces
+    it only when complete (a streamed prune's output, quantized after it is written)."""
+    codec(scheme, group_size)
+    return _write(Path(path), Path(path), scheme, group_size, show_progress)
+
+
+def _write(source: Path, out: Path, scheme: str, group_size: int, show_progress: bool) -> dict:
+    from moe_fx.formats.atomic import atomic_directory
+    from moe_fx.formats.checkpoint import RECORD_FILE
+    from moe_fx.formats.shards import INDEX_FILE, shard_files
+
     shards = {*shard_files(source), INDEX_FILE}
     with atomic_directory(out) as tmp:
         for item in source.iterdir():  # everything but the weights, which quantize_directory writes
