@@ -207,3 +207,14 @@ def test_cli_eval_quantizes_all_but_the_reference(micro_path, valid_path, tmp_pa
     assert quantized["nll"]["mean"]["nll"] != reference["nll"]["mean"]["nll"]
     with pytest.raises(SystemExit):
         main(["eval", str(micro_path), "--quantize", "int3", "--data", str(valid_path)])
+
+
+def test_onnx_export_refuses_quantized_experts(tmp_path) -> None:
+    pytest.importorskip("onnxscript")
+    from moe_fx.deliver.onnx import export as onnx_export
+
+    model = tiny_model("qwen3_moe").float()
+    quantize_experts_(model, "int8-channel")
+    with pytest.raises(BadOptionError, match="quantized in memory"):
+        onnx_export.export_onnx(model, tmp_path / "onnx")
+    assert not (tmp_path / "onnx").exists()

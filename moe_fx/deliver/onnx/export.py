@@ -34,6 +34,7 @@ from moe_fx.formats.atomic import atomic_directory
 from moe_fx.formats.checkpoint import CONFIG_FILES, RECORD_FILE, TOKENIZER_FILES, check_output_path, copy_files, patch_config, write_config
 from moe_fx.formats.loading import load_model, parse_dtype
 from moe_fx.kernels.implementation import DEFAULT_IMPLEMENTATION, experts_implementation
+from moe_fx.kernels.quantized import SCHEME_ATTR
 from moe_fx.model.trace import trace
 
 MOE_OPS = ("fused", "unfused")
@@ -368,8 +369,12 @@ def export_onnx(
                              "export --dtype float16 or float32, or pass --no-check (or check on a CUDA device)")
     if isinstance(model, (str, Path)):
         source = Path(model)
-        model = load_model(model, dtype=dtype, device=device)
+        model = load_model(model, dtype=dtype, device=device, quantize=None)  # dense experts: the graph holds its own weights
     else:
+        quantized = sorted({q for m in model.modules() if (q := getattr(m, SCHEME_ATTR, None))})
+        if quantized:
+            raise BadOptionError(f"the model's experts are quantized in memory ({', '.join(quantized)}); export the checkpoint "
+                                 "(its experts load dense) and pass --weights int8|int4 for integer experts in the graph")
         model = model.to(dtype=_explicit_dtype(dtype))
     if not hasattr(model, "generate") or model.get_output_embeddings() is None:
         raise BadOptionError(f"{type(model).__name__} is not a causal LM with an LM head; ONNX export writes decoder graphs")
