@@ -13,6 +13,7 @@ import torch
 from test_channels import _random_plan
 from test_families import kept_ids, tiny_model
 from test_fp8_block import _state
+from tiny_models import TINY_FAMILIES
 
 from moe_fx import PrunePlan, compose
 from moe_fx.errors import BadOptionError
@@ -32,7 +33,7 @@ FAMILIES = ["qwen3_moe", "mixtral", "deepseek_v3", "qwen2_moe", "olmoe", "gpt_os
 
 
 def _ids(model, shape=(2, 12)) -> torch.Tensor:
-    return torch.randint(3, model.config.vocab_size - 3, shape, generator=torch.Generator().manual_seed(0))
+    return torch.randint(3, model.config.get_text_config().vocab_size - 3, shape, generator=torch.Generator().manual_seed(0))
 
 
 def _dequantized_copy(model: torch.nn.Module, quantized: torch.nn.Module) -> torch.nn.Module:
@@ -218,3 +219,26 @@ def test_onnx_export_refuses_quantized_experts(tmp_path) -> None:
     with pytest.raises(BadOptionError, match="quantized in memory"):
         onnx_export.export_onnx(model, tmp_path / "onnx")
     assert not (tmp_path / "onnx").exists()
+
+
+NOT_FUSED = {"llama4", "step3p7"}
+"""Families whose experts are not transformers' fused-experts modules: refused."""
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_every_tiny_family(family: str) -> None:
+    """Each tiny family with one scheme (rotating over the three): equal to its dequantized reference, or refused
+    with the reason when its experts are not fused."""
+    model = tiny_model(family).float().eval()
+    scheme = list(SCHEMES)[TINY_FAMILIES.index(family) % len(SCHEMES)]
+    quantized = copy.deepcopy(model)
+    if family in NOT_FUSED:
+        with pytest.raises(BadOptionError, match="not a transformers fused-experts module"):
+            quantize_experts_(quantized, scheme)
+        return
+    quantize_experts_(quantized, scheme)
+    set_implementation(model, "moe_fx")
+    reference = _dequantized_copy(model, quantized)
+    ids = _ids(model, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(quantized(ids, use_cache=False).logits, reference(ids, use_cache=False).logits, rtol=0, atol=2e-5)
