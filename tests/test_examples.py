@@ -16,6 +16,7 @@ EXAMPLES = {
     "export_onnx.py": ["greedy tokens identical"],
     "stream.py": ["streamed 2 layers", "checkpoint in"],
     "distill_streamed.py": ["distilled on the cached top-64 teacher", "saved to"],
+    "quantize.py": ["MB int4 (", "mean NLL int4 checkpoint (transformers)", "mean NLL int4 in memory (moe-fx kernels)", "checkpoint in"],
 }
 
 
