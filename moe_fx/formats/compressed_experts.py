@@ -25,6 +25,7 @@ import functools
 import torch
 
 from moe_fx.errors import BadOptionError
+from moe_fx.kernels import quantized
 
 FORMAT = "pack-quantized"
 """Both schemes' format: int32 words of packed codes (eight 4-bit or four 8-bit ones). compressed-tensors' own
@@ -43,22 +44,18 @@ def _library():
     from compressed_tensors.compressors import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
-    return None, PackedQuantizationCompressor, QuantizationArgs, QuantizationConfig, QuantizationScheme
+    return PackedQuantizationCompressor, QuantizationArgs, QuantizationConfig, QuantizationScheme
 
 
 @functools.cache
 def scheme_of(name: str, group_size: int):
     """compressed-tensors' ``QuantizationScheme`` of ``name`` (``Linear`` targets, weights only)."""
-    *_, args, _, scheme = _library()
+    _, args, _, scheme = _library()
     if name == "int8-channel":
         weights = args(num_bits=8, type="int", symmetric=True, strategy="channel")
     else:
         weights = args(num_bits=4, type="int", symmetric=True, strategy="group", group_size=group_size)
     return scheme(targets=["Linear"], weights=weights)
-
-
-def _compressor(name: str):
-    return _library()[1]
 
 
 def check_group(name: str, group_size: int, in_features: int, tensor: str) -> None:
@@ -72,10 +69,10 @@ def encode(name: str, group_size: int, key: str, weight: torch.Tensor) -> dict[s
     rows, k = weight.shape
     check_group(name, group_size, k, key)
     group = group_size if name == "int4-group" else k
-    qmax = 7.0 if name == "int4-group" else 127.0
+    qmax = quantized.SCHEMES[name].qmax
     amax = weight.float().unflatten(-1, (-1, group)).abs().amax(-1)
     scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax)).to(weight.dtype)  # stored, and quantized against
-    stored = _compressor(name).compress({"weight": weight, "weight_scale": scale}, scheme_of(name, group_size))
+    stored = _library()[0].compress({"weight": weight, "weight_scale": scale}, scheme_of(name, group_size))
     prefix = key.removesuffix("weight")
     return {prefix + suffix: tensor for suffix, tensor in stored.items()}
 
@@ -84,12 +81,12 @@ def decode(name: str, group_size: int, key: str, stored: dict[str, torch.Tensor]
     """The float32 weight ``key``'s stored tensors stand for (the library's own decompression)."""
     prefix = key.removesuffix("weight")
     local = {k.removeprefix(prefix): v for k, v in stored.items() if k.startswith(prefix)}
-    return _compressor(name).decompress(local, scheme_of(name, group_size))["weight"].float()
+    return _library()[0].decompress(local, scheme_of(name, group_size))["weight"].float()
 
 
 def quantization_config(name: str, group_size: int, not_converted: list[str]) -> dict:
     """``config.json``'s ``quantization_config``: compressed-tensors' own serialisation of the scheme."""
-    *_, config, _ = _library()
+    _, _, config, _ = _library()
     dumped = config(config_groups={"group_0": scheme_of(name, group_size)}, format=FORMAT, quantization_status="compressed",
                     ignore=not_converted).model_dump(exclude_none=True)
     return {**dumped, "quant_method": "compressed-tensors"}

@@ -83,14 +83,15 @@ def load_model(path: str | Path, *, dtype: str = "auto", device: str = "cpu", ex
     a checkpoint quantized from bfloat16 weights (``moe-fx quantize``'s, the hub's) in bfloat16, that gives
     back the stored codes and scales exactly: each block's largest weight is a bfloat16 value, so its scale
     is recomputed bit for bit, and every other dequantized value rounds back to its code."""
-    from moe_fx.rewrite.quantize_experts import check_scheme, quantize_experts_
+    from moe_fx.kernels.quantized import check_scheme
+    from moe_fx.rewrite.quantize_experts import quantize_experts_
 
     p = check_model_dir(path)
-    fp8 = _block_fp8(p)
+    stored = _quantization_config(p)
     if quantize not in (None, "auto"):
         check_scheme(quantize)
-    scheme = (stored_scheme(p) if torch.device(device).type == "cuda" else None) if quantize == "auto" else quantize
-    kwargs = {"quantization_config": _dequantizing(fp8)} if fp8 else {}
+    scheme = (_scheme_of(stored) if torch.device(device).type == "cuda" else None) if quantize == "auto" else quantize
+    kwargs = {"quantization_config": _dequantizing(stored)} if _block_fp8(stored) else {}
     try:
         model = model_class(p).from_pretrained(p, dtype=parse_dtype(dtype), device_map=None, **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError, ImportError) as exc:  # ImportError: a quantizer's package is missing
@@ -106,9 +107,16 @@ def stored_scheme(path: Path) -> str | None:
     """The in-memory scheme that holds a quantized checkpoint's experts as stored: ``fp8-block`` for block-wise
     FP8, ``int8-channel`` / ``int4-group`` (groups of 128) for compressed-tensors' symmetric integer formats
     (``moe-fx quantize``'s); ``None`` for anything else."""
-    if _block_fp8(path):
+    return _scheme_of(_quantization_config(path))
+
+
+def _quantization_config(path: Path) -> dict:
+    return json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+
+
+def _scheme_of(config: dict) -> str | None:
+    if _block_fp8(config):
         return "fp8-block"
-    config = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
     groups = list((config.get("config_groups") or {}).values()) if config.get("quant_method") == "compressed-tensors" else []
     weights = groups[0].get("weights") or {} if len(groups) == 1 else {}
     if not weights.get("symmetric") or weights.get("type") != "int":
@@ -120,11 +128,10 @@ def stored_scheme(path: Path) -> str | None:
     return None
 
 
-def _block_fp8(path: Path) -> dict | None:
-    """The ``quantization_config`` of a block-wise FP8 checkpoint (``moe-fx quantize --scheme fp8-block``'s
-    format, the hub's FP8 models), else ``None``."""
-    config = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
-    return config if config.get("quant_method") == "fp8" and config.get("weight_block_size") else None
+def _block_fp8(config: dict) -> bool:
+    """Whether a ``quantization_config`` is block-wise FP8 (``moe-fx quantize --scheme fp8-block``'s format, the
+    hub's FP8 models)."""
+    return config.get("quant_method") == "fp8" and bool(config.get("weight_block_size"))
 
 
 def _dequantizing(config: dict):

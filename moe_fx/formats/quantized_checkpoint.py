@@ -27,8 +27,11 @@ from torch import nn
 
 from moe_fx.errors import BadOptionError
 from moe_fx.formats import compressed_experts, fp8_block
+from moe_fx.kernels import quantized
+from moe_fx.kernels.quantized import check_scheme
 
-SCHEMES = ("fp8-block", "int8-channel", "int4-group")
+SCHEMES = tuple(quantized.SCHEMES)
+"""Every in-memory scheme has a checkpoint format."""
 _EXPERT_WEIGHT = re.compile(r"(?:^|\.)experts\.\d+\.[A-Za-z0-9_]+\.weight$")
 """A routed expert's projection in the hub's per-expert layout."""
 
@@ -51,11 +54,6 @@ def codec(scheme: str, group_size: int = compressed_experts.DEFAULT_GROUP) -> Co
     compressed_experts.scheme_of(scheme, group_size)
     return Codec(partial(compressed_experts.encode, scheme, group_size), partial(compressed_experts.decode, scheme, group_size),
                  partial(compressed_experts.quantization_config, scheme, group_size))
-
-
-def check_scheme(scheme: str) -> None:
-    if scheme not in SCHEMES:
-        raise BadOptionError(f"unknown quantization scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
 
 
 def check_before_pruning(source: Path, scheme: str, *, group_size: int = compressed_experts.DEFAULT_GROUP,
@@ -125,8 +123,7 @@ def quantize_directory(path: str | Path, *, scheme: str = "fp8-block", group_siz
                 out[name] = tensor
                 continue
             stored = fmt.encode(name, tensor)
-            ref = tensor.float()
-            worst = max(worst, float((fmt.decode(name, stored) - ref).norm() / ref.norm().clamp_min(1e-30)))
+            worst = max(worst, quantized.relative_error(tensor, fmt.decode(name, stored)))
             out.update(stored)
         return out
 

@@ -39,13 +39,14 @@ def rewrite_shards(path: Path, transform: Callable[[dict[str, torch.Tensor]], di
     files = shard_files(source)
     with progress_bar(desc, total=sum((source / f).stat().st_size for f in files), unit="B", enabled=show_progress) as bar:
         for file in files:
+            size = (source / file).stat().st_size
             state = load_file(source / file)
             before += _bytes(state)
             out = transform(state)
             after += _bytes(out)
             save_file(out, path / file, metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(out, file))
-            bar.update((source / file).stat().st_size)
+            bar.update(size)
     if (source / INDEX_FILE).is_file():
         index = json.loads((source / INDEX_FILE).read_text())
         index["weight_map"], index["metadata"]["total_size"] = weight_map, after

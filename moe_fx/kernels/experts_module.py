@@ -35,7 +35,7 @@ def up_projection_name(experts: nn.Module) -> str:
 
 
 def _weight(experts: nn.Module, name: str) -> Weight:
-    scheme = getattr(experts, SCHEME_ATTR, None)
+    scheme = quantization(experts)
     if scheme is None:
         return getattr(experts, name)
     return QuantizedWeight(getattr(experts, name), getattr(experts, name + SCALE_SUFFIX), scheme, experts.is_transposed)

@@ -24,6 +24,8 @@ from typing import NamedTuple
 
 import torch
 
+from moe_fx.errors import BadOptionError
+
 SCALE_SUFFIX = "_scale"
 """The scales' buffer is the projection's name plus this."""
 
@@ -59,6 +61,17 @@ SCHEMES = {
     "int8-channel": Scheme("int8-channel", kernel=1, qmax=127, group=None),
     "int4-group": Scheme("int4-group", kernel=2, qmax=7, group=128),
 }
+
+
+def check_scheme(scheme: str) -> None:
+    if scheme not in SCHEMES:
+        raise BadOptionError(f"unknown quantization scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
+
+
+def relative_error(reference: torch.Tensor, approximation: torch.Tensor) -> float:
+    """``|approximation - reference| / |reference|`` (Frobenius norms, in float32): what the records report."""
+    ref = reference.float()
+    return float((approximation.float() - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 class QuantizedWeight(NamedTuple):

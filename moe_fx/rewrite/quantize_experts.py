@@ -7,28 +7,22 @@ expert bytes in FP8, a quarter in int4); elsewhere, and with gradients, it dequa
 runs. Routers, shared experts, attention, norms, embeddings and the head keep their dtype. Composes after any
 prune (per-layer expert counts and widths included): each block is quantized as it is.
 
-This is the runtime form; it is not saved as is (``moe-fx quantize`` writes the hub's FP8 checkpoint format,
-and :func:`moe_fx.load` with ``quantize=`` rebuilds this form from it).
+This is the runtime form; it is not saved as is (``moe-fx quantize`` writes each scheme's checkpoint format,
+:mod:`moe_fx.formats.quantized_checkpoint`, and :func:`moe_fx.load` with ``quantize=`` rebuilds this form).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from moe_fx.errors import BadOptionError
 from moe_fx.kernels import experts_module as layout
 from moe_fx.kernels.implementation import DEFAULT_IMPLEMENTATION, set_implementation
-from moe_fx.kernels.quantized import SCALE_SUFFIX, SCHEME_ATTR, SCHEMES, quantize
+from moe_fx.kernels.quantized import SCALE_SUFFIX, SCHEME_ATTR, check_scheme, dequantize, quantize, relative_error
 from moe_fx.model.spec import MoEModelSpec
 from moe_fx.pipeline import MoEState, Pass, PassResult
-
-
-def check_scheme(scheme: str) -> None:
-    if scheme not in SCHEMES:
-        raise BadOptionError(f"unknown quantization scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
 
 
 def check_quantizable(model: nn.Module, spec: MoEModelSpec) -> None:
@@ -61,7 +55,7 @@ def quantize_experts_(model: nn.Module, scheme: str, spec: MoEModelSpec | None =
             # concatenated gate and up halves get FP8 blocks of their own, as the hub's per-expert tensors have
             halves = (dense.shape[-2] // 2,) * 2 if name == "gate_up_proj" and block.experts.is_concatenated else None
             codes, scale = quantize(dense, scheme, segments=halves)
-            worst = max(worst, _relative_error(dense, codes, scale, scheme))
+            worst = max(worst, relative_error(dense, dequantize(codes, scale, scheme)))
             before += weight.numel() * weight.element_size()
             after += codes.numel() * codes.element_size() + scale.numel() * scale.element_size()
             delattr(experts, name)
@@ -71,13 +65,6 @@ def quantize_experts_(model: nn.Module, scheme: str, spec: MoEModelSpec | None =
     set_implementation(model, DEFAULT_IMPLEMENTATION)
     return {"scheme": scheme, "blocks": len(spec.blocks), "experts_bytes_before": before, "experts_bytes": after,
             "max_relative_error": worst}
-
-
-def _relative_error(dense: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, scheme: str) -> float:
-    from moe_fx.kernels.quantized import dequantize
-
-    ref = dense.float()
-    return float((dequantize(codes, scale, scheme) - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 @dataclass

@@ -33,8 +33,8 @@ from moe_fx.evaluate.nll import model_size
 from moe_fx.formats.atomic import atomic_directory
 from moe_fx.formats.checkpoint import CONFIG_FILES, RECORD_FILE, TOKENIZER_FILES, check_output_path, copy_files, patch_config, write_config
 from moe_fx.formats.loading import load_model, parse_dtype
+from moe_fx.kernels import experts_module as layout
 from moe_fx.kernels.implementation import DEFAULT_IMPLEMENTATION, experts_implementation
-from moe_fx.kernels.quantized import SCHEME_ATTR
 from moe_fx.model.trace import trace
 
 MOE_OPS = ("fused", "unfused")
@@ -371,7 +371,7 @@ def export_onnx(
         source = Path(model)
         model = load_model(model, dtype=dtype, device=device, quantize=None)  # dense experts: the graph holds its own weights
     else:
-        quantized = sorted({q for m in model.modules() if (q := getattr(m, SCHEME_ATTR, None))})
+        quantized = sorted({q for m in model.modules() if (q := layout.quantization(m))})
         if quantized:
             raise BadOptionError(f"the model's experts are quantized in memory ({', '.join(quantized)}); export the checkpoint "
                                  "(its experts load dense) and pass --weights int8|int4 for integer experts in the graph")
