@@ -7,7 +7,7 @@ fullgraph, default mode; ``cuda-graphs``: mode ``reduce-overhead``). Decode runs
 static-cache path; each step a fixed-shape call), teacher-forced random tokens, batches 1/16/64; prefill is
 8 x 512 tokens without a cache. The bytes-read ideal of a pruned variant is the weight bytes a decode step
 touches (non-routed weights + distinct experts hit x expert bytes, counted on the same inputs) relative to
-the unpruned model's.
+the unpruned model's. A variant may end in ``:options`` (:func:`runtime_options`), e.g. ``fp8-block:weight-only``.
 
     python benchmarks/decode.py --layers 4 --out benchmarks/results/decode.json
 """
@@ -15,6 +15,7 @@ the unpruned model's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import os
@@ -31,6 +32,7 @@ from transformers import StaticCache
 
 from moe_fx.deliver.compile import compile_model
 from moe_fx.evaluate.table import format_table, human_bytes
+from moe_fx.kernels import routed_gemv
 from moe_fx.kernels.implementation import set_implementation
 
 MODES = {"eager": None, "compiled": "default", "cuda-graphs": "reduce-overhead"}
@@ -243,6 +245,30 @@ def print_tables(results: dict, summary: dict, args) -> None:
     print(json.dumps(summary, indent=1))
 
 
+@contextlib.contextmanager
+def runtime_options(options: str):
+    """A variant's ``:``-suffix, comma-separated, applied while its rows run: ``weight-only`` keeps quantized
+    experts' activations in their dtype (``MOE_FX_QUANTIZED_ACTIVATIONS``), ``gemv=X`` moves the routed GEMV's
+    bounds to ``X`` pairs per expert. Each row compiles afresh, so each sees them."""
+    env_before = os.environ.get("MOE_FX_QUANTIZED_ACTIVATIONS")
+    bounds_before = routed_gemv.MAX_PAIRS_PER_EXPERT, routed_gemv.WEIGHT_ONLY_MAX_PAIRS_PER_EXPERT
+    try:
+        for option in filter(None, options.split(",")):
+            if option == "weight-only":
+                os.environ["MOE_FX_QUANTIZED_ACTIVATIONS"] = "weight-only"
+            elif option.startswith("gemv="):
+                bound = float(option.removeprefix("gemv="))
+                routed_gemv.MAX_PAIRS_PER_EXPERT = routed_gemv.WEIGHT_ONLY_MAX_PAIRS_PER_EXPERT = bound
+            else:
+                raise SystemExit(f"unknown variant option {option!r}: use weight-only or gemv=X")
+        yield
+    finally:
+        os.environ.pop("MOE_FX_QUANTIZED_ACTIVATIONS", None)
+        if env_before is not None:
+            os.environ["MOE_FX_QUANTIZED_ACTIVATIONS"] = env_before
+        routed_gemv.MAX_PAIRS_PER_EXPERT, routed_gemv.WEIGHT_ONLY_MAX_PAIRS_PER_EXPERT = bounds_before
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=4)
@@ -282,12 +308,14 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.variants:
         log(f"variant {name}")
-        model = base if name == "unpruned" else make_variant(base, name, args.seed)
+        built, _, options = name.partition(":")
+        model = base if built == "unpruned" else make_variant(base, built, args.seed)
         acc = accounting(model)
         set_implementation(model, OURS)
         results[name] = {"accounting": acc, "reads": distinct_hits(model, acc, reads_args, model.config.vocab_size)}
         results[name]["rows"] = {}
-        measure(model, args, results[name]["rows"], lambda: out.write_text(json.dumps({"meta": meta, "variants": results}, indent=1) + "\n"))
+        with runtime_options(options):
+            measure(model, args, results[name]["rows"], lambda: out.write_text(json.dumps({"meta": meta, "variants": results}, indent=1) + "\n"))
         if model is not base:
             del model
         free(args.device)

@@ -15,7 +15,8 @@ for each (experts, tokens) pair, next to torch's native grouped GEMM: the data b
 ``--sweep-quantized`` does the same for quantized experts (``moe_fx.kernels.quantized``: fp8-block,
 int8-channel, int4-group, next to bf16): both Triton kernels (the routed GEMV of decode, the grouped kernel),
 each over its tile grid; ``GB/s`` counts the codes and scales of the distinct experts hit: the data behind
-``gemv_tiles`` / ``grouped_tiles`` for quantized codes.
+``gemv_tiles`` / ``grouped_tiles`` for quantized codes. ``grouped-a8`` rows (FP8, int8) quantize the rows to
+8 bits first and multiply on 8-bit tensor cores (``quantized_ops.activations_8bit``); their time includes that.
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ def sweep_quantized(args) -> list[dict]:
     """Microseconds of one projection's routed GEMV and grouped matmul per scheme and tile shape."""
     from moe_fx.kernels.grouped_mm import _native_function
     from moe_fx.kernels.quantized import SCHEMES, quantize
-    from moe_fx.kernels.triton_kernels import triton_grouped_mm, triton_routed_gemv
+    from moe_fx.kernels.triton_kernels import quantize_rows, triton_grouped_mm, triton_routed_gemv
 
     g = torch.Generator(device="cuda").manual_seed(0)
     out = []
@@ -153,6 +154,8 @@ def sweep_quantized(args) -> list[dict]:
         dense = torch.randn(num_experts, n, k, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
         weights = {"bf16": (dense.transpose(-2, -1), None, dense.numel() * 2)}
         for scheme, spec in SCHEMES.items():
+            if scheme not in args.schemes:
+                continue
             codes, scale = quantize(dense, scheme)
             weights[scheme] = (codes.transpose(-2, -1), (scale, spec.group_size(k), spec.kernel),
                                codes.numel() * codes.element_size() + scale.numel() * 4)
@@ -167,6 +170,12 @@ def sweep_quantized(args) -> list[dict]:
                 read = nbytes * distinct / num_experts
                 grid = QUANT_GROUPED_FEW if tokens <= 64 else QUANT_GROUPED_MANY
                 kinds = {"grouped": [(t, lambda t=t: triton_grouped_mm(rows, w, offsets, t, quant)) for t in grid]}
+                if quant is not None and quant[2] == 1:  # 8-bit codes: the rows quantized too (included in the time)
+                    def grouped_a8(tiles, fp8=w.dtype == torch.float8_e4m3fn):
+                        codes, x_scale = quantize_rows(rows, fp8)
+                        return triton_grouped_mm(codes, w, offsets, tiles, quant, x_scale, rows.dtype)
+
+                    kinds["grouped-a8"] = [(t, lambda t=t: grouped_a8(t)) for t in grid]
                 if quant is None:
                     kinds["native"] = [("cutlass", lambda: _native_function()(rows, w, offs=offsets))]
                 if tokens <= 64:
@@ -195,6 +204,7 @@ def main() -> None:
     ap.add_argument("--sweep-tiles", action="store_true", help="time the Triton grouped kernel's tile shapes instead")
     ap.add_argument("--sweep-experts", type=int, nargs="+", default=[128, 64], help="expert counts of --sweep-tiles")
     ap.add_argument("--sweep-quantized", action="store_true", help="time the quantized kernels' tile shapes instead")
+    ap.add_argument("--schemes", nargs="+", default=["fp8-block", "int8-channel", "int4-group"], help="schemes of --sweep-quantized")
     args = ap.parse_args()
     if args.sweep_tiles or args.sweep_quantized:
         rows = sweep_quantized(args) if args.sweep_quantized else sweep_tiles(args)

@@ -10,19 +10,22 @@ compressed-tensors' format), and every checkpoint is loaded back through stock `
 (which dequantizes where it has no kernel for the format, as on a CPU). Bytes are measured on disk.
 
 Generation agreement (greedy continuations of valid prompts, ``moe_fx.evaluate.generation``) is measured
-against the unpruned bf16 model and against the same variant unquantized ("quantize alone"). Prints a table
-and writes JSON.
+against the unpruned bf16 model and against the same variant unquantized ("quantize alone"). On CUDA, each
+checkpoint is also evaluated with its experts kept quantized and run by the moe_fx kernels (``kernels``), with
+8-bit activations in the grouped kernel (the default there) and weight-only. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 import tempfile
 from pathlib import Path
 
 import torch
 from common import data_parser, quality_run
+from deploy_speed import log
 
 from moe_fx import compose
 from moe_fx.evaluate.generation import agreement, generation_prompts, reference
@@ -71,6 +74,10 @@ def main() -> None:
                      "vs_unpruned": agreement(qmodel, base_ref, batch_size=args.batch_size),
                      "vs_unquantized": agreement(qmodel, own_ref, batch_size=args.batch_size)}
                 q["added_nll"] = q["nll"] - result["nll"]
+                if args.device.startswith("cuda"):
+                    q["kernels"] = _kernel_nll(stored, nll, args.device)
+                    q["kernels"]["added_nll"] = {k: v - result["nll"] for k, v in q["kernels"].items()}
+                    log(f"{name} + {scheme}: moe_fx kernels NLL {q['kernels']}")
                 result["schemes"][scheme] = q
                 rows.append(_row(f"{name} + {scheme}", q["nll"], base_nll, result["nll"], q["bytes"], source_bytes, q["vs_unpruned"], q["vs_unquantized"]))
                 del qmodel
@@ -81,6 +88,21 @@ def main() -> None:
                              f"{args.prompts} prompts x {args.new_tokens} greedy tokens)"))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"model": args.model, "calib_tokens": args.calib_tokens, "results": results}, indent=2) + "\n")
+
+
+def _kernel_nll(stored: Path, nll, device: str) -> dict:
+    """The checkpoint's NLL with its experts kept quantized in memory and run by the moe_fx kernels, as the grouped
+    kernel runs by default (``activations``: 8-bit activations where the GPU has tensor cores for the codes) and
+    weight-only (``MOE_FX_QUANTIZED_ACTIVATIONS=weight-only``)."""
+    out = {}
+    for label, setting in (("default", "auto"), ("weight_only", "weight-only")):
+        os.environ["MOE_FX_QUANTIZED_ACTIVATIONS"] = setting
+        try:
+            with torch.no_grad():
+                out[label] = nll(load_model(stored, dtype="bfloat16", device=device))
+        finally:
+            os.environ.pop("MOE_FX_QUANTIZED_ACTIVATIONS")
+    return out
 
 
 def _row(label: str, value: float, base: float, unquantized: float | None, size: int, source: int, vs_base: dict, vs_own: dict | None) -> list[str]:

@@ -23,7 +23,7 @@ from moe_fx.formats.loading import load_model
 from moe_fx.formats.quantized_checkpoint import quantize_checkpoint
 from moe_fx.kernels import experts_module as layout
 from moe_fx.kernels.implementation import set_implementation
-from moe_fx.kernels.quantized import FP8_MAX, SCHEMES, QuantizedWeight, dequantize, quantize
+from moe_fx.kernels.quantized import FP8_MAX, SCHEMES, QuantizedWeight, dequantize, quantize, relative_error
 from moe_fx.model.trace import trace
 from moe_fx.passes import DropExperts, PruneChannels
 from moe_fx.rewrite.quantize_experts import QuantizeExperts, quantize_experts_
@@ -170,7 +170,7 @@ def test_fp8_checkpoint_loads_into_fp8_experts(tmp_path) -> None:
 def test_cuda_kernels_match_dequantized(scheme: str) -> None:
     """Qwen3-30B-A3B expert shapes against the dequantized weights, in bfloat16: the decode path (routed GEMV)
     and the sorted path (grouped kernel)."""
-    from moe_fx.kernels import quantized_ops
+    from moe_fx.kernels import quantized_ops, triton_kernels
 
     torch.manual_seed(0)
     experts, hidden, width = 16, 2048, 768
@@ -190,6 +190,13 @@ def test_cuda_kernels_match_dequantized(scheme: str) -> None:
             offsets = torch.searchsorted(owner, torch.arange(experts, device="cuda"), right=True).to(torch.int32)
             got = quantized_ops.grouped(rows, weight, offsets).float()
             want = torch.einsum("ri,roi->ro", rows.float(), dense[owner])
+            if quantized_ops.activations_8bit(rows.device, scheme):
+                # the activations' own rounding first (at most 8% of the rows' norm for e4m3, 1% for int8) ...
+                assert relative_error(want, got) < (0.08 if SCHEMES[scheme].fp8 else 0.01)
+                # ... and then exact against the dequantized activations' product
+                x_codes, x_scale = triton_kernels.quantize_rows(rows, SCHEMES[scheme].fp8)
+                rows = (x_codes.float() * x_scale.repeat_interleave(128, -1)[:, :in_f])
+                want = torch.einsum("ri,roi->ro", rows, dense[owner])
             torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-2 * want.abs().max().item())
 
 
@@ -242,3 +249,17 @@ def test_every_tiny_family(family: str) -> None:
     ids = _ids(model, (1, 8))
     with torch.no_grad():
         torch.testing.assert_close(quantized(ids, use_cache=False).logits, reference(ids, use_cache=False).logits, rtol=0, atol=2e-5)
+
+
+def test_eight_bit_activations_only_where_they_run(monkeypatch) -> None:
+    """The grouped kernel quantizes activations only for 8-bit codes on CUDA; int4 stays weight-only, the CPU
+    reference path never quantizes them, and ``MOE_FX_QUANTIZED_ACTIVATIONS=weight-only`` turns it off."""
+    from moe_fx.kernels import quantized_ops
+
+    cpu = torch.device("cpu")
+    assert not any(quantized_ops.activations_8bit(cpu, s) for s in SCHEMES)
+    monkeypatch.setattr(quantized_ops, "_has_8bit_tensor_cores", lambda device, fp8: True)
+    cuda = torch.device("cuda")
+    assert [s for s in SCHEMES if quantized_ops.activations_8bit(cuda, s)] == ["fp8-block", "int8-channel"]
+    monkeypatch.setenv("MOE_FX_QUANTIZED_ACTIVATIONS", "weight-only")
+    assert not any(quantized_ops.activations_8bit(cuda, s) for s in SCHEMES)

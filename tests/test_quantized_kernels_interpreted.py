@@ -34,10 +34,21 @@ for k in (384, 200):
         got = tk.triton_routed_gemv(x, codes.transpose(-2, -1), ids, 2, quant)
         want = torch.stack([x[p // 2] @ dense[ids[p]].T for p in range(len(ids))])
         assert (got - want).abs().max() < 1e-5, (scheme, k, "gemv")
+        want = torch.stack([rows[i] @ dense[owner[i]].T for i in range(len(owner))])
         for tiles in ((16, 64, 128, 4, 4), (64, 128, 64, 8, 3)):
             got = tk.triton_grouped_mm(rows, codes.transpose(-2, -1), offsets, tiles, quant)
-            want = torch.stack([rows[i] @ dense[owner[i]].T for i in range(len(owner))])
             assert (got - want).abs().max() < 1e-5, (scheme, k, tiles)
+        if spec.kernel == 1:  # 8-bit activations: exact against the dequantized activations' product
+            x_codes, x_scale = tk.quantize_rows(rows, spec.fp8)
+            assert x_codes.dtype == codes.dtype, x_codes.dtype
+            assert x_scale.shape == (12, -(-k // 128)), x_scale.shape
+            x_deq = x_codes.float() * x_scale.repeat_interleave(128, -1)[:, :k]
+            rel = (x_deq - rows).norm() / rows.norm()
+            assert rel < (0.08 if spec.fp8 else 0.01), (scheme, float(rel))  # e4m3 keeps 3 mantissa bits
+            want8 = torch.stack([x_deq[i] @ dense[owner[i]].T for i in range(len(owner))])
+            for tiles in ((16, 64, 128, 4, 4), (64, 128, 128, 8, 3)):
+                got = tk.triton_grouped_mm(x_codes, codes.transpose(-2, -1), offsets, tiles, quant, x_scale, torch.float32)
+                assert (got - want8).abs().max() < 1e-5, (scheme, k, tiles, "8-bit activations")
 print("ok")
 """
 

@@ -5,9 +5,25 @@
 ``triton_op``s, so torch.compile launches them from Inductor's code and CUDA graphs capture them. Inference
 only: with gradients (or off CUDA) the moe_fx forward takes the reference path, which dequantizes just the
 experts a call runs (:meth:`QuantizedWeight.gather`).
+
+Activations: the routed GEMV (a handful of tokens, bound by the bytes of the weights) keeps them in their
+dtype. For FP8 and int8 codes on a GPU with tensor cores for them (FP8: compute capability 8.9, int8: 8.0),
+the grouped kernel first quantizes the sorted rows to the codes' kind, one scale per row and 128 inputs
+(:func:`~.triton_kernels.quantize_rows`, once per projection), then multiplies 8-bit by 8-bit: no code is
+converted in the inner loop, at twice bf16's tensor-core rate. For FP8 that is the hub checkpoints'
+``activation_scheme: dynamic`` (DeepSeek-V3, Qwen3-*-FP8), whose models were evaluated that way. It adds the
+activations' rounding (e4m3: about 4% of a row's norm, int8 under 1%) to the weights': on qwen3moe-bench,
++0.0015 and -0.0005 mean NLL over the weight-only kernels (``benchmarks/quantize_quality.py`` on an H200).
+int4 codes stay weight-only: turning their nibbles into int8 for int8 tensor cores measured slower than
+converting them to bf16 (H200, 16 tokens: 251 against 222 us for the up projection).
+``MOE_FX_QUANTIZED_ACTIVATIONS=weight-only`` keeps the grouped kernel weight-only for every scheme
+(benchmarks, checks).
 """
 
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 
@@ -33,11 +49,29 @@ def _routed_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, expe
     return triton_routed_gemv(x, w, expert_ids, rows_per_x, quant)
 
 
+@functools.cache
+def _has_8bit_tensor_cores(device: torch.device, fp8: bool) -> bool:
+    return torch.cuda.get_device_capability(device) >= ((8, 9) if fp8 else (8, 0))
+
+
+@torch.compiler.assume_constant_result
+def activations_8bit(device: torch.device, scheme: str) -> bool:
+    """Whether the grouped kernel quantizes activations for ``scheme``'s codes here (see the module doc); a
+    constant of the compiled graph, read where it is traced."""
+    if os.environ.get("MOE_FX_QUANTIZED_ACTIVATIONS", "auto") == "weight-only":
+        return False
+    spec = SCHEMES[scheme]
+    return spec.kernel == 1 and device.type == "cuda" and _has_8bit_tensor_cores(device, spec.fp8)
+
+
 def _grouped_mm(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offsets: torch.Tensor, scheme: str) -> torch.Tensor:
     """Rows of ``x`` sorted by expert (``offsets`` as ``moe_fx::grouped_mm``'s) times their experts' codes."""
-    from moe_fx.kernels.triton_kernels import triton_grouped_mm
+    from moe_fx.kernels.triton_kernels import quantize_rows, triton_grouped_mm
 
     w, quant = _kernel_args(codes, scale, scheme, x.shape[-1])
+    if activations_8bit(x.device, scheme):
+        x_codes, x_scale = quantize_rows(x.contiguous(), SCHEMES[scheme].fp8)
+        return triton_grouped_mm(x_codes, w, offsets, quant=quant, x_scale=x_scale, out_dtype=x.dtype)
     return triton_grouped_mm(x, w, offsets, quant=quant)
 
 

@@ -19,15 +19,18 @@ MAX_PAIRS_PER_EXPERT = 0.25
 whose expert another pair also hit is under 12%."""
 
 
-QUANTIZED_MAX_PAIRS_PER_EXPERT = 1.0
-"""The same bound for quantized experts: their grouped kernel converts codes in every tile, so the GEMV stays
-faster up to one pair per expert (FP8 at Qwen3-30B-A3B shapes, 16 tokens: 106 against 137 us for the up
-projection on an H200, ``experts_kernels.py --sweep-quantized``)."""
+WEIGHT_ONLY_MAX_PAIRS_PER_EXPERT = 1.0
+"""The same bound for quantized experts whose grouped kernel is weight-only (no 8-bit tensor cores, or
+``MOE_FX_QUANTIZED_ACTIVATIONS=weight-only``): it converts codes in every tile, so the GEMV stays faster up to
+one pair per expert (FP8 at Qwen3-30B-A3B shapes, 16 tokens: 106 against 137 us for the up projection on an
+H200, ``experts_kernels.py --sweep-quantized``). With 8-bit activations the grouped kernel wins from there
+(73 against 94 us), so :data:`MAX_PAIRS_PER_EXPERT` applies."""
 
 
-def applies(num_pairs: int, num_experts: int, device: torch.device, quantized: bool = False) -> bool:
-    """Whether the decode path runs: inference (it has no backward) on CUDA with Triton, few pairs per expert."""
-    few = num_pairs <= (QUANTIZED_MAX_PAIRS_PER_EXPERT if quantized else MAX_PAIRS_PER_EXPERT) * num_experts
+def applies(num_pairs: int, num_experts: int, device: torch.device, weight_only: bool = False) -> bool:
+    """Whether the decode path runs: inference (it has no backward) on CUDA with Triton, few pairs per expert
+    (``weight_only``: quantized experts whose grouped kernel is weight-only)."""
+    few = num_pairs <= (WEIGHT_ONLY_MAX_PAIRS_PER_EXPERT if weight_only else MAX_PAIRS_PER_EXPERT) * num_experts
     return few and not torch.is_grad_enabled() and grouped_mm.triton_here(device)
 
 

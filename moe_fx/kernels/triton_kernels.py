@@ -11,18 +11,21 @@ expert has no rows returns before reading anything: the kernel needs no block ta
 host work), runs under CUDA graphs with no host sync, and its bytes read follow the distinct experts hit.
 
 Quantized experts (:mod:`.quantized`): ``QUANT`` 1 reads FP8 or int8 codes, 2 unpacks two 4-bit codes a byte;
-either way each ``BLOCK_K`` tile lies in one scale group, so a tile's codes are multiplied by one scale per
-output column (``scale[e, n, k0 // GROUP]``) inside the kernel: bytes read are the codes and their scales,
-never a dequantized weight. ``QUANT`` 0 is the dense kernel, unchanged.
+either way each ``BLOCK_K`` tile lies in one scale group, so a tile's product is multiplied by one scale per
+output column (``scale[e, n, k0 // GROUP]``) after the tile's dot: bytes read are the codes and their scales,
+never a dequantized weight, and codes convert exactly to the activations' dtype (e4m3 and int8 values are
+bf16 values; 4-bit codes go through the float ``2^23 + c``, no integer-to-float instruction). ``QUANT`` 3 (grouped
+kernel only) multiplies 8-bit codes by rows already quantized to the same kind (:func:`quantize_rows`: one
+scale per row and 128 inputs), on 8-bit tensor cores, scaling each tile's product by the rows' and the
+columns' scales: no conversion at all in the inner loop (:mod:`.quantized_ops` says when it runs). ``QUANT``
+0 is the dense kernel, unchanged.
 
-Both kernels are weight-only: activations stay in their dtype and each tile of codes is converted in
-registers, so results are the dequantized weights' (the CPU reference path's). On an H200 at Qwen3-30B-A3B shapes
-(``experts_kernels.py --sweep-quantized``) the conversions, not the bytes, bound them: FP8 codes stream at
-2.2-2.7 TB/s through the routed GEMV and 1.7-1.9 TB/s through the grouped kernel, against 3.5-4.3 TB/s for
-bf16 weights, so FP8 halves the bytes but saves less time. A variant quantizing each row's activations per
-128 inputs inside the grouped kernel and multiplying on 8-bit tensor cores (the hub FP8 checkpoints'
-``activation_scheme: dynamic``) was slower still (178 against 160 us at 16 tokens; a 4-layer prefill at 0.77x
-the weight-only kernel's tokens/s) and was removed: the activations were re-quantized by every column tile.
+Measured on an H200 at Qwen3-30B-A3B shapes (``experts_kernels.py --sweep-quantized``; up projection, FP8):
+the routed GEMV reads FP8 codes at 2.5-2.7 TB/s (bf16 weights: 3.6), the weight-only grouped kernel at
+2.6-2.7 TB/s with 16-64 tokens, the 8-bit one at 3.5-3.6 TB/s (bf16: 4.3); at 4096 tokens the 8-bit kernel
+takes 807 us against CUTLASS's 416 us in bf16, the weight-only one 1140 us. An earlier form that quantized the
+activations inside the grouped kernel re-quantized them for every column tile and was slower than
+weight-only; quantizing them once per projection is what made 8-bit tensor cores pay.
 
 Both launch through ``wrap_triton``: eagerly it is a plain launch; inside the ``triton_op``s
 (``moe_fx::triton_grouped_mm``, ``moe_fx::routed_gemv``) torch.compile sees the kernel and Inductor launches it.
@@ -38,10 +41,12 @@ from torch.library import wrap_triton
 
 @triton.jit
 def _grouped_mm_kernel(
-    x_ptr, w_ptr, out_ptr, offsets_ptr, scale_ptr,
+    x_ptr, w_ptr, out_ptr, offsets_ptr, scale_ptr, x_scale_ptr,
     N, K, GROUP,
     stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_om, stride_on, stride_se, stride_sn, stride_sg,
+    stride_xsm, stride_xsg,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, QUANT: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     expert = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -60,22 +65,16 @@ def _grouped_mm_kernel(
         x_base = x_ptr + rows[:, None].to(tl.int64) * stride_xm
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
+            k_ok = k0 + ks < K
             if QUANT == 0:
-                k_ok = k0 + ks < K
                 a = tl.load(x_base + (k0 + ks)[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 b = tl.load(w_base + (k0 + ks)[:, None] * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
                 acc += _dot(a, b, IEEE)
             else:
+                # one scale per output column for the whole tile (a tile lies in one scale group): applied after the product
                 scale = tl.load(scale_ptr + expert.to(tl.int64) * stride_se + cols * stride_sn + (k0 // GROUP) * stride_sg, mask=col_ok, other=0.0)
-                if QUANT == 1:
-                    # dequantized tile by tile: codes times their columns' scales, in the activations' dtype
-                    k_ok = k0 + ks < K
-                    a = tl.load(x_base + (k0 + ks)[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                    w_ok = k_ok[:, None] & col_ok[None, :]
-                    codes = tl.where(w_ok, tl.load(w_base + (k0 + ks)[:, None] * stride_wk, mask=w_ok).to(tl.float32), 0.0)
-                    acc += _dot(a, (codes * scale[None, :]).to(a.dtype), IEEE)
-                else:
-                    # even and odd inputs as two products (their codes share a byte); the tile's scale once, after them
+                if QUANT == 2:
+                    # even and odd inputs as two products (their codes share a byte)
                     kk = k0 + 2 * halves
                     even_ok = kk < K
                     a_even = tl.load(x_base + kk[None, :] * stride_xk, mask=row_ok[:, None] & even_ok[None, :], other=0.0)
@@ -83,8 +82,75 @@ def _grouped_mm_kernel(
                     byte = tl.load(w_base + (k0 // 2 + halves)[:, None] * stride_wk, mask=even_ok[:, None] & col_ok[None, :], other=0)
                     low, high = _nibbles(byte, a_even.dtype)
                     acc += (_dot(a_even, low, IEEE) + _dot(a_odd, high, IEEE)) * scale[None, :]
+                else:
+                    b = _codes(w_base + (k0 + ks)[:, None] * stride_wk, k_ok[:, None] & col_ok[None, :])
+                    if QUANT == 1:
+                        # 8-bit codes are exact in the activations' dtype: convert, multiply, scale
+                        a = tl.load(x_base + (k0 + ks)[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                        acc += _dot(a, b.to(a.dtype), IEEE) * scale[None, :]
+                    else:
+                        # 8-bit activations (one scale per row and ACT_GROUP inputs) on 8-bit tensor cores
+                        a = _codes(x_base + (k0 + ks)[None, :] * stride_xk, row_ok[:, None] & k_ok[None, :])
+                        x_scale = tl.load(x_scale_ptr + rows * stride_xsm + (k0 // ACT_GROUP) * stride_xsg, mask=row_ok, other=0.0)
+                        acc += _dot_8bit(a, b, FP8) * x_scale[:, None] * scale[None, :]
         out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :] * stride_on
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+ACT_GROUP: tl.constexpr = tl.constexpr(128)
+"""Inputs of a row that share one activation scale (``QUANT`` 3): DeepSeek-V3's and the hub FP8 checkpoints'
+``activation_scheme: dynamic`` (1 x 128 groups)."""
+
+
+@triton.jit
+def _codes(ptrs, mask):
+    """8-bit codes (``float8_e4m3fn`` or ``int8``), masked lanes 0."""
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _dot_8bit(a, b, FP8: tl.constexpr):
+    """8-bit product in float32: FP8 accumulates in float32, int8 in int32 (exact)."""
+    if FP8:
+        product = tl.dot(a, b)
+    else:
+        product = tl.dot(a, b, out_dtype=tl.int32).to(tl.float32)
+    return product
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, R, K, stride_xm, stride_qm, stride_sm,
+                          QMAX: tl.constexpr, FP8: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Rows ``BLOCK_R`` at a time, one ``ACT_GROUP`` of inputs a program: codes ``x / s`` with ``s = max|x| / QMAX``
+    per row and group (rounded to the nearest integer for int8)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ks = tl.program_id(1) * ACT_GROUP + tl.arange(0, ACT_GROUP)
+    ok = (rows < R)[:, None] & (ks < K)[None, :]
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :], mask=ok, other=0.0).to(tl.float32)
+    s = tl.max(tl.abs(x), axis=1) / QMAX
+    q = x / tl.where(s > 0, s, 1.0)[:, None]
+    if FP8:
+        codes = tl.clamp(q, -QMAX, QMAX).to(tl.float8e4nv)
+    else:
+        codes = tl.clamp(tl.where(q >= 0, q + 0.5, q - 0.5), -QMAX, QMAX).to(tl.int8)
+    tl.store(q_ptr + rows[:, None].to(tl.int64) * stride_qm + ks[None, :], codes.to(tl.uint8, bitcast=True), mask=ok)
+    tl.store(s_ptr + rows * stride_sm + tl.program_id(1), s, mask=rows < R)
+
+
+def quantize_rows(x: torch.Tensor, fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [S, K]`` as 8-bit codes ``[S, K]`` (``float8_e4m3fn`` or ``int8``) and float32 scales ``[S, ceil(K / 128)]``,
+    one per row and 128 inputs (what ``QUANT`` 3 multiplies)."""
+    rows, k = x.shape
+    groups = triton.cdiv(k, ACT_GROUP.value)
+    codes = torch.empty(rows, k, dtype=torch.uint8, device=x.device)
+    scales = torch.empty(rows, groups, dtype=torch.float32, device=x.device)
+    if rows:
+        block_r = 16
+        wrap_triton(_quantize_rows_kernel)[(triton.cdiv(rows, block_r), groups)](
+            x, codes, scales, rows, k, x.stride(0), codes.stride(0), scales.stride(0),
+            QMAX=448.0 if fp8 else 127.0, FP8=fp8, BLOCK_R=block_r, num_warps=4,
+        )
+    return codes.view(torch.float8_e4m3fn if fp8 else torch.int8), scales
 
 
 Tiles = tuple[int, int, int, int, int]
@@ -93,31 +159,43 @@ Tiles = tuple[int, int, int, int, int]
 
 def grouped_tiles(rows: int, num_experts: int, dtype: torch.dtype) -> Tiles:
     """Small row blocks and long weight streams for decode (few rows per expert), square tiles when experts
-    have many rows; fp32 halves BLOCK_K to stay within shared memory."""
+    have many rows; fp32 halves BLOCK_K to stay within shared memory, 8-bit activations double it (one
+    activation group a tile)."""
     few = rows <= 8 * num_experts
     block_m, block_n, block_k, warps, stages = (16, 64, 128, 4, 4) if few else (64, 128, 64, 8, 3)
     if dtype == torch.float32:
         block_k //= 2
+    elif dtype.itemsize == 1:
+        block_k = 128
     return block_m, block_n, block_k, warps, stages
 
 
 def triton_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, tiles: Tiles | None = None,
-                      quant: Quantized | None = None) -> torch.Tensor:
+                      quant: Quantized | None = None, x_scale: torch.Tensor | None = None,
+                      out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``x [S, K]`` (sorted by expert) times ``w [E, K, N]`` (any strides) per expert -> ``[S, N]``; ``tiles``
     overrides :func:`grouped_tiles` (benchmarks). With ``quant``, ``w`` holds codes (``[E, K / 2, N]`` for 4-bit)
-    and the output is in ``x``'s dtype."""
+    and the output is in ``x``'s dtype. With ``x_scale`` (``[S, ceil(K / 128)]``, from :func:`quantize_rows`) too,
+    ``x`` holds 8-bit codes of the same kind as ``w``'s, multiplied on 8-bit tensor cores; the output is then in
+    ``out_dtype``."""
     rows, k = x.shape
     num_experts, n = w.shape[0], w.shape[2]
-    out = x.new_empty(rows, n)
+    out = x.new_empty(rows, n, dtype=out_dtype or x.dtype)
     if rows == 0:
         return out
     block_m, block_n, block_k, warps, stages = tiles or grouped_tiles(rows, num_experts, x.dtype)
     scale, group, kind = _quant_args(quant, w, block_k, k)
+    fp8 = w.dtype == torch.float8_e4m3fn
+    if x_scale is not None:
+        if kind != 1 or x.dtype != w.dtype or ACT_GROUP.value % block_k:
+            raise ValueError(f"8-bit activations need 8-bit codes of their kind ({x.dtype} against {w.dtype}) and tiles within {ACT_GROUP.value} inputs")
+        kind = 3
+    x_scale = scale if x_scale is None else x_scale
     wrap_triton(_grouped_mm_kernel)[(num_experts, triton.cdiv(n, block_n))](
-        x, w, out, offsets, scale, n, k, group,
+        x, w, out, offsets, scale, x_scale, n, k, group,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
-        scale.stride(0), scale.stride(1), scale.stride(2),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=x.dtype == torch.float32, QUANT=kind,
+        scale.stride(0), scale.stride(1), scale.stride(2), x_scale.stride(0), x_scale.stride(1),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=x.dtype == torch.float32, QUANT=kind, FP8=fp8,
         num_warps=warps, num_stages=stages,
     )
     return out
@@ -147,9 +225,12 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 @triton.jit
 def _nibbles(byte, dtype: tl.constexpr):
-    """The two signed 4-bit codes of each byte (low nibble: the even input), offset 8 removed, in ``dtype``."""
-    low = (byte & 0xF).to(tl.int32) - 8
-    high = (byte >> 4).to(tl.int32) - 8
+    """The two signed 4-bit codes of each byte (low nibble: the even input), offset 8 removed, in ``dtype``. No
+    integer-to-float conversion (a quarter-rate instruction on Hopper): a nibble ``c`` put in the low mantissa
+    bits of ``2^23`` is the float ``2^23 + c`` exactly, and subtracting ``2^23 + 8`` leaves ``c - 8``."""
+    word = byte.to(tl.int32)
+    low = ((word & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+    high = (((word >> 4) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
     return low.to(dtype), high.to(dtype)
 
 
@@ -185,8 +266,8 @@ def _routed_gemv_kernel(
             w_ok = col_ok[:, None] & k_ok[None, :]
             if QUANT == 0:
                 w = tl.load(w_base + (k0 + ks)[None, :] * stride_wk, mask=w_ok, other=0.0)
-            else:  # FP8 cannot take an ``other`` value everywhere: masked lanes are zeroed after the load
-                w = tl.where(w_ok, tl.load(w_base + (k0 + ks)[None, :] * stride_wk, mask=w_ok).to(tl.float32), 0.0)
+            else:
+                w = _codes(w_base + (k0 + ks)[None, :] * stride_wk, w_ok)
             part = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
         if QUANT == 0:
             acc += part
