@@ -33,7 +33,7 @@ from moe_fx.evaluate.nll import disk_size, evaluate_nll
 from moe_fx.evaluate.table import format_table, human_bytes
 from moe_fx.formats import save_checkpoint
 from moe_fx.formats.loading import load_model
-from moe_fx.formats.quantized_checkpoint import SCHEMES, quantize_checkpoint
+from moe_fx.formats.quantized_checkpoint import SCHEMES, TARGETS, quantize_checkpoint
 from moe_fx.passes import Calibrate, DropExperts, Score
 
 
@@ -41,6 +41,8 @@ def main() -> None:
     ap = data_parser(__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=32, help="valid prompts of the generation agreement")
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--targets", nargs="+", default=["experts"], choices=TARGETS,
+                    help="what each scheme quantizes (quantize_checkpoint's targets); several: one checkpoint each")
     ap.add_argument("--out", default="benchmarks/results/quantize_quality.json")
     args = ap.parse_args()
     run = quality_run(args)
@@ -66,9 +68,10 @@ def main() -> None:
             source_bytes = source_bytes or result["bytes_bf16"]
             base_nll = result["nll"] if base_nll is None else base_nll
             rows.append(_row(name, result["nll"], base_nll, None, result["bytes_bf16"], source_bytes, result["vs_unpruned"], None))
-            for scheme in SCHEMES:
-                stored = Path(tmp) / f"{name}-{scheme}"
-                entry = quantize_checkpoint(plain, stored, scheme=scheme)
+            for scheme, targets in ((s, t) for s in SCHEMES for t in args.targets):
+                label = scheme if targets == "experts" else f"{scheme} ({targets})"
+                stored = Path(tmp) / f"{name}-{scheme}-{targets}"
+                entry = quantize_checkpoint(plain, stored, scheme=scheme, targets=targets)
                 qmodel = load_model(stored, dtype="bfloat16", device=args.device, quantize=None)
                 q = {"nll": nll(qmodel), "bytes": disk_size(stored), "quantization": entry,
                      "vs_unpruned": agreement(qmodel, base_ref, batch_size=args.batch_size),
@@ -77,9 +80,9 @@ def main() -> None:
                 if args.device.startswith("cuda"):
                     q["kernels"] = _kernel_nll(stored, nll, args.device)
                     q["kernels"]["added_nll"] = {k: v - result["nll"] for k, v in q["kernels"].items()}
-                    log(f"{name} + {scheme}: moe_fx kernels NLL {q['kernels']}")
-                result["schemes"][scheme] = q
-                rows.append(_row(f"{name} + {scheme}", q["nll"], base_nll, result["nll"], q["bytes"], source_bytes, q["vs_unpruned"], q["vs_unquantized"]))
+                    log(f"{name} + {label}: moe_fx kernels NLL {q['kernels']}")
+                result["schemes"][label] = q
+                rows.append(_row(f"{name} + {label}", q["nll"], base_nll, result["nll"], q["bytes"], source_bytes, q["vs_unpruned"], q["vs_unquantized"]))
                 del qmodel
             results[name] = result
     print(format_table(["model", "mean NLL", "vs unpruned", "added by quantizing", "on disk", "x bf16 source", "greedy tokens = unpruned",

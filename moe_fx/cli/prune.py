@@ -26,7 +26,7 @@ from moe_fx.cli.common import (
     zero_shot_results,
 )
 from moe_fx.errors import BadOptionError, MoeFxError
-from moe_fx.formats.quantized_checkpoint import SCHEMES, check_before_pruning, quantize_in_place
+from moe_fx.formats.quantized_checkpoint import SCHEMES, TARGETS, check_before_pruning, quantize_in_place
 
 
 def add_parser(sub) -> None:
@@ -85,6 +85,9 @@ def add_parser(sub) -> None:
                    help="write the pruned routed experts quantized: fp8-block (float8_e4m3fn, one scale per 128 x 128 block: the "
                         "hub's format) or int8-channel / int4-group (compressed-tensors' formats, group 128); every other weight "
                         "keeps its dtype; a streamed prune's output is quantized shard by shard after it is written")
+    p.add_argument("--quantize-targets", default="experts", choices=TARGETS,
+                   help="what --quantize covers: experts (the routed experts only) or linear (also attention, shared experts and dense "
+                        "MLPs, as the hub's FP8 checkpoints store them; routers and the LM head keep their dtype)")
     p.add_argument("--stream", default="auto", choices=("auto", "on", "off"),
                    help="prune one decoder layer at a time, never holding the whole model: on, off, or auto (default: on when "
                         "the checkpoint's weights exceed 80%% of the device's free memory); forward-only methods with uniform allocation")
@@ -236,13 +239,15 @@ def run(args) -> int:
     if distributed.init_from_env(device) and device == "cuda":
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     stream = _streaming(args, source, device)
+    if args.quantize_targets != "experts" and not args.quantize:
+        raise BadOptionError(f"--quantize-targets {args.quantize_targets} says what --quantize covers; add --quantize SCHEME")
     if args.quantize and source_mxfp4(source) is not None:
         raise BadOptionError(f"{source}'s experts are MXFP4, which the pruned copy keeps; drop --quantize {args.quantize}")
     if args.preset:
         _apply_preset(args, stream)
     channels = args.granularity == "channel"
     if args.quantize:
-        check_before_pruning(source, args.quantize, width_multiple=args.multiple if channels else None)
+        check_before_pruning(source, args.quantize, width_multiple=args.multiple if channels else None, targets=args.quantize_targets)
     args.method, merge = parse_method(args.method or ("fisher" if channels else "reap"))
     args.merge = args.merge or merge
     search = args.method == "eep"
@@ -380,13 +385,13 @@ def run(args) -> int:
     if stream:
         update_record(out, record)
         if args.quantize:  # the streamed output is rewritten shard by shard, replaced only when complete
-            quantize_in_place(out, scheme=args.quantize, show_progress=show)
+            quantize_in_place(out, scheme=args.quantize, show_progress=show, targets=args.quantize_targets)
         write_report(out)
     else:
         model.to(save_dtype)
         record["size_after"] = model_size(model)
         out = save_checkpoint(model, args.out, source=source, tokenizer=tokenizer, overwrite=args.overwrite, extra_record=record,
-                              quantize=args.quantize)
+                              quantize=args.quantize, quantize_targets=args.quantize_targets)
 
     kept = sum(b.num_experts for b in state.spec.blocks)
     total = sum(b.num_experts for b in spec.blocks)

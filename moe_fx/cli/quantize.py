@@ -1,11 +1,12 @@
-"""``moe-fx quantize``: a checkpoint's routed experts in block-wise FP8 (the hub's format) or int8 / int4
-(compressed-tensors' format), which stock transformers and vLLM load."""
+"""``moe-fx quantize``: a checkpoint's routed experts (and with ``--targets linear`` its other linear layers) in
+block-wise FP8 (the hub's format) or int8 / int4 (compressed-tensors' format), which stock transformers and vLLM
+load."""
 
 from __future__ import annotations
 
 from moe_fx.cli.common import add_output
 from moe_fx.formats.compressed_experts import DEFAULT_GROUP
-from moe_fx.formats.quantized_checkpoint import SCHEMES
+from moe_fx.formats.quantized_checkpoint import SCHEMES, TARGETS
 
 
 def add_parser(sub) -> None:
@@ -15,8 +16,11 @@ def add_parser(sub) -> None:
     p.add_argument("--scheme", default="fp8-block", choices=SCHEMES,
                    help="fp8-block: float8_e4m3fn routed experts with one scale per 128 x 128 block (Qwen3-30B-A3B-FP8's format); "
                         "int8-channel / int4-group: compressed-tensors' int-quantized / pack-quantized formats (needs "
-                        "pip install compressed-tensors); every other weight keeps its dtype")
+                        "pip install compressed-tensors); every other weight keeps its dtype unless --targets linear")
     p.add_argument("--group-size", type=int, default=DEFAULT_GROUP, help="inputs per scale of int4-group (must divide every expert's input size)")
+    p.add_argument("--targets", default="experts", choices=TARGETS,
+                   help="experts: the routed experts only; linear: also attention, shared experts and dense MLPs (as the hub's FP8 "
+                        "checkpoints store them); routers, the LM head, norms and embeddings keep their dtype")
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     add_output(p)
@@ -28,11 +32,11 @@ def run(args) -> int:
     from moe_fx.formats.quantized_checkpoint import quantize_checkpoint
 
     entry = quantize_checkpoint(args.model, args.out, scheme=args.scheme, group_size=args.group_size, overwrite=args.overwrite,
-                                show_progress=not args.quiet)
+                                show_progress=not args.quiet, targets=args.targets)
     rows = [
-        ["tensors quantized", f"{entry['tensors']} expert projections ({entry['kept_in_source_dtype']} linear layers and routers keep the source dtype)"],
+        ["tensors quantized", f"{entry['tensors']} ({args.targets}; {entry['kept_in_source_dtype']} linear layers and routers keep the source dtype)"],
         ["weights on disk", f"{human_bytes(entry['bytes_before'])} -> {human_bytes(entry['bytes'])} ({entry['bytes'] / entry['bytes_before']:.3f}x)"],
-        ["largest relative error", f"{entry['max_relative_error']:.2e} (one expert projection's, Frobenius norm)"],
+        ["largest relative error", f"{entry['max_relative_error']:.2e} (one tensor's, Frobenius norm)"],
     ]
     print(format_table(["", f"{args.model} -> {args.out}"], rows, title=f"quantized ({args.scheme})"))
     return 0

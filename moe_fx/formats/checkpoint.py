@@ -181,13 +181,15 @@ def save_checkpoint(
     extra_record: dict | None = None,
     report: bool = True,
     quantize: str | None = None,
+    quantize_targets: str = "experts",
 ) -> Path:
     """Save ``model`` (and its moe-fx record) atomically to ``out``; return the final path. ``report``: also
     write ``report.md`` / ``report.json`` / ``plots/`` describing the run (from the record). A source whose experts
     are MXFP4 (GPT-OSS) gets MXFP4 experts back (:mod:`moe_fx.formats.mxfp4`; the record's ``expert_format`` says
     the bytes and the round-trip error of weights a pass changed). ``quantize="fp8-block"`` writes the experts in
     the hub's block-wise FP8 format, ``int8-channel`` / ``int4-group`` in compressed-tensors' format
-    (:mod:`moe_fx.formats.quantized_checkpoint`; the record's ``quantization`` says the bytes)."""
+    (:mod:`moe_fx.formats.quantized_checkpoint`; the record's ``quantization`` says the bytes);
+    ``quantize_targets="linear"`` quantizes every other linear layer too, but the routers and the LM head."""
     state = getattr(model, STATE_ATTR, None)
     if state is not None and state.masked:
         raise BadOptionError("this model's channels were zeroed in place (PruneChannels(mask_only=True), a debug mode); "
@@ -196,6 +198,7 @@ def save_checkpoint(
     quantization = source_mxfp4(source)
     if quantize is not None:  # before anything is written
         quantized_checkpoint.codec(quantize)
+        quantized_checkpoint.check_targets(quantize_targets)
         if quantization is not None:
             raise BadOptionError(f"the source's experts are MXFP4, which the pruned copy keeps; --quantize {quantize} does not apply to it")
     with atomic_directory(out) as tmp:
@@ -203,7 +206,7 @@ def save_checkpoint(
         if quantization is not None:
             extra_record = {**(extra_record or {}), "expert_format": mxfp4.repack_directory(tmp, quantization)}
         if quantize is not None:
-            extra_record = {**(extra_record or {}), "quantization": quantized_checkpoint.quantize_directory(tmp, scheme=quantize)}
+            extra_record = {**(extra_record or {}), "quantization": quantized_checkpoint.quantize_directory(tmp, scheme=quantize, targets=quantize_targets)}
         record = write_companions(model, tmp, source=source, tokenizer=tokenizer, extra_record=extra_record)
         if report:
             write_report(tmp, record, location=out)

@@ -13,9 +13,9 @@ Why hand-written rather than a library: the math is one scale per block and a ca
 hub's tensor names exactly (per-expert tensors, ``weight_scale_inv``), which transformers' own writer needs a GPU
 to produce and torchao / compressed-tensors name differently.
 
-What is quantized: the routed experts (nearly all of an MoE's bytes). Every linear layer (attention, shared
-experts, dense MLPs, the head), the routers, norms and embeddings stay in the source dtype (a first scope: FP8
-linear layers add little size and their GPU path is not verified here).
+What is quantized: the routed experts (nearly all of an MoE's bytes) by default, every other linear layer but
+the routers and the head too with ``targets="linear"`` (:mod:`.quantized_checkpoint`); norms and embeddings
+stay in the source dtype.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def dequantize(codes: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype 
 
 
 def encode(name: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
-    """One per-expert projection's stored tensors: the codes under its name, the scales beside them."""
+    """One projection's stored tensors: the codes under its name, the scales beside them."""
     codes, scale = quantize(weight)
     return {name: codes, name + SCALE_SUFFIX: scale}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -91,9 +92,12 @@ def load_model(path: str | Path, *, dtype: str = "auto", device: str = "cpu", ex
     if quantize not in (None, "auto"):
         check_scheme(quantize)
     scheme = (_scheme_of(stored) if torch.device(device).type == "cuda" else None) if quantize == "auto" else quantize
-    kwargs = {"quantization_config": _dequantizing(stored)} if _block_fp8(stored) else {}
+    dequantizing = _dequantizing(stored)
+    kwargs = {"quantization_config": dequantizing} if dequantizing is not None else {}
     try:
-        model = model_class(p).from_pretrained(p, dtype=parse_dtype(dtype), device_map=None, **kwargs)
+        with warnings.catch_warnings():  # transformers warns that only the loading attributes passed are used: as meant
+            warnings.filterwarnings("ignore", message="You passed `quantization_config`", category=UserWarning)
+            model = model_class(p).from_pretrained(p, dtype=parse_dtype(dtype), device_map=None, **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError, ImportError) as exc:  # ImportError: a quantizer's package is missing
         raise NotAModelError(f"{p}: could not load the checkpoint ({type(exc).__name__}: {first_line(exc)})") from None
     if experts_implementation is not None and current(model) is not None:
@@ -135,11 +139,20 @@ def _block_fp8(config: dict) -> bool:
 
 
 def _dequantizing(config: dict):
-    """transformers' FP8 config of the checkpoint with ``dequantize=True``: loads anywhere, no FP8 kernel needed."""
-    from transformers import FineGrainedFP8Config
+    """The transformers quantization config that loads a quantized checkpoint's layers dense (``None``: none
+    needed). Block-wise FP8: ``dequantize=True``, which loads anywhere, no FP8 kernel needed. compressed-tensors:
+    ``run_compressed=False``, so that linear layers stored quantized (``--targets linear``) load as plain linear
+    layers rather than decompressing their weights at every call on a GPU."""
+    if _block_fp8(config):
+        from transformers import FineGrainedFP8Config
 
-    keys = ("activation_scheme", "weight_block_size", "modules_to_not_convert")
-    return FineGrainedFP8Config(dequantize=True, **{k: config[k] for k in keys if k in config})
+        keys = ("activation_scheme", "weight_block_size", "modules_to_not_convert")
+        return FineGrainedFP8Config(dequantize=True, **{k: config[k] for k in keys if k in config})
+    if config.get("quant_method") == "compressed-tensors":
+        from transformers import CompressedTensorsConfig
+
+        return CompressedTensorsConfig(run_compressed=False)
+    return None
 
 
 def load_tokenizer(path: str | Path):

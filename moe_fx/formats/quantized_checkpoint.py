@@ -6,10 +6,17 @@ Schemes and formats:
 - ``int8-channel``, ``int4-group``: compressed-tensors' format (:mod:`.compressed_experts`), which vLLM serves
   and transformers loads with the ``compressed-tensors`` package.
 
-Either way, only the per-expert projections ``...experts.{e}.{proj}.weight`` change. Every linear layer and
-router is listed as kept in the source dtype; norms and embeddings keep it too. Checkpoints whose experts are
-stored fused (GPT-OSS) are refused, since they have no per-expert tensor to write, and so are checkpoints that
-are already quantized.
+``targets`` says what changes: ``experts`` (the default) the per-expert projections
+``...experts.{e}.{proj}.weight`` only, every other linear layer and the routers listed as kept in the source
+dtype; ``linear`` every linear layer too (attention, shared experts, dense MLPs), as the hub's FP8 checkpoints
+(Qwen3-30B-A3B-FP8) store them, except the routers and the LM head. Norms and embeddings always keep the source
+dtype. Checkpoints whose experts are stored fused (GPT-OSS) are refused, since they have no per-expert tensor
+to write, and so are checkpoints that are already quantized.
+
+transformers' FP8 loader derives a tensor's block size from its scale grid (rows / scale rows), so a dimension
+over 128 that is not a multiple of 128 would load with the wrong blocks: such an expert projection is refused,
+such a linear layer keeps the source dtype, as does, for int4-group, one whose input size the group does not
+divide.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ from moe_fx.kernels.quantized import check_scheme
 
 SCHEMES = tuple(quantized.SCHEMES)
 """Every in-memory scheme has a checkpoint format."""
+TARGETS = ("experts", "linear")
+"""What a checkpoint's quantization covers (module doc)."""
 _EXPERT_WEIGHT = re.compile(r"(?:^|\.)experts\.\d+\.[A-Za-z0-9_]+\.weight$")
 """A routed expert's projection in the hub's per-expert layout."""
 
@@ -56,15 +65,21 @@ def codec(scheme: str, group_size: int = compressed_experts.DEFAULT_GROUP) -> Co
                  partial(compressed_experts.quantization_config, scheme, group_size))
 
 
+def check_targets(targets: str) -> None:
+    if targets not in TARGETS:
+        raise BadOptionError(f"unknown quantization targets {targets!r}; use one of {', '.join(TARGETS)}")
+
+
 def check_before_pruning(source: Path, scheme: str, *, group_size: int = compressed_experts.DEFAULT_GROUP,
-                         width_multiple: int | None = None) -> None:
-    """Refuse ``prune --quantize scheme`` before any work: a missing library, and for int4-group expert input
-    sizes (the hidden size, the experts' width, or with channel pruning the multiple widths are padded to) that
-    its group size does not divide."""
+                         width_multiple: int | None = None, targets: str = "experts") -> None:
+    """Refuse ``prune --quantize scheme`` before any work: bad targets, a missing library, and for int4-group
+    expert input sizes (the hidden size, the experts' width, or with channel pruning the multiple widths are
+    padded to) that its group size does not divide."""
     from moe_fx.formats.lazy import meta_model
     from moe_fx.model.trace import trace
 
     codec(scheme, group_size)
+    check_targets(targets)
     if scheme != "int4-group":
         return
     for block in trace(meta_model(source)).blocks:
@@ -75,23 +90,53 @@ def check_before_pruning(source: Path, scheme: str, *, group_size: int = compres
             compressed_experts.check_group(scheme, group_size, size, f"{block.path} {what}")
 
 
-def plan_tensors(meta: nn.Module, keys: list[str], scheme: str) -> tuple[set[str], list[str]]:
-    """(the stored tensors to quantize, the layers that keep the source dtype) for a checkpoint with these tensor
-    names and this model (built on meta): the routed experts' per-expert projections are quantized; every linear
-    layer and router keeps the source dtype. Refuses fused on-disk experts (no per-expert tensor to write)."""
+def plan_tensors(meta: nn.Module, shapes: dict[str, tuple[int, ...]], scheme: str, targets: str = "experts",
+                 group_size: int = compressed_experts.DEFAULT_GROUP) -> tuple[set[str], list[str]]:
+    """(the stored tensors to quantize, the layers that keep the source dtype) for a checkpoint with these tensors
+    (name -> shape) and this model (built on meta): the routed experts' per-expert projections, and with
+    ``targets="linear"`` every other linear layer but the routers and the LM head. Refuses fused on-disk experts
+    (no per-expert tensor to write), and refuses before writing what the scheme cannot store (module doc)."""
     from moe_fx.model.trace import trace
 
-    chosen = {k for k in keys if _EXPERT_WEIGHT.search(k)}
-    if not chosen:
-        fused = [k for k in keys if ".experts." in k][:2]
+    experts = {k for k in shapes if _EXPERT_WEIGHT.search(k)}
+    if not experts:
+        fused = [k for k in shapes if ".experts." in k][:2]
         raise BadOptionError(f"{scheme} writes per-expert tensors (experts.N.proj.weight), and this checkpoint stores its experts "
                              f"fused ({', '.join(fused) or 'no expert tensor found'}); it cannot take this scheme")
-    linears = [name for name, module in meta.named_modules() if isinstance(module, nn.Linear)]
-    return chosen, list(dict.fromkeys(linears + [b.router.path for b in trace(meta).blocks]))
+    for key in experts:
+        if not _storable(scheme, shapes[key]):
+            raise BadOptionError(f"{key}: shape {list(shapes[key])} has a dimension over {fp8_block.BLOCK} that is not a multiple of it, "
+                                 f"which transformers' FP8 loader cannot read back; use int8-channel or int4-group")
+    spec = trace(meta)
+    others = _other_linears(meta, spec)
+    chosen = set(experts)
+    if targets == "linear":
+        for name, module in others.items():
+            key = f"{name}.weight"
+            if key in shapes and _storable(scheme, shapes[key]) and (scheme != "int4-group" or module.in_features % group_size == 0):
+                chosen.add(key)
+    kept = [name for name in others if f"{name}.weight" not in chosen]
+    head = meta.get_output_embeddings()
+    head_name = [name for name, module in meta.named_modules() if module is head and isinstance(module, nn.Linear)]
+    return chosen, list(dict.fromkeys(kept + head_name + [b.router.path for b in spec.blocks]))
+
+
+def _other_linears(meta: nn.Module, spec) -> dict[str, nn.Linear]:
+    """The linear layers a ``linear`` target may quantize: every ``nn.Linear`` but the routers and the LM head."""
+    skip = {b.router.path for b in spec.blocks}
+    head = meta.get_output_embeddings()
+    return {name: module for name, module in meta.named_modules()
+            if isinstance(module, nn.Linear) and name not in skip and module is not head}
+
+
+def _storable(scheme: str, shape: tuple[int, ...]) -> bool:
+    """Whether transformers reads ``scheme``'s blocks of a ``shape`` tensor back (module doc); integer schemes
+    have no such limit."""
+    return scheme != "fp8-block" or all(d <= fp8_block.BLOCK or d % fp8_block.BLOCK == 0 for d in shape)
 
 
 def quantize_directory(path: str | Path, *, scheme: str = "fp8-block", group_size: int = compressed_experts.DEFAULT_GROUP,
-                       source: Path | None = None, show_progress: bool = False) -> dict:
+                       source: Path | None = None, show_progress: bool = False, targets: str = "experts") -> dict:
     """Rewrite a saved checkpoint's expert weights with ``scheme``, in place (every shard, the index, the
     config), or, with ``source``, write ``source``'s shards into ``path``, which holds its other files already.
     Returns what the record keeps: the bytes before and after, the tensors quantized, the largest relative
@@ -108,11 +153,12 @@ def quantize_directory(path: str | Path, *, scheme: str = "fp8-block", group_siz
     if "quantization_config" in config:
         method = config["quantization_config"].get("quant_method")
         raise BadOptionError(f"{shards}: the checkpoint is already quantized ({method}); {scheme} needs a checkpoint in bfloat16/float16/float32")
-    keys = []
+    check_targets(targets)
+    shapes = {}
     for file in shard_files(shards):
         with safe_open(str(shards / file), "pt") as f:
-            keys += list(f.keys())
-    chosen, not_converted = plan_tensors(meta_model(shards), keys, scheme)
+            shapes |= {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    chosen, not_converted = plan_tensors(meta_model(shards), shapes, scheme, targets, group_size)
     worst = 0.0
 
     def encode(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -129,31 +175,34 @@ def quantize_directory(path: str | Path, *, scheme: str = "fp8-block", group_siz
 
     before, after = rewrite_shards(path, encode, source=source, desc=scheme, show_progress=show_progress)
     set_quantization_config(path, fmt.config(not_converted))
-    return {"scheme": scheme, "tensors": len(chosen), "bytes_before": before, "bytes": after,
+    return {"scheme": scheme, "targets": targets, "tensors": len(chosen), "bytes_before": before, "bytes": after,
             "max_relative_error": worst, "kept_in_source_dtype": len(not_converted),
             **({"group_size": group_size} if scheme == "int4-group" else {})}
 
 
 def quantize_checkpoint(source: str | Path, out: str | Path, *, scheme: str = "fp8-block", group_size: int = compressed_experts.DEFAULT_GROUP,
-                        overwrite: bool = False, show_progress: bool = False) -> dict:
+                        overwrite: bool = False, show_progress: bool = False, targets: str = "experts") -> dict:
     """Write ``source`` (a checkpoint directory, pruned or not, left untouched) to ``out`` with ``scheme``'s
     experts, atomically; return the record's ``quantization`` entry (also written to ``out``'s ``moe_fx.json``)."""
     from moe_fx.formats.checkpoint import check_output_path
     from moe_fx.formats.loading import check_model_dir
 
-    codec(scheme, group_size)  # a bad scheme, or a missing library, before anything is written
+    codec(scheme, group_size)  # a bad scheme or targets, or a missing library, before anything is written
+    check_targets(targets)
     source = check_model_dir(source)
-    return _write(source, check_output_path(out, source, overwrite), scheme, group_size, show_progress)
+    return _write(source, check_output_path(out, source, overwrite), scheme, group_size, show_progress, targets)
 
 
-def quantize_in_place(path: str | Path, *, scheme: str, group_size: int = compressed_experts.DEFAULT_GROUP, show_progress: bool = False) -> dict:
+def quantize_in_place(path: str | Path, *, scheme: str, group_size: int = compressed_experts.DEFAULT_GROUP, show_progress: bool = False,
+                      targets: str = "experts") -> dict:
     """:func:`quantize_checkpoint` from ``path`` onto itself: the quantized copy is built beside it and replaces
     it only when complete (a streamed prune's output, quantized after it is written)."""
     codec(scheme, group_size)
-    return _write(Path(path), Path(path), scheme, group_size, show_progress)
+    check_targets(targets)
+    return _write(Path(path), Path(path), scheme, group_size, show_progress, targets)
 
 
-def _write(source: Path, out: Path, scheme: str, group_size: int, show_progress: bool) -> dict:
+def _write(source: Path, out: Path, scheme: str, group_size: int, show_progress: bool, targets: str) -> dict:
     from moe_fx.formats.atomic import atomic_directory
     from moe_fx.formats.checkpoint import RECORD_FILE
     from moe_fx.formats.shards import INDEX_FILE, shard_files
@@ -163,7 +212,7 @@ def _write(source: Path, out: Path, scheme: str, group_size: int, show_progress:
         for item in source.iterdir():  # everything but the weights, which quantize_directory writes
             if item.name not in shards:
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
-        entry = quantize_directory(tmp, scheme=scheme, group_size=group_size, source=source, show_progress=show_progress)
+        entry = quantize_directory(tmp, scheme=scheme, group_size=group_size, source=source, show_progress=show_progress, targets=targets)
         record_file = tmp / RECORD_FILE
         record = json.loads(record_file.read_text()) if record_file.is_file() else {"source": str(source.resolve())}
         record["quantization"] = entry
