@@ -70,7 +70,7 @@ def _grouped_mm(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offse
 
     w, quant = _kernel_args(codes, scale, scheme, x.shape[-1])
     if activations_8bit(x.device, scheme):
-        x_codes, x_scale = quantize_rows(x.contiguous(), SCHEMES[scheme].fp8)
+        x_codes, x_scale = quantize_rows(x, SCHEMES[scheme].fp8)
         return triton_grouped_mm(x_codes, w, offsets, quant=quant, x_scale=x_scale, out_dtype=x.dtype)
     return triton_grouped_mm(x, w, offsets, quant=quant)
 

@@ -140,6 +140,7 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, R, K, stride_xm, stride_qm, strid
 def quantize_rows(x: torch.Tensor, fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``x [S, K]`` as 8-bit codes ``[S, K]`` (``float8_e4m3fn`` or ``int8``) and float32 scales ``[S, ceil(K / 128)]``,
     one per row and 128 inputs (what ``QUANT`` 3 multiplies)."""
+    x = x.contiguous()  # the kernel reads inputs at unit stride
     rows, k = x.shape
     groups = triton.cdiv(k, ACT_GROUP.value)
     codes = torch.empty(rows, k, dtype=torch.uint8, device=x.device)
