@@ -58,8 +58,13 @@ def scheme_of(name: str, group_size: int):
     return scheme(targets=["Linear"], weights=weights)
 
 
+def group_fits(name: str, group_size: int, in_features: int) -> bool:
+    """Whether scheme ``name``'s scale groups tile ``in_features`` inputs (only int4-group has groups)."""
+    return name != "int4-group" or in_features % group_size == 0
+
+
 def check_group(name: str, group_size: int, in_features: int, tensor: str) -> None:
-    if name == "int4-group" and in_features % group_size:
+    if not group_fits(name, group_size, in_features):
         raise BadOptionError(f"{tensor}: {in_features} is not a multiple of int4-group's group size {group_size}; "
                              f"use a group size that divides every expert's input size, or int8-channel / fp8-block")
 

@@ -107,26 +107,19 @@ def plan_tensors(meta: nn.Module, shapes: dict[str, tuple[int, ...]], scheme: st
         if not _storable(scheme, shapes[key]):
             raise BadOptionError(f"{key}: shape {list(shapes[key])} has a dimension over {fp8_block.BLOCK} that is not a multiple of it, "
                                  f"which transformers' FP8 loader cannot read back; use int8-channel or int4-group")
-    spec = trace(meta)
-    others = _other_linears(meta, spec)
-    chosen = set(experts)
-    if targets == "linear":
-        for name, module in others.items():
-            key = f"{name}.weight"
-            if key in shapes and _storable(scheme, shapes[key]) and (scheme != "int4-group" or module.in_features % group_size == 0):
-                chosen.add(key)
-    kept = [name for name in others if f"{name}.weight" not in chosen]
+    routers = [b.router.path for b in trace(meta).blocks]
     head = meta.get_output_embeddings()
-    head_name = [name for name, module in meta.named_modules() if module is head and isinstance(module, nn.Linear)]
-    return chosen, list(dict.fromkeys(kept + head_name + [b.router.path for b in spec.blocks]))
-
-
-def _other_linears(meta: nn.Module, spec) -> dict[str, nn.Linear]:
-    """The linear layers a ``linear`` target may quantize: every ``nn.Linear`` but the routers and the LM head."""
-    skip = {b.router.path for b in spec.blocks}
-    head = meta.get_output_embeddings()
-    return {name: module for name, module in meta.named_modules()
-            if isinstance(module, nn.Linear) and name not in skip and module is not head}
+    chosen, kept = set(experts), []
+    for name, module in meta.named_modules():
+        if not isinstance(module, nn.Linear) or name in routers:
+            continue
+        key = f"{name}.weight"
+        if (targets == "linear" and module is not head and key in shapes and _storable(scheme, shapes[key])
+                and compressed_experts.group_fits(scheme, group_size, module.in_features)):
+            chosen.add(key)
+        else:
+            kept.append(name)
+    return chosen, list(dict.fromkeys(kept + routers))
 
 
 def _storable(scheme: str, shape: tuple[int, ...]) -> bool:
