@@ -249,9 +249,11 @@ def print_tables(results: dict, summary: dict, args) -> None:
 def runtime_options(options: str):
     """A variant's ``:``-suffix, comma-separated, applied while its rows run: ``weight-only`` keeps quantized
     experts' activations in their dtype (``MOE_FX_QUANTIZED_ACTIVATIONS``), ``gemv=X`` moves the routed GEMV's
-    bounds to ``X`` pairs per expert. Each row compiles afresh, so each sees them."""
+    bounds to ``X`` pairs per expert, ``swap=on|off`` sets the grouped kernel's orientation (``SWAP``) whatever
+    ``grouped_tiles`` picks. Each row compiles afresh, so each sees them."""
     env_before = os.environ.get("MOE_FX_QUANTIZED_ACTIVATIONS")
     bounds_before = routed_gemv.MAX_PAIRS_PER_EXPERT, routed_gemv.WEIGHT_ONLY_MAX_PAIRS_PER_EXPERT
+    patched = {}  # triton_kernels (imported only where the option asks: it needs Triton) -> its grouped_tiles
     try:
         for option in filter(None, options.split(",")):
             if option == "weight-only":
@@ -259,14 +261,21 @@ def runtime_options(options: str):
             elif option.startswith("gemv="):
                 bound = float(option.removeprefix("gemv="))
                 routed_gemv.MAX_PAIRS_PER_EXPERT = routed_gemv.WEIGHT_ONLY_MAX_PAIRS_PER_EXPERT = bound
+            elif option in ("swap=on", "swap=off"):
+                from moe_fx.kernels import triton_kernels
+
+                tiles = patched.setdefault(triton_kernels, triton_kernels.grouped_tiles)
+                triton_kernels.grouped_tiles = lambda *a, swap=option == "swap=on": tiles(*a)[:5] + (swap,)
             else:
-                raise SystemExit(f"unknown variant option {option!r}: use weight-only or gemv=X")
+                raise SystemExit(f"unknown variant option {option!r}: use weight-only, gemv=X or swap=on|off")
         yield
     finally:
         os.environ.pop("MOE_FX_QUANTIZED_ACTIVATIONS", None)
         if env_before is not None:
             os.environ["MOE_FX_QUANTIZED_ACTIVATIONS"] = env_before
         routed_gemv.MAX_PAIRS_PER_EXPERT, routed_gemv.WEIGHT_ONLY_MAX_PAIRS_PER_EXPERT = bounds_before
+        for module, tiles in patched.items():
+            module.grouped_tiles = tiles
 
 
 def main() -> None:

@@ -82,9 +82,9 @@ def time_call(fn, calls: int = 20, replays: int = 10) -> float:
     return start.elapsed_time(end) * 1000 / (calls * replays)
 
 
-SWEEP_TILES = [(bm, bn, bk, w, st) for bm in (16, 32) for bn in (32, 64, 128) for bk in (64, 128, 256)
-               for w, st in ((4, 3), (4, 4), (8, 3)) if not (bm == 32 and bk == 256)]
-"""(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) tried by ``--sweep-tiles``."""
+SWEEP_TILES = [(bm, bn, bk, w, st, sw) for bm in (16, 32) for bn in (32, 64, 128) for bk in (64, 128, 256)
+               for w, st in ((4, 3), (4, 4), (8, 3)) for sw in (False, True) if not (bm == 32 and bk == 256)]
+"""(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SWAP) tried by ``--sweep-tiles``."""
 
 
 def routed_rows(tokens: int, num_experts: int, g: torch.Generator) -> tuple[torch.Tensor, int]:
@@ -135,9 +135,11 @@ def sweep_tiles(args) -> list[dict]:
 
 QUANT_GEMV_TILES = [(bn, 128, w) for bn in (16, 32, 64, 128) for w in (2, 4, 8)]
 """Routed GEMV tiles tried (128 inputs a step: one scale group)."""
-QUANT_GROUPED_FEW = [(bm, bn, 128, w, st) for bm in (16, 64) for bn in (32, 64, 128) for w, st in ((4, 3), (8, 3))]
+QUANT_GROUPED_FEW = ([(16, 64, 128, 4, 3, False), (16, 128, 128, 4, 3, False), (16, 64, 128, 8, 3, False), (64, 64, 128, 4, 3, False),
+                      (64, 128, 128, 8, 3, False)]
+                     + [(bm, bn, 128, w, 3, True) for bm in (16, 32, 64) for bn in (64, 128) for w in (4, 8)])
 """Grouped tiles tried with up to 64 tokens (a few rows per expert); 128 inputs a step (the activation group)."""
-QUANT_GROUPED_MANY = [(bm, bn, 128, w, 3) for bm in (64, 128) for bn in (64, 128) for w in (4, 8)]
+QUANT_GROUPED_MANY = [(bm, bn, 128, w, 3, sw) for bm in (64, 128) for bn in (64, 128) for w in (4, 8) for sw in (False, True)]
 """Grouped tiles tried with more tokens."""
 
 
@@ -182,6 +184,8 @@ def sweep_quantized(args) -> list[dict]:
                     kinds["gemv"] = [(t, lambda t=t: triton_routed_gemv(x, w, ids, 8, quant, t)) for t in QUANT_GEMV_TILES
                                      if quant is None or t[1] <= 128]
                 for kind, cands in kinds.items():
+                    if args.kernels and kind not in args.kernels:
+                        continue
                     timed = []
                     for tiles, fn in cands:
                         try:
@@ -191,7 +195,10 @@ def sweep_quantized(args) -> list[dict]:
                     us, tiles = min(timed)
                     out.append({"proj": proj, "tokens": tokens, "weights": name, "kernel": kind, "best_tiles": tiles, "us": us,
                                 "GB_s": read / us / 1e3, "bytes": read, "all": [[t, u] for u, t in sorted(timed)[:5]]})
-                    print(f"{proj:<5} T={tokens:<5} {name:<13} {kind:<8} best {str(tiles):<24} {us:8.1f} us {read / us / 1e3:6.0f} GB/s", flush=True)
+                    # grouped tiles end in SWAP: the best of each orientation, side by side
+                    sides = {f"swap={sw}": min((u for u, t in timed if t[-1] is sw), default=float("nan")) for sw in (False, True)}
+                    sides = "  ".join(f"{k} {v:7.1f}" for k, v in sides.items()) if kind.startswith("grouped") else ""
+                    print(f"{proj:<5} T={tokens:<5} {name:<13} {kind:<10} best {str(tiles):<32} {us:8.1f} us {read / us / 1e3:6.0f} GB/s  {sides}", flush=True)
     return out
 
 
@@ -204,6 +211,8 @@ def main() -> None:
     ap.add_argument("--sweep-tiles", action="store_true", help="time the Triton grouped kernel's tile shapes instead")
     ap.add_argument("--sweep-experts", type=int, nargs="+", default=[128, 64], help="expert counts of --sweep-tiles")
     ap.add_argument("--sweep-quantized", action="store_true", help="time the quantized kernels' tile shapes instead")
+    ap.add_argument("--kernels", nargs="+", choices=["grouped", "grouped-a8", "native", "gemv"],
+                    help="kernels of --sweep-quantized (default: all)")
     ap.add_argument("--schemes", nargs="+", default=["fp8-block", "int8-channel", "int4-group"], help="schemes of --sweep-quantized")
     args = ap.parse_args()
     if args.sweep_tiles or args.sweep_quantized:

@@ -263,3 +263,57 @@ def test_eight_bit_activations_only_where_they_run(monkeypatch) -> None:
     assert [s for s in SCHEMES if quantized_ops.activations_8bit(cuda, s)] == ["fp8-block", "int8-channel"]
     monkeypatch.setenv("MOE_FX_QUANTIZED_ACTIVATIONS", "weight-only")
     assert not any(quantized_ops.activations_8bit(cuda, s) for s in SCHEMES)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels run on CUDA")
+@pytest.mark.parametrize("scheme", [None, *SCHEMES])
+def test_cuda_grouped_orientations_agree(scheme: str | None) -> None:
+    """The grouped kernel's two orientations (``SWAP``: the weights' tile as the left operand) and both tile
+    families give the dense (``None``) or dequantized product, weight-only and with 8-bit activations."""
+    from moe_fx.kernels import triton_kernels
+
+    torch.manual_seed(0)
+    experts, out_f, in_f = 8, 384, 640
+    w = torch.randn(experts, out_f, in_f, device="cuda") * 0.02
+    rows = torch.randn(200, in_f, device="cuda", dtype=torch.bfloat16)
+    owner = torch.sort(torch.randint(0, experts, (200,), device="cuda")).values
+    offsets = torch.searchsorted(owner, torch.arange(experts, device="cuda"), right=True).to(torch.int32)
+    if scheme is None:
+        codes, quant, dense = w.bfloat16(), None, w.bfloat16().float()
+    else:
+        codes, scale = quantize(w, scheme)
+        quant, dense = (scale, SCHEMES[scheme].group_size(in_f), SCHEMES[scheme].kernel), dequantize(codes, scale, scheme, torch.float32)
+    want = torch.einsum("ri,roi->ro", rows.float(), dense[owner])
+    eight_bit = scheme is not None and SCHEMES[scheme].kernel == 1
+    x_codes, x_scale = triton_kernels.quantize_rows(rows, SCHEMES[scheme].fp8) if eight_bit else (None, None)
+    for tiles in ((16, 64, 128, 4, 3), (64, 128, 128, 4, 3), (16, 128, 128, 8, 3)):
+        for swap in (False, True):
+            got = triton_kernels.triton_grouped_mm(rows, codes.transpose(-2, -1), offsets, (*tiles, swap), quant).float()
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-2 * want.abs().max().item())
+            if eight_bit:
+                got8 = triton_kernels.triton_grouped_mm(x_codes, codes.transpose(-2, -1), offsets, (*tiles, swap), quant, x_scale, torch.bfloat16)
+                assert relative_error(want, got8.float()) < (0.08 if SCHEMES[scheme].fp8 else 0.01), (tiles, swap)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels run on CUDA")
+def test_cuda_nibbles_exact() -> None:
+    """The inline-PTX nibble conversion (two codes an instruction) gives every byte's two codes exactly, in the
+    order the float32 form does."""
+    import triton
+    import triton.language as tl
+
+    from moe_fx.kernels.triton_kernels import _nibbles
+
+    @triton.jit
+    def convert(byte_ptr, low_ptr, high_ptr, PTX: tl.constexpr):
+        i = tl.arange(0, 1024)
+        low, high = _nibbles(tl.load(byte_ptr + i), tl.float32, PTX)
+        tl.store(low_ptr + i, low)
+        tl.store(high_ptr + i, high)
+
+    byte = torch.arange(1024, device="cuda").remainder(256).to(torch.uint8)
+    want = ((byte & 0xF).float() - 8, (byte >> 4).float() - 8)
+    for ptx in (False, True):
+        low, high = torch.empty(1024, device="cuda"), torch.empty(1024, device="cuda")
+        convert[(1,)](byte, low, high, PTX=ptx)
+        assert torch.equal(low, want[0]) and torch.equal(high, want[1]), ptx

@@ -35,7 +35,7 @@ for k in (384, 200):
         want = torch.stack([x[p // 2] @ dense[ids[p]].T for p in range(len(ids))])
         assert (got - want).abs().max() < 1e-5, (scheme, k, "gemv")
         want = torch.stack([rows[i] @ dense[owner[i]].T for i in range(len(owner))])
-        for tiles in ((16, 64, 128, 4, 4), (64, 128, 64, 8, 3)):
+        for tiles in ((16, 64, 128, 4, 4, False), (64, 128, 64, 8, 3, False), (16, 64, 128, 4, 4, True)):
             got = tk.triton_grouped_mm(rows, codes.transpose(-2, -1), offsets, tiles, quant)
             assert (got - want).abs().max() < 1e-5, (scheme, k, tiles)
         if spec.kernel == 1:  # 8-bit activations: exact against the dequantized activations' product
@@ -46,7 +46,7 @@ for k in (384, 200):
             rel = (x_deq - rows).norm() / rows.norm()
             assert rel < (0.08 if spec.fp8 else 0.01), (scheme, float(rel))  # e4m3 keeps 3 mantissa bits
             want8 = torch.stack([x_deq[i] @ dense[owner[i]].T for i in range(len(owner))])
-            for tiles in ((16, 64, 128, 4, 4), (64, 128, 128, 8, 3)):
+            for tiles in ((16, 64, 128, 4, 4, False), (64, 128, 128, 8, 3, False), (16, 64, 128, 4, 3, True)):
                 got = tk.triton_grouped_mm(x_codes, codes.transpose(-2, -1), offsets, tiles, quant, x_scale, torch.float32)
                 assert (got - want8).abs().max() < 1e-5, (scheme, k, tiles, "8-bit activations")
 print("ok")

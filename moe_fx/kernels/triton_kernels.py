@@ -20,18 +20,26 @@ scale per row and 128 inputs), on 8-bit tensor cores, scaling each tile's produc
 columns' scales: no conversion at all in the inner loop (:mod:`.quantized_ops` says when it runs). ``QUANT``
 0 is the dense kernel, unchanged.
 
-Measured on an H200 at Qwen3-30B-A3B shapes (``experts_kernels.py --sweep-quantized``; up projection, FP8):
-the routed GEMV reads FP8 codes at 2.5-2.7 TB/s (bf16 weights: 3.6), the weight-only grouped kernel at
-2.6-2.7 TB/s with 16-64 tokens, the 8-bit one at 3.5-3.6 TB/s (bf16: 4.3); at 4096 tokens the 8-bit kernel
-takes 807 us against CUTLASS's 416 us in bf16, the weight-only one 1140 us. An earlier form that quantized the
-activations inside the grouped kernel re-quantized them for every column tile and was slower than
-weight-only; quantizing them once per projection is what made 8-bit tensor cores pay.
+``SWAP`` (grouped kernel) computes the transposed product, the weights' tile on the left: the 8-bit kernel with
+few rows per expert and the int4 kernel with many run faster so (:func:`grouped_tiles`). The int4 kernels load a
+tile's activations once and split even from odd inputs in registers, and, compiled for a GPU, convert nibbles
+two at a time in inline PTX (:func:`_nibbles_bf16x2`).
+
+Measured on an H200 at Qwen3-30B-A3B shapes (``experts_kernels.py --sweep-quantized``; up projection): the
+routed GEMV reads FP8 codes at 2.5-2.7 TB/s (bf16 weights: 3.6), the weight-only grouped kernel at 2.6-2.7 TB/s
+with 16-64 tokens, the 8-bit one at 3.5-3.7 TB/s (bf16: 4.3); at 4096 tokens the 8-bit kernel takes 811 us
+against CUTLASS's 416 us in bf16. int4 reaches 0.65-0.77 TB/s of packed bytes with 16-64 tokens: about bf16's
+rate in weights multiplied per second, the conversion into the tensor cores' operand layout being the bound.
+An earlier form that quantized the activations inside the grouped kernel re-quantized them for every column
+tile and was slower than weight-only; quantizing them once per projection is what made 8-bit tensor cores pay.
 
 Both launch through ``wrap_triton``: eagerly it is a plain launch; inside the ``triton_op``s
 (``moe_fx::triton_grouped_mm``, ``moe_fx::routed_gemv``) torch.compile sees the kernel and Inductor launches it.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -46,7 +54,7 @@ def _grouped_mm_kernel(
     stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_om, stride_on, stride_se, stride_sn, stride_sg,
     stride_xsm, stride_xsg,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, QUANT: tl.constexpr,
-    FP8: tl.constexpr,
+    FP8: tl.constexpr, SWAP: tl.constexpr, PTX: tl.constexpr,
 ):
     expert = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -63,43 +71,87 @@ def _grouped_mm_kernel(
         rows = row0 + tl.arange(0, BLOCK_M)
         row_ok = rows < end
         x_base = x_ptr + rows[:, None].to(tl.int64) * stride_xm
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP else (BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k_ok = k0 + ks < K
             if QUANT == 0:
                 a = tl.load(x_base + (k0 + ks)[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 b = tl.load(w_base + (k0 + ks)[:, None] * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                acc += _dot(a, b, IEEE)
+                acc += _mma(a, b, IEEE, SWAP)
             else:
                 # one scale per output column for the whole tile (a tile lies in one scale group): applied after the product
                 scale = tl.load(scale_ptr + expert.to(tl.int64) * stride_se + cols * stride_sn + (k0 // GROUP) * stride_sg, mask=col_ok, other=0.0)
                 if QUANT == 2:
-                    # even and odd inputs as two products (their codes share a byte)
-                    kk = k0 + 2 * halves
-                    even_ok = kk < K
-                    a_even = tl.load(x_base + kk[None, :] * stride_xk, mask=row_ok[:, None] & even_ok[None, :], other=0.0)
-                    a_odd = tl.load(x_base + (kk + 1)[None, :] * stride_xk, mask=row_ok[:, None] & even_ok[None, :], other=0.0)
-                    byte = tl.load(w_base + (k0 // 2 + halves)[:, None] * stride_wk, mask=even_ok[:, None] & col_ok[None, :], other=0)
-                    low, high = _nibbles(byte, a_even.dtype)
-                    acc += (_dot(a_even, low, IEEE) + _dot(a_odd, high, IEEE)) * scale[None, :]
+                    # even and odd inputs as two products (their codes share a byte), split from one contiguous load
+                    a = tl.load(x_base + (k0 + ks)[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                    a_even, a_odd = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))
+                    byte = tl.load(w_base + (k0 // 2 + halves)[:, None] * stride_wk, mask=(k0 + 2 * halves < K)[:, None] & col_ok[None, :], other=0)
+                    low, high = _nibbles(byte, a_even.dtype, PTX)
+                    acc += (_mma(a_even, low, IEEE, SWAP) + _mma(a_odd, high, IEEE, SWAP)) * _per_col(scale, SWAP)
                 else:
                     b = _codes(w_base + (k0 + ks)[:, None] * stride_wk, k_ok[:, None] & col_ok[None, :])
                     if QUANT == 1:
                         # 8-bit codes are exact in the activations' dtype: convert, multiply, scale
                         a = tl.load(x_base + (k0 + ks)[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                        acc += _dot(a, b.to(a.dtype), IEEE) * scale[None, :]
+                        acc += _mma(a, b.to(a.dtype), IEEE, SWAP) * _per_col(scale, SWAP)
                     else:
                         # 8-bit activations (one scale per row and ACT_GROUP inputs) on 8-bit tensor cores
                         a = _codes(x_base + (k0 + ks)[None, :] * stride_xk, row_ok[:, None] & k_ok[None, :])
                         x_scale = tl.load(x_scale_ptr + rows * stride_xsm + (k0 // ACT_GROUP) * stride_xsg, mask=row_ok, other=0.0)
-                        acc += _dot_8bit(a, b, FP8) * x_scale[:, None] * scale[None, :]
-        out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :] * stride_on
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+                        acc += _mma_8bit(a, b, FP8, SWAP) * _per_row(x_scale, SWAP) * _per_col(scale, SWAP)
+        if SWAP:
+            out_ptrs = out_ptr + rows[None, :].to(tl.int64) * stride_om + cols[:, None] * stride_on
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=col_ok[:, None] & row_ok[None, :])
+        else:
+            out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :] * stride_on
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 ACT_GROUP: tl.constexpr = tl.constexpr(128)
 """Inputs of a row that share one activation scale (``QUANT`` 3): DeepSeek-V3's and the hub FP8 checkpoints'
 ``activation_scheme: dynamic`` (1 x 128 groups)."""
+
+
+@triton.jit
+def _mma(a, b, IEEE: tl.constexpr, SWAP: tl.constexpr):
+    """``a [M, K] @ b [K, N]``, or with ``SWAP`` its transpose ``b^T @ a^T [N, M]``: the weights' tile is then the
+    left operand, which Hopper's wgmma can take from registers (codes converted there) and whose 64+ columns
+    fill its 64-row minimum where a decode tile has only 16 rows."""
+    if SWAP:
+        product = _dot(tl.trans(b), tl.trans(a), IEEE)
+    else:
+        product = _dot(a, b, IEEE)
+    return product
+
+
+@triton.jit
+def _mma_8bit(a, b, FP8: tl.constexpr, SWAP: tl.constexpr):
+    """:func:`_dot_8bit` in :func:`_mma`'s orientation."""
+    if SWAP:
+        product = _dot_8bit(tl.trans(b), tl.trans(a), FP8)
+    else:
+        product = _dot_8bit(a, b, FP8)
+    return product
+
+
+@triton.jit
+def _per_col(v, SWAP: tl.constexpr):
+    """A per-output-column vector broadcast against the accumulator."""
+    if SWAP:
+        out = v[:, None]
+    else:
+        out = v[None, :]
+    return out
+
+
+@triton.jit
+def _per_row(v, SWAP: tl.constexpr):
+    """A per-row vector broadcast against the accumulator."""
+    if SWAP:
+        out = v[None, :]
+    else:
+        out = v[:, None]
+    return out
 
 
 @triton.jit
@@ -154,22 +206,31 @@ def quantize_rows(x: torch.Tensor, fp8: bool) -> tuple[torch.Tensor, torch.Tenso
     return codes.view(torch.float8_e4m3fn if fp8 else torch.int8), scales
 
 
-Tiles = tuple[int, int, int, int, int]
-"""(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of one ``triton_grouped_mm`` launch."""
+Tiles = tuple[int, int, int, int, int, bool]
+"""(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SWAP) of one ``triton_grouped_mm`` launch."""
 
 
-def grouped_tiles(rows: int, num_experts: int, dtype: torch.dtype) -> Tiles:
+def grouped_tiles(rows: int, num_experts: int, dtype: torch.dtype, quant: int = 0) -> Tiles:
     """Small row blocks and long weight streams for decode (few rows per expert), square tiles when experts
-    have many rows; fp32 halves BLOCK_K to stay within shared memory. 8-bit activations take one activation
-    group a tile, and 4 warps with many rows (H200, 4096 tokens, FP8: 807 against 903 us for the up projection,
-    328 against 417+ for the down one; ``kernels_h200_run4.json``)."""
+    have many rows; fp32 halves BLOCK_K to stay within shared memory. ``quant`` is the kernel's ``QUANT``;
+    measured on an H200 at Qwen3-30B-A3B shapes (``experts_kernels.py --sweep-quantized``, results in
+    ``benchmarks/results/quantize/kernels_h200_run5*.json``):
+
+    - 8-bit activations (``QUANT`` 3) take one activation group a tile and 4 warps with many rows (4096 tokens,
+      FP8: 807 against 903 us for the up projection, 328 against 417+ for the down one), and the swapped
+      orientation with few (16 tokens: 73 against 75 us up, 39 against 42 down).
+    - 4-bit codes (``QUANT`` 2) with many rows take 128 x 128 tiles, swapped (4096 tokens: 1586 against
+      1793 us up, 782 against 889 down); with few, 128 columns (64 tokens: 276 against 322 us up)."""
     few = rows <= 8 * num_experts
     block_m, block_n, block_k, warps, stages = (16, 64, 128, 4, 4) if few else (64, 128, 64, 8, 3)
+    swap = False
     if dtype == torch.float32:
         block_k //= 2
-    elif dtype.itemsize == 1:
-        block_k, warps = 128, 4
-    return block_m, block_n, block_k, warps, stages
+    elif quant == 3:
+        block_k, warps, stages, swap = 128, 4, 3, few
+    elif quant == 2:
+        block_m, block_n, block_k, warps, stages, swap = (16, 128, 128, 4, 3, False) if few else (128, 128, 128, 8, 3, True)
+    return block_m, block_n, block_k, warps, stages, swap
 
 
 def triton_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, tiles: Tiles | None = None,
@@ -185,22 +246,30 @@ def triton_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, t
     out = x.new_empty(rows, n, dtype=out_dtype or x.dtype)
     if rows == 0:
         return out
-    block_m, block_n, block_k, warps, stages = tiles or grouped_tiles(rows, num_experts, x.dtype)
-    scale, group, kind = _quant_args(quant, w, block_k, k)
-    fp8 = w.dtype == torch.float8_e4m3fn
+    kind = 0 if quant is None else quant[2]
     if x_scale is not None:
-        if kind != 1 or x.dtype != w.dtype or ACT_GROUP.value % block_k:
-            raise ValueError(f"8-bit activations need 8-bit codes of their kind ({x.dtype} against {w.dtype}) and tiles within {ACT_GROUP.value} inputs")
+        if kind != 1 or x.dtype != w.dtype:
+            raise ValueError(f"8-bit activations need 8-bit codes of their kind ({x.dtype} against {w.dtype})")
         kind = 3
+    block_m, block_n, block_k, warps, stages, swap = tiles or grouped_tiles(rows, num_experts, x.dtype, kind)
+    if kind == 3 and ACT_GROUP.value % block_k:
+        raise ValueError(f"8-bit activations need tiles within {ACT_GROUP.value} inputs, not {block_k}")
+    scale, group, _ = _quant_args(quant, w, block_k, k)
+    fp8 = w.dtype == torch.float8_e4m3fn
     x_scale = scale if x_scale is None else x_scale
     wrap_triton(_grouped_mm_kernel)[(num_experts, triton.cdiv(n, block_n))](
         x, w, out, offsets, scale, x_scale, n, k, group,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
         scale.stride(0), scale.stride(1), scale.stride(2), x_scale.stride(0), x_scale.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=x.dtype == torch.float32, QUANT=kind, FP8=fp8,
-        num_warps=warps, num_stages=stages,
+        SWAP=swap, PTX=_ptx(), num_warps=warps, num_stages=stages,
     )
     return out
+
+
+def _ptx() -> bool:
+    """Whether kernels may run inline PTX: compiled for a GPU, not run by Triton's interpreter (``TRITON_INTERPRET``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
 
 
 Quantized = tuple[torch.Tensor, int, int]
@@ -226,14 +295,55 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _nibbles(byte, dtype: tl.constexpr):
+def _nibbles(byte, dtype: tl.constexpr, PTX: tl.constexpr):
     """The two signed 4-bit codes of each byte (low nibble: the even input), offset 8 removed, in ``dtype``. No
     integer-to-float conversion (a quarter-rate instruction on Hopper): a nibble ``c`` put in the low mantissa
-    bits of ``2^23`` is the float ``2^23 + c`` exactly, and subtracting ``2^23 + 8`` leaves ``c - 8``."""
-    word = byte.to(tl.int32)
-    low = ((word & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
-    high = (((word >> 4) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+    bits of ``2^23`` is the float ``2^23 + c`` exactly, and subtracting ``2^23 + 8`` leaves ``c - 8``. With
+    ``PTX`` (a GPU, not Triton's interpreter) the same trick runs on pairs: :func:`_nibbles_bf16x2`."""
+    if PTX:
+        low, high = _nibbles_bf16x2(byte)
+    else:
+        word = byte.to(tl.int32)
+        low = ((word & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+        high = (((word >> 4) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
     return low.to(dtype), high.to(dtype)
+
+
+@triton.jit
+def _nibbles_bf16x2(byte):
+    """:func:`_nibbles` in bf16, two codes an instruction: four bytes at a time, ``prmt`` spreads two of them to
+    the two halves of a word (the bytes shifted right by 4 first for the high nibbles), one ``lop3`` ORs their
+    nibbles into the mantissas of bf16 ``128`` (``128 + c``: the ulp there is 1) and one packed ``fma`` removes
+    the magic number and the offset (``c - 8``). 13 instructions per 8 codes where the float32 form takes about
+    40."""
+    return tl.inline_asm_elementwise(
+        asm="""
+        {
+        .reg .b32 t0, t1, t2, t3, shifted, zero, one, bias;
+        mov.b32 zero, 0;
+        mov.b32 one, 0x3F803F80;
+        mov.b32 bias, 0xC308C308;
+        shr.b32 shifted, $4, 4;
+        prmt.b32 t0, $4, zero, 0x4140;
+        prmt.b32 t1, $4, zero, 0x4342;
+        prmt.b32 t2, shifted, zero, 0x4140;
+        prmt.b32 t3, shifted, zero, 0x4342;
+        lop3.b32 $0, t0, 0x000F000F, 0x43004300, 0xEA;
+        lop3.b32 $1, t1, 0x000F000F, 0x43004300, 0xEA;
+        lop3.b32 $2, t2, 0x000F000F, 0x43004300, 0xEA;
+        lop3.b32 $3, t3, 0x000F000F, 0x43004300, 0xEA;
+        fma.rn.bf16x2 $0, $0, one, bias;
+        fma.rn.bf16x2 $1, $1, one, bias;
+        fma.rn.bf16x2 $2, $2, one, bias;
+        fma.rn.bf16x2 $3, $3, one, bias;
+        }
+        """,
+        constraints="=r,=r,=r,=r,r",
+        args=[byte],
+        dtype=(tl.bfloat16, tl.bfloat16),
+        is_pure=True,
+        pack=4,
+    )
 
 
 @triton.jit
@@ -241,7 +351,7 @@ def _routed_gemv_kernel(
     x_ptr, w_ptr, ids_ptr, out_ptr, scale_ptr,
     N, K, ROWS_PER_X, GROUP,
     stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_om, stride_on, stride_se, stride_sn, stride_sg,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QUANT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QUANT: tl.constexpr, PTX: tl.constexpr,
 ):
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -255,12 +365,11 @@ def _routed_gemv_kernel(
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if QUANT == 2:
-            kk = k0 + 2 * halves  # even inputs; their odd neighbours share the byte
-            even_ok = kk < K
-            x_even = tl.load(x_row + kk * stride_xk, mask=even_ok, other=0.0).to(tl.float32)
-            x_odd = tl.load(x_row + (kk + 1) * stride_xk, mask=even_ok, other=0.0).to(tl.float32)
-            byte = tl.load(w_base + (k0 // 2 + halves)[None, :] * stride_wk, mask=col_ok[:, None] & even_ok[None, :], other=0)
-            low, high = _nibbles(byte, tl.float32)
+            # even and odd inputs (their codes share a byte), split from one contiguous load
+            x = tl.load(x_row + (k0 + ks) * stride_xk, mask=k0 + ks < K, other=0.0).to(tl.float32)
+            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_K // 2, 2)))
+            byte = tl.load(w_base + (k0 // 2 + halves)[None, :] * stride_wk, mask=col_ok[:, None] & (k0 + 2 * halves < K)[None, :], other=0)
+            low, high = _nibbles(byte, tl.float32, PTX)
             part = tl.sum(low * x_even[None, :], axis=1) + tl.sum(high * x_odd[None, :], axis=1)
         else:
             k_ok = k0 + ks < K
@@ -310,6 +419,6 @@ def triton_routed_gemv(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, rows
         x, w, ids, out, scale, n, k, rows_per_x, group,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
         scale.stride(0), scale.stride(1), scale.stride(2),
-        BLOCK_N=block_n, BLOCK_K=block_k, QUANT=kind, num_warps=warps,
+        BLOCK_N=block_n, BLOCK_K=block_k, QUANT=kind, PTX=_ptx(), num_warps=warps,
     )
     return out
