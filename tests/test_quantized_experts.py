@@ -61,13 +61,23 @@ def test_codes_round_trip(scheme: str) -> None:
     if spec.fp8:
         assert codes.dtype == torch.float8_e4m3fn and codes.float().abs().max() <= FP8_MAX
         assert torch.all((back - w).abs() <= torch.maximum(w.abs() / 16, step * 2**-6) + 1e-12)
-    else:
+    elif spec.kernel == 1:
         assert torch.all((back - w).abs() <= step / 2 + 1e-7)
-    if spec.kernel == 2:
+    else:
+        # int4 clips where that pays: weights inside the code range within half a step, and no group's squared
+        # error above that of the unclipped scale max|w| / 7
+        inside = w.abs() <= step * spec.qmax
+        assert torch.all(((back - w).abs() <= step / 2 + 1e-7) | ~inside)
+        groups = torch.nn.functional.pad(w, (0, -260 % group)).unflatten(-1, (-1, group))
+        plain = groups.abs().amax(-1, keepdim=True) / spec.qmax
+        plain_error = ((torch.round(groups / plain).clamp(-8, 7) * plain - groups) ** 2).sum(-1)
+        error = ((torch.nn.functional.pad(back - w, (0, -260 % group))).unflatten(-1, (-1, group)) ** 2).sum(-1)
+        assert torch.all(error <= plain_error * (1 + 1e-5)) and error.sum() < plain_error.sum()
         assert codes.shape == (3, 40, 130) and codes.dtype == torch.uint8
-        # max |w| = 8, scale 8/7: -8 -> -7 and 7 -> 6, stored +8 as 1 (low nibble) and 14 (high)
-        pair = quantize(torch.tensor([[-8.0, 7.0] + [0.0] * 126]), scheme)[0][0, 0].item()
-        assert pair == 1 | 14 << 4
+        # max |w| = 8: scale 1 (7/8 of 8/7) holds -8 and 7 exactly, where 8/7 would round 7 to 6; stored +8 as
+        # 0 (low nibble, the even input) and 15 (high)
+        codes, scale = quantize(torch.tensor([[-8.0, 7.0] + [0.0] * 126]), scheme)
+        assert codes[0, 0].item() == 0 | 15 << 4 and scale.item() == 1.0
 
 
 def test_fp8_block_halves_match_the_checkpoint_format() -> None:

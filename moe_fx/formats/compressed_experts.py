@@ -7,8 +7,9 @@ Format ``pack-quantized``: each per-expert projection ``...experts.{e}.{proj}.we
 - ``int8-channel``: 8-bit codes, four to a word; ``weight_scale [out, 1]``.
 - ``int4-group``: 4-bit codes, eight to a word; ``weight_scale [out, in / group]``.
 
-Both are symmetric (``max|w| / 127``, ``max|w| / 7``). The scales are kept in the checkpoint's dtype, and the
-codes are rounded against those rounded scales, so the stored pair is exactly what loads.
+Both are symmetric: ``max|w| / 127``, and for int4 ``max|w| / 7`` clipped where that lowers the group's
+rounding error (:func:`~moe_fx.kernels.quantized.clipped_scales`). The scales are kept in the checkpoint's
+dtype, and the codes are rounded against those rounded scales, so the stored pair is exactly what loads.
 
 ``config.json`` gets compressed-tensors' ``quantization_config``: one config group whose target is
 ``Linear``. Every linear layer and router that keeps the source dtype is on its ``ignore`` list, so only the
@@ -75,8 +76,9 @@ def encode(name: str, group_size: int, key: str, weight: torch.Tensor) -> dict[s
     check_group(name, group_size, k, key)
     group = group_size if name == "int4-group" else k
     qmax = quantized.SCHEMES[name].qmax
-    amax = weight.float().unflatten(-1, (-1, group)).abs().amax(-1)
-    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax)).to(weight.dtype)  # stored, and quantized against
+    groups = weight.float().unflatten(-1, (-1, group))
+    scale = quantized.clipped_scales(groups, qmax) if name == "int4-group" else groups.abs().amax(-1) / qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).to(weight.dtype)  # stored, and quantized against
     stored = _library()[0].compress({"weight": weight, "weight_scale": scale}, scheme_of(name, group_size))
     prefix = key.removesuffix("weight")
     return {prefix + suffix: tensor for suffix, tensor in stored.items()}

@@ -14,7 +14,8 @@ scheme keeps one kernel per path (:mod:`.triton_kernels`), which reads the codes
 - ``int4-group``: signed 4-bit codes in ``[-8, 7]`` stored with offset 8, two to a ``uint8`` (the even input in
   the low nibble, ``K / 2`` bytes a row), one scale per 128 inputs.
 
-Symmetric scales (``max|w| / qmax``): no zero points, which keeps the kernels' inner loop one multiply.
+Symmetric scales (``max|w| / qmax``): no zero points, which keeps the kernels' inner loop one multiply. int4
+groups clip their largest weights where that lowers the group's rounding error (:func:`clipped_scales`).
 """
 
 from __future__ import annotations
@@ -114,11 +115,14 @@ def quantize(weight: torch.Tensor, scheme: str, segments: tuple[int, ...] | None
         raise ValueError(f"{scheme} packs two inputs a byte and needs an even input size; this projection has {k}")
     group = spec.group_size(k)
     w = weight.float()
-    padded = torch.nn.functional.pad(w, (0, -k % group))
-    amax = padded.unflatten(-1, (-1, group)).abs().amax(-1)  # [..., N, groups]
-    if spec.block_rows > 1:
-        amax = torch.cat([_block_rows_max(part, spec.block_rows) for part in amax.split(list(segments or (rows,)), dim=-2)], dim=-2)
-    scale = amax / spec.qmax
+    groups = torch.nn.functional.pad(w, (0, -k % group)).unflatten(-1, (-1, group))  # [..., N, groups, group]
+    if spec.kernel == 2:
+        scale = clipped_scales(groups, spec.qmax)
+    else:
+        amax = groups.abs().amax(-1)
+        if spec.block_rows > 1:
+            amax = torch.cat([_block_rows_max(part, spec.block_rows) for part in amax.split(list(segments or (rows,)), dim=-2)], dim=-2)
+        scale = amax / spec.qmax
     safe = torch.where(scale > 0, scale, torch.ones_like(scale)).repeat_interleave(group, -1)[..., :k]
     if spec.fp8:
         return (w / safe).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
@@ -127,6 +131,32 @@ def quantize(weight: torch.Tensor, scheme: str, segments: tuple[int, ...] | None
         return q.to(torch.int8), scale
     q = (q + 8).to(torch.uint8)
     return q[..., 0::2] | (q[..., 1::2] << 4), scale
+
+
+CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(13))
+"""Fractions of a group's largest magnitude :func:`clipped_scales` tries as its code range (1.0 down to 0.7)."""
+
+
+def clipped_scales(groups: torch.Tensor, qmax: float) -> torch.Tensor:
+    """Symmetric scales of ``groups [..., G]`` for integer codes in ``[-qmax - 1, qmax]``: ``max|w| / qmax`` times
+    the ratio of :data:`CLIP_RATIOS` whose rounded group has the least squared error; clipping a group's few
+    largest weights buys finer steps for the rest (llm-compressor's MSE observer does the same search). On
+    qwen3moe-bench, int4 experts add 0.0093 mean NLL instead of 0.0112 with plain ``max|w| / qmax``. Groups of
+    zeros get scale 0."""
+    groups = groups.float()
+    amax = groups.abs().amax(-1)
+    best_scale, best_error = amax / qmax, None
+    for ratio in CLIP_RATIOS:
+        scale = amax * (ratio / qmax)
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(-1)
+        error = (torch.round(groups / safe).clamp(-qmax - 1, qmax) * safe - groups).square().sum(-1)
+        if best_error is None:
+            best_error = error
+            continue
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best_scale = torch.where(better, scale, best_scale)
+    return best_scale
 
 
 def _block_rows_max(amax: torch.Tensor, rows: int) -> torch.Tensor:

@@ -77,7 +77,7 @@ def _grouped_mm_kernel(
             if QUANT == 0:
                 a = tl.load(x_base + (k0 + ks)[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 b = tl.load(w_base + (k0 + ks)[:, None] * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                acc += _mma(a, b, IEEE, SWAP)
+                acc += _mma(a, b, IEEE, SWAP, False, FP8)
             else:
                 # one scale per output column for the whole tile (a tile lies in one scale group): applied after the product
                 scale = tl.load(scale_ptr + expert.to(tl.int64) * stride_se + cols * stride_sn + (k0 // GROUP) * stride_sg, mask=col_ok, other=0.0)
@@ -87,18 +87,18 @@ def _grouped_mm_kernel(
                     a_even, a_odd = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))
                     byte = tl.load(w_base + (k0 // 2 + halves)[:, None] * stride_wk, mask=(k0 + 2 * halves < K)[:, None] & col_ok[None, :], other=0)
                     low, high = _nibbles(byte, a_even.dtype, PTX)
-                    acc += (_mma(a_even, low, IEEE, SWAP) + _mma(a_odd, high, IEEE, SWAP)) * _per_col(scale, SWAP)
+                    acc += (_mma(a_even, low, IEEE, SWAP, False, FP8) + _mma(a_odd, high, IEEE, SWAP, False, FP8)) * _per_col(scale, SWAP)
                 else:
                     b = _codes(w_base + (k0 + ks)[:, None] * stride_wk, k_ok[:, None] & col_ok[None, :])
                     if QUANT == 1:
                         # 8-bit codes are exact in the activations' dtype: convert, multiply, scale
                         a = tl.load(x_base + (k0 + ks)[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                        acc += _mma(a, b.to(a.dtype), IEEE, SWAP) * _per_col(scale, SWAP)
+                        acc += _mma(a, b.to(a.dtype), IEEE, SWAP, False, FP8) * _per_col(scale, SWAP)
                     else:
                         # 8-bit activations (one scale per row and ACT_GROUP inputs) on 8-bit tensor cores
                         a = _codes(x_base + (k0 + ks)[None, :] * stride_xk, row_ok[:, None] & k_ok[None, :])
                         x_scale = tl.load(x_scale_ptr + rows * stride_xsm + (k0 // ACT_GROUP) * stride_xsg, mask=row_ok, other=0.0)
-                        acc += _mma_8bit(a, b, FP8, SWAP) * _per_row(x_scale, SWAP) * _per_col(scale, SWAP)
+                        acc += _mma(a, b, IEEE, SWAP, True, FP8) * _per_row(x_scale, SWAP) * _per_col(scale, SWAP)
         if SWAP:
             out_ptrs = out_ptr + rows[None, :].to(tl.int64) * stride_om + cols[:, None] * stride_on
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=col_ok[:, None] & row_ok[None, :])
@@ -113,24 +113,18 @@ ACT_GROUP: tl.constexpr = tl.constexpr(128)
 
 
 @triton.jit
-def _mma(a, b, IEEE: tl.constexpr, SWAP: tl.constexpr):
-    """``a [M, K] @ b [K, N]``, or with ``SWAP`` its transpose ``b^T @ a^T [N, M]``: the weights' tile is then the
-    left operand, which Hopper's wgmma can take from registers (codes converted there) and whose 64+ columns
-    fill its 64-row minimum where a decode tile has only 16 rows."""
+def _mma(a, b, IEEE: tl.constexpr, SWAP: tl.constexpr, EIGHT_BIT: tl.constexpr, FP8: tl.constexpr):
+    """``a [M, K] @ b [K, N]`` (:func:`_dot`, or :func:`_dot_8bit` for 8-bit codes), or with ``SWAP`` its transpose
+    ``b^T @ a^T [N, M]``: the weights' tile is then the left operand, which Hopper's wgmma can take from registers
+    (codes converted there) and whose 64+ columns fill its 64-row minimum where a decode tile has only 16 rows."""
     if SWAP:
-        product = _dot(tl.trans(b), tl.trans(a), IEEE)
+        left, right = tl.trans(b), tl.trans(a)
     else:
-        product = _dot(a, b, IEEE)
-    return product
-
-
-@triton.jit
-def _mma_8bit(a, b, FP8: tl.constexpr, SWAP: tl.constexpr):
-    """:func:`_dot_8bit` in :func:`_mma`'s orientation."""
-    if SWAP:
-        product = _dot_8bit(tl.trans(b), tl.trans(a), FP8)
+        left, right = a, b
+    if EIGHT_BIT:
+        product = _dot_8bit(left, right, FP8)
     else:
-        product = _dot_8bit(a, b, FP8)
+        product = _dot(left, right, IEEE)
     return product
 
 
