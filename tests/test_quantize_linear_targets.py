@@ -108,3 +108,32 @@ def test_cli_prune_with_linear_targets(capsys, micro_path, tmp_path) -> None:
     assert not (tmp_path / "x").exists()
     with pytest.raises(SystemExit):
         main(["quantize", str(out), "--targets", "everything", "--out", str(tmp_path / "y")])
+
+
+@pytest.mark.parametrize("scheme", ["fp8-block", "int4-group"])
+def test_head_target_quantizes_an_untied_head_only(scheme: str, tmp_path) -> None:
+    """``linear+head``: the LM head too, loaded by stock transformers and ``moe_fx.load``; a head tied to the
+    embeddings keeps the source dtype (quantizing it would quantize the embedding table)."""
+    if scheme != "fp8-block":
+        pytest.importorskip("compressed_tensors")
+    model = tiny_model("qwen3_moe").to(torch.bfloat16)
+    src = save_checkpoint(model, tmp_path / "src", report=False)
+    linear = quantize_checkpoint(src, tmp_path / "linear", scheme=scheme, group_size=GROUP, targets="linear")
+    entry = quantize_checkpoint(src, tmp_path / "head", scheme=scheme, group_size=GROUP, targets="linear+head")
+    quantized = _quantized_keys(_state(tmp_path / "head"))
+    assert "lm_head.weight" in quantized and entry["tensors"] == linear["tensors"] + 1 and entry["bytes"] < linear["bytes"]
+    config = json.loads((tmp_path / "head" / "config.json").read_text())["quantization_config"]
+    assert "lm_head" not in config.get("modules_to_not_convert", config.get("ignore"))
+    x = torch.randint(3, 100, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        stock = AutoModelForCausalLM.from_pretrained(tmp_path / "head", dtype=torch.bfloat16)(x).logits.float()
+        ours = moe_fx.load(tmp_path / "head", dtype="bfloat16")(x).logits.float()
+        reference = model(x).logits.float()
+    assert 0 < (stock - reference).abs().max() < (0.3 if scheme == "int4-group" else 0.15)
+    torch.testing.assert_close(ours, stock, rtol=0, atol=2e-2)
+
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.get_input_embeddings().weight
+    tied = save_checkpoint(model, tmp_path / "tied", report=False)
+    quantize_checkpoint(tied, tmp_path / "tied-head", scheme=scheme, group_size=GROUP, targets="linear+head")
+    assert not any("lm_head" in k or "embed" in k for k in _quantized_keys(_state(tmp_path / "tied-head")))

@@ -87,7 +87,8 @@ def add_parser(sub) -> None:
                         "keeps its dtype; a streamed prune's output is quantized shard by shard after it is written")
     p.add_argument("--quantize-targets", default="experts", choices=TARGETS,
                    help="what --quantize covers: experts (the routed experts only) or linear (also attention, shared experts and dense "
-                        "MLPs, as the hub's FP8 checkpoints store them; routers and the LM head keep their dtype)")
+                        "MLPs, as the hub's FP8 checkpoints store them; routers and the LM head keep their dtype) or "
+                        "linear+head (also the LM head, where it is not tied to the embeddings)")
     p.add_argument("--stream", default="auto", choices=("auto", "on", "off"),
                    help="prune one decoder layer at a time, never holding the whole model: on, off, or auto (default: on when "
                         "the checkpoint's weights exceed 80%% of the device's free memory); forward-only methods with uniform allocation")

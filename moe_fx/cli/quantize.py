@@ -16,11 +16,12 @@ def add_parser(sub) -> None:
     p.add_argument("--scheme", default="fp8-block", choices=SCHEMES,
                    help="fp8-block: float8_e4m3fn routed experts with one scale per 128 x 128 block (Qwen3-30B-A3B-FP8's format); "
                         "int8-channel / int4-group: compressed-tensors' int-quantized / pack-quantized formats (needs "
-                        "pip install compressed-tensors); every other weight keeps its dtype unless --targets linear")
+                        "pip install compressed-tensors); every other weight keeps its dtype unless --targets says otherwise")
     p.add_argument("--group-size", type=int, default=DEFAULT_GROUP, help="inputs per scale of int4-group (must divide every expert's input size)")
     p.add_argument("--targets", default="experts", choices=TARGETS,
                    help="experts: the routed experts only; linear: also attention, shared experts and dense MLPs (as the hub's FP8 "
-                        "checkpoints store them); routers, the LM head, norms and embeddings keep their dtype")
+                        "checkpoints store them); linear+head: also the LM head where it is not tied to the embeddings; "
+                        "routers, norms and embeddings keep their dtype")
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     add_output(p)

@@ -189,7 +189,8 @@ def save_checkpoint(
     the bytes and the round-trip error of weights a pass changed). ``quantize="fp8-block"`` writes the experts in
     the hub's block-wise FP8 format, ``int8-channel`` / ``int4-group`` in compressed-tensors' format
     (:mod:`moe_fx.formats.quantized_checkpoint`; the record's ``quantization`` says the bytes);
-    ``quantize_targets="linear"`` quantizes every other linear layer too, but the routers and the LM head."""
+    ``quantize_targets="linear"`` quantizes every other linear layer too, but the routers and the LM head
+    (``"linear+head"``: the untied head too)."""
     state = getattr(model, STATE_ATTR, None)
     if state is not None and state.masked:
         raise BadOptionError("this model's channels were zeroed in place (PruneChannels(mask_only=True), a debug mode); "

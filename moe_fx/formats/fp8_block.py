@@ -14,8 +14,8 @@ hub's tensor names exactly (per-expert tensors, ``weight_scale_inv``), which tra
 to produce and torchao / compressed-tensors name differently.
 
 What is quantized: the routed experts (nearly all of an MoE's bytes) by default, every other linear layer but
-the routers and the head too with ``targets="linear"`` (:mod:`.quantized_checkpoint`); norms and embeddings
-stay in the source dtype.
+the routers and the head too with ``targets="linear"``, and the (untied) head with ``"linear+head"``
+(:mod:`.quantized_checkpoint`); norms and embeddings stay in the source dtype.
 """
 
 from __future__ import annotations

@@ -9,8 +9,9 @@ Schemes and formats:
 ``targets`` says what changes: ``experts`` (the default) the per-expert projections
 ``...experts.{e}.{proj}.weight`` only, every other linear layer and the routers listed as kept in the source
 dtype; ``linear`` every linear layer too (attention, shared experts, dense MLPs), as the hub's FP8 checkpoints
-(Qwen3-30B-A3B-FP8) store them, except the routers and the LM head. Norms and embeddings always keep the source
-dtype. Checkpoints whose experts are stored fused (GPT-OSS) are refused, since they have no per-expert tensor
+(Qwen3-30B-A3B-FP8) store them, except the routers and the LM head; ``linear+head`` the LM head too, where the
+checkpoint stores it apart from the embeddings (tied, it keeps the source dtype: quantizing it would quantize the
+embedding table). Norms, embeddings and routers always keep the source dtype. Checkpoints whose experts are stored fused (GPT-OSS) are refused, since they have no per-expert tensor
 to write, and so are checkpoints that are already quantized.
 
 transformers' FP8 loader derives a tensor's block size from its scale grid (rows / scale rows), so a dimension
@@ -39,7 +40,7 @@ from moe_fx.kernels.quantized import check_scheme
 
 SCHEMES = tuple(quantized.SCHEMES)
 """Every in-memory scheme has a checkpoint format."""
-TARGETS = ("experts", "linear")
+TARGETS = ("experts", "linear", "linear+head")
 """What a checkpoint's quantization covers (module doc)."""
 _EXPERT_WEIGHT = re.compile(r"(?:^|\.)experts\.\d+\.[A-Za-z0-9_]+\.weight$")
 """A routed expert's projection in the hub's per-expert layout."""
@@ -94,7 +95,8 @@ def plan_tensors(meta: nn.Module, shapes: dict[str, tuple[int, ...]], scheme: st
                  group_size: int = compressed_experts.DEFAULT_GROUP) -> tuple[set[str], list[str]]:
     """(the stored tensors to quantize, the layers that keep the source dtype) for a checkpoint with these tensors
     (name -> shape) and this model (built on meta): the routed experts' per-expert projections, and with
-    ``targets="linear"`` every other linear layer but the routers and the LM head. Refuses fused on-disk experts
+    ``targets="linear"`` every other linear layer but the routers and the LM head (``"linear+head"``: and the
+    head, when stored untied). Refuses fused on-disk experts
     (no per-expert tensor to write), and refuses before writing what the scheme cannot store (module doc)."""
     from moe_fx.model.trace import trace
 
@@ -114,7 +116,8 @@ def plan_tensors(meta: nn.Module, shapes: dict[str, tuple[int, ...]], scheme: st
         if not isinstance(module, nn.Linear) or name in routers:
             continue
         key = f"{name}.weight"
-        if (targets == "linear" and module is not head and key in shapes and _storable(scheme, shapes[key])
+        wanted = targets == "linear+head" if module is head else targets != "experts"
+        if (wanted and key in shapes and _storable(scheme, shapes[key])
                 and compressed_experts.group_fits(scheme, group_size, module.in_features)):
             chosen.add(key)
         else:
