@@ -100,10 +100,20 @@ def _reloaded_logits(out: Path) -> torch.Tensor:
     import moe_fx
 
     if LAYOUT_KEY in json.loads((out / "config.json").read_text()):
-        return _logits(moe_fx.load(out))
-    model = auto_class(AutoConfig.from_pretrained(out)).from_pretrained(out).eval()
-    set_implementation(model, DEFAULT_IMPLEMENTATION)
-    return _logits(model)
+        model = moe_fx.load(out)
+    else:
+        model = auto_class(AutoConfig.from_pretrained(out)).from_pretrained(out).eval()
+        set_implementation(model, DEFAULT_IMPLEMENTATION)
+    return _logits(_in_own_memory(model))
+
+
+def _in_own_memory(model):
+    """``model`` with every tensor copied out of the checkpoint's memory map: the CPU's matmuls round differently
+    (last bits) for data at a different alignment, and a tensor mapped from a safetensors file lies wherever the
+    file's header length puts it, so bit-identical weights would not give bit-identical logits."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        tensor.data = tensor.data.clone()
+    return model
 
 
 def _run(family: str, recipe: str, checkpoints, tmp_path: Path, calib_path, valid_path, capsys, monkeypatch):
