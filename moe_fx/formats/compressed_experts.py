@@ -75,9 +75,7 @@ def encode(name: str, group_size: int, key: str, weight: torch.Tensor) -> dict[s
     rows, k = weight.shape
     check_group(name, group_size, k, key)
     group = group_size if name == "int4-group" else k
-    qmax = quantized.SCHEMES[name].qmax
-    groups = weight.float().unflatten(-1, (-1, group))
-    scale = quantized.clipped_scales(groups, qmax) if name == "int4-group" else groups.abs().amax(-1) / qmax
+    scale = quantized.group_scales(weight.float().unflatten(-1, (-1, group)), name)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale)).to(weight.dtype)  # stored, and quantized against
     stored = _library()[0].compress({"weight": weight, "weight_scale": scale}, scheme_of(name, group_size))
     prefix = key.removesuffix("weight")

@@ -44,7 +44,8 @@ FP8_BLOCK = 128
 class Scheme:
     """How one scheme stores codes: ``kernel`` is the Triton kernels' ``QUANT`` switch (1: codes load as numbers,
     2: 4-bit codes two to a byte); codes span ``[-qmax, qmax]`` (integers down to ``-qmax - 1``); ``group``
-    inputs share a scale (``None``: the whole row); ``block_rows`` rows share it too (FP8 blocks)."""
+    inputs share a scale (``None``: the whole row); ``block_rows`` rows share it too (FP8 blocks); ``clip``: scales
+    from :func:`clipped_scales` rather than ``max|w| / qmax``."""
 
     name: str
     kernel: int
@@ -52,6 +53,7 @@ class Scheme:
     group: int | None
     block_rows: int = 1
     fp8: bool = False
+    clip: bool = False
 
     def group_size(self, in_features: int) -> int:
         return self.group or in_features
@@ -60,7 +62,7 @@ class Scheme:
 SCHEMES = {
     "fp8-block": Scheme("fp8-block", kernel=1, qmax=FP8_MAX, group=FP8_BLOCK, block_rows=FP8_BLOCK, fp8=True),
     "int8-channel": Scheme("int8-channel", kernel=1, qmax=127, group=None),
-    "int4-group": Scheme("int4-group", kernel=2, qmax=7, group=128),
+    "int4-group": Scheme("int4-group", kernel=2, qmax=7, group=128, clip=True),
 }
 
 
@@ -116,13 +118,11 @@ def quantize(weight: torch.Tensor, scheme: str, segments: tuple[int, ...] | None
     group = spec.group_size(k)
     w = weight.float()
     groups = torch.nn.functional.pad(w, (0, -k % group)).unflatten(-1, (-1, group))  # [..., N, groups, group]
-    if spec.kernel == 2:
-        scale = clipped_scales(groups, spec.qmax)
-    else:
+    if spec.block_rows > 1:
         amax = groups.abs().amax(-1)
-        if spec.block_rows > 1:
-            amax = torch.cat([_block_rows_max(part, spec.block_rows) for part in amax.split(list(segments or (rows,)), dim=-2)], dim=-2)
-        scale = amax / spec.qmax
+        scale = torch.cat([_block_rows_max(part, spec.block_rows) for part in amax.split(list(segments or (rows,)), dim=-2)], dim=-2) / spec.qmax
+    else:
+        scale = group_scales(groups, scheme)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale)).repeat_interleave(group, -1)[..., :k]
     if spec.fp8:
         return (w / safe).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
@@ -131,6 +131,14 @@ def quantize(weight: torch.Tensor, scheme: str, segments: tuple[int, ...] | None
         return q.to(torch.int8), scale
     q = (q + 8).to(torch.uint8)
     return q[..., 0::2] | (q[..., 1::2] << 4), scale
+
+
+def group_scales(groups: torch.Tensor, scheme: str) -> torch.Tensor:
+    """``scheme``'s scales of ``groups [..., G]`` (float32) whose rows do not share blocks: :func:`clipped_scales`
+    where the scheme clips, else ``max|w| / qmax``; zero groups get 0. The in-memory codes and the checkpoint
+    writers (:mod:`moe_fx.formats.compressed_experts`) both take their scales from here."""
+    spec = SCHEMES[scheme]
+    return clipped_scales(groups, spec.qmax) if spec.clip else groups.abs().amax(-1) / spec.qmax
 
 
 CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(13))
