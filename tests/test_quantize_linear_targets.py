@@ -137,3 +137,17 @@ def test_head_target_quantizes_an_untied_head_only(scheme: str, tmp_path) -> Non
     tied = save_checkpoint(model, tmp_path / "tied", report=False)
     quantize_checkpoint(tied, tmp_path / "tied-head", scheme=scheme, group_size=GROUP, targets="linear+head")
     assert not any("lm_head" in k or "embed" in k for k in _quantized_keys(_state(tmp_path / "tied-head")))
+
+
+def test_float32_fp8_checkpoint_loads_in_the_dtype_asked(tmp_path) -> None:
+    """A float32 checkpoint with FP8 attention loads through ``moe_fx.load`` in bfloat16 with every weight in
+    bfloat16 (transformers' dequantizing FP8 loader leaves the unquantized layers in float32) and runs."""
+    model = tiny_model("mixtral")
+    src = save_checkpoint(model, tmp_path / "src", report=False)
+    quantize_checkpoint(src, tmp_path / "fp8", scheme="fp8-block", targets="linear")
+    loaded = moe_fx.load(tmp_path / "fp8", dtype="bfloat16")
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    x = torch.randint(3, 100, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want = loaded(x).logits.float(), model(x).logits.float()
+    assert (got - want).abs().max() < 0.15

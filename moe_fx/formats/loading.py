@@ -100,6 +100,10 @@ def load_model(path: str | Path, *, dtype: str = "auto", device: str = "cpu", ex
             model = model_class(p).from_pretrained(p, dtype=parse_dtype(dtype), device_map=None, **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError, ImportError) as exc:  # ImportError: a quantizer's package is missing
         raise NotAModelError(f"{p}: could not load the checkpoint ({type(exc).__name__}: {first_line(exc)})") from None
+    if _block_fp8(stored) and isinstance(parse_dtype(dtype), torch.dtype):
+        # transformers' dequantizing FP8 loader (5.23) leaves the layers it did not quantize in the checkpoint's
+        # dtype beside dequantized ones in the one asked for: a float32 checkpoint with FP8 attention would not run
+        model = model.to(parse_dtype(dtype))
     if experts_implementation is not None and current(model) is not None:
         set_implementation(model, experts_implementation)
     if scheme is not None:
