@@ -42,6 +42,7 @@ def pipelines(args, fitness: torch.Tensor) -> dict[str, list]:
     out = {
         "reap 25%": [Score("reap"), DropExperts(ratio=0.25)],
         "reap 25% + comp": [Score("reap"), DropExperts(ratio=0.25), CompensateExperts()],
+        "reap 50%": [Score("reap"), DropExperts(ratio=0.5)],
         "eep global 25% + comp": [Score("reap"), DropExperts(ratio=0.25, allocation=eep()), CompensateExperts()],
         "reap 50% + comp": [Score("reap"), DropExperts(ratio=0.5), CompensateExperts()],
         # a quarter of the experts, then channels: widths are multiples of 8 (128 -> 88 or 80 on the bench model)
@@ -59,7 +60,12 @@ def pipelines(args, fitness: torch.Tensor) -> dict[str, list]:
 def main() -> None:
     ap = data_parser(__doc__.splitlines()[0])
     ap.add_argument("--pipelines", nargs="*", default=None, help="names of the pipelines to run (default: all)")
+    ap.add_argument("--references", nargs="*", default=["reap 25%", "reap 50%"],
+                    help="pipelines measured one-shot only: the REAP rows every ratio is taken against")
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--distill-batch-size", type=int, default=None,
+                    help="windows per distillation step, run in parts of --batch-size (default: --batch-size); the student trains on "
+                         "all --calib-tokens")
     ap.add_argument("--lrs", type=float, nargs="*", default=[1e-4, 3e-4], help="peak learning rates (none: one-shot rows only)")
     ap.add_argument("--train", default="experts", choices=["experts", "routers", "all"])
     ap.add_argument("--teachers", nargs="+", default=["model"], choices=["model", "cached"],
@@ -99,11 +105,12 @@ def main() -> None:
         run = {"pipeline": name, "params": model_size(model)["params"], "routed_params": routed_parameters(model, state_of(model).spec),
                "widths": [b.experts.intermediate_size for b in state_of(model).spec.blocks], "one_shot": measured(model, time.perf_counter() - t0), "distilled": {}}
         print(f"{name:>46} one-shot      dNLL {run['one_shot']['delta_nll']['mean']:+.4f} (selection {run['one_shot']['selection_delta_nll']:+.4f})", flush=True)
-        for lr in args.lrs:
+        for lr in [] if name in args.references else args.lrs:
             for kind in args.teachers:  # "distilled" keeps the model teacher's rows (the lr choice), "distilled_cached" the cache's
                 student = copy.deepcopy(model)
                 t0 = time.perf_counter()
-                student = Distill(teacher=base if kind == "model" else cache, data=tokens, steps=args.steps, lr=lr, batch_size=args.batch_size,
+                student = Distill(teacher=base if kind == "model" else cache, data=tokens, steps=args.steps, lr=lr,
+                                  batch_size=args.distill_batch_size or args.batch_size, micro_batch_size=args.batch_size,
                                   train=args.train, show_progress=False)(student)
                 report = state_of(student).history[-1].report
                 r = measured(student, time.perf_counter() - t0, kl_first=report["kl_first"], kl_last=report["kl_last"], teacher=report["teacher"])
@@ -112,22 +119,34 @@ def main() -> None:
                       f"KL {r['kl_first']:.3f} -> {r['kl_last']:.3f} {r['seconds']:.0f}s", flush=True)
                 del student
         chosen_from = run["distilled"] or run.get("distilled_cached", {})
-        run["chosen_lr"] = min(args.lrs, key=lambda lr: chosen_from[str(lr)]["selection_delta_nll"], default=None)
+        run["chosen_lr"] = min((float(k) for k in chosen_from), key=lambda lr: chosen_from[str(lr)]["selection_delta_nll"], default=None)
         runs.append(run)
         del model
         result = {"model": args.model, "device": args.device, "dtype": args.dtype, "torch": torch.__version__, "calibration_tokens": tokens.num_tokens,
                   "selection_tokens": int(selection.numel()), "fitness_tokens": int(fitness.numel()), "before": before, "runs": runs, "options": vars(args)}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")  # kept after every pipeline
+    reference = {r["pipeline"]: r["one_shot"]["delta_nll"]["mean"] for r in runs if r["pipeline"] in args.references}
+
+    def versus_reap(name: str, delta: float) -> str:
+        """``delta`` as a multiple of REAP's loss at the pipeline's budget (a quarter of the experts, or half the
+        routed parameters), where that REAP row ran."""
+        ref = reference.get("reap 25%" if "25%" in name and "routed" not in name else "reap 50%")
+        return f"{delta / ref:.2f}x" if ref else "-"
+
     rows = []
     for r in runs:
         chosen = r["distilled"].get(str(r["chosen_lr"]))
         cached = r.get("distilled_cached", {}).get(str(r["chosen_lr"]))
-        rows.append([r["pipeline"], f"{r['one_shot']['delta_nll']['mean']:+.4f}"] + ([f"{chosen['delta_nll']['mean']:+.4f}", f"{chosen['worst_delta']:+.4f}",
-                     f"{r['chosen_lr']:g}", f"{chosen['seconds']:.0f}"] if chosen else ["-"] * 4)
+        one_shot = r["one_shot"]["delta_nll"]["mean"]
+        rows.append([r["pipeline"], f"{one_shot:+.4f} ({versus_reap(r['pipeline'], one_shot)})"]
+                    + ([f"{chosen['delta_nll']['mean']:+.4f} ({versus_reap(r['pipeline'], chosen['delta_nll']['mean'])})", f"{chosen['worst_delta']:+.4f}",
+                        f"{r['chosen_lr']:g}", f"{chosen['seconds']:.0f}"] if chosen else ["-"] * 4)
                     + [f"{cached['delta_nll']['mean']:+.4f} ({cached['seconds']:.0f} s)" if cached else "-"])
-    print(format_table(["pipeline", "one-shot dNLL", "+ distill dNLL", "worst domain", "lr (train holdout)", "distill s", f"cached top-{args.top_k} dNLL"], rows,
-                       title=f"distillation recovery, {args.steps} steps x {args.batch_size} x {args.seq_len} tokens, train={args.train}"))
+    print(format_table(["pipeline", "one-shot dNLL (x REAP)", "+ distill dNLL (x REAP)", "worst domain", "lr (train holdout)", "distill s",
+                        f"cached top-{args.top_k} dNLL"], rows,
+                       title=f"distillation recovery, {args.steps} steps x {args.distill_batch_size or args.batch_size} x {args.seq_len} tokens "
+                       f"(of {tokens.num_tokens:,} calibration tokens), train={args.train}"))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def _kl(student, teacher, ids: torch.Tensor) -> float:
 
 
 def _distill(model, teacher, **kw):
-    return Distill(teacher=teacher, data=WINDOWS, batch_size=4, show_progress=False, **{"steps": 12, "lr": 1e-3, **kw})(model)
+    return Distill(teacher=teacher, data=WINDOWS, show_progress=False, **{"batch_size": 4, "steps": 12, "lr": 1e-3, **kw})(model)
 
 
 def test_kl_matches_its_definition() -> None:
@@ -68,6 +68,21 @@ def test_fixed_seed_is_deterministic_and_the_seed_matters() -> None:
     runs = [_distill(_pruned(tiny_qwen3()), teacher, seed=s) for s in (0, 0, 1)]
     params = [torch.cat([p.flatten() for p in m.parameters()]) for m in runs]
     assert torch.equal(params[0], params[1]) and not torch.equal(params[0], params[2])
+
+
+def test_micro_batches_take_the_same_steps_as_whole_batches() -> None:
+    """Gradients summed over micro-batches, each weighted by its share of the step, are the whole batch's: the same
+    weights up to float rounding, with activations for ``micro_batch_size`` windows only (an odd split included)."""
+    teacher = tiny_qwen3()
+    base = _pruned(tiny_qwen3())
+    runs = [_distill(copy.deepcopy(base), teacher, batch_size=6, micro_batch_size=m, steps=5) for m in (None, 2, 4)]
+    params = [torch.cat([p.detach().flatten() for p in m.parameters()]) for m in runs]
+    moved = (params[0] - torch.cat([p.detach().flatten() for p in base.parameters()])).abs().max()
+    assert moved > 1e-3
+    for other in params[1:]:
+        assert torch.allclose(other, params[0], atol=1e-5, rtol=0)
+    reports = [state_of(m).history[-1].report for m in runs]
+    assert all(r["kl_first"] == pytest.approx(reports[0]["kl_first"], rel=1e-4) for r in reports)
 
 
 def test_train_routers_moves_only_the_routers() -> None:
@@ -113,6 +128,8 @@ def test_bad_options_fail_clearly() -> None:
         Distill(teacher=tiny_qwen3(), data=WINDOWS, train="router-only")(model)
     with pytest.raises(BadOptionError, match="steps must be"):
         Distill(teacher=tiny_qwen3(), data=WINDOWS, steps=-1)(model)
+    with pytest.raises(BadOptionError, match="micro_batch_size >= 1"):
+        Distill(teacher=tiny_qwen3(), data=WINDOWS, micro_batch_size=0)(model)
     other = copy.deepcopy(tiny_qwen3())
     other.config.vocab_size = 99
     with pytest.raises(BadOptionError, match="vocabulary"):

@@ -35,7 +35,7 @@ def _passes(out: Path) -> list[str]:
 def test_preset_runs_its_pipeline(preset, stream, expected, micro_path, calib_path, tmp_path, capsys, monkeypatch):
     out = tmp_path / preset
     extra = ["--stream", stream, *FAST_EEP] if stream == "off" else ["--stream", stream]
-    if preset == "best":  # the same pipeline with 3 distillation steps instead of 200 (test_preset_table checks the 200)
+    if preset == "best":  # the same pipeline with 3 distillation steps instead of 300 (test_preset_table checks the 300)
         fast = {key: {**options, "distill_steps": 3} for key, options in (("options", PRESETS["best"].options), ("streamed", PRESETS["best"].streamed))}
         monkeypatch.setitem(PRESETS, "best", dataclasses.replace(PRESETS["best"], **fast))
     code = cli.main(_prune(micro_path, calib_path, out, "--preset", preset, *extra))
@@ -48,7 +48,8 @@ def test_preset_runs_its_pipeline(preset, stream, expected, micro_path, calib_pa
     assert (record["search"] is not None) == (chosen["method"] == "eep")  # EEP in memory, REAP streamed
     if preset == "best":
         distill = next(p for p in record["passes"] if p["name"] == "distill")
-        assert distill["config"]["steps"] == 3 and distill["config"]["lr"] == 3e-4
+        assert distill["config"]["steps"] == 3 and distill["config"]["lr"] == 1e-3
+        assert distill["config"]["batch_size"] == 32 and distill["config"]["micro_batch_size"] == 2  # steps of 32 in parts of --batch-size
         assert distill["report"]["teacher"] == ("cached top-64" if stream == "on" else "model")
 
 
@@ -56,6 +57,7 @@ def test_preset_runs_its_pipeline(preset, stream, expected, micro_path, calib_pa
     (["--preset", "best", "--method", "reap"], "--preset best chooses --method itself"),
     (["--preset", "best-oneshot", "--compensate", "--allocation", "uniform"], "chooses --compensate itself"),
     (["--preset", "best-oneshot", "--granularity", "channel"], "chooses --granularity itself"),
+    (["--preset", "best", "--distill-batch-size", "16"], "chooses --distill-batch-size itself"),
 ])
 def test_refused_before_loading(extra, message, micro_path, calib_path, tmp_path, capsys, monkeypatch):
     def no_load(*args, **kwargs):
@@ -73,7 +75,18 @@ def test_preset_table():
     assert set(PRESETS) == {"best-oneshot", "best"}
     assert preset_options("best-oneshot") == {"method": "eep", "allocation": "global", "compensate": True}
     assert preset_options("best-oneshot", streamed=True)["method"] == "reap"
-    assert preset_options("best")["distill_steps"] == preset_options("best", streamed=True)["distill_steps"] == 200
+    assert preset_options("best")["distill_steps"] == preset_options("best", streamed=True)["distill_steps"] == 300
+    assert preset_options("best")["distill_batch_size"] == 32 and preset_options("best")["distill_lr"] == 1e-3
     assert preset_options("best", streamed=True)["distill_teacher"] == "cached"
     with pytest.raises(BadOptionError, match="unknown preset"):
         preset_options("fastest")
+
+
+@pytest.mark.parametrize(("given", "expected"), [([], 1_000_000), (["--calib-tokens", "50000"], 50_000)])
+def test_preset_calibration_budget_is_a_default(given, expected, tmp_path):
+    """``best`` was measured on 1M calibration tokens and takes that budget, unless the user gave one."""
+    from moe_fx.cli.prune import _apply_preset
+
+    args = cli.build_parser().parse_args(["prune", "src", "--ratio", "0.25", "--out", str(tmp_path / "o"), "--preset", "best", *given])
+    _apply_preset(args, stream=False)
+    assert args.calib_tokens == expected and args.distill_batch_size == 32

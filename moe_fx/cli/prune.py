@@ -40,7 +40,8 @@ def add_parser(sub) -> None:
                    "channel scoring (--granularity channel): fisher (default), heapr, coverage, activation, weight")
     p.add_argument("--preset", choices=("best-oneshot", "best"),
                    help="the measured best recipe, instead of choosing --method/--allocation/--compensate/--distill-steps: best-oneshot "
-                        "(EEP global + compensation; REAP + compensation when streamed) or best (best-oneshot + 200 distillation steps)")
+                        "(EEP global + compensation; REAP + compensation when streamed) or best (best-oneshot + 300 distillation steps "
+                        "of 32 windows on 1M calibration tokens)")
     p.add_argument("--merge", action="store_true", help="fold each dropped expert into its most similar kept expert instead of discarding it")
     p.add_argument("--compensate", action="store_true",
                    help="after dropping, refit the kept experts' down projections (ridge least squares) to reproduce each block's original output")
@@ -50,8 +51,11 @@ def add_parser(sub) -> None:
     p.add_argument("--compensate-samples", type=int, default=16384, help="--compensate: calibration tokens per layer it fits on (default 16384)")
     p.add_argument("--distill-steps", type=int, default=0,
                    help="after pruning, fine-tune the routed experts and routers towards the unpruned model's logits (KL) for this many "
-                        "steps of --batch-size calibration windows (moe_fx.passes.Distill; default 0: off). Holds the source model in memory too")
+                        "steps of --distill-batch-size calibration windows (moe_fx.passes.Distill; default 0: off). Holds the source model in memory too")
     p.add_argument("--distill-lr", type=float, default=3e-4, help="--distill-steps: peak AdamW learning rate (default 3e-4)")
+    p.add_argument("--distill-batch-size", type=int, default=None,
+                   help="--distill-steps: calibration windows per optimizer step (default: --batch-size); each step runs in parts of "
+                        "--batch-size windows with their gradients summed, so activation memory stays that of --batch-size")
     p.add_argument("--distill-teacher", default="model", choices=("model", "cached"),
                    help="--distill-steps: model (the source model in memory beside the student; full-vocabulary KL) or cached (the "
                         "unpruned model's top-k distributions cached to disk before pruning: the teacher is never held beside the student)")
@@ -97,9 +101,9 @@ def add_parser(sub) -> None:
     add_eval(p)
     add_generation(p, "--eval-generate")
     add_common(p)
-    from moe_fx.run.presets import PRESET_OPTIONS
+    from moe_fx.run.presets import PRESET_DEFAULTS, PRESET_OPTIONS
 
-    p.set_defaults(parser_defaults={o: p.get_default(o) for o in PRESET_OPTIONS})  # what --preset compares against
+    p.set_defaults(parser_defaults={o: p.get_default(o) for o in PRESET_OPTIONS + PRESET_DEFAULTS})  # what --preset compares against
 
 
 def _apply_preset(args, stream: bool) -> None:
@@ -112,6 +116,9 @@ def _apply_preset(args, stream: bool) -> None:
         raise MoeFxError(f"--preset {args.preset} chooses {', '.join(set_beside)} itself: drop {'them' if len(set_beside) > 1 else 'it'} "
                          "or the preset")
     chosen = preset_options(args.preset, streamed=stream)
+    for key, value in PRESETS[args.preset].defaults.items():  # data budgets: the preset's unless given
+        if getattr(args, key) == args.parser_defaults[key]:
+            chosen[key] = value
     for key, value in chosen.items():
         setattr(args, key, value)
     if distributed.is_main():
@@ -268,9 +275,9 @@ def run(args) -> int:
     if needs_windows and not args.calib:
         raise MoeFxError(f"--method {args.method}{' --merge' if args.merge else ''}{' --compensate' if args.compensate else ''}"
                          f"{' --distill-steps' if args.distill_steps else ''} needs calibration data: pass --calib FILE")
-    if args.distill_steps < 0 or not args.distill_lr > 0 or args.distill_top_k < 1:
-        raise MoeFxError(f"--distill-steps must be >= 0, --distill-lr > 0 and --distill-top-k >= 1, got {args.distill_steps}, {args.distill_lr} "
-                         f"and {args.distill_top_k}")
+    if args.distill_steps < 0 or not args.distill_lr > 0 or args.distill_top_k < 1 or (args.distill_batch_size or 1) < 1:
+        raise MoeFxError(f"--distill-steps must be >= 0, --distill-lr > 0, --distill-top-k and --distill-batch-size >= 1, got {args.distill_steps}, "
+                         f"{args.distill_lr}, {args.distill_top_k} and {args.distill_batch_size}")
     if args.calib_tokens < 1 or args.seq_len < 2:
         raise MoeFxError("--calib-tokens must be positive and --seq-len at least 2")
     if stream and search:
@@ -321,7 +328,8 @@ def run(args) -> int:
         if cached and not stream:  # before the first pass that changes the model (a streamed prune caches in its own pass)
             passes.insert(1, CacheTeacher(data, top_k=args.distill_top_k, batch_size=args.batch_size, seed=args.seed, show_progress=show))
         passes.append(Distill(teacher="cached" if cached else source, data=data, steps=args.distill_steps, lr=args.distill_lr,
-                              train=args.distill_train, batch_size=args.batch_size, seed=args.seed, show_progress=show))
+                              train=args.distill_train, batch_size=args.distill_batch_size or args.batch_size,
+                              micro_batch_size=args.batch_size, seed=args.seed, show_progress=show))
     compose(*passes).check_model(meta)
     if args.distill_steps:
         _check_distill_memory(meta, spec, args, device, stream, show)

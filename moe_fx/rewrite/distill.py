@@ -65,7 +65,10 @@ class Distill(Pass):
     ``data``: what :class:`Calibrate` takes (text, documents, a token tensor ``[N, L]``, a TokenBatch);
     ``tokenizer`` is needed for text. ``lr``: peak AdamW learning rate (3e-4: of 1e-4 and 3e-4, the better on
     held-out *train* windows after REAP and EEP at 25% with compensation on qwen3moe-bench, 200 steps of
-    8 x 512 tokens; ``benchmarks/distill_recovery.py``).
+    8 x 512 tokens; with 32 windows a step, 1e-3 was better than 3e-4; ``benchmarks/distill_recovery.py``).
+    ``batch_size``: windows per optimizer step; ``micro_batch_size``: windows per forward and backward, their
+    gradients summed over the step (activation memory of ``micro_batch_size`` windows, the step of
+    ``batch_size``; None: ``batch_size``).
     """
 
     teacher: Any = None
@@ -74,6 +77,7 @@ class Distill(Pass):
     steps: int = 200
     lr: float = 3e-4
     batch_size: int = 8
+    micro_batch_size: int | None = None
     train: str = "experts"
     seq_len: int = 512
     max_tokens: int | None = 200_000
@@ -85,8 +89,9 @@ class Distill(Pass):
         if self.teacher is None or (self.data is None and not _cached(self.teacher)):
             raise BadOptionError("Distill needs teacher= (the unpruned model, its checkpoint directory, or \"cached\" after CacheTeacher) "
                                  "and data= (calibration windows; a teacher cache brings its own)")
-        if self.steps < 0 or self.batch_size < 1 or not self.lr > 0:
-            raise BadOptionError(f"Distill: steps must be >= 0, batch_size >= 1 and lr > 0, got {self.steps}, {self.batch_size}, {self.lr}")
+        if self.steps < 0 or self.batch_size < 1 or not self.lr > 0 or (self.micro_batch_size is not None and self.micro_batch_size < 1):
+            raise BadOptionError(f"Distill: steps must be >= 0, batch_size and micro_batch_size >= 1 and lr > 0, got {self.steps}, "
+                                 f"{self.batch_size}, {self.micro_batch_size}, {self.lr}")
         if self.train not in TRAINABLE:
             raise BadOptionError(f"Distill: train must be one of {TRAINABLE}, got {self.train!r}")
 
@@ -117,23 +122,22 @@ class Distill(Pass):
             for p in model.parameters():
                 p.requires_grad_(id(p) in trained)
             with _autograd_experts(model), progress_bar("distill", total=self.steps, unit="step", enabled=self.show_progress) as bar:
+                micro = self.micro_batch_size or self.batch_size
                 for rows in order:
-                    batch = windows[rows].to(device)
-                    if cache is not None:
-                        loss = topk_kl(model(input_ids=batch, use_cache=False).logits, *cache.targets(rows, device))
-                    else:
-                        with torch.no_grad():
-                            target = teacher(input_ids=batch, use_cache=False).logits
-                        loss = kl_to_teacher(model(input_ids=batch, use_cache=False).logits, target)
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
+                    loss = 0.0
+                    for start in range(0, len(rows), micro):  # each part's mean KL weighted by its share of the step
+                        part = rows[start:start + micro]
+                        part_loss = self._kl(model, teacher, cache, windows, part, device) * (len(part) / len(rows))
+                        part_loss.backward()
+                        loss += part_loss.detach()
                     torch.nn.utils.clip_grad_norm_(params, 1.0)
                     optimizer.step()
                     schedule.step()
                     with torch.no_grad():
                         for p, mask in zeros.items():
                             p.masked_fill_(mask, 0)
-                    losses.append(loss.item())
+                    losses.append(float(loss))
                     bar.update(1)
                     bar.set_postfix(kl=f"{losses[-1]:.4f}")
         finally:
@@ -149,6 +153,18 @@ class Distill(Pass):
             "tokens_per_step": self.batch_size * windows.shape[1], "trained_params": sum(p.numel() for p in params),
             "kl_first": round(sum(losses[:tail]) / tail, 6), "kl_last": round(sum(losses[-tail:]) / tail, 6),
         })
+
+
+    @staticmethod
+    def _kl(model: nn.Module, teacher: nn.Module | None, cache: TeacherCache | None, windows: torch.Tensor, rows: list[int],
+            device: torch.device) -> torch.Tensor:
+        """The student's mean per-token KL to the teacher (or to its cached top-k) on windows ``rows``."""
+        batch = windows[rows].to(device)
+        if cache is not None:
+            return topk_kl(model(input_ids=batch, use_cache=False).logits, *cache.targets(rows, device))
+        with torch.no_grad():
+            target = teacher(input_ids=batch, use_cache=False).logits
+        return kl_to_teacher(model(input_ids=batch, use_cache=False).logits, target)
 
 
 def _cached(teacher: Any) -> bool:
