@@ -111,7 +111,10 @@ class Distill(Pass):
                                      "the teacher must be the model before pruning")
         params = _trainable(model, state.spec, self.train)
         zeros = {p: zero for p in params if bool((zero := p == 0).any())}
-        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
+        # fused on CUDA: the default multi-tensor step allocates temporaries as large as the trained parameters
+        # (measured: 0.6 GiB more per Qwen3-30B-A3B layer at 50% of the experts, 48 layers past an H200)
+        fused = all(p.is_cuda for p in params) or None
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0, fused=fused)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(self.steps))
         order = _window_order(windows.shape[0], self.batch_size, self.steps, self.seed)
         was_training, losses = model.training, []
