@@ -22,6 +22,8 @@ import torch
 from common import calibrate, data_parser, mean_nll, quality_run
 
 from moe_fx import compose, state_of
+from moe_fx.evaluate.generation import agreement, generation_prompts
+from moe_fx.evaluate.generation import reference as generation_reference
 from moe_fx.evaluate.nll import evaluate_nll, model_size
 from moe_fx.evaluate.table import format_table
 from moe_fx.passes import CompensateExperts, DropExperts, PruneChannels, Score
@@ -71,6 +73,8 @@ def main() -> None:
     ap.add_argument("--teachers", nargs="+", default=["model"], choices=["model", "cached"],
                     help="model: full-vocabulary KL to the unpruned model in memory; cached: its top-k cached before pruning")
     ap.add_argument("--top-k", type=int, default=64, help="tokens per position in the teacher cache (--teachers cached)")
+    ap.add_argument("--generate", type=int, default=0,
+                    help="greedy continuations (32 tokens after 64 of a valid window) per model compared with the unpruned model's (0: off)")
     ap.add_argument("--eep-population", type=int, default=16)
     ap.add_argument("--eep-generations", type=int, default=20)
     ap.add_argument("--out", default="benchmarks/results/distill_recovery.json")
@@ -83,6 +87,7 @@ def main() -> None:
     selection_nll = lambda m: mean_nll(m, selection, args.batch_size)
     selection_before = selection_nll(base)
     stats = calibrate(base, tokens, args.batch_size, OBSERVERS)
+    gen_ref = generation_reference(base, generation_prompts(eval_set, prompts=args.generate, prompt_len=64), 32, batch_size=args.batch_size) if args.generate else None
     cache = None
     if "cached" in args.teachers:  # one teacher pass over the distillation windows, shared by every cached run
         t0 = time.perf_counter()
@@ -93,8 +98,9 @@ def main() -> None:
     def measured(model, seconds: float, **extra) -> dict:
         after = evaluate_nll(model, eval_set, batch_size=args.batch_size, show_progress=False)
         delta = {d: after[d]["nll"] - before[d]["nll"] for d in domains + ["mean"]}
+        gen = {"generation": agreement(model, gen_ref, batch_size=args.batch_size)} if gen_ref is not None else {}
         return {"delta_nll": delta, "worst_delta": max(delta[d] for d in domains), "worst_domain": max(domains, key=lambda d: delta[d]),
-                "selection_delta_nll": selection_nll(model) - selection_before, "seconds": seconds, **extra}
+                "selection_delta_nll": selection_nll(model) - selection_before, "seconds": seconds, **gen, **extra}
 
     runs = []
     for name, passes in pipelines(args, fitness).items():
@@ -139,11 +145,12 @@ def main() -> None:
         chosen = r["distilled"].get(str(r["chosen_lr"]))
         cached = r.get("distilled_cached", {}).get(str(r["chosen_lr"]))
         one_shot = r["one_shot"]["delta_nll"]["mean"]
-        rows.append([r["pipeline"], f"{one_shot:+.4f} ({versus_reap(r['pipeline'], one_shot)})"]
+        gen = lambda m: f"{100 * m['generation']['token_match']:.0f}%" if m and "generation" in m else "-"
+        rows.append([r["pipeline"], f"{one_shot:+.4f} ({versus_reap(r['pipeline'], one_shot)})", f"{gen(r['one_shot'])} -> {gen(chosen)}"]
                     + ([f"{chosen['delta_nll']['mean']:+.4f} ({versus_reap(r['pipeline'], chosen['delta_nll']['mean'])})", f"{chosen['worst_delta']:+.4f}",
                         f"{r['chosen_lr']:g}", f"{chosen['seconds']:.0f}"] if chosen else ["-"] * 4)
                     + [f"{cached['delta_nll']['mean']:+.4f} ({cached['seconds']:.0f} s)" if cached else "-"])
-    print(format_table(["pipeline", "one-shot dNLL (x REAP)", "+ distill dNLL (x REAP)", "worst domain", "lr (train holdout)", "distill s",
+    print(format_table(["pipeline", "one-shot dNLL (x REAP)", "tokens as unpruned (one-shot -> distilled)", "+ distill dNLL (x REAP)", "worst domain", "lr (train holdout)", "distill s",
                         f"cached top-{args.top_k} dNLL"], rows,
                        title=f"distillation recovery, {args.steps} steps x {args.distill_batch_size or args.batch_size} x {args.seq_len} tokens "
                        f"(of {tokens.num_tokens:,} calibration tokens), train={args.train}"))
