@@ -82,11 +82,12 @@ def test_preset_table():
         preset_options("fastest")
 
 
-@pytest.mark.parametrize(("given", "expected"), [([], 1_000_000), (["--calib-tokens", "50000"], 50_000)])
+@pytest.mark.parametrize(("given", "expected"), [([], (1_000_000, 65536)), (["--calib-tokens", "50000", "--compensate-samples", "4096"], (50_000, 4096))])
 def test_preset_calibration_budget_is_a_default(given, expected, tmp_path):
-    """``best`` was measured on 1M calibration tokens and takes that budget, unless the user gave one."""
+    """``best`` takes the data budgets it was measured with (1M calibration tokens, 65,536 compensation samples a
+    layer), unless the user gave them."""
     from moe_fx.cli.prune import _apply_preset
 
     args = cli.build_parser().parse_args(["prune", "src", "--ratio", "0.25", "--out", str(tmp_path / "o"), "--preset", "best", *given])
     _apply_preset(args, stream=False)
-    assert args.calib_tokens == expected and args.distill_batch_size == 32
+    assert (args.calib_tokens, args.compensate_samples) == expected and args.distill_batch_size == 32
