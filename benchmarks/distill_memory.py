@@ -71,7 +71,7 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=64)
     ap.add_argument("--train", default="experts", choices=["experts", "routers", "all"])
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--tiny", action="store_true", help="the preset's structure at small sizes (a CPU-free smoke run still needs CUDA)")
+    ap.add_argument("--tiny", action="store_true", help="the preset's structure at small sizes (a quick run; still on CUDA)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/distill_memory.json"))
     args = ap.parse_args()
     if not torch.cuda.is_available():

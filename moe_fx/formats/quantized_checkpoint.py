@@ -11,8 +11,9 @@ Schemes and formats:
 dtype; ``linear`` every linear layer too (attention, shared experts, dense MLPs), as the hub's FP8 checkpoints
 (Qwen3-30B-A3B-FP8) store them, except the routers and the LM head; ``linear+head`` the LM head too, where the
 checkpoint stores it apart from the embeddings (tied, it keeps the source dtype: quantizing it would quantize the
-embedding table). Norms, embeddings and routers always keep the source dtype. Checkpoints whose experts are stored fused (GPT-OSS) are refused, since they have no per-expert tensor
-to write, and so are checkpoints that are already quantized.
+embedding table). Norms, embeddings and routers always keep the source dtype. Checkpoints whose experts are
+stored fused (GPT-OSS) are refused, since they have no per-expert tensor to write, and so are checkpoints that
+are already quantized.
 
 transformers' FP8 loader derives a tensor's block size from its scale grid (rows / scale rows), so a dimension
 over 128 that is not a multiple of 128 would load with the wrong blocks: such an expert projection is refused,
@@ -96,8 +97,8 @@ def plan_tensors(meta: nn.Module, shapes: dict[str, tuple[int, ...]], scheme: st
     """(the stored tensors to quantize, the layers that keep the source dtype) for a checkpoint with these tensors
     (name -> shape) and this model (built on meta): the routed experts' per-expert projections, and with
     ``targets="linear"`` every other linear layer but the routers and the LM head (``"linear+head"``: and the
-    head, when stored untied). Refuses fused on-disk experts
-    (no per-expert tensor to write), and refuses before writing what the scheme cannot store (module doc)."""
+    head, when stored untied). Refuses fused on-disk experts (no per-expert tensor to write), and refuses before
+    writing what the scheme cannot store (module doc)."""
     from moe_fx.model.trace import trace
 
     experts = {k for k in shapes if _EXPERT_WEIGHT.search(k)}

@@ -111,8 +111,9 @@ class Distill(Pass):
                                      "the teacher must be the model before pruning")
         params = _trainable(model, state.spec, self.train)
         zeros = {p: zero for p in params if bool((zero := p == 0).any())}
-        # fused on CUDA: the default multi-tensor step allocates temporaries as large as the trained parameters
-        # (measured: 0.6 GiB more per Qwen3-30B-A3B layer at 50% of the experts, 48 layers past an H200)
+        # fused on CUDA: the default multi-tensor step allocates temporaries as large as the trained parameters (measured
+        # at Qwen3-30B-A3B's shapes, 50% of the experts: 0.84 instead of 0.36 GiB a layer beyond the plan, past an H200
+        # at 48 layers; benchmarks/distill_memory.py)
         fused = all(p.is_cuda for p in params) or None
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0, fused=fused)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(self.steps))
@@ -156,7 +157,6 @@ class Distill(Pass):
             "tokens_per_step": self.batch_size * windows.shape[1], "trained_params": sum(p.numel() for p in params),
             "kl_first": round(sum(losses[:tail]) / tail, 6), "kl_last": round(sum(losses[-tail:]) / tail, 6),
         })
-
 
     @staticmethod
     def _kl(model: nn.Module, teacher: nn.Module | None, cache: TeacherCache | None, windows: torch.Tensor, rows: list[int],
