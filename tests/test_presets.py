@@ -58,6 +58,7 @@ def test_preset_runs_its_pipeline(preset, stream, expected, micro_path, calib_pa
     (["--preset", "best-oneshot", "--compensate", "--allocation", "uniform"], "chooses --compensate itself"),
     (["--preset", "best-oneshot", "--granularity", "channel"], "chooses --granularity itself"),
     (["--preset", "best", "--distill-batch-size", "16"], "chooses --distill-batch-size itself"),
+    (["--distill-steps", "2", "--distill-batch-size", "0"], "--distill-batch-size >= 1"),
 ])
 def test_refused_before_loading(extra, message, micro_path, calib_path, tmp_path, capsys, monkeypatch):
     def no_load(*args, **kwargs):

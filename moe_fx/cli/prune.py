@@ -277,7 +277,7 @@ def run(args) -> int:
     if needs_windows and not args.calib:
         raise MoeFxError(f"--method {args.method}{' --merge' if args.merge else ''}{' --compensate' if args.compensate else ''}"
                          f"{' --distill-steps' if args.distill_steps else ''} needs calibration data: pass --calib FILE")
-    if args.distill_steps < 0 or not args.distill_lr > 0 or args.distill_top_k < 1 or (args.distill_batch_size or 1) < 1:
+    if args.distill_steps < 0 or not args.distill_lr > 0 or args.distill_top_k < 1 or (args.distill_batch_size is not None and args.distill_batch_size < 1):
         raise MoeFxError(f"--distill-steps must be >= 0, --distill-lr > 0, --distill-top-k and --distill-batch-size >= 1, got {args.distill_steps}, "
                          f"{args.distill_lr}, {args.distill_top_k} and {args.distill_batch_size}")
     if args.calib_tokens < 1 or args.seq_len < 2:
