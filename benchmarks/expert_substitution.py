@@ -3,7 +3,7 @@
 MoNE keeps the router whole and replaces each pruned expert by a constant "novice" vector: a token routed to it
 gets ``w * c`` instead of ``w * expert(x)``, while dropping re-routes the token to its next-best kept expert.
 This script measures both on the same calibration (train split) and valid text, with the experts to prune
-chosen by REAP or by MoNE's own criterion (the substitution error ``sum_t w_t^2 ||y_t - c||^2`` over the
+chosen by REAP (the very experts the drop rows drop) or by MoNE's own criterion (the substitution error ``sum_t w_t^2 ||y_t - c||^2`` over the
 sampled tokens routed to the expert, ``c`` its router-weighted mean output ``sum w^2 y / sum w^2``, the
 least-squares constant), each without and with a refit of the kept experts' down projections and of the
 novices on the block's original output (the block-coordinate ridge fit of ``CompensateExperts``, routing kept).
@@ -31,6 +31,7 @@ from moe_fx.evaluate.table import format_table
 from moe_fx.model.expert_math import ExpertMath
 from moe_fx.model.spec import MoEBlockSpec
 from moe_fx.passes import CompensateExperts, DropExperts, Score
+from moe_fx.rewrite.compensate import ridge_refit
 
 OBSERVERS = ("routing", "reap", "inputs")
 
@@ -44,12 +45,12 @@ def block_sample(stats, block: MoEBlockSpec) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def novices(model, block: MoEBlockSpec, sample: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per expert: the least-squares constant ``c [E, H]``, its substitution error and REAP's score ``[E]``."""
+def novices(model, block: MoEBlockSpec, sample: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per expert: the least-squares constant ``c [E, H]`` and its substitution error ``[E]``."""
     math = ExpertMath(model, block.experts)
     x, idx, w = sample["x"], sample["idx"], sample["w"]
     c = torch.zeros(block.num_experts, x.shape[1], dtype=torch.float64)
-    error, reap = torch.zeros(block.num_experts, dtype=torch.float64), torch.zeros(block.num_experts, dtype=torch.float64)
+    error = torch.zeros(block.num_experts, dtype=torch.float64)
     for e in range(block.num_experts):
         t, s = (idx == e).nonzero(as_tuple=True)
         if len(t) == 0:
@@ -57,8 +58,7 @@ def novices(model, block: MoEBlockSpec, sample: dict) -> tuple[torch.Tensor, tor
         y, ws = math.output(e, x[t]), w[t, s]
         c[e] = (ws[:, None] ** 2 * y).sum(0) / (ws**2).sum()
         error[e] = ((ws[:, None] * (y - c[e])) ** 2).sum() / len(x)
-        reap[e] = (ws * y.norm(dim=1)).mean()
-    return c, error, reap
+    return c, error
 
 
 @torch.no_grad()
@@ -83,10 +83,7 @@ def refit(model, block: MoEBlockSpec, sample: dict, pruned: set[int], c: torch.T
                 c[e] = (ws * residual).sum(0) / (ws**2).sum()
                 contrib[t, s] = ws * c[e]
                 continue
-            A = ws * a
-            gram = A.T @ A
-            lam = ridge * float(torch.trace(gram)) / gram.shape[0]
-            math.set_down(e, torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), A.T @ residual + lam * math.down(e, x)))
+            math.set_down(e, ridge_refit(ws * a, residual, math.down(e, x), ridge))
             contrib[t, s] = ws * math.output(e, x[t])
     return c
 
@@ -134,14 +131,16 @@ def main() -> None:
             model = copy.deepcopy(base)
             state_of(model).stats = stats
             model = compose(Score("reap"), DropExperts(ratio=ratio), *([CompensateExperts()] if compensate else []))(model)
+            kept = state_of(model).plan.kept_experts  # the same experts either way: REAP's choice
             rows.append({"ratio": ratio, "rewrite": "drop (re-route)", "chosen_by": "reap", "refit": compensate,
                          **measured(model), "seconds": time.perf_counter() - t0})
             for chosen_by in ("reap", "substitution error"):
                 t0 = time.perf_counter()
                 model = copy.deepcopy(base)
                 for b in spec.blocks:
-                    c, error, reap = per_block[b.path]
-                    pruned = torch.argsort(reap if chosen_by == "reap" else error)[: round(ratio * b.num_experts)].tolist()
+                    c, error = per_block[b.path]
+                    dropped = [e for e in range(b.num_experts) if e not in kept[b.path]]
+                    pruned = dropped if chosen_by == "reap" else torch.argsort(error)[: len(dropped)].tolist()
                     if compensate:
                         c = refit(model, b, samples[b.path], set(pruned), c)
                     substitute(model, b, pruned, c)

@@ -46,7 +46,7 @@ from moe_fx.model.spec import MoEBlockSpec, MoEModelSpec
 from moe_fx.model.tensors import get_tensor
 from moe_fx.pipeline import MoEState, Pass, PassResult, require
 
-__all__ = ["CompensateExperts", "compensate_block"]
+__all__ = ["CompensateExperts", "compensate_block", "ridge_refit"]
 
 _NEEDS = ("input_hidden", "input_logits", "input_target", "input_topk_index", "input_topk_weight", "input_seen")
 _CHECK_TOL = 2e-2
@@ -97,18 +97,22 @@ def compensate_block(
         for e, (t, s, a) in rows.items():
             ws = w[t, s, None]
             b = math.down_bias(e, x)
-            A = ws * a
             Z = target[t] - (contrib[t].sum(1) - contrib[t, s]) - (0 if b is None else ws * b)
-            gram = A.T @ A
-            d0 = math.down(e, x)
-            lam = ridge * float(torch.trace(gram)) / gram.shape[0]
-            eye = torch.eye(gram.shape[0], dtype=dtype, device=device)
-            jitter = 1e-10 * max(float(torch.trace(gram)), 1e-30) / gram.shape[0]
-            dt = torch.linalg.solve(gram + (lam + jitter) * eye, A.T @ Z + lam * d0)
-            math.set_down(e, dt)
+            math.set_down(e, ridge_refit(ws * a, Z, math.down(e, x), ridge))
             contrib[t, s] = ws * math.output(e, x[t])
     after = float(((contrib.sum(1) - target) ** 2).sum()) / norm
     return {"tokens": n, "experts_refit": len(rows), "error_before": round(before, 6), "error_after": round(after, 6)}
+
+
+def ridge_refit(A: torch.Tensor, Z: torch.Tensor, d0: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``D^T [I, H]`` minimising ``||A D^T - Z||^2 + lam ||D^T - d0||^2`` for rows ``A [n, I]`` (routing-weighted
+    activations) and targets ``Z [n, H]``, with ``lam = ridge * trace(A^T A) / I``: the pull towards ``d0`` relative
+    to the activation energy, plus a 1e-10 jitter so an expert with dead neurons still solves."""
+    gram = A.T @ A
+    lam = ridge * float(torch.trace(gram)) / gram.shape[0]
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    jitter = 1e-10 * max(float(torch.trace(gram)), 1e-30) / gram.shape[0]
+    return torch.linalg.solve(gram + (lam + jitter) * eye, A.T @ Z + lam * d0)
 
 
 def _check_reconstruction(model, block, x, idx, w, predicted) -> None:
