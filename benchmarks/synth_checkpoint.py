@@ -59,10 +59,19 @@ PRESETS: dict[str, dict] = {
         "tiny": dict(hidden_size=64, intermediate_size=64, num_local_experts=8, num_experts_per_tok=2, num_attention_heads=4,
                      num_key_value_heads=2, head_dim=16, vocab_size=8192, sliding_window=16, tie_word_embeddings=False),
     },
+    "llama4-scout": {  # the text model of Llama-4-Scout-17B-16E (the hub's checkpoint wraps it with a vision tower)
+        "model_type": "llama4_text", "layers": 48,
+        "full": dict(hidden_size=5120, intermediate_size=8192, intermediate_size_mlp=16384, num_local_experts=16, num_experts_per_tok=1,
+                     num_attention_heads=40, num_key_value_heads=8, head_dim=128, vocab_size=202048, max_position_embeddings=10485760,
+                     tie_word_embeddings=False),
+        "tiny": dict(hidden_size=64, intermediate_size=64, intermediate_size_mlp=128, num_local_experts=8, num_experts_per_tok=1,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=8192, tie_word_embeddings=False),
+    },
 }
 """Preset -> model type, default depth, and config sizes at full scale (the hub's config.json) and at ``--tiny`` scale."""
 
-ARCHITECTURES = {"qwen3_moe": "Qwen3MoeForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM", "gpt_oss": "GptOssForCausalLM"}
+ARCHITECTURES = {"qwen3_moe": "Qwen3MoeForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM", "gpt_oss": "GptOssForCausalLM",
+                 "llama4_text": "Llama4ForCausalLM"}
 """The ``architectures`` entry of each family's hub config."""
 
 MXFP4_BLOCK = 32
@@ -124,7 +133,7 @@ def draw(name: str, shape: tuple[int, ...], dtype: torch.dtype, config, *, seed:
         t = torch.randint(0, 256, shape, generator=g, device=device, dtype=torch.int32).to(torch.uint8)
     elif "norm" in name or leaf == "weight" and len(shape) == 1:
         t = torch.ones(shape, device=device)
-    elif ".mlp.gate.weight" in name or ".mlp.router.weight" in name:
+    elif name.endswith((".mlp.gate.weight", ".mlp.router.weight", ".feed_forward.router.weight")):
         e, h = shape  # logits of a unit-RMS hidden state: std router_std, plus an uneven popularity per expert
         rows = randn(e, h) * (router_std / math.sqrt(h))
         popularity = randn(e, 1) * 0.3

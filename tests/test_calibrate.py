@@ -144,3 +144,55 @@ def test_statistics_map_to_the_experts_left_after_a_drop(tiny_model):
     assert state.recorded_positions(block, 8).tolist() == [1, 3, 4, 6]
     with pytest.raises(BadOptionError, match="cover 6 experts"):
         state.recorded_positions(block, 6)
+
+
+def _llama4():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_models import tiny_model
+
+    return tiny_model("llama4")
+
+
+def test_prescaled_experts_calls_are_observed():
+    """Llama 4's experts take ``hidden * score`` stacked over all experts: the observers get the router's choices,
+    and per slot ``y`` with ``w * y`` exactly what the expert adds (``expert(w * x)``, the weight inside), so the
+    REAP sum is the norm of each expert's real contribution; the instrumented model computes what the plain one does."""
+    from moe_fx.model.expert_math import ExpertMath
+
+    model = _llama4()
+    spec = state_of(model).spec
+    tokens = torch.randint(3, 120, (2, 16), generator=torch.Generator().manual_seed(0))
+    ref = _logits(model, tokens)
+    events = []
+
+    class Capture(OBSERVERS["reap"]):
+        def update(self, acc, event):
+            events.append(event)
+            super().update(acc, event)
+
+    with instrument(model, spec, [Capture(), OBSERVERS["routing"]()]) as acc:
+        torch.testing.assert_close(_logits(model, tokens), ref, atol=0, rtol=0)
+    block = spec.blocks[0]
+    event = events[0]
+    router = model.get_submodule(block.router.path)
+    scores, _ = router(event.hidden)
+    idx, w = event.top_k_index, event.top_k_weights
+    torch.testing.assert_close(scores.gather(1, idx), w)  # the routing the model took
+    math, (t, k) = ExpertMath(model, block.experts), idx.shape
+    y = event.expert_out.view(t, k, -1)
+    expected = torch.stack([torch.stack([math.output(int(idx[i, s]), w[i, s] * event.hidden[i : i + 1])[0] for s in range(k)]) for i in range(t)])
+    torch.testing.assert_close(w.unsqueeze(-1) * y, expected.to(y.dtype), rtol=1e-4, atol=1e-5)
+    for b in spec.blocks:  # every token counted once per slot in every block
+        assert int(acc[b.path]["count"].sum()) == tokens.numel() * b.top_k
+
+
+def test_prescaled_experts_refuse_observers_that_assume_the_weight_outside():
+    from moe_fx.errors import UnsupportedFamilyError
+
+    model = _llama4()
+    for observers in (("routing", "samples"), ("routing", "channels")):
+        with pytest.raises(UnsupportedFamilyError, match="scale their input by the routing weight"):
+            Calibrate(torch.zeros(1, 8, dtype=torch.long), observers=observers).check_model(model, state_of(model).spec)

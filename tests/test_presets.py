@@ -92,3 +92,14 @@ def test_preset_calibration_budget_is_a_default(given, expected, tmp_path):
     args = cli.build_parser().parse_args(["prune", "src", "--ratio", "0.25", "--out", str(tmp_path / "o"), "--preset", "best", *given])
     _apply_preset(args, stream=False)
     assert (args.calib_tokens, args.compensate_samples) == expected and args.distill_batch_size == 32
+
+
+def test_fit_to_model_changes_only_what_the_model_cannot_take():
+    from moe_fx.run.presets import fit_to_model
+
+    options = preset_options("best")
+    same, why = fit_to_model(options, language_model=True, compensation_refused=None, shared_layers=[])
+    assert same == options and why == []
+    fitted, why = fit_to_model(options, language_model=False, compensation_refused="a norm after each expert", shared_layers=[3])
+    assert fitted == {**options, "method": "reap", "allocation": "uniform", "compensate": False} and len(why) == 2
+    assert options == preset_options("best")  # the preset's own table is not changed

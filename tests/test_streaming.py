@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import OVERRIDES, _kwargs, auto_class, tiny_model
+from tiny_models import OVERRIDES, _kwargs, auto_class, tiny_config, tiny_model
 from transformers import AutoConfig
 
 from moe_fx import compose
@@ -84,10 +84,34 @@ def _reap(*extra, observers=("routing", "reap")):
     ("mixtral", {}),
     ("deepseek_v3", {"num_hidden_layers": 3, "first_k_dense_replace": 1}),  # a dense first layer
     ("gpt_oss", {}),  # sliding-window layers, biases, transposed interleaved experts
+    # GLM-5's sparse attention: a "shared" layer reuses the previous layer's top-k indices, handed from layer to layer
+    ("glm_moe_dsa", {"num_hidden_layers": 3, "indexer_types": ["full", "shared", "full"], "mlp_layer_types": ["sparse"] * 3}),
 ])
 def test_streaming_equals_in_memory(model_type, overrides, tmp_path):
     source = _saved_tiny(model_type, tmp_path / "src", **overrides)
     _assert_same_checkpoint(*_both(source, tmp_path, _reap()))
+
+
+def test_streaming_hands_each_batch_its_own_layer_state(tmp_path):
+    """Mistral-Large-4 passes sparse-attention indices from layer to layer and fills a KV dict in one layer that the
+    next reads (``kv_source_layers``): a streamed run keeps both per batch of windows (three batches of one shape here,
+    which share their captured layer calls), so it reproduces the in-memory prune: the same plan and scores, and the
+    same logits once reloaded (its stock save writes Mistral's own tensor names, the streamed one transformers')."""
+    config = tiny_config("mistral_large4")
+    text = config.get_text_config()
+    text.indexer_types, text.kv_source_layers = ["full", "shared"], [0, 0]  # layer 1 reuses layer 0's indices and KV
+    torch.manual_seed(0)
+    model = auto_class(config).from_config(config).eval()
+    assert [layer.self_attn.is_kv_shared_layer for layer in model.model.language_model.layers] == [False, True]
+    source = tmp_path / "src"
+    model.save_pretrained(source)
+    passes = lambda: [Calibrate(TOKENS, batch_size=2, show_progress=False), Score("reap"), DropExperts(ratio=0.25)]
+    streamed, in_memory = _both(source, tmp_path, passes)
+    ra, rb = (json.loads((p / "moe_fx.json").read_text()) for p in (streamed, in_memory))
+    assert ra["plan"] == rb["plan"] and ra["scores"] == rb["scores"]
+    with torch.no_grad():
+        logits = [load_model(p)(input_ids=TOKENS).logits for p in (streamed, in_memory)]
+    assert torch.equal(*logits)
 
 
 def test_streaming_equals_in_memory_with_compensation_and_merge(micro_path, tmp_path):

@@ -53,6 +53,9 @@ def test_hub_layout(synthesized):
     assert oss["model.layers.0.mlp.experts.gate_up_proj_blocks"] == ((8, 128, 2, 16), "U8")
     assert oss["model.layers.0.mlp.experts.down_proj_scales"] == ((8, 64, 2), "U8")
     assert mxfp4.is_mxfp4(json.loads((synthesized["gpt-oss-20b"] / "config.json").read_text()))
+    llama4 = _keys(synthesized["llama4-scout"])
+    assert llama4["model.layers.0.feed_forward.experts.gate_up_proj"] == ((8, 64, 128), "BF16")  # fused, [E, H, 2I]
+    assert llama4["model.layers.2.feed_forward.router.weight"] == ((8, 64), "BF16")
 
 
 def test_seeded_and_independent_of_sharding(tmp_path):

@@ -52,6 +52,19 @@ def _passes(teacher, cache_k: int | None, steps: int = 4):
                      Distill(teacher=teacher, data=WINDOWS, batch_size=4, steps=steps, lr=1e-3, show_progress=False)]
 
 
+def test_a_head_narrower_than_top_k_is_cached_whole(tmp_path) -> None:
+    """A head with fewer outputs than ``top_k`` (a token classifier's labels) caches all of them: the KL is then the
+    full one (it used to fail writing 33 values into 64 slots)."""
+    logits = torch.randn(2, 7, 33)
+    cache = TeacherCache.create(tmp_path / "c", WINDOWS[:2, :7], top_k=64)
+    cache.write(slice(0, 2), logits)
+    cache.finish(source="test")
+    opened = TeacherCache.open(tmp_path / "c")
+    assert opened.top_k == 33 and opened.summary()["mean_top_k_mass"] == pytest.approx(1.0, abs=1e-5)
+    student = torch.randn(2, 7, 33)
+    assert topk_kl(student, *opened.targets([0, 1], torch.device("cpu"))).item() == pytest.approx(kl_to_teacher(student, logits).item(), abs=1e-5)
+
+
 def test_cached_teacher_with_the_whole_vocabulary_trains_as_the_model_teacher(monkeypatch, tmp_path) -> None:
     """Same windows, same order, same loss up to rounding: the trained weights agree; the temporary cache is gone."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))

@@ -221,6 +221,10 @@ def tiny_checkpoint(model_type: str, path, *, tokenizer_from, vocab_size: int = 
 
     config = tiny_config(model_type)
     config.vocab_size = vocab_size
+    text = config.get_text_config()
+    text.vocab_size = vocab_size  # multimodal configs embed text with their text config's vocabulary
+    if getattr(text, "unpadded_vocab_size", None) is not None:  # Inkling2 cuts its logits to this many
+        text.unpadded_vocab_size = vocab_size
     torch.manual_seed(0)
     model = auto_class(config).from_config(config).eval()
     _perturb_constants(model)

@@ -8,12 +8,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moe_fx.calibrate import distributed
 from moe_fx.calibrate.data import TokenBatch, calibration_tokens
-from moe_fx.calibrate.hooks import check_routed, instrument, router_logits, router_probs
+from moe_fx.calibrate.hooks import check_observable, check_routed, instrument, router_logits, router_probs
 from moe_fx.calibrate.observers import OBSERVERS, ChannelGradObserver, ChannelObserver, InputObserver, Observer, ReapObserver, RoutingEvent, RoutingObserver, SampleObserver
 from moe_fx.calibrate.stats import CalibrationStats
 from moe_fx.errors import BadOptionError, HostMemoryError, out_of_memory
@@ -122,8 +121,9 @@ def calibration_stats(acc: dict[str, dict[str, torch.Tensor]], tokens: TokenBatc
 
 def _loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """Summed next-token NLL of ``batch`` (a sum, so every token weighs the same in every batch)."""
-    logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+    from moe_fx.evaluate.nll import next_token_nll  # here: moe_fx.evaluate imports this package's data module
+
+    return next_token_nll(model(input_ids=batch, use_cache=False).logits[:, :-1], batch[:, 1:])
 
 
 @contextlib.contextmanager
@@ -219,7 +219,9 @@ class Calibrate(Pass):
         """Experts calls the hooks can observe, and for observers that read inside the experts (channels),
         experts whose activations :class:`~moe_fx.model.expert_math.ExpertMath` reproduces."""
         observers = self.make_observers()
-        check_routed(spec)
+        check_observable(spec, observers)
+        if self.compiled:
+            check_routed(spec)
         if any(o.needs_math for o in observers):
             for block in spec.blocks:
                 check_expert_math(model.get_submodule(block.experts.path), block.experts)

@@ -20,6 +20,7 @@ from torch import nn
 from moe_fx.calibrate.observers import Observer, RoutingEvent
 from moe_fx.errors import UnsupportedFamilyError
 from moe_fx.model.expert_math import ExpertMath
+from moe_fx.model.routing import route
 from moe_fx.model.spec import MoEBlockSpec, MoEModelSpec
 from moe_fx.model.tensors import get_tensor
 
@@ -71,7 +72,10 @@ class BlockProbe:
             self.acc.update(o.init(block, device))
         self.needs_outputs = any(o.needs_outputs for o in observers)
         self.needs_probs = any(o.needs_probs for o in observers)
-        self.needs_logits = self.needs_probs or any(o.needs_logits for o in observers)
+        self.prescaled = block.experts.call_style == "dense_prescaled"
+        # a prescaled call carries no routing: it is re-derived from the router's input and logits
+        self.needs_logits = self.prescaled or self.needs_probs or any(o.needs_logits for o in observers)
+        self.pending_hidden: torch.Tensor | None = None
         self.grad_observers = [o for o in observers if o.needs_grads]
         self.math = ExpertMath(model, block.experts) if any(o.needs_math for o in observers) else None
         selection = block.router.selection_bias
@@ -81,8 +85,18 @@ class BlockProbe:
     def router_pre_hook(self, module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         self.pending_logits = router_logits(self.model, self.block, hidden.detach())
+        if self.prescaled:
+            self.pending_hidden = hidden.detach().reshape(-1, hidden.shape[-1])
 
     def wrap(self, forward):
+        if self.prescaled:
+            def prescaled(routed_in, *args, **kwargs):
+                out = self.observe_prescaled(lambda h: forward(h, *args, **kwargs), routed_in)
+                self.pending_logits = self.pending_hidden = None
+                return out
+
+            return prescaled
+
         def instrumented(*args, **kwargs):
             hidden, idx, w = _routing_args(args, kwargs)
             out = self.observe(self.acc, forward, hidden, idx, w, self.pending_logits, lambda: forward(*args, **kwargs))
@@ -103,20 +117,41 @@ class BlockProbe:
                 out = (y.view(t, k, -1) * w.unsqueeze(-1)).sum(dim=1).to(hidden.dtype)
             else:
                 y, out = None, call()
-        with torch.no_grad():
-            event = RoutingEvent(
-                hidden.detach(), idx, w.detach(), None if y is None else y.detach(),
-                router_probs=router_probs(self.block, logits) if self.needs_probs else None,
-                router_logits=logits,
-                selection_bias=self.selection_bias,
-                run_experts=lambda h, i: _per_slot_outputs(forward, h, i),
-                expert_math=self.math,
-            )
-            for o in self.observers:
-                o.update(acc, event)
+        event = self._update(acc, hidden, idx, w, y, logits, lambda h, i: _per_slot_outputs(forward, h, i))
         if self.grad_observers and out.requires_grad:
             out.register_hook(lambda grad: self._on_grad(event, grad))
         return out
+
+    @torch.no_grad()
+    def observe_prescaled(self, forward, routed_in: torch.Tensor) -> torch.Tensor:
+        """The ``dense_prescaled`` call (Llama 4): ``experts(h * score_e, stacked over experts [E * T, H])``, the score
+        0 where a token is not routed. Its output already holds each expert's product for each token (row ``e * T +
+        t``), so nothing runs twice: the routing comes from the router's logits by the spec's rule, and the observers
+        get ``y = contribution / w`` (the weight scales the expert's *input*, so ``sum_slots w * y`` is still the
+        block's routed output, and REAP's ``w * ||y||`` the norm of what the expert adds)."""
+        hidden, logits = self.pending_hidden, self.pending_logits
+        idx, w = route(self.block.router, logits, self.selection_bias)
+        out = forward(routed_in)
+        t = hidden.shape[0]
+        contribution = out.view(self.block.num_experts, t, -1)[idx, torch.arange(t, device=idx.device)[:, None]]
+        w = w.to(out.dtype)
+        y = (contribution / w.unsqueeze(-1).clamp(min=torch.finfo(out.dtype).tiny)).reshape(t * idx.shape[1], -1)
+        self._update(self.acc, hidden, idx, w, y, logits, None)
+        return out
+
+    @torch.no_grad()
+    def _update(self, acc, hidden, idx, w, y, logits, run_experts) -> RoutingEvent:
+        event = RoutingEvent(
+            hidden.detach(), idx, w.detach(), None if y is None else y.detach(),
+            router_probs=router_probs(self.block, logits) if self.needs_probs else None,
+            router_logits=logits,
+            selection_bias=self.selection_bias,
+            run_experts=run_experts,
+            expert_math=self.math,
+        )
+        for o in self.observers:
+            o.update(acc, event)
+        return event
 
     def _on_grad(self, event: RoutingEvent, grad: torch.Tensor) -> None:
         with torch.no_grad():
@@ -125,18 +160,32 @@ class BlockProbe:
 
 
 def check_routed(spec: MoEModelSpec) -> None:
-    """Refuse blocks whose experts call is not ``experts(h, top_k_index, top_k_weights)``: nothing to observe."""
+    """Refuse blocks whose experts call is not ``experts(h, top_k_index, top_k_weights)`` (what the compiled
+    instrumentation rewrites)."""
     for block in spec.blocks:
         if block.experts.call_style != "routed":
             raise UnsupportedFamilyError(
-                f"{block.path}: calibration of {block.experts.call_style!r} experts calls is not implemented yet"
+                f"{block.path}: compiled calibration of {block.experts.call_style!r} experts calls is not implemented; calibrate eagerly"
+            )
+
+
+def check_observable(spec: MoEModelSpec, observers: Sequence[Observer]) -> None:
+    """Refuse observers a block's experts call cannot feed: a ``dense_prescaled`` call (Llama 4) scales each
+    expert's input by its weight, so observers of the experts' intermediate activations, of gradients, or of
+    experts on routes not taken, which assume the weight outside the expert, are refused there."""
+    inside = [o.name for o in observers if o.needs_math or o.needs_grads or o.needs_other_routes]
+    for block in spec.blocks:
+        if block.experts.call_style == "dense_prescaled" and inside:
+            raise UnsupportedFamilyError(
+                f"{block.path}: its experts scale their input by the routing weight (Llama 4), which the {', '.join(inside)} "
+                "statistics do not model; use --method reap, frequency or eep"
             )
 
 
 @contextlib.contextmanager
 def instrument(model: nn.Module, spec: MoEModelSpec, observers: Sequence[Observer]) -> Iterator[dict[str, dict[str, torch.Tensor]]]:
     """Attach observers to every block; yield ``{block_path: accumulators}``; restore the model on exit."""
-    check_routed(spec)
+    check_observable(spec, observers)
     probes = {b.path: BlockProbe(model, b, observers) for b in spec.blocks}
     handles, patched = [], []
     try:

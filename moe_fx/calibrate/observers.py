@@ -49,6 +49,8 @@ class Observer:
     """Reads the experts' intermediate activations (``event.expert_math``)."""
     needs_grads = False
     """Calibration runs a backward pass of the summed next-token loss and calls :meth:`update_grads`."""
+    needs_other_routes = False
+    """Runs experts on routes the model did not take (``event.run_experts``, with the weight outside the expert)."""
     on_host = False
     """Its accumulators live in CPU memory (sampled tokens) rather than beside the model (running sums)."""
 
@@ -167,6 +169,7 @@ class SampleObserver(_SampledObserver):
 
     name = "samples"
     needs_logits = True
+    needs_other_routes = True
     shared_keys = ("sample_selection_bias",)
 
     def init(self, block, device):

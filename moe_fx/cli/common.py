@@ -143,6 +143,25 @@ def calibration_and_eval(args, tokenizer) -> tuple[list, object]:
     return calib_docs, build_eval_set(eval_docs, tokenizer, seq_len=args.eval_seq_len, seqs_per_domain=args.eval_seqs, stride=args.eval_stride)
 
 
+def check_language_model(meta, source, needs: dict[str, bool]) -> None:
+    """Refuse, before loading, what needs next-token logits (``needs``: what -> whether this run does it) on a model
+    that does not predict next tokens (a token classifier, a bare backbone); ``meta``: the model's structure."""
+    if meta.can_generate():
+        return
+    asked = [what for what, on in needs.items() if on]
+    if asked:
+        raise MoeFxError(f"{source}: {type(meta).__name__} is not a causal language model, so {' and '.join(asked)} cannot run on it")
+
+
+def check_token_ids(meta, source, *windows: torch.Tensor) -> None:
+    """Refuse data whose token ids the model has no embedding for (a tokenizer that is not the model's)."""
+    rows = meta.get_input_embeddings().num_embeddings
+    largest = max((int(w.max()) for w in windows if w.numel()), default=-1)
+    if largest >= rows:
+        raise MoeFxError(f"{source}: the tokenizer gives token id {largest}, but the model embeds {rows} tokens: the tokenizer is not this "
+                         "model's (put the model's own tokenizer files in the checkpoint directory)")
+
+
 def span(values) -> str:
     v = sorted(set(values))
     return str(v[0]) if len(v) == 1 else f"{v[0]}-{v[-1]}"

@@ -10,6 +10,8 @@ from moe_fx.cli.common import (
     add_eval,
     add_generation,
     add_tasks,
+    check_language_model,
+    check_token_ids,
     eval_rows,
     generation_rows,
     resolve_device,
@@ -42,6 +44,7 @@ def run(args) -> int:
     from moe_fx.evaluate.nll import build_eval_set, evaluate_nll
     from moe_fx.evaluate.table import format_table
     from moe_fx.evaluate.zero_shot import resolve_tasks
+    from moe_fx.formats.lazy import meta_model
     from moe_fx.formats.loading import load_model, load_tokenizer
 
     if not args.data and not args.tasks:
@@ -54,6 +57,10 @@ def run(args) -> int:
     tokenizer = load_tokenizer(args.models[0])
     eval_set = build_eval_set(args.data, tokenizer, seq_len=args.eval_seq_len, seqs_per_domain=args.eval_seqs, stride=args.eval_stride) if args.data else None
     prompts = generation_prompts(eval_set, prompts=args.generate, prompt_len=args.prompt_len) if args.generate else None
+    for path in args.models:  # every model's structure, before the first one loads
+        meta = meta_model(path, args.dtype, device)
+        check_language_model(meta, path, {"NLL evaluation": eval_set is not None, "--tasks": bool(args.tasks)})
+        check_token_ids(meta, path, *(eval_set.windows.values() if eval_set else ()))
     results, ref = [], None
     for i, path in enumerate(args.models):
         model = load_model(path, dtype=args.dtype, device=device, **({"quantize": args.quantize} if args.quantize and i else {}))

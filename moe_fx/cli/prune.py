@@ -18,6 +18,8 @@ from moe_fx.cli.common import (
     add_eval,
     add_generation,
     calibration_and_eval,
+    check_language_model,
+    check_token_ids,
     generation_rows,
     resolve_device,
     span,
@@ -108,16 +110,19 @@ def add_parser(sub) -> None:
     p.set_defaults(parser_defaults={o: p.get_default(o) for o in PRESET_OPTIONS + PRESET_DEFAULTS})  # what --preset compares against
 
 
-def _apply_preset(args, stream: bool) -> None:
-    """Set the options ``--preset`` stands for (moe_fx.run.presets), refusing options of the preset's set beside it."""
+def _apply_preset(args, stream: bool, meta=None) -> None:
+    """Set the options ``--preset`` stands for (moe_fx.run.presets), refusing options of the preset's set beside it,
+    and fitted to the model ``meta`` (its structure; None: taken as is) where it cannot take them all."""
     from moe_fx.calibrate import distributed
-    from moe_fx.run.presets import PRESET_OPTIONS, PRESETS, preset_options
+    from moe_fx.run.presets import PRESET_OPTIONS, PRESETS, fit_to_model, preset_options
 
     set_beside = [f"--{o.replace('_', '-')}" for o in PRESET_OPTIONS if getattr(args, o) != args.parser_defaults[o]]
     if set_beside:
         raise MoeFxError(f"--preset {args.preset} chooses {', '.join(set_beside)} itself: drop {'them' if len(set_beside) > 1 else 'it'} "
                          "or the preset")
-    chosen = preset_options(args.preset, streamed=stream)
+    chosen, fitted = preset_options(args.preset, streamed=stream), []
+    if meta is not None:
+        chosen, fitted = fit_to_model(chosen, **_model_limits(meta))
     for key, value in PRESETS[args.preset].defaults.items():  # data budgets: the preset's unless given
         if getattr(args, key) == args.parser_defaults[key]:
             chosen[key] = value
@@ -126,6 +131,24 @@ def _apply_preset(args, stream: bool) -> None:
     if distributed.is_main():
         flags = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in chosen.items())
         print(f"moe-fx: --preset {args.preset}{' (streamed)' if stream else ''}: {flags} ({PRESETS[args.preset].streamed_measured if stream else PRESETS[args.preset].measured})")
+        for line in fitted:
+            print(f"moe-fx: --preset {args.preset} fitted to this model: {line}")
+
+
+def _model_limits(meta) -> dict:
+    """What a preset needs to know of the model (:func:`moe_fx.run.presets.fit_to_model`), from its structure alone."""
+    from moe_fx.errors import UnsupportedFamilyError
+    from moe_fx.passes import CompensateExperts
+    from moe_fx.pipeline import state_of
+    from moe_fx.plan.allocate import shared_layers
+
+    spec = state_of(meta).spec
+    try:
+        CompensateExperts().check_model(meta, spec)
+        refused = None
+    except UnsupportedFamilyError as e:
+        refused = str(e)
+    return {"language_model": meta.can_generate(), "compensation_refused": refused, "shared_layers": shared_layers(spec)}
 
 
 def _check_distill_memory(meta, spec, args, device: str, stream: bool, show: bool) -> None:
@@ -224,7 +247,7 @@ def _check_granularity(args, scorer, expert_scorer) -> None:
 
 def run(args) -> int:
     """Run the command with the parsed ``args``; return the exit status."""
-    from moe_fx.calibrate import check_host_memory, distributed
+    from moe_fx.calibrate import OBSERVERS, check_host_memory, distributed
     from moe_fx.calibrate.data import TokenBatch, pack, split_fitness
     from moe_fx.evaluate.nll import checkpoint_size, disk_size, evaluate_nll, model_size
     from moe_fx.evaluate.report import write_report
@@ -235,7 +258,7 @@ def run(args) -> int:
     from moe_fx.formats.loading import check_model_dir, load_model, load_tokenizer
     from moe_fx.passes import CacheTeacher, Calibrate, CompensateExperts, Distill, DropExperts, Score
     from moe_fx.pipeline import compose, state_of
-    from moe_fx.plan.allocate import check_budget
+    from moe_fx.plan.allocate import check_allocation, check_budget
     from moe_fx.plan.eep import EvolutionarySearch
     from moe_fx.run.recipe import observers_for, parse_method, prune_passes
     from moe_fx.run.streaming import stream_evaluate, stream_prune
@@ -253,8 +276,11 @@ def run(args) -> int:
         raise BadOptionError(f"--quantize-targets {args.quantize_targets} says what --quantize covers; add --quantize SCHEME")
     if args.quantize and source_mxfp4(source) is not None:
         raise BadOptionError(f"{source}'s experts are MXFP4, which the pruned copy keeps; drop --quantize {args.quantize}")
+    # the model's structure without its weights: options the family cannot take are refused before loading
+    meta = meta_model(source, args.dtype, device)
+    spec = state_of(meta).spec
     if args.preset:
-        _apply_preset(args, stream)
+        _apply_preset(args, stream, meta)
     channels = args.granularity == "channel"
     if args.quantize:
         check_before_pruning(source, args.quantize, width_multiple=args.multiple if channels else None, targets=args.quantize_targets)
@@ -296,19 +322,24 @@ def run(args) -> int:
                          "holds; run `moe-fx eval SOURCE OUT ...` on a device that holds it, or use --stream off")
     if args.generate and args.no_eval:
         raise MoeFxError("--eval-generate continues held-out prompts: drop --no-eval")
-    # the model's structure without its weights: options the family cannot take are refused before loading
-    meta = meta_model(source, args.dtype, device)
-    spec = state_of(meta).spec
     if not channels or args.expert_ratio:
         check_budget(spec, ratio=args.expert_ratio if channels else args.ratio, keep=None if channels else args.keep)
+    if not channels and args.allocation in ("uniform", "global"):
+        check_allocation(spec, args.allocation)
     tokenizer = load_tokenizer(source)
     calib_docs, eval_set = calibration_and_eval(args, tokenizer)
+    gradients = any(OBSERVERS[o].needs_grads for o in observers_for([s for s in (scorer, expert_scorer) if s]))
+    check_language_model(meta, source, {"NLL evaluation (pass --no-eval)": eval_set is not None, "--method eep (its fitness is the NLL)": search,
+                                        f"--method {args.method} (gradients of the NLL)": gradients,
+                                        "--eval-generate": bool(args.generate), "--eval-tasks": bool(args.tasks)})
+    check_token_ids(meta, source, *(eval_set.windows.values() if eval_set else ()))
     show = not args.quiet and distributed.is_main()
 
     passes = []
     allocation = args.allocation
     if needs_windows:
         windows = pack(tokenizer, calib_docs, seq_len=args.seq_len, max_tokens=args.calib_tokens + (args.fitness_tokens if search else 0), seed=args.seed)
+        check_token_ids(meta, source, windows)
         if search:
             windows, fitness = split_fitness(windows, args.fitness_tokens)
             allocation = EvolutionarySearch(

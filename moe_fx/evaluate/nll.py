@@ -68,6 +68,16 @@ def build_eval_set(source: str | Path | Sequence[str] | Sequence[Document], toke
     return EvalSet(windows, desc, overlap=seq_len - stride)
 
 
+def next_token_nll(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """Cross entropy of ``logits [..., V]`` against token ids ``targets [...]`` (-100: not scored), refusing in one line
+    ids the model has no output for (its head is not over the tokenizer's vocabulary) instead of an IndexError."""
+    largest = int(targets.max()) if targets.numel() else -1
+    if largest >= logits.shape[-1]:
+        raise BadOptionError(f"the model predicts {logits.shape[-1]} classes, but the data holds token id {largest}: its head is not a "
+                             "next-token head over this tokenizer's vocabulary, which NLL evaluation, EEP and gradient scores need")
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction=reduction, ignore_index=-100)
+
+
 @torch.no_grad()
 def nll_sum(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 8, bar=None, overlap: int = 0) -> tuple[float, int]:
     """Summed next-token NLL over token windows ``[N, L]`` and the number of predicted tokens. ``overlap``:
@@ -83,7 +93,7 @@ def nll_sum(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 8, bar
         targets = batch[:, 1:].clone()
         if overlap > 1:  # target j predicts token j + 1: tokens [0, overlap) of a later window were scored before
             targets[0 if i > 0 else 1 :, : overlap - 1] = -100
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum", ignore_index=-100).item()
+        total += next_token_nll(logits, targets).item()
         count += int((targets != -100).sum())
         if bar is not None:
             bar.update(batch.numel())

@@ -55,6 +55,9 @@ class FamilyAdapter:
     scaling_attrs: tuple[str, ...] = ("routed_scaling_factor", "route_scale", "router_scaling_factor")
     legacy_count_keys: tuple[str, ...] = ()
     """Config keys that older transformers (4.57) read for the expert count; always written on save."""
+    layer_carry: tuple[str, ...] = ()
+    """Keyword arguments a decoder layer receives from the previous layer's output (its outputs after the hidden
+    states, in order): GLM-5's and HY-V4's layers return ``(hidden, topk_indices)`` and take ``prev_topk_indices``."""
     unsupported: str | None = None
     """Reason the family cannot be rewritten (discovery raises with it)."""
     notes: str = ""

@@ -33,10 +33,13 @@ register_adapter(
 )
 register_adapter(
     (
-        "ernie4_5_moe", "ernie4_5_vl_moe", "hunyuan_v1_moe", "minimax", "mistral_large4", "qwen3_5_moe",
-        "qwen3_vl_moe",
+        "ernie4_5_moe", "ernie4_5_vl_moe", "hunyuan_v1_moe", "minimax", "qwen3_5_moe", "qwen3_vl_moe",
     ),
     FamilyAdapter("softmax_topk_renorm", score_fn="softmax", norm_topk_prob=True),
+)
+register_adapter(  # the same routing; each decoder layer hands its sparse-attention indices to the next
+    "mistral_large4",
+    FamilyAdapter("softmax_topk_renorm_shared_indices", score_fn="softmax", norm_topk_prob=True, layer_carry=("prev_topk_indices",)),
 )
 # softmax, then top-k, never renormalised (DeepSeek-V2's router ignores its norm_topk_prob config key)
 register_adapter(
@@ -63,10 +66,14 @@ register_adapter(
 register_adapter(
     (
         "axk1", "axk2", "bailing_hybrid", "beam", "deepseek_v32", "dots1", "dots3_note", "exaone_moe", "flint",
-        "glm4_moe", "glm4_moe_lite", "glm4v_moe", "glm5_next", "glm_moe_dsa", "hy_v4", "kimi_linear", "lfm2_moe",
-        "mimo_v2_flash", "nemotron_h", "solar_open",
+        "glm4_moe", "glm4_moe_lite", "glm4v_moe", "kimi_linear", "lfm2_moe", "mimo_v2_flash", "nemotron_h", "solar_open",
     ),
     FamilyAdapter("sigmoid_topk", score_fn="sigmoid"),
+)
+# the same routing; each decoder layer hands its sparse-attention indices to the next
+register_adapter(
+    ("glm5_next", "glm_moe_dsa", "hy_v4"),
+    FamilyAdapter("sigmoid_topk_shared_indices", score_fn="sigmoid", layer_carry=("prev_topk_indices",)),
 )
 # sigmoid scores, always renormalised
 register_adapter(

@@ -137,6 +137,9 @@ class MoEModelSpec:
     config_width_keys: tuple[str, ...] = field(default=())
     """``config_path:key`` of the config entry holding the routed experts' intermediate size (the most
     specific name: ``moe_intermediate_size`` before ``intermediate_size``, which may size dense layers too)."""
+    layer_carry: tuple[str, ...] = field(default=())
+    """Keyword arguments each decoder layer takes from the previous layer's extra outputs (the adapter's
+    ``layer_carry``): a layer-by-layer run must hand them on."""
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -289,4 +289,5 @@ def trace(model: nn.Module) -> MoEModelSpec:
         config_count_keys=count_keys,
         config_topk_keys=_config_keys(config, k0, TOPK_KEYS),
         config_width_keys=_width_keys(config, blocks[0].experts.intermediate_size, count_keys),
+        layer_carry=adapter.layer_carry,
     )

@@ -51,6 +51,28 @@ def uniform_plan(spec: MoEModelSpec, scores: dict[str, torch.Tensor], *, ratio: 
     return plan
 
 
+def shared_layers(spec: MoEModelSpec) -> list[int]:
+    """Decoder layers holding more than one expert block (Ernie-VL's text and vision experts): their blocks must
+    keep equal counts (some checkpoints store them concatenated), so no slot can move between them alone."""
+    blocks_of: dict[int, int] = {}
+    for b in spec.blocks:
+        if b.layer_index is not None:
+            blocks_of[b.layer_index] = blocks_of.get(b.layer_index, 0) + 1
+    return sorted(layer for layer, n in blocks_of.items() if n > 1)
+
+
+def check_allocation(spec: MoEModelSpec, allocation: str) -> None:
+    """Refuse, before any calibration, an allocation this model's layout cannot take."""
+    if allocation not in ALLOCATIONS:
+        raise BadOptionError(f"unknown allocation {allocation!r}; use one of {sorted(ALLOCATIONS)}")
+    shared = shared_layers(spec) if allocation == "global" else []
+    if shared:
+        raise BadOptionError(
+            f"--allocation global moves experts between blocks, but decoder layers {shared[:4]}{' ...' if len(shared) > 4 else ''} "
+            "hold several expert blocks that must keep equal counts (the checkpoint stores them together); use --allocation uniform"
+        )
+
+
 def global_plan(
     spec: MoEModelSpec, scores: dict[str, torch.Tensor], *, ratio: float | None = None, keep: int | None = None, min_keep: int | None = None
 ) -> PrunePlan:
@@ -61,6 +83,7 @@ def global_plan(
     differ by layer) do not take every slot. Each block keeps at least ``min_keep`` experts (default: its
     top-k, the least the router can run with). Group-limited blocks keep a multiple of ``n_group``.
     """
+    check_allocation(spec, "global")
     budget = sum(experts_to_keep(b.num_experts, ratio, keep) for b in spec.blocks)
     floors = {b.path: max(b.top_k, min_keep or 0) for b in spec.blocks}
     if any(floors[b.path] > b.num_experts for b in spec.blocks) or sum(floors.values()) > budget:
@@ -97,8 +120,7 @@ ALLOCATIONS = {"uniform": uniform_plan, "global": global_plan}
 
 def make_plan(spec: MoEModelSpec, scores: dict[str, torch.Tensor], *, ratio: float | None = None, keep: int | None = None, allocation: str = "uniform") -> PrunePlan:
     """A plan under the budget by ``allocation``: ``uniform`` (same count per block) or ``global`` (ranked across blocks)."""
-    if allocation not in ALLOCATIONS:
-        raise BadOptionError(f"unknown allocation {allocation!r}; use one of {sorted(ALLOCATIONS)}")
+    check_allocation(spec, allocation)
     return ALLOCATIONS[allocation](spec, scores, ratio=ratio, keep=keep)
 
 

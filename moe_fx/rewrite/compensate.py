@@ -12,7 +12,9 @@ current weights, and new down projections ``D_e`` are solved by block-coordinate
 ``lam_e = ridge * trace(A^T A) / I`` (``A``: rows ``w_te a_te`` of expert ``e``'s tokens), so ``ridge`` is
 relative to the expert's own activation energy. Per expert, with the other experts held fixed and ``Z`` the
 residual target of its tokens, ``D_e^T = (A^T A + lam I)^-1 (A^T Z + lam D_e0^T)``; ``sweeps`` passes over the
-experts of a block. Gate/up weights, router and biases are untouched.
+experts of a block. Gate/up weights, router and biases are untouched. Where the weight scales the expert's
+input instead (Llama 4: ``expert(w x)``), ``a_te`` is the activation of ``w_te x_t`` and the factor ``w_te`` is 1:
+the output is still linear in ``D_e``.
 
 Why: after dropping, the tokens a dropped expert served go to other experts, which never learned to do its
 job. The refit lets the kept experts absorb the part of the dropped experts' output that is linear in
@@ -82,24 +84,26 @@ def compensate_block(
     target = sample["input_target"].to(device, dtype)
     idx, w = idx.to(device), w.to(device, dtype)
     n, k = idx.shape
+    prescaled = block.experts.call_style == "dense_prescaled"
     contrib = torch.zeros(n, k, target.shape[1], dtype=dtype, device=device)
-    rows: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    rows: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     for e in range(block.num_experts):
         t, s = (idx == e).nonzero(as_tuple=True)
         if len(t) == 0:
             continue  # no sampled token reaches it: left unchanged
-        rows[e] = (t, s, math.activations(e, x[t]))
-        contrib[t, s] = w[t, s, None] * math.output(e, x[t])
+        # the expert's input and the factor on its output: (x, w), or (w x, 1) where the weight scales the input (Llama 4)
+        xe, ws = (w[t, s, None] * x[t], torch.ones_like(w[t, s, None])) if prescaled else (x[t], w[t, s, None])
+        rows[e] = (t, s, xe, ws, math.activations(e, xe))
+        contrib[t, s] = ws * math.output(e, xe)
     _check_reconstruction(model, block, x, idx, w, contrib.sum(1))
     norm = max(float((target**2).sum()), 1e-30)
     before = float(((contrib.sum(1) - target) ** 2).sum()) / norm
     for _ in range(sweeps):
-        for e, (t, s, a) in rows.items():
-            ws = w[t, s, None]
+        for e, (t, s, xe, ws, a) in rows.items():
             b = math.down_bias(e, x)
             Z = target[t] - (contrib[t].sum(1) - contrib[t, s]) - (0 if b is None else ws * b)
             math.set_down(e, ridge_refit(ws * a, Z, math.down(e, x), ridge))
-            contrib[t, s] = ws * math.output(e, x[t])
+            contrib[t, s] = ws * math.output(e, xe)
     after = float(((contrib.sum(1) - target) ** 2).sum()) / norm
     return {"tokens": n, "experts_refit": len(rows), "error_before": round(before, 6), "error_after": round(after, 6)}
 
@@ -120,7 +124,12 @@ def _check_reconstruction(model, block, x, idx, w, predicted) -> None:
     module = model.get_submodule(block.experts.path)
     dtype = get_tensor(model, block.experts.down).dtype
     m = min(len(x), 256)
-    real = module(x[:m].to(dtype), idx[:m], w[:m].to(dtype)).to(predicted.dtype)
+    if block.experts.call_style == "dense_prescaled":  # hidden * score stacked over experts, the score 0 off the route
+        scores = torch.zeros(block.num_experts, m, 1, dtype=w.dtype, device=w.device)
+        scores[idx[:m].T, torch.arange(m, device=w.device)] = w[:m].T.unsqueeze(-1)
+        real = module((x[:m] * scores).reshape(-1, x.shape[1]).to(dtype)).view(block.num_experts, m, -1).sum(0).to(predicted.dtype)
+    else:
+        real = module(x[:m].to(dtype), idx[:m], w[:m].to(dtype)).to(predicted.dtype)
     err = float((real - predicted[:m]).norm() / real.norm().clamp(min=1e-30))
     tol = _CHECK_TOL if dtype == torch.float32 or dtype == torch.float64 else 5 * _CHECK_TOL
     if err > tol:

@@ -1,9 +1,10 @@
 """The unpruned model's next-token distributions, cached on disk as their top-k, so that :class:`Distill` trains
 the pruned model without the teacher in memory.
 
-What: for every calibration window and position, the teacher's ``top_k`` most likely tokens and their
-log-probabilities, in two memory-mapped ``.npy`` files beside the windows' token ids (``windows.npy``,
-``indices.npy`` int32 ``[N, L, k]``, ``logprobs.npy`` float32 ``[N, L, k]``, ``cache.json``). :func:`topk_kl` is
+What: for every calibration window and position, the teacher's ``top_k`` most likely tokens (all of them where
+the head has fewer outputs) and their log-probabilities, in two memory-mapped ``.npy`` files beside the windows'
+token ids (``windows.npy``, ``indices.npy`` int32 ``[N, L, k]``, ``logprobs.npy`` float32 ``[N, L, k]``,
+``cache.json``). :func:`topk_kl` is
 the loss Distill trains on with it: the KL divergence between the two distributions coarsened to ``k + 1`` bins
 (the teacher's k tokens, and one bin for the rest of the vocabulary). It equals the full KL when the teacher's
 tail holds no mass and is a lower bound of it otherwise.
@@ -70,15 +71,18 @@ class TeacherCache:
 
     path: Path
     windows: torch.Tensor
-    indices: np.ndarray
-    logprobs: np.ndarray
+    indices: np.ndarray | None
+    logprobs: np.ndarray | None
+    requested_top_k: int = 64
+    """The k asked for; the files hold ``min(k, V)`` per position, allocated by the first :meth:`write`, when the
+    teacher's width ``V`` is known (a classifier head may have fewer classes than k)."""
     _remove: weakref.finalize | None = field(default=None, repr=False, compare=False)
     """For a temporary cache: removes its directory on :meth:`discard`, when the cache is collected, or at exit,
     so a pipeline that fails between CacheTeacher and Distill leaves no files behind."""
 
     @property
     def top_k(self) -> int:
-        return self.indices.shape[-1]
+        return self.requested_top_k if self.indices is None else self.indices.shape[-1]
 
     @property
     def temporary(self) -> bool:
@@ -93,12 +97,8 @@ class TeacherCache:
         temporary = path is None
         path = Path(tempfile.mkdtemp(prefix="moe_fx-teacher-")) if temporary else Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        n, length = windows.shape
         np.save(path / "windows.npy", windows.numpy().astype(np.int64))
-        shape = (n, length, top_k)
-        indices = np.lib.format.open_memmap(path / "indices.npy", mode="w+", dtype=np.int32, shape=shape)
-        logprobs = np.lib.format.open_memmap(path / "logprobs.npy", mode="w+", dtype=np.float32, shape=shape)
-        cache = cls(path, windows, indices, logprobs)
+        cache = cls(path, windows, None, None, top_k)
         if temporary:
             cache._remove = weakref.finalize(cache, shutil.rmtree, path, True)
         return cache
@@ -111,16 +111,26 @@ class TeacherCache:
         if not meta.is_file() or json.loads(meta.read_text()).get("format") != FORMAT:
             raise BadOptionError(f"{path}: not a complete teacher cache (no {meta.name} of format {FORMAT})")
         windows = torch.from_numpy(np.load(path / "windows.npy"))
-        return cls(path, windows, np.load(path / "indices.npy", mmap_mode="r"), np.load(path / "logprobs.npy", mmap_mode="r"))
+        indices = np.load(path / "indices.npy", mmap_mode="r")
+        return cls(path, windows, indices, np.load(path / "logprobs.npy", mmap_mode="r"), indices.shape[-1])
+
+    def _allocate(self, k: int) -> None:
+        shape = (*self.windows.shape, k)
+        self.indices = np.lib.format.open_memmap(self.path / "indices.npy", mode="w+", dtype=np.int32, shape=shape)
+        self.logprobs = np.lib.format.open_memmap(self.path / "logprobs.npy", mode="w+", dtype=np.float32, shape=shape)
 
     def write(self, rows: slice, logits: torch.Tensor) -> None:
         """Store the teacher's top-k of ``logits [rows, L, V]`` for windows ``rows``."""
+        if self.indices is None:
+            self._allocate(min(self.requested_top_k, logits.shape[-1]))
         idx, logp = topk_targets(logits, self.top_k)
         self.indices[rows] = idx.cpu().numpy()
         self.logprobs[rows] = logp.cpu().numpy()
 
     def finish(self, **meta: Any) -> None:
         """Flush the files and mark the cache complete (with ``meta``: where it came from)."""
+        if self.indices is None:  # no window written (an empty cache)
+            self._allocate(self.requested_top_k)
         self.indices.flush()
         self.logprobs.flush()
         n, length, k = self.indices.shape

@@ -74,6 +74,26 @@ PRESET_DEFAULTS = ("calib_tokens", "compensate_samples")
 """Options a preset sets only where the user did not: how much data there is is the user's to say."""
 
 
+def fit_to_model(options: dict, *, language_model: bool, compensation_refused: str | None, shared_layers: list[int]) -> tuple[dict, list[str]]:
+    """A preset's ``options`` changed where the model cannot take them, and one line per change saying why.
+
+    ``language_model``: the model predicts next tokens (EEP's fitness is their NLL; otherwise REAP, uniform, the
+    best pipeline measured without it); ``compensation_refused``: why the family cannot be compensated (None: it
+    can); ``shared_layers``: decoder layers with several expert blocks, which keep equal counts (no global allocation).
+    """
+    options, why = dict(options), []
+    if options.get("method") == "eep" and not language_model:
+        options.update(method="reap", allocation="uniform")
+        why.append("--method reap --allocation uniform: EEP's fitness is the next-token NLL and this model is not a causal language model")
+    if options.get("compensate") and compensation_refused:
+        options["compensate"] = False
+        why.append(f"no --compensate: {compensation_refused}")
+    if options.get("allocation") == "global" and shared_layers:
+        options["allocation"] = "uniform"
+        why.append(f"--allocation uniform: decoder layers {shared_layers[:4]} hold several expert blocks, which keep equal counts")
+    return options, why
+
+
 def preset_options(name: str, *, streamed: bool = False) -> dict:
     """The options preset ``name`` stands for (keys as ``moe-fx prune``'s argument names), for an in-memory or a
     streamed prune; a one-line error for an unknown name."""

@@ -17,7 +17,8 @@ gradient (Fisher, HEAPr), allocations ranked across layers, EEP's search.
 
 An interrupted run resumes: shards and progress live in ``.<out>.partial`` (:mod:`moe_fx.formats.partial`),
 the hidden states are saved there every ``snapshot_seconds``, and the same call again skips finished layers
-(replaying those after the last saved states, without writing them).
+(replaying those after the last saved states, without writing them). A family whose layers pass more than hidden
+states between them (:mod:`moe_fx.model.layers`) saves no snapshot and replays every finished layer.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from moe_fx.formats import mxfp4
 from moe_fx.formats.checkpoint import check_output_path, source_mxfp4, write_companions
 from moe_fx.formats.lazy import LazyCheckpoint, meta_model, revert_to_checkpoint_names
 from moe_fx.formats.partial import PartialCheckpoint
-from moe_fx.model.layers import LayerCall, capture_layer_calls, decoder_layers
+from moe_fx.model.layers import LayerCall, capture_layer_calls, decoder_layers, stand_in_output
 from moe_fx.model.layout import layout_of, record_layout
 from moe_fx.model.per_layer import apply_layout
 from moe_fx.model.spec import MoEModelSpec
@@ -138,6 +139,9 @@ class _StreamRun:
         self.layer_keys, self.rest_keys = ckpt.keys_by_layer(len(self.layers))
         self.calls: dict[tuple[int, ...], list[LayerCall]] = {}
         self.states: list[torch.Tensor] = []
+        self.own: list[dict] = []
+        """Per batch, the keyword arguments of its own (:func:`capture_layer_calls`): what the last layer run handed on
+        (the spec's ``layer_carry``, kept where the states are) and the model's mutable per-forward containers."""
         self.state_device = torch.device("cpu")
         self.batch_shapes: list[tuple[int, ...]] = []
         self.layer_weight_bytes = 0
@@ -154,12 +158,18 @@ class _StreamRun:
             for windows in groups:
                 for i in range(0, windows.shape[0], batch_size):
                     batch = windows[i : i + batch_size].to(self.device)
-                    hidden, calls = capture_layer_calls(self.model, self.layers, batch)
+                    hidden, calls, own = capture_layer_calls(self.model, self.layers, batch, self.spec.layer_carry)
                     self.calls.setdefault(tuple(batch.shape), calls)
                     self.batch_shapes.append(tuple(batch.shape))
                     self.states.append(self.store(hidden))
+                    self.own.append(own)
         finally:
             _move_outside(self.model, self.prefix, "cpu")
+
+    @property
+    def layer_state(self) -> bool:
+        """Whether layers pass more than hidden states between them (see :attr:`own`)."""
+        return bool(self.spec.layer_carry) or any(self.own)
 
     def _choose_state_device(self, tokens: int) -> None:
         """``states="auto"``: keep the hidden states on the GPU while they take at most a quarter of its free
@@ -198,7 +208,9 @@ class _StreamRun:
         with torch.no_grad(), (instrument(self.model, spec, observers) if spec.blocks and observers else contextlib.nullcontext()) as recorded:
             for b, (hidden, shape) in enumerate(zip(self.states, self.batch_shapes)):
                 try:
-                    out = self.calls[shape][index](layer, hidden.to(self.device, non_blocking=True))
+                    own = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in self.own[b].items()}
+                    out = self.calls[shape][index](layer, hidden.to(self.device, non_blocking=True), own)
+                    self.own[b] = {k: v.to(self.state_device) if isinstance(v, torch.Tensor) else v for k, v in own.items()}
                 except torch.OutOfMemoryError:
                     raise out_of_memory(f"layer {index} of the streamed calibration", self.device, shape[:2],
                                         "lower --batch-size or --seq-len (the layer's weights stay on the device while its batches run)") from None
@@ -361,7 +373,8 @@ def stream_prune(
         start = n if resumed == n else (resumed if tokens is None else 0)
         if start < n and tokens is not None:
             run.embed([distributed.shard(tokens.input_ids)], calibrate.batch_size)
-            snapshot = partial.load_states() if resumed and not ranks else None
+            # a snapshot holds hidden states only: a family passing more between layers resumes by replaying them
+            snapshot = partial.load_states() if resumed and not ranks and not run.layer_state else None
             if snapshot is not None and snapshot[0] <= resumed:
                 start, run.states = snapshot[0], [run.store(s.to(run.state_device)) for s in snapshot[1]]
         hidden_bytes = sum(s.numel() * s.element_size() for s in run.states)
@@ -394,7 +407,7 @@ def stream_prune(
                     "load": t_fwd - t_load, "forward": t_pass - t_fwd, "passes": t_write - t_pass, "write": time.perf_counter() - t_write})
                 run.layers[i].to("meta")
                 partial.finish_layer(i, record)
-                if not ranks and i + 1 < n and time.perf_counter() - last_snapshot >= snapshot_seconds:
+                if not ranks and not run.layer_state and i + 1 < n and time.perf_counter() - last_snapshot >= snapshot_seconds:
                     partial.save_states(i + 1, [s.cpu() for s in run.states])
                     last_snapshot = time.perf_counter()
                 bar.update(1)
@@ -486,7 +499,9 @@ def _layers_replaying(run: _StreamRun, finals: Iterator[torch.Tensor], device: s
     and loss are the model's own, for any family."""
     last = len(run.layers) - 1
     for j, layer in enumerate(run.layers):
-        layer.forward = (lambda h, *a, **k: h) if j < last else (lambda h, *a, **k: next(finals).to(device))
+        carry = run.spec.layer_carry
+        layer.forward = ((lambda h, *a, **k: stand_in_output(h, carry)) if j < last
+                         else (lambda h, *a, **k: stand_in_output(next(finals).to(device), carry)))
     _move_outside(run.model, run.prefix, device)
     try:
         yield run.model

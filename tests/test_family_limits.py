@@ -1,0 +1,92 @@
+"""Families that cannot take every option: what they cannot take is refused in one line before the model is loaded,
+and ``--preset`` runs the nearest pipeline they can take, saying why (tiny checkpoints written as the hub lays them out)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import moe_fx.formats.loading
+from moe_fx import cli
+
+FAST_EEP = ["--eep-generations", "1", "--eep-population", "2", "--fitness-tokens", "512"]
+
+
+def _prune(source: Path, calib_path: Path, out: Path, *extra: str) -> list[str]:
+    return ["prune", str(source), "--ratio", "0.25", "--calib", str(calib_path), "--calib-tokens", "2048", "--seq-len", "64",
+            "--batch-size", "2", "--compensate-samples", "512", "--no-eval", "--device", "cpu", "--quiet", "--out", str(out), *extra]
+
+
+def _passes(out: Path) -> list[str]:
+    return [p["name"] for p in json.loads((out / "moe_fx.json").read_text())["passes"]]
+
+
+def _no_load(monkeypatch) -> None:
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr(moe_fx.formats.loading, "load_model", no_load)
+
+
+FITTED = [
+    ("openai_privacy_filter", {"method": "reap", "allocation": "uniform", "compensate": True}, "not a causal language model"),
+    ("ernie4_5_vl_moe", {"method": "eep", "allocation": "uniform", "compensate": True}, "hold several expert blocks"),
+    ("muse_spark", {"method": "eep", "allocation": "global", "compensate": False}, "normalises each expert's output"),
+    ("llama4", {"method": "eep", "allocation": "global", "compensate": True}, None),
+]
+"""Families that cannot take all of ``best-oneshot`` (a token classifier, two expert blocks a layer, a norm after
+each expert): what the preset runs instead, and a phrase of the printed reason; and Llama 4 (its experts take the
+routing weight on their input), which takes all of it (None: nothing fitted)."""
+
+
+@pytest.fixture(scope="module")
+def family_checkpoints(tmp_path_factory, micro_path) -> dict[str, Path]:
+    from tiny_models import tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("preset_families")
+    paths = {f: tiny_checkpoint(f, root / f, tokenizer_from=micro_path) for f, _, _ in FITTED}
+    paths["foreign_tokenizer"] = tiny_checkpoint("qwen3_moe", root / "foreign", tokenizer_from=micro_path, vocab_size=128)
+    return paths
+
+
+@pytest.mark.parametrize(("family", "options", "reason"), FITTED)
+def test_preset_is_fitted_to_the_family(family, options, reason, family_checkpoints, calib_path, tmp_path, capsys):
+    """``--preset best-oneshot`` runs on a family that cannot take all of it, with the nearest pipeline it can take
+    and one printed line per change saying why (it used to stop, after calibrating, on the part the family refuses)."""
+    out = tmp_path / family
+    code = cli.main(_prune(family_checkpoints[family], calib_path, out, "--preset", "best-oneshot", *FAST_EEP))
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stderr
+    assert ("fitted to this model" in stdout) == (reason is not None) and (reason or "") in stdout
+    record = json.loads((out / "moe_fx.json").read_text())
+    assert {k: record["cli"][k] for k in options} == options
+    assert ("compensate_experts" in _passes(out)) == options["compensate"]
+
+
+@pytest.mark.parametrize(("family", "extra", "message"), [
+    ("openai_privacy_filter", ["--method", "reap", "--eval-data", "CALIB"], "is not a causal language model, so NLL evaluation"),
+    ("openai_privacy_filter", ["--method", "eep", *FAST_EEP], "--method eep (its fitness is the NLL)"),
+    ("openai_privacy_filter", ["--granularity", "channel", "--method", "fisher"], "--method fisher (gradients of the NLL)"),
+    ("foreign_tokenizer", ["--method", "reap"], "the tokenizer gives token id"),
+    ("ernie4_5_vl_moe", ["--method", "reap", "--allocation", "global"], "--allocation global moves experts between blocks"),
+    ("llama4", ["--method", "naee"], "scale their input by the routing weight"),
+])
+def test_what_the_family_cannot_take_is_refused_before_loading(family, extra, message, family_checkpoints, calib_path, tmp_path, capsys, monkeypatch):
+    _no_load(monkeypatch)
+    argv = _prune(family_checkpoints[family], calib_path, tmp_path / "out", *[str(calib_path) if a == "CALIB" else a for a in extra])
+    if "--eval-data" in extra:
+        argv.remove("--no-eval")
+    code = cli.main(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "out").exists()
+
+
+
+def test_eval_of_a_model_that_does_not_predict_next_tokens_is_refused_before_loading(family_checkpoints, valid_path, capsys, monkeypatch):
+    _no_load(monkeypatch)
+    code = cli.main(["eval", str(family_checkpoints["openai_privacy_filter"]), "--data", str(valid_path), "--device", "cpu"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "is not a causal language model, so NLL evaluation" in lines[0], lines
