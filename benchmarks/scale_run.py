@@ -68,7 +68,7 @@ def prune(source: Path, out: Path, recipe: str, args) -> dict:
 def reload_and_decode(out: Path, device: str, steps: int) -> dict:
     """Stock ``from_pretrained`` of the pruned output, a forward's logits checked finite, then ``moe_fx.compile``d
     greedy decode with a static cache (CUDA graphs on a GPU) at batch 1: tokens per second after compiling."""
-    from transformers import AutoModelForCausalLM, StaticCache
+    from transformers import AutoModelForCausalLM
 
     import moe_fx
 
@@ -81,23 +81,37 @@ def reload_and_decode(out: Path, device: str, steps: int) -> dict:
               "experts_per_layer": sorted({b.num_experts for b in moe_fx.state_of(model).spec.blocks})}
     if steps == 0:
         return result
+    try:
+        result.update(_decode(model, ids, device, steps))
+    except Exception as exc:  # reported beside the reload's result, not instead of it
+        result["decode_error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
+    return result
+
+
+def _decode(model, ids: torch.Tensor, device: str, steps: int) -> dict:
+    """Greedy decode of ``steps`` tokens after ``ids`` through ``moe_fx.compile`` with a static cache."""
+    from transformers import StaticCache
+
+    import moe_fx
+
     fast = moe_fx.compile(model, mode="reduce-overhead" if device.startswith("cuda") else "default", dynamic=False)
     cache = StaticCache(config=model.config, max_cache_len=64 + steps + 8)
-    model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(64, device=device), use_cache=True)
+    prefill = torch.arange(64, device=device)
+    model(input_ids=ids, past_key_values=cache, cache_position=prefill, position_ids=prefill[None], use_cache=True)
     token = ids[:, -1:]
     timings = []
     for i in range(steps):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t = time.perf_counter()
-        token = fast(input_ids=token, past_key_values=cache, cache_position=torch.tensor([64 + i], device=device), use_cache=True).logits[:, -1:].argmax(-1)
+        # positions given, as generate() gives them (a model left to derive them reads the cache's length)
+        position = torch.tensor([64 + i], device=device)
+        token = fast(input_ids=token, past_key_values=cache, cache_position=position, position_ids=position[None], use_cache=True).logits[:, -1:].argmax(-1)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         timings.append(time.perf_counter() - t)
     steady = sorted(timings[3:])[len(timings[3:]) // 2]  # median after the compiling / recording steps
-    result.update({"compile_seconds": round(sum(timings[:3]), 1), "decode_b1_tok_s": round(1 / steady, 1)})
-    del model, fast
-    return result
+    return {"compile_seconds": round(sum(timings[:3]), 1), "decode_b1_tok_s": round(1 / steady, 1)}
 
 
 def main() -> None:

@@ -7,20 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+from prune_cli import FAST_EEP, passes_run, prune_argv
 
 import moe_fx.formats.loading
 from moe_fx import cli
-
-FAST_EEP = ["--eep-generations", "1", "--eep-population", "2", "--fitness-tokens", "512"]
-
-
-def _prune(source: Path, calib_path: Path, out: Path, *extra: str) -> list[str]:
-    return ["prune", str(source), "--ratio", "0.25", "--calib", str(calib_path), "--calib-tokens", "2048", "--seq-len", "64",
-            "--batch-size", "2", "--compensate-samples", "512", "--no-eval", "--device", "cpu", "--quiet", "--out", str(out), *extra]
-
-
-def _passes(out: Path) -> list[str]:
-    return [p["name"] for p in json.loads((out / "moe_fx.json").read_text())["passes"]]
 
 
 def _no_load(monkeypatch) -> None:
@@ -56,13 +46,13 @@ def test_preset_is_fitted_to_the_family(family, options, reason, family_checkpoi
     """``--preset best-oneshot`` runs on a family that cannot take all of it, with the nearest pipeline it can take
     and one printed line per change saying why (it used to stop, after calibrating, on the part the family refuses)."""
     out = tmp_path / family
-    code = cli.main(_prune(family_checkpoints[family], calib_path, out, "--preset", "best-oneshot", *FAST_EEP))
+    code = cli.main(prune_argv(family_checkpoints[family], calib_path, out, "--preset", "best-oneshot", *FAST_EEP))
     stdout, stderr = capsys.readouterr()
     assert code == 0, stderr
     assert ("fitted to this model" in stdout) == (reason is not None) and (reason or "") in stdout
     record = json.loads((out / "moe_fx.json").read_text())
     assert {k: record["cli"][k] for k in options} == options
-    assert ("compensate_experts" in _passes(out)) == options["compensate"]
+    assert ("compensate_experts" in passes_run(out)) == options["compensate"]
 
 
 @pytest.mark.parametrize(("family", "extra", "message"), [
@@ -75,7 +65,7 @@ def test_preset_is_fitted_to_the_family(family, options, reason, family_checkpoi
 ])
 def test_what_the_family_cannot_take_is_refused_before_loading(family, extra, message, family_checkpoints, calib_path, tmp_path, capsys, monkeypatch):
     _no_load(monkeypatch)
-    argv = _prune(family_checkpoints[family], calib_path, tmp_path / "out", *[str(calib_path) if a == "CALIB" else a for a in extra])
+    argv = prune_argv(family_checkpoints[family], calib_path, tmp_path / "out", *[str(calib_path) if a == "CALIB" else a for a in extra])
     if "--eval-data" in extra:
         argv.remove("--no-eval")
     code = cli.main(argv)

@@ -5,25 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import pytest
+from prune_cli import FAST_EEP, passes_run, prune_argv
 
 import moe_fx.formats.loading
 from moe_fx import cli
 from moe_fx.errors import BadOptionError
 from moe_fx.run.presets import PRESETS, preset_options
-
-FAST_EEP = ["--eep-generations", "1", "--eep-population", "2", "--fitness-tokens", "512"]
-
-
-def _prune(micro_path: Path, calib_path: Path, out: Path, *extra: str) -> list[str]:
-    return ["prune", str(micro_path), "--ratio", "0.25", "--calib", str(calib_path), "--calib-tokens", "2048", "--seq-len", "64",
-            "--batch-size", "2", "--compensate-samples", "512", "--no-eval", "--device", "cpu", "--quiet", "--out", str(out), *extra]
-
-
-def _passes(out: Path) -> list[str]:
-    return [p["name"] for p in json.loads((out / "moe_fx.json").read_text())["passes"]]
 
 
 @pytest.mark.parametrize(("preset", "stream", "expected"), [
@@ -38,13 +27,13 @@ def test_preset_runs_its_pipeline(preset, stream, expected, micro_path, calib_pa
     if preset == "best":  # the same pipeline with 3 distillation steps instead of 300 (test_preset_table checks the 300)
         fast = {key: {**options, "distill_steps": 3} for key, options in (("options", PRESETS["best"].options), ("streamed", PRESETS["best"].streamed))}
         monkeypatch.setitem(PRESETS, "best", dataclasses.replace(PRESETS["best"], **fast))
-    code = cli.main(_prune(micro_path, calib_path, out, "--preset", preset, *extra))
+    code = cli.main(prune_argv(micro_path, calib_path, out, "--preset", preset, *extra))
     stdout, stderr = capsys.readouterr()
     assert code == 0, stderr
     record = json.loads((out / "moe_fx.json").read_text())
     chosen = preset_options(preset, streamed=stream == "on")
     assert f"--preset {preset}" in stdout and all(record["cli"][k] == v for k, v in chosen.items())
-    assert _passes(out)[: len(expected)] == expected
+    assert passes_run(out)[: len(expected)] == expected
     assert (record["search"] is not None) == (chosen["method"] == "eep")  # EEP in memory, REAP streamed
     if preset == "best":
         distill = next(p for p in record["passes"] if p["name"] == "distill")
@@ -66,7 +55,7 @@ def test_refused_before_loading(extra, message, micro_path, calib_path, tmp_path
 
     monkeypatch.setattr(moe_fx.formats.loading, "load_model", no_load)
     out = tmp_path / "out"
-    code = cli.main(_prune(micro_path, calib_path, out, *extra))
+    code = cli.main(prune_argv(micro_path, calib_path, out, *extra))
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and message in lines[0], lines
     assert not out.exists()
