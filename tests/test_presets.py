@@ -92,3 +92,26 @@ def test_fit_to_model_changes_only_what_the_model_cannot_take():
     fitted, why = fit_to_model(options, language_model=False, compensation_refused="a norm after each expert", shared_layers=[3])
     assert fitted == {**options, "method": "reap", "allocation": "uniform", "compensate": False} and len(why) == 2
     assert options == preset_options("best")  # the preset's own table is not changed
+
+
+def test_preset_sample_is_lowered_to_what_the_machine_holds(micro_path, calib_path, tmp_path, capsys, monkeypatch):
+    """The presets' 65,536 compensation tokens a layer are a default: where an in-memory prune's sample would not fit
+    the CPU memory available, the preset takes the largest halving that fits (not below the CLI's 16,384) and says so;
+    below that, the refusal stands."""
+    import moe_fx.calibrate
+    from moe_fx.calibrate.observers import InputObserver
+    from moe_fx.formats.lazy import meta_model
+    from moe_fx.pipeline import state_of
+
+    blocks = state_of(meta_model(micro_path)).spec.blocks
+    need = lambda n: sum(InputObserver(samples=n).accumulator_bytes(b) for b in blocks)
+    argv = [a for a in prune_argv(micro_path, calib_path, tmp_path / "out", "--preset", "best-oneshot", *FAST_EEP) if a != "--quiet"]
+    at = argv.index("--compensate-samples")
+    del argv[at : at + 2]  # the preset's own sample size
+    monkeypatch.setattr(moe_fx.calibrate, "host_memory_available", lambda: need(40000))
+    assert cli.main(argv) == 0
+    assert "fitted to this machine: --compensate-samples 32768" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / "moe_fx.json").read_text())["cli"]["compensate_samples"] == 32768
+    monkeypatch.setattr(moe_fx.calibrate, "host_memory_available", lambda: need(8000))
+    argv[argv.index("--out") + 1] = str(tmp_path / "out2")
+    assert cli.main(argv) == 2 and "sampled tokens in CPU memory" in capsys.readouterr().err

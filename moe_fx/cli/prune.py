@@ -123,9 +123,11 @@ def _apply_preset(args, stream: bool, meta=None) -> None:
     chosen, fitted = preset_options(args.preset, streamed=stream), []
     if meta is not None:
         chosen, fitted = fit_to_model(chosen, **_model_limits(meta))
+    args.preset_took = []
     for key, value in PRESETS[args.preset].defaults.items():  # data budgets: the preset's unless given
         if getattr(args, key) == args.parser_defaults[key]:
             chosen[key] = value
+            args.preset_took.append(key)
     for key, value in chosen.items():
         setattr(args, key, value)
     if distributed.is_main():
@@ -133,6 +135,27 @@ def _apply_preset(args, stream: bool, meta=None) -> None:
         print(f"moe-fx: --preset {args.preset}{' (streamed)' if stream else ''}: {flags} ({PRESETS[args.preset].streamed_measured if stream else PRESETS[args.preset].measured})")
         for line in fitted:
             print(f"moe-fx: --preset {args.preset} fitted to this model: {line}")
+
+
+def _fit_preset_sample(spec, calibrate, args, show: bool):
+    """``calibrate`` with the preset's compensation sample halved, not below the CLI's default, until an in-memory
+    prune's sampled statistics fit the host's available memory: the preset's data budget is a default, so a machine
+    too small for it gets the largest sample that fits instead of a refusal (below the default, the refusal stands)."""
+    from moe_fx.calibrate import check_host_memory
+    from moe_fx.errors import HostMemoryError
+
+    floor, n = args.parser_defaults["compensate_samples"], calibrate.inputs_per_block
+    while n > floor:
+        try:
+            check_host_memory(spec, dataclasses_replace(calibrate, inputs_per_block=n).make_observers())
+            break
+        except HostMemoryError:
+            n = max(floor, n // 2)
+    if n != calibrate.inputs_per_block and show:
+        print(f"moe-fx: --preset {args.preset} fitted to this machine: --compensate-samples {n} "
+              f"({calibrate.inputs_per_block:,} tokens a layer would not fit the CPU memory available)")
+    args.compensate_samples = n
+    return dataclasses_replace(calibrate, inputs_per_block=n)
 
 
 def _model_limits(meta) -> dict:
@@ -367,7 +390,10 @@ def run(args) -> int:
     if args.distill_steps:
         _check_distill_memory(meta, spec, args, device, stream, show)
     if needs_windows and not stream:  # a streamed run checks its one block's sample itself
-        check_host_memory(spec, next(p for p in passes if isinstance(p, Calibrate)).make_observers())
+        at = next(i for i, p in enumerate(passes) if isinstance(p, Calibrate))
+        if "compensate_samples" in getattr(args, "preset_took", ()):
+            passes[at] = _fit_preset_sample(spec, passes[at], args, show)
+        check_host_memory(spec, passes[at].make_observers())
 
     model = meta if stream else load_model(source, dtype=args.dtype, device=device)
     save_dtype = model.config.dtype if isinstance(getattr(model.config, "dtype", None), torch.dtype) else next(model.parameters()).dtype
