@@ -68,14 +68,14 @@ def build_eval_set(source: str | Path | Sequence[str] | Sequence[Document], toke
     return EvalSet(windows, desc, overlap=seq_len - stride)
 
 
-def next_token_nll(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
-    """Cross entropy of ``logits [..., V]`` against token ids ``targets [...]`` (-100: not scored), refusing in one line
+def next_token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross entropy of ``logits [..., V]`` against token ids ``targets [...]`` (-100: not scored), refusing in one line
     ids the model has no output for (its head is not over the tokenizer's vocabulary) instead of an IndexError."""
     largest = int(targets.max()) if targets.numel() else -1
     if largest >= logits.shape[-1]:
         raise BadOptionError(f"the model predicts {logits.shape[-1]} classes, but the data holds token id {largest}: its head is not a "
                              "next-token head over this tokenizer's vocabulary, which NLL evaluation, EEP and gradient scores need")
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction=reduction, ignore_index=-100)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum", ignore_index=-100)
 
 
 @torch.no_grad()

@@ -497,9 +497,8 @@ def _layers_replaying(run: _StreamRun, finals: Iterator[torch.Tensor], device: s
     """The model, on ``device`` outside its decoder layers, with the layers standing in for outputs a streamed pass
     stored: each passes its input on and the last returns the next of ``finals``, so a forward's final norm, head
     and loss are the model's own, for any family."""
-    last = len(run.layers) - 1
+    last, carry = len(run.layers) - 1, run.spec.layer_carry
     for j, layer in enumerate(run.layers):
-        carry = run.spec.layer_carry
         layer.forward = ((lambda h, *a, **k: stand_in_output(h, carry)) if j < last
                          else (lambda h, *a, **k: stand_in_output(next(finals).to(device), carry)))
     _move_outside(run.model, run.prefix, device)
