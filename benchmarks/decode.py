@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from common import print_profile
 from deploy_speed import accounting, build_synthetic, distinct_hits, free, log, make_variant, random_ids, short, sync
-from transformers import StaticCache
 
+import moe_fx
 from moe_fx.deliver.compile import compile_model
 from moe_fx.evaluate.table import format_table, human_bytes
 from moe_fx.kernels import routed_gemv
@@ -57,7 +57,7 @@ def decode_ms(model, forward, batch: int, args, profile_title: str | None = None
     """Median milliseconds per decode step over ``repeats`` runs of ``steps`` steps (a first, untimed run
     compiles, records the CUDA graphs and warms up); with ``profile_title``, one more run is profiled."""
     vocab = model.config.vocab_size
-    cache = StaticCache(config=model.config, max_cache_len=args.prompt + args.steps + 8)
+    cache = moe_fx.static_cache(model.config, args.prompt + args.steps + 8)
     dev = args.device
     prompt = random_ids((batch, args.prompt), vocab, 1000 + batch, dev)
     tokens = [t.contiguous() for t in random_ids((batch, args.steps), vocab, 2000 + batch, dev).split(1, dim=1)]
@@ -123,7 +123,7 @@ def use_sdpa_gqa(model, args) -> float:
     logits = []
     for value in ("0", "1"):
         os.environ[GQA_SWITCH] = value
-        cache = StaticCache(config=model.config, max_cache_len=24)
+        cache = moe_fx.static_cache(model.config, 24)
         model(input_ids=ids[:, :16], past_key_values=cache, cache_position=torch.arange(16, device=args.device), use_cache=True)
         step = model(input_ids=ids[:, 16:], past_key_values=cache, cache_position=torch.tensor([16], device=args.device), use_cache=True)
         logits.append(step.logits.float())

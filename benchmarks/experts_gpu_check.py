@@ -15,12 +15,12 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import StaticCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from decode import attempt
 from tiny_models import first_experts_call, tiny_model
 
+import moe_fx
 from moe_fx.deliver.compile import compile_model
 from moe_fx.kernels import moe_fx_experts_forward
 from moe_fx.kernels.implementation import set_implementation
@@ -52,7 +52,7 @@ def cuda_graph_decode(model, impl: str, steps: int = 6) -> float:
         torch._dynamo.reset()
         set_implementation(model, impl)
         fwd = compile_model(model, experts_implementation=impl, mode="reduce-overhead", dynamic=False) if compiled else model
-        cache = StaticCache(config=model.config, max_cache_len=16)
+        cache = moe_fx.static_cache(model.config, 16)
         model(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(5, device="cuda"), use_cache=True)
         step_logits = []
         for i in range(steps):

@@ -90,12 +90,10 @@ def reload_and_decode(out: Path, device: str, steps: int) -> dict:
 
 def _decode(model, ids: torch.Tensor, device: str, steps: int) -> dict:
     """Greedy decode of ``steps`` tokens after ``ids`` through ``moe_fx.compile`` with a static cache."""
-    from transformers import StaticCache
-
     import moe_fx
 
     fast = moe_fx.compile(model, mode="reduce-overhead" if device.startswith("cuda") else "default", dynamic=False)
-    cache = StaticCache(config=model.config, max_cache_len=64 + steps + 8)
+    cache = moe_fx.static_cache(model.config, 64 + steps + 8)
     prefill = torch.arange(64, device=device)
     model(input_ids=ids, past_key_values=cache, cache_position=prefill, position_ids=prefill[None], use_cache=True)
     token = ids[:, -1:]

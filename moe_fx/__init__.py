@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 
 from moe_fx import _moved
 from moe_fx.deliver.compile import compile_model as compile
+from moe_fx.deliver.static_cache import static_cache
 from moe_fx.errors import MoeFxError
 from moe_fx.formats.loading import load_model as load
 from moe_fx.model.spec import ExpertsSpec, MoEBlockSpec, MoEModelSpec, RouterSpec, SharedExpertSpec
@@ -55,5 +56,6 @@ __all__ = [
     "compose",
     "load",
     "state_of",
+    "static_cache",
     "trace",
 ]

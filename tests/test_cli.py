@@ -149,6 +149,7 @@ def test_prune_with_naee_search(capsys, micro_path, calib_path, tmp_path):
     [
         (["--method", "shape"], "shape"),
         (["--method", "merge-reap"], "reap"),
+        (["--method", "ream", "--compensate", "--compensate-samples", "512"], "reap"),
         (["--method", "reap", "--allocation", "global"], "reap"),
         (["--method", "reap", "--compensate", "--compensate-samples", "512"], "reap"),
         (["--method", "eep", "--eep-population", "3", "--eep-generations", "1", "--fitness-tokens", "256", "--allocation", "global"], "reap"),
@@ -168,8 +169,11 @@ def test_prune_with_every_method(argv, method, capsys, micro_path, calib_path, t
     kept = {k: len(v) for k, v in record["plan"]["kept_experts"].items()}
     assert sum(kept.values()) == 12  # 25% of 2 x 8 experts dropped
     assert [b.num_experts for b in state_of(load(out)).spec.blocks] == list(kept.values())
-    if "merge-reap" in argv:
-        assert [p["name"] for p in record["passes"]][-1] == "merge_experts"
+    merge = next((p["report"] for p in record["passes"] if p["name"] == "merge_experts"), None)
+    if "merge-reap" in argv or "ream" in argv:
+        assert merge["grouping"] == ("ream" if "ream" in argv else "nearest") and merge["merged"] == 4
+    else:
+        assert merge is None
     if "eep" in argv:
         assert record["search"]["evaluations"] >= 2 and "eep search: fitness NLL" in stdout
     if "--compensate" in argv:

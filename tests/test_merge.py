@@ -27,7 +27,8 @@ from moe_fx.model.trace import trace
 from moe_fx.passes import Calibrate, DropExperts, MergeExperts, Score
 from moe_fx.pipeline import compose, state_of
 from moe_fx.plan.plans import PrunePlan
-from moe_fx.rewrite.merge_experts import align
+from moe_fx.rewrite.merge_experts import align, ream_distance, ream_targets
+from moe_fx.score import Scores
 
 INPUT = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
 COPIES = {1: 0, 5: 4}
@@ -241,3 +242,110 @@ def test_missing_calibration_names_calibrate() -> None:
     with pytest.raises(MoeFxError, match=r"count.*Calibrate\(observers=\('routing'"):
         MergeExperts(plan=plan)(model)
     assert state_of(model).spec.blocks[0].num_experts == 8  # nothing was changed
+
+
+# ---------------------------------------------------------------------------------------------------------
+# REAM grouping (grouping="ream", --method ream)
+
+
+def _block(grouped: bool = False):
+    return trace(_pristine("deepseek_v3" if grouped else "qwen3_moe")).blocks[0]
+
+
+def test_ream_groups_fill_the_most_salient_centroids_first() -> None:
+    block = _block()
+    kept = [0, 2, 4, 6, 7]
+    score = torch.tensor([5.0, 0, 1, 0, 9, 0, 2, 3])  # centroid order: 4, 0, 7, 6, 2
+    d = torch.full((8, 8), 0.9)
+    d[4, 1], d[4, 3], d[4, 5] = 0.1, 0.2, 0.3  # 4 is nearest to all three dropped experts
+    d[0, 5] = 0.05  # ... but 5 is nearer still to 0, which comes second
+    assert ream_targets(block, kept, score, d, group_size=3) == {1: 4, 3: 4, 5: 0}
+    assert ream_targets(block, kept, score, d, group_size=4) == {1: 4, 3: 4, 5: 4}
+    assert ream_targets(block, kept, score, d, group_size=2) == {1: 4, 5: 0, 3: 7}  # 7 takes its nearest free one
+
+
+def test_ream_groups_stay_in_routing_group() -> None:
+    block = _block(grouped=True)
+    assert block.router.n_group == 2
+    d = torch.rand(8, 8, generator=torch.Generator().manual_seed(0))
+    d[0, 5] = d[0, 6] = -1.0  # nearest, but in the other group
+    targets = ream_targets(block, [0, 2, 4, 7], torch.tensor([9.0, 0, 1, 0, 1, 0, 0, 1]), d, group_size=8)
+    assert targets[1] == 0 and targets[3] == 0 and targets[5] in (4, 7) and targets[6] in (4, 7)
+
+
+def test_ream_distance_matches_its_definition() -> None:
+    """Against a direct per-pair computation: gated mean outputs' cosine and router-logit columns' distance."""
+    state = state_of(copy.deepcopy(_pristine("qwen3_moe")))
+    block = state.spec.blocks[0]
+    gen = torch.Generator().manual_seed(1)
+    n, e, h = 20, block.num_experts, 6
+    out, logit = torch.randn(n, e, h, generator=gen), torch.randn(n, e, generator=gen)
+    out[:, 3], logit[:, 3] = out[:, 2], logit[:, 2]  # expert 3 behaves as 2: distance 0
+    state.stats = CalibrationStats(per_block={block.path: {"sample_expert_out": out, "sample_logits": logit, "sample_seen": torch.tensor(n)}})
+    dist = ream_distance(state, block)
+    p = torch.softmax(logit.double(), -1)
+    mean = [(p[:, i, None] * out[:, i].double()).mean(0) for i in range(e)]
+    col = [logit[:, i].double() / logit[:, i].double().norm() for i in range(e)]
+    raw = torch.tensor([[float((col[i] - col[j]).norm()) for j in range(e)] for i in range(e)], dtype=torch.float64)
+    for i in range(e):
+        for j in range(e):
+            s_out = (float(torch.nn.functional.cosine_similarity(mean[i], mean[j], dim=0)) + 1) / 2
+            s_gate = 1 - float(raw[i, j] / raw.max())
+            assert abs(float(dist[i, j]) - (1 - (s_out + s_gate) / 2)) < 1e-9
+    assert abs(float(dist[2, 3])) < 1e-12
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "deepseek_v3"])
+def test_ream_identical_experts_merge_exactly(family: str, tokens) -> None:
+    """Copies grouped with their source by REAM's distance, aligned on activations, averaged by score: the
+    average of equal functions is the function, so the merge equals dropping the copies."""
+    base = copy.deepcopy(_pristine(family))
+    spec = trace(base)
+    for i, (dst, src) in enumerate(COPIES.items()):
+        make_permuted_copy(base, spec, src, dst, seed=i, copy_router=True)
+    plan = plan_without(spec, COPIES)
+    expected = logits(DropExperts(plan=plan)(copy.deepcopy(base)))
+    model = compose(Calibrate(data=tokens, observers=("routing", "samples"), samples_per_block=32, show_progress=False))(base)
+    score = torch.tensor([9.0, 1, 2, 3, 8, 1, 4, 5])  # the sources are the most salient centroids
+    state_of(model).scores = Scores("reap", per_block={b.path: score.clone() for b in spec.blocks})
+    merged = MergeExperts(plan=plan, grouping="ream")(model)
+    report = state_of(merged).history[-1].report
+    assert (report["grouping"], report["weighting"], report["align"]) == ("ream", "score", "activations")
+    assert all(t == COPIES for t in report["targets"].values()), report["targets"]
+    assert report["mean_alignment"] > 1 - 1e-6
+    torch.testing.assert_close(logits(merged), expected, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_ream_score_weighted_average() -> None:
+    """A copy with noise, weighted by the scores (not the counts): the merged weights are the hand-made average."""
+    model = tiny_qwen3()
+    spec = trace(model)
+    gen = torch.Generator().manual_seed(5)
+    expected = {}
+    for block in spec.blocks:
+        gu, down = get_tensor(model, block.experts.gate_up), get_tensor(model, block.experts.down)
+        noisy_gu, noisy_down = gu[0] + 0.01 * torch.randn(gu[0].shape, generator=gen), down[0] + 0.01 * torch.randn(down[0].shape, generator=gen)
+        gu[1], down[1] = noisy_gu, noisy_down
+        expected[block.path] = ((3 * gu[0] + noisy_gu) / 4, (3 * down[0] + noisy_down) / 4)
+    sample = {"sample_expert_out": torch.randn(4, 8, spec.blocks[0].experts.hidden_size, generator=gen),
+              "sample_logits": torch.randn(4, 8, generator=gen), "sample_seen": torch.tensor(4),
+              "sample_hidden": torch.randn(4, spec.blocks[0].experts.hidden_size, generator=gen)}
+    state = state_of(model)
+    state.stats = CalibrationStats(per_block={b.path: {"count": torch.tensor([1.0, 5, 1, 1, 1, 1, 1, 1]), **sample} for b in spec.blocks})
+    state.scores = Scores("reap", per_block={b.path: torch.tensor([3.0, 1, 0, 0, 0, 0, 0, 0]) for b in spec.blocks})
+    MergeExperts(plan=plan_without(spec, {1}), grouping="ream", align="weights")(model)
+    for block in spec.blocks:
+        torch.testing.assert_close(get_tensor(model, block.experts.gate_up)[0], expected[block.path][0], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(get_tensor(model, block.experts.down)[0], expected[block.path][1], atol=1e-6, rtol=1e-6)
+
+
+def test_ream_needs_samples_and_valid_options(tokens) -> None:
+    model = tiny_qwen3()
+    plan = plan_without(trace(model), {1})
+    model = compose(Calibrate(data=tokens, show_progress=False), Score("reap"))(model)
+    with pytest.raises(PassOrderError, match=r"sample_expert_out.*'samples'"):
+        MergeExperts(plan=plan, grouping="ream")(copy.deepcopy(model))
+    for bad in ({"grouping": "kmeans"}, {"weighting": "norm"}, {"align": "router"}, {"group_size": 1, "grouping": "ream"}):
+        with pytest.raises(MoeFxError, match=next(iter(bad))):
+            MergeExperts(plan=plan, **bad)(copy.deepcopy(model))

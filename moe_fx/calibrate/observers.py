@@ -163,9 +163,10 @@ def _rows(x: torch.Tensor, take: torch.Tensor) -> torch.Tensor:
 
 
 class SampleObserver(_SampledObserver):
-    """A seeded uniform sample (reservoir) of calibration tokens per block, with their raw router logits and
-    the output of *every* expert on them: what layer-wise search methods (NAEE) need to evaluate any
-    subset of experts offline. Memory is bounded: ``samples x E x H`` floats per block."""
+    """A seeded uniform sample (reservoir) of calibration tokens per block, with their raw router logits, the
+    experts' input ``sample_hidden`` and the output of *every* expert on them: what layer-wise search methods
+    (NAEE) need to evaluate any subset of experts offline, and what merging compares experts on. Memory is
+    bounded: ``samples x (E + 1) x H`` floats per block."""
 
     name = "samples"
     needs_logits = True
@@ -176,6 +177,7 @@ class SampleObserver(_SampledObserver):
         return {
             "sample_logits": torch.zeros(self.samples, block.num_experts),
             "sample_expert_out": torch.zeros(self.samples, block.num_experts, block.experts.hidden_size),
+            "sample_hidden": torch.zeros(self.samples, block.experts.hidden_size),
             "sample_selection_bias": torch.zeros(block.num_experts),
             "sample_topk_index": torch.zeros(self.samples, block.top_k, dtype=torch.long),
             "sample_topk_weight": torch.zeros(self.samples, block.top_k),
@@ -193,6 +195,7 @@ class SampleObserver(_SampledObserver):
         out = event.run_experts(hidden.repeat_interleave(e, dim=0), ids).float().view(-1, e, hidden.shape[-1])
         acc["sample_logits"][slot] = _rows(event.router_logits, take).float().cpu()
         acc["sample_expert_out"][slot] = out.cpu()
+        acc["sample_hidden"][slot] = hidden.float().cpu()
         acc["sample_topk_index"][slot] = _rows(event.top_k_index, take).cpu()
         acc["sample_topk_weight"][slot] = _rows(event.top_k_weights, take).float().cpu()
         if event.selection_bias is not None:

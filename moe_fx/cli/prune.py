@@ -38,7 +38,8 @@ def add_parser(sub) -> None:
     p.add_argument("--granularity", default="expert", choices=("expert", "channel"),
                    help="expert: drop whole experts; channel: remove intermediate channels inside the experts (default expert)")
     p.add_argument("--method", help="expert scoring: reap (default), shape, naee, frequency, random; or eep (evolutionary search "
-                   "warm-started from --eep-warm-start); a merge- prefix (merge-reap) is the same as --merge. "
+                   "warm-started from --eep-warm-start); a merge- prefix (merge-reap) is the same as --merge; ream: REAP's "
+                   "choice, each dropped expert averaged into a group around a salient kept one (REAM, arXiv 2604.04356). "
                    "channel scoring (--granularity channel): fisher (default), heapr, coverage, activation, weight")
     p.add_argument("--preset", choices=("best-oneshot", "best"),
                    help="the measured best recipe, instead of choosing --method/--allocation/--compensate/--distill-steps: best-oneshot "
@@ -307,8 +308,9 @@ def run(args) -> int:
     channels = args.granularity == "channel"
     if args.quantize:
         check_before_pruning(source, args.quantize, width_multiple=args.multiple if channels else None, targets=args.quantize_targets)
-    args.method, merge = parse_method(args.method or ("fisher" if channels else "reap"))
-    args.merge = args.merge or merge
+    asked = args.method or ("fisher" if channels else "reap")
+    args.method, merge = parse_method(asked)
+    args.merge = merge or ("nearest" if args.merge else None)
     search = args.method == "eep"
     scorer = get_scorer(args.eep_warm_start if search else args.method, seed=args.seed)
     expert_scorer = get_scorer(args.expert_method, seed=args.seed) if channels and args.expert_ratio else None
@@ -324,7 +326,7 @@ def run(args) -> int:
     needs_data = scorer.needs or (expert_scorer and expert_scorer.needs)
     needs_windows = needs_data or search or args.merge or args.compensate or args.distill_steps
     if needs_windows and not args.calib:
-        raise MoeFxError(f"--method {args.method}{' --merge' if args.merge else ''}{' --compensate' if args.compensate else ''}"
+        raise MoeFxError(f"--method {asked}{' --merge' if args.merge and asked == args.method else ''}{' --compensate' if args.compensate else ''}"
                          f"{' --distill-steps' if args.distill_steps else ''} needs calibration data: pass --calib FILE")
     if args.distill_steps < 0 or not args.distill_lr > 0 or args.distill_top_k < 1 or (args.distill_batch_size is not None and args.distill_batch_size < 1):
         raise MoeFxError(f"--distill-steps must be >= 0, --distill-lr > 0, --distill-top-k and --distill-batch-size >= 1, got {args.distill_steps}, "

@@ -21,6 +21,18 @@ Target choice: mean cosine similarity of the experts' unweighted outputs on the 
 (``sample_expert_out`` of the ``samples`` observer) when recorded, else cosine similarity of router rows.
 Under group-limited routing (``n_group > 1``) the target is in the dropped expert's group.
 
+``grouping="ream"`` (REAM, Jha et al. 2026, arXiv 2604.04356; ``--method ream``): the kept experts are the
+centroids; in decreasing order of their score (REAP), each centroid takes the up to ``group_size - 1``
+closest dropped experts not taken yet (REAM's "pseudo-pruning": the most salient experts absorb the dropped
+ones, most kept experts stay untouched). Closeness is REAM's: the mean of (1) the cosine, mapped to [0, 1],
+of the experts' *gated* mean outputs ``mean_t p_e(x_t) y_e(x_t)`` on the sampled tokens and (2) the
+similarity of their router-logit columns over those tokens. A group is averaged with the experts' scores as
+weights (REAM's saliency weighting), and each member's neurons are aligned to the centroid's by the sum of
+the cosines of their activation profiles on the sampled tokens and of their weight features.
+
+The statistic the weights come from, the alignment features and (REAM) the group size are options
+(``weighting``, ``align``, ``group_size``); the defaults of each grouping are the ones its method describes.
+
 Cost: one Hungarian matching per merged expert, O(I^3) in the intermediate width ``I`` (plus an ``I x I``
 similarity matrix), on the CPU; small widths (<= 1024) take well under a second each, very wide experts
 and many merged experts per block add up. Weights are averaged in at least float32.
@@ -35,6 +47,7 @@ either, which is why targets are picked by similarity.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,7 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_fx.errors import BadOptionError
+from moe_fx.errors import BadOptionError, UnsupportedFamilyError
+from moe_fx.model.expert_math import ExpertMath
 from moe_fx.model.expert_weights import neuron_features, neuron_tensors
 from moe_fx.model.spec import ExpertsSpec, MoEBlockSpec
 from moe_fx.model.tensors import get_tensor
@@ -50,7 +64,9 @@ from moe_fx.pipeline import MoEState, PassResult, require
 from moe_fx.plan.plans import PrunePlan
 from moe_fx.rewrite.drop_experts import DropExperts, expert_axis
 
-__all__ = ["MergeExperts", "align", "merge_block"]
+__all__ = ["GROUPINGS", "MergeExperts", "align", "merge_block", "ream_distance", "ream_targets"]
+
+GROUPINGS = ("nearest", "ream")
 
 
 def align(reference: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -59,7 +75,7 @@ def align(reference: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, f
     from scipy.optimize import linear_sum_assignment
 
     sim = (F.normalize(reference.double(), dim=1) @ F.normalize(other.double(), dim=1).T).cpu()
-    rows, cols = linear_sum_assignment(sim.cpu().numpy(), maximize=True)
+    rows, cols = linear_sum_assignment(sim.numpy(), maximize=True)
     perm = torch.as_tensor(cols[np.argsort(rows)], dtype=torch.long)
     return perm, float(sim[torch.arange(len(perm)), perm].mean())
 
@@ -68,13 +84,14 @@ def align(reference: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, f
 # target choice and merging
 
 
-def _block_stat(state: MoEState, block: MoEBlockSpec, name: str, axis: int = 0) -> torch.Tensor | None:
-    """A statistic of ``block`` indexed by its current experts (mapped through earlier drops if recorded before)."""
+def _block_stat(state: MoEState, block: MoEBlockSpec, name: str, axis: int | None = 0) -> torch.Tensor | None:
+    """A statistic of ``block`` indexed by its current experts along ``axis`` (mapped through earlier drops if
+    recorded before; ``axis=None``: a statistic not per expert, as it is)."""
     stats = state.stats.per_block.get(block.path, {}) if state.stats is not None else {}
     if name not in stats:
         return None
     t = stats[name]
-    if t.ndim <= axis:
+    if axis is None or t.ndim <= axis:
         return t
     positions = state.recorded_positions(block, t.shape[axis])
     return t if positions is None else t.index_select(axis, positions)
@@ -97,43 +114,121 @@ def _similarity(model: nn.Module, state: MoEState, block: MoEBlockSpec, rows: li
     return w.index_select(0, idx) @ w.T, "router"
 
 
+def _routing_group(block: MoEBlockSpec, expert: int) -> int:
+    """The routing group of ``expert`` (0 without group-limited routing): merges stay inside one group."""
+    groups = block.router.n_group or 1
+    return expert // (block.num_experts // groups) if groups > 1 else 0
+
+
 def choose_targets(model: nn.Module, state: MoEState, block: MoEBlockSpec, kept: list[int]) -> tuple[dict[int, int], str]:
     """For each dropped expert, the most similar kept expert of the same routing group."""
     dropped = sorted(set(range(block.num_experts)) - set(kept))
     sim, source = _similarity(model, state, block, dropped)
-    groups = block.router.n_group or 1
-    size = block.num_experts // groups
     targets = {}
     for row, d in enumerate(dropped):
-        candidates = [k for k in kept if groups == 1 or k // size == d // size]
+        candidates = [k for k in kept if _routing_group(block, k) == _routing_group(block, d)]
         if not candidates:
             raise BadOptionError(f"{block.path}: expert {d} has no kept expert in its routing group to merge into")
         targets[d] = max(candidates, key=lambda k: (float(sim[row, k]), -k))
     return targets, source
 
 
+def _sampled(state: MoEState, block: MoEBlockSpec, name: str, axis: int | None = None) -> torch.Tensor | None:
+    """The ``samples`` observer's statistic ``name`` cut to the tokens it really holds (None if not recorded)."""
+    t = _block_stat(state, block, name, axis)
+    seen = _block_stat(state, block, "sample_seen")
+    if t is None or seen is None or int(seen) == 0:
+        return None
+    return t[: min(int(seen), t.shape[0])]
+
+
+def ream_distance(state: MoEState, block: MoEBlockSpec) -> torch.Tensor:
+    """``[E, E]`` REAM distance ``1 - (s_out + s_gate) / 2`` between the block's experts on the sampled tokens.
+
+    ``s_out``: cosine of the experts' gated mean outputs ``mean_t p_e y_e`` (``p``: the router's probability
+    of the expert), mapped to [0, 1]; ``s_gate``: ``1 - d / max d`` with ``d`` the euclidean distance of the
+    unit-normalised router-logit columns (how alike the two experts' logits move over the tokens)."""
+    out, logits = _sampled(state, block, "sample_expert_out", axis=1), _sampled(state, block, "sample_logits", axis=1)
+    if out is None or logits is None:
+        raise BadOptionError(f"{block.path}: REAM grouping needs the 'samples' calibration observer (every expert's output on "
+                             "sampled tokens); calibrate with observers=(..., 'samples')")
+    logits = logits.double()
+    probs = torch.softmax(logits, -1) if block.router.score_fn.startswith("softmax") else torch.sigmoid(logits)
+    gated = F.normalize((probs.unsqueeze(-1) * out.double()).mean(0), dim=-1)  # [E, H]
+    s_out = (gated @ gated.T + 1) / 2
+    cols = F.normalize(logits.T, dim=-1)
+    d = torch.cdist(cols, cols)
+    s_gate = 1 - d / d.max().clamp(min=1e-30)
+    return 1 - (s_out + s_gate) / 2
+
+
+def ream_targets(block: MoEBlockSpec, kept: list[int], score: torch.Tensor, distance: torch.Tensor, group_size: int) -> dict[int, int]:
+    """REAM's pseudo-grouping: the kept experts, most salient first, each take the up to ``group_size - 1``
+    closest dropped experts (same routing group) not taken yet; any dropped expert left over (too few
+    centroids for the group size) goes to its closest kept expert."""
+    free = set(range(block.num_experts)) - set(kept)
+    targets: dict[int, int] = {}
+    for c in sorted(kept, key=lambda k: (-float(score[k]), k)):
+        near = sorted((d for d in free if _routing_group(block, d) == _routing_group(block, c)), key=lambda d: (float(distance[c, d]), d))
+        for d in near[: group_size - 1]:
+            targets[d] = c
+            free.discard(d)
+    for d in sorted(free):
+        candidates = [k for k in kept if _routing_group(block, k) == _routing_group(block, d)]
+        if not candidates:
+            raise BadOptionError(f"{block.path}: expert {d} has no kept expert in its routing group to merge into")
+        targets[d] = min(candidates, key=lambda k: (float(distance[k, d]), k))
+    return targets
+
+
+def activation_profiles(model: nn.Module, experts: ExpertsSpec, hidden: torch.Tensor | None) -> Callable[[int], torch.Tensor] | None:
+    """``profile(e) -> [I, N]``: each intermediate neuron's activation over the sampled expert inputs
+    ``hidden [N, H]`` (None when there are none or the experts' math cannot be reconstructed)."""
+    if hidden is None or len(hidden) == 0:
+        return None
+    try:
+        math = ExpertMath(model, experts)
+    except UnsupportedFamilyError:
+        return None
+    device = get_tensor(model, experts.down).device
+    x = hidden.to(device, torch.float32)
+    return lambda e: math.activations(e, x).T.float().cpu()
+
+
 @torch.no_grad()
-def merge_block(model: nn.Module, experts: ExpertsSpec, targets: dict[int, int], freq: torch.Tensor) -> list[float]:
+def merge_block(
+    model: nn.Module, experts: ExpertsSpec, targets: dict[int, int], weight: torch.Tensor,
+    profile: Callable[[int], torch.Tensor] | None = None,
+) -> list[float]:
     """Average every dropped expert (aligned) into its target in place; return each matching's mean similarity.
 
-    ``targets``: dropped id -> kept id; ``freq [E]``: non-negative weights. A target whose group of experts
-    has zero total weight is left unchanged.
+    ``targets``: dropped id -> kept id; ``weight [E]``: non-negative weights. A target whose group of experts
+    has zero total weight is left unchanged. ``profile``: per-neuron activation profiles (see
+    :func:`activation_profiles`); when given, neurons are matched on the mean of the cosines of their
+    profiles and of their weight features, else on the weight features alone.
     """
     tensors, passive = neuron_tensors(model, experts)
+
+    def features(e: int) -> torch.Tensor:
+        w = neuron_features(model, tensors, e)
+        if profile is None:
+            return w
+        return torch.cat([F.normalize(profile(e), dim=1), F.normalize(w, dim=1)], dim=1)
+
     by_target: dict[int, list[int]] = {}
     for d, t in targets.items():
         by_target.setdefault(t, []).append(d)
     quality = []
     for t, dropped in sorted(by_target.items()):
-        weights = {e: float(freq[e]) for e in [t, *dropped]}
+        weights = {e: float(weight[e]) for e in [t, *dropped]}
         total = sum(weights.values())
         if total <= 0:
             continue  # no calibration token reached any of them: nothing to weigh, keep the target
         dropped = [d for d in dropped if weights[d] > 0]  # an expert no token reached contributes nothing
-        ref = neuron_features(model, tensors, t)
+        ref = features(t)
         perms = {}
         for d in dropped:
-            perms[d], q = align(ref, neuron_features(model, tensors, d))
+            perms[d], q = align(ref, features(d))
             quality.append(q)
         for name in [nt.name for nt in tensors] + passive:
             param = get_tensor(model, name)
@@ -162,11 +257,20 @@ def _check_no_shared_storage(model: nn.Module, names: list[str]) -> None:
 
 @dataclass
 class MergeExperts(DropExperts):
-    """Fold each expert the plan drops into the most similar kept expert, then drop it (see module doc).
+    """Fold each expert the plan drops into a kept expert, then drop it (see module doc).
 
-    Options as :class:`DropExperts` (``ratio``/``keep``/``plan``/``allocation``); needs calibration
-    statistics with the per-expert ``count`` (the ``routing`` observer; add ``samples`` to pick targets
-    by output similarity).
+    Options as :class:`DropExperts` (``ratio``/``keep``/``plan``/``allocation``), plus:
+
+    - ``grouping``: ``"nearest"`` (each dropped expert into its most similar kept expert) or ``"ream"``
+      (REAM's saliency-ordered groups of at most ``group_size`` experts; default ``max(2, E // 8)``, the
+      paper's 16 of 128);
+    - ``weighting``: what the average weighs experts by, ``"count"`` (routed calibration tokens) or
+      ``"score"`` (the plan's expert scores, e.g. REAP); default count for nearest, score for ream;
+    - ``align``: neurons matched on ``"weights"`` (weight features) or ``"activations"`` (activation profiles
+      on the sampled tokens and weight features); default weights for nearest, activations for ream.
+
+    Needs calibration statistics with the per-expert ``count`` (the ``routing`` observer) and, for ream or
+    activation alignment, the ``samples`` observer (nearest also picks targets by output similarity with it).
 
     The merged expert keeps the *target's* router row (and router/selection biases): the row decides which
     tokens reach the expert, and the target's tokens are the ones it was kept for. Averaging router rows
@@ -174,16 +278,50 @@ class MergeExperts(DropExperts):
     go to which kept expert is not decided by any one row; the dropped row is removed by ``drop_experts``.
     """
 
+    grouping: str = "nearest"
+    group_size: int | None = None
+    weighting: str | None = None
+    align: str | None = None
     name = "merge_experts"
+
+    def _options(self) -> tuple[str, str]:
+        """The weighting and alignment in effect (the grouping's defaults where not given)."""
+        if self.grouping not in GROUPINGS:
+            raise BadOptionError(f"{self.name}: grouping must be one of {', '.join(GROUPINGS)}, got {self.grouping!r}")
+        ream = self.grouping == "ream"
+        weighting, align_on = self.weighting or ("score" if ream else "count"), self.align or ("activations" if ream else "weights")
+        if weighting not in ("count", "score") or align_on not in ("weights", "activations"):
+            raise BadOptionError(f"{self.name}: weighting must be count or score and align weights or activations, got "
+                                 f"{weighting!r} and {align_on!r}")
+        if self.group_size is not None and self.group_size < 2:
+            raise BadOptionError(f"{self.name}: group_size must be at least 2 (a centroid and one merged expert), got {self.group_size}")
+        return weighting, align_on
 
     def requires(self, state: MoEState) -> None:
         super().requires(state)
+        weighting, align_on = self._options()
         require(state.stats is not None, self.name, "calibration statistics (per-expert routing counts)", "Calibrate(...)")
-        missing = [b.path for b in state.spec.blocks if "count" not in state.stats.per_block.get(b.path, {})]
-        require(not missing, self.name, f"the per-expert 'count' statistic (missing for {missing[:2]})",
-                "Calibrate(observers=('routing', ...))")
+        needed = ["count"] + (["sample_expert_out", "sample_hidden"] if self.grouping == "ream" or align_on == "activations" else [])
+        missing = [(b.path, k) for b in state.spec.blocks for k in needed if k not in state.stats.per_block.get(b.path, {})]
+        require(not missing, self.name, f"the {missing[0][1] if missing else ''!r} statistic (missing for {missing[0][0] if missing else ''})",
+                "Calibrate(observers=('routing', 'samples', ...))")
+        if weighting == "score":
+            require(state.scores is not None and state.scores.granularity == "expert", self.name, "per-expert scores to weigh merged experts by",
+                    "Score(...) before merging, or weighting='count'")
+
+    def _weights(self, state: MoEState, block: MoEBlockSpec, weighting: str) -> torch.Tensor:
+        if weighting == "count":
+            return _block_stat(state, block, "count").double().clamp(min=0)
+        return state.scores.per_block[block.path].double().clamp(min=0)
+
+    def _targets(self, model: nn.Module, state: MoEState, block: MoEBlockSpec, kept: list[int]) -> tuple[dict[int, int], str]:
+        if self.grouping == "nearest":
+            return choose_targets(model, state, block, kept)
+        size = self.group_size or max(2, block.num_experts // 8)
+        return ream_targets(block, kept, state.scores.per_block[block.path], ream_distance(state, block), size), "ream"
 
     def run(self, model: nn.Module, state: MoEState) -> PassResult:
+        weighting, align_on = self._options()
         plan = self.make_plan(model, state)
         plan.validate(state.spec)
         original = state.plan or PrunePlan.keep_all(state.spec)
@@ -192,10 +330,10 @@ class MergeExperts(DropExperts):
             kept = plan.kept_experts.get(block.path)
             if kept is None or len(kept) == block.num_experts:
                 continue
-            chosen, source = choose_targets(model, state, block, kept)
+            chosen, source = self._targets(model, state, block, kept)
             sources.add(source)
-            freq = _block_stat(state, block, "count").double().clamp(min=0)
-            quality += merge_block(model, block.experts, chosen, freq)
+            profile = activation_profiles(model, block.experts, _sampled(state, block, "sample_hidden")) if align_on == "activations" else None
+            quality += merge_block(model, block.experts, chosen, self._weights(state, block, weighting), profile)
             merged += len(chosen)
             ids = original.kept_experts.get(block.path, list(range(block.num_experts)))
             targets[block.path] = {int(ids[d]): int(ids[t]) for d, t in chosen.items()}
@@ -206,6 +344,9 @@ class MergeExperts(DropExperts):
                 _check_no_shared_storage(model, list(block.per_expert_tensors))
         result.report.update(
             merged=merged,
+            grouping=self.grouping,
+            weighting=weighting,
+            align=align_on,
             similarity="+".join(sorted(sources)) or None,
             mean_alignment=round(sum(quality) / len(quality), 4) if quality else None,
             targets=targets,

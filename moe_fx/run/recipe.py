@@ -11,13 +11,19 @@ from moe_fx.pipeline import Pass
 from moe_fx.plan.allocate import experts_to_keep
 from moe_fx.score import Scorer
 
-
-def parse_method(name: str) -> tuple[str, bool]:
-    """``merge-reap`` -> (``reap``, merge); ``reap`` -> (``reap``, no merge)."""
-    return (name.removeprefix("merge-"), True) if name.startswith("merge-") else (name, False)
+MERGING_METHODS = {"ream": ("reap", "ream")}
+"""Methods that are a scorer plus a merge grouping (:class:`MergeExperts`): REAM groups REAP's dropped experts."""
 
 
-def observers_for(scorers: Iterable[Scorer], *, merge: bool = False, compensate: bool = False) -> tuple[str, ...]:
+def parse_method(name: str) -> tuple[str, str | None]:
+    """A method name -> (scorer name, merge grouping or None): ``merge-reap`` -> (``reap``, ``nearest``), ``ream``
+    -> (``reap``, ``ream``), ``reap`` -> (``reap``, None)."""
+    if name in MERGING_METHODS:
+        return MERGING_METHODS[name]
+    return (name.removeprefix("merge-"), "nearest") if name.startswith("merge-") else (name, None)
+
+
+def observers_for(scorers: Iterable[Scorer], *, merge: bool | str | None = False, compensate: bool = False) -> tuple[str, ...]:
     """Calibrate observers recording what the scorers, merging (``samples``) and compensation (``inputs``) read."""
     needed = list(Calibrate.observers)
     for s in scorers:
@@ -32,7 +38,7 @@ def prune_passes(
     *,
     ratio: float | None = None,
     keep: int | None = None,
-    merge: bool = False,
+    merge: str | None = None,
     compensate: bool = False,
     allocation="uniform",
     multiple: int = 64,
@@ -40,15 +46,16 @@ def prune_passes(
     ridge: float = 1.0,
 ) -> list[Pass]:
     """Score, the rewrite of the scorer's granularity (drop or merge experts, or prune channels), then optional
-    compensation. ``allocation``: a name, or an allocation object such as an EEP search."""
+    compensation. ``merge``: None (drop) or a :class:`MergeExperts` grouping (``nearest``, ``ream``);
+    ``allocation``: a name, or an allocation object such as an EEP search."""
     if scorer.granularity == "channel":
         passes: list[Pass] = [Score(scorer.name, seed=seed), PruneChannels(ratio=ratio, allocation=allocation, multiple=multiple)]
     else:
         options = None
         if scorer.name == "naee" and allocation == "uniform" and len({b.num_experts for b in spec.blocks}) == 1:
             options = {"keep": experts_to_keep(spec.blocks[0].num_experts, ratio, keep)}  # exhaustive when small
-        rewrite = MergeExperts if merge else DropExperts
-        passes = [Score(scorer.name, seed=seed, options=options), rewrite(ratio=ratio, keep=keep, allocation=allocation)]
+        rewrite = MergeExperts(ratio=ratio, keep=keep, allocation=allocation, grouping=merge) if merge else DropExperts(ratio=ratio, keep=keep, allocation=allocation)
+        passes = [Score(scorer.name, seed=seed, options=options), rewrite]
     if compensate:
         passes.append(CompensateExperts(ridge=ridge))
     return passes

@@ -1,0 +1,64 @@
+"""moe_fx.static_cache: a StaticCache whose sliding-window layers the cache cannot outgrow count in a tensor, so
+compiled decode compiles once; logits equal the stock cache's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import tiny_model
+from torch._dynamo.testing import CompileCounter
+from transformers import StaticCache
+from transformers.cache_utils import StaticSlidingWindowLayer
+
+import moe_fx
+from moe_fx.deliver.static_cache import UnfilledWindowLayer
+
+PROMPT = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+STEPS = 6
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Compiled frames of one test count towards the recompile limit of the next (the same transformers code)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@torch.no_grad()
+def _decode(model, forward, cache) -> list[torch.Tensor]:
+    """Prefill then ``STEPS`` greedy tokens through ``forward``, positions given (as generate gives them)."""
+    length = PROMPT.shape[1]
+    pos = torch.arange(length)
+    logits = [model(input_ids=PROMPT, past_key_values=cache, cache_position=pos, position_ids=pos.expand(2, -1), use_cache=True).logits[:, -1]]
+    for i in range(STEPS):
+        token = logits[-1].argmax(-1, keepdim=True).contiguous()
+        pos = torch.tensor([length + i])
+        logits.append(forward(input_ids=token, past_key_values=cache, cache_position=pos, position_ids=pos.expand(2, 1), use_cache=True).logits[:, -1])
+    return logits
+
+
+@pytest.mark.parametrize("family", ["llama4", "gpt_oss"])
+def test_compiled_decode_compiles_once_and_matches_the_stock_cache(family: str) -> None:
+    model = tiny_model(family).eval()
+    length = PROMPT.shape[1] + STEPS + 2
+    cache = moe_fx.static_cache(model.config, length)
+    assert any(isinstance(layer, UnfilledWindowLayer) for layer in cache.layers)
+    expected = _decode(model, model, StaticCache(config=model.config, max_cache_len=length))
+    counter = CompileCounter()
+    got = _decode(model, moe_fx.compile(model, backend=counter, dynamic=False), cache)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert counter.frame_count == 1
+    stock = CompileCounter()  # what the fix is for: the stock cache recompiles at every token
+    _decode(model, moe_fx.compile(model, backend=stock, dynamic=False), StaticCache(config=model.config, max_cache_len=length))
+    assert stock.frame_count >= STEPS - 1
+
+
+def test_a_window_the_cache_can_outgrow_is_left_stock() -> None:
+    model = tiny_model("gpt_oss")
+    window = model.config.sliding_window
+    kinds = [type(layer) for layer in moe_fx.static_cache(model.config, window + 1).layers]
+    assert StaticSlidingWindowLayer in kinds and UnfilledWindowLayer not in kinds
+    kinds = [type(layer) for layer in moe_fx.static_cache(model.config, window).layers]
+    assert UnfilledWindowLayer in kinds and StaticSlidingWindowLayer not in kinds
