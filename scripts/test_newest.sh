@@ -17,6 +17,7 @@ exec .venv-newest/bin/python -m pytest -q -p no:cacheprovider \
     "tests/test_moe_experts.py::test_equals_eager_for_every_family" \
     "tests/test_moe_experts.py::test_compiles_whole_graph" \
     tests/test_static_cache.py \
+    tests/test_prescaled.py \
     "tests/test_graph_backend.py::test_every_tiny_family_is_matched_and_virtually_pruned" \
     "tests/test_onnx.py::test_pruned_family_exports_and_matches" \
     "tests/test_onnx.py::test_sliding_window_past_the_window" \

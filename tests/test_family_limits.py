@@ -80,3 +80,20 @@ def test_eval_of_a_model_that_does_not_predict_next_tokens_is_refused_before_loa
     code = cli.main(["eval", str(family_checkpoints["openai_privacy_filter"]), "--data", str(valid_path), "--device", "cpu"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "is not a causal language model, so NLL evaluation" in lines[0], lines
+
+
+def test_experts_narrower_or_wider_than_the_router_are_sampled_at_their_own_width(tokens):
+    """MuseSpark's experts run at ``moe_hidden_size`` (4096 in the tiny config), not at the router's width (64): the
+    spec takes the experts' own width, so the sampled observers (NAEE, SHAPE, merging, REAM) record their outputs
+    (they failed with a shape mismatch after calibrating)."""
+    from tiny_models import tiny_model
+
+    from moe_fx import compose, state_of
+    from moe_fx.passes import Calibrate
+
+    model = tiny_model("muse_spark")
+    block = state_of(model).spec.blocks[0]
+    width = model.get_submodule(block.experts.path).hidden_dim
+    assert block.experts.hidden_size == width != model.get_submodule(block.router.weight.rsplit(".", 1)[0]).weight.shape[1]
+    stats = state_of(compose(Calibrate(data=tokens, observers=("routing", "samples"), samples_per_block=8, show_progress=False))(model)).stats
+    assert stats.per_block[block.path]["sample_expert_out"].shape == (8, block.num_experts, width)

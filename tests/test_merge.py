@@ -159,8 +159,11 @@ def test_identical_experts_merge_exactly_with_calibrated_outputs(tokens) -> None
     torch.testing.assert_close(logits(merged), logits(dropped), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("grouping", ["nearest", "ream"])
 @torch.no_grad()
-def test_frequency_weighted_average_of_aligned_weights() -> None:
+def test_weighted_average_of_aligned_weights(grouping: str) -> None:
+    """Expert 1 = expert 0 plus noise, neurons permuted: merged 3:1 by routed-token counts (nearest) or by the
+    scores (ream; its counts alone would weigh 1:5), the kept expert is the hand-made average of the aligned weights."""
     model = tiny_qwen3()
     spec = trace(model)
     gen = torch.Generator().manual_seed(5)
@@ -176,9 +179,17 @@ def test_frequency_weighted_average_of_aligned_weights() -> None:
         down[1] = noisy_down[:, p]
         get_tensor(model, block.router.weight)[1] = get_tensor(model, block.router.weight)[0]
         expected[block.path] = ((3 * gu[0] + 1 * noisy_gu) / 4, (3 * down[0] + 1 * noisy_down) / 4)
-    state_of(model).stats = counts_stats(spec, torch.tensor([3, 1, 1, 1, 1, 1, 1, 1]))
-    MergeExperts(plan=plan_without(spec, {1}))(model)
-    assert state_of(model).history[-1].report["targets"] == {b.path: {1: 0} for b in spec.blocks}
+    state = state_of(model)
+    if grouping == "nearest":
+        state.stats = counts_stats(spec, torch.tensor([3, 1, 1, 1, 1, 1, 1, 1]))
+    else:
+        h = spec.blocks[0].experts.hidden_size
+        sample = {"sample_expert_out": torch.randn(4, 8, h, generator=gen), "sample_logits": torch.randn(4, 8, generator=gen),
+                  "sample_seen": torch.tensor(4), "sample_hidden": torch.randn(4, h, generator=gen)}
+        state.stats = CalibrationStats(per_block={b.path: {"count": torch.tensor([1.0, 5, 1, 1, 1, 1, 1, 1]), **sample} for b in spec.blocks})
+        state.scores = Scores("reap", per_block={b.path: torch.tensor([3.0, 1, 0, 0, 0, 0, 0, 0]) for b in spec.blocks})
+    MergeExperts(plan=plan_without(spec, {1}), grouping=grouping, align="weights")(model)
+    assert state.history[-1].report["targets"] == {b.path: {1: 0} for b in spec.blocks}
     for block in spec.blocks:
         gu_hand, down_hand = expected[block.path]
         torch.testing.assert_close(get_tensor(model, block.experts.gate_up)[0], gu_hand, atol=1e-6, rtol=1e-6)
@@ -316,30 +327,6 @@ def test_ream_identical_experts_merge_exactly(family: str, tokens) -> None:
     torch.testing.assert_close(logits(merged), expected, atol=1e-5, rtol=0)
 
 
-@torch.no_grad()
-def test_ream_score_weighted_average() -> None:
-    """A copy with noise, weighted by the scores (not the counts): the merged weights are the hand-made average."""
-    model = tiny_qwen3()
-    spec = trace(model)
-    gen = torch.Generator().manual_seed(5)
-    expected = {}
-    for block in spec.blocks:
-        gu, down = get_tensor(model, block.experts.gate_up), get_tensor(model, block.experts.down)
-        noisy_gu, noisy_down = gu[0] + 0.01 * torch.randn(gu[0].shape, generator=gen), down[0] + 0.01 * torch.randn(down[0].shape, generator=gen)
-        gu[1], down[1] = noisy_gu, noisy_down
-        expected[block.path] = ((3 * gu[0] + noisy_gu) / 4, (3 * down[0] + noisy_down) / 4)
-    sample = {"sample_expert_out": torch.randn(4, 8, spec.blocks[0].experts.hidden_size, generator=gen),
-              "sample_logits": torch.randn(4, 8, generator=gen), "sample_seen": torch.tensor(4),
-              "sample_hidden": torch.randn(4, spec.blocks[0].experts.hidden_size, generator=gen)}
-    state = state_of(model)
-    state.stats = CalibrationStats(per_block={b.path: {"count": torch.tensor([1.0, 5, 1, 1, 1, 1, 1, 1]), **sample} for b in spec.blocks})
-    state.scores = Scores("reap", per_block={b.path: torch.tensor([3.0, 1, 0, 0, 0, 0, 0, 0]) for b in spec.blocks})
-    MergeExperts(plan=plan_without(spec, {1}), grouping="ream", align="weights")(model)
-    for block in spec.blocks:
-        torch.testing.assert_close(get_tensor(model, block.experts.gate_up)[0], expected[block.path][0], atol=1e-6, rtol=1e-6)
-        torch.testing.assert_close(get_tensor(model, block.experts.down)[0], expected[block.path][1], atol=1e-6, rtol=1e-6)
-
-
 def test_ream_needs_samples_and_valid_options(tokens) -> None:
     model = tiny_qwen3()
     plan = plan_without(trace(model), {1})
@@ -349,3 +336,22 @@ def test_ream_needs_samples_and_valid_options(tokens) -> None:
     for bad in ({"grouping": "kmeans"}, {"weighting": "norm"}, {"align": "router"}, {"group_size": 1, "grouping": "ream"}):
         with pytest.raises(MoeFxError, match=next(iter(bad))):
             MergeExperts(plan=plan, **bad)(copy.deepcopy(model))
+
+
+def test_ream_block_no_token_reached_is_dropped(tokens) -> None:
+    """A block calibration never reached (Ernie-4.5-VL's vision experts under text): no sample, zero scores, so
+    REAM groups by router rows and averages nothing in: the block equals plain dropping."""
+    base = tiny_qwen3()
+    spec = trace(base)
+    plan = plan_without(spec, {1, 5})
+    model = compose(Calibrate(data=tokens, observers=("routing", "reap", "samples"), samples_per_block=16, show_progress=False),
+                    Score("reap"))(copy.deepcopy(base))
+    state = state_of(model)
+    unseen = spec.blocks[0].path
+    state.stats.per_block[unseen]["sample_seen"].zero_()
+    state.scores.per_block[unseen].zero_()
+    merged = MergeExperts(plan=plan, grouping="ream")(model)
+    assert state_of(merged).history[-1].report["similarity"] == "ream+router"
+    dropped = DropExperts(plan=plan)(copy.deepcopy(base))
+    for name in state_of(merged).spec.blocks[0].per_expert_tensors:
+        assert torch.equal(get_tensor(merged, name), get_tensor(dropped, name)), name

@@ -71,11 +71,11 @@ def build_eval_set(source: str | Path | Sequence[str] | Sequence[Document], toke
 def next_token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Summed cross entropy of ``logits [..., V]`` against token ids ``targets [...]`` (-100: not scored), refusing in one line
     ids the model has no output for (its head is not over the tokenizer's vocabulary) instead of an IndexError."""
-    largest = int(targets.max()) if targets.numel() else -1
+    largest = int(targets.max()) if targets.numel() else -1  # no device sync where the targets are still on the host
     if largest >= logits.shape[-1]:
         raise BadOptionError(f"the model predicts {logits.shape[-1]} classes, but the data holds token id {largest}: its head is not a "
                              "next-token head over this tokenizer's vocabulary, which NLL evaluation, EEP and gradient scores need")
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum", ignore_index=-100)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1).to(logits.device), reduction="sum", ignore_index=-100)
 
 
 @torch.no_grad()
@@ -83,21 +83,21 @@ def nll_sum(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 8, bar
     """Summed next-token NLL over token windows ``[N, L]`` and the number of predicted tokens. ``overlap``:
     leading tokens of every window but the first that the previous window already scored."""
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0  # summed on the device: one sync, at the end
     for i in range(0, windows.shape[0], batch_size):
-        batch = windows[i : i + batch_size].to(device)
+        batch = windows[i : i + batch_size]
         try:
-            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+            logits = model(input_ids=batch.to(device), use_cache=False).logits[:, :-1].float()
         except torch.OutOfMemoryError:
             raise out_of_memory("evaluation", device, tuple(batch.shape), "lower --batch-size or --eval-seq-len") from None
-        targets = batch[:, 1:].clone()
+        targets = batch[:, 1:].clone()  # on the host: its checks and count read no device value
         if overlap > 1:  # target j predicts token j + 1: tokens [0, overlap) of a later window were scored before
             targets[0 if i > 0 else 1 :, : overlap - 1] = -100
-        total += next_token_nll(logits, targets).item()
+        total += next_token_nll(logits, targets).double()
         count += int((targets != -100).sum())
         if bar is not None:
             bar.update(batch.numel())
-    return total, count
+    return float(total), count
 
 
 def evaluate_nll(model: nn.Module, eval_set: EvalSet, *, batch_size: int = 8, show_progress: bool = True) -> dict[str, dict[str, float]]:

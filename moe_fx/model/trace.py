@@ -259,7 +259,8 @@ def trace(model: nn.Module) -> MoEModelSpec:
     for path, block, e_path, experts, r_path, router in found:
         e = expert_count(experts)
         router_spec = _router_spec(block, path, router, r_path, e, adapter, tconf, score_fn, graph_norm)
-        hidden = model.get_parameter(router_spec.weight).shape[1]
+        # the experts' own width where they declare it: MuseSpark's experts run at moe_hidden_size, not the router's width
+        hidden = getattr(experts, "hidden_dim", None) or model.get_parameter(router_spec.weight).shape[1]
         block_tensors = tuple(
             n for n, t in direct_tensors(block, path) if n.rsplit(".", 1)[-1] in adapter.block_tensors and t.shape[:1] == (e,)
         )

@@ -142,16 +142,16 @@ def _sampled(state: MoEState, block: MoEBlockSpec, name: str, axis: int | None =
     return t[: min(int(seen), t.shape[0])]
 
 
-def ream_distance(state: MoEState, block: MoEBlockSpec) -> torch.Tensor:
-    """``[E, E]`` REAM distance ``1 - (s_out + s_gate) / 2`` between the block's experts on the sampled tokens.
+def ream_distance(state: MoEState, block: MoEBlockSpec) -> torch.Tensor | None:
+    """``[E, E]`` REAM distance ``1 - (s_out + s_gate) / 2`` between the block's experts on the sampled tokens
+    (None when no calibration token reached the block: a vision block under text calibration).
 
     ``s_out``: cosine of the experts' gated mean outputs ``mean_t p_e y_e`` (``p``: the router's probability
     of the expert), mapped to [0, 1]; ``s_gate``: ``1 - d / max d`` with ``d`` the euclidean distance of the
     unit-normalised router-logit columns (how alike the two experts' logits move over the tokens)."""
     out, logits = _sampled(state, block, "sample_expert_out", axis=1), _sampled(state, block, "sample_logits", axis=1)
     if out is None or logits is None:
-        raise BadOptionError(f"{block.path}: REAM grouping needs the 'samples' calibration observer (every expert's output on "
-                             "sampled tokens); calibrate with observers=(..., 'samples')")
+        return None
     logits = logits.double()
     probs = torch.softmax(logits, -1) if block.router.score_fn.startswith("softmax") else torch.sigmoid(logits)
     gated = F.normalize((probs.unsqueeze(-1) * out.double()).mean(0), dim=-1)  # [E, H]
@@ -318,7 +318,10 @@ class MergeExperts(DropExperts):
         if self.grouping == "nearest":
             return choose_targets(model, state, block, kept)
         size = self.group_size or max(2, block.num_experts // 8)
-        return ream_targets(block, kept, state.scores.per_block[block.path], ream_distance(state, block), size), "ream"
+        distance, source = ream_distance(state, block), "ream"
+        if distance is None:  # no token reached the block: its scores are 0, so nothing is averaged in; group by router rows
+            distance, source = 1 - _similarity(model, state, block, list(range(block.num_experts)))[0], "router"
+        return ream_targets(block, kept, state.scores.per_block[block.path], distance, size), source
 
     def run(self, model: nn.Module, state: MoEState) -> PassResult:
         weighting, align_on = self._options()
