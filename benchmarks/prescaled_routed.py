@@ -106,7 +106,7 @@ def main() -> None:
             torch._dynamo.reset()
             run = moe_fx.compile(model, experts_implementation=implementation, dynamic=False) if mode == "compiled" else model
             if mode == "eager" and implementation == moe_fx.kernels.NAME:
-                moe_fx.kernels.prescaled.route_prescaled_blocks(model, spec)
+                moe_fx.kernels.prescaled.route_prescaled_blocks(model, [b.path for b in spec.blocks])
             for name, ids in inputs.items():
                 with torch.no_grad():
                     seconds = timed(lambda run=run, ids=ids: run(input_ids=ids, use_cache=False), args.repeats, args.device)

@@ -38,7 +38,6 @@ RECIPES: dict[str, str] = {
     "eep": f"--method eep --ratio 0.25 {_EEP}",
     "merge-reap": "--method merge-reap --ratio 0.25",
     "merge-frequency": "--method merge-frequency --ratio 0.25",
-    "ream-compensate": "--method ream --ratio 0.25 --compensate",
     "reap-global": "--method reap --allocation global --ratio 0.25",
     "reap-compensate": "--method reap --ratio 0.25 --compensate",
     "reap-distill": "--method reap --ratio 0.25 --distill-steps 2",

@@ -14,7 +14,7 @@ import moe_fx
 from moe_fx.deliver.static_cache import UnfilledWindowLayer
 
 PROMPT = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(0))
-STEPS = 6
+STEPS = 4
 
 
 @pytest.fixture(autouse=True)

@@ -34,8 +34,8 @@ def compile_model(model: nn.Module, *, experts_implementation: str | None = None
         spec = state_of(model).spec
     except NotMoEError:  # a dense model compiles as it is
         spec = None
-    if spec is not None:
-        restore_prescaled_blocks(model, spec)
-        if name == DEFAULT_IMPLEMENTATION:
-            route_prescaled_blocks(model, spec)
+    prescaled = [b.path for b in spec.blocks if b.experts.call_style == "dense_prescaled"] if spec is not None else []
+    restore_prescaled_blocks(model, prescaled)
+    if name == DEFAULT_IMPLEMENTATION:
+        route_prescaled_blocks(model, prescaled)
     return torch.compile(model, fullgraph=fullgraph, **compile_kwargs)

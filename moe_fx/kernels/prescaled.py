@@ -17,13 +17,13 @@ does); :func:`restore_prescaled_blocks` puts the stock forward back. The checkpo
 from __future__ import annotations
 
 import types
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from moe_fx.errors import UnsupportedFamilyError
 from moe_fx.kernels.forward import moe_fx_experts_forward
-from moe_fx.model.spec import MoEModelSpec
 
 __all__ = ["restore_prescaled_blocks", "route_prescaled_blocks", "routed_forward"]
 
@@ -71,21 +71,22 @@ def _check_block(path: str, block: nn.Module) -> None:
                                      "transformers' Llama4TextMoe (router, fused experts, shared expert)")
 
 
-def route_prescaled_blocks(model: nn.Module, spec: MoEModelSpec) -> int:
-    """Run every ``dense_prescaled`` block of ``model`` through :func:`routed_forward`; return how many."""
-    blocks = [b.path for b in spec.blocks if b.experts.call_style == "dense_prescaled"]
-    for path in blocks:
+def route_prescaled_blocks(model: nn.Module, paths: Iterable[str]) -> int:
+    """Run the blocks at ``paths`` (the spec's ``dense_prescaled`` blocks) through :func:`routed_forward`; return how many."""
+    count = 0
+    for path in paths:
         block = model.get_submodule(path)
         _check_block(path, block)
         block._moe_fx_experts_view = _ExpertsView(block.experts)
         block.forward = types.MethodType(routed_forward, block)
-    return len(blocks)
+        count += 1
+    return count
 
 
-def restore_prescaled_blocks(model: nn.Module, spec: MoEModelSpec) -> None:
-    """Put the stock forward back on every block :func:`route_prescaled_blocks` changed."""
-    for b in spec.blocks:
-        block = model.get_submodule(b.path)
+def restore_prescaled_blocks(model: nn.Module, paths: Iterable[str]) -> None:
+    """Put the stock forward back on the blocks at ``paths`` that :func:`route_prescaled_blocks` changed."""
+    for path in paths:
+        block = model.get_submodule(path)
         if "forward" in vars(block):
             del block.forward
             del block._moe_fx_experts_view
