@@ -55,7 +55,7 @@ def routed_forward(block: nn.Module, hidden_states: torch.Tensor) -> tuple[torch
     top = torch.topk(logits, block.router.top_k, dim=1).indices
     rows = (hidden.unsqueeze(1) * scores.gather(1, top).unsqueeze(-1)).reshape(-1, hidden.shape[-1])
     ones = torch.ones(rows.shape[0], 1, dtype=hidden.dtype, device=hidden.device)
-    routed = moe_fx_experts_forward(block._moe_fx_experts_view, rows, top.reshape(-1, 1), ones)
+    routed = moe_fx_experts_forward(_ExpertsView(block.experts), rows, top.reshape(-1, 1), ones)
     out = block.shared_expert(hidden)
     out.add_(routed.view(*top.shape, -1).sum(dim=1))
     return out, logits
@@ -77,7 +77,6 @@ def route_prescaled_blocks(model: nn.Module, paths: Iterable[str]) -> int:
     for path in paths:
         block = model.get_submodule(path)
         _check_block(path, block)
-        block._moe_fx_experts_view = _ExpertsView(block.experts)
         block.forward = types.MethodType(routed_forward, block)
         count += 1
     return count
@@ -89,4 +88,3 @@ def restore_prescaled_blocks(model: nn.Module, paths: Iterable[str]) -> None:
         block = model.get_submodule(path)
         if "forward" in vars(block):
             del block.forward
-            del block._moe_fx_experts_view
