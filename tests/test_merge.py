@@ -351,7 +351,8 @@ def test_ream_block_no_token_reached_is_dropped(tokens) -> None:
     state.stats.per_block[unseen]["sample_seen"].zero_()
     state.scores.per_block[unseen].zero_()
     merged = MergeExperts(plan=plan, grouping="ream")(model)
-    assert state_of(merged).history[-1].report["similarity"] == "ream+router"
+    report = state_of(merged).history[-1].report
+    assert report["similarity"] == "ream+router" and report["align"] == "activations+weights"  # the unreached block: weights
     dropped = DropExperts(plan=plan)(copy.deepcopy(base))
     for name in state_of(merged).spec.blocks[0].per_expert_tensors:
         assert torch.equal(get_tensor(merged, name), get_tensor(dropped, name)), name

@@ -328,7 +328,7 @@ class MergeExperts(DropExperts):
         plan = self.make_plan(model, state)
         plan.validate(state.spec)
         original = state.plan or PrunePlan.keep_all(state.spec)
-        merged, quality, sources, targets = 0, [], set(), {}
+        merged, quality, sources, aligned, targets = 0, [], set(), set(), {}
         for block in state.spec.blocks:
             kept = plan.kept_experts.get(block.path)
             if kept is None or len(kept) == block.num_experts:
@@ -336,6 +336,7 @@ class MergeExperts(DropExperts):
             chosen, source = self._targets(model, state, block, kept)
             sources.add(source)
             profile = activation_profiles(model, block.experts, _sampled(state, block, "sample_hidden")) if align_on == "activations" else None
+            aligned.add("weights" if profile is None else "activations")  # what the block's matching used (no sample: weights)
             quality += merge_block(model, block.experts, chosen, self._weights(state, block, weighting), profile)
             merged += len(chosen)
             ids = original.kept_experts.get(block.path, list(range(block.num_experts)))
@@ -349,7 +350,7 @@ class MergeExperts(DropExperts):
             merged=merged,
             grouping=self.grouping,
             weighting=weighting,
-            align=align_on,
+            align="+".join(sorted(aligned)) or align_on,
             similarity="+".join(sorted(sources)) or None,
             mean_alignment=round(sum(quality) / len(quality), 4) if quality else None,
             targets=targets,
