@@ -43,13 +43,21 @@ compiled static-cache decode step copies the whole cache through ``repeat_kv`` i
 2.1 ms b64 step on an H200, ``--profile cuda-graphs/b64``)."""
 
 
+COMPILE = {"fused": True, "options": None}
+"""How moe_fx rows compile: with the top-k kernel and stacked sibling projections (a variant's ``fused=off``
+clears it while its rows run) and Inductor ``options`` (``freeze``: ``{"freezing": True}``)."""
+
+
 def forward_for(model, impl: str, mode: str):
-    """The callable a row times: the model itself (eager) or a fresh whole-graph compilation of it."""
+    """The callable a row times: the model itself (eager) or a fresh whole-graph compilation of it (the stock rows
+    without moe-fx's top-k kernel: they stand for transformers with torch.compile)."""
     torch._dynamo.reset()
     set_implementation(model, impl)
     if MODES[mode] is None:
         return model
-    return compile_model(model, experts_implementation=impl, mode=MODES[mode], dynamic=False)
+    ours = impl == OURS
+    return compile_model(model, experts_implementation=impl, mode=MODES[mode], dynamic=False, fused=ours and COMPILE["fused"],
+                         options=COMPILE["options"] if ours else None)
 
 
 @torch.no_grad()
@@ -83,6 +91,20 @@ def decode_ms(model, forward, batch: int, args, profile_title: str | None = None
         prefilled()
         print_profile(f"{profile_title} ({args.steps} steps)", steps, dev, ("self_cuda_time_total", "self_cpu_time_total"), rows=22)
     return statistics.median(times[1:])
+
+
+@torch.no_grad()
+def step_logits_vs_eager(model, forward, args, batch: int = 2) -> dict:
+    """The largest |difference| between one decode step's logits computed by ``forward`` and by the eager model,
+    both after the same eager prefill of a 16-token prompt, next to the logits' own largest magnitude."""
+    ids = random_ids((batch, 17), model.config.vocab_size, 5, args.device)
+    logits = []
+    for step in (model, forward):
+        cache = moe_fx.static_cache(model.config, 24)
+        model(input_ids=ids[:, :16], past_key_values=cache, cache_position=torch.arange(16, device=args.device), use_cache=True)
+        out = step(input_ids=ids[:, 16:], past_key_values=cache, cache_position=torch.tensor([16], device=args.device), use_cache=True)
+        logits.append(out.logits.float())
+    return {"max_abs_diff": (logits[0] - logits[1]).abs().max().item(), "max_abs_logit": logits[0].abs().max().item()}
 
 
 @torch.no_grad()
@@ -177,6 +199,9 @@ def measure(model, args, rows: dict, saved=lambda: None) -> dict:
                 row["decode"][str(b)] = ms if isinstance(ms, dict) else {"ms_per_step": ms, "tok_s": b * 1000 / ms,
                                                                           "seconds_with_compile": time.perf_counter() - started}
                 log(f"  {label:>22} decode b{b:<3} {row['decode'][str(b)]}")
+            if mode != "eager" and args.check_logits:
+                row["step_logits_vs_eager"] = attempt(lambda: step_logits_vs_eager(model, forward, args))
+                log(f"  {label:>22} one step's logits against eager {row['step_logits_vs_eager']}")
             if mode != "cuda-graphs":  # prefill has no cache to replay; CUDA graphs matter for decode
                 row["prefill"] = attempt(lambda: prefill(model, forward, args))
                 log(f"  {label:>22} prefill {row['prefill']}")
@@ -250,10 +275,21 @@ def runtime_options(options: str):
     """A variant's ``:``-suffix, comma-separated, applied while its rows run: ``weight-only`` keeps quantized
     experts' activations in their dtype (``MOE_FX_QUANTIZED_ACTIVATIONS``), ``gemv=X`` moves the routed GEMV's
     bounds to ``X`` pairs per expert, ``swap=on|off`` sets the grouped kernel's orientation (``SWAP``) whatever
-    ``grouped_tiles`` picks. Each row compiles afresh, so each sees them."""
+    ``grouped_tiles`` picks, ``fused=off`` leaves the routers' top-k to torch and
+    each projection to its own matmul, ``gemv-tiles=NxKxW`` sets the routed
+    GEMV's dense tiles, ``freeze`` compiles with Inductor's freezing (weights as constants: sibling projections of
+    one input become one matmul). Each row compiles afresh, so each sees them."""
     env_before = os.environ.get("MOE_FX_QUANTIZED_ACTIVATIONS")
     bounds_before = routed_gemv.MAX_PAIRS_PER_EXPERT, routed_gemv.WEIGHT_ONLY_MAX_PAIRS_PER_EXPERT
-    patched = {}  # triton_kernels (imported only where the option asks: it needs Triton) -> its grouped_tiles
+    patched = {}  # (triton_kernels, a tiles function's name) -> the function (imported only where asked: it needs Triton)
+    caches = contextlib.ExitStack()
+    if any(o.startswith(("gemv-tiles=", "swap=")) for o in options.split(",")):
+        # tiles are picked while AOTAutograd traces the kernels' ops: a cached compilation of the same Dynamo graph
+        # (another variant's row) would bring its tiles back
+        import torch._functorch.config as functorch_config
+
+        caches.enter_context(functorch_config.patch(enable_autograd_cache=False))
+        caches.enter_context(torch._inductor.config.patch(fx_graph_cache=False))
     try:
         for option in filter(None, options.split(",")):
             if option == "weight-only":
@@ -261,21 +297,33 @@ def runtime_options(options: str):
             elif option.startswith("gemv="):
                 bound = float(option.removeprefix("gemv="))
                 routed_gemv.MAX_PAIRS_PER_EXPERT = routed_gemv.WEIGHT_ONLY_MAX_PAIRS_PER_EXPERT = bound
+            elif option == "fused=off":
+                COMPILE["fused"] = False
+            elif option == "freeze":
+                COMPILE["options"] = {"freezing": True}
+            elif option.startswith("gemv-tiles="):
+                from moe_fx.kernels import triton_kernels
+
+                dense = tuple(int(v) for v in option.removeprefix("gemv-tiles=").split("x"))
+                tiles = patched.setdefault((triton_kernels, "gemv_tiles"), triton_kernels.gemv_tiles)
+                triton_kernels.gemv_tiles = lambda w, quant, dense=dense: dense if quant is None else tiles(w, quant)
             elif option in ("swap=on", "swap=off"):
                 from moe_fx.kernels import triton_kernels
 
-                tiles = patched.setdefault(triton_kernels, triton_kernels.grouped_tiles)
+                tiles = patched.setdefault((triton_kernels, "grouped_tiles"), triton_kernels.grouped_tiles)
                 triton_kernels.grouped_tiles = lambda *a, swap=option == "swap=on": tiles(*a)[:5] + (swap,)
             else:
-                raise SystemExit(f"unknown variant option {option!r}: use weight-only, gemv=X or swap=on|off")
+                raise SystemExit(f"unknown variant option {option!r}: use weight-only, gemv=X, swap=on|off, fused=off, gemv-tiles=NxKxW or freeze")
         yield
     finally:
         os.environ.pop("MOE_FX_QUANTIZED_ACTIVATIONS", None)
         if env_before is not None:
             os.environ["MOE_FX_QUANTIZED_ACTIVATIONS"] = env_before
         routed_gemv.MAX_PAIRS_PER_EXPERT, routed_gemv.WEIGHT_ONLY_MAX_PAIRS_PER_EXPERT = bounds_before
-        for module, tiles in patched.items():
-            module.grouped_tiles = tiles
+        COMPILE.update(fused=True, options=None)
+        for (module, name), function in patched.items():
+            setattr(module, name, function)
+        caches.close()
 
 
 def main() -> None:
@@ -297,6 +345,8 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/decode.json")
     ap.add_argument("--device", default="cuda", help="cpu with --tiny: a smoke test of this script, not a measurement")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes instead of Qwen3-30B-A3B's")
+    ap.add_argument("--check-logits", action="store_true", help="each compiled row: one step's logits against eager's (a fresh cache: "
+                    "with CUDA graphs it may compile again)")
     ap.add_argument("--sdpa-gqa", action="store_true", help=f"every row with SDPA's grouped-query attention ({GQA_SWITCH}=1)")
     args = ap.parse_args()
     import transformers

@@ -18,6 +18,8 @@ exec .venv-newest/bin/python -m pytest -q -p no:cacheprovider \
     "tests/test_moe_experts.py::test_compiles_whole_graph" \
     tests/test_static_cache.py \
     tests/test_prescaled.py \
+    tests/test_topk_kernel.py \
+    tests/test_sibling_linears.py \
     "tests/test_graph_backend.py::test_every_tiny_family_is_matched_and_virtually_pruned" \
     "tests/test_onnx.py::test_pruned_family_exports_and_matches" \
     "tests/test_onnx.py::test_sliding_window_past_the_window" \

@@ -1,6 +1,7 @@
 """The quantized Triton kernels' arithmetic without a GPU: both kernels run in Triton's interpreter
 (``TRITON_INTERPRET=1``, in a subprocess: it must be set before Triton is imported) against the dequantized
-weights, every scheme, an input size that is not a multiple of the tile. Skipped where Triton is not installed
+weights, every scheme, an input size that is not a multiple of the tile; the router top-k kernel against
+``torch.topk``. Skipped where Triton is not installed
 (CPU builds of torch); ``pip install triton`` beside a CPU torch runs it."""
 
 from __future__ import annotations
@@ -49,6 +50,15 @@ for k in (384, 200):
             for tiles in ((16, 64, 128, 4, 4, False), (64, 128, 128, 8, 3, False), (16, 64, 128, 4, 3, True)):
                 got = tk.triton_grouped_mm(x_codes, codes.transpose(-2, -1), offsets, tiles, quant, x_scale, torch.float32)
                 assert (got - want8).abs().max() < 1e-5, (scheme, k, tiles, "8-bit activations")
+for width, k in ((128, 8), (100, 6), (7, 7), (300, 22)):  # moe_fx::topk_rows against torch.topk
+    z = torch.randn(5, width)
+    z[0, 3] = z[0, 4] = 10.0  # a tie for the largest: the lower index first
+    z[2, 5] = float("nan")  # NaN ranks first, as in torch
+    values, indices = tk.triton_topk_rows(z, k)
+    want = torch.topk(z, k)
+    assert torch.equal(values.nan_to_num(9.0), want.values.nan_to_num(9.0)), (width, k)
+    assert torch.equal(indices, want.indices) or torch.equal(z.gather(1, indices).nan_to_num(9.0), want.values.nan_to_num(9.0)), (width, k)
+    assert indices[0, :2].tolist() == [3, 4], indices[0]
 print("ok")
 """
 

@@ -7,22 +7,55 @@ from typing import Any
 import torch
 from torch import nn
 
+from moe_fx.deliver.graph.sibling_linears import fuse_sibling_linears, pack_sibling_linears
 from moe_fx.errors import BadOptionError, NotMoEError
 from moe_fx.kernels.implementation import DEFAULT_IMPLEMENTATION, current, set_implementation
 from moe_fx.kernels.prescaled import restore_prescaled_blocks, route_prescaled_blocks
+from moe_fx.kernels.topk import replace_topk
 from moe_fx.pipeline import state_of
 
 
-def compile_model(model: nn.Module, *, experts_implementation: str | None = None, fullgraph: bool = True, **compile_kwargs: Any) -> nn.Module:
+class InductorBackend:
+    """Inductor with ``torch.compile``'s ``mode`` and ``options`` (both may be given). A graph traced without
+    gradients is first rewritten for inference (``fused``): its eligible ``topk`` calls become
+    ``moe_fx::topk_rows`` (:func:`~moe_fx.kernels.topk.replace_topk`: CUDA rows of up to 1,024 entries), and
+    with ``model``, its sibling projections one matmul (:func:`~moe_fx.deliver.graph.sibling_linears.fuse_sibling_linears`)."""
+
+    def __init__(self, mode: str | None = None, options: dict[str, Any] | None = None, dynamic: bool | None = None,
+                 fused: bool = True, model: nn.Module | None = None) -> None:
+        self.inductor = torch._TorchCompileInductorWrapper(mode, options, dynamic)
+        self.fused = fused
+        self.model = model
+        self.rewrites = {"topk": 0, "linear": 0}
+        """Over every graph compiled so far: ``topk`` calls replaced, ``linear`` calls folded into another."""
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        if self.fused and not torch.is_grad_enabled():
+            self.rewrites["topk"] += replace_topk(gm)
+            if self.model is not None:
+                self.rewrites["linear"] += fuse_sibling_linears(gm, self.model)
+        return self.inductor(gm, example_inputs)
+
+    def reset(self) -> None:
+        """What ``torch._dynamo.reset()`` calls on backends: Inductor's drops its CUDA graph trees."""
+        self.inductor.reset()
+
+
+def compile_model(model: nn.Module, *, experts_implementation: str | None = None, fullgraph: bool = True, fused: bool = True,
+                  **compile_kwargs: Any) -> nn.Module:
     """Switch the routed experts to an implementation that compiles whole, then ``torch.compile`` the model.
 
     The default (:data:`~moe_fx.kernels.implementation.DEFAULT_IMPLEMENTATION`) compiles with ``fullgraph=True``
     on CPU and CUDA; ``eager`` experts loop over the experts hit, a data-dependent graph break, so it is
     refused with ``fullgraph``. With the default, blocks whose experts transformers runs densely on prescaled
     inputs (Llama 4) run only their routed experts (:mod:`moe_fx.kernels.prescaled`); any other implementation
-    keeps transformers' dense call there. The module is changed in place (its experts implementation, those
-    blocks' forward) and the compiled wrapper returned; extra keyword arguments (``mode``, ``dynamic``,
-    ``backend``) go to ``torch.compile``.
+    keeps transformers' dense call there. With Inductor (no ``backend`` given) and ``fused``, calls made without
+    gradients run the routers' top-k on one small kernel (:mod:`moe_fx.kernels.topk`) instead of torch's sort and
+    gather, and sibling projections of one input (q/k/v) as one matmul over their packed weights
+    (:mod:`moe_fx.deliver.graph.sibling_linears`). The module is changed in place (its experts implementation,
+    those blocks' forward and, with ``fused``, where sibling projections' weights live: same values and names)
+    and the compiled wrapper returned; extra keyword arguments (``mode``, ``options``, ``dynamic``, ``backend``)
+    go to ``torch.compile``.
     """
     name = experts_implementation or DEFAULT_IMPLEMENTATION
     if name == "eager" and fullgraph:
@@ -38,4 +71,9 @@ def compile_model(model: nn.Module, *, experts_implementation: str | None = None
     restore_prescaled_blocks(model, prescaled)
     if name == DEFAULT_IMPLEMENTATION:
         route_prescaled_blocks(model, prescaled)
+    if compile_kwargs.get("backend", "inductor") == "inductor":
+        if fused:
+            pack_sibling_linears(model)
+        compile_kwargs["backend"] = InductorBackend(compile_kwargs.pop("mode", None), compile_kwargs.pop("options", None),
+                                                    compile_kwargs.get("dynamic"), fused, model)
     return torch.compile(model, fullgraph=fullgraph, **compile_kwargs)
