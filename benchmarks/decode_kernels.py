@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from experts_kernels import copy_bandwidth
+from experts_kernels import copy_bandwidth, time_calls
 
 from moe_fx.evaluate.table import format_table
 from moe_fx.kernels.triton_kernels import triton_routed_gemv, triton_topk_rows
@@ -71,29 +71,6 @@ def gemv_acc2d(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, rows_per_x: 
         x, w, ids, out, n, x.shape[1], rows_per_x, x.stride(0), w.stride(0), w.stride(2), w.stride(1), out.stride(0), n,
         BLOCK_N=block_n, BLOCK_K=block_k, GLU=glu, num_warps=warps)
     return out
-
-
-def time_calls(calls: list, replays: int = 10) -> float:
-    """Microseconds per call of ``calls`` (each its own inputs), captured once in a CUDA graph and replayed."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for fn in calls[:3]:
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in calls:
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / (len(calls) * replays)
 
 
 GRID = [(bn, bk, w) for bn in (16, 32, 64) for bk in (128, 256, 512) for w in (4, 8) if bn * bk <= 16384]

@@ -61,15 +61,20 @@ def copy_bandwidth() -> float:
 
 def time_call(fn, calls: int = 20, replays: int = 10) -> float:
     """Microseconds per ``fn()``, replayed in a CUDA graph."""
+    return time_calls([fn] * calls, replays)
+
+
+def time_calls(calls: list, replays: int = 10) -> float:
+    """Microseconds per call of ``calls`` (each may read its own inputs), captured once in a CUDA graph and replayed."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(3):
+        for fn in calls[:3]:
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(calls):
+        for fn in calls:
             fn()
     graph.replay()
     torch.cuda.synchronize()
@@ -79,7 +84,7 @@ def time_call(fn, calls: int = 20, replays: int = 10) -> float:
         graph.replay()
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / (calls * replays)
+    return start.elapsed_time(end) * 1000 / (len(calls) * replays)
 
 
 SWEEP_TILES = [(bm, bn, bk, w, st, sw) for bm in (16, 32) for bn in (32, 64, 128) for bk in (64, 128, 256)
