@@ -23,8 +23,9 @@ def parse_method(name: str) -> tuple[str, str | None]:
     return (name.removeprefix("merge-"), "nearest") if name.startswith("merge-") else (name, None)
 
 
-def observers_for(scorers: Iterable[Scorer], *, merge: bool | str | None = False, compensate: bool = False) -> tuple[str, ...]:
-    """Calibrate observers recording what the scorers, merging (``samples``) and compensation (``inputs``) read."""
+def observers_for(scorers: Iterable[Scorer], *, merge: str | None = None, compensate: bool = False) -> tuple[str, ...]:
+    """Calibrate observers recording what the scorers, merging (``merge``: a :class:`MergeExperts` grouping, which
+    reads ``samples``; None: no merging) and compensation (``inputs``) read."""
     needed = list(Calibrate.observers)
     for s in scorers:
         needed += s.observers

@@ -87,7 +87,7 @@ def run_sweep(
         raise BadOptionError("a sweep needs something to measure: evaluation text and/or zero-shot tasks")
     parsed = [(m, *parse_method(m)) for m in methods]
     scorers = sweep_scorers(methods, seed=seed)
-    merge = any(mg for _, _, mg in parsed)
+    merge = next((mg for _, _, mg in parsed if mg), None)  # any merging method's grouping: its observers
     needs_data = needs_calibration(methods, compensate=compensate, seed=seed)
     if needs_data and calibration is None:
         raise BadOptionError(f"methods {', '.join(methods)} need calibration data")
