@@ -20,6 +20,7 @@ exec .venv-newest/bin/python -m pytest -q -p no:cacheprovider \
     tests/test_prescaled.py \
     tests/test_topk_kernel.py \
     tests/test_sibling_linears.py \
+    tests/test_real_rotary.py \
     "tests/test_graph_backend.py::test_every_tiny_family_is_matched_and_virtually_pruned" \
     "tests/test_onnx.py::test_pruned_family_exports_and_matches" \
     "tests/test_onnx.py::test_sliding_window_past_the_window" \

@@ -26,7 +26,7 @@ from moe_fx.passes import DropExperts, PruneChannels
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-OPTIMUM_FAMILIES = ["qwen3_moe", "mixtral", "deepseek_v3", "olmoe", "gpt_oss"]
+OPTIMUM_FAMILIES = ["qwen3_moe", "mixtral", "deepseek_v3", "olmoe", "gpt_oss", "llama4"]
 X = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(5))
 
 

@@ -69,30 +69,33 @@ def test_unpacked_or_foreign_weights_stay() -> None:
     assert counts == [0]
 
 
-def test_moe_fx_compile_fuses_without_gradients_only() -> None:
-    from moe_fx.deliver.compile import InductorBackend
+def test_moe_fx_compile_fuses_without_gradients_only(monkeypatch) -> None:
+    """``moe_fx.compile``'s backend rewrites graphs traced without gradients (the top-k swap runs, and folds nothing
+    on the CPU; q/k/v fold), matching eager; ``fused=False`` and graphs with gradients are left alone."""
+    from moe_fx.deliver import compile as compile_module
 
     model = _model()
     ids = torch.randint(0, model.config.vocab_size, (2, 6))
     seen = []
-    original = InductorBackend.__call__
+    original = compile_module.InductorBackend.__call__
 
     def spy(self, gm, inputs):
         out = original(self, gm, inputs)
         seen.append(dict(self.rewrites))
         return out
 
-    torch._dynamo.reset()
-    InductorBackend.__call__ = spy
-    try:
-        with torch.no_grad():
-            want = model(ids).logits
-            got = moe_fx.compile(model)(ids).logits
+    swaps = []
+    monkeypatch.setattr(compile_module.InductorBackend, "__call__", spy)
+    monkeypatch.setattr(compile_module, "replace_topk", lambda gm: swaps.append(gm) or 0)
+    with torch.no_grad():
+        want = model(ids).logits
         torch._dynamo.reset()
-        loss = moe_fx.compile(model, experts_implementation="batched_mm")(ids).logits.logsumexp(-1).mean()  # gradients: no rewrite
-    finally:
-        InductorBackend.__call__ = original
+        got = moe_fx.compile(model)(ids).logits
+        torch._dynamo.reset()
+        moe_fx.compile(model, fused=False)(ids)
+    torch._dynamo.reset()
+    loss = moe_fx.compile(model, experts_implementation="batched_mm")(ids).logits.logsumexp(-1).mean()  # gradients
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    assert seen[0]["linear"] == 2 * model.config.num_hidden_layers and seen[-1]["linear"] == 0
+    assert len(swaps) == 1 and [s["linear"] for s in seen] == [2 * model.config.num_hidden_layers, 0, 0]
     loss.backward()
     assert model.model.layers[0].self_attn.k_proj.weight.grad is not None

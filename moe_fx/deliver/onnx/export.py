@@ -26,6 +26,7 @@ from torch import nn
 
 from moe_fx.deliver.onnx.fused_experts import FusedLayout, dequantized_weights, fused_export, lower_fused_experts, plan_fusion
 from moe_fx.deliver.onnx.quantized_weights import WEIGHT_FORMATS
+from moe_fx.deliver.onnx.real_rotary import real_rotary
 from moe_fx.deliver.onnx.runtime import ONNX_FILE, OnnxCausalLM, Parity, check_parity
 from moe_fx.environment import versions
 from moe_fx.errors import BadOptionError, MoeFxError, first_line
@@ -390,7 +391,7 @@ def export_onnx(
         inputs = _sample_inputs(model, with_past)
         constants = _cache_constants(inputs.get("past_key_values"))
         try:
-            with fused_export(model, fused) if fused else contextlib.nullcontext():
+            with real_rotary(model), fused_export(model, fused) if fused else contextlib.nullcontext():
                 exported = OnnxExporter().export(model, inputs, OnnxConfig(dynamic=True, opset_version=opset))
         except (RuntimeError, ValueError, TypeError) as exc:
             raise MoeFxError(f"transformers' ONNX exporter failed on {type(model).__name__}: {first_line(exc)}") from exc
