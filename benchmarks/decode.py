@@ -93,18 +93,23 @@ def decode_ms(model, forward, batch: int, args, profile_title: str | None = None
     return statistics.median(times[1:])
 
 
+def one_step_logits(model, step, ids: torch.Tensor, device: str) -> torch.Tensor:
+    """Logits of ``step`` on the last column of ``ids`` after the eager ``model`` prefilled the rest into a fresh
+    static cache: the decode step the two checks below compare."""
+    prompt = ids.shape[1] - 1
+    cache = moe_fx.static_cache(model.config, prompt + 8)
+    model(input_ids=ids[:, :prompt], past_key_values=cache, cache_position=torch.arange(prompt, device=device), use_cache=True)
+    out = step(input_ids=ids[:, prompt:], past_key_values=cache, cache_position=torch.tensor([prompt], device=device), use_cache=True)
+    return out.logits.float()
+
+
 @torch.no_grad()
 def step_logits_vs_eager(model, forward, args, batch: int = 2) -> dict:
     """The largest |difference| between one decode step's logits computed by ``forward`` and by the eager model,
     both after the same eager prefill of a 16-token prompt, next to the logits' own largest magnitude."""
     ids = random_ids((batch, 17), model.config.vocab_size, 5, args.device)
-    logits = []
-    for step in (model, forward):
-        cache = moe_fx.static_cache(model.config, 24)
-        model(input_ids=ids[:, :16], past_key_values=cache, cache_position=torch.arange(16, device=args.device), use_cache=True)
-        out = step(input_ids=ids[:, 16:], past_key_values=cache, cache_position=torch.tensor([16], device=args.device), use_cache=True)
-        logits.append(out.logits.float())
-    return {"max_abs_diff": (logits[0] - logits[1]).abs().max().item(), "max_abs_logit": logits[0].abs().max().item()}
+    want, got = (one_step_logits(model, step, ids, args.device) for step in (model, forward))
+    return {"max_abs_diff": (want - got).abs().max().item(), "max_abs_logit": want.abs().max().item()}
 
 
 @torch.no_grad()
@@ -145,10 +150,7 @@ def use_sdpa_gqa(model, args) -> float:
     logits = []
     for value in ("0", "1"):
         os.environ[GQA_SWITCH] = value
-        cache = moe_fx.static_cache(model.config, 24)
-        model(input_ids=ids[:, :16], past_key_values=cache, cache_position=torch.arange(16, device=args.device), use_cache=True)
-        step = model(input_ids=ids[:, 16:], past_key_values=cache, cache_position=torch.tensor([16], device=args.device), use_cache=True)
-        logits.append(step.logits.float())
+        logits.append(one_step_logits(model, model, ids, args.device))
     return (logits[0] - logits[1]).abs().max().item()
 
 

@@ -72,6 +72,10 @@ def pack_sibling_linears(model: nn.Module) -> int:
     return groups
 
 
+Call = tuple[fx.Node, torch.Tensor, "torch.Tensor | None"]
+"""A ``linear`` node of the graph with the model's weight and bias it reads."""
+
+
 def _linear_parts(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None] | None:
     """``(input, weight, bias)`` nodes of a ``F.linear`` call whose weight (and bias) are lifted model tensors."""
     if node.op != "call_function" or node.target is not F.linear or len(node.args) < 2 or set(node.kwargs) - {"bias"}:
@@ -95,7 +99,8 @@ def _rows_view(tensors: list[torch.Tensor]) -> torch.Tensor:
 def fuse_sibling_linears(gm: fx.GraphModule, model: nn.Module) -> int:
     """Replace each run of ``linear`` calls on one input whose weights (and biases) are adjacent rows of one
     tensor by one call and a split (see the module doc); returns the number of calls removed."""
-    by_input: dict[tuple, list[tuple[fx.Node, torch.Tensor, torch.Tensor | None]]] = {}
+    by_input: dict[tuple, list[Call]] = {}
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in gm.graph.nodes:
         parts = _linear_parts(node)
         if parts is None:
@@ -110,13 +115,13 @@ def fuse_sibling_linears(gm: fx.GraphModule, model: nn.Module) -> int:
     removed = 0
     for (x, _), calls in by_input.items():
         calls.sort(key=lambda c: c[1].data_ptr())
-        run: list = []
+        run: list[Call] = []
         for call in calls + [None]:
-            if call is not None and (not run or _adjacent([run[-1][1], call[1]]) and (call[2] is None or _adjacent([run[-1][2], call[2]]))):
+            if call is not None and (not run or _follows(run[-1], call)):
                 run.append(call)
                 continue
             if len(run) > 1:
-                _fuse(gm, x, run)
+                _fuse(gm, x, run, min((node for node, _, _ in run), key=order.get))
                 removed += len(run) - 1
             run = [call] if call is not None else []
     if removed:
@@ -125,11 +130,15 @@ def fuse_sibling_linears(gm: fx.GraphModule, model: nn.Module) -> int:
     return removed
 
 
-def _fuse(gm: fx.GraphModule, x: fx.Node, run: list[tuple[fx.Node, torch.Tensor, torch.Tensor | None]]) -> None:
-    """One ``linear`` over the run's stacked weights, placed before its first call, split into the calls' outputs."""
+def _follows(previous: Call, call: Call) -> bool:
+    """Whether ``call``'s weight (and bias) are the rows right after ``previous``'s."""
+    return _adjacent([previous[1], call[1]]) and (call[2] is None or _adjacent([previous[2], call[2]]))
+
+
+def _fuse(gm: fx.GraphModule, x: fx.Node, run: list[Call], first: fx.Node) -> None:
+    """One ``linear`` over the run's stacked weights, placed before ``first`` (its earliest call in the graph),
+    split into the calls' outputs."""
     graph = gm.graph
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    first = min((node for node, _, _ in run), key=order.get)
     stem = "moe_fx_stacked_" + tensor_name(run[0][0].args[1]).replace(".", "_")
     weight = constant(gm, stem + "_weight", _rows_view([w for _, w, _ in run]), before=first)
     bias = constant(gm, stem + "_bias", _rows_view([b for _, _, b in run]), before=first) if run[0][2] is not None else None
