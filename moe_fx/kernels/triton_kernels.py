@@ -50,7 +50,7 @@ from torch.library import wrap_triton
 @triton.jit
 def _grouped_mm_kernel(
     x_ptr, w_ptr, out_ptr, offsets_ptr, scale_ptr, x_scale_ptr,
-    N, K, GROUP,
+    N, K, KW, GROUP,
     stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_om, stride_on, stride_se, stride_sn, stride_sg,
     stride_xsm, stride_xsg,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, QUANT: tl.constexpr,
@@ -85,7 +85,7 @@ def _grouped_mm_kernel(
                     # even and odd inputs as two products (their codes share a byte), split from one contiguous load
                     a = tl.load(x_base + (k0 + ks)[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                     a_even, a_odd = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))
-                    byte = tl.load(w_base + (k0 // 2 + halves)[:, None] * stride_wk, mask=(k0 + 2 * halves < K)[:, None] & col_ok[None, :], other=0)
+                    byte = tl.load(w_base + (k0 // 2 + halves)[:, None] * stride_wk, mask=(k0 // 2 + halves < KW)[:, None] & col_ok[None, :], other=0)
                     low, high = _nibbles(byte, a_even.dtype, PTX)
                     acc += (_mma(a_even, low, IEEE, SWAP, False, FP8) + _mma(a_odd, high, IEEE, SWAP, False, FP8)) * _per_col(scale, SWAP)
                 else:
@@ -252,7 +252,7 @@ def triton_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, t
     fp8 = w.dtype == torch.float8_e4m3fn
     x_scale = scale if x_scale is None else x_scale
     wrap_triton(_grouped_mm_kernel)[(num_experts, triton.cdiv(n, block_n))](
-        x, w, out, offsets, scale, x_scale, n, k, group,
+        x, w, out, offsets, scale, x_scale, n, k, w.shape[1], group,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
         scale.stride(0), scale.stride(1), scale.stride(2), x_scale.stride(0), x_scale.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=x.dtype == torch.float32, QUANT=kind, FP8=fp8,
@@ -343,7 +343,7 @@ def _nibbles_bf16x2(byte):
 @triton.jit
 def _routed_gemv_kernel(
     x_ptr, w_ptr, ids_ptr, out_ptr, scale_ptr,
-    N, K, ROWS_PER_X, GROUP,
+    N, K, KW, ROWS_PER_X, GROUP,
     stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_om, stride_on, stride_se, stride_sn, stride_sg,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QUANT: tl.constexpr, PTX: tl.constexpr,
 ):
@@ -362,7 +362,7 @@ def _routed_gemv_kernel(
             # even and odd inputs (their codes share a byte), split from one contiguous load
             x = tl.load(x_row + (k0 + ks) * stride_xk, mask=k0 + ks < K, other=0.0).to(tl.float32)
             x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_K // 2, 2)))
-            byte = tl.load(w_base + (k0 // 2 + halves)[None, :] * stride_wk, mask=col_ok[:, None] & (k0 + 2 * halves < K)[None, :], other=0)
+            byte = tl.load(w_base + (k0 // 2 + halves)[None, :] * stride_wk, mask=col_ok[:, None] & (k0 // 2 + halves < KW)[None, :], other=0)
             low, high = _nibbles(byte, tl.float32, PTX)
             part = tl.sum(low * x_even[None, :], axis=1) + tl.sum(high * x_odd[None, :], axis=1)
         else:
@@ -413,7 +413,7 @@ def triton_routed_gemv(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, rows
     block_n, block_k, warps = tiles or gemv_tiles(w, quant)
     scale, group, kind = _quant_args(quant, w, block_k, k)
     wrap_triton(_routed_gemv_kernel)[(pairs, triton.cdiv(n, block_n))](
-        x, w, ids, out, scale, n, k, rows_per_x, group,
+        x, w, ids, out, scale, n, k, w.shape[1], rows_per_x, group,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
         scale.stride(0), scale.stride(1), scale.stride(2),
         BLOCK_N=block_n, BLOCK_K=block_k, QUANT=kind, PTX=_ptx(), num_warps=warps,
