@@ -144,7 +144,9 @@ QUANT_GROUPED_FEW = ([(16, 64, 128, 4, 3, False), (16, 128, 128, 4, 3, False), (
                       (64, 128, 128, 8, 3, False)]
                      + [(bm, bn, 128, w, 3, True) for bm in (16, 32, 64) for bn in (64, 128) for w in (4, 8)])
 """Grouped tiles tried with up to 64 tokens (a few rows per expert); 128 inputs a step (the activation group)."""
-QUANT_GROUPED_MANY = [(bm, bn, 128, w, 3, sw) for bm in (64, 128) for bn in (64, 128) for w in (4, 8) for sw in (False, True)]
+QUANT_GROUPED_MANY = ([(bm, bn, 128, w, 3, sw) for bm in (64, 128) for bn in (64, 128) for w in (4, 8) for sw in (False, True)]
+                      + [(bm, bn, 128, 8, st, False) for bm, bn in ((128, 128), (128, 256), (64, 256)) for st in (3, 4)
+                         if (bm, bn, st) != (128, 128, 3)])
 """Grouped tiles tried with more tokens."""
 
 

@@ -327,3 +327,22 @@ def test_cuda_nibbles_exact() -> None:
         low, high = torch.empty(1024, device="cuda"), torch.empty(1024, device="cuda")
         convert[(1,)](byte, low, high, PTX=ptx)
         assert torch.equal(low, want[0]) and torch.equal(high, want[1]), ptx
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_decode_bound_follows_the_grouped_kernel(scheme: str, monkeypatch) -> None:
+    """The routed GEMV keeps up to one pair per expert only for 8-bit codes the grouped kernel converts in every
+    tile (weight-only); int4's grouped kernel, whose codes load in vectors, takes over from a quarter."""
+    from moe_fx.kernels import quantized_ops, routed_gemv
+
+    codes, scale = quantize(torch.randn(4, 8, 256), scheme)
+    weight = QuantizedWeight(codes, scale, scheme, False)
+    monkeypatch.setattr(quantized_ops, "activations_8bit", lambda device, scheme: False)  # no 8-bit tensor cores
+    assert quantized_ops.converts_8bit_codes(weight) is (scheme != "int4-group")
+    monkeypatch.setattr(quantized_ops, "activations_8bit", lambda device, scheme: True)
+    assert not quantized_ops.converts_8bit_codes(weight)
+    monkeypatch.setattr(routed_gemv.grouped_mm, "triton_here", lambda device: True)
+    with torch.no_grad():  # the routed GEMV has no backward
+        for weight_only, bound in ((False, routed_gemv.MAX_PAIRS_PER_EXPERT), (True, routed_gemv.WEIGHT_ONLY_MAX_PAIRS_PER_EXPERT)):
+            assert routed_gemv.applies(int(128 * bound), 128, weight.device, weight_only)
+            assert not routed_gemv.applies(int(128 * bound) + 1, 128, weight.device, weight_only)

@@ -28,8 +28,7 @@ def moe_fx_experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_
     top_k = top_k_index.shape[-1]
     num_experts = up.shape[0]
     expert_ids = top_k_index.reshape(-1)
-    weight_only = quantized and not quantized_ops.activations_8bit(up.device, up.scheme)
-    if routed_gemv.applies(expert_ids.shape[0], num_experts, up.device, weight_only):
+    if routed_gemv.applies(expert_ids.shape[0], num_experts, up.device, quantized and quantized_ops.converts_8bit_codes(up)):
         return _decode(experts, hidden_states, expert_ids, top_k_weights)
     sorted_ids, perm = torch.sort(expert_ids)
     # rows up to and including each expert: a fixed-length search (bincount would sync to size its output)

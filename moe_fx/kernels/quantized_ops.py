@@ -64,6 +64,13 @@ def activations_8bit(device: torch.device, scheme: str) -> bool:
     return spec.kernel == 1 and device.type == "cuda" and _has_8bit_tensor_cores(device, spec.fp8)
 
 
+def converts_8bit_codes(weight: QuantizedWeight) -> bool:
+    """Whether the grouped kernel converts this weight's 8-bit codes to the activations' dtype in every tile
+    (weight-only: no 8-bit tensor cores here, or ``MOE_FX_QUANTIZED_ACTIVATIONS=weight-only``), which keeps the
+    routed GEMV faster up to more pairs per expert (:data:`~.routed_gemv.WEIGHT_ONLY_MAX_PAIRS_PER_EXPERT`)."""
+    return SCHEMES[weight.scheme].kernel == 1 and not activations_8bit(weight.device, weight.scheme)
+
+
 def _grouped_mm(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offsets: torch.Tensor, scheme: str) -> torch.Tensor:
     """Rows of ``x`` sorted by expert (``offsets`` as ``moe_fx::grouped_mm``'s) times their experts' codes."""
     from moe_fx.kernels.triton_kernels import quantize_rows, triton_grouped_mm

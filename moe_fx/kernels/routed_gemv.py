@@ -20,16 +20,17 @@ whose expert another pair also hit is under 12%."""
 
 
 WEIGHT_ONLY_MAX_PAIRS_PER_EXPERT = 1.0
-"""The same bound for quantized experts whose grouped kernel is weight-only (no 8-bit tensor cores, or
+"""The same bound for 8-bit codes whose grouped kernel is weight-only (no 8-bit tensor cores, or
 ``MOE_FX_QUANTIZED_ACTIVATIONS=weight-only``): it converts codes in every tile, so the GEMV stays faster up to
 one pair per expert (FP8 at Qwen3-30B-A3B shapes, 16 tokens: 106 against 137 us for the up projection on an
 H200, ``experts_kernels.py --sweep-quantized``). With 8-bit activations the grouped kernel wins from there
-(73 against 94 us), so :data:`MAX_PAIRS_PER_EXPERT` applies."""
+(73 against 94 us), and so does the int4 one (16 tokens: 89 against 162 us, H100,
+``benchmarks/int4_kernels.py``): :data:`MAX_PAIRS_PER_EXPERT` applies to both."""
 
 
 def applies(num_pairs: int, num_experts: int, device: torch.device, weight_only: bool = False) -> bool:
     """Whether the decode path runs: inference (it has no backward) on CUDA with Triton, few pairs per expert
-    (``weight_only``: quantized experts whose grouped kernel is weight-only)."""
+    (``weight_only``: 8-bit codes whose grouped kernel converts them, :func:`.quantized_ops.converts_8bit_codes`)."""
     few = num_pairs <= (WEIGHT_ONLY_MAX_PAIRS_PER_EXPERT if weight_only else MAX_PAIRS_PER_EXPERT) * num_experts
     return few and not torch.is_grad_enabled() and grouped_mm.triton_here(device)
 
