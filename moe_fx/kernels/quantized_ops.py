@@ -15,7 +15,8 @@ converted in the inner loop, at twice bf16's tensor-core rate. For FP8 that is t
 activations' rounding (e4m3: about 4% of a row's norm, int8 under 1%) to the weights': on qwen3moe-bench,
 +0.0015 and -0.0005 mean NLL over the weight-only kernels (``benchmarks/quantize_quality.py`` on an H200).
 int4 codes stay weight-only: turning their nibbles into int8 for int8 tensor cores measured slower than
-converting them to bf16 (H200, 16 tokens: 251 against 222 us for the up projection).
+converting them to bf16 (H200, 16 tokens: 251 against 222 us for the up projection, both measured while the
+int4 codes still loaded a byte at a time, :mod:`.triton_kernels`).
 ``MOE_FX_QUANTIZED_ACTIVATIONS=weight-only`` keeps the grouped kernel weight-only for every scheme
 (benchmarks, checks).
 """

@@ -28,8 +28,11 @@ two at a time in inline PTX (:func:`_nibbles_bf16x2`).
 Measured on an H200 at Qwen3-30B-A3B shapes (``experts_kernels.py --sweep-quantized``; up projection): the
 routed GEMV reads FP8 codes at 2.5-2.7 TB/s (bf16 weights: 3.6), the weight-only grouped kernel at 2.6-2.7 TB/s
 with 16-64 tokens, the 8-bit one at 3.5-3.7 TB/s (bf16: 4.3); at 4096 tokens the 8-bit kernel takes 811 us
-against CUTLASS's 416 us in bf16. int4 reaches 0.65-0.77 TB/s of packed bytes with 16-64 tokens: about bf16's
-rate in weights multiplied per second, the conversion into the tensor cores' operand layout being the bound.
+against CUTLASS's 416 us in bf16. The int4 grouped kernel reads 1.5-1.9 TB/s of packed bytes with 16-64 tokens
+on an H100 (bf16 weights: 2.9, ``benchmarks/int4_kernels.py``). It read 0.65-0.77 while the codes' load mask was
+written in inputs (``k0 + 2 * halves < K``): Triton cannot prove such a mask constant over a vector of bytes,
+so it loaded the codes a byte per instruction and outside its software pipeline. The mask is now written in
+bytes against the codes' length ``KW`` (``tests/test_kernels_ptx.py`` checks the compiled loads).
 An earlier form that quantized the activations inside the grouped kernel re-quantized them for every column
 tile and was slower than weight-only; quantizing them once per projection is what made 8-bit tensor cores pay.
 
