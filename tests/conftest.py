@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -56,3 +58,18 @@ def tiny_model():
 @pytest.fixture
 def tokens() -> torch.Tensor:
     return torch.randint(2, 128, (4, 16), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def once(tmp_path_factory) -> Callable:
+    """``once(key, build)``: ``build(directory)`` the first time ``key`` is asked for in the session (a fresh
+    directory each key), its result every time. For expensive setups (ONNX exports: seconds each) that several
+    tests check from different angles; what it returns is shared, so tests read it and never modify it."""
+    done: dict[str, object] = {}
+
+    def get(key: str, build: Callable[[Path], object]) -> object:
+        if key not in done:
+            done[key] = build(tmp_path_factory.mktemp(re.sub(r"\W+", "_", key)))
+        return done[key]
+
+    return get

@@ -9,19 +9,16 @@ from collections import Counter
 import pytest
 import torch
 from conftest import tiny_qwen3
-from test_channels import _random_plan
-from test_families import kept_ids, tiny_model
+from onnx_cases import channel_pruned_export, float16_export, pruned_family_export
 from test_per_layer import _uneven
 
 import moe_fx
-from moe_fx import PrunePlan, state_of
+from moe_fx import state_of
 from moe_fx.cli import main
 from moe_fx.deliver.compile import compile_model
 from moe_fx.deliver.onnx import export as onnx_export
 from moe_fx.errors import BadOptionError, MoeFxError, OutputPathError
-from moe_fx.formats import save_checkpoint
-from moe_fx.model.trace import trace
-from moe_fx.passes import DropExperts, PruneChannels
+from moe_fx.passes import DropExperts
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -52,14 +49,10 @@ def _assert_matches(result, model) -> None:
 
 
 @pytest.mark.parametrize("family", OPTIMUM_FAMILIES)
-def test_pruned_family_exports_and_matches(family: str, tmp_path) -> None:
-    """Per-layer expert counts (the first MoE layer pruned), saved, exported from the directory with a past."""
-    model = tiny_model(family).float()
-    spec = trace(model)
-    first = spec.blocks[0]
-    DropExperts(plan=PrunePlan({first.path: kept_ids(spec)}))(model)
-    ckpt = save_checkpoint(model, tmp_path / "pruned")
-    result = onnx_export.export_onnx(ckpt, tmp_path / "onnx")
+def test_pruned_family_exports_and_matches(family: str, once) -> None:
+    """Per-layer expert counts (the first MoE layer pruned), saved, exported from the directory with a past
+    (the export test_onnx_fused.py checks for its MoE nodes)."""
+    model, ckpt, result = pruned_family_export(once, family)
     assert [n for n in result.inputs if not n.startswith("past_key_values.")] == ["input_ids", "attention_mask", "position_ids"]
     layers = len({n.split(".")[1] for n in result.inputs if n.startswith("past_key_values.")})
     assert result.outputs == ["logits"] + [f"present.{i}.{k}" for i in range(layers) for k in ("key", "value")]
@@ -84,21 +77,15 @@ def test_sliding_window_past_the_window(tmp_path) -> None:
     _assert_matches(result, model)
 
 
-def test_channel_pruned_per_expert_widths_export(tmp_path) -> None:
-    model = tiny_qwen3()
-    plan = _random_plan(trace(model), 0.5, seed=1, vary=True)  # per-expert widths, padded to each layer's widest
-    first = trace(model).blocks[0].path
-    plan.kept_channels[first] = [c[:4] for c in plan.kept_channels[first]]
-    plan.kept_channels[first][2] = []  # an expert left with no channel is dropped
-    PruneChannels(plan=plan)(model)
+def test_channel_pruned_per_expert_widths_export(once) -> None:
+    model, result = channel_pruned_export(once)  # per-expert widths, padded to each layer's widest; an expert with none dropped
     assert [(b.num_experts, b.experts.intermediate_size) for b in state_of(model).spec.blocks] == [(7, 8), (8, 16)]
-    result = onnx_export.export_onnx(model, tmp_path / "onnx", with_past=False)
     assert result.inputs == ["input_ids", "attention_mask", "position_ids"] and result.outputs == ["logits"]
     _assert_matches(result, model)
 
 
-def test_float16_export_matches(tmp_path) -> None:
-    result = onnx_export.export_onnx(tiny_qwen3(), tmp_path / "onnx", dtype="float16")
+def test_float16_export_matches(once) -> None:
+    result = float16_export(once)
     assert result.dtype == "float16" and result.parity.greedy_identical
     assert result.parity.max_abs_logit_diff <= onnx_export.HALF_LOGIT_TOLERANCE * max(1.0, result.parity.logit_scale)
 

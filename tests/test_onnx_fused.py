@@ -10,18 +10,17 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_qwen3
-from test_channels import _random_plan
-from test_families import kept_ids, tiny_model
+from onnx_cases import channel_pruned_export, first_layer_pruned, float16_export, pruned_family_export
+from test_families import tiny_model
+from tiny_models import tiny_model as build_tiny
 
-from moe_fx import PrunePlan, state_of
+from moe_fx import state_of
 from moe_fx.cli import main
 from moe_fx.deliver.onnx import export as onnx_export
 from moe_fx.deliver.onnx.fused_experts import plan_fusion
 from moe_fx.deliver.onnx.quantized_weights import block_size_for, dequantize_blocks, quantize_blocks
 from moe_fx.errors import BadOptionError
-from moe_fx.formats import save_checkpoint
 from moe_fx.model.trace import trace
-from moe_fx.passes import DropExperts, PruneChannels
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -44,14 +43,11 @@ def _assert_exact(result) -> None:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_every_block_fused_and_matches(family: str, tmp_path) -> None:
+def test_every_block_fused_and_matches(family: str, once) -> None:
     """Per-layer expert counts (the first MoE layer pruned), saved, exported from the directory: one MoE node per
-    block holding exactly that block's experts, no other copy of the expert weights, logits within 1e-4."""
-    model = tiny_model(family).float()
-    spec = trace(model)
-    DropExperts(plan=PrunePlan({spec.blocks[0].path: kept_ids(spec)}))(model)
-    ckpt = save_checkpoint(model, tmp_path / "pruned")
-    result = onnx_export.export_onnx(ckpt, tmp_path / "onnx")
+    block holding exactly that block's experts, no other copy of the expert weights, logits within 1e-4.
+    (The export test_onnx.py checks for its interface and weights.)"""
+    model, _, result = pruned_family_export(once, family)
     blocks = state_of(model).spec.blocks
     assert result.fused_blocks == [b.path for b in blocks] and result.unfused_blocks == {}
     _assert_exact(result)
@@ -66,12 +62,11 @@ def test_every_block_fused_and_matches(family: str, tmp_path) -> None:
     assert record["fused_blocks"] == result.fused_blocks and record["weights"] == "float"
 
 
-def test_gpt_oss_clamped_swiglu_attributes(tmp_path) -> None:
+def test_gpt_oss_clamped_swiglu_attributes(once) -> None:
     """GPT-OSS maps onto the operator's SwiGLU with its alpha, beta = 1 and the clamp; biases are inputs."""
-    model = tiny_model("gpt_oss").float()
-    result = onnx_export.export_onnx(model, tmp_path / "onnx", with_past=False)
+    model, _, result = pruned_family_export(once, "gpt_oss")
     node = _moe_nodes(result.path)[0]
-    experts = model.get_submodule(trace(model).blocks[0].experts.path)
+    experts = model.get_submodule(state_of(model).spec.blocks[0].experts.path)
     attrs = {k: v.value for k, v in node.attributes.items()}
     assert attrs["activation_type"] == "swiglu" and attrs["swiglu_fusion"] == 1
     assert attrs["activation_alpha"] == pytest.approx(experts.alpha) and attrs["activation_beta"] == 1.0
@@ -79,31 +74,31 @@ def test_gpt_oss_clamped_swiglu_attributes(tmp_path) -> None:
     assert node.inputs[3] is not None and node.inputs[5] is not None  # fc1 and fc2 biases
 
 
-def test_per_expert_widths_fuse(tmp_path) -> None:
+def test_per_expert_widths_fuse(once) -> None:
     """Channel pruning with per-expert widths (zero-padded to each layer's widest) and a layer with fewer experts."""
-    model = tiny_qwen3()
-    plan = _random_plan(trace(model), 0.5, seed=1, vary=True)
-    first = trace(model).blocks[0].path
-    plan.kept_channels[first] = [c[:4] for c in plan.kept_channels[first]]
-    plan.kept_channels[first][2] = []
-    PruneChannels(plan=plan)(model)
-    result = onnx_export.export_onnx(model, tmp_path / "onnx", with_past=False)
+    model, result = channel_pruned_export(once)
     _assert_exact(result)
     shapes = [(n.inputs[2].shape[0], n.inputs[4].shape[2]) for n in _moe_nodes(result.path)]
     assert shapes == [(b.num_experts, b.experts.intermediate_size) for b in state_of(model).spec.blocks] == [(7, 8), (8, 16)]
 
 
-def test_unfused_keeps_plain_ops(tmp_path) -> None:
-    result = onnx_export.export_onnx(tiny_qwen3(), tmp_path / "onnx", moe_op="unfused", with_past=False)
+def _unfused_export(once):
+    """Tiny Qwen3 on plain ops (``moe_op="unfused"``) with a past: also the interface fusions must keep."""
+    return once("unfused", lambda tmp: onnx_export.export_onnx(tiny_qwen3(), tmp / "onnx", moe_op="unfused"))
+
+
+def test_unfused_keeps_plain_ops(once) -> None:
+    result = _unfused_export(once)
     _assert_exact(result)
     assert result.fused_blocks == [] and _moe_nodes(result.path) == []
 
 
 @pytest.mark.parametrize(("family", "weights"), [("qwen3_moe", "int4"), ("gpt_oss", "int4"), ("deepseek_v3", "int8")])
-def test_integer_weights(family: str, weights: str, tmp_path) -> None:
-    """QMoE nodes: exact against the model with the dequantized experts (the float tolerance), the difference to
-    the float model recorded, the model's own weights untouched, fewer bytes than the float export."""
-    model = tiny_model(family).float()
+def test_integer_weights(family: str, weights: str, once, tmp_path) -> None:
+    """QMoE nodes (per-layer expert counts: the first MoE layer pruned): exact against the model with the
+    dequantized experts (the float tolerance), the difference to the float model recorded, the model's own weights
+    untouched, fewer bytes than the float export of the same model."""
+    model = first_layer_pruned(family)
     before = {n: p.clone() for n, p in model.named_parameters()}
     result = onnx_export.export_onnx(model, tmp_path / "onnx", weights=weights)
     _assert_exact(result)
@@ -115,8 +110,8 @@ def test_integer_weights(family: str, weights: str, tmp_path) -> None:
     assert (nodes[0].attributes.get("block_size") is None) == (weights == "int8")
     q = result.quantization
     assert q is not None and 0 < q.max_abs_logit_diff < 0.5 * q.logit_scale
-    float_bytes = onnx_export.export_onnx(model, tmp_path / "float", with_past=False, check=False).initializer_bytes
-    assert result.initializer_bytes < float_bytes
+    _, _, float_export = pruned_family_export(once, family)
+    assert float_export.weights == "float" and result.initializer_bytes < float_export.initializer_bytes
 
 
 def test_quantized_blocks_round_trip() -> None:
@@ -137,8 +132,10 @@ def test_quantized_blocks_round_trip() -> None:
 
 def test_block_the_operator_cannot_express_falls_back(tmp_path) -> None:
     """Nemotron-H's experts are squared-ReLU MLPs (no CPU kernel of the operator has that activation): its block
-    stays on plain ops, the reason recorded; asking for fused nodes when no block maps is refused up front."""
-    model = tiny_model("nemotron_h").float()
+    stays on plain ops, the reason recorded; asking for fused nodes when no block maps is refused up front.
+    Its MoE and attention layers only (no Mamba layer, whose trace is most of an export), a narrow shared expert."""
+    model = build_tiny("nemotron_h", layers_block_type=["moe", "full_attention"], moe_shared_expert_intermediate_size=32).float()
+    assert [type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Experts")] == ["NemotronHExperts"]
     result = onnx_export.export_onnx(model, tmp_path / "onnx", with_past=False)
     assert result.fused_blocks == [] and result.unfused_blocks
     assert all("none of the operator's activations" in why for why in result.unfused_blocks.values())
@@ -150,10 +147,11 @@ def test_block_the_operator_cannot_express_falls_back(tmp_path) -> None:
     assert all("norm after each expert" in why for why in plan_fusion(muse, trace(muse)).values())
 
 
-def test_float16_on_cpu_stays_unfused_by_default(tmp_path) -> None:
+def test_float16_on_cpu_stays_unfused_by_default(once, tmp_path) -> None:
     """onnxruntime's CPU MoE kernel is float32 only: a float16 export checked on the CPU keeps plain ops (recorded),
     and --moe-op fused with that check is refused before any work."""
-    result = onnx_export.export_onnx(tiny_qwen3(), tmp_path / "onnx", dtype="float16", with_past=False)
+    result = float16_export(once)  # the export test_onnx.py checks for parity
+    assert result.dtype == "float16"
     assert result.fused_blocks == [] and all("float32 only" in why for why in result.unfused_blocks.values())
     with pytest.raises(BadOptionError, match="float32 only"):
         onnx_export.export_onnx(tiny_qwen3(), tmp_path / "x", dtype="float16", moe_op="fused")
@@ -176,9 +174,9 @@ def test_cli_fused_int4_and_bad_options(capsys, micro_path, tmp_path) -> None:
     assert not (tmp_path / "x").exists()
 
 
-def test_ort_fusions_keep_the_interface_and_the_moe_nodes(tmp_path) -> None:
+def test_ort_fusions_keep_the_interface_and_the_moe_nodes(once, tmp_path) -> None:
     """transformers' onnxruntime fusions (attention, norms) run after the MoE nodes exist and keep Optimum's interface."""
-    plain = onnx_export.export_onnx(tiny_qwen3(), tmp_path / "plain")
+    plain = _unfused_export(once)  # the same model and past, without the fusions
     fused = onnx_export.export_onnx(tiny_qwen3(), tmp_path / "fused", ort_fusions="cpu")
     _assert_exact(fused)
     assert fused.inputs == plain.inputs and fused.outputs == plain.outputs and len(_moe_nodes(fused.path)) == 2
@@ -186,20 +184,28 @@ def test_ort_fusions_keep_the_interface_and_the_moe_nodes(tmp_path) -> None:
         onnx_export.export_onnx(tiny_qwen3(), tmp_path / "x", ort_fusions="tpu")
 
 
-def test_gpu_benchmark_script_runs_on_cpu(tmp_path) -> None:
-    """benchmarks/onnx_gpu.py, both phases, at tiny shapes on the CPU (the GPU run is the same code)."""
+def test_gpu_benchmark_script_runs_on_cpu(tmp_path, monkeypatch) -> None:
+    """benchmarks/onnx_gpu.py, both phases, at tiny shapes (one layer) on the CPU (the GPU run is the same code):
+    the export phase run as ``__main__`` in this process, the time phase as the script's own process."""
+    import runpy
     import subprocess
     import sys
     from pathlib import Path
 
     bench = Path(__file__).resolve().parents[1] / "benchmarks"
-    common = ["--tiny", "--layers", "2", "--device", "cpu", "--dtype", "float32", "--exports", "fused", "--variants", "experts-50%",
+    common = ["--tiny", "--layers", "1", "--device", "cpu", "--dtype", "float32", "--exports", "fused", "--variants", "experts-50%",
               "--batches", "2", "--repeats", "2", "--steps", "2", "--dir", str(tmp_path / "exports")]
     for phase in ("export", "time"):
         out = tmp_path / f"{phase}.json"
-        proc = subprocess.run([sys.executable, "onnx_gpu.py", "--phase", phase, *common, "--out", str(out)], cwd=bench,
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+        argv = ["onnx_gpu.py", "--phase", phase, *common, "--out", str(out)]
+        if phase == "export":
+            monkeypatch.chdir(bench)
+            monkeypatch.syspath_prepend(str(bench))
+            monkeypatch.setattr(sys, "argv", argv)
+            runpy.run_path(str(bench / "onnx_gpu.py"), run_name="__main__")
+        else:
+            proc = subprocess.run([sys.executable, *argv], cwd=bench, capture_output=True, text=True, timeout=600)
+            assert proc.returncode == 0, proc.stderr[-2000:]
         results = json.loads(out.read_text())["results"]
         assert list(results) == (["experts-50%/fused"] if phase == "export" else ["experts-50%/torch moe_fx eager", "experts-50%/onnx fused"])
     assert results["experts-50%/onnx fused"]["b2"]["decode_ms"] > 0

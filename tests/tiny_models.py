@@ -160,15 +160,15 @@ def _kwargs(cls: type[PreTrainedConfig], overrides: dict[str, object]) -> dict[s
     return {**kw, **{k: v for k, v in overrides.items() if not isinstance(v, dict) or k not in kw}}
 
 
-def tiny_config(model_type: str) -> PreTrainedConfig:
-    """The tiny config of ``model_type``: :data:`SMALL` sizes plus the family's :data:`OVERRIDES`."""
+def tiny_config(model_type: str, **overrides: object) -> PreTrainedConfig:
+    """The tiny config of ``model_type``: :data:`SMALL` sizes plus the family's :data:`OVERRIDES` (and ``overrides``)."""
     cls = type(AutoConfig.for_model(model_type))
-    return cls(**_kwargs(cls, OVERRIDES.get(model_type, {})))
+    return cls(**_kwargs(cls, {**OVERRIDES.get(model_type, {}), **overrides}))
 
 
-def tiny_model(model_type: str) -> PreTrainedModel:
-    """A tiny random model of ``model_type`` (deterministic: seeded), in eval mode."""
-    config = tiny_config(model_type)
+def tiny_model(model_type: str, **overrides: object) -> PreTrainedModel:
+    """A tiny random model of ``model_type`` (deterministic: seeded), in eval mode; ``overrides`` as in :func:`tiny_config`."""
+    config = tiny_config(model_type, **overrides)
     torch.manual_seed(0)
     model = auto_class(config).from_config(config).eval()
     _perturb_constants(model)
