@@ -65,7 +65,7 @@ def decode_ms(model, forward, batch: int, args, profile_title: str | None = None
     """Median milliseconds per decode step over ``repeats`` runs of ``steps`` steps (a first, untimed run
     compiles, records the CUDA graphs and warms up); with ``profile_title``, one more run is profiled."""
     vocab = model.config.vocab_size
-    cache = moe_fx.static_cache(model.config, args.prompt + args.steps + 8)
+    cache = moe_fx.static_cache(model.config, args.prompt + args.steps + 8, rolling_windows=True)  # decode by position, no 2-D mask
     dev = args.device
     prompt = random_ids((batch, args.prompt), vocab, 1000 + batch, dev)
     tokens = [t.contiguous() for t in random_ids((batch, args.steps), vocab, 2000 + batch, dev).split(1, dim=1)]
@@ -97,7 +97,7 @@ def one_step_logits(model, step, ids: torch.Tensor, device: str) -> torch.Tensor
     """Logits of ``step`` on the last column of ``ids`` after the eager ``model`` prefilled the rest into a fresh
     static cache: the decode step the two checks below compare."""
     prompt = ids.shape[1] - 1
-    cache = moe_fx.static_cache(model.config, prompt + 8)
+    cache = moe_fx.static_cache(model.config, prompt + 8, rolling_windows=True)
     model(input_ids=ids[:, :prompt], past_key_values=cache, cache_position=torch.arange(prompt, device=device), use_cache=True)
     out = step(input_ids=ids[:, prompt:], past_key_values=cache, cache_position=torch.tensor([prompt], device=device), use_cache=True)
     return out.logits.float()

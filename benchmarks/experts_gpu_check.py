@@ -52,7 +52,7 @@ def cuda_graph_decode(model, impl: str, steps: int = 6) -> float:
         torch._dynamo.reset()
         set_implementation(model, impl)
         fwd = compile_model(model, experts_implementation=impl, mode="reduce-overhead", dynamic=False) if compiled else model
-        cache = moe_fx.static_cache(model.config, 16)
+        cache = moe_fx.static_cache(model.config, 16, rolling_windows=True)
         model(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(5, device="cuda"), use_cache=True)
         step_logits = []
         for i in range(steps):

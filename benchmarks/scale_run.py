@@ -93,7 +93,7 @@ def _decode(model, ids: torch.Tensor, device: str, steps: int) -> dict:
     import moe_fx
 
     fast = moe_fx.compile(model, mode="reduce-overhead" if device.startswith("cuda") else "default", dynamic=False)
-    cache = moe_fx.static_cache(model.config, 64 + steps + 8)
+    cache = moe_fx.static_cache(model.config, 64 + steps + 8, rolling_windows=True)  # decode by position, no 2-D mask
     prefill = torch.arange(64, device=device)
     model(input_ids=ids, past_key_values=cache, cache_position=prefill, position_ids=prefill[None], use_cache=True)
     token = ids[:, -1:]

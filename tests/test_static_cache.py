@@ -3,6 +3,8 @@ compiled decode compiles once; logits equal the stock cache's."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from tiny_models import tiny_model
@@ -11,7 +13,7 @@ from transformers import StaticCache
 from transformers.cache_utils import StaticSlidingWindowLayer
 
 import moe_fx
-from moe_fx.deliver.static_cache import UnfilledWindowLayer
+from moe_fx.deliver.static_cache import RollingWindowLayer, UnfilledWindowLayer
 
 PROMPT = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(0))
 STEPS = 4
@@ -55,10 +57,39 @@ def test_compiled_decode_compiles_once_and_matches_the_stock_cache() -> None:
     assert stock.frame_count >= STEPS - 1
 
 
-def test_a_window_the_cache_can_outgrow_is_left_stock() -> None:
+def test_each_window_layer_takes_its_class() -> None:
     model = tiny_model("gpt_oss")
     window = model.config.sliding_window
     kinds = [type(layer) for layer in moe_fx.static_cache(model.config, window + 1).layers]
-    assert StaticSlidingWindowLayer in kinds and UnfilledWindowLayer not in kinds
-    kinds = [type(layer) for layer in moe_fx.static_cache(model.config, window).layers]
-    assert UnfilledWindowLayer in kinds and StaticSlidingWindowLayer not in kinds
+    assert StaticSlidingWindowLayer in kinds and RollingWindowLayer not in kinds and UnfilledWindowLayer not in kinds
+    kinds = [type(layer) for layer in moe_fx.static_cache(model.config, window + 1, rolling_windows=True).layers]
+    assert RollingWindowLayer in kinds and StaticSlidingWindowLayer not in kinds
+    kinds = [type(layer) for layer in moe_fx.static_cache(model.config, window, rolling_windows=True).layers]
+    assert UnfilledWindowLayer in kinds and StaticSlidingWindowLayer not in kinds and RollingWindowLayer not in kinds
+
+
+@pytest.mark.parametrize("window", [4, 8], ids=["prompt-past-window", "fills-while-decoding"])
+def test_a_window_the_cache_outgrows_rolls_and_compiles_once(window: int, monkeypatch) -> None:
+    """GPT-OSS's sliding layers with a window shorter than the cache: the prompt (6 tokens) already past it, or
+    the window filling during decode; eager and compiled logits equal the stock cache's, one compile."""
+    monkeypatch.setattr(sys.modules[__name__], "STEPS", 8)
+    config = tiny_model("gpt_oss").config
+    config.sliding_window = window
+    model = type(tiny_model("gpt_oss"))(config).eval()
+    length = PROMPT.shape[1] + STEPS + 2
+    expected = _decode(model, model, StaticCache(config=model.config, max_cache_len=length))
+    cache = moe_fx.static_cache(model.config, length, rolling_windows=True)
+    assert any(isinstance(layer, RollingWindowLayer) for layer in cache.layers)
+    for a, b in zip(_decode(model, model, moe_fx.static_cache(model.config, length, rolling_windows=True)), expected):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    counter = CompileCounter()
+    got = _decode(model, moe_fx.compile(model, backend=counter, dynamic=False), cache)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert counter.frame_count == 1
+    assert int(cache.layers[0].cumulative_length) == length - 2 and cache.get_seq_length() == length - 2
+    if window == 4:  # what the fix is for (once: 8 compiles): the stock cache recompiles at every token past the window
+        torch._dynamo.reset()  # the stock cache's recompiles would count on top of this compile's
+        stock = CompileCounter()
+        _decode(model, moe_fx.compile(model, backend=stock, dynamic=False), StaticCache(config=model.config, max_cache_len=length))
+        assert stock.frame_count >= STEPS - 1
