@@ -134,7 +134,7 @@ def test_block_the_operator_cannot_express_falls_back(tmp_path) -> None:
     """Nemotron-H's experts are squared-ReLU MLPs (no CPU kernel of the operator has that activation): its block
     stays on plain ops, the reason recorded; asking for fused nodes when no block maps is refused up front.
     Its MoE and attention layers only (no Mamba layer, whose trace is most of an export), a narrow shared expert."""
-    model = build_tiny("nemotron_h", layers_block_type=["moe", "full_attention"], moe_shared_expert_intermediate_size=32).float()
+    model = build_tiny("nemotron_h", layers_block_type=["full_attention", "moe"], moe_shared_expert_intermediate_size=32).float()
     assert [type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Experts")] == ["NemotronHExperts"]
     result = onnx_export.export_onnx(model, tmp_path / "onnx", with_past=False)
     assert result.fused_blocks == [] and result.unfused_blocks
