@@ -3,8 +3,6 @@ compiled decode compiles once; logits equal the stock cache's."""
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 from tiny_models import tiny_model
@@ -28,12 +26,12 @@ def _fresh_dynamo():
 
 
 @torch.no_grad()
-def _decode(model, forward, cache) -> list[torch.Tensor]:
-    """Prefill then ``STEPS`` greedy tokens through ``forward``, positions given (as generate gives them)."""
+def _decode(model, forward, cache, steps: int = STEPS) -> list[torch.Tensor]:
+    """Prefill then ``steps`` greedy tokens through ``forward``, positions given (as generate gives them)."""
     length = PROMPT.shape[1]
     pos = torch.arange(length)
     logits = [model(input_ids=PROMPT, past_key_values=cache, cache_position=pos, position_ids=pos.expand(2, -1), use_cache=True).logits[:, -1]]
-    for i in range(STEPS):
+    for i in range(steps):
         token = logits[-1].argmax(-1, keepdim=True).contiguous()
         pos = torch.tensor([length + i])
         logits.append(forward(input_ids=token, past_key_values=cache, cache_position=pos, position_ids=pos.expand(2, 1), use_cache=True).logits[:, -1])
@@ -69,21 +67,19 @@ def test_each_window_layer_takes_its_class() -> None:
 
 
 @pytest.mark.parametrize("window", [4, 8], ids=["prompt-past-window", "fills-while-decoding"])
-def test_a_window_the_cache_outgrows_rolls_and_compiles_once(window: int, monkeypatch) -> None:
+def test_a_window_the_cache_outgrows_rolls_and_compiles_once(window: int) -> None:
     """GPT-OSS's sliding layers with a window shorter than the cache: the prompt (6 tokens) already past it, or
     the window filling during decode; eager and compiled logits equal the stock cache's, one compile."""
-    monkeypatch.setattr(sys.modules[__name__], "STEPS", 8)
-    config = tiny_model("gpt_oss").config
-    config.sliding_window = window
-    model = type(tiny_model("gpt_oss"))(config).eval()
-    length = PROMPT.shape[1] + STEPS + 2
-    expected = _decode(model, model, StaticCache(config=model.config, max_cache_len=length))
+    steps = 8
+    model = tiny_model("gpt_oss", sliding_window=window)
+    length = PROMPT.shape[1] + steps + 2
+    expected = _decode(model, model, StaticCache(config=model.config, max_cache_len=length), steps)
     cache = moe_fx.static_cache(model.config, length, rolling_windows=True)
     assert any(isinstance(layer, RollingWindowLayer) for layer in cache.layers)
-    for a, b in zip(_decode(model, model, moe_fx.static_cache(model.config, length, rolling_windows=True)), expected):
+    for a, b in zip(_decode(model, model, moe_fx.static_cache(model.config, length, rolling_windows=True), steps), expected):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
     counter = CompileCounter()
-    got = _decode(model, moe_fx.compile(model, backend=counter, dynamic=False), cache)
+    got = _decode(model, moe_fx.compile(model, backend=counter, dynamic=False), cache, steps)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert counter.frame_count == 1
@@ -91,5 +87,5 @@ def test_a_window_the_cache_outgrows_rolls_and_compiles_once(window: int, monkey
     if window == 4:  # what the fix is for (once: 8 compiles): the stock cache recompiles at every token past the window
         torch._dynamo.reset()  # the stock cache's recompiles would count on top of this compile's
         stock = CompileCounter()
-        _decode(model, moe_fx.compile(model, backend=stock, dynamic=False), StaticCache(config=model.config, max_cache_len=length))
-        assert stock.frame_count >= STEPS - 1
+        _decode(model, moe_fx.compile(model, backend=stock, dynamic=False), StaticCache(config=model.config, max_cache_len=length), steps)
+        assert stock.frame_count >= steps - 1

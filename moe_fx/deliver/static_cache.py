@@ -76,7 +76,7 @@ class RollingWindowLayer(StaticSlidingWindowLayer):
         if query_length == 1 and torch.compiler.is_compiling():
             # the stock sizes of a one-token step (full or not, the window's slots), the offset as a tensor
             return self.max_cache_len, (self.cumulative_length - self.max_cache_len + 1).clamp(min=0)
-        self.cumulative_length_int = int(self.cumulative_length) if self.is_initialized else 0
+        self.cumulative_length_int = int(self.cumulative_length)  # a tensor from construction on, 0 until the first update
         return StaticSlidingWindowLayer.get_mask_sizes(self, query_length)
 
     def get_seq_length(self) -> int | torch.Tensor:
