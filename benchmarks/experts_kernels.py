@@ -92,11 +92,12 @@ SWEEP_TILES = [(bm, bn, bk, w, st, sw) for bm in (16, 32) for bn in (32, 64, 128
 """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SWAP) tried by ``--sweep-tiles``."""
 
 
-def routed_rows(tokens: int, num_experts: int, g: torch.Generator) -> tuple[torch.Tensor, int]:
-    """Offsets of ``tokens x 8`` routed rows sorted by expert (top-8 of random logits) and the distinct experts hit."""
-    index = torch.randn(tokens, num_experts, device="cuda", generator=g).topk(8, dim=-1).indices.reshape(-1).sort().values
-    offsets = torch.searchsorted(index, torch.arange(num_experts, device="cuda"), right=True).to(torch.int32)
-    return offsets, int(index.unique().numel())
+def routed_rows(tokens: int, num_experts: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``tokens x 8`` routed pairs (top-8 of random logits): their expert ids in token order, the offsets of the
+    rows sorted by expert, and the distinct experts hit."""
+    ids = torch.randn(tokens, num_experts, device="cuda", generator=g).topk(8, dim=-1).indices.reshape(-1)
+    offsets = torch.searchsorted(ids.sort().values, torch.arange(num_experts, device="cuda"), right=True).to(torch.int32)
+    return ids, offsets, int(ids.unique().numel())
 
 
 def sweep_tiles(args) -> list[dict]:
@@ -108,7 +109,7 @@ def sweep_tiles(args) -> list[dict]:
     rows_out = []
     for num_experts in args.sweep_experts:
         for tokens in args.tokens:
-            offsets, distinct = routed_rows(tokens, num_experts, g)
+            _, offsets, distinct = routed_rows(tokens, num_experts, g)
             for proj, (n, k) in {"up": (1536, 2048), "down": (2048, 768)}.items():
                 w = torch.randn(num_experts, n, k, device="cuda", dtype=torch.bfloat16, generator=g).transpose(-2, -1)
                 x = torch.randn(tokens * 8, k, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -169,10 +170,7 @@ def sweep_quantized(args) -> list[dict]:
             weights[scheme] = (codes.transpose(-2, -1), (scale, spec.group_size(k), spec.kernel),
                                codes.numel() * codes.element_size() + scale.numel() * 4)
         for tokens in args.tokens:
-            ids = torch.randn(tokens, num_experts, device="cuda", generator=g).topk(8, dim=-1).indices.reshape(-1)
-            distinct = int(ids.unique().numel())
-            sorted_ids = ids.sort().values
-            offsets = torch.searchsorted(sorted_ids, torch.arange(num_experts, device="cuda"), right=True).to(torch.int32)
+            ids, offsets, distinct = routed_rows(tokens, num_experts, g)
             x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16, generator=g)
             rows = torch.randn(tokens * 8, k, device="cuda", dtype=torch.bfloat16, generator=g)
             for name, (w, quant, nbytes) in weights.items():

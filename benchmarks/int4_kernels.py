@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 import triton
-from experts_kernels import copy_bandwidth, time_call
+from experts_kernels import copy_bandwidth, routed_rows, time_call
 
 from moe_fx.evaluate.table import format_table
 from moe_fx.kernels.quantized import SCHEMES, quantize
@@ -35,24 +35,17 @@ from moe_fx.kernels.triton_kernels import gemv_tiles, quantize_rows, triton_grou
 HIDDEN, WIDTH, EXPERTS, TOP_K = 2048, 768, 128, 8
 
 
-GROUPED_TILES = [(bm, bn, bk, w, st, sw) for bm in (16, 32, 64) for bn in (64, 128) for bk in (128,) for w in (4, 8)
+GROUPED_TILES = [(bm, bn, 128, w, st, sw) for bm in (16, 32, 64) for bn in (64, 128) for w in (4, 8)
                  for st in (3, 4) for sw in (False, True) if not (sw and bm == 64) and not (bm == 64 and w == 4)]
 """int4 grouped tiles tried: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SWAP)."""
 GEMV_TILES = [(bn, 128, w) for bn in (16, 32, 64) for w in (2, 4, 8)]
 """int4 routed GEMV tiles tried: (BLOCK_N, BLOCK_K, warps)."""
 
 
-def rows_for(tokens: int, g: torch.Generator):
-    ids = torch.randn(tokens, EXPERTS, device="cuda", generator=g).topk(TOP_K, dim=-1).indices.reshape(-1)
-    sorted_ids = ids.sort().values
-    offsets = torch.searchsorted(sorted_ids, torch.arange(EXPERTS, device="cuda"), right=True).to(torch.int32)
-    return ids, offsets, int(ids.unique().numel())
-
-
 def projection_rows(proj: str, n: int, k: int, tokens: int, schemes: list[str], g: torch.Generator) -> list[dict]:
     """One projection at ``tokens`` tokens: each scheme's grouped kernel and routed GEMV, int4's over tile grids."""
     dense = torch.randn(EXPERTS, n, k, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
-    ids, offsets, distinct = rows_for(tokens, g)
+    ids, offsets, distinct = routed_rows(tokens, EXPERTS, g)
     rows_per_x = TOP_K if proj == "up" else 1
     x = torch.randn(tokens * TOP_K // rows_per_x, k, device="cuda", dtype=torch.bfloat16, generator=g)
     rows = torch.randn(tokens * TOP_K, k, device="cuda", dtype=torch.bfloat16, generator=g)
