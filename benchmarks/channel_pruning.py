@@ -100,12 +100,13 @@ def speed(model, device: str, batch: int, prompt: int, new_tokens: int, repeats:
 
 def main() -> None:
     ap = data_parser(__doc__.splitlines()[0])
-    ap.add_argument("--methods", nargs="+", default=["activation", "weight", "fisher", "heapr", "coverage"])
+    ap.add_argument("--methods", nargs="+", default=["activation", "weight", "fisher", "heapr", "obs", "coverage"])
     ap.add_argument("--allocations", nargs="+", default=["uniform", "layer", "expert", "coverage"])
     ap.add_argument("--compensate", nargs="+", default=["no", "yes"])
     ap.add_argument("--multiple", type=int, default=64)
-    ap.add_argument("--expert-shares", type=float, nargs="+", default=[0.125, 0.25, 0.375],
+    ap.add_argument("--expert-shares", type=float, nargs="*", default=[0.125, 0.25, 0.375],
                     help="combined runs: fraction of experts dropped before the channels")
+    ap.add_argument("--combined-methods", nargs="+", default=["fisher", "obs"], help="combined runs: channel scorers after the experts")
     ap.add_argument("--speed", action="store_true", help="also measure bf16 prefill/decode speed and memory (CUDA only)")
     ap.add_argument("--speed-rounds", type=int, default=3, help="rounds over all compared models; each keeps its best")
     ap.add_argument("--out", default="benchmarks/results/channel_pruning.json")
@@ -156,14 +157,12 @@ def main() -> None:
             record("experts", "reap", ratio, "uniform", comp, [Score("reap"), DropExperts(ratio=ratio)])
         for method, allocation, comp in itertools.product(args.methods, args.allocations, compensate):
             record("channels", method, ratio, allocation, comp, [Score(method), PruneChannels(ratio=ratio, allocation=allocation, multiple=args.multiple)])
-        # combined: a quarter of the experts, then channels for the rest of the budget
         # combined: a share of the experts, then channels for the rest of the budget (the split is chosen on
         # the held-out *train* windows, see holdout_train_delta_nll; the valid split only reports)
-        for expert_share in args.expert_shares:
+        for expert_share, method, comp in itertools.product(args.expert_shares, args.combined_methods, compensate):
             if expert_share < ratio:
-                for comp in compensate:
-                    record("combined", f"reap {expert_share:.1%} + fisher", ratio, "uniform", comp,
-                           [Score("reap"), DropExperts(ratio=expert_share), Score("fisher"), PruneChannels(ratio=1 - (1 - ratio) / (1 - expert_share))])
+                record("combined", f"reap {expert_share:.1%} + {method}", ratio, "uniform", comp,
+                       [Score("reap"), DropExperts(ratio=expert_share), Score(method), PruneChannels(ratio=1 - (1 - ratio) / (1 - expert_share))])
 
     speeds = None
     if args.speed and args.device.startswith("cuda"):

@@ -1,16 +1,20 @@
 """Choose CompensateExperts' ridge and sample size on held-out *train* tokens (never the valid split).
 
-REAP-drops experts at each ratio, then compensates with every (ridge, inputs per block) pair; reports NLL on
-calibration windows held out of the calibration (the selection criterion) and, for information only, the
-valid split. Prints a table and writes JSON.
+REAP-drops experts at each ratio (or, with ``--channel-scorer``, drops each ``--expert-shares`` of the experts and
+removes channels by that scorer for the rest of the ratio, at each of its ``--damps``), then compensates with every
+(ridge, inputs per block) pair; reports NLL on calibration windows held out of the calibration (the selection
+criterion) and, for information only, the valid split. Prints a table and writes JSON.
 
     python benchmarks/compensation_ridge.py --model ../shared/models/qwen3moe-bench \
         --calib ../shared/data/corpus/train.jsonl.gz --valid ../shared/data/corpus/valid.jsonl.gz
+    python benchmarks/compensation_ridge.py ... --channel-scorer obs --damps 0.01 0.1 --expert-shares 0 0.125 \
+        --ridges 0.1 0.3 1 --inputs-per-block 16384 --device cpu --out benchmarks/results/compensation_ridge_obs_cpu.json
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 from pathlib import Path
 
@@ -19,13 +23,25 @@ from common import data_parser, mean_nll, quality_run
 from moe_fx import compose, state_of
 from moe_fx.evaluate.nll import evaluate_nll
 from moe_fx.evaluate.table import format_table
-from moe_fx.passes import Calibrate, CompensateExperts, DropExperts, Score
+from moe_fx.passes import Calibrate, CompensateExperts, DropExperts, PruneChannels, Score
+
+
+def pruning(ratio: float, scorer: str | None, share: float, damp: float | None) -> list:
+    """The passes before compensation: REAP drops ``ratio`` of the experts, or ``share`` of them and then ``scorer``'s
+    channels (with ``damp`` where it takes one) for the rest of ``ratio`` of the routed parameters."""
+    if scorer is None:
+        return [Score("reap"), DropExperts(ratio=ratio)]
+    experts = [Score("reap"), DropExperts(ratio=share)] if share else []
+    return [*experts, Score(scorer, options=None if damp is None else {"damp": damp}), PruneChannels(ratio=1 - (1 - ratio) / (1 - share))]
 
 
 def main() -> None:
     ap = data_parser(__doc__.splitlines()[0])
     ap.add_argument("--ridges", type=float, nargs="+", default=[0.3, 1, 3, 10, 30])
     ap.add_argument("--inputs-per-block", type=int, nargs="+", default=[4096, 16384])
+    ap.add_argument("--channel-scorer", help="remove channels by this scorer (after --expert-shares of the experts) instead of experts")
+    ap.add_argument("--expert-shares", type=float, nargs="+", default=[0.0], help="--channel-scorer: experts dropped first")
+    ap.add_argument("--damps", type=float, nargs="+", default=None, help="--channel-scorer: its damp option (obs)")
     ap.add_argument("--out", default="benchmarks/results/compensation_ridge.json")
     args = ap.parse_args()
 
@@ -41,23 +57,26 @@ def main() -> None:
         observers = ("routing", "reap", "inputs")
         calibrated = compose(Calibrate(calib, observers=observers, inputs_per_block=samples, show_progress=False))(copy.deepcopy(base))
         stats = state_of(calibrated).stats
-        for ratio in args.ratios:
+        shares = args.expert_shares if args.channel_scorer else [0.0]
+        for ratio, share, damp in itertools.product(args.ratios, shares, args.damps or [None]):
             for ridge in [None, *args.ridges]:
                 model = copy.deepcopy(base)
                 state_of(model).stats = stats
-                passes = [Score("reap"), DropExperts(ratio=ratio)] + ([CompensateExperts(ridge=ridge)] if ridge is not None else [])
+                passes = pruning(ratio, args.channel_scorer, share, damp) + ([CompensateExperts(ridge=ridge)] if ridge is not None else [])
                 model = compose(*passes)(model)
                 r = {
-                    "inputs_per_block": samples, "ratio": ratio, "ridge": ridge,
-                    "holdout_delta": holdout_nll(model) - base_holdout,
+                    "inputs_per_block": samples, "ratio": ratio, "channel_scorer": args.channel_scorer, "expert_share": share, "damp": damp,
+                    "ridge": ridge, "holdout_delta": holdout_nll(model) - base_holdout,
                     "valid_delta": evaluate_nll(model, eval_set, show_progress=False)["mean"]["nll"] - base_valid,
                 }
                 results.append(r)
-                rows.append([samples, f"{ratio:.0%}", "none" if ridge is None else ridge, f"{r['holdout_delta']:+.4f}", f"{r['valid_delta']:+.4f}"])
+                rows.append([samples, f"{ratio:.0%}", f"{share:.1%}", damp, "none" if ridge is None else ridge, f"{r['holdout_delta']:+.4f}",
+                             f"{r['valid_delta']:+.4f}"])
                 print(rows[-1], flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"model": args.model, "device": args.device, "results": results, "options": vars(args)}, indent=2) + "\n")
-    print(format_table(["inputs/block", "dropped", "ridge", "d NLL held-out train", "d NLL valid (info)"], rows, title="REAP + CompensateExperts"))
+    title = f"REAP experts, then {args.channel_scorer} channels, + CompensateExperts" if args.channel_scorer else "REAP + CompensateExperts"
+    print(format_table(["inputs/block", "removed", "experts first", "damp", "ridge", "d NLL held-out train", "d NLL valid (info)"], rows, title=title))
 
 
 if __name__ == "__main__":

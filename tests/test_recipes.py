@@ -50,13 +50,15 @@ RECIPES: dict[str, str] = {
     "heapr": f"{_CHANNELS} --method heapr --allocation expert --ratio 0.5",
     "coverage": f"{_CHANNELS} --method coverage --allocation coverage --ratio 0.5",
     "experts-then-channels": f"{_CHANNELS} --expert-ratio 0.25 --ratio 0.333 --compensate",
+    "experts-then-obs": f"{_CHANNELS} --expert-ratio 0.25 --method obs --ratio 0.333 --compensate",
     "stream-reap": "--method reap --ratio 0.25 --stream on",
     "stream-reap-compensate": "--method reap --ratio 0.25 --compensate --stream on",
+    "stream-experts-then-obs": f"{_CHANNELS} --expert-ratio 0.25 --method obs --ratio 0.333 --compensate --stream on",
     "compiled-calibration": "--method reap --ratio 0.25 --compiled-calibration",
 }
 """Recipe name -> ``moe-fx prune`` options (the data options are added by :func:`_argv`)."""
 
-STREAMED_EQUIVALENT = {"stream-reap": "reap", "stream-reap-compensate": "reap-compensate"}
+STREAMED_EQUIVALENT = {"stream-reap": "reap", "stream-reap-compensate": "reap-compensate", "stream-experts-then-obs": "experts-then-obs"}
 """Streamed recipes and the in-memory recipe whose checkpoint they must reproduce."""
 
 REFUSED: dict[tuple[str, str], str] = {

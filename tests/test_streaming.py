@@ -125,10 +125,11 @@ def test_streaming_equals_in_memory_with_compensation_and_merge(micro_path, tmp_
     assert torch.equal(a(TOKENS).logits, b(TOKENS).logits)
 
 
-def test_streaming_channels_equals_in_memory(micro_path, tmp_path):
+@pytest.mark.parametrize("method, observer", [("activation", "channels"), ("obs", "inputs")])
+def test_streaming_channels_equals_in_memory(method, observer, micro_path, tmp_path):
     passes = lambda: [
-        Calibrate(TOKENS, batch_size=4, observers=("routing", "reap", "channels"), show_progress=False),
-        Score("reap"), DropExperts(ratio=0.25), Score("activation"), PruneChannels(ratio=0.5),
+        Calibrate(TOKENS, batch_size=4, observers=("routing", "reap", observer), show_progress=False),
+        Score("reap"), DropExperts(ratio=0.25), Score(method), PruneChannels(ratio=0.5),
     ]
     _assert_same_checkpoint(*_both(micro_path, tmp_path, passes))
 
@@ -219,3 +220,16 @@ def test_cli_stream(micro_path, calib_path, tmp_path, capsys):
     refused = main(["prune", str(micro_path), "--method", "eep", "--ratio", "0.25", "--calib", str(calib_path), "--stream", "on",
                     "--out", str(tmp_path / "eep")])
     assert refused == 2 and "cannot stream" in capsys.readouterr().err
+
+
+def test_cli_streamed_channels_default_to_obs(micro_path, calib_path, tmp_path):
+    """Fisher, the in-memory default, needs the whole model's gradient: a streamed channel prune scores by obs unless told."""
+    from moe_fx.cli import main
+
+    out = tmp_path / "channels"
+    code = main(["prune", str(micro_path), "--granularity", "channel", "--ratio", "0.5", "--compensate", "--calib", str(calib_path),
+                 "--calib-tokens", "2048", "--seq-len", "128", "--compensate-samples", "512", "--no-eval", "--stream", "on", "--quiet",
+                 "--out", str(out)])
+    assert code == 0
+    record = json.loads((out / "moe_fx.json").read_text())
+    assert record["scores"]["method"] == "obs" and set(record["widths_after"].values()) == {32}  # half of 64

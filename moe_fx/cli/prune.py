@@ -40,7 +40,7 @@ def add_parser(sub) -> None:
     p.add_argument("--method", help="expert scoring: reap (default), shape, naee, frequency, random; or eep (evolutionary search "
                    "warm-started from --eep-warm-start); a merge- prefix (merge-reap) is the same as --merge; ream: REAP's "
                    "choice, each dropped expert averaged into a group around a salient kept one (REAM, arXiv 2604.04356). "
-                   "channel scoring (--granularity channel): fisher (default), heapr, coverage, activation, weight")
+                   "channel scoring (--granularity channel): fisher (default in memory), heapr, obs (default streamed: gradient-free), coverage, activation, weight")
     p.add_argument("--preset", choices=("best-oneshot", "best"),
                    help="the measured best recipe, instead of choosing --method/--allocation/--compensate/--distill-steps: best-oneshot "
                         "(EEP global + compensation; REAP + compensation when streamed) or best (best-oneshot + 300 distillation steps "
@@ -308,7 +308,7 @@ def run(args) -> int:
     channels = args.granularity == "channel"
     if args.quantize:
         check_before_pruning(source, args.quantize, width_multiple=args.multiple if channels else None, targets=args.quantize_targets)
-    asked = args.method or ("fisher" if channels else "reap")
+    asked = args.method or (("obs" if stream else "fisher") if channels else "reap")  # Fisher needs the whole model's gradient
     args.method, merge = parse_method(asked)
     args.merge = merge or ("nearest" if args.merge else None)
     search = args.method == "eep"

@@ -16,7 +16,7 @@ def add_parser(sub) -> None:
     p.add_argument("model", help="source checkpoint directory (never modified)")
     p.add_argument("--methods", default="random,frequency,reap",
                    help="comma list of scoring methods (reap, frequency, random, shape, naee, merge-<method>; channel methods "
-                        "fisher, heapr, coverage, activation, weight); default random,frequency,reap")
+                        "fisher, heapr, obs, coverage, activation, weight); default random,frequency,reap")
     p.add_argument("--ratios", default="0.25,0.5", help="comma list of fractions to prune, each in (0, 1) (default 0.25,0.5)")
     p.add_argument("--allocation", default="uniform", help="allocation for every point (uniform, global; channel: layer, expert, coverage)")
     p.add_argument("--compensate", action="store_true", help="refit kept experts after every rewrite")

@@ -43,24 +43,16 @@ from torch import nn
 
 from moe_fx.errors import BadOptionError, UnsupportedFamilyError
 from moe_fx.model.expert_math import ExpertMath, check_expert_math
-from moe_fx.model.routing import check_group_simulation, matches_recorded, route
+from moe_fx.model.routing import check_group_simulation
 from moe_fx.model.spec import MoEBlockSpec, MoEModelSpec
 from moe_fx.model.tensors import get_tensor
 from moe_fx.pipeline import MoEState, Pass, PassResult, require
+from moe_fx.score.sample import INPUT_NEEDS, inputs_sample, rerouted
 
 __all__ = ["CompensateExperts", "compensate_block", "ridge_refit"]
 
-_NEEDS = ("input_hidden", "input_logits", "input_target", "input_topk_index", "input_topk_weight", "input_seen")
 _CHECK_TOL = 2e-2
 """Largest relative error of the reconstructed experts output against the experts module's own output."""
-
-
-def _sample(state: MoEState, block: MoEBlockSpec) -> dict[str, torch.Tensor]:
-    acc = state.stats.per_block[block.path]
-    n = min(int(acc["input_seen"]), acc["input_hidden"].shape[0])
-    out = {k: acc[k][:n] for k in _NEEDS if k != "input_seen"}
-    out["bias"] = acc["input_selection_bias"] if block.router.selection_bias else None
-    return out
 
 
 @torch.no_grad()
@@ -69,15 +61,8 @@ def compensate_block(
 ) -> dict:
     """Refit the down projections of ``block``'s current experts in place (see module doc); return the
     relative reconstruction error of the sample before and after, and the tokens used."""
-    router = block.router
     device = get_tensor(model, block.experts.down).device
-    logits, bias = sample["input_logits"], sample["bias"]
-    if not matches_recorded(router, logits, bias, sample["input_topk_index"], sample["input_topk_weight"]):
-        raise UnsupportedFamilyError(
-            f"{block.path}: the routing rule in the spec does not reproduce this router's choices (an extra logit "
-            "transform?), so the re-routing after the drop cannot be simulated; run without CompensateExperts"
-        )
-    idx, w = route(router, logits, bias, kept)
+    idx, w = rerouted(block, sample, kept, "CompensateExperts")
     math = ExpertMath(model, block.experts)
     dtype = torch.float64
     x = sample["input_hidden"].to(device, dtype)
@@ -158,7 +143,7 @@ class CompensateExperts(Pass):
     def requires(self, state: MoEState) -> None:
         require(state.stats is not None, self.name, "calibration samples of block inputs and outputs",
                 "Calibrate(observers=(..., 'inputs'))")
-        missing = [b.path for b in state.spec.blocks if not all(k in state.stats.per_block.get(b.path, {}) for k in _NEEDS)]
+        missing = [b.path for b in state.spec.blocks if not all(k in state.stats.per_block.get(b.path, {}) for k in INPUT_NEEDS)]
         require(not missing, self.name, f"the 'inputs' calibration sample (missing for {missing[:2]})",
                 "Calibrate(observers=(..., 'inputs'))")
 
@@ -176,7 +161,7 @@ class CompensateExperts(Pass):
             raise BadOptionError(f"ridge must be >= 0 and sweeps >= 1, got {self.ridge} and {self.sweeps}")
         blocks = {}
         for block in state.spec.blocks:
-            sample = _sample(state, block)
+            sample = inputs_sample(state.stats, block)
             if len(sample["input_hidden"]) == 0:
                 continue
             kept = state.recorded_positions(block, sample["input_logits"].shape[1])

@@ -96,7 +96,7 @@ class PruneChannels(Pass):
         if self.plan is None:
             require(self.ratio is not None, self.name, "a ratio (fraction of routed-expert channels to remove) or a plan", "PruneChannels(ratio=...)")
             require(state.scores is not None and state.scores.granularity == "channel", self.name, "channel scores",
-                    "Score(<channel method>) (fisher, heapr, coverage, activation, weight)")
+                    "Score(<channel method>) (fisher, heapr, obs, coverage, activation, weight)")
             if self.allocation not in CHANNEL_ALLOCATIONS:
                 raise BadOptionError(f"unknown channel allocation {self.allocation!r}; use one of {sorted(CHANNEL_ALLOCATIONS)}")
 

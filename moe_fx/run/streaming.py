@@ -94,7 +94,7 @@ def _checked_passes(passes: Sequence[Pass]) -> tuple[Calibrate | None, list[Pass
         if grads:
             raise BadOptionError(
                 f"observers {grads} need the gradient of the whole model's loss (Fisher, HEAPr); streaming holds one layer at a "
-                "time: use a forward-only method (reap, frequency, shape, naee, activation, weight) or prune in memory"
+                "time: use a forward-only method (experts: reap, frequency, shape, naee; channels: obs, activation, weight, coverage) or prune in memory"
             )
     return calibrate, rest
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -48,6 +49,7 @@ class Scorer:
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
         self.model: nn.Module | None = None
+        self.positions: Positions = same_experts
 
     def check(self, spec: MoEModelSpec) -> None:
         """Refuse blocks this scorer cannot score whatever the data (a routing rule it cannot simulate, ...):
@@ -60,9 +62,12 @@ class Scorer:
         """Channel scorers: an ``[E]`` expert score to keep beside the channel scores (None: none)."""
         return None
 
-    def __call__(self, stats: CalibrationStats | None, spec: MoEModelSpec, model: nn.Module | None = None) -> Scores:
-        """Score every block; ``model``: for scorers that read weights (``self.model`` while scoring)."""
-        self.model = model
+    def __call__(self, stats: CalibrationStats | None, spec: MoEModelSpec, model: nn.Module | None = None,
+                 positions: Positions | None = None) -> Scores:
+        """Score every block; ``model``: for scorers that read weights (``self.model`` while scoring); ``positions``:
+        where the block's current experts are among those a statistic was recorded on (``self.positions``, for
+        scorers that score the current experts from statistics recorded before a drop; default: the same experts)."""
+        self.model, self.positions = model, positions or same_experts
         if self.needs and stats is None:
             raise BadOptionError(f"scorer {self.name!r} needs calibration statistics {self.needs}: run Calibrate first")
         missing = sorted({n for b in spec.blocks for n in self.needs if n not in stats.per_block.get(b.path, {})}) if self.needs else []
@@ -74,6 +79,18 @@ class Scorer:
         per_block = {b.path: self.score_block(stats, b).double().cpu() for b in spec.blocks}
         per_expert = {b.path: e.double().cpu() for b in spec.blocks if (e := self.expert_block(stats, b)) is not None} or None
         return Scores(self.name, per_block, self.granularity, per_expert, self.comparable_across_blocks)
+
+
+Positions = Callable[[MoEBlockSpec, int], "torch.Tensor | None"]
+"""``(block, recorded experts) -> positions of the block's experts among them`` (None: the same experts), as
+:meth:`~moe_fx.pipeline.MoEState.recorded_positions` answers."""
+
+
+def same_experts(block: MoEBlockSpec, recorded: int) -> None:
+    """:data:`Positions` where no plan maps dropped experts: the statistics must cover the block's experts."""
+    if recorded != block.num_experts:
+        raise BadOptionError(f"{block.path}: statistics cover {recorded} experts and the block has {block.num_experts}; "
+                             "score through Score, which maps them with the pruning plan, or calibrate again")
 
 
 SCORERS: dict[str, type[Scorer]] = {}

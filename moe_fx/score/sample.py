@@ -1,4 +1,6 @@
-"""The token sample that search scorers (NAEE, SHAPE) evaluate expert subsets on, read and checked once."""
+"""The token samples that block-local methods read, checked once: every expert's output on sampled tokens (the
+``samples`` observer: NAEE, SHAPE evaluate expert subsets on it) and the experts' input with the block's output
+(the ``inputs`` observer: the OBS channel scorer and :class:`~moe_fx.passes.CompensateExperts` refit on it)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import torch
 
 from moe_fx.calibrate.stats import CalibrationStats
 from moe_fx.errors import UnsupportedFamilyError
-from moe_fx.model.routing import check_subset_routing, matches_recorded
+from moe_fx.model.routing import check_subset_routing, matches_recorded, route
 from moe_fx.model.spec import MoEBlockSpec, MoEModelSpec
 from moe_fx.score.base import Scorer
 
@@ -51,3 +53,31 @@ def routed_sample(stats: CalibrationStats, block: MoEBlockSpec, evaluated: str) 
             f"(an extra logit transform?), so {evaluated} cannot be evaluated; use --method reap"
         )
     return RoutedSample(logits, stats.get(block.path, "sample_expert_out")[:n], bias)
+
+
+INPUT_NEEDS = ("input_hidden", "input_logits", "input_target", "input_topk_index", "input_topk_weight", "input_seen")
+"""Statistics of the ``inputs`` observer that :func:`inputs_sample` reads."""
+
+
+def inputs_sample(stats: CalibrationStats, block: MoEBlockSpec) -> dict[str, torch.Tensor | None]:
+    """The ``inputs`` observer's sampled tokens of ``block`` (the filled rows): ``input_hidden``, ``input_logits``,
+    ``input_target``, ``input_topk_index``/``input_topk_weight`` as the model routed them, and ``bias`` (the
+    selection bias, None when the router has none)."""
+    acc = stats.per_block[block.path]
+    n = min(int(acc["input_seen"]), acc["input_hidden"].shape[0])
+    out = {k: acc[k][:n] for k in INPUT_NEEDS if k != "input_seen"}
+    out["bias"] = acc["input_selection_bias"] if block.router.selection_bias else None
+    return out
+
+
+def rerouted(block: MoEBlockSpec, sample: dict, kept: torch.Tensor | None, evaluated: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k ``(index, weight)`` of the sampled tokens among the ``kept`` experts (positions among the recorded ones;
+    None: all), after checking that the spec's routing rule reproduces what the model applied; ``evaluated``
+    names what needs it, for the error message."""
+    logits, bias = sample["input_logits"], sample["bias"]
+    if not matches_recorded(block.router, logits, bias, sample["input_topk_index"], sample["input_topk_weight"]):
+        raise UnsupportedFamilyError(
+            f"{block.path}: the routing rule in the spec does not reproduce this router's choices (an extra logit "
+            f"transform?), so the routing after a drop cannot be simulated; run without {evaluated}"
+        )
+    return route(block.router, logits, bias, kept)

@@ -33,7 +33,7 @@ class Score(Pass):
         backward pass of the whole model are refused where calibration is streamed."""
 
     def run(self, model: nn.Module, state: MoEState) -> PassResult:
-        scores = get_scorer(self.method, seed=self.seed, **(self.options or {}))(state.stats, state.spec, model)
+        scores = get_scorer(self.method, seed=self.seed, **(self.options or {}))(state.stats, state.spec, model, state.recorded_positions)
         # statistics recorded before experts were dropped cover the original experts: keep the current ones' rows
         for table in (scores.per_block, scores.per_expert or {}):
             for block in (b for b in state.spec.blocks if b.path in table):
