@@ -12,6 +12,7 @@ import gzip
 import json
 import random
 from collections import defaultdict
+from pathlib import Path
 
 
 def main() -> None:
@@ -37,6 +38,7 @@ def main() -> None:
             chars += len(json.loads(line)["text"])
         print(f"{domain}: {chars:,} characters")
     rng.shuffle(out)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with gzip.open(args.out, "wt") as f:
         f.write("\n".join(out) + "\n")
 

@@ -6,8 +6,9 @@ with ``moe_fx.compile``; every phase timed, with peak GPU memory, peak CPU memor
         --out benchmarks/results/scale_h200/qwen3-30b-a3b.json
     python benchmarks/scale_run.py --preset gpt-oss-20b --tiny --device cpu --work /tmp/scale   # CPU smoke run
 
-Recipes (``--recipes``): ``reap50`` (REAP, half the experts of every layer) and ``reap50-comp`` (the same with
-compensation, the best recipe that streams). Calibration: ``--sequences`` x ``--seq-len`` tokens (256 x 2048).
+Recipes (``--recipes``): ``reap50`` (REAP, half the experts of every layer), ``reap50-comp`` (the same with
+compensation) and ``obs-channels50-comp`` (half of every expert's channels by ``obs``, then compensation: the best
+recipe that streams at 50% of the routed parameters). Calibration: ``--sequences`` x ``--seq-len`` tokens (256 x 2048).
 Each prune runs as a subprocess, as a user would run it; its peak CPU memory is the child's maximum RSS, its
 per-layer seconds and peak GPU memory come from the ``streaming`` entry of the output's ``moe_fx.json``. The
 source and every output are deleted when measured (``--keep`` keeps them), so the disk holds one source and one
@@ -30,7 +31,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synth_checkpoint import PRESETS, write_checkpoint
 
-RECIPES = {"reap50": ["--method", "reap", "--ratio", "0.5"], "reap50-comp": ["--method", "reap", "--ratio", "0.5", "--compensate"]}
+RECIPES = {
+    "reap50": ["--method", "reap", "--ratio", "0.5"],
+    "reap50-comp": ["--method", "reap", "--ratio", "0.5", "--compensate"],
+    "obs-channels50-comp": ["--granularity", "channel", "--method", "obs", "--ratio", "0.5", "--compensate"],
+}
 GIB = 2**30
 
 
