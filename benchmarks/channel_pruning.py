@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import calibrate, data_parser, mean_nll, quality_run
+from common import calibrate, data_parser, experts_then_channels, mean_nll, quality_run
 
 from moe_fx import compose, state_of
 from moe_fx.calibrate.data import TokenBatch
@@ -161,8 +161,7 @@ def main() -> None:
         # the held-out *train* windows, see holdout_train_delta_nll; the valid split only reports)
         for expert_share, method, comp in itertools.product(args.expert_shares, args.combined_methods, compensate):
             if expert_share < ratio:
-                record("combined", f"reap {expert_share:.1%} + {method}", ratio, "uniform", comp,
-                       [Score("reap"), DropExperts(ratio=expert_share), Score(method), PruneChannels(ratio=1 - (1 - ratio) / (1 - expert_share))])
+                record("combined", f"reap {expert_share:.1%} + {method}", ratio, "uniform", comp, experts_then_channels(ratio, expert_share, method))
 
     speeds = None
     if args.speed and args.device.startswith("cuda"):

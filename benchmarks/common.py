@@ -14,7 +14,7 @@ from moe_fx.calibrate.data import Document, TokenBatch, pack, read_documents, sp
 from moe_fx.calibrate.stats import CalibrationStats
 from moe_fx.evaluate.nll import EvalSet, build_eval_set, evaluate_nll, nll_sum
 from moe_fx.formats.loading import load_model, load_tokenizer
-from moe_fx.passes import Calibrate
+from moe_fx.passes import Calibrate, DropExperts, PruneChannels, Score
 
 
 def data_parser(description: str) -> argparse.ArgumentParser:
@@ -33,6 +33,14 @@ def data_parser(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--eval-seqs", type=int, default=8, help="valid windows per domain")
     return ap
+
+
+def experts_then_channels(ratio: float, share: float, scorer: str, options: dict | None = None, **prune) -> list:
+    """Passes that remove ``ratio`` of the routed parameters in two steps: REAP drops ``share`` of each layer's experts
+    (none when ``share`` is 0), then ``scorer`` (with ``options``) removes ``1 - (1 - ratio) / (1 - share)`` of the kept
+    experts' channels; ``prune``: further :class:`PruneChannels` options (``allocation``, ``multiple``)."""
+    experts = [Score("reap"), DropExperts(ratio=share)] if share else []
+    return [*experts, Score(scorer, options=options), PruneChannels(ratio=1 - (1 - ratio) / (1 - share), **prune)]
 
 
 def calibrate(base, tokens: TokenBatch, batch_size: int, observers) -> CalibrationStats:

@@ -18,12 +18,12 @@ import itertools
 import json
 from pathlib import Path
 
-from common import data_parser, mean_nll, quality_run
+from common import data_parser, experts_then_channels, mean_nll, quality_run
 
 from moe_fx import compose, state_of
 from moe_fx.evaluate.nll import evaluate_nll
 from moe_fx.evaluate.table import format_table
-from moe_fx.passes import Calibrate, CompensateExperts, DropExperts, PruneChannels, Score
+from moe_fx.passes import Calibrate, CompensateExperts, DropExperts, Score
 
 
 def pruning(ratio: float, scorer: str | None, share: float, damp: float | None) -> list:
@@ -31,8 +31,7 @@ def pruning(ratio: float, scorer: str | None, share: float, damp: float | None) 
     channels (with ``damp`` where it takes one) for the rest of ``ratio`` of the routed parameters."""
     if scorer is None:
         return [Score("reap"), DropExperts(ratio=ratio)]
-    experts = [Score("reap"), DropExperts(ratio=share)] if share else []
-    return [*experts, Score(scorer, options=None if damp is None else {"damp": damp}), PruneChannels(ratio=1 - (1 - ratio) / (1 - share))]
+    return experts_then_channels(ratio, share, scorer, options=None if damp is None else {"damp": damp})
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import calibrate, data_parser, mean_nll, quality_run
+from common import calibrate, data_parser, experts_then_channels, mean_nll, quality_run
 
 from moe_fx import compose, state_of
 from moe_fx.evaluate.generation import agreement, generation_prompts
@@ -48,13 +48,12 @@ def pipelines(args, fitness: torch.Tensor) -> dict[str, list]:
         "eep global 25% + comp": [Score("reap"), DropExperts(ratio=0.25, allocation=eep()), CompensateExperts()],
         "reap 50% + comp": [Score("reap"), DropExperts(ratio=0.5), CompensateExperts()],
         # a quarter of the experts, then channels: widths are multiples of 8 (128 -> 88 or 80 on the bench model)
-        "reap 25% experts + fisher 1/3 channels (48.4% routed) + comp": [
-            Score("reap"), DropExperts(ratio=0.25), Score("fisher"), PruneChannels(ratio=1 - 0.5 / 0.75), CompensateExperts()],
+        "reap 25% experts + fisher 1/3 channels (48.4% routed) + comp": [*experts_then_channels(0.5, 0.25, "fisher"), CompensateExperts()],
         "reap 25% experts + fisher 37.5% channels (53.1% routed) + comp": [
             Score("reap"), DropExperts(ratio=0.25), Score("fisher"), PruneChannels(ratio=0.375), CompensateExperts()],
         # one width per layer, the layers' total within the budget of exactly half the routed parameters
         "reap 25% experts + fisher per-layer widths (50% routed) + comp": [
-            Score("reap"), DropExperts(ratio=0.25), Score("fisher"), PruneChannels(ratio=1 - 0.5 / 0.75, allocation="layer"), CompensateExperts()],
+            *experts_then_channels(0.5, 0.25, "fisher", allocation="layer"), CompensateExperts()],
     }
     return {k: v for k, v in out.items() if k in args.pipelines} if args.pipelines else out
 
