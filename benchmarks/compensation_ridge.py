@@ -3,7 +3,8 @@
 REAP-drops experts at each ratio (or, with ``--channel-scorer``, drops each ``--expert-shares`` of the experts and
 removes channels by that scorer for the rest of the ratio, at each of its ``--damps``), then compensates with every
 (ridge, inputs per block) pair; reports NLL on calibration windows held out of the calibration (the selection
-criterion) and, for information only, the valid split. Prints a table and writes JSON.
+criterion) and, for information only, the valid split, also as a ratio to plain REAP's loss at the same ratio on
+the same calibration (the issue's goals are such ratios). Prints a table and writes JSON.
 
     python benchmarks/compensation_ridge.py --model ../shared/models/qwen3moe-bench \
         --calib ../shared/data/corpus/train.jsonl.gz --valid ../shared/data/corpus/valid.jsonl.gz
@@ -24,6 +25,7 @@ from moe_fx import compose, state_of
 from moe_fx.evaluate.nll import evaluate_nll
 from moe_fx.evaluate.table import format_table
 from moe_fx.passes import Calibrate, CompensateExperts, DropExperts, Score
+from moe_fx.score.base import SCORERS
 
 
 def pruning(ratio: float, scorer: str | None, share: float, damp: float | None) -> list:
@@ -52,10 +54,18 @@ def main() -> None:
 
     base_holdout, base_valid = holdout_nll(base), setup.before["mean"]["nll"]
     rows, results = [], []
+    reference = {}  # plain REAP at each ratio, on the same calibration: what the goals are ratios of
     for samples in args.inputs_per_block:
-        observers = ("routing", "reap", "inputs")
+        scorer_observers = SCORERS[args.channel_scorer].observers if args.channel_scorer else ()
+        observers = tuple(dict.fromkeys(("routing", "reap", "inputs", *scorer_observers)))
         calibrated = compose(Calibrate(calib, observers=observers, inputs_per_block=samples, show_progress=False))(copy.deepcopy(base))
         stats = state_of(calibrated).stats
+        for ratio in args.ratios:
+            if ratio not in reference:
+                model = copy.deepcopy(base)
+                state_of(model).stats = stats
+                model = compose(Score("reap"), DropExperts(ratio=ratio))(model)
+                reference[ratio] = evaluate_nll(model, eval_set, show_progress=False)["mean"]["nll"] - base_valid
         shares = args.expert_shares if args.channel_scorer else [0.0]
         for ratio, share, damp in itertools.product(args.ratios, shares, args.damps or [None]):
             for ridge in [None, *args.ridges]:
@@ -68,14 +78,16 @@ def main() -> None:
                     "ridge": ridge, "holdout_delta": holdout_nll(model) - base_holdout,
                     "valid_delta": evaluate_nll(model, eval_set, show_progress=False)["mean"]["nll"] - base_valid,
                 }
+                r["valid_vs_reap"] = r["valid_delta"] / reference[ratio]
                 results.append(r)
                 rows.append([samples, f"{ratio:.0%}", f"{share:.1%}", damp, "none" if ridge is None else ridge, f"{r['holdout_delta']:+.4f}",
-                             f"{r['valid_delta']:+.4f}"])
+                             f"{r['valid_delta']:+.4f}", f"{r['valid_vs_reap']:.2f}x"])
                 print(rows[-1], flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"model": args.model, "device": args.device, "results": results, "options": vars(args)}, indent=2) + "\n")
+    Path(args.out).write_text(json.dumps({"model": args.model, "device": args.device, "results": results,
+                                               "plain_reap_valid_delta": {str(k): v for k, v in reference.items()}, "options": vars(args)}, indent=2) + "\n")
     title = f"REAP experts, then {args.channel_scorer} channels, + CompensateExperts" if args.channel_scorer else "REAP + CompensateExperts"
-    print(format_table(["inputs/block", "removed", "experts first", "damp", "ridge", "d NLL held-out train", "d NLL valid (info)"], rows, title=title))
+    print(format_table(["inputs/block", "removed", "experts first", "damp", "ridge", "d NLL held-out train", "d NLL valid (info)", "valid / plain REAP's"], rows, title=title))
 
 
 if __name__ == "__main__":

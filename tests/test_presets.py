@@ -20,6 +20,8 @@ from moe_fx.run.presets import PRESETS, preset_options
     ("best-oneshot", "on", ["calibrate", "score", "drop_experts", "compensate_experts"]),
     ("best", "off", ["calibrate", "score", "drop_experts", "compensate_experts", "distill"]),
     ("best", "on", ["calibrate", "score", "drop_experts", "compensate_experts", "distill"]),
+    ("best-oneshot-params", "off", ["calibrate", "score", "drop_experts", "score", "prune_channels", "compensate_experts"]),
+    ("best-oneshot-params", "on", ["calibrate", "score", "drop_experts", "score", "prune_channels", "compensate_experts"]),
 ])
 def test_preset_runs_its_pipeline(preset, stream, expected, micro_path, calib_path, tmp_path, capsys, monkeypatch):
     out = tmp_path / preset
@@ -35,6 +37,10 @@ def test_preset_runs_its_pipeline(preset, stream, expected, micro_path, calib_pa
     assert f"--preset {preset}" in stdout and all(record["cli"][k] == v for k, v in chosen.items())
     assert passes_run(out)[: len(expected)] == expected
     assert (record["search"] is not None) == (chosen["method"] == "eep")  # EEP in memory, REAP streamed
+    if preset == "best-oneshot-params":  # --ratio 0.25 of the routed parameters: 1 of 8 experts, then width 56 of 64 (23.4%)
+        assert record["cli"]["params_ratio"] == 0.25 and record["cli"]["expert_ratio"] == 0.125
+        assert record["cli"]["ratio"] == 0.125 and record["cli"]["method"] == chosen["method"]
+        assert "--expert-ratio 0.125 --ratio 0.125" in stdout
     if preset == "best":
         distill = next(p for p in record["passes"] if p["name"] == "distill")
         assert distill["config"]["steps"] == 3 and distill["config"]["lr"] == 1e-3
@@ -48,6 +54,8 @@ def test_preset_runs_its_pipeline(preset, stream, expected, micro_path, calib_pa
     (["--preset", "best-oneshot", "--granularity", "channel"], "chooses --granularity itself"),
     (["--preset", "best", "--distill-batch-size", "16"], "chooses --distill-batch-size itself"),
     (["--distill-steps", "2", "--distill-batch-size", "0"], "--distill-batch-size >= 1"),
+    (["--preset", "best-oneshot-params", "--expert-ratio", "0.1"], "chooses --expert-ratio itself"),
+    (["--preset", "best-oneshot-params", "--ratio", "1.5"], "give --ratio in (0, 1), not 1.5"),
 ])
 def test_refused_before_loading(extra, message, micro_path, calib_path, tmp_path, capsys, monkeypatch):
     def no_load(*args, **kwargs):
@@ -62,7 +70,9 @@ def test_refused_before_loading(extra, message, micro_path, calib_path, tmp_path
 
 
 def test_preset_table():
-    assert set(PRESETS) == {"best-oneshot", "best"}
+    assert set(PRESETS) == {"best-oneshot", "best", "best-oneshot-params"}
+    assert preset_options("best-oneshot-params")["method"] == "fisher" and preset_options("best-oneshot-params", streamed=True)["method"] == "obs"
+    assert PRESETS["best-oneshot-params"].experts_share == 0.5
     assert preset_options("best-oneshot") == {"method": "eep", "allocation": "global", "compensate": True}
     assert preset_options("best-oneshot", streamed=True)["method"] == "reap"
     assert preset_options("best")["distill_steps"] == preset_options("best", streamed=True)["distill_steps"] == 300
@@ -92,6 +102,46 @@ def test_fit_to_model_changes_only_what_the_model_cannot_take():
     fitted, why = fit_to_model(options, language_model=False, compensation_refused="a norm after each expert", shared_layers=[3])
     assert fitted == {**options, "method": "reap", "allocation": "uniform", "compensate": False} and len(why) == 2
     assert options == preset_options("best")  # the preset's own table is not changed
+
+
+def test_params_preset_refuses_keep(tmp_path):
+    from moe_fx.cli.prune import _apply_preset
+    from moe_fx.errors import MoeFxError
+
+    args = cli.build_parser().parse_args(["prune", "src", "--keep", "6", "--out", str(tmp_path / "o"), "--preset", "best-oneshot-params"])
+    with pytest.raises(MoeFxError, match="give --ratio in \\(0, 1\\), not --keep"):
+        _apply_preset(args, stream=False)
+
+
+def test_split_budget_removes_the_ratio_of_routed_parameters():
+    """Exact fractions without a shape; with one, whole experts and widths in steps of 8, the removal nearest the
+    budget (the larger on a tie) with the experts' share of it within half of the preset's either way."""
+    from moe_fx.plan.channel_allocate import channels_to_keep
+    from moe_fx.run.presets import split_budget
+
+    for ratio in (0.1, 0.25, 0.5, 0.8):
+        experts, channels = split_budget(ratio, 0.5)
+        assert experts == ratio / 2 and (1 - experts) * (1 - channels) == pytest.approx(1 - ratio)
+    for (num, width, groups), ratio, removed in [((32, 128, 1), 0.25, 0.26171875), ((32, 128, 1), 0.5, 0.505859375), ((128, 768, 1), 0.5, 0.5),
+                                                 ((8, 64, 1), 0.25, 0.234375), ((8, 64, 2), 0.5, 0.53125)]:
+        experts, channels = split_budget(ratio, 0.5, (num, width, groups))
+        dropped, kept = round(experts * num), channels_to_keep(width, channels, 8)
+        assert dropped == experts * num and kept % 8 == 0 and 1 - (num - dropped) / num * kept / width == removed
+        assert ratio / 4 <= experts <= 3 * ratio / 4 and (num - dropped) % groups == 0
+    experts, _ = split_budget(0.25, 0.5, (8, 64, 4))  # no drop keeps whole groups within the range: the nearest that does (none)
+    assert experts == 0
+
+
+def test_params_preset_fitted_to_families_without_channels_or_a_language_model():
+    """Channels the family cannot score (Llama 4's prescaled experts) fall back to experts alone, which remove the same
+    share of the routed parameters; a model without next-token NLL scores channels by obs instead of Fisher."""
+    from moe_fx.run.presets import fit_to_model
+
+    options = preset_options("best-oneshot-params")
+    fitted, why = fit_to_model(options, language_model=True, compensation_refused=None, shared_layers=[], channels_refused="prescaled experts")
+    assert fitted == {"method": "reap", "allocation": "uniform", "compensate": True} and "prescaled experts" in why[0]
+    fitted, why = fit_to_model(options, language_model=False, compensation_refused=None, shared_layers=[])
+    assert fitted == {**options, "method": "obs"} and len(why) == 1
 
 
 def test_preset_sample_is_lowered_to_what_the_machine_holds(micro_path, calib_path, tmp_path, capsys, monkeypatch):

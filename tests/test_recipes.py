@@ -55,6 +55,7 @@ RECIPES: dict[str, str] = {
     "stream-reap-compensate": "--method reap --ratio 0.25 --compensate --stream on",
     "stream-experts-then-obs": f"{_CHANNELS} --expert-ratio 0.25 --method obs --ratio 0.333 --compensate --stream on",
     "compiled-calibration": "--method reap --ratio 0.25 --compiled-calibration",
+    "preset-best-oneshot-params": "--preset best-oneshot-params --ratio 0.5",
 }
 """Recipe name -> ``moe-fx prune`` options (the data options are added by :func:`_argv`)."""
 

@@ -33,6 +33,8 @@ from moe_fx.formats.quantized_checkpoint import SCHEMES, TARGETS, check_before_p
 
 def add_parser(sub) -> None:
     """Declare the command and its options on the ``moe-fx`` subparsers ``sub``."""
+    from moe_fx.run.presets import PRESET_DEFAULTS, PRESET_OPTIONS, PRESETS
+
     p = sub.add_parser("prune", help="calibrate, score and drop experts (or channels inside experts); save a checkpoint")
     p.add_argument("model", help="source checkpoint directory (never modified)")
     p.add_argument("--granularity", default="expert", choices=("expert", "channel"),
@@ -41,10 +43,11 @@ def add_parser(sub) -> None:
                    "warm-started from --eep-warm-start); a merge- prefix (merge-reap) is the same as --merge; ream: REAP's "
                    "choice, each dropped expert averaged into a group around a salient kept one (REAM, arXiv 2604.04356). "
                    "channel scoring (--granularity channel): fisher (default in memory), heapr, obs (default streamed: gradient-free), coverage, activation, weight")
-    p.add_argument("--preset", choices=("best-oneshot", "best"),
+    p.add_argument("--preset", choices=tuple(PRESETS),
                    help="the measured best recipe, instead of choosing --method/--allocation/--compensate/--distill-steps: best-oneshot "
-                        "(EEP global + compensation; REAP + compensation when streamed) or best (best-oneshot + 300 distillation steps "
-                        "of 32 windows on 1M calibration tokens)")
+                        "(EEP global + compensation; REAP + compensation when streamed), best (best-oneshot + 300 distillation steps "
+                        "of 32 windows on 1M calibration tokens), or best-oneshot-params (--ratio of the routed experts' parameters: "
+                        "about half of it as whole experts by REAP, the rest as channels by Fisher, obs when streamed, + compensation)")
     p.add_argument("--merge", action="store_true", help="fold each dropped expert into its most similar kept expert instead of discarding it")
     p.add_argument("--compensate", action="store_true",
                    help="after dropping, refit the kept experts' down projections (ridge least squares) to reproduce each block's original output")
@@ -106,8 +109,6 @@ def add_parser(sub) -> None:
     add_eval(p)
     add_generation(p, "--eval-generate")
     add_common(p)
-    from moe_fx.run.presets import PRESET_DEFAULTS, PRESET_OPTIONS
-
     p.set_defaults(parser_defaults={o: p.get_default(o) for o in PRESET_OPTIONS + PRESET_DEFAULTS})  # what --preset compares against
 
 
@@ -115,24 +116,33 @@ def _apply_preset(args, stream: bool, meta=None) -> None:
     """Set the options ``--preset`` stands for (moe_fx.run.presets), refusing options of the preset's set beside it,
     and fitted to the model ``meta`` (its structure; None: taken as is) where it cannot take them all."""
     from moe_fx.calibrate import distributed
-    from moe_fx.run.presets import PRESET_OPTIONS, PRESETS, fit_to_model, preset_options
+    from moe_fx.pipeline import state_of
+    from moe_fx.run.presets import PRESET_OPTIONS, PRESETS, fit_to_model, preset_options, split_budget
 
     set_beside = [f"--{o.replace('_', '-')}" for o in PRESET_OPTIONS if getattr(args, o) != args.parser_defaults[o]]
     if set_beside:
         raise MoeFxError(f"--preset {args.preset} chooses {', '.join(set_beside)} itself: drop {'them' if len(set_beside) > 1 else 'it'} "
                          "or the preset")
+    preset = PRESETS[args.preset]
+    if preset.experts_share is not None and not (args.ratio is not None and 0 < args.ratio < 1):
+        raise MoeFxError(f"--preset {args.preset} removes --ratio of the routed experts' parameters: give --ratio in (0, 1)"
+                         + (", not --keep" if args.keep is not None else f", not {args.ratio}"))
     chosen, fitted = preset_options(args.preset, streamed=stream), []
     if meta is not None:
         chosen, fitted = fit_to_model(chosen, **_model_limits(meta))
+    if preset.experts_share is not None and chosen.get("granularity") == "channel":
+        args.params_ratio = args.ratio  # what the user asked for, kept in the record beside the two it splits into
+        shapes = {(b.num_experts, b.experts.intermediate_size, b.router.n_group or 1) for b in state_of(meta).spec.blocks} if meta is not None else set()
+        chosen["expert_ratio"], chosen["ratio"] = split_budget(args.ratio, preset.experts_share, shapes.pop() if len(shapes) == 1 else None)
     args.preset_took = []
-    for key, value in PRESETS[args.preset].defaults.items():  # data budgets: the preset's unless given
+    for key, value in preset.defaults.items():  # data budgets: the preset's unless given
         if getattr(args, key) == args.parser_defaults[key]:
             chosen[key] = value
             args.preset_took.append(key)
     for key, value in chosen.items():
         setattr(args, key, value)
     if distributed.is_main():
-        flags = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in chosen.items())
+        flags = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v:.4g}" if isinstance(v, float) else f" {v}") for k, v in chosen.items())
         print(f"moe-fx: --preset {args.preset}{' (streamed)' if stream else ''}: {flags} ({PRESETS[args.preset].streamed_measured if stream else PRESETS[args.preset].measured})")
         for line in fitted:
             print(f"moe-fx: --preset {args.preset} fitted to this model: {line}")
@@ -165,14 +175,19 @@ def _model_limits(meta) -> dict:
     from moe_fx.passes import CompensateExperts
     from moe_fx.pipeline import state_of
     from moe_fx.plan.allocate import shared_layers
+    from moe_fx.score import get_scorer
 
     spec = state_of(meta).spec
-    try:
-        CompensateExperts().check_model(meta, spec)
-        refused = None
-    except UnsupportedFamilyError as e:
-        refused = str(e)
-    return {"language_model": meta.can_generate(), "compensation_refused": refused, "shared_layers": shared_layers(spec)}
+
+    def refusal(check) -> str | None:
+        try:
+            check()
+        except UnsupportedFamilyError as e:
+            return str(e)
+        return None
+
+    return {"language_model": meta.can_generate(), "compensation_refused": refusal(lambda: CompensateExperts().check_model(meta, spec)),
+            "shared_layers": shared_layers(spec), "channels_refused": refusal(lambda: get_scorer("obs").check(spec))}
 
 
 def _check_distill_memory(meta, spec, args, device: str, stream: bool, show: bool) -> None:
@@ -284,6 +299,7 @@ def run(args) -> int:
     from moe_fx.pipeline import compose, state_of
     from moe_fx.plan.allocate import check_allocation, check_budget
     from moe_fx.plan.eep import EvolutionarySearch
+    from moe_fx.rewrite.prune_channels import routed_parameters
     from moe_fx.run.recipe import observers_for, parse_method, prune_passes
     from moe_fx.run.streaming import stream_evaluate, stream_prune
     from moe_fx.score import get_scorer
@@ -303,6 +319,7 @@ def run(args) -> int:
     # the model's structure without its weights: options the family cannot take are refused before loading
     meta = meta_model(source, args.dtype, device)
     spec = state_of(meta).spec
+    routed_source = routed_parameters(meta, spec)  # before any pass: an expert drop ahead of the channels counts too
     if args.preset:
         _apply_preset(args, stream, meta)
     channels = args.granularity == "channel"
@@ -479,13 +496,15 @@ def run(args) -> int:
         for d in [k for k in before if k not in ("mean", "all")] + ["mean"]:
             rows.append([f"NLL {d}", f"{before[d]['nll']:.4f}", f"{after[d]['nll']:.4f}", f"{after[d]['nll'] - before[d]['nll']:+.4f}"])
     calib = state.stats.summary() if state.stats is not None else None
-    title = f"moe-fx prune {args.method} ratio={args.ratio if args.ratio is not None else f'keep {args.keep}'} -> {out}"
+    budget = (f"ratio={args.params_ratio:g} of the routed parameters (experts {args.expert_ratio:.4g}, then channels {args.ratio:.4g})"
+              if getattr(args, "params_ratio", None) else f"ratio={args.ratio:g}" if args.ratio is not None else f"keep {args.keep}")
+    title = f"moe-fx prune {args.method} {budget} -> {out}"
     print(format_table(["", "before", "after", "change"], rows, title=title))
     if channel_report:
         r = channel_report
-        print(f"routed-expert parameters: {r['routed_params_before']:,} -> {r['routed_params_after']:,} stored "
-              f"({r['routed_params_after'] / r['routed_params_before'] - 1:+.1%}); kept channels alone: {r['routed_params_ideal']:,} "
-              f"({r['routed_params_ideal'] / r['routed_params_before'] - 1:+.1%}); zero padding {r['routed_params_after'] - r['routed_params_ideal']:,}")
+        print(f"routed-expert parameters: {routed_source:,} -> {r['routed_params_after']:,} stored "
+              f"({r['routed_params_after'] / routed_source - 1:+.1%}); kept channels alone: {r['routed_params_ideal']:,} "
+              f"({r['routed_params_ideal'] / routed_source - 1:+.1%}); zero padding {r['routed_params_after'] - r['routed_params_ideal']:,}")
     compensated = state.report_of("compensate_experts")
     if compensated and compensated["mean_error_before"] is not None:  # None: no block had sampled tokens
         print(f"compensation: block output error on the calibration sample {compensated['mean_error_before']:.4f} -> "

@@ -20,13 +20,23 @@ Both compensate on 65,536 sampled tokens a layer unless ``--compensate-samples``
 its memory; 0.75x instead of 0.81x REAP's loss at 25% for REAP + compensation). The figures above were measured
 with 16,384; the presets' pipelines were not re-measured with 65,536.
 
-Both are expert-pruning recipes: the budget is ``--ratio`` / ``--keep`` of the experts."""
+Both are expert-pruning recipes: the budget is ``--ratio`` / ``--keep`` of the experts.
+
+- ``best-oneshot-params``: the budget is ``--ratio`` of the routed experts' *parameters*, removed about half as
+  whole experts (REAP) and the rest as channels of the kept experts (Fisher; ``obs`` when streamed, which needs no
+  gradient), then compensation on 65,536 tokens a layer. One width for every expert, so the output is a stock
+  checkpoint. On qwen3moe-bench (200k calibration tokens; ``best_oneshot_params{25,50}_*_cpu.json``), ``--ratio 0.5``
+  removes 50.6% and loses 0.42x plain REAP's loss at 50%; ``--ratio 0.25`` removes 26.2% and loses 0.64x REAP's at
+  25% (EEP + compensation: 0.73x), streamed the same. Of the shares of the budget taken as experts that were tried
+  (a quarter, a half, three quarters), half was the best at both budgets (``channel_pruning_obs_cpu.json``,
+  ``channel_pruning_shares25_cpu.json``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from moe_fx.errors import BadOptionError
+from moe_fx.plan.plans import WIDTH_ALIGN
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,9 @@ class Preset:
     streamed_measured: str
     defaults: dict = field(default_factory=dict)
     """Data budgets the measurement used, taken where the user did not give the option (:data:`PRESET_DEFAULTS`)."""
+    experts_share: float | None = None
+    """``--ratio`` counts routed-expert parameters: this share of it is removed as whole experts, the rest as
+    channels of the kept experts (:func:`split_budget`). None: ``--ratio`` / ``--keep`` count experts."""
 
 
 _COMPENSATE = {"compensate_samples": 65536}
@@ -65,23 +78,68 @@ PRESETS: dict[str, Preset] = {
                           "on qwen3moe-bench",
         defaults={**_COMPENSATE, "calib_tokens": 1_000_000},
     ),
+    "best-oneshot-params": Preset(
+        {"granularity": "channel", "expert_method": "reap", "method": "fisher", "allocation": "uniform", "compensate": True},
+        streamed={"granularity": "channel", "expert_method": "reap", "method": "obs", "allocation": "uniform", "compensate": True},
+        measured="REAP drops about half the budget as experts, Fisher channels the rest, + compensation: 0.64x / 0.42x REAP's loss "
+                 "removing 26.2% / 50.6% of the routed parameters (--ratio 0.25 / 0.5) on qwen3moe-bench",
+        streamed_measured="REAP drops about half the budget as experts, obs channels the rest, + compensation: 0.64x / 0.42x REAP's "
+                          "loss removing 26.2% / 50.6% of the routed parameters (--ratio 0.25 / 0.5) on qwen3moe-bench",
+        defaults=_COMPENSATE,
+        experts_share=0.5,
+    ),
 }
 
-PRESET_OPTIONS = ("method", "allocation", "compensate", "merge", "distill_steps", "distill_lr", "distill_batch_size", "granularity")
+PRESET_OPTIONS = ("method", "allocation", "compensate", "merge", "distill_steps", "distill_lr", "distill_batch_size", "granularity",
+                  "expert_ratio", "expert_method")
 """The options a preset decides; setting one of them beside ``--preset`` is refused rather than silently overridden."""
 
 PRESET_DEFAULTS = ("calib_tokens", "compensate_samples")
 """Options a preset sets only where the user did not: how much data there is is the user's to say."""
 
 
-def fit_to_model(options: dict, *, language_model: bool, compensation_refused: str | None, shared_layers: list[int]) -> tuple[dict, list[str]]:
+def split_budget(ratio: float, experts_share: float, shape: tuple[int, int, int] | None = None) -> tuple[float, float]:
+    """``(expert_ratio, channel_ratio)`` that remove ``ratio`` of the routed-expert parameters: about ``experts_share``
+    of it as whole experts, then the fraction of the kept experts' channels that makes up the rest.
+
+    ``shape``: the blocks' ``(experts, width, groups)``. Experts are dropped whole, a multiple of ``groups`` are
+    kept (group-limited routing keeps equal groups), and widths are multiples of
+    :data:`~moe_fx.plan.plans.WIDTH_ALIGN`, so the exact split rarely exists; of the pairs (experts dropped, width
+    kept) whose experts' share of the budget is within half of ``experts_share`` either way (the range the preset's
+    measurements covered), the one removing the share nearest ``ratio`` is taken, the larger removal on a tie (the
+    budget is met rather than undercut). None: the exact fractions (no rounding)."""
+    target = ratio * experts_share
+    if shape is None:
+        return target, 1 - (1 - ratio) / (1 - target)
+    experts, width, groups = shape
+    allowed = [k for k in range(experts) if (experts - k) % groups == 0]
+    drops = [k for k in allowed if k and target / 2 <= k / experts <= target * 3 / 2] or [min(allowed, key=lambda k: abs(k / experts - target))]
+
+    def removed(k: int, w: int) -> float:
+        return 1 - (experts - k) / experts * w / width
+
+    k, w = min(((k, w) for k in drops for w in range(WIDTH_ALIGN, width, WIDTH_ALIGN)),
+               key=lambda kw: (abs(removed(*kw) - ratio), -removed(*kw), abs(kw[0] / experts - target)))
+    return k / experts, 1 - w / width
+
+
+def fit_to_model(options: dict, *, language_model: bool, compensation_refused: str | None, shared_layers: list[int],
+                 channels_refused: str | None = None) -> tuple[dict, list[str]]:
     """A preset's ``options`` changed where the model cannot take them, and one line per change saying why.
 
-    ``language_model``: the model predicts next tokens (EEP's fitness is their NLL; otherwise REAP, uniform, the
-    best pipeline measured without it); ``compensation_refused``: why the family cannot be compensated (None: it
-    can); ``shared_layers``: decoder layers with several expert blocks, which keep equal counts (no global allocation).
+    ``language_model``: the model predicts next tokens (EEP's fitness and Fisher's gradients are of their NLL;
+    otherwise REAP, uniform, the best pipeline measured without it, and obs channels); ``compensation_refused``:
+    why the family cannot be compensated (None: it can); ``shared_layers``: decoder layers with several expert
+    blocks, which keep equal counts (no global allocation); ``channels_refused``: why channels cannot be scored
+    in this family (then experts alone: dropping experts removes the same share of routed parameters).
     """
     options, why = dict(options), []
+    if options.get("granularity") == "channel" and channels_refused:
+        options = {"method": "reap", "allocation": "uniform", "compensate": options.get("compensate", False)}
+        why.append(f"--method reap --allocation uniform (experts only, --ratio of them): {channels_refused}")
+    if options.get("method") == "fisher" and not language_model:
+        options["method"] = "obs"
+        why.append("--method obs: Fisher's scores are gradients of the next-token NLL and this model is not a causal language model")
     if options.get("method") == "eep" and not language_model:
         options.update(method="reap", allocation="uniform")
         why.append("--method reap --allocation uniform: EEP's fitness is the next-token NLL and this model is not a causal language model")
