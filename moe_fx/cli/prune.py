@@ -143,7 +143,7 @@ def _apply_preset(args, stream: bool, meta=None) -> None:
         setattr(args, key, value)
     if distributed.is_main():
         flags = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v:.4g}" if isinstance(v, float) else f" {v}") for k, v in chosen.items())
-        print(f"moe-fx: --preset {args.preset}{' (streamed)' if stream else ''}: {flags} ({PRESETS[args.preset].streamed_measured if stream else PRESETS[args.preset].measured})")
+        print(f"moe-fx: --preset {args.preset}{' (streamed)' if stream else ''}: {flags} ({preset.streamed_measured if stream else preset.measured})")
         for line in fitted:
             print(f"moe-fx: --preset {args.preset} fitted to this model: {line}")
 
