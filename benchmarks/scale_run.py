@@ -7,8 +7,9 @@ with ``moe_fx.compile``; every phase timed, with peak GPU memory, peak CPU memor
     python benchmarks/scale_run.py --preset gpt-oss-20b --tiny --device cpu --work /tmp/scale   # CPU smoke run
 
 Recipes (``--recipes``): ``reap50`` (REAP, half the experts of every layer), ``reap50-comp`` (the same with
-compensation) and ``obs-channels50-comp`` (half of every expert's channels by ``obs``, then compensation: the best
-recipe that streams at 50% of the routed parameters). Calibration: ``--sequences`` x ``--seq-len`` tokens (256 x 2048).
+compensation), ``obs-channels50-comp`` (half of every expert's channels by ``obs``, then compensation) and
+``preset-params50`` / ``preset-params50-seq`` (``--preset best-oneshot-params --ratio 0.5`` without / with
+``--sequential``: experts and channels, the best recipe that streams at 50% of the routed parameters). Calibration: ``--sequences`` x ``--seq-len`` tokens (256 x 2048).
 Each prune runs as a subprocess, as a user would run it; its peak CPU memory is the child's maximum RSS, its
 per-layer seconds and peak GPU memory come from the ``streaming`` entry of the output's ``moe_fx.json``. The
 source and every output are deleted when measured (``--keep`` keeps them), so the disk holds one source and one
@@ -35,6 +36,8 @@ RECIPES = {
     "reap50": ["--method", "reap", "--ratio", "0.5"],
     "reap50-comp": ["--method", "reap", "--ratio", "0.5", "--compensate"],
     "obs-channels50-comp": ["--granularity", "channel", "--method", "obs", "--ratio", "0.5", "--compensate"],
+    "preset-params50": ["--preset", "best-oneshot-params", "--ratio", "0.5", "--no-sequential"],
+    "preset-params50-seq": ["--preset", "best-oneshot-params", "--ratio", "0.5", "--sequential"],
 }
 GIB = 2**30
 
@@ -62,6 +65,7 @@ def prune(source: Path, out: Path, recipe: str, args) -> dict:
     return {
         "recipe": recipe, "seconds": round(seconds, 1), "stream_seconds": s["seconds"], "layers": s["layers"],
         "per_layer_mean_seconds": mean, "seconds_per_layer": round(sum(mean.values()), 3), "phase_seconds": s["phase_seconds"],
+        "pass_seconds_per_layer": {f"{i}:{p['name']}": round(p["seconds"] / s["layers"], 3) for i, p in enumerate(record["passes"])},
         "peak_gpu_gib": round(s["peak_gpu_bytes"] / GIB, 2) if s["peak_gpu_bytes"] is not None else None,
         "peak_cpu_rss_gib": round(max(peak_rss, before * 1024) / GIB, 2), "layer_weights_gib": round(s["layer_weight_bytes"] / GIB, 3),
         "hidden_states_gib": round(s["hidden_state_bytes"] / GIB, 2), "disk_written_gib": round(disk_bytes(out) / GIB, 2),

@@ -228,8 +228,10 @@ def _removal_cost(gram: torch.Tensor, gram_w: torch.Tensor, removed: list[int]) 
     return float(torch.trace(torch.linalg.inv(inv) @ gram_w[removed][:, removed]))
 
 
-def test_obs_elimination_follows_the_brute_force_greedy() -> None:
-    """Each step removes the channel whose removal, with the others' down rows re-solved, adds the least error."""
+@pytest.mark.parametrize("block", [1, 3, 64])
+def test_obs_elimination_follows_the_brute_force_greedy(block: int) -> None:
+    """Each step removes the channel whose removal, with the others' down rows re-solved, adds the least error;
+    whether the updates are folded into the matrices after every removal, every third, or never (``block``)."""
     from moe_fx.score.obs import obs_elimination
 
     g = torch.Generator().manual_seed(0)
@@ -237,7 +239,7 @@ def test_obs_elimination_follows_the_brute_force_greedy() -> None:
     a = torch.randn(n_exp, 40, width, generator=g, dtype=torch.float64) * torch.rand(width, generator=g, dtype=torch.float64)
     dt = torch.randn(n_exp, width, hidden, generator=g, dtype=torch.float64)
     grams, gram_w = a.transpose(1, 2) @ a, dt @ dt.transpose(1, 2)
-    scores = obs_elimination(grams, gram_w, damp)
+    scores = obs_elimination(grams, gram_w, damp, block=block)
     for e in range(n_exp):
         damped = grams[e] + damp * grams[e].diagonal().mean() * torch.eye(width, dtype=torch.float64)
         removed, running = [], 0.0

@@ -35,6 +35,7 @@ def test_preset_runs_its_pipeline(preset, stream, expected, micro_path, calib_pa
     record = json.loads((out / "moe_fx.json").read_text())
     chosen = preset_options(preset, streamed=stream == "on")
     assert f"--preset {preset}" in stdout and all(record["cli"][k] == v for k, v in chosen.items())
+    assert ("streaming" in record) == (stream == "on")
     assert passes_run(out)[: len(expected)] == expected
     assert (record["search"] is not None) == (chosen["method"] == "eep")  # EEP in memory, REAP streamed
     if preset == "best-oneshot-params":  # --ratio 0.25 of the routed parameters: 1 of 8 experts, then width 56 of 64 (23.4%)
@@ -49,6 +50,8 @@ def test_preset_runs_its_pipeline(preset, stream, expected, micro_path, calib_pa
 
 
 @pytest.mark.parametrize(("extra", "message"), [
+    (["--preset", "best-oneshot-params", "--ratio", "0.25", "--stream", "off", "--sequential"], "--sequential runs each pruned layer again"),
+    (["--method", "reap", "--stream", "on", "--sequential", "--distill-steps", "2", "--distill-teacher", "cached"], "drop --sequential"),
     (["--preset", "best", "--method", "reap"], "--preset best chooses --method itself"),
     (["--preset", "best-oneshot", "--compensate", "--allocation", "uniform"], "chooses --compensate itself"),
     (["--preset", "best-oneshot", "--granularity", "channel"], "chooses --granularity itself"),
@@ -71,7 +74,8 @@ def test_refused_before_loading(extra, message, micro_path, calib_path, tmp_path
 
 def test_preset_table():
     assert set(PRESETS) == {"best-oneshot", "best", "best-oneshot-params"}
-    assert preset_options("best-oneshot-params")["method"] == "fisher" and preset_options("best-oneshot-params", streamed=True)["method"] == "obs"
+    assert preset_options("best-oneshot-params")["method"] == preset_options("best-oneshot-params", streamed=True)["method"] == "obs"
+    assert preset_options("best-oneshot-params", streamed=True)["sequential"] and "sequential" not in preset_options("best-oneshot-params")
     assert PRESETS["best-oneshot-params"].experts_share == 0.5
     assert preset_options("best-oneshot") == {"method": "eep", "allocation": "global", "compensate": True}
     assert preset_options("best-oneshot", streamed=True)["method"] == "reap"
@@ -113,6 +117,19 @@ def test_params_preset_refuses_keep(tmp_path):
         _apply_preset(args, stream=False)
 
 
+def test_streamed_params_preset_with_several_processes_drops_sequential(tmp_path, capsys):
+    """With --nproc only rank 0 rewrites a layer, so the streamed preset runs without --sequential and says so."""
+    from moe_fx.cli.prune import _apply_preset
+
+    argv = ["prune", "src", "--ratio", "0.5", "--out", str(tmp_path / "o"), "--preset", "best-oneshot-params"]
+    args = cli.build_parser().parse_args(argv + ["--nproc", "2"])
+    _apply_preset(args, stream=True)
+    assert not args.sequential and "fitted to this model: no --sequential" in capsys.readouterr().out
+    args = cli.build_parser().parse_args(argv)
+    _apply_preset(args, stream=True)
+    assert args.sequential is True
+
+
 def test_split_budget_removes_the_ratio_of_routed_parameters():
     """Exact fractions without a shape; with one, whole experts and widths in steps of 8, the removal nearest the
     budget (the larger on a tie) with the experts' share of it within half of the preset's either way."""
@@ -134,14 +151,14 @@ def test_split_budget_removes_the_ratio_of_routed_parameters():
 
 def test_params_preset_fitted_to_families_without_channels_or_a_language_model():
     """Channels the family cannot score (Llama 4's prescaled experts) fall back to experts alone, which remove the same
-    share of the routed parameters; a model without next-token NLL scores channels by obs instead of Fisher."""
+    share of the routed parameters; obs channels need no next-token NLL, so a model without one keeps the pipeline."""
     from moe_fx.run.presets import fit_to_model
 
     options = preset_options("best-oneshot-params")
     fitted, why = fit_to_model(options, language_model=True, compensation_refused=None, shared_layers=[], channels_refused="prescaled experts")
     assert fitted == {"method": "reap", "allocation": "uniform", "compensate": True} and "prescaled experts" in why[0]
     fitted, why = fit_to_model(options, language_model=False, compensation_refused=None, shared_layers=[])
-    assert fitted == {**options, "method": "obs"} and len(why) == 1
+    assert fitted == options and why == []
 
 
 def test_preset_sample_is_lowered_to_what_the_machine_holds(micro_path, calib_path, tmp_path, capsys, monkeypatch):
@@ -165,3 +182,12 @@ def test_preset_sample_is_lowered_to_what_the_machine_holds(micro_path, calib_pa
     monkeypatch.setattr(moe_fx.calibrate, "host_memory_available", lambda: need(8000))
     argv[argv.index("--out") + 1] = str(tmp_path / "out2")
     assert cli.main(argv) == 2 and "sampled tokens in CPU memory" in capsys.readouterr().err
+
+
+def test_no_sequential_beside_the_params_preset(micro_path, calib_path, tmp_path, capsys):
+    """``--sequential`` is the streamed preset's default, not its choice: ``--no-sequential`` runs the plain streamed variant."""
+    out = tmp_path / "plain"
+    assert cli.main(prune_argv(micro_path, calib_path, out, "--preset", "best-oneshot-params", "--stream", "on", "--no-sequential")) == 0
+    stdout = capsys.readouterr().out
+    record = json.loads((out / "moe_fx.json").read_text())
+    assert "streaming" in record and record["cli"]["sequential"] is False and "--sequential" not in stdout

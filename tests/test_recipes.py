@@ -21,7 +21,9 @@ import torch
 from tiny_models import auto_class, tiny_checkpoint
 
 from moe_fx import cli
+from moe_fx.evaluate.nll import build_eval_set, evaluate_nll
 from moe_fx.formats import checkpoint as checkpoint_module
+from moe_fx.formats.loading import load_tokenizer
 from moe_fx.kernels.implementation import DEFAULT_IMPLEMENTATION, set_implementation
 from moe_fx.model.per_layer import LAYOUT_KEY
 
@@ -55,12 +57,18 @@ RECIPES: dict[str, str] = {
     "stream-reap-compensate": "--method reap --ratio 0.25 --compensate --stream on",
     "stream-experts-then-obs": f"{_CHANNELS} --expert-ratio 0.25 --method obs --ratio 0.333 --compensate --stream on",
     "compiled-calibration": "--method reap --ratio 0.25 --compiled-calibration",
-    "preset-best-oneshot-params": "--preset best-oneshot-params --ratio 0.5",
+    "preset-best-oneshot-params": "--preset best-oneshot-params --ratio 0.5 --stream off",
+    "stream-preset-best-oneshot-params": "--preset best-oneshot-params --ratio 0.5 --stream on",  # with --sequential
 }
 """Recipe name -> ``moe-fx prune`` options (the data options are added by :func:`_argv`)."""
 
 STREAMED_EQUIVALENT = {"stream-reap": "reap", "stream-reap-compensate": "reap-compensate", "stream-experts-then-obs": "experts-then-obs"}
 """Streamed recipes and the in-memory recipe whose checkpoint they must reproduce."""
+
+SEQUENTIAL = {"stream-preset-best-oneshot-params"}
+"""Streamed recipes that calibrate each layer on the pruned layers' outputs: no in-memory pipeline computes the same
+(``tests/test_streaming.py`` checks that against a model whose earlier layers are pruned); they must write a checkpoint
+that reloads to what the run evaluated."""
 
 REFUSED: dict[tuple[str, str], str] = {
     ("deepseek_v3", "shape"): "group-limited routing",
@@ -95,19 +103,22 @@ def _logits(model) -> torch.Tensor:
         return model(input_ids=PROBE, use_cache=False).logits.float()
 
 
-def _reloaded_logits(out: Path) -> torch.Tensor:
-    """Logits of the saved checkpoint: stock ``from_pretrained`` for a stock config (with moe-fx's experts kernels,
-    which the in-memory model ran), ``moe_fx.load`` for the per-layer format."""
+def _reloaded_model(out: Path):
+    """The saved checkpoint: stock ``from_pretrained`` for a stock config (with moe-fx's experts kernels, which the
+    in-memory model ran), ``moe_fx.load`` for the per-layer format."""
     from transformers import AutoConfig
 
     import moe_fx
 
     if LAYOUT_KEY in json.loads((out / "config.json").read_text()):
-        model = moe_fx.load(out)
-    else:
-        model = auto_class(AutoConfig.from_pretrained(out)).from_pretrained(out).eval()
-        set_implementation(model, DEFAULT_IMPLEMENTATION)
-    return _logits(_in_own_memory(model))
+        return moe_fx.load(out)
+    model = auto_class(AutoConfig.from_pretrained(out)).from_pretrained(out).eval()
+    set_implementation(model, DEFAULT_IMPLEMENTATION)
+    return model
+
+
+def _reloaded_logits(out: Path) -> torch.Tensor:
+    return _logits(_in_own_memory(_reloaded_model(out)))
 
 
 def _in_own_memory(model):
@@ -157,6 +168,13 @@ def _check_cell(family, recipe, checkpoints, tmp_path, calib_path, valid_path, c
         code, _, stderr, ref_out, in_memory = _run(family, STREAMED_EQUIVALENT[recipe], checkpoints, tmp_path, calib_path, valid_path, capsys, monkeypatch)
         assert code == 0, stderr
         torch.testing.assert_close(reloaded, _reloaded_logits(ref_out), rtol=0, atol=1e-5)
+        return
+    if recipe in SEQUENTIAL:
+        record = json.loads((out / "moe_fx.json").read_text())
+        assert record["cli"]["sequential"] and record["streaming"]["layers"] >= 2
+        eval_set = build_eval_set(valid_path, load_tokenizer(out), seq_len=64, seqs_per_domain=1)
+        after = evaluate_nll(_reloaded_model(out), eval_set, show_progress=False)
+        assert after["mean"]["nll"] == pytest.approx(record["eval_after"]["mean"]["nll"], abs=1e-4)
         return
     assert in_memory is not None
     torch.testing.assert_close(reloaded, in_memory, rtol=0, atol=0)

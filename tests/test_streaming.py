@@ -233,3 +233,66 @@ def test_cli_streamed_channels_default_to_obs(micro_path, calib_path, tmp_path):
     assert code == 0
     record = json.loads((out / "moe_fx.json").read_text())
     assert record["scores"]["method"] == "obs" and set(record["widths_after"].values()) == {32}  # half of 64
+
+
+def _layer0_replaced_by(model, pruned_layer):
+    """``model`` whose decoder layer 0 hands on ``pruned_layer``'s output for the same call (its own MoE block still
+    runs first, so its observers see the unpruned layer 0, as a streamed run's do)."""
+    def swap(module, args, kwargs, output):
+        return pruned_layer(*args, **kwargs)
+
+    model.model.layers[0].register_forward_hook(swap, with_kwargs=True)
+    return model
+
+
+def test_sequential_calibrates_each_layer_on_the_pruned_layers_before_it(micro_path, tmp_path):
+    """Layer 1 of a sequential run is scored, dropped and compensated exactly as in memory on the model whose layer 0 is
+    already the pruned one; layer 0 is what a plain streamed run writes."""
+    passes = _reap(CompensateExperts(), observers=("routing", "reap", "inputs"))
+    seq = stream_prune(micro_path, tmp_path / "seq", passes(), show_progress=False, sequential=True).out
+    plain = stream_prune(micro_path, tmp_path / "plain", passes(), show_progress=False).out
+    a, b = _tensors(seq), _tensors(plain)
+    layer0 = [k for k in a if ".layers.0." in k]
+    assert layer0 and all(torch.equal(a[k], b[k]) for k in layer0)
+    assert any(not torch.equal(a[k], b[k]) for k in a if ".layers.1." in k)
+
+    reference = _layer0_replaced_by(load_model(micro_path), load_model(seq).model.layers[0])
+    reference = compose(*passes())(reference)
+    save_checkpoint(reference, tmp_path / "reference", source=micro_path)
+    r, s = (json.loads((p / "moe_fx.json").read_text()) for p in (tmp_path / "reference", seq))
+    assert r["plan"] == s["plan"]
+    c = _tensors(tmp_path / "reference")
+    for k in (k for k in a if ".layers.1." in k):
+        torch.testing.assert_close(a[k], c[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("snapshot_seconds", [0.0, 1e9])
+def test_interrupted_sequential_run_redoes_what_it_cannot_replay(micro_path, tmp_path, monkeypatch, snapshot_seconds):
+    """A finished layer replays from the source, unpruned, which a sequential run must not hand on: it resumes from the
+    hidden states saved after the last finished layer, or redoes every layer, to the uninterrupted run's output."""
+    passes = _reap(CompensateExperts(), observers=("routing", "reap", "inputs"))
+    reference = stream_prune(micro_path, tmp_path / "reference", passes(), show_progress=False, sequential=True).out
+    write, calls = PartialCheckpoint.write_shard, []
+
+    def interrupted(self, name, tensors):
+        calls.append(name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return write(self, name, tensors)
+
+    monkeypatch.setattr(PartialCheckpoint, "write_shard", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        stream_prune(micro_path, tmp_path / "out", passes(), show_progress=False, snapshot_seconds=snapshot_seconds, sequential=True)
+    monkeypatch.setattr(PartialCheckpoint, "write_shard", write)
+    with pytest.raises(OutputPathError, match="different run"):  # the plain run is another run
+        stream_prune(micro_path, tmp_path / "out", passes(), show_progress=False)
+    resumed = stream_prune(micro_path, tmp_path / "out", passes(), show_progress=False, snapshot_seconds=snapshot_seconds, sequential=True)
+    assert resumed.resumed_layers == (1 if snapshot_seconds == 0 else 0)
+    a, b = _tensors(resumed.out), _tensors(reference)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sequential_refusals(micro_path, tmp_path):
+    with pytest.raises(BadOptionError, match="teacher cache"):
+        stream_prune(micro_path, tmp_path / "out", _reap()(), show_progress=False, sequential=True, teacher_cache=tmp_path / "cache")
+    assert not list(tmp_path.iterdir())

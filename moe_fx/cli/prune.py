@@ -3,6 +3,7 @@ distill, in memory or streamed layer by layer; save a checkpoint with its record
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import os
@@ -47,7 +48,7 @@ def add_parser(sub) -> None:
                    help="the measured best recipe, instead of choosing --method/--allocation/--compensate/--distill-steps: best-oneshot "
                         "(EEP global + compensation; REAP + compensation when streamed), best (best-oneshot + 300 distillation steps "
                         "of 32 windows on 1M calibration tokens), or best-oneshot-params (--ratio of the routed experts' parameters: "
-                        "about half of it as whole experts by REAP, the rest as channels by Fisher, obs when streamed, + compensation)")
+                        "about half of it as whole experts by REAP, the rest as channels by obs, + compensation; --sequential when streamed)")
     p.add_argument("--merge", action="store_true", help="fold each dropped expert into its most similar kept expert instead of discarding it")
     p.add_argument("--compensate", action="store_true",
                    help="after dropping, refit the kept experts' down projections (ridge least squares) to reproduce each block's original output")
@@ -104,6 +105,10 @@ def add_parser(sub) -> None:
     p.add_argument("--stream", default="auto", choices=("auto", "on", "off"),
                    help="prune one decoder layer at a time, never holding the whole model: on, off, or auto (default: on when "
                         "the checkpoint's weights exceed 80%% of the device's free memory); forward-only methods with uniform allocation")
+    p.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
+                   help="streamed: calibrate, score and compensate each layer on the hidden states of the pruned layers before it "
+                        "(one more forward of each layer) instead of the unpruned model's (default: off; on in --preset "
+                        "best-oneshot-params streamed, --no-sequential to turn it off)")
     p.add_argument("--nproc", type=int, default=1, help="calibrate with this many processes on this host (runs torchrun; "
                    "or launch `torchrun --nproc-per-node N -m moe_fx prune ...` yourself)")
     add_eval(p)
@@ -134,6 +139,11 @@ def _apply_preset(args, stream: bool, meta=None) -> None:
         args.params_ratio = args.ratio  # what the user asked for, kept in the record beside the two it splits into
         shapes = {(b.num_experts, b.experts.intermediate_size, b.router.n_group or 1) for b in state_of(meta).spec.blocks} if meta is not None else set()
         chosen["expert_ratio"], chosen["ratio"] = split_budget(args.ratio, preset.experts_share, shapes.pop() if len(shapes) == 1 else None)
+    if args.sequential is False:  # said explicitly: the preset's streamed variant runs without it
+        chosen.pop("sequential", None)
+    if chosen.get("sequential") and args.nproc > 1:
+        chosen.pop("sequential")
+        fitted.append("no --sequential: with --nproc only rank 0 rewrites a layer, so no rank could run it again")
     args.preset_took = []
     for key, value in preset.defaults.items():  # data budgets: the preset's unless given
         if getattr(args, key) == args.parser_defaults[key]:
@@ -357,6 +367,13 @@ def run(args) -> int:
                          "use --distill-teacher cached (the teacher's top-k are cached by the streamed pass) or --stream off")
     if stream and args.distill_steps and args.nproc > 1:
         raise MoeFxError("--stream on --distill-steps caches the teacher in a single process; drop --nproc")
+    if args.sequential and not stream:
+        raise MoeFxError("--sequential runs each pruned layer again while streaming layer by layer: add --stream on")
+    if args.sequential and args.distill_steps:
+        raise MoeFxError("--sequential carries the pruned model's hidden states, while --distill-steps streamed caches the unpruned "
+                         "model's outputs from the same pass: drop --sequential")
+    if args.sequential and args.nproc > 1:
+        raise MoeFxError("--sequential re-runs each layer after rank 0 rewrites it: drop --nproc")
     if stream and args.compiled_calibration:
         raise MoeFxError("--compiled-calibration compiles the whole model, which a streamed prune never holds; use --stream off")
     if stream and (args.tasks or args.generate):
@@ -435,7 +452,7 @@ def run(args) -> int:
         stream, size_of, evaluate = False, model_size, evaluate_nll  # from here on the student is in memory
     elif stream:
         streamed = stream_prune(source, args.out, passes, device=device, dtype=args.dtype, tokenizer=tokenizer,
-                                overwrite=args.overwrite, show_progress=show, report=False)  # written once, with the evaluations
+                                overwrite=args.overwrite, show_progress=show, report=False, sequential=bool(args.sequential))  # written once, with the evaluations
         if streamed is None:  # another rank: rank 0 writes, evaluates and reports
             return 0
         out, state = streamed.out, streamed.state

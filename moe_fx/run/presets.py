@@ -23,12 +23,15 @@ with 16,384; the presets' pipelines were not re-measured with 65,536.
 Both are expert-pruning recipes: the budget is ``--ratio`` / ``--keep`` of the experts.
 
 - ``best-oneshot-params``: the budget is ``--ratio`` of the routed experts' *parameters*, removed about half as
-  whole experts (REAP) and the rest as channels of the kept experts (Fisher; ``obs`` when streamed, which needs no
-  gradient), then compensation on 65,536 tokens a layer. One width for every expert, so the output is a stock
-  checkpoint. On qwen3moe-bench (200k calibration tokens; ``best_oneshot_params{25,50}_*_cpu.json``), ``--ratio 0.5``
-  removes 50.6% and loses 0.42x plain REAP's loss at 50%; ``--ratio 0.25`` removes 26.2% and loses 0.64x REAP's at
-  25% (EEP + compensation: 0.73x), streamed the same. Of the shares of the budget taken as experts that were tried
-  (a quarter, a half, three quarters), half was the best at both budgets (``channel_pruning_obs_cpu.json``,
+  whole experts (REAP) and the rest as channels of the kept experts (``obs``, which needs no gradient), then
+  compensation on 65,536 tokens a layer. One width for every expert, so the output is a stock checkpoint. On
+  qwen3moe-bench (200k calibration tokens; ``best_oneshot_params{25,50}_*_cpu.json``), ``--ratio 0.5`` removes 50.6%
+  and loses 0.42x plain REAP's loss at 50%; ``--ratio 0.25`` removes 26.2% and loses 0.64x REAP's at 25% (EEP +
+  compensation: 0.73x); Fisher channels, which need the whole model's gradient, lost as much (0.64x, 0.42x). Streamed,
+  it takes ``--sequential`` (each layer calibrated on the pruned layers' outputs, for one more forward of each layer):
+  0.61x and 0.41x at those two splits (``sequential_streaming_bench_cpu.json``), though 3% worse than without it at a
+  23.4% split; ``--no-sequential`` turns it off. Of the shares of the budget taken as experts that were tried (a
+  quarter, a half, three quarters), half was the best at both budgets (``channel_pruning_obs_cpu.json``,
   ``channel_pruning_shares25_cpu.json``)."""
 
 from __future__ import annotations
@@ -79,12 +82,14 @@ PRESETS: dict[str, Preset] = {
         defaults={**_COMPENSATE, "calib_tokens": 1_000_000},
     ),
     "best-oneshot-params": Preset(
-        {"granularity": "channel", "expert_method": "reap", "method": "fisher", "allocation": "uniform", "compensate": True},
-        streamed={"granularity": "channel", "expert_method": "reap", "method": "obs", "allocation": "uniform", "compensate": True},
-        measured="REAP drops about half the budget as experts, Fisher channels the rest, + compensation: 0.64x / 0.42x REAP's loss "
+        {"granularity": "channel", "expert_method": "reap", "method": "obs", "allocation": "uniform", "compensate": True},
+        streamed={"granularity": "channel", "expert_method": "reap", "method": "obs", "allocation": "uniform", "compensate": True,
+                  "sequential": True},
+        measured="REAP drops about half the budget as experts, obs channels the rest, + compensation: 0.64x / 0.42x REAP's loss "
                  "removing 26.2% / 50.6% of the routed parameters (--ratio 0.25 / 0.5) on qwen3moe-bench",
-        streamed_measured="REAP drops about half the budget as experts, obs channels the rest, + compensation: 0.64x / 0.42x REAP's "
-                          "loss removing 26.2% / 50.6% of the routed parameters (--ratio 0.25 / 0.5) on qwen3moe-bench",
+        streamed_measured="REAP drops about half the budget as experts, obs channels the rest on the pruned layers' outputs, + "
+                          "compensation: 0.61x / 0.41x REAP's loss removing 26.2% / 50.6% of the routed parameters (--ratio 0.25 / 0.5) "
+                          "on qwen3moe-bench",
         defaults=_COMPENSATE,
         experts_share=0.5,
     ),
@@ -127,8 +132,8 @@ def fit_to_model(options: dict, *, language_model: bool, compensation_refused: s
                  channels_refused: str | None = None) -> tuple[dict, list[str]]:
     """A preset's ``options`` changed where the model cannot take them, and one line per change saying why.
 
-    ``language_model``: the model predicts next tokens (EEP's fitness and Fisher's gradients are of their NLL;
-    otherwise REAP, uniform, the best pipeline measured without it, and obs channels); ``compensation_refused``:
+    ``language_model``: the model predicts next tokens (EEP's fitness is their NLL; otherwise REAP, uniform, the
+    best pipeline measured without it); ``compensation_refused``:
     why the family cannot be compensated (None: it can); ``shared_layers``: decoder layers with several expert
     blocks, which keep equal counts (no global allocation); ``channels_refused``: why channels cannot be scored
     in this family (then experts alone: dropping experts removes the same share of routed parameters).
@@ -137,9 +142,6 @@ def fit_to_model(options: dict, *, language_model: bool, compensation_refused: s
     if options.get("granularity") == "channel" and channels_refused:
         options = {"method": "reap", "allocation": "uniform", "compensate": options.get("compensate", False)}
         why.append(f"--method reap --allocation uniform (experts only, --ratio of them): {channels_refused}")
-    if options.get("method") == "fisher" and not language_model:
-        options["method"] = "obs"
-        why.append("--method obs: Fisher's scores are gradients of the next-token NLL and this model is not a causal language model")
     if options.get("method") == "eep" and not language_model:
         options.update(method="reap", allocation="uniform")
         why.append("--method reap --allocation uniform: EEP's fitness is the next-token NLL and this model is not a causal language model")
