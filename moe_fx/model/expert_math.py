@@ -98,8 +98,12 @@ class ExpertMath:
 
     def output(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """``[N, H]`` unweighted output of expert ``e`` on ``x``."""
-        y = self.activations(e, x) @ self.down(e, x)
-        b = self.down_bias(e, x)
+        return self.project(e, self.activations(e, x))
+
+    def project(self, e: int, a: torch.Tensor) -> torch.Tensor:
+        """``[N, H]`` output of expert ``e`` from its intermediate activations ``a`` (:meth:`activations`)."""
+        y = a @ self.down(e, a)
+        b = self.down_bias(e, a)
         return y if b is None else y + b
 
 
