@@ -65,7 +65,7 @@ def main() -> None:
             print(f"{recipe}: plain {plain['delta_nll']:+.4f}, sequential {seq['delta_nll']:+.4f}", flush=True)
     print(format_table(["recipe", "sequential", "Δ NLL", "x plain", "seconds"],
                        [[r["recipe"], r["sequential"], f"{r['delta_nll']:+.4f}", r.get("vs_plain", ""), r["seconds"]] for r in rows]))
-    Path(args.out).write_text(json.dumps({"options": {**vars(args)}, "rows": rows}, indent=1) + "\n")
+    Path(args.out).write_text(json.dumps({"options": vars(args), "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -65,6 +65,9 @@ REAP's loss at 25% / 50%, against 0.81x / 0.63x on the CLI's default 16,384; ``c
 _DISTILL = {"distill_steps": 300, "distill_lr": 1e-3, "distill_batch_size": 32}
 """Recovery of ``best``: 32 windows a step (run in parts of ``--batch-size``), lr 1e-3 (better than 3e-4 at this batch)."""
 
+_EXPERTS_THEN_CHANNELS = {"granularity": "channel", "expert_method": "reap", "method": "obs", "allocation": "uniform", "compensate": True}
+"""``best-oneshot-params``' pipeline: REAP drops experts, obs scores the kept experts' channels (no gradient), compensation."""
+
 PRESETS: dict[str, Preset] = {
     "best-oneshot": Preset(
         {"method": "eep", "allocation": "global", "compensate": True},
@@ -82,9 +85,8 @@ PRESETS: dict[str, Preset] = {
         defaults={**_COMPENSATE, "calib_tokens": 1_000_000},
     ),
     "best-oneshot-params": Preset(
-        {"granularity": "channel", "expert_method": "reap", "method": "obs", "allocation": "uniform", "compensate": True},
-        streamed={"granularity": "channel", "expert_method": "reap", "method": "obs", "allocation": "uniform", "compensate": True,
-                  "sequential": True},
+        _EXPERTS_THEN_CHANNELS,
+        streamed={**_EXPERTS_THEN_CHANNELS, "sequential": True},
         measured="REAP drops about half the budget as experts, obs channels the rest, + compensation: 0.64x / 0.42x REAP's loss "
                  "removing 26.2% / 50.6% of the routed parameters (--ratio 0.25 / 0.5) on qwen3moe-bench",
         streamed_measured="REAP drops about half the budget as experts, obs channels the rest on the pruned layers' outputs, + "
@@ -133,10 +135,10 @@ def fit_to_model(options: dict, *, language_model: bool, compensation_refused: s
     """A preset's ``options`` changed where the model cannot take them, and one line per change saying why.
 
     ``language_model``: the model predicts next tokens (EEP's fitness is their NLL; otherwise REAP, uniform, the
-    best pipeline measured without it); ``compensation_refused``:
-    why the family cannot be compensated (None: it can); ``shared_layers``: decoder layers with several expert
-    blocks, which keep equal counts (no global allocation); ``channels_refused``: why channels cannot be scored
-    in this family (then experts alone: dropping experts removes the same share of routed parameters).
+    best pipeline measured without it); ``compensation_refused``: why the family cannot be compensated (None: it
+    can); ``shared_layers``: decoder layers with several expert blocks, which keep equal counts (no global
+    allocation); ``channels_refused``: why channels cannot be scored in this family (then experts alone: dropping
+    experts removes the same share of routed parameters).
     """
     options, why = dict(options), []
     if options.get("granularity") == "channel" and channels_refused:

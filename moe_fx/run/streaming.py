@@ -194,17 +194,6 @@ class _StreamRun:
         pin = self.state_device.type == "cpu" and torch.device(self.device).type == "cuda"
         return torch.empty(hidden.shape, dtype=hidden.dtype, device=self.state_device, pin_memory=pin).copy_(hidden)
 
-    def checkpoint_states(self) -> tuple[list[torch.Tensor], list[dict]]:
-        """A copy of the hidden states (and per-batch carries) entering the next layer, for :meth:`restore_states`."""
-        clone = lambda v: v.clone() if isinstance(v, torch.Tensor) else v
-        return [s.clone() for s in self.states], [{k: clone(v) for k, v in own.items()} for own in self.own]
-
-    def restore_states(self, saved: tuple[list[torch.Tensor], list[dict]]) -> None:
-        """Put back what :meth:`checkpoint_states` copied (``forward`` overwrites the states in place)."""
-        for state, old in zip(self.states, saved[0]):
-            state.copy_(old)
-        self.own = saved[1]
-
     def load_layer(self, index: int) -> None:
         layer = self.layers[index]
         self.ckpt.load_into(self.model, self.layer_keys[index], device=self.device, dtype=self.dtype)
@@ -218,14 +207,17 @@ class _StreamRun:
         inside = f"{self.prefix}.{index}."
         return dataclasses.replace(self.spec, blocks=tuple(b for b in self.spec.blocks if b.path.startswith(inside)))
 
-    def forward(self, index: int, observers: list, spec: MoEModelSpec) -> dict[str, dict[str, torch.Tensor]]:
-        """Every batch's hidden states through layer ``index`` (replaced by its output), observers attached."""
+    def forward(self, index: int, observers: list, spec: MoEModelSpec, hand_on: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+        """Every batch's hidden states through layer ``index`` (replaced by its output, and the batch's carry updated,
+        unless ``hand_on`` is False: observed only), observers attached."""
         layer = self.layers[index]
         with torch.no_grad(), (instrument(self.model, spec, observers) if spec.blocks and observers else contextlib.nullcontext()) as recorded:
             for b, (hidden, shape) in enumerate(zip(self.states, self.batch_shapes)):
                 try:
                     own = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in self.own[b].items()}
                     out = self.calls[shape][index](layer, hidden.to(self.device, non_blocking=True), own)
+                    if not hand_on:
+                        continue
                     self.own[b] = {k: v.to(self.state_device) if isinstance(v, torch.Tensor) else v for k, v in own.items()}
                 except torch.OutOfMemoryError:
                     raise out_of_memory(f"layer {index} of the streamed calibration", self.device, shape[:2],
@@ -413,8 +405,9 @@ def stream_prune(
                 run.load_layer(i)
                 t_fwd = time.perf_counter()
                 observers = calibrate.make_observers() if calibrate is not None else []
-                rewind = run.checkpoint_states() if sequential and tokens is not None and layer_spec.blocks and rest else None
-                acc = run.forward(i, observers, layer_spec)
+                # sequential: the unpruned layer is only observed; the rewritten one runs again below and hands on its output
+                rewritten_hands_on = sequential and tokens is not None and bool(layer_spec.blocks) and bool(rest)
+                acc = run.forward(i, observers, layer_spec, hand_on=not rewritten_hands_on)
                 if ranks and layer_spec.blocks and observers:
                     reduce_across_ranks(acc, layer_spec, observers)
                 t_pass = time.perf_counter()
@@ -428,8 +421,7 @@ def stream_prune(
                 if layer_spec.blocks and rest:
                     object.__setattr__(model, STATE_ATTR, sub)
                     compose(*rest)(model)
-                if rewind is not None:  # the next layer sees the rewritten one's output
-                    run.restore_states(rewind)
+                if rewritten_hands_on:
                     run.forward(i, [], layer_spec)
                 t_write = time.perf_counter()
                 keys, nbytes = run.write_layer(partial, i, shards[i])
