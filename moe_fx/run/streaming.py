@@ -14,9 +14,9 @@ and batches as :class:`~moe_fx.passes.Calibrate` in memory, so a streamed run pi
 writes the same tensors as the in-memory pipeline (bit-identical on the CPU: ``tests/test_streaming.py``).
 With ``sequential=True`` (``--sequential``) each rewritten layer runs again on its input instead, so the next layer
 is calibrated, scored and compensated on the hidden states the *pruned* model feeds it (as GPTQ and SparseGPT
-calibrate layer after layer): one more forward of each MoE layer and one more copy of the hidden states. On
-qwen3moe-bench (8 layers) it lowered the loss of ``--preset best-oneshot-params`` by 5% at 25% and 3% at 50% of
-the routed parameters (``docs/benchmarks/quality.md``).
+calibrate layer after layer): the unpruned layer is only observed, and the rewritten one runs once more to hand on
+its output. On qwen3moe-bench (8 layers) it lowered the loss of ``--preset best-oneshot-params`` by 5% at 25% and 3%
+at 50% of the routed parameters, and raised it by 3% at a 23.4% split (``docs/benchmarks/quality.md``).
 What cannot run one layer at a time is refused before any work: observers that need the whole model's loss
 gradient (Fisher, HEAPr), allocations ranked across layers, EEP's search.
 
