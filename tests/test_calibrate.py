@@ -196,3 +196,30 @@ def test_prescaled_experts_refuse_observers_that_assume_the_weight_outside():
     for observers in (("routing", "samples"), ("routing", "channels")):
         with pytest.raises(UnsupportedFamilyError, match="scale their input by the routing weight"):
             Calibrate(torch.zeros(1, 8, dtype=torch.long), observers=observers).check_model(model, state_of(model).spec)
+
+
+def test_reservoir_slots_match_inserting_tokens_in_turn():
+    """The vectorized reservoir step equals algorithm R run token by token: each accepted token overwrites the slot it
+    drew, so when several tokens of one event draw the same slot the last one stays."""
+    from moe_fx.calibrate.observers import _reservoir_slots
+
+    samples, fast, slow = 16, {"seen": torch.zeros((), dtype=torch.long)}, torch.full((16,), -1)
+    gen_fast, gen_slow = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    seen, duplicates = 0, 0
+    for t in (10, 9, 40, 3, 64, 1):
+        picked = _reservoir_slots(fast, "seen", samples, gen_fast, t)
+        pos = torch.arange(seen, seen + t)
+        slot = torch.where(pos < samples, pos, (torch.rand(t, generator=gen_slow, dtype=torch.float64) * (pos + 1)).long())
+        expected = torch.full((samples,), -1)
+        for i, s in enumerate(slot.tolist()):
+            if s < samples:
+                duplicates += int(expected[s] >= 0)
+                expected[s] = seen + i
+        before = slow.clone()
+        if picked is not None:
+            take, where = picked
+            assert len(set(where.tolist())) == len(where)  # one token per slot
+            slow[where] = take + seen
+        assert torch.equal(slow, torch.where(expected >= 0, expected, before)) and (expected >= 0).any() == (picked is not None)
+        seen += t
+    assert int(fast["seen"]) == seen and duplicates > 0  # the case of two tokens drawing one slot was exercised

@@ -55,7 +55,7 @@ def test_sample_bytes_counted_without_allocating(qwen3_30b_spec):
     # logits [n,E] + every expert's output [n,E,H] + their input [n,H] + bias [E] + top-k index (int64) and weight [n,k] + the count
     assert SampleObserver(n).accumulator_bytes(block) == 4 * (n * e + n * e * h + n * h + e + n * k) + 8 * n * k + 8
     assert InputObserver(16384).accumulator_bytes(block) == 4 * (16384 * (2 * h + e + k) + e) + 8 * 16384 * k + 8
-    assert SampleObserver.on_host and InputObserver.on_host and not ReapObserver.on_host
+    assert SampleObserver().on_host and InputObserver().on_host and not ReapObserver().on_host
 
 
 def test_whole_model_sample_refused_streamed_fits(qwen3_30b_spec):

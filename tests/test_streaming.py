@@ -134,6 +134,27 @@ def test_streaming_channels_equals_in_memory(method, observer, micro_path, tmp_p
     _assert_same_checkpoint(*_both(micro_path, tmp_path, passes))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the samples stay on the GPU only in a run on a GPU")
+@pytest.mark.parametrize("method", ["naee", "reap"])
+def test_samples_kept_on_the_gpu_give_the_cpu_samples_output(method, micro_path, tmp_path, monkeypatch):
+    """A streamed layer's token samples stay on the GPU (no copy to the host per batch): the same plan, and the same
+    merged, compensated and channel-pruned weights as with the samples in CPU memory."""
+    import moe_fx.run.streaming as streaming
+
+    passes = lambda: [
+        Calibrate(TOKENS, batch_size=2, observers=("routing", "reap", "samples", "inputs"), show_progress=False),
+        Score(method), MergeExperts(ratio=0.25), CompensateExperts(), Score("obs"), PruneChannels(ratio=0.25),
+    ]
+    on_gpu = stream_prune(micro_path, tmp_path / "gpu", passes(), device="cuda", show_progress=False).out
+    monkeypatch.setattr(streaming, "keep_samples_on", lambda *a, **k: False)
+    on_host = stream_prune(micro_path, tmp_path / "host", passes(), device="cuda", show_progress=False).out
+    ra, rb = (json.loads((p / "moe_fx.json").read_text()) for p in (on_gpu, on_host))
+    assert ra["plan"] == rb["plan"] and ra["channel_plan"] == rb["channel_plan"]
+    a, b = _tensors(on_gpu), _tensors(on_host)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
 def test_sharded_source_with_index(micro_path, tmp_path):
     source = tmp_path / "sharded"
     load_model(micro_path).save_pretrained(source, max_shard_size="200KB")

@@ -37,6 +37,7 @@ __all__ = [
     "router_probs",
     "calibration_stats",
     "check_host_memory",
+    "keep_samples_on",
     "host_memory_available",
     "run_calibration",
 ]
@@ -188,6 +189,25 @@ def check_host_memory(spec: MoEModelSpec, observers: list[Observer], *, streamed
         fix = f"stream the model (--stream on / moe_fx.stream_prune holds one block's sample) or {fix}"
     raise HostMemoryError(f"calibration would keep {gib(need)} of sampled tokens in CPU memory {where} (a block: {parts}) "
                           f"and {gib(available)} is available: {fix}")
+
+
+def keep_samples_on(spec: MoEModelSpec, observers: list[Observer], device: str | torch.device, share: float = 0.25) -> bool:
+    """Keep the sampled tokens of ``spec``'s blocks (a streamed run: one layer's) on ``device`` when it is a GPU and
+    they take at most ``share`` of its free memory; return whether they are.
+
+    In CPU memory every batch copies its accepted tokens to the host and synchronizes: 43% of the GPU time of a
+    streamed GPT-OSS-20B layer with compensation (``benchmarks/results/scale_h200/gpt-oss-20b_stream_profile_h100.log``).
+    On the GPU the passes also read the sample where they run. The values are the same either way."""
+    device = torch.device(device)
+    sampled = [o for o in observers if o.on_host]
+    if device.type != "cuda" or not sampled or not spec.blocks:
+        return False
+    need = sum(o.accumulator_bytes(b) for o in sampled for b in spec.blocks)
+    if need > torch.cuda.mem_get_info(device)[0] * share:
+        return False
+    for o in sampled:
+        o.device = device
+    return True
 
 
 @dataclass

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moe_fx.calibrate import Calibrate, calibration_stats, check_host_memory, distributed, instrument, reduce_across_ranks
+from moe_fx.calibrate import Calibrate, calibration_stats, check_host_memory, distributed, instrument, keep_samples_on, reduce_across_ranks
 from moe_fx.calibrate.stats import CalibrationStats
 from moe_fx.errors import BadOptionError, NotAModelError, out_of_memory
 from moe_fx.evaluate.nll import EvalSet, evaluate_nll
@@ -405,6 +405,7 @@ def stream_prune(
                 run.load_layer(i)
                 t_fwd = time.perf_counter()
                 observers = calibrate.make_observers() if calibrate is not None else []
+                keep_samples_on(layer_spec, observers, device)
                 # sequential: the unpruned layer is only observed; the rewritten one runs again below and hands on its output
                 rewritten_hands_on = sequential and tokens is not None and bool(layer_spec.blocks) and bool(rest)
                 acc = run.forward(i, observers, layer_spec, hand_on=not rewritten_hands_on)
