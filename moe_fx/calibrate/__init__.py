@@ -16,6 +16,7 @@ from moe_fx.calibrate.hooks import check_observable, check_routed, instrument, r
 from moe_fx.calibrate.observers import OBSERVERS, ChannelGradObserver, ChannelObserver, InputObserver, Observer, ReapObserver, RoutingEvent, RoutingObserver, SampleObserver
 from moe_fx.calibrate.stats import CalibrationStats
 from moe_fx.errors import BadOptionError, HostMemoryError, out_of_memory
+from moe_fx.model.attention import calibration_attention
 from moe_fx.model.expert_math import check_expert_math
 from moe_fx.model.spec import MoEModelSpec
 from moe_fx.pipeline import MoEState, Pass, PassResult
@@ -94,7 +95,7 @@ def run_calibration(
 def _observed(model: nn.Module, state: MoEState, observers: list[Observer], compiled: bool):
     """``(runner, accumulators)``: what to call on each batch and a function giving the observers' sums."""
     if not compiled:
-        with instrument(model, state.spec, observers) as acc:
+        with instrument(model, state.spec, observers) as acc, calibration_attention(model):
             yield model, lambda: acc
         return
     from moe_fx.deliver.graph import InstrumentPass

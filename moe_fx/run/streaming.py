@@ -50,6 +50,7 @@ from moe_fx.formats import mxfp4
 from moe_fx.formats.checkpoint import check_output_path, source_mxfp4, write_companions
 from moe_fx.formats.lazy import LazyCheckpoint, meta_model, revert_to_checkpoint_names
 from moe_fx.formats.partial import PartialCheckpoint
+from moe_fx.model.attention import calibration_attention
 from moe_fx.model.layers import LayerCall, capture_layer_calls, decoder_layers, stand_in_output
 from moe_fx.model.layout import layout_of, record_layout
 from moe_fx.model.per_layer import apply_layout
@@ -372,9 +373,10 @@ def stream_prune(
         raise BadOptionError(f"states={states!r}: use 'auto' or 'cpu'")
     out = check_output_path(out, source, overwrite)
     main, ranks = distributed.is_main(), distributed.active()
-    with LazyCheckpoint(source) as ckpt:
+    with LazyCheckpoint(source) as ckpt, contextlib.ExitStack() as calibrating:
         run = _open_meta(source, ckpt, device, dtype, states)
         model, spec, dt = run.model, run.spec, run.dtype
+        calibrating.enter_context(calibration_attention(model))  # from the embedding (masks are built there) to the last layer
         compose(*passes).check_model(model)  # what the family cannot take fails before any layer is read
         if calibrate is not None:
             check_host_memory(spec, calibrate.make_observers(), streamed=True)
@@ -434,6 +436,7 @@ def stream_prune(
                     partial.save_states(i + 1, [s.cpu() for s in run.states])
                     last_snapshot = time.perf_counter()
                 bar.update(1)
+        calibrating.close()
         if not main:
             return None
         if teacher_cache is not None:
