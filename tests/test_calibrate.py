@@ -223,3 +223,22 @@ def test_reservoir_slots_match_inserting_tokens_in_turn():
         assert torch.equal(slow, torch.where(expected >= 0, expected, before)) and (expected >= 0).any() == (picked is not None)
         seen += t
     assert int(fast["seen"]) == seen and duplicates > 0  # the case of two tokens drawing one slot was exercised
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the samples stay on the GPU only in a run on a GPU")
+def test_samples_kept_on_the_gpu_equal_samples_in_cpu_memory(micro_path, monkeypatch):
+    """In-memory calibration on a GPU keeps every block's token samples there (no host copy per batch): the statistics
+    the passes receive, in CPU memory, are the same tensors."""
+    import moe_fx.calibrate as calibrate
+    from moe_fx.formats.loading import load_model
+
+    tokens = torch.randint(3, 128, (6, 24), generator=torch.Generator().manual_seed(3))
+    passes = lambda: [Calibrate(tokens, batch_size=2, observers=("routing", "reap", "samples", "inputs"), show_progress=False)]
+    stats = []
+    for kept in (True, False):
+        if not kept:
+            monkeypatch.setattr(calibrate, "keep_samples_on", lambda *a, **k: False)
+        stats.append(state_of(compose(*passes())(load_model(micro_path, device="cuda"))).stats.per_block)
+    for path, acc in stats[0].items():
+        for key, value in acc.items():
+            assert value.device.type == "cpu" and torch.equal(value, stats[1][path][key]), (path, key)

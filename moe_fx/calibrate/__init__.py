@@ -62,6 +62,7 @@ def run_calibration(
     ``compiled``: the observers run inside the graph that ``torch.compile`` captures (:mod:`moe_fx.deliver.graph.instrument`)
     instead of as Python hooks around each experts call; the statistics are the same."""
     device = next(model.parameters()).device
+    keep_samples_on(state.spec, observers, device)  # every block's sample, on a GPU where they fit
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -193,12 +194,13 @@ def check_host_memory(spec: MoEModelSpec, observers: list[Observer], *, streamed
 
 
 def keep_samples_on(spec: MoEModelSpec, observers: list[Observer], device: str | torch.device, share: float = 0.25) -> bool:
-    """Keep the sampled tokens of ``spec``'s blocks (a streamed run: one layer's) on ``device`` when it is a GPU and
-    they take at most ``share`` of its free memory; return whether they are.
+    """Keep the sampled tokens of ``spec``'s blocks (a streamed run: one layer's) on ``device`` while calibration runs,
+    when it is a GPU and they take at most ``share`` of its free memory; return whether they are. They reach the
+    passes in CPU memory either way (:func:`calibration_stats`), one copy at the end instead of one per batch.
 
     In CPU memory every batch copies its accepted tokens to the host and synchronizes: 43% of the GPU time of a
     streamed GPT-OSS-20B layer with compensation (``benchmarks/results/scale_h200/gpt-oss-20b_stream_profile_h100.log``).
-    On the GPU the passes also read the sample where they run. The values are the same either way."""
+    The values are the same either way."""
     device = torch.device(device)
     sampled = [o for o in observers if o.on_host]
     if device.type != "cuda" or not sampled or not spec.blocks:
