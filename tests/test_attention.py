@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_model
+from tiny_models import TINY_FAMILIES, tiny_model
 from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
 
-from moe_fx.model.attention import calibration_attention, sink_attention
+from moe_fx.model.attention import _has_sinks, calibration_attention, sink_attention
 
 IDS = torch.randint(3, 100, (3, 40), generator=torch.Generator().manual_seed(0))
 PADDED = torch.ones_like(IDS)
@@ -31,6 +31,23 @@ def test_gpt_oss_logits_match_eager(gpt_oss, mask):
     assert gpt_oss.config._attn_implementation == "eager"
     valid = torch.ones_like(IDS, dtype=torch.bool) if mask is None else PADDED.bool()
     torch.testing.assert_close(out[valid], ref[valid], rtol=1e-5, atol=1e-5)
+
+
+def test_every_family_with_sinks_matches_eager():
+    """Each tiny family whose attention has sinks (causal decoders, sliding windows, and a bidirectional encoder:
+    openai_privacy_filter, where no mask means full attention) gives eager's float32 logits."""
+    checked = []
+    for family in TINY_FAMILIES:
+        model = tiny_model(family).eval()
+        if not _has_sinks(model):
+            continue
+        with torch.no_grad():
+            ref = model(input_ids=IDS[:2]).logits
+            with calibration_attention(model):
+                out = model(input_ids=IDS[:2]).logits
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5, msg=family)
+        checked.append(family)
+    assert {"gpt_oss", "openai_privacy_filter", "mimo_v2_flash"} <= set(checked), checked
 
 
 class _Attention(torch.nn.Module):

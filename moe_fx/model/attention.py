@@ -1,4 +1,5 @@
-"""Attention with sinks (GPT-OSS) through fused attention kernels, for calibration forwards.
+"""Attention with sinks (GPT-OSS; in transformers 5.23 also MiMo-V2-Flash, GraniteMoE-SWA, HY-V4, Flint,
+DeepSeek-V4 and openai-privacy-filter) through fused attention kernels, for calibration forwards.
 
 transformers runs GPT-OSS's attention eagerly: its per-head sink logit joins the softmax's denominator, which SDPA
 cannot express, so every layer materializes ``[B, heads, T, T]`` scores, concatenates the sinks, and softmaxes them:
@@ -61,13 +62,15 @@ def sink_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, va
                    scaling: float, dropout: float = 0.0, s_aux: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature; the output ``[B, T, heads, D]`` as the family's eager function returns it."""
     t, s = query.shape[2], key.shape[2]
-    if dropout or (torch.is_grad_enabled() and query.requires_grad) or (attention_mask is None and t != s and t > 1):
+    # as transformers' SDPA path: no mask means causal unless the module says otherwise (a bidirectional encoder)
+    causal = attention_mask is None and t > 1 and kwargs.get("is_causal", getattr(module, "is_causal", True))
+    if dropout or (torch.is_grad_enabled() and query.requires_grad) or (causal and t != s):
         eager = sys.modules[type(module).__module__].eager_attention_forward
         return eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, s_aux=s_aux, **kwargs)
     groups = query.shape[1] // key.shape[1]
     key, value = (x.repeat_interleave(groups, dim=1) if groups > 1 else x for x in (key, value))
     bias = _bias(attention_mask, query, s) if attention_mask is not None else None
-    out, lse = _fused(query, key, value, bias, bias is None and t > 1, scaling)  # no mask: causal, or one query seeing every key
+    out, lse = _fused(query, key, value, bias, bool(causal), scaling)
     if s_aux is not None:
         out = (out.float() * torch.sigmoid(lse - s_aux.float().view(1, -1, 1)).unsqueeze(-1)).to(query.dtype)
     return out.transpose(1, 2).contiguous(), None
