@@ -174,3 +174,17 @@ def test_compensation_lowers_error_on_sample_and_held_out(micro_path, calib_path
     assert state_of(again).history[-1].report == report
     for name, w in _downs(again).items():
         assert torch.equal(w, _downs(comp)[name])
+
+
+def test_routes_by_expert_match_nonzero_per_expert():
+    """The one-sort grouping the refit and obs use gives each expert's routes as ``(idx == e).nonzero`` does, in
+    the same order; ids beyond the block's experts (not kept) and experts without routes are left out."""
+    from moe_fx.score.sample import routes_by_expert
+
+    idx = torch.randint(0, 7, (50, 3), generator=torch.Generator().manual_seed(0))
+    idx[idx == 4] = 5  # expert 4 unreached
+    routes = routes_by_expert(idx, 6)
+    assert sorted(routes) == [e for e in range(6) if (idx == e).any()] and 4 not in routes
+    for e, (t, s) in routes.items():
+        ref_t, ref_s = (idx == e).nonzero(as_tuple=True)
+        assert torch.equal(t, ref_t) and torch.equal(s, ref_s)

@@ -51,7 +51,7 @@ from moe_fx.model.routing import check_group_simulation
 from moe_fx.model.spec import MoEBlockSpec, MoEModelSpec
 from moe_fx.model.tensors import get_tensor
 from moe_fx.pipeline import MoEState, Pass, PassResult, require
-from moe_fx.score.sample import INPUT_NEEDS, inputs_sample, rerouted
+from moe_fx.score.sample import INPUT_NEEDS, inputs_sample, rerouted, routes_by_expert
 
 __all__ = ["CompensateExperts", "compensate_block", "ridge_refit"]
 
@@ -78,10 +78,7 @@ def compensate_block(
     # recomputed from them when it is refit, so nothing of size tokens x slots x hidden is held
     total = torch.zeros_like(target)
     rows: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-    for e in range(block.num_experts):
-        t, s = (idx == e).nonzero(as_tuple=True)  # a token reaches an expert once: t has no repeats
-        if len(t) == 0:
-            continue  # no sampled token reaches it: left unchanged
+    for e, (t, s) in routes_by_expert(idx, block.num_experts).items():  # a token reaches an expert once: t has no repeats
         # the expert's input and the factor on its output: (x, w), or (w x, 1) where the weight scales the input (Llama 4)
         xe, ws = (w[t, s, None] * x[t], torch.ones_like(w[t, s, None])) if prescaled else (x[t], w[t, s, None])
         rows[e] = (t, ws, math.activations(e, xe))
@@ -103,12 +100,15 @@ def compensate_block(
 def ridge_refit(A: torch.Tensor, Z: torch.Tensor, d0: torch.Tensor, ridge: float) -> torch.Tensor:
     """``D^T [I, H]`` minimising ``||A D^T - Z||^2 + lam ||D^T - d0||^2`` for rows ``A [n, I]`` (routing-weighted
     activations) and targets ``Z [n, H]``, with ``lam = ridge * trace(A^T A) / I``: the pull towards ``d0`` relative
-    to the activation energy, plus a 1e-10 jitter so an expert with dead neurons still solves."""
+    to the activation energy, plus a 1e-10 jitter so an expert with dead neurons still solves. All on the device
+    (no value read back, ``solve_ex`` skips the error check's synchronisation): the refit loop queues every expert's
+    solve without waiting for the GPU."""
     gram = A.T @ A
-    lam = ridge * float(torch.trace(gram)) / gram.shape[0]
+    trace = torch.trace(gram)
+    lam = ridge * trace / gram.shape[0]
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    jitter = 1e-10 * max(float(torch.trace(gram)), 1e-30) / gram.shape[0]
-    return torch.linalg.solve(gram + (lam + jitter) * eye, A.T @ Z + lam * d0)
+    jitter = 1e-10 * trace.clamp(min=1e-30) / gram.shape[0]
+    return torch.linalg.solve_ex(gram + (lam + jitter) * eye, A.T @ Z + lam * d0).result
 
 
 def _check_reconstruction(model, block, x, idx, w, predicted) -> None:

@@ -39,7 +39,7 @@ from moe_fx.model.spec import MoEBlockSpec, MoEModelSpec
 from moe_fx.model.tensors import get_tensor
 from moe_fx.score.base import register_scorer
 from moe_fx.score.channel import ChannelScorer
-from moe_fx.score.sample import INPUT_NEEDS, inputs_sample, rerouted
+from moe_fx.score.sample import INPUT_NEEDS, inputs_sample, rerouted, routes_by_expert
 
 _CHUNK_BYTES = {"cpu": 1 << 28, "cuda": 1 << 31}
 """Experts eliminated together: their two ``[I, I]`` float64 matrices take at most this many bytes (256 MiB on the
@@ -133,6 +133,7 @@ class ObsScorer(ChannelScorer):
         width = block.experts.intermediate_size
         energy = max(float((sample["input_target"].double() ** 2).sum()), 1e-30)
         chunk = max(1, _CHUNK_BYTES.get(device.type, _CHUNK_BYTES["cpu"]) // (2 * width * width * 8))
+        routes = routes_by_expert(idx, block.num_experts)
         scores = []
         for start in range(0, block.num_experts, chunk):
             experts = range(start, min(start + chunk, block.num_experts))
@@ -141,8 +142,8 @@ class ObsScorer(ChannelScorer):
             for i, e in enumerate(experts):
                 dt = math.down(e, x)
                 gram_w[i] = dt @ dt.T
-                t, s = (idx == e).nonzero(as_tuple=True)
-                if len(t):
+                if e in routes:
+                    t, s = routes[e]
                     a = w[t, s, None].double() * math.activations(e, x[t])
                     grams[i] = a.T @ a
             scores.append(obs_elimination(grams, gram_w, self.damp) / energy)

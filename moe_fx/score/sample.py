@@ -81,3 +81,19 @@ def rerouted(block: MoEBlockSpec, sample: dict, kept: torch.Tensor | None, evalu
             f"transform?), so the routing after a drop cannot be simulated; run without {evaluated}"
         )
     return route(block.router, logits, bias, kept)
+
+
+def routes_by_expert(idx: torch.Tensor, num_experts: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Per expert reached by a route of ``idx [n, k]``, its routes' ``(token, slot)`` in row-major order (as
+    ``(idx == e).nonzero`` gives them), from one stable sort and one copy to the host instead of a synchronising
+    ``nonzero`` per expert."""
+    k = idx.shape[1]
+    order = torch.sort(idx.flatten(), stable=True).indices
+    counts = torch.bincount(idx.flatten(), minlength=num_experts)[:num_experts].tolist()
+    out, start = {}, 0
+    for e, c in enumerate(counts):
+        if c:  # an expert no sampled route reaches is left out
+            flat = order[start : start + c]
+            out[e] = (flat // k, flat % k)
+        start += c
+    return out
