@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -103,3 +108,17 @@ def print_profile(title: str, run, device: str, sort_by: tuple[str, ...] = ("sel
         key = key if cuda else key.replace("cuda", "cpu")
         print(f"--- {title}: top by {key}")
         print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70), flush=True)
+
+
+def cli_prune(model: str, options: list[str], out: Path) -> dict:
+    """``moe-fx prune MODEL OPTIONS --out OUT`` as a user runs it (a subprocess); its ``moe_fx.json`` with the
+    held-out NLL change (``delta_nll``: the CLI's own ``eval_after - eval_before``, mean over domains) and the wall time."""
+    cmd = [sys.executable, "-m", "moe_fx", "prune", model, *options, "--quiet", "--out", str(out)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    record = json.loads((out / "moe_fx.json").read_text())
+    record["delta_nll"] = record["eval_after"]["mean"]["nll"] - record["eval_before"]["mean"]["nll"]
+    record["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    return record

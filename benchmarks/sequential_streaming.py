@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
+
+from common import cli_prune
 
 from moe_fx.evaluate.table import format_table
 
@@ -33,17 +32,10 @@ RECIPES = {
 
 def run(args, recipe: str, sequential: bool, work: Path) -> dict:
     out = work / f"{recipe}{'-sequential' if sequential else ''}"
-    cmd = [sys.executable, "-m", "moe_fx", "prune", args.model, *RECIPES[recipe], "--stream", "on",
-           "--sequential" if sequential else "--no-sequential", "--calib", args.calib, "--calib-tokens", str(args.calib_tokens),
-           "--eval-data", args.valid, "--device", args.device, "--quiet", "--out", str(out)]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-    record = json.loads((out / "moe_fx.json").read_text())
-    before, after = record["eval_before"]["mean"]["nll"], record["eval_after"]["mean"]["nll"]
-    return {"recipe": recipe, "sequential": sequential, "delta_nll": round(after - before, 5), "nll_before": before,
-            "nll_after": after, "seconds": round(time.perf_counter() - t0, 1), "stream_seconds": record["streaming"]["seconds"],
+    record = cli_prune(args.model, [*RECIPES[recipe], "--stream", "on", "--sequential" if sequential else "--no-sequential", "--calib",
+                                    args.calib, "--calib-tokens", str(args.calib_tokens), "--eval-data", args.valid, "--device", args.device], out)
+    return {"recipe": recipe, "sequential": sequential, "delta_nll": round(record["delta_nll"], 5), "nll_before": record["eval_before"]["mean"]["nll"],
+            "nll_after": record["eval_after"]["mean"]["nll"], "seconds": record["wall_seconds"], "stream_seconds": record["streaming"]["seconds"],
             "options": record["cli"]}
 
 

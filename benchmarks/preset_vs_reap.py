@@ -1,0 +1,69 @@
+"""The one-shot presets against plain REAP at the same budgets, through the CLI, on any trained model: the check that a
+recipe chosen on qwen3moe-bench holds on other families (issue 25; ``train_tiny_moe.py`` trains some).
+
+    python benchmarks/preset_vs_reap.py --model /tmp/trained/mixtral-micro --calib ../shared/data/corpus/train.jsonl.gz \\
+        --valid ../shared/data/corpus/valid.jsonl.gz --out benchmarks/results/preset_vs_reap_mixtral_micro_cpu.json
+
+For each ``--ratios`` R: ``--method reap --ratio R`` (the reference), ``--method reap --ratio R --compensate`` and
+``--preset best-oneshot-params --ratio R`` (R of the routed experts' parameters: experts, then channels, then
+compensation), in memory, with the same calibration tokens and the valid split. Each row: the held-out NLL change
+(the CLI's own evaluation), the share of routed-expert parameters removed (experts x width, from the record), and
+the ratio to REAP's change at that R.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from common import cli_prune
+
+from moe_fx.evaluate.table import format_table
+
+RECIPES = {
+    "reap": ["--method", "reap"],
+    "reap+comp": ["--method", "reap", "--compensate"],
+    "best-oneshot-params": ["--preset", "best-oneshot-params"],
+}
+
+
+def routed_removed(record: dict) -> float:
+    """Share of the routed experts' parameters removed: each block's experts x width, after against before."""
+    size = lambda experts, widths: sum(experts[b] * widths[b] for b in experts)
+    return 1 - size(record["experts_after"], record["widths_after"]) / size(record["experts_before"], record["widths_before"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--calib", required=True)
+    ap.add_argument("--valid", required=True)
+    ap.add_argument("--calib-tokens", type=int, default=200_000)
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
+    ap.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        for ratio in args.ratios:
+            reference = None
+            for recipe in ["reap", *(r for r in args.recipes if r != "reap")]:
+                record = cli_prune(args.model, [*RECIPES[recipe], "--ratio", str(ratio), "--calib", args.calib, "--calib-tokens",
+                                                str(args.calib_tokens), "--eval-data", args.valid, "--device", args.device],
+                                   Path(work) / f"{recipe}-{ratio}")
+                reference = record["delta_nll"] if recipe == "reap" else reference
+                rows.append({"ratio": ratio, "recipe": recipe, "delta_nll": round(record["delta_nll"], 5),
+                             "x_reap": round(record["delta_nll"] / reference, 4), "routed_removed": round(routed_removed(record), 4),
+                             "nll_before": record["eval_before"]["mean"]["nll"], "seconds": record["wall_seconds"],
+                             "experts_after": record["experts_after"], "widths_after": record["widths_after"], "options": record["cli"]})
+                print(f"{ratio} {recipe}: {record['delta_nll']:+.4f}", flush=True)
+    print(format_table(["ratio", "recipe", "routed removed", "Δ NLL", "x REAP", "seconds"],
+                       [[r["ratio"], r["recipe"], f"{r['routed_removed']:.1%}", f"{r['delta_nll']:+.4f}", r["x_reap"], r["seconds"]] for r in rows]))
+    Path(args.out).write_text(json.dumps({"options": vars(args), "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
