@@ -110,6 +110,19 @@ def print_profile(title: str, run, device: str, sort_by: tuple[str, ...] = ("sel
         print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70), flush=True)
 
 
+def cli_parser(description: str, recipes: dict[str, list[str]]) -> argparse.ArgumentParser:
+    """The options of the benchmarks that run ``moe-fx prune`` itself (:func:`cli_prune`) for named ``recipes``."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--calib", required=True)
+    ap.add_argument("--valid", required=True)
+    ap.add_argument("--calib-tokens", type=int, default=200_000)
+    ap.add_argument("--recipes", nargs="+", default=list(recipes), choices=list(recipes))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", required=True)
+    return ap
+
+
 def cli_prune(model: str, options: list[str], out: Path) -> dict:
     """``moe-fx prune MODEL OPTIONS --out OUT`` as a user runs it (a subprocess); its ``moe_fx.json`` with the
     held-out NLL change (``delta_nll``: the CLI's own ``eval_after - eval_before``, mean over domains) and the wall time."""

@@ -13,12 +13,11 @@ the ratio to REAP's change at that R.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from pathlib import Path
 
-from common import cli_prune
+from common import cli_parser, cli_prune
 
 from moe_fx.evaluate.table import format_table
 
@@ -36,15 +35,8 @@ def routed_removed(record: dict) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--calib", required=True)
-    ap.add_argument("--valid", required=True)
-    ap.add_argument("--calib-tokens", type=int, default=200_000)
+    ap = cli_parser(__doc__.splitlines()[0], RECIPES)
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
-    ap.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", required=True)
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as work:
