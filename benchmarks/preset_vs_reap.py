@@ -7,8 +7,10 @@ recipe chosen on qwen3moe-bench holds on other families (issue 25; ``train_tiny_
 For each ``--ratios`` R: ``--method reap --ratio R`` (the reference), ``--method reap --ratio R --compensate`` and
 ``--preset best-oneshot-params --ratio R`` (R of the routed experts' parameters: experts, then channels, then
 compensation), in memory, with the same calibration tokens and the valid split. Each row: the held-out NLL change
-(the CLI's own evaluation), the share of routed-expert parameters removed (experts x width, from the record), and
-the ratio to REAP's change at that R.
+(the CLI's own evaluation), the share of routed-expert parameters removed (experts x width, from the record), the
+ratio to REAP's change at that R, and compensation's relative block error on its sample after the refit. The recipes
+``reap+comp65k`` and ``obs-channels+comp65k`` spend the whole budget as experts or as channels with the preset's
+compensation sample: the two ends of the split the preset fixes at about half.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ RECIPES = {
     "reap": ["--method", "reap"],
     "reap+comp": ["--method", "reap", "--compensate"],
     "best-oneshot-params": ["--preset", "best-oneshot-params"],
+    # the preset's two ends: its compensation sample, all of the budget as experts or as channels
+    "reap+comp65k": ["--method", "reap", "--compensate", "--compensate-samples", "65536"],
+    "obs-channels+comp65k": ["--granularity", "channel", "--method", "obs", "--compensate", "--compensate-samples", "65536"],
 }
 
 
@@ -47,13 +52,16 @@ def main() -> None:
                                                 str(args.calib_tokens), "--eval-data", args.valid, "--device", args.device],
                                    Path(work) / f"{recipe}-{ratio}")
                 reference = record["delta_nll"] if recipe == "reap" else reference
+                refit = [p["report"] for p in record["passes"] if p["name"] == "compensate_experts"]
                 rows.append({"ratio": ratio, "recipe": recipe, "delta_nll": round(record["delta_nll"], 5),
+                             "block_error_after_compensation": refit[-1]["mean_error_after"] if refit else None,
                              "x_reap": round(record["delta_nll"] / reference, 4), "routed_removed": round(routed_removed(record), 4),
                              "nll_before": record["eval_before"]["mean"]["nll"], "seconds": record["wall_seconds"],
                              "experts_after": record["experts_after"], "widths_after": record["widths_after"], "options": record["cli"]})
                 print(f"{ratio} {recipe}: {record['delta_nll']:+.4f}", flush=True)
-    print(format_table(["ratio", "recipe", "routed removed", "Δ NLL", "x REAP", "seconds"],
-                       [[r["ratio"], r["recipe"], f"{r['routed_removed']:.1%}", f"{r['delta_nll']:+.4f}", r["x_reap"], r["seconds"]] for r in rows]))
+    print(format_table(["ratio", "recipe", "routed removed", "Δ NLL", "x REAP", "block error", "seconds"],
+                       [[r["ratio"], r["recipe"], f"{r['routed_removed']:.1%}", f"{r['delta_nll']:+.4f}", r["x_reap"],
+                         r["block_error_after_compensation"], r["seconds"]] for r in rows]))
     Path(args.out).write_text(json.dumps({"options": vars(args), "rows": rows}, indent=1) + "\n")
 
 
