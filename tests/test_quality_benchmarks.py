@@ -70,19 +70,19 @@ def test_substitution_replaces_exactly_the_pruned_experts_outputs(micro_path) ->
     assert torch.allclose(out, expected, atol=1e-5) and not torch.allclose(out, reference, atol=1e-3)
 
 
-def test_train_tiny_moe_tokenizes_trains_and_saves_a_loadable_model(calib_path, tmp_path) -> None:
+def test_train_tiny_moe_tokenizes_trains_and_saves_a_loadable_model(calib_path, tmp_path, monkeypatch) -> None:
     """The trainer of other families' reference models: a few steps of each family on the CPU give a checkpoint
-    moe-fx loads and traces, with its report."""
-    tokens, run = tmp_path / "tokens.pt", lambda *a: subprocess.run([sys.executable, "train_tiny_moe.py", *a], cwd=BENCH,
-                                                                     capture_output=True, text=True, timeout=600)
-    proc = run("--tokenize", str(calib_path), "--tokenizer", str(BENCH.parent / "examples/assets/qwen3moe-micro/tokenizer.json"),
-               "--save-tokens", str(tokens))
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    moe-fx loads and traces, with its report (in process: three interpreters' start-up was most of its time)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import train_tiny_moe
+
+    tokens = tmp_path / "tokens.pt"
+    train_tiny_moe.tokenize(calib_path, BENCH.parent / "examples/assets/qwen3moe-micro/tokenizer.json", tokens)
     for family in ("qwen2_moe", "mixtral", "olmoe"):
         out = tmp_path / family
-        proc = run("--tokens", str(tokens), "--family", family, "--size", "micro", "--steps", "2", "--batch", "2", "--seq", "32",
-                   "--out", str(out))
-        assert proc.returncode == 0, proc.stderr[-2000:]
+        monkeypatch.setattr(sys, "argv", ["train_tiny_moe.py", "--tokens", str(tokens), "--family", family, "--size", "micro",
+                                          "--steps", "2", "--batch", "2", "--seq", "32", "--out", str(out)])
+        train_tiny_moe.main()
         report = json.loads((out / "report.json").read_text())
         assert report["family"] == family and report["train_tokens"] == 2 * 2 * 32
         spec = state_of(load_model(out)).spec
