@@ -38,6 +38,7 @@ __all__ = [
     "router_probs",
     "calibration_stats",
     "check_host_memory",
+    "fits_on_gpu",
     "keep_samples_on",
     "host_memory_available",
     "run_calibration",
@@ -193,6 +194,13 @@ def check_host_memory(spec: MoEModelSpec, observers: list[Observer], *, streamed
                           f"and {gib(available)} is available: {fix}")
 
 
+def fits_on_gpu(device: str | torch.device, nbytes: int, share: float = 0.25) -> bool:
+    """Whether ``device`` is a GPU and ``nbytes`` take at most ``share`` of its free memory: the rule for what calibration
+    keeps on the GPU beside the model (a streamed run's hidden states with ``states="auto"``, the token samples)."""
+    device = torch.device(device)
+    return device.type == "cuda" and nbytes <= torch.cuda.mem_get_info(device)[0] * share
+
+
 def keep_samples_on(spec: MoEModelSpec, observers: list[Observer], device: str | torch.device, share: float = 0.25) -> bool:
     """Keep the sampled tokens of ``spec``'s blocks (a streamed run: one layer's) on ``device`` while calibration runs,
     when it is a GPU and they take at most ``share`` of its free memory; return whether they are. They reach the
@@ -201,15 +209,13 @@ def keep_samples_on(spec: MoEModelSpec, observers: list[Observer], device: str |
     In CPU memory every batch copies its accepted tokens to the host and synchronizes: 43% of the GPU time of a
     streamed GPT-OSS-20B layer with compensation (``benchmarks/results/scale_h200/gpt-oss-20b_stream_profile_h100.log``).
     The values are the same either way."""
-    device = torch.device(device)
     sampled = [o for o in observers if o.on_host]
-    if device.type != "cuda" or not sampled or not spec.blocks:
+    if torch.device(device).type != "cuda" or not sampled or not spec.blocks:
         return False
-    need = sum(o.accumulator_bytes(b) for o in sampled for b in spec.blocks)
-    if need > torch.cuda.mem_get_info(device)[0] * share:
+    if not fits_on_gpu(device, sum(o.accumulator_bytes(b) for o in sampled for b in spec.blocks), share):
         return False
     for o in sampled:
-        o.device = device
+        o.device = torch.device(device)
     return True
 
 

@@ -140,11 +140,11 @@ class _SampledObserver(Observer):
 
     size_option = "samples_per_block"
     device: torch.device | None = None
-    """Where the sample is kept. None: CPU memory, one sample per block for the whole run, the part of calibration
+    """Where the sample is kept while calibrating. None: CPU memory, one sample per block, the part of calibration
     that grows with the model (``samples x E x H`` floats a block for NAEE/SHAPE), checked by
-    :func:`moe_fx.calibrate.check_host_memory`. A streamed run holds one layer's sample at a time and keeps it on
-    the GPU when it fits (:func:`moe_fx.calibrate.keep_samples_on`): no copy to the CPU per batch, and the
-    passes read it where they run."""
+    :func:`moe_fx.calibrate.check_host_memory`. Calibration on a GPU (in memory: every block's samples; streamed: one
+    layer's) keeps them there when they fit (:func:`moe_fx.calibrate.keep_samples_on`): no copy to the CPU per batch.
+    The passes read them in CPU memory either way (:func:`moe_fx.calibrate.calibration_stats`)."""
     seen_key = "sample_seen"
     shared_keys: tuple[str, ...] = ()
     """Accumulators that are the same on every rank (not per sampled token)."""

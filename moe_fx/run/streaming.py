@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moe_fx.calibrate import Calibrate, calibration_stats, check_host_memory, distributed, instrument, keep_samples_on, reduce_across_ranks
+from moe_fx.calibrate import Calibrate, calibration_stats, check_host_memory, distributed, fits_on_gpu, instrument, keep_samples_on, reduce_across_ranks
 from moe_fx.calibrate.stats import CalibrationStats
 from moe_fx.errors import BadOptionError, NotAModelError, out_of_memory
 from moe_fx.evaluate.nll import EvalSet, evaluate_nll
@@ -181,12 +181,9 @@ class _StreamRun:
         """``states="auto"``: keep the hidden states on the GPU while they take at most a quarter of its free
         memory (no copies); else (or ``"cpu"``) in pinned CPU memory, overwritten in place layer after layer
         (asynchronous copies)."""
-        device = torch.device(self.device)
         nbytes = tokens * self.model.config.get_text_config().hidden_size * self.dtype.itemsize
-        if self.states_option == "auto" and device.type == "cuda" and nbytes <= torch.cuda.mem_get_info(device)[0] // 4:
-            self.state_device = device
-        else:
-            self.state_device = torch.device("cpu")
+        on_gpu = self.states_option == "auto" and fits_on_gpu(self.device, nbytes)
+        self.state_device = torch.device(self.device if on_gpu else "cpu")
 
     def store(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden`` where the hidden states are kept."""
