@@ -6,7 +6,7 @@ recipe chosen on qwen3moe-bench holds on other families (issue 25; ``train_tiny_
 
 For each ``--ratios`` R: ``--method reap --ratio R`` (the reference), ``--method reap --ratio R --compensate`` and
 ``--preset best-oneshot-params --ratio R`` (R of the routed experts' parameters: experts, then channels, then
-compensation), in memory, with the same calibration tokens and the valid split. Each row: the held-out NLL change
+compensation, the split kept of those it tries in memory recorded with each one's held-out fitness), in memory, with the same calibration tokens and the valid split. Each row: the held-out NLL change
 (the CLI's own evaluation), the share of routed-expert parameters removed (experts x width, from the record), the
 ratio to REAP's change at that R, and compensation's relative block error on its sample after the refit. The recipes
 ``reap+comp65k`` and ``obs-channels+comp65k`` spend the whole budget as experts or as channels with the preset's
@@ -53,15 +53,17 @@ def main() -> None:
                                    Path(work) / f"{recipe}-{ratio}")
                 reference = record["delta_nll"] if recipe == "reap" else reference
                 refit = [p["report"] for p in record["passes"] if p["name"] == "compensate_experts"]
+                choice = next((p["report"] for p in record["passes"] if p["name"] == "choose_recipe"), None)
                 rows.append({"ratio": ratio, "recipe": recipe, "delta_nll": round(record["delta_nll"], 5),
                              "block_error_after_compensation": refit[-1]["mean_error_after"] if refit else None,
                              "x_reap": round(record["delta_nll"] / reference, 4), "routed_removed": round(routed_removed(record), 4),
                              "nll_before": record["eval_before"]["mean"]["nll"], "seconds": record["wall_seconds"],
+                             "split_kept": choice and choice["chosen"], "split_fitness": choice and choice["fitness"],
                              "experts_after": record["experts_after"], "widths_after": record["widths_after"], "options": record["cli"]})
                 print(f"{ratio} {recipe}: {record['delta_nll']:+.4f}", flush=True)
-    print(format_table(["ratio", "recipe", "routed removed", "Δ NLL", "x REAP", "block error", "seconds"],
+    print(format_table(["ratio", "recipe", "routed removed", "Δ NLL", "x REAP", "block error", "split kept", "seconds"],
                        [[r["ratio"], r["recipe"], f"{r['routed_removed']:.1%}", f"{r['delta_nll']:+.4f}", r["x_reap"],
-                         r["block_error_after_compensation"], r["seconds"]] for r in rows]))
+                         r["block_error_after_compensation"], r["split_kept"] or "", r["seconds"]] for r in rows]))
     Path(args.out).write_text(json.dumps({"options": vars(args), "rows": rows}, indent=1) + "\n")
 
 

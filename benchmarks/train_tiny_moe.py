@@ -16,9 +16,12 @@ micro model's (``--size micro``: hidden 64, 2 layers), chosen for routing rules 
 - ``qwen2_moe``: 32 experts of width 128, top-4, no renormalization, plus a shared expert behind a sigmoid gate.
 - ``mixtral``: 8 coarse experts of width 512, top-2, renormalized.
 - ``olmoe``: 64 fine-grained experts of width 64, top-8, no renormalization.
+- ``deepseek_v3``: the layout of DeepSeek-V3, Kimi-K2 and Moonlight: 32 experts of width 128, top-4 by sigmoid scores
+  within the best 2 of 4 groups, renormalized and scaled by 2.5, a shared expert, multi-head latent attention; at bench
+  scale the first layer is dense. Balanced without an auxiliary loss, by the routers' correction bias (``BIAS_STEP``).
 
 Training: windows of 512 tokens, batch 64, AdamW (lr 2e-3, cosine after 100 warm-up steps, weight decay 0.1), the
-family's switch-style load-balancing loss at 0.01 (in the reported loss), bf16 autocast on a GPU, tied embeddings,
+family's switch-style load-balancing loss at 0.01 (in the reported loss; DeepSeek-V3's bias updates instead), bf16 autocast on a GPU, tied embeddings,
 seeded. Quality is then measured by moe-fx on the valid split, as for the repository's models.
 """
 
@@ -42,7 +45,15 @@ FAMILIES = {
                                 "norm_topk_prob": False, "decoder_sparse_step": 1},
     "mixtral": lambda scale: {"num_local_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 512 // scale},
     "olmoe": lambda scale: {"num_experts": 64, "num_experts_per_tok": 8, "intermediate_size": 64 // scale, "norm_topk_prob": False},
+    "deepseek_v3": lambda scale: {"n_routed_experts": 32, "num_experts_per_tok": 4, "n_shared_experts": 1, "moe_intermediate_size": 128 // scale,
+                                  "intermediate_size": 512 // scale, "first_k_dense_replace": 1 if scale == 1 else 0, "n_group": 4,
+                                  "topk_group": 2, "routed_scaling_factor": 2.5, "norm_topk_prob": True, "q_lora_rank": None,
+                                  "kv_lora_rank": 128 // scale, "qk_nope_head_dim": 64 // scale, "qk_rope_head_dim": 32 // scale,
+                                  "v_head_dim": 64 // scale, "num_key_value_heads": SIZES["bench"]["num_attention_heads"]},
 }
+BIAS_STEP = 1e-3
+"""DeepSeek-V3's auxiliary-loss-free balancing: after each step every router's ``e_score_correction_bias`` moves by this
+much towards its experts' mean load (up for underloaded experts, down for overloaded ones), as the paper trains it."""
 
 
 def tokenize(corpus: Path, tokenizer_file: Path, out: Path) -> None:
@@ -68,8 +79,32 @@ def build(family: str, size: str):
     scale = 1 if size == "bench" else 4
     config = AutoConfig.for_model(family, vocab_size=8192, max_position_embeddings=2048, tie_word_embeddings=True,
                                   bos_token_id=0, eos_token_id=0, pad_token_id=1, output_router_logits=True,
-                                  router_aux_loss_coef=0.01, **SIZES[size], **FAMILIES[family](scale))
+                                  router_aux_loss_coef=0.01, **{**SIZES[size], **FAMILIES[family](scale)})  # a family may override a size
     return AutoModelForCausalLM.from_config(config)
+
+
+def _router_loads(model) -> dict:
+    """Routers with an ``e_score_correction_bias`` (DeepSeek-V3) -> their experts' token counts since the last
+    :func:`_balance`, recorded by a forward hook on the router's chosen ids."""
+    loads = {}
+    for module in model.modules():
+        if hasattr(module, "e_score_correction_bias"):
+            loads[module] = torch.zeros_like(module.e_score_correction_bias)
+
+            def record(mod, args, output):
+                loads[mod] += torch.bincount(output[-1].flatten(), minlength=loads[mod].numel()).to(loads[mod].dtype)
+
+            module.register_forward_hook(record)
+    return loads
+
+
+@torch.no_grad()
+def _balance(loads: dict) -> None:
+    """DeepSeek-V3's bias update: each router's bias rises by ``BIAS_STEP`` for experts below their mean load and falls
+    for those above; the counts then restart."""
+    for router, load in loads.items():
+        router.e_score_correction_bias += BIAS_STEP * torch.sign(load.mean() - load)
+        load.zero_()
 
 
 def train(args) -> None:
@@ -77,6 +112,7 @@ def train(args) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ids = torch.load(args.tokens).to(torch.int32).long()
     model = build(args.family, args.size).to(device)
+    loads = _router_loads(model)
     params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95), fused=device == "cuda")
     lr_at = lambda s: args.lr * min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))
@@ -95,6 +131,7 @@ def train(args) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        _balance(loads)
         if step % 200 == 0 or step == args.steps - 1:
             print(f"step {step} loss {loss.item():.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     seconds = time.perf_counter() - t0

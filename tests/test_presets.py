@@ -20,7 +20,7 @@ from moe_fx.run.presets import PRESETS, preset_options
     ("best-oneshot", "on", ["calibrate", "score", "drop_experts", "compensate_experts"]),
     ("best", "off", ["calibrate", "score", "drop_experts", "compensate_experts", "distill"]),
     ("best", "on", ["calibrate", "score", "drop_experts", "compensate_experts", "distill"]),
-    ("best-oneshot-params", "off", ["calibrate", "score", "drop_experts", "score", "prune_channels", "compensate_experts"]),
+    ("best-oneshot-params", "off", ["calibrate"]),  # then the split it chose (test_params_preset_chooses_the_split_on_held_out_tokens)
     ("best-oneshot-params", "on", ["calibrate", "score", "drop_experts", "score", "prune_channels", "compensate_experts"]),
 ])
 def test_preset_runs_its_pipeline(preset, stream, expected, micro_path, calib_path, tmp_path, capsys, monkeypatch):
@@ -38,7 +38,7 @@ def test_preset_runs_its_pipeline(preset, stream, expected, micro_path, calib_pa
     assert ("streaming" in record) == (stream == "on")
     assert passes_run(out)[: len(expected)] == expected
     assert (record["search"] is not None) == (chosen["method"] == "eep")  # EEP in memory, REAP streamed
-    if preset == "best-oneshot-params":  # --ratio 0.25 of the routed parameters: 1 of 8 experts, then width 56 of 64 (23.4%)
+    if preset == "best-oneshot-params" and stream == "on":  # --ratio 0.25 of the routed parameters: 1 of 8 experts, then width 56 of 64 (23.4%)
         assert record["cli"]["params_ratio"] == 0.25 and record["cli"]["expert_ratio"] == 0.125
         assert record["cli"]["ratio"] == 0.125 and record["cli"]["method"] == chosen["method"]
         assert "--expert-ratio 0.125 --ratio 0.125" in stdout
@@ -59,6 +59,10 @@ def test_preset_runs_its_pipeline(preset, stream, expected, micro_path, calib_pa
     (["--distill-steps", "2", "--distill-batch-size", "0"], "--distill-batch-size >= 1"),
     (["--preset", "best-oneshot-params", "--expert-ratio", "0.1"], "chooses --expert-ratio itself"),
     (["--preset", "best-oneshot-params", "--ratio", "1.5"], "give --ratio in (0, 1), not 1.5"),
+    (["--preset", "best-oneshot-params", "--stream", "on", "--expert-shares", "0", "1"], "a streamed prune takes one share"),
+    (["--preset", "best-oneshot-params", "--expert-shares", "1.5"], "give shares in [0, 1]"),
+    (["--preset", "best-oneshot", "--expert-shares", "0.5"], "give shares in [0, 1] with --preset best-oneshot-params"),
+    (["--method", "reap", "--expert-shares", "0.5"], "add --preset best-oneshot-params"),
 ])
 def test_refused_before_loading(extra, message, micro_path, calib_path, tmp_path, capsys, monkeypatch):
     def no_load(*args, **kwargs):
@@ -70,6 +74,50 @@ def test_refused_before_loading(extra, message, micro_path, calib_path, tmp_path
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and message in lines[0], lines
     assert not out.exists()
+
+
+def test_params_preset_chooses_the_split_on_held_out_tokens(micro_path, calib_path, tmp_path, capsys):
+    """In memory, ``best-oneshot-params`` tries all of the budget as channels, about half as experts, and all as experts
+    (``--ratio 0.25`` of 8 experts of width 64: width 48; 1 expert then width 56; 2 experts), keeps the one with the lowest
+    NLL on the held-out fitness windows, and records and prints that split; ``--expert-shares`` with one share fixes it."""
+    out = tmp_path / "chosen"
+    assert cli.main(prune_argv(micro_path, calib_path, out, "--preset", "best-oneshot-params", "--fitness-tokens", "512")) == 0
+    stdout = capsys.readouterr().out
+    record = json.loads((out / "moe_fx.json").read_text())
+    choice = next(p for p in record["passes"] if p["name"] == "choose_recipe")["report"]
+    splits = {"experts 0, channels 0.25": (0.0, 0.25), "experts 0.125, channels 0.125": (0.125, 0.125), "experts 0.25, channels 0": (0.25, 0.0)}
+    assert set(choice["fitness"]) == set(splits) and choice["fitness"][choice["chosen"]] == min(choice["fitness"].values())
+    assert choice["chosen_fitness_rerun"] == choice["fitness"][choice["chosen"]] and choice["fitness_tokens"] == 8 * 63
+    assert (record["cli"]["expert_ratio"], record["cli"]["ratio"]) == tuple(record["cli"]["params_split"]) == splits[choice["chosen"]]
+    rewrites = [p for p in passes_run(out) if p in ("drop_experts", "prune_channels")]
+    assert rewrites == {(0.0, 0.25): ["prune_channels"], (0.125, 0.125): ["drop_experts", "prune_channels"], (0.25, 0.0): ["drop_experts"]}[splits[choice["chosen"]]]
+    assert passes_run(out)[-2:] == ["compensate_experts", "choose_recipe"] and f"split kept: {choice['chosen']}" in stdout
+    assert f"kept `{choice['chosen']}` by its NLL on 504 held-out calibration tokens" in (out / "report.md").read_text()
+    out = tmp_path / "experts-first"  # the candidates in the order given, the experts-only split first
+    assert cli.main(prune_argv(micro_path, calib_path, out, "--preset", "best-oneshot-params", "--expert-shares", "1", "0", "--fitness-tokens", "512")) == 0
+    choice = next(p for p in json.loads((out / "moe_fx.json").read_text())["passes"] if p["name"] == "choose_recipe")["report"]
+    assert list(choice["fitness"]) == ["experts 0.25, channels 0", "experts 0, channels 0.25"]
+    out = tmp_path / "fixed"
+    assert cli.main(prune_argv(micro_path, calib_path, out, "--preset", "best-oneshot-params", "--expert-shares", "1")) == 0
+    assert passes_run(out) == ["calibrate", "score", "drop_experts", "compensate_experts"]
+    record = json.loads((out / "moe_fx.json").read_text())["cli"]
+    assert record["params_split"] == [0.25, 0.0] and record["granularity"] == "expert" and record["ratio"] == 0.25
+
+
+def test_params_preset_fixes_the_split_where_trying_them_would_not_fit(micro_path, calib_path, tmp_path, capsys, monkeypatch):
+    """Each split tried holds a pruned copy of the experts beside the model: where that exceeds 90% of the memory free,
+    the preset keeps the fixed half split and says why, instead of running out of memory midway."""
+    import moe_fx.calibrate
+    from moe_fx.formats.lazy import meta_model
+
+    meta = meta_model(micro_path)
+    weights = sum(p.numel() * p.element_size() for p in meta.parameters())
+    monkeypatch.setattr(moe_fx.calibrate, "host_memory_available", lambda: weights)
+    out = tmp_path / "fixed"
+    assert cli.main([a for a in prune_argv(micro_path, calib_path, out, "--preset", "best-oneshot-params") if a != "--quiet"]) == 0
+    stdout = capsys.readouterr().out
+    assert "fitted to this machine: the split fixed at about half: trying the splits holds a pruned copy of the experts" in stdout
+    assert "choose_recipe" not in passes_run(out) and json.loads((out / "moe_fx.json").read_text())["cli"]["params_split"] == [0.125, 0.125]
 
 
 def test_preset_table():

@@ -78,12 +78,15 @@ def test_train_tiny_moe_tokenizes_trains_and_saves_a_loadable_model(calib_path, 
 
     tokens = tmp_path / "tokens.pt"
     train_tiny_moe.tokenize(calib_path, BENCH.parent / "examples/assets/qwen3moe-micro/tokenizer.json", tokens)
-    for family in ("qwen2_moe", "mixtral", "olmoe"):
+    for family in ("qwen2_moe", "mixtral", "olmoe", "deepseek_v3"):
         out = tmp_path / family
         monkeypatch.setattr(sys, "argv", ["train_tiny_moe.py", "--tokens", str(tokens), "--family", family, "--size", "micro",
                                           "--steps", "2", "--batch", "2", "--seq", "32", "--out", str(out)])
         train_tiny_moe.main()
         report = json.loads((out / "report.json").read_text())
         assert report["family"] == family and report["train_tokens"] == 2 * 2 * 32
-        spec = state_of(load_model(out)).spec
-        assert spec.blocks and spec.blocks[0].top_k == {"qwen2_moe": 4, "mixtral": 2, "olmoe": 8}[family]
+        model = load_model(out)
+        spec = state_of(model).spec
+        assert spec.blocks and spec.blocks[0].top_k == {"qwen2_moe": 4, "mixtral": 2, "olmoe": 8, "deepseek_v3": 4}[family]
+        if family == "deepseek_v3":  # balanced by the routers' correction bias, which the two steps moved
+            assert all(b.abs().max() > 0 for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))

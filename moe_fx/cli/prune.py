@@ -79,12 +79,18 @@ def add_parser(sub) -> None:
     chan.add_argument("--multiple", type=int, default=64, help="per-expert widths are padded to the layer's widest, rounded up to this (default 64)")
     chan.add_argument("--expert-ratio", type=float, help="first drop this fraction of each layer's experts (scored by --expert-method), then --ratio of the kept experts' channels")
     chan.add_argument("--expert-method", default="reap", help="expert scoring for --expert-ratio (default reap)")
+    chan.add_argument("--expert-shares", type=float, nargs="+", metavar="SHARE",
+                      help="--preset best-oneshot-params: shares of --ratio removed as whole experts (the rest as channels) to try in "
+                           "memory; the split with the lowest NLL on --fitness-tokens held-out calibration tokens is kept (default "
+                           "0 0.5 1; streamed 0.5, and one share when streamed). One share fixes the split")
     eep = p.add_argument_group("eep search (--method eep)")
     eep.add_argument("--eep-warm-start", default="reap", help="scorer whose plan seeds the search (default reap)")
     eep.add_argument("--eep-population", type=int, default=16, help="plans per generation (default 16)")
     eep.add_argument("--eep-generations", type=int, default=20, help="generations (default 20)")
     eep.add_argument("--eep-max-seconds", type=float, help="stop the search after this many seconds")
-    eep.add_argument("--fitness-tokens", type=int, default=16384, help="calibration tokens held out as the search's fitness set (default 16384)")
+    eep.add_argument("--fitness-tokens", type=int, default=16384,
+                     help="calibration tokens held out as the fitness set of the search, and of --preset best-oneshot-params' choice "
+                          "of split (default 16384)")
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--ratio", type=float, help="fraction of each block's experts to drop, in (0, 1); with --granularity channel: "
                         "fraction of the routed experts' channels (= routed-FFN parameters) to remove")
@@ -117,28 +123,47 @@ def add_parser(sub) -> None:
     p.set_defaults(parser_defaults={o: p.get_default(o) for o in PRESET_OPTIONS + PRESET_DEFAULTS})  # what --preset compares against
 
 
-def _apply_preset(args, stream: bool, meta=None) -> None:
+def _apply_preset(args, stream: bool, meta=None, device: str | None = None) -> None:
     """Set the options ``--preset`` stands for (moe_fx.run.presets), refusing options of the preset's set beside it,
-    and fitted to the model ``meta`` (its structure; None: taken as is) where it cannot take them all."""
+    and fitted to the model ``meta`` (its structure; None: taken as is) where it cannot take them all, and to the
+    memory of ``device`` (None: not checked) where trying several splits would not fit."""
     from moe_fx.calibrate import distributed
     from moe_fx.pipeline import state_of
     from moe_fx.run.presets import PRESET_OPTIONS, PRESETS, fit_to_model, preset_options, split_budget
+    from moe_fx.run.recipe import split_label
 
     set_beside = [f"--{o.replace('_', '-')}" for o in PRESET_OPTIONS if getattr(args, o) != args.parser_defaults[o]]
     if set_beside:
         raise MoeFxError(f"--preset {args.preset} chooses {', '.join(set_beside)} itself: drop {'them' if len(set_beside) > 1 else 'it'} "
                          "or the preset")
     preset = PRESETS[args.preset]
+    if args.expert_shares is not None and (preset.experts_share is None or not all(0 <= x <= 1 for x in args.expert_shares)
+                                           or (stream and len(args.expert_shares) > 1)):
+        raise MoeFxError(f"--expert-shares {' '.join(map(str, args.expert_shares))}: "
+                         + ("a streamed prune takes one share (it cannot measure the whole model per split)" if preset.experts_share is not None
+                            and all(0 <= x <= 1 for x in args.expert_shares) else "give shares in [0, 1] with --preset best-oneshot-params"))
     if preset.experts_share is not None and not (args.ratio is not None and 0 < args.ratio < 1):
         raise MoeFxError(f"--preset {args.preset} removes --ratio of the routed experts' parameters: give --ratio in (0, 1)"
                          + (", not --keep" if args.keep is not None else f", not {args.ratio}"))
-    chosen, fitted = preset_options(args.preset, streamed=stream), []
+    chosen, fitted, machine = preset_options(args.preset, streamed=stream), [], None
     if meta is not None:
         chosen, fitted = fit_to_model(chosen, **_model_limits(meta))
     if preset.experts_share is not None and chosen.get("granularity") == "channel":
         args.params_ratio = args.ratio  # what the user asked for, kept in the record beside the two it splits into
         shapes = {(b.num_experts, b.experts.intermediate_size, b.router.n_group or 1) for b in state_of(meta).spec.blocks} if meta is not None else set()
-        chosen["expert_ratio"], chosen["ratio"] = split_budget(args.ratio, preset.experts_share, shapes.pop() if len(shapes) == 1 else None)
+        shape = shapes.pop() if len(shapes) == 1 else None
+        shares = args.expert_shares or (preset.experts_shares if not stream and preset.experts_shares else (preset.experts_share,))
+        splits = list(dict.fromkeys(split_budget(args.ratio, share, shape) for share in shares))  # shares that round alike are tried once
+        too_big = _split_choice_memory(meta, args.ratio, device) if len(splits) > 1 and meta is not None and device else None
+        if too_big:
+            splits = [split_budget(args.ratio, preset.experts_share, shape)]
+            machine = f"the split fixed at about half: {too_big}"
+        if len(splits) > 1:
+            args.split_candidates = splits
+        # with several splits, one with channels stands in until ChooseRecipe has kept one (the record then names it)
+        chosen["expert_ratio"], chosen["ratio"] = args.params_split = next((s for s in splits if s[1]), splits[0])
+        if not chosen["ratio"]:  # the whole budget as experts: an expert prune by the preset's expert scorer
+            chosen.update(granularity="expert", method=chosen["expert_method"], ratio=chosen["expert_ratio"], expert_ratio=None)
     if args.sequential is False:  # said explicitly: the preset's streamed variant runs without it
         chosen.pop("sequential", None)
     if chosen.get("sequential") and args.nproc > 1:
@@ -152,10 +177,33 @@ def _apply_preset(args, stream: bool, meta=None) -> None:
     for key, value in chosen.items():
         setattr(args, key, value)
     if distributed.is_main():
-        flags = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v:.4g}" if isinstance(v, float) else f" {v}") for k, v in chosen.items())
+        flags = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v:.4g}" if isinstance(v, float) else f" {v}") for k, v in chosen.items()
+                         if not (k in ("expert_ratio", "ratio") and getattr(args, "split_candidates", None)))
         print(f"moe-fx: --preset {args.preset}{' (streamed)' if stream else ''}: {flags} ({preset.streamed_measured if stream else preset.measured})")
+        if getattr(args, "split_candidates", None):
+            print(f"moe-fx: --preset {args.preset}: tries {len(args.split_candidates)} splits and keeps the one with the lowest NLL on "
+                  f"{args.fitness_tokens:,} held-out calibration tokens: " + "; ".join(map(split_label, args.split_candidates)))
         for line in fitted:
             print(f"moe-fx: --preset {args.preset} fitted to this model: {line}")
+        if machine:
+            print(f"moe-fx: --preset {args.preset} fitted to this machine: {machine}")
+
+
+def _split_choice_memory(meta, ratio: float, device: str) -> str | None:
+    """Why the splits of ``--preset best-oneshot-params`` cannot all be tried in ``device``'s free memory (None: they
+    can): each candidate holds its pruned copy of the routed experts, up to ``1 - ratio`` of them, beside the model."""
+    from moe_fx.calibrate import host_memory_available
+    from moe_fx.pipeline import state_of
+    from moe_fx.rewrite.prune_channels import routed_parameters
+
+    width = next(meta.parameters()).element_size()
+    weights = sum(p.numel() for p in meta.parameters()) * width
+    copy = int(routed_parameters(meta, state_of(meta).spec) * (1 - ratio) * width)
+    free = torch.cuda.mem_get_info(torch.device(device))[0] if device.startswith("cuda") else host_memory_available()
+    if free is None or weights + copy <= 0.9 * free:
+        return None
+    return (f"trying the splits holds a pruned copy of the experts ({copy / 1e9:.1f} GB) beside the model ({weights / 1e9:.1f} GB), "
+            f"more than 90% of {device}'s free {free / 1e9:.1f} GB")
 
 
 def _fit_preset_sample(spec, calibrate, args, show: bool):
@@ -305,12 +353,12 @@ def run(args) -> int:
     from moe_fx.formats.checkpoint import check_output_path, save_checkpoint, source_mxfp4, update_record
     from moe_fx.formats.lazy import meta_model
     from moe_fx.formats.loading import check_model_dir, load_model, load_tokenizer
-    from moe_fx.passes import CacheTeacher, Calibrate, CompensateExperts, Distill, DropExperts, Score
+    from moe_fx.passes import CacheTeacher, Calibrate, ChooseRecipe, CompensateExperts, Distill
     from moe_fx.pipeline import compose, state_of
     from moe_fx.plan.allocate import check_allocation, check_budget
     from moe_fx.plan.eep import EvolutionarySearch
     from moe_fx.rewrite.prune_channels import routed_parameters
-    from moe_fx.run.recipe import observers_for, parse_method, prune_passes
+    from moe_fx.run.recipe import observers_for, parse_method, prune_passes, split_label, split_passes
     from moe_fx.run.streaming import stream_evaluate, stream_prune
     from moe_fx.score import get_scorer
 
@@ -331,7 +379,11 @@ def run(args) -> int:
     spec = state_of(meta).spec
     routed_source = routed_parameters(meta, spec)  # before any pass: an expert drop ahead of the channels counts too
     if args.preset:
-        _apply_preset(args, stream, meta)
+        _apply_preset(args, stream, meta, device)
+    elif args.expert_shares is not None:
+        raise MoeFxError("--expert-shares chooses the split of --preset best-oneshot-params; add --preset best-oneshot-params, or give "
+                         "--granularity channel --expert-ratio R for a fixed split")
+    splits = getattr(args, "split_candidates", None)  # in memory, --preset best-oneshot-params tries several splits
     channels = args.granularity == "channel"
     if args.quantize:
         check_before_pruning(source, args.quantize, width_multiple=args.multiple if channels else None, targets=args.quantize_targets)
@@ -340,7 +392,7 @@ def run(args) -> int:
     args.merge = merge or ("nearest" if args.merge else None)
     search = args.method == "eep"
     scorer = get_scorer(args.eep_warm_start if search else args.method, seed=args.seed)
-    expert_scorer = get_scorer(args.expert_method, seed=args.seed) if channels and args.expert_ratio else None
+    expert_scorer = get_scorer(args.expert_method, seed=args.seed) if channels and (args.expert_ratio or splits) else None
     _check_granularity(args, scorer, expert_scorer)
     if args.compiled_calibration:
         from moe_fx.deliver.graph import GRAPH_OBSERVERS
@@ -351,7 +403,7 @@ def run(args) -> int:
             raise MoeFxError(f"--compiled-calibration records {', '.join(GRAPH_OBSERVERS)} statistics only; this run needs "
                              f"{', '.join(eager_only)} (sampled or gradient statistics): drop --compiled-calibration")
     needs_data = scorer.needs or (expert_scorer and expert_scorer.needs)
-    needs_windows = needs_data or search or args.merge or args.compensate or args.distill_steps
+    needs_windows = needs_data or search or splits or args.merge or args.compensate or args.distill_steps
     if needs_windows and not args.calib:
         raise MoeFxError(f"--method {asked}{' --merge' if args.merge and asked == args.method else ''}{' --compensate' if args.compensate else ''}"
                          f"{' --distill-steps' if args.distill_steps else ''} needs calibration data: pass --calib FILE")
@@ -381,8 +433,9 @@ def run(args) -> int:
                          "holds; run `moe-fx eval SOURCE OUT ...` on a device that holds it, or use --stream off")
     if args.generate and args.no_eval:
         raise MoeFxError("--eval-generate continues held-out prompts: drop --no-eval")
-    if not channels or args.expert_ratio:
-        check_budget(spec, ratio=args.expert_ratio if channels else args.ratio, keep=None if channels else args.keep)
+    for expert_ratio in [er for er, _ in splits] if splits else [args.expert_ratio] if channels else [None]:
+        if not channels or expert_ratio:
+            check_budget(spec, ratio=expert_ratio if channels else args.ratio, keep=None if channels else args.keep)
     if not channels and args.allocation in ("uniform", "global"):
         check_allocation(spec, args.allocation)
     tokenizer = load_tokenizer(source)
@@ -397,10 +450,12 @@ def run(args) -> int:
     passes = []
     allocation = args.allocation
     if needs_windows:
-        windows = pack(tokenizer, calib_docs, seq_len=args.seq_len, max_tokens=args.calib_tokens + (args.fitness_tokens if search else 0), seed=args.seed)
+        windows = pack(tokenizer, calib_docs, seq_len=args.seq_len, max_tokens=args.calib_tokens + (args.fitness_tokens if search or splits else 0),
+                       seed=args.seed)
         check_token_ids(meta, source, windows)
-        if search:
+        if search or splits:
             windows, fitness = split_fitness(windows, args.fitness_tokens)
+        if search:
             allocation = EvolutionarySearch(
                 fitness, population=args.eep_population, generations=args.eep_generations, max_seconds=args.eep_max_seconds,
                 allocation=args.allocation, batch_size=args.batch_size, seed=args.seed, show_progress=show,
@@ -410,10 +465,17 @@ def run(args) -> int:
         passes.append(Calibrate(TokenBatch(windows, args.calib), batch_size=args.batch_size, seed=args.seed,
                                 observers=observers_for(scorers, merge=args.merge, compensate=args.compensate),
                                 samples_per_block=args.search_samples, inputs_per_block=args.compensate_samples, show_progress=show, compiled=args.compiled_calibration))
-    if expert_scorer:
-        passes += [Score(expert_scorer.name, seed=args.seed), DropExperts(ratio=args.expert_ratio)]
-    passes += prune_passes(scorer, spec, ratio=args.ratio, keep=args.keep, merge=args.merge, compensate=args.compensate,
-                           allocation=allocation, multiple=args.multiple, seed=args.seed, ridge=args.ridge)
+    if channels:
+        rewrite = functools.partial(split_passes, expert_scorer, scorer, spec, compensate=args.compensate, allocation=allocation,
+                                    multiple=args.multiple, seed=args.seed, ridge=args.ridge)
+        if splits:
+            passes.append(ChooseRecipe({split_label(s): tuple(rewrite(expert_ratio=s[0], channel_ratio=s[1])) for s in splits}, data=fitness,
+                                       batch_size=args.batch_size, show_progress=show))
+        else:
+            passes += rewrite(expert_ratio=args.expert_ratio, channel_ratio=args.ratio)
+    else:
+        passes += prune_passes(scorer, spec, ratio=args.ratio, keep=args.keep, merge=args.merge, compensate=args.compensate,
+                               allocation=allocation, multiple=args.multiple, seed=args.seed, ridge=args.ridge)
     if args.distill_steps:
         data = TokenBatch(windows, args.calib)
         cached = args.distill_teacher == "cached"
@@ -460,6 +522,9 @@ def run(args) -> int:
         model = compose(*passes)(model)
         state = state_of(model)
     prune_seconds = time.perf_counter() - t0
+    choice = state.report_of("choose_recipe")
+    if choice:  # the record and the summary name the split that was kept
+        args.expert_ratio, args.ratio = args.params_split = next(s for s in splits if split_label(s) == choice["chosen"])
     after = evaluate(out if stream else model, eval_set, batch_size=args.batch_size, show_progress=show) if eval_set else None
     after_size = size_of(out if stream else model)
     tasks_after = zero_shot_results(model, tokenizer, args, device) if args.tasks and distributed.is_main() else None
@@ -513,9 +578,9 @@ def run(args) -> int:
         for d in [k for k in before if k not in ("mean", "all")] + ["mean"]:
             rows.append([f"NLL {d}", f"{before[d]['nll']:.4f}", f"{after[d]['nll']:.4f}", f"{after[d]['nll'] - before[d]['nll']:+.4f}"])
     calib = state.stats.summary() if state.stats is not None else None
-    budget = (f"ratio={args.params_ratio:g} of the routed parameters (experts {args.expert_ratio:.4g}, then channels {args.ratio:.4g})"
+    budget = (f"ratio={args.params_ratio:g} of the routed parameters ({split_label(args.params_split)})"
               if getattr(args, "params_ratio", None) else f"ratio={args.ratio:g}" if args.ratio is not None else f"keep {args.keep}")
-    title = f"moe-fx prune {args.method} {budget} -> {out}"
+    title = f"moe-fx prune {'--preset ' + args.preset if args.preset else args.method} {budget} -> {out}"
     print(format_table(["", "before", "after", "change"], rows, title=title))
     if channel_report:
         r = channel_report
@@ -536,6 +601,9 @@ def run(args) -> int:
         print(f"experts written in {expert_format['format'].upper()} like the source ({human_bytes(expert_format['bytes'])} of weights)"
               + (f"; weights a pass changed were rounded to it (largest relative error {changed:.3f}): the NLL above is before "
                  f"rounding, `moe-fx eval` measures the saved model" if changed > 0 else "; the kept experts' values are exact"))
+    if choice:
+        print(f"split kept: {choice['chosen']}, NLL {choice['fitness'][choice['chosen']]:.4f} on {choice['fitness_tokens']:,} held-out calibration "
+              "tokens (" + "; ".join(f"{label}: {v:.4f}" for label, v in choice["fitness"].items()) + ")")
     if state.search is not None:
         r = state.search
         print(f"eep search: fitness NLL {r.start_fitness:.4f} (warm start) -> {r.fitness:.4f} after {r.evaluations} plans in {r.seconds:.1f} s")

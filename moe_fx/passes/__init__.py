@@ -1,6 +1,8 @@
-"""The passes a build script composes: Calibrate -> [CacheTeacher] -> Score -> DropExperts (or MergeExperts) / PruneChannels -> CompensateExperts -> Distill -> QuantizeExperts."""
+"""The passes a build script composes: Calibrate -> [CacheTeacher] -> Score -> DropExperts (or MergeExperts) / PruneChannels -> CompensateExperts -> Distill -> QuantizeExperts;
+ChooseRecipe keeps the best of several such recipes."""
 
 from moe_fx.calibrate import Calibrate
+from moe_fx.plan.choose import ChooseRecipe
 from moe_fx.plan.eep import EvolutionarySearch
 from moe_fx.rewrite.compensate import CompensateExperts
 from moe_fx.rewrite.distill import Distill
@@ -16,6 +18,7 @@ __all__ = [
     "SCORERS",
     "CacheTeacher",
     "Calibrate",
+    "ChooseRecipe",
     "CompensateExperts",
     "Distill",
     "DropExperts",

@@ -52,12 +52,18 @@ Genome = tuple[tuple[int, ...], ...]
 """One candidate: per block (in spec order), the sorted ids of the kept experts."""
 
 
+def shared_view(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s modules and config that shares every parameter and buffer with it, without its moe-fx
+    state: rewrites that replace tensors (dropping experts, pruning channels, compensation) change the view alone."""
+    memo: dict[int, Any] = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    memo[id(getattr(model, STATE_ATTR, None))] = None
+    return copy.deepcopy(model, memo)
+
+
 def pruned_view(model: nn.Module, spec: MoEModelSpec, plan: PrunePlan, refine: Pass | None = None, stats=None) -> nn.Module:
     """The model with ``plan`` applied, sharing every tensor it keeps with ``model`` (which is unchanged);
     ``refine`` (e.g. CompensateExperts, reading ``stats``) then rewrites the view's own expert tensors."""
-    memo: dict[int, Any] = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    memo[id(getattr(model, STATE_ATTR, None))] = None
-    view = copy.deepcopy(model, memo)
+    view = shared_view(model)
     new_spec = drop_experts(view, spec, plan, update_config=False)
     if refine is not None:
         state = MoEState(new_spec, spec, stats=stats, plan=plan)

@@ -49,7 +49,7 @@ from moe_fx.errors import BadOptionError, UnsupportedFamilyError
 from moe_fx.model.expert_math import ExpertMath, check_expert_math
 from moe_fx.model.routing import check_group_simulation
 from moe_fx.model.spec import MoEBlockSpec, MoEModelSpec
-from moe_fx.model.tensors import get_tensor
+from moe_fx.model.tensors import get_tensor, set_tensor
 from moe_fx.pipeline import MoEState, Pass, PassResult, require
 from moe_fx.score.sample import INPUT_NEEDS, inputs_sample, rerouted, routes_by_expert
 
@@ -63,9 +63,12 @@ _CHECK_TOL = 2e-2
 def compensate_block(
     model: nn.Module, block: MoEBlockSpec, sample: dict[str, torch.Tensor], kept: torch.Tensor | None, *, ridge: float, sweeps: int
 ) -> dict:
-    """Refit the down projections of ``block``'s current experts in place (see module doc); return the
+    """Refit the down projections of ``block``'s current experts (into a new tensor; see module doc); return the
     relative reconstruction error of the sample before and after, and the tokens used."""
-    device = get_tensor(model, block.experts.down).device
+    down = get_tensor(model, block.experts.down)
+    # the refit writes into a copy: a tensor shared with another model (a view being measured) stays as it was
+    set_tensor(model, block.experts.down, down.detach().clone())
+    device = down.device
     idx, w = rerouted(block, sample, kept, "CompensateExperts")
     math = ExpertMath(model, block.experts)
     dtype = torch.float64

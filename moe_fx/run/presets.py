@@ -22,17 +22,23 @@ with 16,384; the presets' pipelines were not re-measured with 65,536.
 
 Both are expert-pruning recipes: the budget is ``--ratio`` / ``--keep`` of the experts.
 
-- ``best-oneshot-params``: the budget is ``--ratio`` of the routed experts' *parameters*, removed about half as
-  whole experts (REAP) and the rest as channels of the kept experts (``obs``, which needs no gradient), then
-  compensation on 65,536 tokens a layer. One width for every expert, so the output is a stock checkpoint. On
-  qwen3moe-bench (200k calibration tokens; ``best_oneshot_params{25,50}_*_cpu.json``), ``--ratio 0.5`` removes 50.6%
-  and loses 0.42x plain REAP's loss at 50%; ``--ratio 0.25`` removes 26.2% and loses 0.64x REAP's at 25% (EEP +
-  compensation: 0.73x); Fisher channels, which need the whole model's gradient, lost as much (0.64x, 0.42x). Streamed,
-  it takes ``--sequential`` (each layer calibrated on the pruned layers' outputs, for one more forward of each layer):
-  0.61x and 0.41x at those two splits (``sequential_streaming_bench_cpu.json``), though 3% worse than without it at a
-  23.4% split; ``--no-sequential`` turns it off. Of the shares of the budget taken as experts that were tried (a
-  quarter, a half, three quarters), half was the best at both budgets (``channel_pruning_obs_cpu.json``,
-  ``channel_pruning_shares25_cpu.json``)."""
+- ``best-oneshot-params``: the budget is ``--ratio`` of the routed experts' *parameters*, removed as whole experts
+  (REAP) and/or channels of the kept experts (``obs``, which needs no gradient), then compensation on 65,536 tokens a
+  layer. One width for every expert, so the output is a stock checkpoint. Which split is best depends on the model
+  (``preset_vs_reap_*.json``: at 25%, all of it as experts on a Mixtral, 0.79x REAP's loss against 1.25x as channels;
+  channels on qwen3moe-bench and a Qwen2-MoE), so in memory it tries three (``experts_shares``: all as channels, about
+  half as experts, all as experts) and keeps the one whose pruned model has the lowest NLL on 16,384 held-out
+  calibration tokens (:class:`~moe_fx.plan.choose.ChooseRecipe`). On qwen3moe-bench (200k calibration tokens,
+  ``preset_vs_reap_bench_cpu.json``) it kept channels alone: 0.59x REAP's loss at 25% and 0.42x at 50%, exactly on
+  budget (the fixed half split before: 0.64x removing 26.2%, 0.42x removing 50.6%); on the trained micro Mixtral and
+  Qwen2-MoE it kept the split that was best on the valid split at both budgets (0.79x / 0.15x, 0.30x / 0.17x). It costs
+  three rewrites and three forwards over the held-out tokens (242 s against 52 s for REAP on 2 CPU cores for the
+  bench model at 25%). Streamed (the whole model is never in memory to measure), the split is fixed at about half
+  (``experts_share``; ``--expert-shares S`` fixes another), and it takes ``--sequential`` (each layer calibrated on the
+  pruned layers' outputs, for one more forward of each layer): 0.61x and 0.41x at 26.2% / 50.6%
+  (``sequential_streaming_bench_cpu.json``), though 3% worse than without it at a 23.4% split; ``--no-sequential``
+  turns it off. Half is the fixed split no measured model punished much (worst 0.90x, the Mixtral at 25%, where all as
+  channels lost 1.25x)."""
 
 from __future__ import annotations
 
@@ -56,6 +62,9 @@ class Preset:
     experts_share: float | None = None
     """``--ratio`` counts routed-expert parameters: this share of it is removed as whole experts, the rest as
     channels of the kept experts (:func:`split_budget`). None: ``--ratio`` / ``--keep`` count experts."""
+    experts_shares: tuple[float, ...] = ()
+    """In memory, each of these shares is tried instead and the split whose pruned model has the lowest NLL on held-out
+    calibration windows is kept (:class:`~moe_fx.plan.choose.ChooseRecipe`); streamed, ``experts_share``."""
 
 
 _COMPENSATE = {"compensate_samples": 65536}
@@ -87,13 +96,14 @@ PRESETS: dict[str, Preset] = {
     "best-oneshot-params": Preset(
         _EXPERTS_THEN_CHANNELS,
         streamed={**_EXPERTS_THEN_CHANNELS, "sequential": True},
-        measured="REAP drops about half the budget as experts, obs channels the rest, + compensation: 0.64x / 0.42x REAP's loss "
-                 "removing 26.2% / 50.6% of the routed parameters (--ratio 0.25 / 0.5) on qwen3moe-bench",
+        measured="the budget as obs channels, about half as REAP experts, or all as experts, + compensation, the split with the "
+                 "lowest held-out NLL kept: 0.59x / 0.42x REAP's loss at --ratio 0.25 / 0.5 on qwen3moe-bench (channels kept)",
         streamed_measured="REAP drops about half the budget as experts, obs channels the rest on the pruned layers' outputs, + "
                           "compensation: 0.61x / 0.41x REAP's loss removing 26.2% / 50.6% of the routed parameters (--ratio 0.25 / 0.5) "
                           "on qwen3moe-bench",
         defaults=_COMPENSATE,
         experts_share=0.5,
+        experts_shares=(0.0, 0.5, 1.0),
     ),
 }
 
@@ -114,7 +124,10 @@ def split_budget(ratio: float, experts_share: float, shape: tuple[int, int, int]
     :data:`~moe_fx.plan.plans.WIDTH_ALIGN`, so the exact split rarely exists; of the pairs (experts dropped, width
     kept) whose experts' share of the budget is within half of ``experts_share`` either way (the range the preset's
     measurements covered), the one removing the share nearest ``ratio`` is taken, the larger removal on a tie (the
-    budget is met rather than undercut). None: the exact fractions (no rounding)."""
+    budget is met rather than undercut). None: the exact fractions (no rounding). ``experts_share`` 1: the budget as
+    experts alone, ``(ratio, 0)``: dropping experts rounds it (:func:`~moe_fx.plan.allocate.experts_to_keep`)."""
+    if experts_share >= 1:
+        return ratio, 0.0
     target = ratio * experts_share
     if shape is None:
         return target, 1 - (1 - ratio) / (1 - target)

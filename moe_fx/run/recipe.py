@@ -60,3 +60,22 @@ def prune_passes(
     if compensate:
         passes.append(CompensateExperts(ridge=ridge))
     return passes
+
+
+def split_passes(
+    expert_scorer: Scorer | None, channel_scorer: Scorer, spec: MoEModelSpec, *, expert_ratio: float | None, channel_ratio: float,
+    allocation="uniform", multiple: int = 64, **common,
+) -> list[Pass]:
+    """Drop ``expert_ratio`` of each block's experts (scored by ``expert_scorer``), then remove ``channel_ratio`` of the
+    kept experts' channels (``channel_scorer``, ``allocation``, ``multiple``), then optional compensation; ``common``:
+    :func:`prune_passes`' ``compensate``, ``seed`` and ``ridge``. Either ratio may be 0 or None: that rewrite is left
+    out (experts alone take ``expert_scorer`` with uniform counts)."""
+    if not channel_ratio:
+        return prune_passes(expert_scorer, spec, ratio=expert_ratio, **common)
+    head: list[Pass] = [Score(expert_scorer.name, seed=common.get("seed", 0)), DropExperts(ratio=expert_ratio)] if expert_ratio else []
+    return head + prune_passes(channel_scorer, spec, ratio=channel_ratio, allocation=allocation, multiple=multiple, **common)
+
+
+def split_label(split: tuple[float, float]) -> str:
+    """How a split of a parameter budget is named in output and records: ``experts 0.125, channels 0.1429``."""
+    return f"experts {split[0]:.4g}, channels {split[1]:.4g}"

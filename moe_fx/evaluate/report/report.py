@@ -181,7 +181,12 @@ def render_markdown(summary: dict, plot_files: dict[str, str], plot_errors: dict
     if cal:
         lines.append(f"- calibration: {cal['tokens']:,} tokens of {cal.get('source')} in {cal['seconds']:.1f} s, fingerprint `{cal['fingerprint']}`")
     for p in summary["passes"]:
-        lines.append(f"- pass `{p['name']}`: {p['seconds']:.1f} s" if p.get("seconds") is not None else f"- pass `{p['name']}`")
+        line = f"- pass `{p['name']}`: {p['seconds']:.1f} s" if p.get("seconds") is not None else f"- pass `{p['name']}`"
+        choice = p["report"] if p["name"] == "choose_recipe" else {}
+        if choice.get("fitness"):  # which candidate recipe was kept, and what each scored
+            line += (f"; kept `{choice['chosen']}` by its NLL on {choice['fitness_tokens']:,} held-out calibration tokens ("
+                     + ", ".join(f"`{label}` {v:.4f}" for label, v in choice["fitness"].items()) + ")")
+        lines.append(line)
     if summary["prune_seconds"] is not None:
         lines.append(f"- total pruning time: {summary['prune_seconds']:.1f} s")
     if summary["versions"]:
