@@ -39,6 +39,25 @@ def routed_removed(record: dict) -> float:
     return 1 - size(record["experts_after"], record["widths_after"]) / size(record["experts_before"], record["widths_before"])
 
 
+def run_recipe(args, recipe: str, ratio: float, out: Path) -> dict:
+    """One row: ``recipe`` at ``ratio`` through the CLI, or the CLI's one-line refusal (a budget the model's widths
+    cannot take: a row that says so rather than an aborted table)."""
+    try:
+        record = cli_prune(args.model, [*RECIPES[recipe], "--ratio", str(ratio), "--calib", args.calib, "--calib-tokens",
+                                        str(args.calib_tokens), "--eval-data", args.valid, "--device", args.device], out)
+    except SystemExit as refusal:
+        return {"ratio": ratio, "recipe": recipe, "refused": str(refusal).strip().splitlines()[-1]}
+    refit = [p["report"] for p in record["passes"] if p["name"] == "compensate_experts"]
+    choice = next((p["report"] for p in record["passes"] if p["name"] == "choose_recipe"), None)
+    delta = record["delta_nll"]
+    return {"ratio": ratio, "recipe": recipe, "delta_nll": round(delta, 5),
+            "block_error_after_compensation": refit[-1]["mean_error_after"] if refit else None,
+            "routed_removed": round(routed_removed(record), 4),
+            "nll_before": record["eval_before"]["mean"]["nll"], "seconds": record["wall_seconds"],
+            "split_kept": choice and choice["chosen"], "split_fitness": choice and choice["fitness"],
+            "experts_after": record["experts_after"], "widths_after": record["widths_after"], "options": record["cli"]}
+
+
 def main() -> None:
     ap = cli_parser(__doc__.splitlines()[0], RECIPES)
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
@@ -48,22 +67,16 @@ def main() -> None:
         for ratio in args.ratios:
             reference = None
             for recipe in ["reap", *(r for r in args.recipes if r != "reap")]:
-                record = cli_prune(args.model, [*RECIPES[recipe], "--ratio", str(ratio), "--calib", args.calib, "--calib-tokens",
-                                                str(args.calib_tokens), "--eval-data", args.valid, "--device", args.device],
-                                   Path(work) / f"{recipe}-{ratio}")
-                reference = record["delta_nll"] if recipe == "reap" else reference
-                refit = [p["report"] for p in record["passes"] if p["name"] == "compensate_experts"]
-                choice = next((p["report"] for p in record["passes"] if p["name"] == "choose_recipe"), None)
-                rows.append({"ratio": ratio, "recipe": recipe, "delta_nll": round(record["delta_nll"], 5),
-                             "block_error_after_compensation": refit[-1]["mean_error_after"] if refit else None,
-                             "x_reap": round(record["delta_nll"] / reference, 4), "routed_removed": round(routed_removed(record), 4),
-                             "nll_before": record["eval_before"]["mean"]["nll"], "seconds": record["wall_seconds"],
-                             "split_kept": choice and choice["chosen"], "split_fitness": choice and choice["fitness"],
-                             "experts_after": record["experts_after"], "widths_after": record["widths_after"], "options": record["cli"]})
-                print(f"{ratio} {recipe}: {record['delta_nll']:+.4f}", flush=True)
+                row = run_recipe(args, recipe, ratio, Path(work) / f"{recipe}-{ratio}")
+                reference = row.get("delta_nll") if recipe == "reap" else reference
+                if "delta_nll" in row:  # against REAP's loss at this ratio (None where REAP was refused or lost nothing)
+                    row["x_reap"] = round(row["delta_nll"] / reference, 4) if reference else None
+                rows.append(row)
+                print(f"{ratio} {recipe}: " + (f"{row['delta_nll']:+.4f}" if "delta_nll" in row else f"refused: {row['refused']}"), flush=True)
     print(format_table(["ratio", "recipe", "routed removed", "Δ NLL", "x REAP", "block error", "split kept", "seconds"],
                        [[r["ratio"], r["recipe"], f"{r['routed_removed']:.1%}", f"{r['delta_nll']:+.4f}", r["x_reap"],
-                         r["block_error_after_compensation"], r["split_kept"] or "", r["seconds"]] for r in rows]))
+                         r["block_error_after_compensation"], r["split_kept"] or "", r["seconds"]] if "delta_nll" in r else
+                        [r["ratio"], r["recipe"], "", "refused", "", "", r["refused"][:60], ""] for r in rows]))
     Path(args.out).write_text(json.dumps({"options": vars(args), "rows": rows}, indent=1) + "\n")
 
 

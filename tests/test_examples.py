@@ -12,6 +12,7 @@ from conftest import ASSETS, REPO
 EXAMPLES = {
     "prune.py": ["identical logits: True"],
     "build_pruned.py": ["EEP 25% experts + comp.", "+ 10 distillation steps", "saved to"],
+    "choose_split.py": ["<- kept", "valid NLL", "saved to"],
     "compile.py": ["max |logit diff| vs eager"],
     "export_onnx.py": ["greedy tokens identical"],
     "stream.py": ["streamed 2 layers", "checkpoint in"],

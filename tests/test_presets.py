@@ -63,6 +63,8 @@ def test_preset_runs_its_pipeline(preset, stream, expected, micro_path, calib_pa
     (["--preset", "best-oneshot-params", "--expert-shares", "1.5"], "give shares in [0, 1]"),
     (["--preset", "best-oneshot", "--expert-shares", "0.5"], "give shares in [0, 1] with --preset best-oneshot-params"),
     (["--method", "reap", "--expert-shares", "0.5"], "add --preset best-oneshot-params"),
+    (["--granularity", "channel", "--method", "obs", "--compensate", "--ratio", "0.05"], "keeps them all; give a ratio above 0.0625"),
+    (["--method", "reap", "--ratio", "0.05"], "drops no expert (of 8 a block, rounded)"),
 ])
 def test_refused_before_loading(extra, message, micro_path, calib_path, tmp_path, capsys, monkeypatch):
     def no_load(*args, **kwargs):
@@ -195,6 +197,31 @@ def test_split_budget_removes_the_ratio_of_routed_parameters():
         assert ratio / 4 <= experts <= 3 * ratio / 4 and (num - dropped) % groups == 0
     experts, _ = split_budget(0.25, 0.5, (8, 64, 4))  # no drop keeps whole groups within the range: the nearest that does (none)
     assert experts == 0
+
+
+def test_only_splits_near_the_budget_compete():
+    """The held-out NLL compares pruned models of about the same size: 32 experts of width 32 at 25%, half the budget as
+    experts lands at 29.7% (widths step by a quarter), so channels alone and experts alone are tried; width 16 cannot
+    lose a quarter of its channels at all, so experts alone remain."""
+    from moe_fx.run.presets import near_budget, removed_share, split_budget
+
+    splits = lambda shape, ratio: list(dict.fromkeys(split_budget(ratio, share, shape) for share in (0, 0.5, 1)))
+    assert [round(removed_share(s, (32, 32, 1)), 4) for s in splits((32, 32, 1), 0.25)] == [0.25, 0.2969, 0.25]
+    assert near_budget(splits((32, 32, 1), 0.25), 0.25, (32, 32, 1)) == [(0.0, 0.25), (0.25, 0.0)]
+    assert near_budget(splits((64, 16, 1), 0.25), 0.25, (64, 16, 1)) == [(0.25, 0.0)]
+    assert near_budget(splits((32, 128, 1), 0.25), 0.25, (32, 128, 1)) == splits((32, 128, 1), 0.25)  # 26.2%: within 2 points
+
+
+def test_splits_the_model_cannot_take_are_not_tried():
+    """8 experts with top-2: dropping 90% of them leaves fewer than top-k, so that split is left out, not the run refused."""
+    from conftest import tiny_qwen3
+
+    from moe_fx.pipeline import state_of
+    from moe_fx.run.presets import feasible_splits
+
+    spec = state_of(tiny_qwen3()).spec
+    assert feasible_splits(spec, [(0.0, 0.9), (0.5, 0.8), (0.9, 0.0)]) == [(0.0, 0.9), (0.5, 0.8)]
+    assert feasible_splits(spec, [(0.9, 0.0)]) == [(0.9, 0.0)]  # nothing feasible: as given, for the refusal to name it
 
 
 def test_params_preset_fitted_to_families_without_channels_or_a_language_model():

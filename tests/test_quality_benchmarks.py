@@ -90,3 +90,18 @@ def test_train_tiny_moe_tokenizes_trains_and_saves_a_loadable_model(calib_path, 
         assert spec.blocks and spec.blocks[0].top_k == {"qwen2_moe": 4, "mixtral": 2, "olmoe": 8, "deepseek_v3": 4}[family]
         if family == "deepseek_v3":  # balanced by the routers' correction bias, which the two steps moved
             assert all(b.abs().max() > 0 for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))
+
+
+def test_preset_vs_reap_records_the_kept_split_and_refusals(micro_path, calib_path, valid_path, tmp_path) -> None:
+    """The preset-against-REAP table through the CLI: the preset's row names the split it kept and what each scored;
+    a budget the widths cannot take is a refused row, not an aborted table."""
+    out = tmp_path / "pvr.json"
+    proc = subprocess.run([sys.executable, "preset_vs_reap.py", "--model", str(micro_path), "--calib", str(calib_path), "--valid", str(valid_path),
+                           "--calib-tokens", "4096", "--recipes", "reap", "best-oneshot-params", "obs-channels+comp65k", "--ratios", "0.05",
+                           "0.25", "--out", str(out)], cwd=BENCH, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {(r["ratio"], r["recipe"]): r for r in json.loads(out.read_text())["rows"]}
+    assert "drops no expert" in rows[0.05, "reap"]["refused"] and "keeps them all" in rows[0.05, "obs-channels+comp65k"]["refused"]
+    preset = rows[0.25, "best-oneshot-params"]
+    assert preset["split_kept"] in preset["split_fitness"] and len(preset["split_fitness"]) == 3
+    assert preset["x_reap"] == round(preset["delta_nll"] / rows[0.25, "reap"]["delta_nll"], 4)

@@ -81,8 +81,9 @@ def add_parser(sub) -> None:
     chan.add_argument("--expert-method", default="reap", help="expert scoring for --expert-ratio (default reap)")
     chan.add_argument("--expert-shares", type=float, nargs="+", metavar="SHARE",
                       help="--preset best-oneshot-params: shares of --ratio removed as whole experts (the rest as channels) to try in "
-                           "memory; the split with the lowest NLL on --fitness-tokens held-out calibration tokens is kept (default "
-                           "0 0.5 1; streamed 0.5, and one share when streamed). One share fixes the split")
+                           "memory (those landing within 2 points of --ratio); the split with the lowest NLL on --fitness-tokens "
+                           "held-out calibration tokens is kept (default 0 0.5 1; streamed 0.5, and one share when streamed). One share "
+                           "fixes the split")
     eep = p.add_argument_group("eep search (--method eep)")
     eep.add_argument("--eep-warm-start", default="reap", help="scorer whose plan seeds the search (default reap)")
     eep.add_argument("--eep-population", type=int, default=16, help="plans per generation (default 16)")
@@ -129,7 +130,7 @@ def _apply_preset(args, stream: bool, meta=None, device: str | None = None) -> N
     memory of ``device`` (None: not checked) where trying several splits would not fit."""
     from moe_fx.calibrate import distributed
     from moe_fx.pipeline import state_of
-    from moe_fx.run.presets import PRESET_OPTIONS, PRESETS, fit_to_model, preset_options, split_budget
+    from moe_fx.run.presets import PRESET_OPTIONS, PRESETS, feasible_splits, fit_to_model, near_budget, preset_options, split_budget
     from moe_fx.run.recipe import split_label
 
     set_beside = [f"--{o.replace('_', '-')}" for o in PRESET_OPTIONS if getattr(args, o) != args.parser_defaults[o]]
@@ -154,6 +155,10 @@ def _apply_preset(args, stream: bool, meta=None, device: str | None = None) -> N
         shape = shapes.pop() if len(shapes) == 1 else None
         shares = args.expert_shares or (preset.experts_shares if not stream and preset.experts_shares else (preset.experts_share,))
         splits = list(dict.fromkeys(split_budget(args.ratio, share, shape) for share in shares))  # shares that round alike are tried once
+        if meta is not None and len(splits) > 1:
+            splits = feasible_splits(state_of(meta).spec, splits)
+        if shape is not None and len(splits) > 1:
+            splits = near_budget(splits, args.ratio, shape)
         too_big = _split_choice_memory(meta, args.ratio, device) if len(splits) > 1 and meta is not None and device else None
         if too_big:
             splits = [split_budget(args.ratio, preset.experts_share, shape)]
@@ -355,7 +360,8 @@ def run(args) -> int:
     from moe_fx.formats.loading import check_model_dir, load_model, load_tokenizer
     from moe_fx.passes import CacheTeacher, Calibrate, ChooseRecipe, CompensateExperts, Distill
     from moe_fx.pipeline import compose, state_of
-    from moe_fx.plan.allocate import check_allocation, check_budget
+    from moe_fx.plan.allocate import check_allocation, check_budget, experts_to_keep
+    from moe_fx.plan.channel_allocate import uniform_widths
     from moe_fx.plan.eep import EvolutionarySearch
     from moe_fx.rewrite.prune_channels import routed_parameters
     from moe_fx.run.recipe import observers_for, parse_method, prune_passes, split_label, split_passes
@@ -438,6 +444,12 @@ def run(args) -> int:
             check_budget(spec, ratio=expert_ratio if channels else args.ratio, keep=None if channels else args.keep)
     if not channels and args.allocation in ("uniform", "global"):
         check_allocation(spec, args.allocation)
+    if not channels and args.ratio is not None and all(experts_to_keep(b.num_experts, args.ratio, None) == b.num_experts for b in spec.blocks):
+        fewest = min(b.num_experts for b in spec.blocks)
+        raise MoeFxError(f"--ratio {args.ratio:g} drops no expert (of {fewest} a block, rounded): nothing would be pruned; give a ratio of "
+                         f"at least {1 / fewest:.3g} (one expert)")
+    if channels and args.allocation == "uniform" and not splits:
+        uniform_widths(spec, args.ratio)  # refuses a ratio the widths' rounding turns into no change
     tokenizer = load_tokenizer(source)
     calib_docs, eval_set = calibration_and_eval(args, tokenizer)
     gradients = any(OBSERVERS[o].needs_grads for o in observers_for([s for s in (scorer, expert_scorer) if s]))

@@ -73,9 +73,20 @@ def _comparable(spec: MoEModelSpec, scores: ChannelScores, comparable: bool) -> 
     return {b.path: scores[b.path] / scores[b.path].mean().clamp(min=1e-30) for b in spec.blocks}
 
 
+def uniform_widths(spec: MoEModelSpec, ratio: float) -> dict[str, int]:
+    """Each block's width after removing ``ratio`` of its channels in steps of :data:`WIDTH_ALIGN`; a block the rounding
+    leaves whole is refused (a prune that removes nothing is a mistake to say, not to run)."""
+    widths = {b.path: channels_to_keep(b.experts.intermediate_size, ratio, WIDTH_ALIGN) for b in spec.blocks}
+    for b in spec.blocks:
+        if widths[b.path] == b.experts.intermediate_size:
+            raise BadOptionError(f"{b.path}: removing {ratio:g} of its {b.experts.intermediate_size} channels in steps of {WIDTH_ALIGN} "
+                                 f"keeps them all; give a ratio above {WIDTH_ALIGN / 2 / b.experts.intermediate_size:.3g}, or drop experts")
+    return widths
+
+
 def uniform_channels(spec: MoEModelSpec, scores: ChannelScores, ratio: float, **_) -> ChannelPlan:
     _check(spec, scores)
-    counts = {b.path: [channels_to_keep(b.experts.intermediate_size, ratio, WIDTH_ALIGN)] * b.num_experts for b in spec.blocks}
+    counts = {path: [width] * b.num_experts for (path, width), b in zip(uniform_widths(spec, ratio).items(), spec.blocks, strict=True)}
     return _plan(spec, scores, counts, 1)
 
 

@@ -27,11 +27,13 @@ Both are expert-pruning recipes: the budget is ``--ratio`` / ``--keep`` of the e
   layer. One width for every expert, so the output is a stock checkpoint. Which split is best depends on the model
   (``preset_vs_reap_*.json``: at 25%, all of it as experts on a Mixtral, 0.79x REAP's loss against 1.25x as channels;
   channels on qwen3moe-bench and a Qwen2-MoE), so in memory it tries three (``experts_shares``: all as channels, about
-  half as experts, all as experts) and keeps the one whose pruned model has the lowest NLL on 16,384 held-out
-  calibration tokens (:class:`~moe_fx.plan.choose.ChooseRecipe`). On qwen3moe-bench (200k calibration tokens,
+  half as experts, all as experts; those the widths' rounding lands within 2 points of the budget,
+  :data:`SPLIT_TOLERANCE`) and keeps the one whose pruned model has the lowest NLL on 16,384 held-out calibration
+  tokens (:class:`~moe_fx.plan.choose.ChooseRecipe`). On qwen3moe-bench (200k calibration tokens,
   ``preset_vs_reap_bench_cpu.json``) it kept channels alone: 0.59x REAP's loss at 25% and 0.42x at 50%, exactly on
-  budget (the fixed half split before: 0.64x removing 26.2%, 0.42x removing 50.6%); on the trained micro Mixtral and
-  Qwen2-MoE it kept the split that was best on the valid split at both budgets (0.79x / 0.15x, 0.30x / 0.17x). It costs
+  budget (the fixed half split before: 0.64x removing 26.2%, 0.42x removing 50.6%); on micro Mixtral, Qwen2-MoE,
+  OLMoE and DeepSeek-V3 models trained here it kept the split that was best on the valid split wherever it had a choice
+  (25% / 50%: 0.79x / 0.15x, 0.30x / 0.17x, 0.26x / 0.20x, 0.12x / 0.21x; ``preset_vs_reap_*_micro_cpu.json``). It costs
   three rewrites and three forwards over the held-out tokens (242 s against 52 s for REAP on 2 CPU cores for the
   bench model at 25%). Streamed (the whole model is never in memory to measure), the split is fixed at about half
   (``experts_share``; ``--expert-shares S`` fixes another), and it takes ``--sequential`` (each layer calibrated on the
@@ -141,6 +143,48 @@ def split_budget(ratio: float, experts_share: float, shape: tuple[int, int, int]
     k, w = min(((k, w) for k in drops for w in range(WIDTH_ALIGN, width, WIDTH_ALIGN)),
                key=lambda kw: (abs(removed(*kw) - ratio), -removed(*kw), abs(kw[0] / experts - target)))
     return k / experts, 1 - w / width
+
+
+SPLIT_TOLERANCE = 0.02
+"""Splits tried side by side remove within this share of the routed parameters of ``--ratio``: the held-out NLL
+ranks pruned models fairly only at about the same size (a split removing less would win by keeping more)."""
+
+
+def removed_share(split: tuple[float, float], shape: tuple[int, int, int]) -> float:
+    """Share of a block's routed-expert parameters that ``split`` (``(expert_ratio, channel_ratio)``) removes from
+    ``shape`` (``(experts, width, groups)``), with the rounding the rewrites apply (whole experts, widths in steps of
+    :data:`~moe_fx.plan.plans.WIDTH_ALIGN`)."""
+    from moe_fx.plan.allocate import experts_to_keep
+    from moe_fx.plan.channel_allocate import channels_to_keep
+
+    experts, width, _ = shape
+    kept = experts_to_keep(experts, split[0], None) if split[0] else experts
+    kept_width = channels_to_keep(width, split[1], WIDTH_ALIGN) if split[1] else width
+    return 1 - kept / experts * kept_width / width
+
+
+def near_budget(splits: list[tuple[float, float]], ratio: float, shape: tuple[int, int, int]) -> list[tuple[float, float]]:
+    """The splits removing within :data:`SPLIT_TOLERANCE` of ``ratio`` (the one nearest it where none does): on small
+    widths or few experts some shares cannot land near the budget at all (widths of 16 channels step by half)."""
+    near = [s for s in splits if abs(removed_share(s, shape) - ratio) <= SPLIT_TOLERANCE]
+    return near or [min(splits, key=lambda s: abs(removed_share(s, shape) - ratio))]
+
+
+def feasible_splits(spec, splits: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The ``(expert_ratio, channel_ratio)`` splits whose expert drop every block of ``spec`` can take (at least top-k
+    experts kept, whole groups under group-limited routing): a split the model cannot take is not tried rather than
+    refusing the run. None feasible: ``splits`` as given, so the first one's refusal names the problem."""
+    from moe_fx.plan.allocate import check_budget
+
+    def takes(split: tuple[float, float]) -> bool:
+        try:
+            if split[0]:
+                check_budget(spec, ratio=split[0])
+        except BadOptionError:
+            return False
+        return True
+
+    return [s for s in splits if takes(s)] or splits
 
 
 def fit_to_model(options: dict, *, language_model: bool, compensation_refused: str | None, shared_layers: list[int],
