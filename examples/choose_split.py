@@ -26,8 +26,8 @@ out = Path(sys.argv[2]) if len(sys.argv) > 2 else Path("out/example-choose")
 tokenizer = load_tokenizer(source)
 model = moe_fx.load(source, dtype="float32")
 eval_set = build_eval_set(ASSETS / "valid.jsonl.gz", tokenizer, seq_len=256, seqs_per_domain=2)
-windows = pack(tokenizer, read_documents(ASSETS / "calib.jsonl.gz"), seq_len=256, max_tokens=24_000, seed=0)
-windows, fitness = split_fitness(windows, 4096)  # held out of calibration: what the recipes are judged on
+windows = pack(tokenizer, read_documents(ASSETS / "calib.jsonl.gz"), seq_len=256, max_tokens=12_000, seed=0)
+windows, fitness = split_fitness(windows, 2048)  # held out of calibration: what the recipes are judged on
 before = evaluate_nll(model, eval_set, show_progress=False)["mean"]["nll"]
 
 model = moe_fx.compose(

@@ -27,8 +27,8 @@ def _fitness() -> torch.Tensor:
 def _candidates() -> dict:
     return {
         "experts": (Score("reap"), DropExperts(ratio=0.5), CompensateExperts()),
-        "channels": (Score("obs"), PruneChannels(ratio=0.5, multiple=8), CompensateExperts()),
-        "both": (Score("reap"), DropExperts(ratio=0.25), Score("obs"), PruneChannels(ratio=0.25, multiple=8), CompensateExperts()),
+        "channels": (Score("obs"), PruneChannels(ratio=0.5, multiple=8), CompensateExperts()),  # width 16 of the tiny model: 8 kept
+        "both": (Score("reap"), DropExperts(ratio=0.25), Score("obs"), PruneChannels(ratio=0.5, multiple=8), CompensateExperts()),
     }
 
 

@@ -22,6 +22,7 @@ ALLOWED_UPWARD = {
     ("moe_fx.formats.checkpoint", "moe_fx.evaluate.report"),  # a checkpoint is written with its report
     ("moe_fx.plan.eep", "moe_fx.rewrite.drop_experts"),  # the search measures really pruned candidates
     ("moe_fx.plan.eep", "moe_fx.evaluate.nll"),
+    ("moe_fx.plan.choose", "moe_fx.evaluate.nll"),  # the choice between recipes measures their pruned models
 }
 
 

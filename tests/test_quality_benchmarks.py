@@ -92,16 +92,27 @@ def test_train_tiny_moe_tokenizes_trains_and_saves_a_loadable_model(calib_path, 
             assert all(b.abs().max() > 0 for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))
 
 
-def test_preset_vs_reap_records_the_kept_split_and_refusals(micro_path, calib_path, valid_path, tmp_path) -> None:
-    """The preset-against-REAP table through the CLI: the preset's row names the split it kept and what each scored;
-    a budget the widths cannot take is a refused row, not an aborted table."""
-    out = tmp_path / "pvr.json"
-    proc = subprocess.run([sys.executable, "preset_vs_reap.py", "--model", str(micro_path), "--calib", str(calib_path), "--valid", str(valid_path),
-                           "--calib-tokens", "4096", "--recipes", "reap", "best-oneshot-params", "obs-channels+comp65k", "--ratios", "0.05",
-                           "0.25", "--out", str(out)], cwd=BENCH, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = {(r["ratio"], r["recipe"]): r for r in json.loads(out.read_text())["rows"]}
-    assert "drops no expert" in rows[0.05, "reap"]["refused"] and "keeps them all" in rows[0.05, "obs-channels+comp65k"]["refused"]
+def test_preset_vs_reap_records_refusals_and_the_kept_split(monkeypatch, tmp_path) -> None:
+    """The preset-against-REAP table: a budget the CLI refuses is a row saying so (not an aborted table), the preset's
+    row names the split it kept with each candidate's fitness, and ratios are against REAP's loss at that budget."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import preset_vs_reap
+
+    def fake_prune(model, options, out):  # what the CLI records, without running it (the CLI's refusals: tests/test_presets.py)
+        ratio = float(options[options.index("--ratio") + 1])
+        if ratio == 0.05:
+            raise SystemExit("moe-fx prune ... failed:\nmoe-fx prune: error: --ratio 0.05 drops no expert (of 8 a block, rounded)")
+        preset = "--preset" in options
+        passes = [{"name": "choose_recipe", "report": {"chosen": "experts 0, channels 0.25", "fitness": {"experts 0, channels 0.25": 4.1}}}] if preset else []
+        return {"delta_nll": 0.1 if preset else 0.2, "passes": passes, "eval_before": {"mean": {"nll": 4.0}}, "wall_seconds": 1.0, "cli": {},
+                "experts_before": {"b": 8}, "experts_after": {"b": 8 if preset else 6}, "widths_before": {"b": 64}, "widths_after": {"b": 48 if preset else 64}}
+
+    monkeypatch.setattr(preset_vs_reap, "cli_prune", fake_prune)
+    monkeypatch.setattr(sys, "argv", ["preset_vs_reap.py", "--model", "m", "--calib", "c", "--valid", "v", "--recipes", "reap", "best-oneshot-params",
+                                      "--ratios", "0.05", "0.25", "--out", str(tmp_path / "pvr.json")])
+    preset_vs_reap.main()
+    rows = {(r["ratio"], r["recipe"]): r for r in json.loads((tmp_path / "pvr.json").read_text())["rows"]}
+    assert rows[0.05, "reap"]["refused"].endswith("drops no expert (of 8 a block, rounded)") and "x_reap" not in rows[0.05, "best-oneshot-params"]
     preset = rows[0.25, "best-oneshot-params"]
-    assert preset["split_kept"] in preset["split_fitness"] and len(preset["split_fitness"]) == 3
-    assert preset["x_reap"] == round(preset["delta_nll"] / rows[0.25, "reap"]["delta_nll"], 4)
+    assert preset["split_kept"] == "experts 0, channels 0.25" and preset["split_fitness"] == {"experts 0, channels 0.25": 4.1}
+    assert preset["x_reap"] == 0.5 and preset["routed_removed"] == 0.25 and rows[0.25, "reap"]["routed_removed"] == 0.25
