@@ -138,11 +138,12 @@ def _apply_preset(args, stream: bool, meta=None, device: str | None = None) -> N
         raise MoeFxError(f"--preset {args.preset} chooses {', '.join(set_beside)} itself: drop {'them' if len(set_beside) > 1 else 'it'} "
                          "or the preset")
     preset = PRESETS[args.preset]
-    if args.expert_shares is not None and (preset.experts_share is None or not all(0 <= x <= 1 for x in args.expert_shares)
-                                           or (stream and len(args.expert_shares) > 1)):
-        raise MoeFxError(f"--expert-shares {' '.join(map(str, args.expert_shares))}: "
-                         + ("a streamed prune takes one share (it cannot measure the whole model per split)" if preset.experts_share is not None
-                            and all(0 <= x <= 1 for x in args.expert_shares) else "give shares in [0, 1] with --preset best-oneshot-params"))
+    if args.expert_shares is not None:
+        given = f"--expert-shares {' '.join(map(str, args.expert_shares))}"
+        if preset.experts_share is None or not all(0 <= x <= 1 for x in args.expert_shares):
+            raise MoeFxError(f"{given}: give shares in [0, 1] with --preset best-oneshot-params")
+        if stream and len(args.expert_shares) > 1:
+            raise MoeFxError(f"{given}: a streamed prune takes one share (it cannot measure the whole model per split)")
     if preset.experts_share is not None and not (args.ratio is not None and 0 < args.ratio < 1):
         raise MoeFxError(f"--preset {args.preset} removes --ratio of the routed experts' parameters: give --ratio in (0, 1)"
                          + (", not --keep" if args.keep is not None else f", not {args.ratio}"))

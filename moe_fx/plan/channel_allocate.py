@@ -86,7 +86,8 @@ def uniform_widths(spec: MoEModelSpec, ratio: float) -> dict[str, int]:
 
 def uniform_channels(spec: MoEModelSpec, scores: ChannelScores, ratio: float, **_) -> ChannelPlan:
     _check(spec, scores)
-    counts = {path: [width] * b.num_experts for (path, width), b in zip(uniform_widths(spec, ratio).items(), spec.blocks, strict=True)}
+    widths = uniform_widths(spec, ratio)
+    counts = {b.path: [widths[b.path]] * b.num_experts for b in spec.blocks}
     return _plan(spec, scores, counts, 1)
 
 
