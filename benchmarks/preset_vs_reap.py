@@ -10,7 +10,8 @@ compensation, the split kept of those it tries in memory recorded with each one'
 (the CLI's own evaluation), the share of routed-expert parameters removed (experts x width, from the record), the
 ratio to REAP's change at that R, and compensation's relative block error on its sample after the refit. The recipes
 ``reap+comp65k`` and ``obs-channels+comp65k`` spend the whole budget as experts or as channels with the preset's
-compensation sample: the two ends of the split the preset fixes at about half.
+compensation sample: the two ends of the split. ``best-oneshot-params-streamed`` is the preset streamed one layer at a time
+(``--stream on``: each split streamed to its own output, with ``--sequential``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ RECIPES = {
     "reap": ["--method", "reap"],
     "reap+comp": ["--method", "reap", "--compensate"],
     "best-oneshot-params": ["--preset", "best-oneshot-params"],
+    # streamed layer by layer (each split streamed to its own output and measured there; --sequential, the streamed default)
+    "best-oneshot-params-streamed": ["--preset", "best-oneshot-params", "--stream", "on"],
     # the preset's two ends: its compensation sample, all of the budget as experts or as channels
     "reap+comp65k": ["--method", "reap", "--compensate", "--compensate-samples", "65536"],
     "obs-channels+comp65k": ["--granularity", "channel", "--method", "obs", "--compensate", "--compensate-samples", "65536"],

@@ -11,7 +11,7 @@ from prune_cli import FAST_EEP, passes_run, prune_argv
 
 import moe_fx.formats.loading
 from moe_fx import cli
-from moe_fx.errors import BadOptionError
+from moe_fx.errors import BadOptionError, MoeFxError
 from moe_fx.run.presets import PRESETS, preset_options
 
 
@@ -21,7 +21,7 @@ from moe_fx.run.presets import PRESETS, preset_options
     ("best", "off", ["calibrate", "score", "drop_experts", "compensate_experts", "distill"]),
     ("best", "on", ["calibrate", "score", "drop_experts", "compensate_experts", "distill"]),
     ("best-oneshot-params", "off", ["calibrate"]),  # then the split it chose (test_params_preset_chooses_the_split_on_held_out_tokens)
-    ("best-oneshot-params", "on", ["calibrate", "score", "drop_experts", "score", "prune_channels", "compensate_experts"]),
+    ("best-oneshot-params", "on", ["calibrate"]),  # each split streamed, the best kept (test_streamed_params_preset_chooses_its_split)
 ])
 def test_preset_runs_its_pipeline(preset, stream, expected, micro_path, calib_path, tmp_path, capsys, monkeypatch):
     out = tmp_path / preset
@@ -38,10 +38,8 @@ def test_preset_runs_its_pipeline(preset, stream, expected, micro_path, calib_pa
     assert ("streaming" in record) == (stream == "on")
     assert passes_run(out)[: len(expected)] == expected
     assert (record["search"] is not None) == (chosen["method"] == "eep")  # EEP in memory, REAP streamed
-    if preset == "best-oneshot-params" and stream == "on":  # --ratio 0.25 of the routed parameters: 1 of 8 experts, then width 56 of 64 (23.4%)
-        assert record["cli"]["params_ratio"] == 0.25 and record["cli"]["expert_ratio"] == 0.125
-        assert record["cli"]["ratio"] == 0.125 and record["cli"]["method"] == chosen["method"]
-        assert "--expert-ratio 0.125 --ratio 0.125" in stdout
+    if preset == "best-oneshot-params":
+        assert passes_run(out)[-1] == "choose_recipe" and record["cli"]["params_ratio"] == 0.25
     if preset == "best":
         distill = next(p for p in record["passes"] if p["name"] == "distill")
         assert distill["config"]["steps"] == 3 and distill["config"]["lr"] == 1e-3
@@ -59,7 +57,6 @@ def test_preset_runs_its_pipeline(preset, stream, expected, micro_path, calib_pa
     (["--distill-steps", "2", "--distill-batch-size", "0"], "--distill-batch-size >= 1"),
     (["--preset", "best-oneshot-params", "--expert-ratio", "0.1"], "chooses --expert-ratio itself"),
     (["--preset", "best-oneshot-params", "--ratio", "1.5"], "give --ratio in (0, 1), not 1.5"),
-    (["--preset", "best-oneshot-params", "--stream", "on", "--expert-shares", "0", "1"], "a streamed prune takes one share"),
     (["--preset", "best-oneshot-params", "--expert-shares", "1.5"], "give shares in [0, 1]"),
     (["--preset", "best-oneshot", "--expert-shares", "0.5"], "give shares in [0, 1] with --preset best-oneshot-params"),
     (["--method", "reap", "--expert-shares", "0.5"], "add --preset best-oneshot-params"),
@@ -122,6 +119,41 @@ def test_params_preset_fixes_the_split_where_trying_them_would_not_fit(micro_pat
     assert "choose_recipe" not in passes_run(out) and json.loads((out / "moe_fx.json").read_text())["cli"]["params_split"] == [0.125, 0.125]
 
 
+def test_streamed_params_preset_chooses_its_split(micro_path, calib_path, tmp_path, capsys):
+    """Streamed, ``best-oneshot-params`` streams each split to its own output, keeps the one whose output predicts the
+    held-out windows best and records it as in memory: the same choice, on the same NLL, and the same weights."""
+    outs = {stream: tmp_path / stream for stream in ("on", "off")}
+    for stream, out in outs.items():
+        argv = prune_argv(micro_path, calib_path, out, "--preset", "best-oneshot-params", "--fitness-tokens", "512", "--stream", stream)
+        assert cli.main(argv + (["--no-sequential"] if stream == "on" else [])) == 0
+    stdout = capsys.readouterr().out
+    assert "tries 3 splits (each streamed to its own output)" in stdout
+    streamed, in_memory = ({p["name"]: p["report"] for p in json.loads((out / "moe_fx.json").read_text())["passes"]}["choose_recipe"]
+                           for out in outs.values())
+    assert streamed["chosen"] == in_memory["chosen"] and streamed["fitness"] == pytest.approx(in_memory["fitness"], rel=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["off", "on"]  # no candidate's output left beside them
+    record = json.loads((outs["on"] / "moe_fx.json").read_text())
+    assert tuple(record["cli"]["params_split"]) == {"experts 0, channels 0.25": (0.0, 0.25), "experts 0.125, channels 0.125": (0.125, 0.125),
+                                                    "experts 0.25, channels 0": (0.25, 0.0)}[streamed["chosen"]]
+    assert f"kept `{streamed['chosen']}` by its NLL" in (outs["on"] / "report.md").read_text()
+
+
+def test_streamed_params_preset_fixes_the_split_where_two_outputs_would_not_fit_the_disk(micro_path, tmp_path, monkeypatch):
+    """A streamed choice keeps the best candidate's output while writing the next: where two pruned outputs exceed 90%
+    of the free disk, the split stays fixed and the CLI says why."""
+    import collections
+    import shutil
+
+    from moe_fx.cli.prune import _split_choice_disk
+    from moe_fx.formats.lazy import meta_model
+
+    meta = meta_model(micro_path)
+    assert _split_choice_disk(meta, 0.25, tmp_path / "out") is None
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: collections.namedtuple("usage", "total used free")(0, 0, 1000))
+    assert "keeps two pruned outputs" in _split_choice_disk(meta, 0.25, tmp_path / "new" / "out") and str(tmp_path) in _split_choice_disk(
+        meta, 0.25, tmp_path / "new" / "out")
+
+
 def test_preset_table():
     assert set(PRESETS) == {"best-oneshot", "best", "best-oneshot-params"}
     assert preset_options("best-oneshot-params")["method"] == preset_options("best-oneshot-params", streamed=True)["method"] == "obs"
@@ -160,7 +192,6 @@ def test_fit_to_model_changes_only_what_the_model_cannot_take():
 
 def test_params_preset_refuses_keep(tmp_path):
     from moe_fx.cli.prune import _apply_preset
-    from moe_fx.errors import MoeFxError
 
     args = cli.build_parser().parse_args(["prune", "src", "--keep", "6", "--out", str(tmp_path / "o"), "--preset", "best-oneshot-params"])
     with pytest.raises(MoeFxError, match="give --ratio in \\(0, 1\\), not --keep"):
@@ -174,10 +205,16 @@ def test_streamed_params_preset_with_several_processes_drops_sequential(tmp_path
     argv = ["prune", "src", "--ratio", "0.5", "--out", str(tmp_path / "o"), "--preset", "best-oneshot-params"]
     args = cli.build_parser().parse_args(argv + ["--nproc", "2"])
     _apply_preset(args, stream=True)
-    assert not args.sequential and "fitted to this model: no --sequential" in capsys.readouterr().out
+    stdout = capsys.readouterr().out
+    assert not args.sequential and "fitted to this model: no --sequential" in stdout
+    # nor can the splits be streamed and measured there: the half split, fixed, and said
+    assert not getattr(args, "split_candidates", None) and args.params_split == pytest.approx((0.25, 1 / 3))  # a third of the kept experts' channels
+    assert "the split fixed at about half: with --nproc only rank 0 writes" in stdout
+    with pytest.raises(MoeFxError, match="with --nproc only rank 0 writes, so a streamed prune cannot measure each split"):
+        _apply_preset(cli.build_parser().parse_args(argv + ["--nproc", "2", "--expert-shares", "0", "1"]), stream=True)
     args = cli.build_parser().parse_args(argv)
     _apply_preset(args, stream=True)
-    assert args.sequential is True
+    assert args.sequential is True and [x for s in args.split_candidates for x in s] == pytest.approx([0.0, 0.5, 0.25, 1 / 3, 0.5, 0.0])
 
 
 def test_split_budget_removes_the_ratio_of_routed_parameters():

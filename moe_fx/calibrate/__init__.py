@@ -18,6 +18,7 @@ from moe_fx.calibrate.stats import CalibrationStats
 from moe_fx.errors import BadOptionError, HostMemoryError, out_of_memory
 from moe_fx.model.attention import calibration_attention
 from moe_fx.model.expert_math import check_expert_math
+from moe_fx.model.mode import eval_mode
 from moe_fx.model.spec import MoEModelSpec
 from moe_fx.pipeline import MoEState, Pass, PassResult
 from moe_fx.progress import progress_bar
@@ -65,12 +66,10 @@ def run_calibration(
     device = next(model.parameters()).device
     keep_samples_on(state.spec, observers, device)  # every block's sample, on a GPU where they fit
     t0 = time.perf_counter()
-    was_training = model.training
-    model.eval()
     needs_grads = any(o.needs_grads for o in observers)
     if compiled and needs_grads:
         raise BadOptionError(_COMPILED_FORWARD_ONLY.format([o.name for o in observers if o.needs_grads]))
-    try:
+    with eval_mode(model):
         windows = distributed.shard(tokens.input_ids)
         with _observed(model, state, observers, compiled) as (runner, accumulators), _backward_mode(model) if needs_grads else torch.no_grad():
             with progress_bar("calibrate", total=windows.numel(), unit="tok", enabled=show_progress and distributed.is_main()) as bar:
@@ -88,8 +87,6 @@ def run_calibration(
             acc = accumulators()
             if distributed.active():
                 reduce_across_ranks(acc, state.spec, observers)
-    finally:
-        model.train(was_training)
     return calibration_stats(acc, tokens, time.perf_counter() - t0)
 
 

@@ -7,6 +7,7 @@ import argparse
 import functools
 import json
 import os
+import shutil
 import time
 from dataclasses import replace as dataclasses_replace
 from pathlib import Path
@@ -80,10 +81,10 @@ def add_parser(sub) -> None:
     chan.add_argument("--expert-ratio", type=float, help="first drop this fraction of each layer's experts (scored by --expert-method), then --ratio of the kept experts' channels")
     chan.add_argument("--expert-method", default="reap", help="expert scoring for --expert-ratio (default reap)")
     chan.add_argument("--expert-shares", type=float, nargs="+", metavar="SHARE",
-                      help="--preset best-oneshot-params: shares of --ratio removed as whole experts (the rest as channels) to try in "
-                           "memory (those landing within 2 points of --ratio); the split with the lowest NLL on --fitness-tokens "
-                           "held-out calibration tokens is kept (default 0 0.5 1; streamed 0.5, and one share when streamed). One share "
-                           "fixes the split")
+                      help="--preset best-oneshot-params: shares of --ratio removed as whole experts (the rest as channels) to try "
+                           "(those landing within 2 points of --ratio); the split with the lowest NLL on --fitness-tokens "
+                           "held-out calibration tokens is kept (default 0 0.5 1; streamed, each split is streamed to its own output "
+                           "and measured there). One share fixes the split")
     eep = p.add_argument_group("eep search (--method eep)")
     eep.add_argument("--eep-warm-start", default="reap", help="scorer whose plan seeds the search (default reap)")
     eep.add_argument("--eep-population", type=int, default=16, help="plans per generation (default 16)")
@@ -142,8 +143,8 @@ def _apply_preset(args, stream: bool, meta=None, device: str | None = None) -> N
         given = f"--expert-shares {' '.join(map(str, args.expert_shares))}"
         if preset.experts_share is None or not all(0 <= x <= 1 for x in args.expert_shares):
             raise MoeFxError(f"{given}: give shares in [0, 1] with --preset best-oneshot-params")
-        if stream and len(args.expert_shares) > 1:
-            raise MoeFxError(f"{given}: a streamed prune takes one share (it cannot measure the whole model per split)")
+        if stream and args.nproc > 1 and len(args.expert_shares) > 1:
+            raise MoeFxError(f"{given}: with --nproc only rank 0 writes, so a streamed prune cannot measure each split; give one share")
     if preset.experts_share is not None and not (args.ratio is not None and 0 < args.ratio < 1):
         raise MoeFxError(f"--preset {args.preset} removes --ratio of the routed experts' parameters: give --ratio in (0, 1)"
                          + (", not --keep" if args.keep is not None else f", not {args.ratio}"))
@@ -154,13 +155,17 @@ def _apply_preset(args, stream: bool, meta=None, device: str | None = None) -> N
         args.params_ratio = args.ratio  # what the user asked for, kept in the record beside the two it splits into
         shapes = {(b.num_experts, b.experts.intermediate_size, b.router.n_group or 1) for b in state_of(meta).spec.blocks} if meta is not None else set()
         shape = shapes.pop() if len(shapes) == 1 else None
-        shares = args.expert_shares or (preset.experts_shares if not stream and preset.experts_shares else (preset.experts_share,))
+        several = preset.experts_shares and not (stream and args.nproc > 1)
+        shares = args.expert_shares or (preset.experts_shares if several else (preset.experts_share,))
+        if stream and args.nproc > 1 and not args.expert_shares:
+            fitted.append("the split fixed at about half: with --nproc only rank 0 writes, so no split can be streamed and measured")
         splits = list(dict.fromkeys(split_budget(args.ratio, share, shape) for share in shares))  # shares that round alike are tried once
         if meta is not None and len(splits) > 1:
             splits = feasible_splits(state_of(meta).spec, splits)
         if shape is not None and len(splits) > 1:
             splits = near_budget(splits, args.ratio, shape)
-        too_big = _split_choice_memory(meta, args.ratio, device) if len(splits) > 1 and meta is not None and device else None
+        too_big = (None if len(splits) < 2 or meta is None else _split_choice_disk(meta, args.ratio, args.out) if stream
+                   else _split_choice_memory(meta, args.ratio, device) if device else None)
         if too_big:
             splits = [split_budget(args.ratio, preset.experts_share, shape)]
             machine = f"the split fixed at about half: {too_big}"
@@ -187,8 +192,9 @@ def _apply_preset(args, stream: bool, meta=None, device: str | None = None) -> N
                          if not (k in ("expert_ratio", "ratio") and getattr(args, "split_candidates", None)))
         print(f"moe-fx: --preset {args.preset}{' (streamed)' if stream else ''}: {flags} ({preset.streamed_measured if stream else preset.measured})")
         if getattr(args, "split_candidates", None):
-            print(f"moe-fx: --preset {args.preset}: tries {len(args.split_candidates)} splits and keeps the one with the lowest NLL on "
-                  f"{args.fitness_tokens:,} held-out calibration tokens: " + "; ".join(map(split_label, args.split_candidates)))
+            print(f"moe-fx: --preset {args.preset}: tries {len(args.split_candidates)} splits{' (each streamed to its own output)' if stream else ''}"
+                  f" and keeps the one with the lowest NLL on {args.fitness_tokens:,} held-out calibration tokens: "
+                  + "; ".join(map(split_label, args.split_candidates)))
         for line in fitted:
             print(f"moe-fx: --preset {args.preset} fitted to this model: {line}")
         if machine:
@@ -210,6 +216,22 @@ def _split_choice_memory(meta, ratio: float, device: str) -> str | None:
         return None
     return (f"trying the splits holds a pruned copy of the experts ({copy / 1e9:.1f} GB) beside the model ({weights / 1e9:.1f} GB), "
             f"more than 90% of {device}'s free {free / 1e9:.1f} GB")
+
+
+def _split_choice_disk(meta, ratio: float, out: str | Path) -> str | None:
+    """Why the splits of ``--preset best-oneshot-params`` cannot all be streamed beside ``out`` (None: they can): a
+    streamed choice keeps the best candidate's output while it writes the next, each about the source less ``ratio``
+    of its routed experts."""
+    from moe_fx.pipeline import state_of
+    from moe_fx.rewrite.prune_channels import routed_parameters
+
+    width = next(meta.parameters()).element_size()
+    output = sum(p.numel() for p in meta.parameters()) * width - int(routed_parameters(meta, state_of(meta).spec) * ratio * width)
+    where = next(p for p in Path(out).resolve().parents if p.exists())
+    free = shutil.disk_usage(where).free
+    if 2 * output <= 0.9 * free:
+        return None
+    return f"streaming the splits keeps two pruned outputs ({2 * output / 1e9:.1f} GB) on disk at once, more than 90% of the free {free / 1e9:.1f} GB in {where}"
 
 
 def _fit_preset_sample(spec, calibrate, args, show: bool):

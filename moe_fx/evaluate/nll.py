@@ -21,6 +21,7 @@ from torch import nn
 
 from moe_fx.calibrate.data import Document, as_documents, pack
 from moe_fx.errors import BadOptionError, CalibrationDataError, out_of_memory
+from moe_fx.model.mode import eval_mode
 from moe_fx.progress import progress_bar
 
 
@@ -102,18 +103,13 @@ def nll_sum(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 8, bar
 
 def evaluate_nll(model: nn.Module, eval_set: EvalSet, *, batch_size: int = 8, show_progress: bool = True) -> dict[str, dict[str, float]]:
     """Mean next-token NLL and perplexity per domain, plus ``mean`` (over domains) and ``all`` (over tokens)."""
-    was_training = model.training
-    model.eval()
     results: dict[str, dict[str, float]] = {}
     total_nll, total_tok = 0.0, 0
-    try:
-        with progress_bar("evaluate", total=eval_set.num_tokens, unit="tok", enabled=show_progress) as bar:
-            for domain, windows in eval_set.windows.items():
-                s, n = nll_sum(model, windows, batch_size=batch_size, bar=bar, overlap=eval_set.overlap)
-                results[domain] = {"nll": s / n, "ppl": math.exp(s / n), "tokens": n}
-                total_nll, total_tok = total_nll + s, total_tok + n
-    finally:
-        model.train(was_training)
+    with eval_mode(model), progress_bar("evaluate", total=eval_set.num_tokens, unit="tok", enabled=show_progress) as bar:
+        for domain, windows in eval_set.windows.items():
+            s, n = nll_sum(model, windows, batch_size=batch_size, bar=bar, overlap=eval_set.overlap)
+            results[domain] = {"nll": s / n, "ppl": math.exp(s / n), "tokens": n}
+            total_nll, total_tok = total_nll + s, total_tok + n
     mean = sum(r["nll"] for r in results.values()) / len(results)
     results["mean"] = {"nll": mean, "ppl": math.exp(mean), "tokens": total_tok}
     results["all"] = {"nll": total_nll / total_tok, "ppl": math.exp(total_nll / total_tok), "tokens": total_tok}

@@ -13,8 +13,9 @@ shared, read only), so it allocates only the tensors its rewrites replace; its f
 fitness windows. The best candidate's passes then run once more on the model itself (they are deterministic: the same
 weights the fitness measured, which the report records), so memory is the model plus one candidate's rewritten experts.
 
-Cost: every candidate's rewrite once, the winner's twice, and one forward over the fitness tokens per candidate. Needs
-the whole model in memory (a streamed prune never holds it: there the recipe is fixed).
+Cost: every candidate's rewrite once, the winner's twice, and one forward over the fitness tokens per candidate. This
+runs on a model in memory; :func:`~moe_fx.run.streaming.stream_prune` streams each candidate to its own output and
+measures that instead (:mod:`moe_fx.run.stream_choose`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch import nn
 from moe_fx.calibrate.data import calibration_tokens
 from moe_fx.errors import BadOptionError
 from moe_fx.evaluate.nll import nll_sum
+from moe_fx.model.mode import eval_mode
 from moe_fx.model.spec import MoEModelSpec
 from moe_fx.pipeline import STATE_ATTR, MoEState, Pass, PassResult, compose
 from moe_fx.plan.eep import shared_view
@@ -98,10 +100,6 @@ class ChooseRecipe(Pass):
 
 def _mean_nll(model: nn.Module, tokens, batch_size: int) -> float:
     """Mean next-token NLL of ``model`` in eval mode over ``tokens``, its training mode restored."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         total, count = nll_sum(model, tokens, batch_size=batch_size)
-    finally:
-        model.train(was_training)
     return total / count

@@ -41,6 +41,7 @@ from moe_fx.calibrate import distributed
 from moe_fx.calibrate.data import calibration_tokens
 from moe_fx.errors import BadOptionError
 from moe_fx.evaluate.nll import nll_sum
+from moe_fx.model.mode import eval_mode
 from moe_fx.model.spec import MoEBlockSpec, MoEModelSpec
 from moe_fx.pipeline import STATE_ATTR, MoEState, Pass
 from moe_fx.plan.allocate import experts_to_keep, make_plan
@@ -153,8 +154,6 @@ class EvolutionarySearch:
         if self.allocation == "global":
             budget = sum(map(len, start))
         cache: dict[Genome, float] = {}
-        was_training = model.training
-        model.eval()
         t0 = time.perf_counter()
 
         def measure(genomes) -> None:
@@ -177,7 +176,7 @@ class EvolutionarySearch:
                 distributed.all_reduce_sum_(measured)
             cache.update((g, v) for g, v, m in zip(new, values.tolist(), measured.tolist()) if m > 0)
 
-        try:
+        with eval_mode(model):
             measure([start])  # the warm start is always measured: the search returns a plan either way
             pop = [start] + [ops.mutate(start, rng.randint(1, 2 * self.mutation_swaps), budget) for _ in range(self.population - 1)]
             measure(pop)
@@ -201,8 +200,6 @@ class EvolutionarySearch:
                     history.append(cache[pop[0]])
                     bar.update(1)
                     bar.set_postfix(best=f"{history[-1]:.4f}", start=f"{cache[start]:.4f}", evals=len(cache))
-        finally:
-            model.train(was_training)
         return SearchResult(ops.plan(pop[0]), cache[pop[0]], cache[start], history, len(cache), time.perf_counter() - t0)
 
     def _over(self, evals: int, seconds: float) -> bool:

@@ -33,6 +33,7 @@ from torch import nn
 
 from moe_fx.calibrate.data import calibration_tokens
 from moe_fx.errors import BadOptionError
+from moe_fx.model.mode import eval_mode
 from moe_fx.pipeline import MoEState, Pass, PassResult
 from moe_fx.progress import progress_bar
 
@@ -159,17 +160,12 @@ class TeacherCache:
 def fill_cache(cache: TeacherCache, model: nn.Module, batch_size: int, show_progress: bool = True) -> None:
     """Run ``model`` over the cache's windows and store its top-k (the teacher pass of :class:`CacheTeacher`)."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     n = cache.windows.shape[0]
-    try:
-        with progress_bar("teacher", total=n, unit="window", enabled=show_progress) as bar:
-            for start in range(0, n, batch_size):
-                rows = slice(start, min(n, start + batch_size))
-                cache.write(rows, model(input_ids=cache.windows[rows].to(device), use_cache=False).logits)
-                bar.update(rows.stop - rows.start)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), progress_bar("teacher", total=n, unit="window", enabled=show_progress) as bar:
+        for start in range(0, n, batch_size):
+            rows = slice(start, min(n, start + batch_size))
+            cache.write(rows, model(input_ids=cache.windows[rows].to(device), use_cache=False).logits)
+            bar.update(rows.stop - rows.start)
 
 
 @dataclass

@@ -26,21 +26,24 @@ Both are expert-pruning recipes: the budget is ``--ratio`` / ``--keep`` of the e
   (REAP) and/or channels of the kept experts (``obs``, which needs no gradient), then compensation on 65,536 tokens a
   layer. One width for every expert, so the output is a stock checkpoint. Which split is best depends on the model
   (``preset_vs_reap_*.json``: at 25%, all of it as experts on a Mixtral, 0.79x REAP's loss against 1.25x as channels;
-  channels on qwen3moe-bench and a Qwen2-MoE), so in memory it tries three (``experts_shares``: all as channels, about
+  channels on qwen3moe-bench and a Qwen2-MoE), so it tries three (``experts_shares``: all as channels, about
   half as experts, all as experts; those the widths' rounding lands within 2 points of the budget,
   :data:`SPLIT_TOLERANCE`) and keeps the one whose pruned model has the lowest NLL on 16,384 held-out calibration
   tokens (:class:`~moe_fx.plan.choose.ChooseRecipe`). On qwen3moe-bench (200k calibration tokens,
   ``preset_vs_reap_bench_cpu.json``) it kept channels alone: 0.59x REAP's loss at 25% and 0.42x at 50%, exactly on
   budget (the fixed half split before: 0.64x removing 26.2%, 0.42x removing 50.6%); on micro Mixtral, Qwen2-MoE,
   OLMoE and DeepSeek-V3 models trained here it kept the split that was best on the valid split wherever it had a choice
-  (25% / 50%: 0.79x / 0.15x, 0.30x / 0.17x, 0.26x / 0.20x, 0.12x / 0.21x; ``preset_vs_reap_*_micro_cpu.json``). It costs
+  (25% / 50%: 0.79x / 0.15x, 0.30x / 0.17x, 0.26x / 0.20x, 0.12x / 0.21x; ``preset_vs_reap_*_micro_cpu.json``), and on
+  bench-scale Mixtral and DeepSeek-V3 models 0.85x / 0.37x and 0.50x (23.4% removed) / 0.48x
+  (``preset_vs_reap_*_bench_gpu.json``). It costs
   three rewrites and three forwards over the held-out tokens (242 s against 52 s for REAP on 2 CPU cores for the
-  bench model at 25%). Streamed (the whole model is never in memory to measure), the split is fixed at about half
-  (``experts_share``; ``--expert-shares S`` fixes another), and it takes ``--sequential`` (each layer calibrated on the
-  pruned layers' outputs, for one more forward of each layer): 0.61x and 0.41x at 26.2% / 50.6%
-  (``sequential_streaming_bench_cpu.json``), though 3% worse than without it at a 23.4% split; ``--no-sequential``
-  turns it off. Half is the fixed split no measured model punished much (worst 0.90x, the Mixtral at 25%, where all as
-  channels lost 1.25x)."""
+  bench model at 25%). Streamed (the whole model is never in memory to measure), each split is streamed whole to its
+  own output and that output is measured (:mod:`moe_fx.run.stream_choose`), with ``--sequential`` (each layer
+  calibrated on the pruned layers' outputs, for one more forward of each layer; ``--no-sequential`` turns it off): the
+  same choices on qwen3moe-bench, 0.57x at 25% and 0.42x at 50% (``preset_vs_reap_bench_streamed_cpu.json``). The split
+  is fixed at about half (``experts_share``) where the choice cannot run: two pruned outputs beyond 90% of the free disk
+  (streamed), a pruned copy of the experts beyond 90% of the free memory (in memory), or ``--nproc``. Half is the fixed
+  split no measured model punished much (worst 0.90x, the Mixtral at 25%, where all as channels lost 1.25x)."""
 
 from __future__ import annotations
 
@@ -65,8 +68,9 @@ class Preset:
     """``--ratio`` counts routed-expert parameters: this share of it is removed as whole experts, the rest as
     channels of the kept experts (:func:`split_budget`). None: ``--ratio`` / ``--keep`` count experts."""
     experts_shares: tuple[float, ...] = ()
-    """In memory, each of these shares is tried instead and the split whose pruned model has the lowest NLL on held-out
-    calibration windows is kept (:class:`~moe_fx.plan.choose.ChooseRecipe`); streamed, ``experts_share``."""
+    """Each of these shares is tried instead and the split whose pruned model has the lowest NLL on held-out calibration
+    windows is kept (:class:`~moe_fx.plan.choose.ChooseRecipe`; streamed, each split streamed to its own output);
+    ``experts_share`` where the choice cannot run."""
 
 
 _COMPENSATE = {"compensate_samples": 65536}
@@ -100,9 +104,8 @@ PRESETS: dict[str, Preset] = {
         streamed={**_EXPERTS_THEN_CHANNELS, "sequential": True},
         measured="the budget as obs channels, about half as REAP experts, or all as experts, + compensation, the split with the "
                  "lowest held-out NLL kept: 0.59x / 0.42x REAP's loss at --ratio 0.25 / 0.5 on qwen3moe-bench (channels kept)",
-        streamed_measured="REAP drops about half the budget as experts, obs channels the rest on the pruned layers' outputs, + "
-                          "compensation: 0.61x / 0.41x REAP's loss removing 26.2% / 50.6% of the routed parameters (--ratio 0.25 / 0.5) "
-                          "on qwen3moe-bench",
+        streamed_measured="the same three splits, each streamed to its own output on the pruned layers' outputs and measured there, "
+                          "the lowest held-out NLL kept: 0.57x / 0.42x REAP's loss at --ratio 0.25 / 0.5 on qwen3moe-bench (channels kept)",
         defaults=_COMPENSATE,
         experts_share=0.5,
         experts_shares=(0.0, 0.5, 1.0),

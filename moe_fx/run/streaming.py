@@ -18,7 +18,8 @@ calibrate layer after layer): the unpruned layer is only observed, and the rewri
 its output. On qwen3moe-bench (8 layers) it lowered the loss of ``--preset best-oneshot-params`` by 5% at 25% and 3%
 at 50% of the routed parameters, and raised it by 3% at a 23.4% split (``docs/benchmarks/quality.md``).
 What cannot run one layer at a time is refused before any work: observers that need the whole model's loss
-gradient (Fisher, HEAPr), allocations ranked across layers, EEP's search.
+gradient (Fisher, HEAPr), allocations ranked across layers, EEP's search. ``ChooseRecipe`` streams each candidate
+whole and measures its output (:mod:`moe_fx.run.stream_choose`).
 
 An interrupted run resumes: shards and progress live in ``.<out>.partial`` (:mod:`moe_fx.formats.partial`),
 the hidden states are saved there every ``snapshot_seconds``, and the same call again skips finished layers
@@ -56,6 +57,7 @@ from moe_fx.model.layout import layout_of, record_layout
 from moe_fx.model.per_layer import apply_layout
 from moe_fx.model.spec import MoEModelSpec
 from moe_fx.pipeline import STATE_ATTR, MoEState, Pass, PassRecord, compose, state_of
+from moe_fx.plan.choose import ChooseRecipe
 from moe_fx.plan.plans import ChannelPlan, PrunePlan
 from moe_fx.progress import progress_bar
 from moe_fx.rewrite.teacher_cache import TeacherCache
@@ -353,9 +355,18 @@ def stream_prune(
     Under torch.distributed (torchrun) every rank holds the current layer and the hidden states of its share
     of the calibration windows; each layer's statistics are reduced across ranks before rank 0 alone runs the
     passes and writes (the others return None). A resumed distributed run replays from the first layer (no
-    hidden-state snapshots: each rank's are its own), writing only the layers not finished."""
+    hidden-state snapshots: each rank's are its own), writing only the layers not finished.
+
+    A :class:`~moe_fx.passes.ChooseRecipe` among ``passes`` streams each of its candidates to its own output and keeps
+    the one whose output predicts the held-out windows best (:func:`~moe_fx.run.stream_choose.stream_choose`)."""
     from transformers import GenerationConfig
 
+    if any(isinstance(p, ChooseRecipe) for p in passes):  # each candidate streamed through this function, then measured
+        from moe_fx.run.stream_choose import stream_choose
+
+        return stream_choose(source, out, passes, overwrite=overwrite, show_progress=show_progress, report=report, device=device,
+                             dtype=dtype, tokenizer=tokenizer, snapshot_seconds=snapshot_seconds, states=states, extra_record=extra_record,
+                             teacher_cache=teacher_cache, teacher_top_k=teacher_top_k, sequential=sequential)
     t0 = time.perf_counter()
     source = Path(source)
     calibrate, rest = _checked_passes(passes)

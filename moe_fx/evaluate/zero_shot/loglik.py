@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_fx.evaluate.zero_shot.tasks import Request
+from moe_fx.model.mode import eval_mode
 from moe_fx.progress import progress_bar
 
 Encoder = Callable[[str], list[int]]
@@ -86,28 +87,23 @@ def loglikelihoods(
         encoded.append((full[:-1], continuation_ids[-(len(full) - 1):]))  # a continuation longer than the window is cut too
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
     results: list[tuple[float, bool] | None] = [None] * len(encoded)
-    was_training = model.training
-    model.eval()
-    try:
-        with progress_bar(desc, total=len(order), unit="req", enabled=show_progress) as bar:
-            start = 0
-            while start < len(order):
-                width = len(encoded[order[start]][0])  # the longest of the batch: requests are sorted
-                batch = order[start : start + max(1, batch_tokens // width)]
-                start += len(batch)
-                inputs = torch.zeros(len(batch), width, dtype=torch.long)
-                for row, i in enumerate(batch):
-                    ids = encoded[i][0]
-                    inputs[row, : len(ids)] = torch.tensor(ids)
-                logits = model(input_ids=inputs.to(device), use_cache=False).logits
-                for row, i in enumerate(batch):
-                    ids, target = encoded[i]
-                    span = logits[row, len(ids) - len(target) : len(ids)]
-                    scores = F.log_softmax(span.to(torch.promote_types(span.dtype, torch.float32)), dim=-1)
-                    target_t = torch.tensor(target, device=scores.device)
-                    greedy = bool((scores.argmax(-1) == target_t).all())
-                    results[i] = (float(scores.gather(-1, target_t[:, None]).sum()), greedy)
-                bar.update(len(batch))
-    finally:
-        model.train(was_training)
+    with eval_mode(model), progress_bar(desc, total=len(order), unit="req", enabled=show_progress) as bar:
+        start = 0
+        while start < len(order):
+            width = len(encoded[order[start]][0])  # the longest of the batch: requests are sorted
+            batch = order[start : start + max(1, batch_tokens // width)]
+            start += len(batch)
+            inputs = torch.zeros(len(batch), width, dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids = encoded[i][0]
+                inputs[row, : len(ids)] = torch.tensor(ids)
+            logits = model(input_ids=inputs.to(device), use_cache=False).logits
+            for row, i in enumerate(batch):
+                ids, target = encoded[i]
+                span = logits[row, len(ids) - len(target) : len(ids)]
+                scores = F.log_softmax(span.to(torch.promote_types(span.dtype, torch.float32)), dim=-1)
+                target_t = torch.tensor(target, device=scores.device)
+                greedy = bool((scores.argmax(-1) == target_t).all())
+                results[i] = (float(scores.gather(-1, target_t[:, None]).sum()), greedy)
+            bar.update(len(batch))
     return results  # type: ignore[return-value]
