@@ -30,6 +30,8 @@ RECIPES = {
     "best-oneshot-params": ["--preset", "best-oneshot-params"],
     # streamed layer by layer (each split streamed to its own output and measured there; --sequential, the streamed default)
     "best-oneshot-params-streamed": ["--preset", "best-oneshot-params", "--stream", "on"],
+    # twice the preset's compensation sample (which obs also scores channels on)
+    "best-oneshot-params-131k": ["--preset", "best-oneshot-params", "--compensate-samples", "131072"],
     # the preset's two ends: its compensation sample, all of the budget as experts or as channels
     "reap+comp65k": ["--method", "reap", "--compensate", "--compensate-samples", "65536"],
     "obs-channels+comp65k": ["--granularity", "channel", "--method", "obs", "--compensate", "--compensate-samples", "65536"],
