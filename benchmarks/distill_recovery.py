@@ -68,7 +68,8 @@ def main() -> None:
                     help="windows per distillation step, run in parts of --batch-size (default: --batch-size); the student trains on "
                          "all --calib-tokens")
     ap.add_argument("--lrs", type=float, nargs="*", default=[1e-4, 3e-4], help="peak learning rates (none: one-shot rows only)")
-    ap.add_argument("--train", default="experts", choices=["experts", "routers", "all"])
+    ap.add_argument("--train", default="experts", choices=["experts", "routers", "adapters", "all"])
+    ap.add_argument("--rank", type=int, default=16, help="--train adapters: rank of each expert's weight update")
     ap.add_argument("--teachers", nargs="+", default=["model"], choices=["model", "cached"],
                     help="model: full-vocabulary KL to the unpruned model in memory; cached: its top-k cached before pruning")
     ap.add_argument("--top-k", type=int, default=64, help="tokens per position in the teacher cache (--teachers cached)")
@@ -116,7 +117,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 student = Distill(teacher=base if kind == "model" else cache, data=tokens, steps=args.steps, lr=lr,
                                   batch_size=args.distill_batch_size or args.batch_size, micro_batch_size=args.batch_size,
-                                  train=args.train, show_progress=False)(student)
+                                  train=args.train, rank=args.rank, show_progress=False)(student)
                 report = state_of(student).history[-1].report
                 r = measured(student, time.perf_counter() - t0, kl_first=report["kl_first"], kl_last=report["kl_last"], teacher=report["teacher"])
                 run.setdefault("distilled" if kind == "model" else "distilled_cached", {})[str(lr)] = r
@@ -152,7 +153,8 @@ def main() -> None:
     print(format_table(["pipeline", "one-shot dNLL (x REAP)", "tokens as unpruned (one-shot -> distilled)", "+ distill dNLL (x REAP)", "worst domain", "lr (train holdout)", "distill s",
                         f"cached top-{args.top_k} dNLL"], rows,
                        title=f"distillation recovery, {args.steps} steps x {args.distill_batch_size or args.batch_size} x {args.seq_len} tokens "
-                       f"(of {tokens.num_tokens:,} calibration tokens), train={args.train}"))
+                       f"(of {tokens.num_tokens:,} calibration tokens), train={args.train}"
+                       + (f" rank {args.rank}" if args.train == "adapters" else "")))
 
 
 if __name__ == "__main__":

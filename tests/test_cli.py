@@ -196,6 +196,9 @@ def test_prune_with_distillation(capsys, micro_path, calib_path, valid_path, tmp
     code, _, err = _run(capsys, "prune", micro_path, "--method", "reap", "--ratio", "0.25", "--distill-steps", "-1", "--calib", calib_path,
                         "--out", tmp_path / "bad", *FAST)
     assert code == 2 and "--distill-steps must be >= 0" in err and not (tmp_path / "bad").exists()
+    code, _, err = _run(capsys, "prune", micro_path, "--method", "reap", "--ratio", "0.25", "--distill-steps", "2", "--distill-train", "adapters",
+                        "--distill-rank", "0", "--calib", calib_path, "--out", tmp_path / "bad", *FAST)
+    assert code == 2 and "--distill-rank" in err and "got 2, None, 64, 0 and None" in err and not (tmp_path / "bad").exists()
 
 
 def test_eep_needs_room_for_its_fitness_set(capsys, micro_path, tmp_path):

@@ -4,6 +4,7 @@ and compensation keep per block) and what distillation holds, counted without al
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,13 @@ def test_distillation_memory_plan(qwen3_30b, qwen3_30b_spec):
     assert 118e9 < sum(plan.values()) < 121e9  # inside one H200 (139 GiB = 149 GB), before activations
     small = training_memory(qwen3_30b, qwen3_30b_spec, kept_fraction=0.5, train="routers", teacher_in_memory=True)
     assert small["gradients"] == 2 * routers and small["teacher"] == 2 * total
+    # rank-16 adapters: per kept expert and matrix 16 x (out + in) float32 numbers (gate_up [1536, 2048], down [2048, 768]),
+    # the routers in bf16, and one layer's effective experts (64 kept of 128) at a time
+    adapters = training_memory(qwen3_30b, qwen3_30b_spec, kept_fraction=0.5, train="adapters", rank=16)
+    factors = 48 * 64 * 16 * ((1536 + 2048) + (2048 + 768))
+    assert adapters == {"student": plan["student"], "adapters": 4 * factors, "gradients": 4 * factors + 2 * routers,
+                        "moments": 2 * (4 * factors + 2 * routers), "adapted_layer": 2 * 64 * 3 * 2048 * 768, "teacher": 0}
+    assert sum(adapters.values()) < 0.6 * sum(plan.values())  # 65 GB: fits an H100 (80 GB) before activations
 
 
 def test_sample_bytes_counted_without_allocating(qwen3_30b_spec):
@@ -91,6 +99,30 @@ def test_cli_refuses_distillation_that_cannot_fit(micro_path, calib_path, tmp_pa
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "distillation would hold" in lines[0] and "--distill-train routers needs" in lines[0], lines
     assert not out.exists()
+
+
+def test_preset_best_trains_adapters_where_only_they_fit(micro_path, calib_path, tmp_path, capsys, monkeypatch):
+    """With memory between the adapters' plan and the experts', ``--preset best`` says it trains adapters instead of
+    refusing, before loading anything; an explicit ``--distill-train experts`` is refused, naming the adapters' need."""
+    model = moe_fx.load(micro_path, dtype="float32")
+    spec = moe_fx.state_of(model).spec
+    need = {t: sum(training_memory(model, spec, kept_fraction=0.75, train=t, teacher_in_memory=True).values()) for t in ("experts", "adapters")}
+    assert need["adapters"] < need["experts"]
+    monkeypatch.setattr(calibrate, "host_memory_available", lambda: (need["adapters"] + need["experts"]) // 2)
+
+    def stop(*args, **kwargs):
+        raise RuntimeError("stopped before loading")
+
+    monkeypatch.setattr(moe_fx.formats.loading, "load_model", stop)
+    argv = ["prune", str(micro_path), "--ratio", "0.25", "--calib", str(calib_path), "--no-eval", "--device", "cpu", "--out", str(tmp_path / "out")]
+    with contextlib.suppress(RuntimeError):  # what comes next (the sample's own memory check, or loading) is not this test's
+        cli.main([*argv, "--preset", "best", "--dtype", "float32"])
+    out = capsys.readouterr().out
+    assert "fitted to this machine: --distill-train adapters --distill-lr 0.003 (training the experts would hold" in out
+    assert "distillation will hold" in out and "adapters" in out.split("distillation will hold")[1].splitlines()[0]
+    code = cli.main([*argv, "--method", "reap", "--distill-steps", "2", "--distill-train", "experts", "--dtype", "float32"])
+    err = capsys.readouterr().err
+    assert code == 2 and "distillation would hold" in err and "--distill-train adapters needs" in err and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("stream", [False, True])

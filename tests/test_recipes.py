@@ -45,6 +45,7 @@ RECIPES: dict[str, str] = {
     "reap-distill": "--method reap --ratio 0.25 --distill-steps 2",
     # the README's recommended combinations
     "reap-compensate-distill": "--method reap --ratio 0.25 --compensate --distill-steps 2",
+    "reap-distill-adapters": "--method reap --ratio 0.25 --distill-steps 2 --distill-train adapters --distill-rank 4",
     "eep-global-compensate": f"--method eep --allocation global --compensate --ratio 0.5 {_EEP}",
     "eep-global-compensate-distill": f"--method eep --allocation global --compensate --ratio 0.25 --distill-steps 2 {_EEP}",
     "fisher": f"{_CHANNELS} --method fisher --ratio 0.5",

@@ -62,15 +62,20 @@ def add_parser(sub) -> None:
     p.add_argument("--distill-steps", type=int, default=0,
                    help="after pruning, fine-tune the routed experts and routers towards the unpruned model's logits (KL) for this many "
                         "steps of --distill-batch-size calibration windows (moe_fx.passes.Distill; default 0: off). Holds the source model in memory too")
-    p.add_argument("--distill-lr", type=float, default=3e-4, help="--distill-steps: peak AdamW learning rate (default 3e-4)")
+    p.add_argument("--distill-lr", type=float, default=None,
+                   help="--distill-steps: peak AdamW learning rate (default 3e-4; 3e-3 with --distill-train adapters)")
     p.add_argument("--distill-batch-size", type=int, default=None,
                    help="--distill-steps: calibration windows per optimizer step (default: --batch-size); each step runs in parts of "
                         "--batch-size windows with their gradients summed, so activation memory stays that of --batch-size")
     p.add_argument("--distill-teacher", default="model", choices=("model", "cached"),
                    help="--distill-steps: model (the source model in memory beside the student; full-vocabulary KL) or cached (the "
                         "unpruned model's top-k distributions cached to disk before pruning: the teacher is never held beside the student)")
-    p.add_argument("--distill-train", default="experts", choices=("experts", "routers", "all"),
-                   help="--distill-steps: what moves: the routed experts and routers (default), the routers alone (least memory), or all")
+    p.add_argument("--distill-train", default=None, choices=("experts", "routers", "adapters", "all"),
+                   help="--distill-steps: what moves: the routed experts and routers (default; with --preset best, adapters where the "
+                        "experts' training state would not fit the device and theirs does), the routers alone (least memory), adapters "
+                        "(rank --distill-rank updates of the experts' weights, and the routers, folded into the weights at the end: a "
+                        "stock checkpoint, a few percent of the experts' training state), or all")
+    p.add_argument("--distill-rank", type=int, default=16, help="--distill-train adapters: rank of each expert's weight update (default 16)")
     p.add_argument("--distill-top-k", type=int, default=64, help="--distill-teacher cached: tokens kept per position (default 64)")
     p.add_argument("--allocation", default="uniform", choices=("uniform", "global", "layer", "expert", "coverage"),
                    help="experts: uniform (same count in every layer; stock config) or global (ranked across layers; per-layer format). "
@@ -278,22 +283,38 @@ def _model_limits(meta) -> dict:
 
 def _check_distill_memory(meta, spec, args, device: str, stream: bool, show: bool) -> None:
     """Print what distillation will hold (weights, gradients, AdamW moments, the teacher) and refuse, before loading
-    anything, a run whose total already exceeds the device's memory (the host's available memory on the CPU)."""
+    anything, a run whose total already exceeds the device's memory (the host's available memory on the CPU).
+    ``--distill-train`` left unset trains the experts; with ``--preset`` it trains adapters instead where only they fit
+    (the preset's recovery, in the memory there is, rather than a refusal), and says so."""
     from moe_fx.calibrate import host_memory_available
-    from moe_fx.rewrite.distill import training_memory
+    from moe_fx.rewrite.distill import LEARNING_RATES, training_memory
 
     kept = args.keep / spec.blocks[0].num_experts if args.keep is not None else 1 - args.ratio
     if args.granularity == "channel" and args.expert_ratio:
         kept *= 1 - args.expert_ratio
-    plan = training_memory(meta, spec, kept_fraction=kept, train=args.distill_train,
-                           teacher_in_memory=args.distill_teacher == "model" and not stream)
-    need = sum(plan.values())
     capacity = torch.cuda.mem_get_info(torch.device(device))[1] if device.startswith("cuda") else host_memory_available()
     gb = lambda n: f"{n / 1e9:.1f} GB"
+
+    def plan_for(train: str) -> dict[str, int]:
+        return training_memory(meta, spec, kept_fraction=kept, train=train, rank=args.distill_rank,
+                               teacher_in_memory=args.distill_teacher == "model" and not stream)
+
+    total = lambda train: sum(plan_for(train).values())
+    if args.distill_train is None:
+        args.distill_train = "experts"
+        if args.preset and capacity is not None and total("experts") > capacity >= total("adapters"):
+            args.distill_train, args.distill_lr = "adapters", LEARNING_RATES["adapters"]  # the preset's lr is the experts'
+            if show:
+                print(f"moe-fx: --preset {args.preset} fitted to this machine: --distill-train adapters --distill-lr {args.distill_lr:g} "
+                      f"(training the experts would hold "
+                      f"{gb(total('experts'))} before activations, more than {device}'s {gb(capacity)}; rank-{args.distill_rank} adapters "
+                      f"{gb(total('adapters'))})")
+    plan = plan_for(args.distill_train)
+    need = sum(plan.values())
     parts = " + ".join(f"{k} {gb(v)}" for k, v in plan.items() if v)
     if capacity is not None and need > capacity:
-        cheaper = "" if args.distill_train == "routers" else (
-            f"; --distill-train routers needs {gb(sum(training_memory(meta, spec, kept_fraction=kept, train='routers').values()))}")
+        smaller = {"experts": ("adapters", "routers"), "all": ("adapters", "routers"), "adapters": ("routers",)}.get(args.distill_train, ())
+        cheaper = "".join(f"; --distill-train {train} needs {gb(total(train))}" for train in smaller)
         raise MoeFxError(f"distillation would hold {gb(need)} ({parts}) before activations, more than {device}'s {gb(capacity)}: "
                          f"use a larger device{cheaper}, or --distill-teacher cached if the teacher is in memory")
     if show:
@@ -436,9 +457,10 @@ def run(args) -> int:
     if needs_windows and not args.calib:
         raise MoeFxError(f"--method {asked}{' --merge' if args.merge and asked == args.method else ''}{' --compensate' if args.compensate else ''}"
                          f"{' --distill-steps' if args.distill_steps else ''} needs calibration data: pass --calib FILE")
-    if args.distill_steps < 0 or not args.distill_lr > 0 or args.distill_top_k < 1 or (args.distill_batch_size is not None and args.distill_batch_size < 1):
-        raise MoeFxError(f"--distill-steps must be >= 0, --distill-lr > 0, --distill-top-k and --distill-batch-size >= 1, got {args.distill_steps}, "
-                         f"{args.distill_lr}, {args.distill_top_k} and {args.distill_batch_size}")
+    if args.distill_steps < 0 or (args.distill_lr is not None and not args.distill_lr > 0) or args.distill_top_k < 1 or args.distill_rank < 1 or (
+            args.distill_batch_size is not None and args.distill_batch_size < 1):
+        raise MoeFxError(f"--distill-steps must be >= 0, --distill-lr > 0, --distill-top-k, --distill-rank and --distill-batch-size >= 1, got "
+                         f"{args.distill_steps}, {args.distill_lr}, {args.distill_top_k}, {args.distill_rank} and {args.distill_batch_size}")
     if args.calib_tokens < 1 or args.seq_len < 2:
         raise MoeFxError("--calib-tokens must be positive and --seq-len at least 2")
     if stream and search:
@@ -512,16 +534,15 @@ def run(args) -> int:
         passes += prune_passes(scorer, spec, ratio=args.ratio, keep=args.keep, merge=args.merge, compensate=args.compensate,
                                allocation=allocation, multiple=args.multiple, seed=args.seed, ridge=args.ridge)
     if args.distill_steps:
+        _check_distill_memory(meta, spec, args, device, stream, show)
         data = TokenBatch(windows, args.calib)
         cached = args.distill_teacher == "cached"
         if cached and not stream:  # before the first pass that changes the model (a streamed prune caches in its own pass)
             passes.insert(1, CacheTeacher(data, top_k=args.distill_top_k, batch_size=args.batch_size, seed=args.seed, show_progress=show))
         passes.append(Distill(teacher="cached" if cached else source, data=data, steps=args.distill_steps, lr=args.distill_lr,
-                              train=args.distill_train, batch_size=args.distill_batch_size or args.batch_size,
+                              train=args.distill_train, rank=args.distill_rank, batch_size=args.distill_batch_size or args.batch_size,
                               micro_batch_size=args.batch_size, seed=args.seed, show_progress=show))
     compose(*passes).check_model(meta)
-    if args.distill_steps:
-        _check_distill_memory(meta, spec, args, device, stream, show)
     if needs_windows and not stream:  # a streamed run checks its one block's sample itself
         at = next(i for i, p in enumerate(passes) if isinstance(p, Calibrate))
         if "compensate_samples" in getattr(args, "preset_took", ()):
