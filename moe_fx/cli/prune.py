@@ -210,12 +210,9 @@ def _split_choice_memory(meta, ratio: float, device: str) -> str | None:
     """Why the splits of ``--preset best-oneshot-params`` cannot all be tried in ``device``'s free memory (None: they
     can): each candidate holds its pruned copy of the routed experts, up to ``1 - ratio`` of them, beside the model."""
     from moe_fx.calibrate import host_memory_available
-    from moe_fx.pipeline import state_of
-    from moe_fx.rewrite.prune_channels import routed_parameters
 
-    width = next(meta.parameters()).element_size()
-    weights = sum(p.numel() for p in meta.parameters()) * width
-    copy = int(routed_parameters(meta, state_of(meta).spec) * (1 - ratio) * width)
+    weights, routed = _weight_bytes(meta)
+    copy = int(routed * (1 - ratio))
     free = torch.cuda.mem_get_info(torch.device(device))[0] if device.startswith("cuda") else host_memory_available()
     if free is None or weights + copy <= 0.9 * free:
         return None
@@ -223,15 +220,21 @@ def _split_choice_memory(meta, ratio: float, device: str) -> str | None:
             f"more than 90% of {device}'s free {free / 1e9:.1f} GB")
 
 
-def _split_choice_disk(meta, ratio: float, out: str | Path) -> str | None:
-    """Why the splits of ``--preset best-oneshot-params`` cannot all be streamed beside ``out`` (None: they can): a
-    streamed choice keeps the best candidate's output while it writes the next, each about the source less ``ratio``
-    of its routed experts."""
+def _weight_bytes(meta) -> tuple[int, int]:
+    """``(all weights, routed experts' weights)`` of ``meta`` in bytes, in its dtype."""
     from moe_fx.pipeline import state_of
     from moe_fx.rewrite.prune_channels import routed_parameters
 
     width = next(meta.parameters()).element_size()
-    output = sum(p.numel() for p in meta.parameters()) * width - int(routed_parameters(meta, state_of(meta).spec) * ratio * width)
+    return sum(p.numel() for p in meta.parameters()) * width, routed_parameters(meta, state_of(meta).spec) * width
+
+
+def _split_choice_disk(meta, ratio: float, out: str | Path) -> str | None:
+    """Why the splits of ``--preset best-oneshot-params`` cannot all be streamed beside ``out`` (None: they can): a
+    streamed choice keeps the best candidate's output while it writes the next, each about the source less ``ratio``
+    of its routed experts."""
+    weights, routed = _weight_bytes(meta)
+    output = weights - int(routed * ratio)
     where = next(p for p in Path(out).resolve().parents if p.exists())
     free = shutil.disk_usage(where).free
     if 2 * output <= 0.9 * free:
@@ -302,13 +305,13 @@ def _check_distill_memory(meta, spec, args, device: str, stream: bool, show: boo
     total = lambda train: sum(plan_for(train).values())
     if args.distill_train is None:
         args.distill_train = "experts"
-        if args.preset and capacity is not None and total("experts") > capacity >= total("adapters"):
+        experts, adapters = (total(t) for t in ("experts", "adapters")) if args.preset and capacity is not None else (0, 0)
+        if experts > capacity >= adapters > 0:
             args.distill_train, args.distill_lr = "adapters", LEARNING_RATES["adapters"]  # the preset's lr is the experts'
             if show:
                 print(f"moe-fx: --preset {args.preset} fitted to this machine: --distill-train adapters --distill-lr {args.distill_lr:g} "
-                      f"(training the experts would hold "
-                      f"{gb(total('experts'))} before activations, more than {device}'s {gb(capacity)}; rank-{args.distill_rank} adapters "
-                      f"{gb(total('adapters'))})")
+                      f"(training the experts would hold {gb(experts)} before activations, more than {device}'s {gb(capacity)}; "
+                      f"rank-{args.distill_rank} adapters {gb(adapters)})")
     plan = plan_for(args.distill_train)
     need = sum(plan.values())
     parts = " + ".join(f"{k} {gb(v)}" for k, v in plan.items() if v)

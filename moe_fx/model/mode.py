@@ -1,6 +1,6 @@
 """The model in eval mode for the length of a block, its own mode restored afterwards.
 
-Calibration, evaluation and the searches that measure candidate rewrites all forward the model in eval mode
+Calibration, evaluation, distillation and the searches that measure candidate rewrites all run the model in eval mode
 (no dropout, the families' inference-only routing paths) and must hand it back as they found it: a user's
 training loop may call them between steps."""
 

@@ -17,8 +17,8 @@ experts call runs under activation checkpointing, so the effective weights ``W +
 time (recomputed in the backward pass) instead of a second copy of every layer's experts held for the backward pass.
 
 Invariants: weights that are exactly zero before (the zero padding of per-expert widths) are zero after (the
-update is masked there, by a mask of a byte per weight kept only for tensors that hold such zeros); on failure the parametrizations are removed without folding, leaving the weights as
-they were. PEFT's ``target_parameters`` does the same re-parametrization but cannot keep the padding zero and would
+update is masked there, by a mask of a byte per weight kept only for tensors that hold such zeros); on failure the
+parametrizations are removed without folding, leaving the weights as they were. PEFT's ``target_parameters`` does the same re-parametrization but cannot keep the padding zero and would
 bring PEFT and accelerate as dependencies for what is one torch parametrization here.
 """
 
@@ -73,9 +73,11 @@ def _targets(model: nn.Module, spec: MoEModelSpec) -> tuple[list[tuple[nn.Module
     """``(adapted, direct)``: the (module, weight name) pairs that take an adapter, in the spec's routed experts'
     modules and their submodules (per-expert linears), and the parameters trained as they are (those modules'
     other floating parameters, the biases, and the routers'), each once."""
-    modules = list(dict.fromkeys(m for b in spec.blocks for m in model.get_submodule(b.experts.path).modules()))
-    adapted = [(m, name) for m in modules for name in adapted_weights(m)]
-    direct = [p for m in modules for name, p in m.named_parameters(recurse=False) if name not in adapted_weights(m) and p.is_floating_point()]
+    adapted, direct = [], []
+    for m in dict.fromkeys(m for b in spec.blocks for m in model.get_submodule(b.experts.path).modules()):
+        names = adapted_weights(m)
+        adapted += [(m, name) for name in names]
+        direct += [p for name, p in m.named_parameters(recurse=False) if name not in names and p.is_floating_point()]
     direct += [p for b in spec.blocks for p in model.get_submodule(b.router.path).parameters()]
     return adapted, list(dict.fromkeys(direct))
 

@@ -43,6 +43,7 @@ from moe_fx.calibrate.data import calibration_tokens
 from moe_fx.errors import BadOptionError, PassOrderError
 from moe_fx.kernels import grouped_mm
 from moe_fx.kernels.implementation import experts_implementation
+from moe_fx.model.mode import eval_mode
 from moe_fx.model.spec import MoEModelSpec
 from moe_fx.pipeline import MoEState, Pass, PassResult
 from moe_fx.progress import progress_bar
@@ -128,11 +129,10 @@ class Distill(Pass):
                 raise BadOptionError(f"Distill: teacher vocabulary ({teacher.config.vocab_size}) differs from the model's ({model.config.vocab_size}); "
                                      "the teacher must be the model before pruning")
         order = _window_order(windows.shape[0], self.batch_size, self.steps, self.seed)
-        was_training, losses = model.training, []
-        model.eval()  # no dropout: the teacher's targets are deterministic, so are the student's
+        losses: list[float] = []
         requires = {p: p.requires_grad for p in model.parameters()}
-        try:
-            with self._trained(model, state.spec) as (params, direct):
+        try:  # eval mode: no dropout, so the teacher's targets are deterministic, so are the student's
+            with eval_mode(model), self._trained(model, state.spec) as (params, direct):
                 zeros = {p: zero for p in direct if bool((zero := p == 0).any())}
                 # fused on CUDA: the default multi-tensor step allocates temporaries as large as the trained parameters
                 # (measured at Qwen3-30B-A3B's shapes, 50% of the experts: 0.84 instead of 0.36 GiB a layer beyond the
@@ -167,7 +167,6 @@ class Distill(Pass):
         finally:
             for p, flag in requires.items():
                 p.requires_grad_(flag)
-            model.train(was_training)
             if cache is not None and cache is state.teacher_cache and cache.temporary:
                 cache.discard()
                 state.teacher_cache = None
@@ -258,9 +257,10 @@ def training_memory(model: nn.Module, spec: MoEModelSpec, *, kept_fraction: floa
     plan = {"student": (total - removed) * size}
     if train == "adapters":
         factors, direct = adapter_parameter_count(model, spec, rank)
-        trained = round(kept_fraction * factors) * 4 + direct * size  # the biases counted unpruned: an upper bound
+        factor_bytes = round(kept_fraction * factors) * 4  # float32
+        trained = factor_bytes + direct * size  # the biases counted unpruned: an upper bound
         largest = max(sum(p.numel() for p in model.get_submodule(b.experts.path).parameters()) for b in spec.blocks)
-        plan |= {"adapters": round(kept_fraction * factors) * 4, "gradients": trained, "moments": 2 * trained,
+        plan |= {"adapters": factor_bytes, "gradients": trained, "moments": 2 * trained,
                  "adapted_layer": round(kept_fraction * largest) * size}
     else:
         trained = sum(p.numel() for p in _trainable(model, spec, train)) - (removed if train != "routers" else 0)
