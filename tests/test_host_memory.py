@@ -118,7 +118,8 @@ def test_preset_best_trains_adapters_where_only_they_fit(micro_path, calib_path,
     with contextlib.suppress(RuntimeError):  # what comes next (the sample's own memory check, or loading) is not this test's
         cli.main([*argv, "--preset", "best", "--dtype", "float32"])
     out = capsys.readouterr().out
-    assert "fitted to this machine: --distill-train adapters --distill-lr 0.003 (training the experts would hold" in out
+    assert "fitted to this machine: --distill-train adapters (training the experts would hold" in out
+    assert "--preset best: --distill-lr 0.003 with --distill-train adapters" in out
     assert "distillation will hold" in out and "adapters" in out.split("distillation will hold")[1].splitlines()[0]
     code = cli.main([*argv, "--method", "reap", "--distill-steps", "2", "--distill-train", "experts", "--dtype", "float32"])
     err = capsys.readouterr().err

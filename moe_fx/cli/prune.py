@@ -307,11 +307,15 @@ def _check_distill_memory(meta, spec, args, device: str, stream: bool, show: boo
         args.distill_train = "experts"
         experts, adapters = (total(t) for t in ("experts", "adapters")) if args.preset and capacity is not None else (0, 0)
         if experts > capacity >= adapters > 0:
-            args.distill_train, args.distill_lr = "adapters", LEARNING_RATES["adapters"]  # the preset's lr is the experts'
+            args.distill_train = "adapters"
             if show:
-                print(f"moe-fx: --preset {args.preset} fitted to this machine: --distill-train adapters --distill-lr {args.distill_lr:g} "
+                print(f"moe-fx: --preset {args.preset} fitted to this machine: --distill-train adapters "
                       f"(training the experts would hold {gb(experts)} before activations, more than {device}'s {gb(capacity)}; "
                       f"rank-{args.distill_rank} adapters {gb(adapters)})")
+    if args.preset and args.distill_train == "adapters":  # a preset's rate is the experts' (--distill-lr beside it is refused)
+        args.distill_lr = LEARNING_RATES["adapters"]
+        if show:
+            print(f"moe-fx: --preset {args.preset}: --distill-lr {args.distill_lr:g} with --distill-train adapters (the adapters' rate)")
     plan = plan_for(args.distill_train)
     need = sum(plan.values())
     parts = " + ".join(f"{k} {gb(v)}" for k, v in plan.items() if v)
