@@ -22,8 +22,8 @@ from moe_fx.rewrite.distill import kl_to_teacher
 WINDOWS = torch.randint(2, 128, (8, 24), generator=torch.Generator().manual_seed(5))
 
 
-def _pruned(model, ratio: float = 0.5):
-    return compose(Calibrate(WINDOWS, batch_size=4, show_progress=False), Score("reap"), DropExperts(ratio=ratio))(model)
+def _pruned(model, ratio: float = 0.5, windows: torch.Tensor = WINDOWS):
+    return compose(Calibrate(windows, batch_size=4, show_progress=False), Score("reap"), DropExperts(ratio=ratio))(model)
 
 
 def _kl(student, teacher, ids: torch.Tensor) -> float:
@@ -55,7 +55,7 @@ def test_distillation_moves_the_pruned_model_towards_the_teacher_and_only_what_i
     windows falls; with ``train="experts"`` attention, norms and embeddings are untouched."""
     teacher = load_model(micro_path, dtype="float32")
     ids = torch.randint(2, teacher.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(0))
-    model = compose(Calibrate(ids, batch_size=4, show_progress=False), Score("reap"), DropExperts(ratio=0.5))(copy.deepcopy(teacher))
+    model = _pruned(copy.deepcopy(teacher), windows=ids)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if ".mlp." not in n}
     before = _kl(model, teacher, ids)
     out = Distill(teacher=teacher, data=ids, steps=15, lr=1e-3, batch_size=4, show_progress=False)(model)
@@ -112,7 +112,7 @@ def test_adapters_recover_and_fold_into_stock_weights(micro_path) -> None:
     routers move, and afterwards the model holds plain tensors of the same names and shapes (a stock checkpoint)."""
     teacher = load_model(micro_path, dtype="float32")
     ids = torch.randint(2, teacher.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(0))
-    model = compose(Calibrate(ids, batch_size=4, show_progress=False), Score("reap"), DropExperts(ratio=0.5))(copy.deepcopy(teacher))
+    model = _pruned(copy.deepcopy(teacher), windows=ids)
     shapes = {n: t.shape for n, t in model.state_dict().items()}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     kl_before = _kl(model, teacher, ids)
@@ -134,7 +134,7 @@ def test_adapters_on_other_layouts(family: str) -> None:
     in its own module (GraniteMoE): the adapted weights move, keep their shapes, and no parametrization is left."""
     teacher = tiny_model(family).eval()
     ids = torch.randint(2, 100, (4, 16), generator=torch.Generator().manual_seed(1))
-    model = compose(Calibrate(ids, batch_size=4, show_progress=False), Score("reap"), DropExperts(ratio=0.5))(copy.deepcopy(teacher))
+    model = _pruned(copy.deepcopy(teacher), windows=ids)
     spec = state_of(model).spec
     experts = {n: p.detach().clone() for b in spec.blocks for n, p in model.get_submodule(b.experts.path).named_parameters(prefix=b.experts.path)}
     Distill(teacher=teacher, data=ids, steps=3, lr=1e-2, batch_size=4, train="adapters", rank=2, show_progress=False)(model)
