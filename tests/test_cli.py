@@ -210,8 +210,9 @@ def test_eep_needs_room_for_its_fitness_set(capsys, micro_path, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_prune_channels_end_to_end(capsys, micro_path, calib_path, tmp_path):
-    """Fisher channels at a uniform width give a stock checkpoint; HEAPr's per-expert widths the per-layer format."""
+def test_prune_channels_end_to_end(capsys, micro_path, calib_path, valid_path, tmp_path):
+    """Fisher channels at a uniform width give a stock checkpoint; HEAPr's per-expert widths in buckets store the budget,
+    evaluate, and prune again."""
     from moe_fx import load
 
     out = tmp_path / "fisher"
@@ -221,14 +222,24 @@ def test_prune_channels_end_to_end(capsys, micro_path, calib_path, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.moe_intermediate_size == 32 and model.model.layers[0].mlp.experts.down_proj.shape == (8, 64, 32)
     out = tmp_path / "heapr"
-    code, stdout, err = _run(capsys, "prune", micro_path, "--granularity", "channel", "--method", "heapr", "--allocation", "expert",
-                             "--multiple", "8", "--ratio", "0.5", "--compensate", "--calib", calib_path, "--out", out, *FAST)
+    code, stdout, err = _run(capsys, "prune", micro_path, "--granularity", "channel", "--method", "heapr", "--allocation", "buckets",
+                             "--ratio", "0.5", "--compensate", "--calib", calib_path, "--out", out, *FAST)
     assert code == 0, err
-    assert "compensation" in stdout and (out / "modeling_moe_fx.py").is_file()
-    widths = json.loads((out / "moe_fx.json").read_text())["channel_plan"]["kept_widths"]
-    assert len({w for block in widths.values() for w in block}) > 1  # experts keep different widths
-    stored = [layer.mlp.experts.down_proj.shape[2] for layer in load(out).model.layers]
-    assert all(w <= s for block, s in zip(widths.values(), stored) for w in block) and min(stored) < 64
+    assert "compensation" in stdout and "stored in width buckets" in stdout and (out / "modeling_moe_fx.py").is_file()
+    record = json.loads((out / "moe_fx.json").read_text())
+    widths = record["channel_plan"]["kept_widths"]
+    assert len({w for block in widths.values() for w in block}) > 1 and all(len(set(block)) <= 4 for block in widths.values())
+    routed = 2 * 8 * 64  # channels of the source's routed experts: 2 layers of 8 experts of width 64
+    assert record["expert_storage"]["routed_params_stored"] / record["expert_storage"]["routed_params_padded"] < 1
+    assert sum(map(sum, widths.values())) <= routed // 2  # the checkpoint stores the budget, not the padded widths
+    bucketed = load(out)
+    assert type(bucketed.model.layers[0].mlp.experts).__name__ == "BucketedExperts"
+    code, stdout, err = _run(capsys, "eval", out, "--data", valid_path, "--eval-seqs", "2", "--eval-seq-len", "64", "--quiet")
+    assert code == 0, err
+    again = tmp_path / "again"  # a bucketed checkpoint is a source like any other: loaded padded, rewritten, stored in buckets again
+    code, stdout, err = _run(capsys, "prune", out, "--ratio", "0.25", "--calib", calib_path, "--out", again, *FAST)
+    assert code == 0, err
+    assert json.loads((again / "moe_fx.json").read_text())["expert_storage"]["routed_params_stored"] < record["expert_storage"]["routed_params_stored"]
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ def run(args) -> int:
     from moe_fx.formats.loading import load_model
     from moe_fx.pipeline import state_of
 
-    model = load_model(args.model, dtype=args.dtype, device=resolve_device(args.device))
+    model = load_model(args.model, dtype=args.dtype, device=resolve_device(args.device), ragged=False)
     spec = state_of(model).spec
     if args.json:
         print(json.dumps(spec.to_dict(), indent=2))

@@ -30,6 +30,7 @@ from moe_fx.cli.common import (
     zero_shot_results,
 )
 from moe_fx.errors import BadOptionError, MoeFxError
+from moe_fx.formats.checkpoint import EXPERT_STORAGE
 from moe_fx.formats.quantized_checkpoint import SCHEMES, TARGETS, check_before_pruning, quantize_in_place
 
 
@@ -77,12 +78,17 @@ def add_parser(sub) -> None:
                         "stock checkpoint, a few percent of the experts' training state), or all")
     p.add_argument("--distill-rank", type=int, default=16, help="--distill-train adapters: rank of each expert's weight update (default 16)")
     p.add_argument("--distill-top-k", type=int, default=64, help="--distill-teacher cached: tokens kept per position (default 64)")
-    p.add_argument("--allocation", default="uniform", choices=("uniform", "global", "layer", "expert", "coverage"),
+    p.add_argument("--allocation", default="uniform", choices=("uniform", "global", "layer", "expert", "buckets", "coverage"),
                    help="experts: uniform (same count in every layer; stock config) or global (ranked across layers; per-layer format). "
                    "channels: uniform (same width everywhere; stock config), layer (one width per layer), expert (HEAPr-style "
-                   "global ranking, a width per expert) or coverage (Ding et al. score coverage)")
+                   "global ranking, a width per expert, stored zero-padded), buckets (the same ranking, at most 4 widths per layer, "
+                   "stored at those widths: loads through moe_fx.load or trust_remote_code) or coverage (Ding et al. score coverage)")
     chan = p.add_argument_group("channel pruning (--granularity channel)")
     chan.add_argument("--multiple", type=int, default=64, help="per-expert widths are padded to the layer's widest, rounded up to this (default 64)")
+    chan.add_argument("--expert-storage", choices=EXPERT_STORAGE, default="auto",
+                      help="experts of different widths in a layer: auto stores them in up to 4 width buckets where that saves 2%% "
+                           "of the routed parameters or more (loads through moe_fx.load or trust_remote_code); padded stores them "
+                           "zero-padded to the layer's widest (a stock checkpoint where the config can describe it)")
     chan.add_argument("--expert-ratio", type=float, help="first drop this fraction of each layer's experts (scored by --expert-method), then --ratio of the kept experts' channels")
     chan.add_argument("--expert-method", default="reap", help="expert scoring for --expert-ratio (default reap)")
     chan.add_argument("--expert-shares", type=float, nargs="+", metavar="SHARE",
@@ -351,7 +357,7 @@ def _streamed_then_distilled(source: Path, passes: list, args, device: str, toke
         streamed = stream_prune(source, staging, streamed_passes, device=device, dtype=args.dtype, tokenizer=tokenizer, overwrite=True,
                                 show_progress=show, report=False, teacher_cache=cache_dir, teacher_top_k=args.distill_top_k)
         streamed_record = {k: v for k, v in json.loads((staging / "moe_fx.json").read_text()).items() if k == "streaming"}
-        model = load_model(staging, dtype=args.dtype, device=device)
+        model = load_model(staging, dtype=args.dtype, device=device, ragged=False)
         object.__setattr__(model, STATE_ATTR, streamed.state)  # the streamed run's plan, statistics and history
         model = compose(dataclasses_replace(distill, teacher=cache_dir))(model)
         return model, streamed.state, streamed_record
@@ -383,7 +389,7 @@ def _streaming(args, source, device: str) -> bool:
 def _check_granularity(args, scorer, expert_scorer) -> None:
     """Options that only make sense for one granularity, and scorers of the other one, are named errors."""
     channels = args.granularity == "channel"
-    allowed = ("uniform", "layer", "expert", "coverage") if channels else ("uniform", "global")
+    allowed = ("uniform", "layer", "expert", "buckets", "coverage") if channels else ("uniform", "global")
     if args.allocation not in allowed:
         raise MoeFxError(f"--allocation {args.allocation} is for {'experts' if channels else 'channels'}; with --granularity {args.granularity} use one of {', '.join(allowed)}")
     if scorer.granularity != args.granularity:
@@ -406,7 +412,7 @@ def run(args) -> int:
     from moe_fx.evaluate.report import write_report
     from moe_fx.evaluate.table import format_table, human_bytes
     from moe_fx.evaluate.zero_shot import resolve_tasks
-    from moe_fx.formats.checkpoint import check_output_path, save_checkpoint, source_mxfp4, update_record
+    from moe_fx.formats.checkpoint import check_output_path, read_record, save_checkpoint, source_mxfp4, update_record
     from moe_fx.formats.lazy import meta_model
     from moe_fx.formats.loading import check_model_dir, load_model, load_tokenizer
     from moe_fx.passes import CacheTeacher, Calibrate, ChooseRecipe, CompensateExperts, Distill
@@ -556,7 +562,7 @@ def run(args) -> int:
             passes[at] = _fit_preset_sample(spec, passes[at], args, show)
         check_host_memory(spec, passes[at].make_observers())
 
-    model = meta if stream else load_model(source, dtype=args.dtype, device=device)
+    model = meta if stream else load_model(source, dtype=args.dtype, device=device, ragged=False)
     save_dtype = model.config.dtype if isinstance(getattr(model.config, "dtype", None), torch.dtype) else next(model.parameters()).dtype
     size_of = checkpoint_size if stream else model_size
     evaluate = functools.partial(stream_evaluate, device=device, dtype=args.dtype) if stream else evaluate_nll
@@ -623,7 +629,8 @@ def run(args) -> int:
         model.to(save_dtype)
         record["size_after"] = model_size(model)
         out = save_checkpoint(model, args.out, source=source, tokenizer=tokenizer, overwrite=args.overwrite, extra_record=record,
-                              quantize=args.quantize, quantize_targets=args.quantize_targets)
+                              quantize=args.quantize, quantize_targets=args.quantize_targets, expert_storage=args.expert_storage)
+        after_size = read_record(out)["size_after"]
 
     kept = sum(b.num_experts for b in state.spec.blocks)
     total = sum(b.num_experts for b in spec.blocks)
@@ -650,6 +657,11 @@ def run(args) -> int:
         print(f"routed-expert parameters: {routed_source:,} -> {r['routed_params_after']:,} stored "
               f"({r['routed_params_after'] / routed_source - 1:+.1%}); kept channels alone: {r['routed_params_ideal']:,} "
               f"({r['routed_params_ideal'] / routed_source - 1:+.1%}); zero padding {r['routed_params_after'] - r['routed_params_ideal']:,}")
+    buckets = None if stream else read_record(out).get("expert_storage")
+    if buckets:
+        print(f"stored in width buckets: {buckets['routed_params_stored']:,} routed-expert parameters "
+              f"({buckets['routed_params_stored'] / routed_source - 1:+.1%}), at most {max(map(len, buckets['buckets'].values()))} "
+              "widths per layer; load with moe_fx.load or from_pretrained(..., trust_remote_code=True)")
     compensated = state.report_of("compensate_experts")
     if compensated and compensated["mean_error_before"] is not None:  # None: no block had sampled tokens
         print(f"compensation: block output error on the calibration sample {compensated['mean_error_before']:.4f} -> "

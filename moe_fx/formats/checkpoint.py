@@ -23,6 +23,7 @@ from moe_fx.formats import mxfp4, quantized_checkpoint
 from moe_fx.formats.atomic import atomic_directory, replace_atomically
 from moe_fx.model import per_layer as per_layer_model
 from moe_fx.model.adapters import COUNT_ATTRS, get_adapter
+from moe_fx.model.ragged import ragged_experts
 from moe_fx.model.tensors import config_at
 from moe_fx.model.trace import trace
 from moe_fx.pipeline import STATE_ATTR
@@ -39,6 +40,9 @@ TOKENIZER_FILES = (
 )
 
 RECORD_FILE = "moe_fx.json"
+
+EXPERT_STORAGE = ("auto", "padded")
+"""How :func:`save_checkpoint` stores experts of different widths within a block: in width buckets, or zero-padded."""
 
 CONFIG_FILES = ("config.json", "generation_config.json", "modeling_moe_fx.py")
 """What a runtime that brings its own graph (ONNX) needs of a checkpoint besides the tokenizer."""
@@ -182,6 +186,7 @@ def save_checkpoint(
     report: bool = True,
     quantize: str | None = None,
     quantize_targets: str = "experts",
+    expert_storage: str = "auto",
 ) -> Path:
     """Save ``model`` (and its moe-fx record) atomically to ``out``; return the final path. ``report``: also
     write ``report.md`` / ``report.json`` / ``plots/`` describing the run (from the record). A source whose experts
@@ -190,11 +195,16 @@ def save_checkpoint(
     the hub's block-wise FP8 format, ``int8-channel`` / ``int4-group`` in compressed-tensors' format
     (:mod:`moe_fx.formats.quantized_checkpoint`; the record's ``quantization`` says the bytes);
     ``quantize_targets="linear"`` quantizes every other linear layer too, but the routers and the LM head
-    (``"linear+head"``: the untied head too)."""
+    (``"linear+head"``: the untied head too). ``expert_storage``: ``auto`` writes experts of different widths in
+    width buckets where that stores 2% fewer routed parameters or more (:mod:`moe_fx.model.ragged`; the record's
+    ``expert_storage`` says what it saved; loads through ``moe_fx.load`` or ``trust_remote_code``), ``padded``
+    keeps them zero-padded to their block's widest (a stock checkpoint where the config can describe it)."""
     state = getattr(model, STATE_ATTR, None)
     if state is not None and state.masked:
         raise BadOptionError("this model's channels were zeroed in place (PruneChannels(mask_only=True), a debug mode); "
                              "run PruneChannels without mask_only to get a smaller model to save")
+    if expert_storage not in EXPERT_STORAGE:
+        raise BadOptionError(f"expert_storage {expert_storage!r}: use one of {', '.join(EXPERT_STORAGE)}")
     out = check_output_path(out, source, overwrite)
     quantization = source_mxfp4(source)
     if quantize is not None:  # before anything is written
@@ -202,13 +212,21 @@ def save_checkpoint(
         quantized_checkpoint.check_targets(quantize_targets)
         if quantization is not None:
             raise BadOptionError(f"the source's experts are MXFP4, which the pruned copy keeps; --quantize {quantize} does not apply to it")
+    buckets = expert_storage == "auto" and quantize is None and quantization is None and state is not None and not state.masked
     with atomic_directory(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if quantization is not None:
-            extra_record = {**(extra_record or {}), "expert_format": mxfp4.repack_directory(tmp, quantization)}
-        if quantize is not None:
-            extra_record = {**(extra_record or {}), "quantization": quantized_checkpoint.quantize_directory(tmp, scheme=quantize, targets=quantize_targets)}
-        record = write_companions(model, tmp, source=source, tokenizer=tokenizer, extra_record=extra_record)
+        with ragged_experts(model, state.spec) if buckets else contextlib.nullcontext() as stored:
+            model.save_pretrained(tmp, safe_serialization=True)
+            if stored is not None:
+                extra_record = {**(extra_record or {}), "expert_storage": stored}
+                if "size_after" in extra_record:  # what the checkpoint holds, not the padded experts in memory
+                    size = dict(extra_record["size_after"])
+                    size["params"] -= stored["routed_params_padded"] - stored["routed_params_stored"]
+                    extra_record["size_after"] = size
+            if quantization is not None:
+                extra_record = {**(extra_record or {}), "expert_format": mxfp4.repack_directory(tmp, quantization)}
+            if quantize is not None:
+                extra_record = {**(extra_record or {}), "quantization": quantized_checkpoint.quantize_directory(tmp, scheme=quantize, targets=quantize_targets)}
+            record = write_companions(model, tmp, source=source, tokenizer=tokenizer, extra_record=extra_record)
         if report:
             write_report(tmp, record, location=out)
     return out
@@ -220,6 +238,11 @@ def source_mxfp4(source: str | Path | None) -> dict | None:
         return None
     config = json.loads((Path(source) / "config.json").read_text())
     return config["quantization_config"] if mxfp4.is_mxfp4(config) else None
+
+
+def read_record(path: str | Path) -> dict:
+    """The ``moe_fx.json`` record of a checkpoint moe-fx wrote."""
+    return json.loads((Path(path) / RECORD_FILE).read_text())
 
 
 def update_record(path: str | Path, entries: dict) -> None:

@@ -22,6 +22,7 @@ from torch import nn
 from moe_fx.errors import NotAModelError, first_line
 from moe_fx.formats import mxfp4
 from moe_fx.formats.loading import check_model_dir, model_class, parse_dtype
+from moe_fx.model.per_layer import LAYOUT_KEY
 
 INDEX_FILE = "model.safetensors.index.json"
 _LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -59,13 +60,16 @@ def resolve_dtype(config, name: str | torch.dtype) -> torch.dtype:
 
 
 def meta_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu") -> nn.Module:
-    """The checkpoint's model class built from its config with every parameter on ``meta``; non-persistent
+    """The checkpoint's model class built from its config with every parameter on ``meta`` (experts stored in width
+    buckets padded, as the passes read them); non-persistent
     buffers (rotary inverse frequencies, not stored in checkpoints) are computed on ``device`` by the model's own
     initialisation, as ``from_pretrained`` does."""
     from transformers import AutoConfig
 
     p = check_model_dir(path)
     config = AutoConfig.from_pretrained(p)
+    for block in (getattr(config, LAYOUT_KEY, None) or {"blocks": {}})["blocks"].values():
+        block.pop("buckets", None)  # experts padded, as passes read them (load_model(ragged=False) loads them so)
     cls = model_class(p)
     with torch.device("meta"):  # an auto class (a config without ``architectures``) builds through from_config
         build = cls.from_config if hasattr(cls, "_model_mapping") else cls._from_config

@@ -68,8 +68,11 @@ def model_class(path: Path):
 
 
 def load_model(path: str | Path, *, dtype: str = "auto", device: str = "cpu", experts_implementation: str | None = DEFAULT_IMPLEMENTATION,
-               quantize: str | None = "auto"):
+               quantize: str | None = "auto", ragged: bool = True):
     """``from_pretrained`` with checks first and clear errors after; per-layer-count checkpoints load too.
+
+    Experts stored in width buckets (:mod:`moe_fx.model.ragged`) are held that way (``ragged``: their stored size in
+    memory), or zero-padded to their block's widest with ``ragged=False``: what passes that rewrite experts read.
 
     The routed experts run with ``experts_implementation`` (moe-fx's own by default: see
     :mod:`moe_fx.kernels`; ``None`` keeps transformers' default) where the model can switch.
@@ -85,6 +88,7 @@ def load_model(path: str | Path, *, dtype: str = "auto", device: str = "cpu", ex
     back the stored codes and scales exactly: each block's largest weight is a bfloat16 value, so its scale
     is recomputed bit for bit, and every other dequantized value rounds back to its code."""
     from moe_fx.kernels.quantized import check_scheme
+    from moe_fx.model.ragged import pad_buckets_
     from moe_fx.rewrite.quantize_experts import quantize_experts_
 
     p = check_model_dir(path)
@@ -104,11 +108,22 @@ def load_model(path: str | Path, *, dtype: str = "auto", device: str = "cpu", ex
         # transformers' dequantizing FP8 loader (5.23) leaves the layers it did not quantize in the checkpoint's
         # dtype beside dequantized ones in the one asked for: a float32 checkpoint with FP8 attention would not run
         model = model.to(parse_dtype(dtype))
+    if not ragged:
+        pad_buckets_(model)
     if experts_implementation is not None and current(model) is not None:
         set_implementation(model, experts_implementation)
     if scheme is not None:
         quantize_experts_(model, scheme)
     return model.to(device).eval()
+
+
+def stored_in_buckets(path: str | Path) -> bool:
+    """Whether a checkpoint stores experts in width buckets (:mod:`moe_fx.model.ragged`): its weights are not the
+    padded experts' tensors that streaming and quantizing read shard by shard."""
+    from moe_fx.model.per_layer import LAYOUT_KEY
+
+    layout = json.loads((Path(path) / "config.json").read_text()).get(LAYOUT_KEY) or {}
+    return any(block.get("buckets") for block in layout.get("blocks", {}).values())
 
 
 def stored_scheme(path: Path) -> str | None:

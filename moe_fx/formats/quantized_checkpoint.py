@@ -202,8 +202,12 @@ def quantize_in_place(path: str | Path, *, scheme: str, group_size: int = compre
 def _write(source: Path, out: Path, scheme: str, group_size: int, show_progress: bool, targets: str) -> dict:
     from moe_fx.formats.atomic import atomic_directory
     from moe_fx.formats.checkpoint import RECORD_FILE
+    from moe_fx.formats.loading import stored_in_buckets
     from moe_fx.formats.shards import INDEX_FILE, shard_files
 
+    if stored_in_buckets(source):
+        raise BadOptionError(f"{source}: its experts are stored in width buckets, which quantizing does not support yet; prune with "
+                             "--expert-storage padded, then quantize")
     shards = {*shard_files(source), INDEX_FILE}
     with atomic_directory(out) as tmp:
         for item in source.iterdir():  # everything but the weights, which quantize_directory writes

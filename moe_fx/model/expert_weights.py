@@ -130,6 +130,19 @@ def neuron_tensors(model: nn.Module, experts: ExpertsSpec) -> tuple[list[NeuronT
     return out, passive
 
 
+def rebuilt(t: torch.Tensor, nt: NeuronTensor, kept: list[list[int]], width: int | None) -> torch.Tensor:
+    """``t`` with only each expert's ``kept`` neurons: moved to the first positions of a ``width``-neuron tensor
+    (zeros after them), or left in place with the others zeroed when ``width`` is None (mask mode)."""
+    target = nt if width is None else nt.resized(width)
+    shape = list(t.shape)
+    shape[nt.axis + 1] = target.index.numel()
+    out = t.new_zeros(shape)
+    for e, ids in enumerate(kept):
+        src = nt.index[ids] if width is None else target.index[: len(ids)]
+        out[e].movedim(nt.axis, 0)[src.reshape(-1).to(t.device)] = t[e].movedim(nt.axis, 0)[nt.index[ids].reshape(-1).to(t.device)]
+    return out
+
+
 def neuron_features(model: nn.Module, tensors: list[NeuronTensor], expert: int) -> torch.Tensor:
     """``[I, F]`` float32 per-neuron feature vectors of one expert (gate row, up row, down column, biases)."""
     return torch.cat([nt.features(get_tensor(model, nt.name)[expert].detach().float()) for nt in tensors], dim=1)

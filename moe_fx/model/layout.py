@@ -34,13 +34,16 @@ def layout_of(model: nn.Module, spec: MoEModelSpec) -> dict:
     return {"blocks": blocks}
 
 
-def _shape_mismatches(model: nn.Module, cls: type, config) -> list[str]:
-    """Names of ``model``'s tensors whose shape differs in a ``cls`` model built from ``config`` (on meta)."""
+def shape_mismatches(model: nn.Module, cls: type, config, *, exact: bool = False) -> list[str]:
+    """Names of ``model``'s tensors whose shape differs in a ``cls`` model built from ``config`` (on meta); ``exact``:
+    also the tensors only one of the two has."""
     config = copy.deepcopy(config)
     with torch.device("meta"):
         ref = cls(config)
     want = {n: t.shape for n, t in ref.state_dict().items()}
-    return [n for n, t in model.state_dict().items() if want.get(n, t.shape) != t.shape]
+    have = model.state_dict()
+    bad = [n for n, t in have.items() if want.get(n, None if exact else t.shape) != t.shape]
+    return bad + [n for n in want if n not in have] if exact else bad
 
 
 def record_layout(model: nn.Module, spec: MoEModelSpec) -> bool:
@@ -57,12 +60,12 @@ def record_layout(model: nn.Module, spec: MoEModelSpec) -> bool:
         set_config_key(config, ref, max(b.experts.intermediate_size for b in spec.blocks))
     if hasattr(config, LAYOUT_KEY):
         delattr(config, LAYOUT_KEY)
-    if not _shape_mismatches(model, base, config):
+    if not shape_mismatches(model, base, config):
         return True
     for ref, value in widths.items():
         set_config_key(config, ref, value)
     setattr(config, LAYOUT_KEY, layout_of(model, spec))
-    bad = _shape_mismatches(model, per_layer_class(base), config)
+    bad = shape_mismatches(model, per_layer_class(base), config)
     if bad:
         raise UnsupportedFamilyError(
             f"the rewritten experts cannot be described by a config: tensors {bad[:3]} would load with other shapes"

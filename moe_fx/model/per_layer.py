@@ -6,12 +6,19 @@ tensor that carries one slice per expert and the value of every module attribute
 width. The class made by :func:`per_layer_class` builds the stock model and then gives those tensors the
 recorded shapes, so ``from_pretrained`` loads the smaller weights into matching shapes.
 
+Experts of different widths within one block (per-expert channel allocations) are held in *buckets*: a block's
+``buckets`` record lists groups of experts, each stored at one width by a copy of the family's own experts module
+(so every experts implementation runs it), and :class:`BucketedExperts` routes each (token, slot) pair to its
+expert's bucket. Without buckets such a block would be stored zero-padded to its widest expert.
+
 This file is copied verbatim into per-layer checkpoints as ``modeling_moe_fx.py`` (``auto_map`` points at
 it), so it imports nothing but torch and transformers: ``from_pretrained(dir, trust_remote_code=True)``
 works without moe-fx installed, and ``moe_fx.load(dir)`` uses the same code without remote code.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
@@ -21,20 +28,84 @@ LAYOUT_KEY = "moe_fx_layout"
 
 def apply_layout(model: nn.Module, layout: dict) -> None:
     """Give every tensor named in ``layout`` its recorded shape (uninitialised storage: the checkpoint's
-    weights fill it), and set the recorded count and width attributes."""
+    weights fill it), set the recorded count and width attributes, and hold bucketed blocks' experts in
+    :class:`BucketedExperts`."""
     for block in layout["blocks"].values():
         for name, shape in block["shapes"].items():
             mod_path, _, attr = name.rpartition(".")
-            mod = model.get_submodule(mod_path)
-            old = getattr(mod, attr)
-            new = torch.empty([int(s) for s in shape], dtype=old.dtype, device=old.device)
-            if isinstance(old, nn.Parameter):
-                setattr(mod, attr, nn.Parameter(new, requires_grad=old.requires_grad))
-            else:
-                mod.register_buffer(attr, new, persistent=attr not in mod._non_persistent_buffers_set)
+            reshape(model.get_submodule(mod_path), attr, shape)
         for ref, value in block["attrs"].items():
             mod_path, _, attr = ref.rpartition(":")
             setattr(model.get_submodule(mod_path), attr, int(value))
+        if block.get("buckets"):
+            buckets = block["buckets"]
+            experts = model.get_submodule(buckets["module"])
+            modules = [resized_copy(experts, group["shapes"], group["attrs"]) for group in buckets["groups"]]
+            model.set_submodule(buckets["module"], BucketedExperts(modules, [g["experts"] for g in buckets["groups"]]))
+
+
+def reshape(module: nn.Module, attr: str, shape) -> None:
+    """Give ``module.attr`` (a parameter or buffer) uninitialised storage of ``shape``, keeping its kind, dtype and device."""
+    old = getattr(module, attr)
+    new = torch.empty([int(s) for s in shape], dtype=old.dtype, device=old.device)
+    if isinstance(old, nn.Parameter):
+        setattr(module, attr, nn.Parameter(new, requires_grad=old.requires_grad))
+    else:
+        module.register_buffer(attr, new, persistent=attr not in module._non_persistent_buffers_set)
+
+
+def resized_copy(module: nn.Module, shapes: dict, attrs: dict) -> nn.Module:
+    """A copy of the experts ``module`` (same class, config and flags) whose tensors in ``shapes`` have those shapes
+    (uninitialised) and whose attributes in ``attrs`` have those values; ``module`` itself is left unchanged."""
+    new = copy.copy(module)
+    new._parameters, new._buffers, new._modules = dict(module._parameters), dict(module._buffers), dict(module._modules)
+    new._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
+    for attr, shape in shapes.items():
+        reshape(new, attr, shape)
+    for attr, value in attrs.items():
+        setattr(new, attr, int(value))
+    return new
+
+
+class BucketedExperts(nn.Module):
+    """A block's routed experts held as buckets of experts of one width each.
+
+    ``buckets[b]`` is the family's experts module holding the experts ``members[b]`` (in that order) at its
+    width. The call is the experts' own, ``(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) ->
+    [T, H]``: each bucket runs on the (token, slot) pairs routed to its experts, one slot per row, and the
+    routing weights combine the outputs per token, which is what the padded experts module computes (up to
+    float rounding: the matmuls run over fewer channels). The pairs are found with ``nonzero``: a data-dependent shape, so a bucketed model compiles with
+    graph breaks, not ``fullgraph``.
+    """
+
+    def __init__(self, buckets: list[nn.Module], members: list[list[int]]):
+        super().__init__()
+        self.buckets = nn.ModuleList(buckets)
+        self.members = [[int(e) for e in ids] for ids in members]
+        self.num_experts = sum(len(ids) for ids in self.members)
+        self._lookup: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def lookup(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(bucket_of [E], position_in_bucket [E])`` on ``device`` (plain tensors, not buffers: a model built on the
+        meta device keeps no buffer values)."""
+        if device not in self._lookup:
+            bucket_of, position = [0] * self.num_experts, [0] * self.num_experts
+            for b, ids in enumerate(self.members):
+                for i, e in enumerate(ids):
+                    bucket_of[e], position[e] = b, i
+            self._lookup[device] = (torch.tensor(bucket_of, device=device), torch.tensor(position, device=device))
+        return self._lookup[device]
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        bucket_of, position = self.lookup(top_k_index.device)
+        bucket = bucket_of[top_k_index]
+        # each pair's expert output, then the routing weights combine them in the weights' dtype, as transformers' kernels do
+        per_slot = hidden_states.new_zeros(*top_k_index.shape, hidden_states.shape[-1])
+        for b, experts in enumerate(self.buckets):
+            token, slot = (bucket == b).nonzero(as_tuple=True)
+            unit = top_k_weights.new_ones(token.shape[0], 1)
+            per_slot[token, slot] = experts(hidden_states[token], position[top_k_index[token, slot]].unsqueeze(-1), unit).to(per_slot.dtype)
+        return (per_slot * top_k_weights.unsqueeze(-1)).sum(dim=1).to(hidden_states.dtype)
 
 
 def per_layer_class(base: type) -> type:

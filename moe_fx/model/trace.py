@@ -19,6 +19,7 @@ from moe_fx.model.adapters import COUNT_ATTRS, GENERIC, TOPK_KEYS, WIDTH_ATTRS, 
 from moe_fx.model.fx_check import infer_routing
 from moe_fx.model.modules import direct_tensors, expert_count, is_routed_experts
 from moe_fx.model.modules import tensors as named_tensors
+from moe_fx.model.per_layer import BucketedExperts
 from moe_fx.model.spec import ExpertsSpec, MoEBlockSpec, MoEModelSpec, RouterSpec, SharedExpertSpec
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|decoder_layers)\.(\d+)(?:\.|$)")
@@ -234,6 +235,11 @@ def trace(model: nn.Module) -> MoEModelSpec:
     Raises :class:`NotMoEError` for a model without routed experts and :class:`UnsupportedFamilyError`
     for routed experts in a layout moe-fx cannot rewrite.
     """
+    if any(type(m).__name__ == BucketedExperts.__name__ for m in model.modules()):  # also the class a remote-code load defines
+        raise UnsupportedFamilyError(
+            f"{type(model).__name__}: its experts are stored in width buckets (per-expert widths); moe-fx rewrites, quantizes and "
+            "exports padded experts: load it with moe_fx.load(path, ragged=False), or prune with --expert-storage padded"
+        )
     config = model.config
     tconf = text_config(config)
     model_type = getattr(tconf, "model_type", None) or config.model_type

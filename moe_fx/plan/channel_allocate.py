@@ -8,6 +8,11 @@ same fraction of routed-FFN parameters. Allocations:
 - ``layer``: one width per block, from a ranking of all channels across blocks (per-layer format).
 - ``expert``: each expert keeps its channels among the best across the model (HEAPr's global ranking of
   atomic experts); widths differ per expert, an expert left with none is dropped.
+- ``buckets``: ``expert``'s global ranking, with the widths of each block grouped into at most
+  :data:`~moe_fx.plan.buckets.MAX_BUCKETS` widths (multiples of 8; :func:`~moe_fx.plan.buckets.plan_buckets`), each
+  expert widened to its bucket's width with its next best channels (the bucket stores them anyway), and the ranking
+  cut so that the *stored* channels meet the budget. Saved in width buckets (:mod:`moe_fx.model.ragged`), the
+  checkpoint stores exactly the budget, where ``expert``'s zero-padded widths store nearly everything.
 - ``coverage``: Ding et al. (arXiv 2606.18304): per block, keep the fewest channels that cover the same
   fraction of the block's total channel score (binary search on that fraction to meet the budget), then
   split the block's channels between its experts by covering a share of each expert's score mass that grows
@@ -26,6 +31,7 @@ import torch
 
 from moe_fx.errors import BadOptionError
 from moe_fx.model.spec import MoEBlockSpec, MoEModelSpec
+from moe_fx.plan.buckets import MAX_BUCKETS, plan_buckets
 from moe_fx.plan.plans import WIDTH_ALIGN, ChannelPlan
 
 ChannelScores = dict[str, torch.Tensor]
@@ -104,6 +110,40 @@ def _global_counts(spec: MoEModelSpec, scores: ChannelScores, ratio: float) -> d
         out[b.path] = chosen[start : start + n].view_as(scores[b.path]).sum(1)
         start += n
     return out
+
+
+def bucket_channels(spec: MoEModelSpec, scores: ChannelScores, ratio: float, *, comparable: bool = False,
+                    buckets: int = MAX_BUCKETS, **_) -> ChannelPlan:
+    """The ``buckets`` allocation (module doc): the largest cut of the global ranking whose bucketed widths store at
+    most the budget's channels (binary search: the stored channels only grow with the cut)."""
+    _check(spec, scores)
+    ranked = _comparable(spec, scores, comparable)
+    flat = torch.cat([ranked[b.path].flatten() for b in spec.blocks])
+    order = torch.sort(-flat, stable=True).indices
+    budget = channels_to_keep(flat.numel(), ratio)
+
+    def widths(cut: int) -> tuple[dict[str, list[int]], int]:
+        chosen = torch.zeros(flat.numel(), dtype=torch.bool)
+        chosen[order[:cut]] = True
+        out, start, stored = {}, 0, 0
+        for b in spec.blocks:
+            n = ranked[b.path].numel()
+            counts = _floor_experts(b, chosen[start : start + n].view_as(ranked[b.path]).sum(1).tolist(), ranked[b.path])
+            start += n
+            live = [e for e, c in enumerate(counts) if c]
+            width = [0] * len(counts)
+            for w, members in plan_buckets([counts[e] for e in live], buckets, most=b.experts.intermediate_size):
+                for i in members:
+                    width[live[i]] = w
+            out[b.path] = width
+            stored += sum(width)
+        return out, stored
+
+    lo, hi = 1, budget  # widths(cut) stores at least cut channels, so the answer is at most the budget
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if widths(mid)[1] <= budget else (lo, mid - 1)
+    return _plan(spec, scores, widths(lo)[0], 1)
 
 
 def _floor_experts(block: MoEBlockSpec, counts: list[int], scores: torch.Tensor) -> list[int]:
@@ -223,7 +263,8 @@ def _split_block(scores: torch.Tensor, attribution: torch.Tensor, keep: int) -> 
     return counts
 
 
-CHANNEL_ALLOCATIONS = {"uniform": uniform_channels, "layer": layer_channels, "expert": expert_channels, "coverage": coverage_channels}
+CHANNEL_ALLOCATIONS = {"uniform": uniform_channels, "layer": layer_channels, "expert": expert_channels, "buckets": bucket_channels,
+                       "coverage": coverage_channels}
 LAYERWISE_ALLOCATIONS = frozenset({"uniform"})
 """Allocations that plan each block from its own scores alone (the others share one budget across blocks)."""
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from moe_fx.errors import BadOptionError
-from moe_fx.model.expert_weights import NeuronTensor, neuron_tensors
+from moe_fx.model.expert_weights import neuron_tensors, rebuilt
 from moe_fx.model.layout import record_layout
 from moe_fx.model.spec import MoEModelSpec
 from moe_fx.model.tensors import get_tensor, set_attr, set_tensor
@@ -26,19 +26,6 @@ from moe_fx.pipeline import MoEState, Pass, PassResult, require
 from moe_fx.plan.channel_allocate import CHANNEL_ALLOCATIONS, LAYERWISE_ALLOCATIONS, make_channel_plan
 from moe_fx.plan.plans import ChannelPlan
 from moe_fx.rewrite.drop_experts import drop_experts
-
-
-def rebuilt(t: torch.Tensor, nt: NeuronTensor, kept: list[list[int]], width: int | None) -> torch.Tensor:
-    """``t`` with only each expert's ``kept`` neurons: moved to the first positions of a ``width``-neuron tensor
-    (zeros after them), or left in place with the others zeroed when ``width`` is None (mask mode)."""
-    target = nt if width is None else nt.resized(width)
-    shape = list(t.shape)
-    shape[nt.axis + 1] = target.index.numel()
-    out = t.new_zeros(shape)
-    for e, ids in enumerate(kept):
-        src = nt.index[ids] if width is None else target.index[: len(ids)]
-        out[e].movedim(nt.axis, 0)[src.reshape(-1).to(t.device)] = t[e].movedim(nt.axis, 0)[nt.index[ids].reshape(-1).to(t.device)]
-    return out
 
 
 def prune_channels(model: nn.Module, spec: MoEModelSpec, plan: ChannelPlan, *, mask_only: bool = False) -> MoEModelSpec:

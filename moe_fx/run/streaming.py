@@ -50,6 +50,7 @@ from moe_fx.evaluate.report import write_report
 from moe_fx.formats import mxfp4
 from moe_fx.formats.checkpoint import check_output_path, source_mxfp4, write_companions
 from moe_fx.formats.lazy import LazyCheckpoint, meta_model, revert_to_checkpoint_names
+from moe_fx.formats.loading import stored_in_buckets
 from moe_fx.formats.partial import PartialCheckpoint
 from moe_fx.model.attention import calibration_attention
 from moe_fx.model.layers import LayerCall, capture_layer_calls, decoder_layers, stand_in_output
@@ -498,6 +499,9 @@ def stream_prune(
 
 def _open_meta(source: Path, ckpt: LazyCheckpoint, device: str, dtype: str, states: str = "cpu") -> _StreamRun:
     """A meta model of the checkpoint with the tensors outside its layers loaded (on the CPU)."""
+    if stored_in_buckets(source):
+        raise BadOptionError(f"{source}: its experts are stored in width buckets, which streaming does not read layer by layer; prune it "
+                             "in memory (--stream off), or save the source with --expert-storage padded")
     model = meta_model(source, dtype, device)
     dt = next(model.parameters()).dtype
     run = _StreamRun(source, ckpt, model, state_of(model).spec, device, dt, states)

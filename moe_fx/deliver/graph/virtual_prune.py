@@ -21,11 +21,10 @@ from moe_fx.deliver.graph.names import tensor_value
 from moe_fx.deliver.graph.pass_base import GraphContext, MoEGraphPass
 from moe_fx.deliver.graph.rewrite import add_after, attr_name, constant
 from moe_fx.errors import BadOptionError
-from moe_fx.model.expert_weights import neuron_tensors
+from moe_fx.model.expert_weights import neuron_tensors, rebuilt
 from moe_fx.model.spec import MoEBlockSpec, MoEModelSpec
 from moe_fx.model.tensors import get_tensor
 from moe_fx.plan.plans import ChannelPlan, PrunePlan
-from moe_fx.rewrite.prune_channels import rebuilt
 
 
 class VirtualPrunePass(MoEGraphPass):

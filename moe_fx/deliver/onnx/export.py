@@ -370,7 +370,7 @@ def export_onnx(
                              "export --dtype float16 or float32, or pass --no-check (or check on a CUDA device)")
     if isinstance(model, (str, Path)):
         source = Path(model)
-        model = load_model(model, dtype=dtype, device=device, quantize=None)  # dense experts: the graph holds its own weights
+        model = load_model(model, dtype=dtype, device=device, quantize=None, ragged=False)  # dense, padded experts: the graph holds its own weights
     else:
         quantized = sorted({q for m in model.modules() if (q := layout.quantization(m))})
         if quantized:
