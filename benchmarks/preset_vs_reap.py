@@ -35,13 +35,18 @@ RECIPES = {
     # the preset's two ends: its compensation sample, all of the budget as experts or as channels
     "reap+comp65k": ["--method", "reap", "--compensate", "--compensate-samples", "65536"],
     "obs-channels+comp65k": ["--granularity", "channel", "--method", "obs", "--compensate", "--compensate-samples", "65536"],
+    # channels alone with per-expert widths, at most 4 a layer, stored in width buckets (the preset's fourth candidate in memory)
+    "obs-buckets+comp65k": ["--granularity", "channel", "--method", "obs", "--allocation", "buckets", "--compensate", "--compensate-samples", "65536"],
 }
 
 
 def routed_removed(record: dict) -> float:
-    """Share of the routed experts' parameters removed: each block's experts x width, after against before."""
+    """Share of the routed experts' parameters removed as stored: each block's experts x width, after against before,
+    and for experts stored in width buckets their stored parameters against the padded ones."""
     size = lambda experts, widths: sum(experts[b] * widths[b] for b in experts)
-    return 1 - size(record["experts_after"], record["widths_after"]) / size(record["experts_before"], record["widths_before"])
+    kept = size(record["experts_after"], record["widths_after"]) / size(record["experts_before"], record["widths_before"])
+    storage = record.get("expert_storage")
+    return 1 - kept * (storage["routed_params_stored"] / storage["routed_params_padded"] if storage else 1)
 
 
 def run_recipe(args, recipe: str, ratio: float, out: Path) -> dict:

@@ -34,7 +34,8 @@ def test_preset_runs_its_pipeline(preset, stream, expected, micro_path, calib_pa
     assert code == 0, stderr
     record = json.loads((out / "moe_fx.json").read_text())
     chosen = preset_options(preset, streamed=stream == "on")
-    assert f"--preset {preset}" in stdout and all(record["cli"][k] == v for k, v in chosen.items())
+    bucketed = record["cli"]["allocation"] == "buckets"  # best-oneshot-params' candidate with per-expert widths was kept
+    assert f"--preset {preset}" in stdout and all(record["cli"][k] == v for k, v in chosen.items() if not (bucketed and k == "allocation"))
     assert ("streaming" in record) == (stream == "on")
     assert passes_run(out)[: len(expected)] == expected
     assert (record["search"] is not None) == (chosen["method"] == "eep")  # EEP in memory, REAP streamed
@@ -76,18 +77,21 @@ def test_refused_before_loading(extra, message, micro_path, calib_path, tmp_path
 
 
 def test_params_preset_chooses_the_split_on_held_out_tokens(micro_path, calib_path, tmp_path, capsys):
-    """In memory, ``best-oneshot-params`` tries all of the budget as channels, about half as experts, and all as experts
-    (``--ratio 0.25`` of 8 experts of width 64: width 48; 1 expert then width 56; 2 experts), keeps the one with the lowest
-    NLL on the held-out fitness windows, and records and prints that split; ``--expert-shares`` with one share fixes it."""
+    """In memory, ``best-oneshot-params`` tries all of the budget as channels, about half as experts, all as experts
+    (``--ratio 0.25`` of 8 experts of width 64: width 48; 1 expert then width 56; 2 experts) and all as channels with
+    per-expert widths in buckets, keeps the one with the lowest NLL on the held-out fitness windows, and records and
+    prints that split; ``--expert-shares`` with one share fixes it."""
     out = tmp_path / "chosen"
     assert cli.main(prune_argv(micro_path, calib_path, out, "--preset", "best-oneshot-params", "--fitness-tokens", "512")) == 0
     stdout = capsys.readouterr().out
     record = json.loads((out / "moe_fx.json").read_text())
     choice = next(p for p in record["passes"] if p["name"] == "choose_recipe")["report"]
-    splits = {"experts 0, channels 0.25": (0.0, 0.25), "experts 0.125, channels 0.125": (0.125, 0.125), "experts 0.25, channels 0": (0.25, 0.0)}
+    splits = {"experts 0, channels 0.25": (0.0, 0.25), "experts 0.125, channels 0.125": (0.125, 0.125), "experts 0.25, channels 0": (0.25, 0.0),
+              "experts 0, channels 0.25, widths in buckets": (0.0, 0.25)}
     assert set(choice["fitness"]) == set(splits) and choice["fitness"][choice["chosen"]] == min(choice["fitness"].values())
     assert choice["chosen_fitness_rerun"] == choice["fitness"][choice["chosen"]] and choice["fitness_tokens"] == 8 * 63
     assert (record["cli"]["expert_ratio"], record["cli"]["ratio"]) == tuple(record["cli"]["params_split"]) == splits[choice["chosen"]]
+    assert (record["cli"]["allocation"] == "buckets") == choice["chosen"].endswith("buckets") == ("expert_storage" in record)
     rewrites = [p for p in passes_run(out) if p in ("drop_experts", "prune_channels")]
     assert rewrites == {(0.0, 0.25): ["prune_channels"], (0.125, 0.125): ["drop_experts", "prune_channels"], (0.25, 0.0): ["drop_experts"]}[splits[choice["chosen"]]]
     assert passes_run(out)[-2:] == ["compensate_experts", "choose_recipe"] and f"split kept: {choice['chosen']}" in stdout
@@ -96,6 +100,10 @@ def test_params_preset_chooses_the_split_on_held_out_tokens(micro_path, calib_pa
     assert cli.main(prune_argv(micro_path, calib_path, out, "--preset", "best-oneshot-params", "--expert-shares", "1", "0", "--fitness-tokens", "512")) == 0
     choice = next(p for p in json.loads((out / "moe_fx.json").read_text())["passes"] if p["name"] == "choose_recipe")["report"]
     assert list(choice["fitness"]) == ["experts 0.25, channels 0", "experts 0, channels 0.25"]
+    out = tmp_path / "padded"  # stored padded, per-expert widths would not meet the budget: not tried
+    assert cli.main(prune_argv(micro_path, calib_path, out, "--preset", "best-oneshot-params", "--expert-storage", "padded", "--fitness-tokens", "512")) == 0
+    choice = next(p for p in json.loads((out / "moe_fx.json").read_text())["passes"] if p["name"] == "choose_recipe")["report"]
+    assert not any(label.endswith("buckets") for label in choice["fitness"])
     out = tmp_path / "fixed"
     assert cli.main(prune_argv(micro_path, calib_path, out, "--preset", "best-oneshot-params", "--expert-shares", "1")) == 0
     assert passes_run(out) == ["calibrate", "score", "drop_experts", "compensate_experts"]
@@ -121,11 +129,12 @@ def test_params_preset_fixes_the_split_where_trying_them_would_not_fit(micro_pat
 
 def test_streamed_params_preset_chooses_its_split(micro_path, calib_path, tmp_path, capsys):
     """Streamed, ``best-oneshot-params`` streams each split to its own output, keeps the one whose output predicts the
-    held-out windows best and records it as in memory: the same choice, on the same NLL, and the same weights."""
+    held-out windows best and records it as in memory: the same choice, on the same NLL, and the same weights (in memory
+    stored padded: the candidate with widths in buckets, which streaming cannot plan, is then not tried)."""
     outs = {stream: tmp_path / stream for stream in ("on", "off")}
     for stream, out in outs.items():
         argv = prune_argv(micro_path, calib_path, out, "--preset", "best-oneshot-params", "--fitness-tokens", "512", "--stream", stream)
-        assert cli.main(argv + (["--no-sequential"] if stream == "on" else [])) == 0
+        assert cli.main(argv + (["--no-sequential"] if stream == "on" else ["--expert-storage", "padded"])) == 0
     stdout = capsys.readouterr().out
     assert "tries 3 splits (each streamed to its own output)" in stdout
     streamed, in_memory = ({p["name"]: p["report"] for p in json.loads((out / "moe_fx.json").read_text())["passes"]}["choose_recipe"]

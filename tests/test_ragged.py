@@ -164,3 +164,16 @@ def test_streaming_and_quantizing_a_bucketed_checkpoint_are_refused(tmp_path) ->
         stream_prune(out, tmp_path / "s", [Calibrate(torch.randint(0, 100, (2, 16))), Score("frequency"), DropExperts(ratio=0.25)],
                      show_progress=False)
     assert not (tmp_path / "q").exists() and not (tmp_path / "s").exists()
+
+
+def test_a_bucket_no_pair_is_routed_to_is_skipped(tmp_path) -> None:
+    """Decode often routes a token to one bucket only: the others are not called (moe-fx's kernels take no empty call)."""
+    model = tiny_model("qwen3_moe")
+    PruneChannels(plan=_two_widths(trace(model)))(model)
+    out = save_checkpoint(model, tmp_path / "b")
+    path = trace(model).blocks[0].experts.path
+    bucketed, padded = (load(out, ragged=r).get_submodule(path) for r in (True, False))
+    x = torch.randn(3, model.config.hidden_size)
+    index = torch.tensor([[0, 2], [4, 6], [2, 0]])  # even experts: all in the narrow bucket
+    weights = torch.rand(3, 2)
+    torch.testing.assert_close(bucketed(x, index, weights), padded(x, index, weights), rtol=1e-5, atol=1e-6)

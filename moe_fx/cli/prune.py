@@ -143,7 +143,7 @@ def _apply_preset(args, stream: bool, meta=None, device: str | None = None) -> N
     from moe_fx.calibrate import distributed
     from moe_fx.pipeline import state_of
     from moe_fx.run.presets import PRESET_OPTIONS, PRESETS, feasible_splits, fit_to_model, near_budget, preset_options, split_budget
-    from moe_fx.run.recipe import split_label
+    from moe_fx.run.recipe import buckets_label, split_label
 
     set_beside = [f"--{o.replace('_', '-')}" for o in PRESET_OPTIONS if getattr(args, o) != args.parser_defaults[o]]
     if set_beside:
@@ -182,6 +182,9 @@ def _apply_preset(args, stream: bool, meta=None, device: str | None = None) -> N
             machine = f"the split fixed at about half: {too_big}"
         if len(splits) > 1:
             args.split_candidates = splits
+            # in memory, channels alone with per-expert widths in buckets is tried too (the checkpoint stores its budget only in buckets)
+            args.bucket_candidate = (not stream and args.expert_storage == "auto" and not args.expert_shares and meta is not None
+                                     and all(b.experts.call_style == "routed" for b in state_of(meta).spec.blocks))
         # with several splits, one with channels stands in until ChooseRecipe has kept one (the record then names it)
         chosen["expert_ratio"], chosen["ratio"] = args.params_split = next((s for s in splits if s[1]), splits[0])
         if not chosen["ratio"]:  # the whole budget as experts: an expert prune by the preset's expert scorer
@@ -203,9 +206,9 @@ def _apply_preset(args, stream: bool, meta=None, device: str | None = None) -> N
                          if not (k in ("expert_ratio", "ratio") and getattr(args, "split_candidates", None)))
         print(f"moe-fx: --preset {args.preset}{' (streamed)' if stream else ''}: {flags} ({preset.streamed_measured if stream else preset.measured})")
         if getattr(args, "split_candidates", None):
-            print(f"moe-fx: --preset {args.preset}: tries {len(args.split_candidates)} splits{' (each streamed to its own output)' if stream else ''}"
-                  f" and keeps the one with the lowest NLL on {args.fitness_tokens:,} held-out calibration tokens: "
-                  + "; ".join(map(split_label, args.split_candidates)))
+            labels = [*map(split_label, args.split_candidates), *([buckets_label(args.params_ratio)] if args.bucket_candidate else [])]
+            print(f"moe-fx: --preset {args.preset}: tries {len(labels)} splits{' (each streamed to its own output)' if stream else ''}"
+                  f" and keeps the one with the lowest NLL on {args.fitness_tokens:,} held-out calibration tokens: " + "; ".join(labels))
         for line in fitted:
             print(f"moe-fx: --preset {args.preset} fitted to this model: {line}")
         if machine:
@@ -421,7 +424,7 @@ def run(args) -> int:
     from moe_fx.plan.channel_allocate import uniform_widths
     from moe_fx.plan.eep import EvolutionarySearch
     from moe_fx.rewrite.prune_channels import routed_parameters
-    from moe_fx.run.recipe import observers_for, parse_method, prune_passes, split_label, split_passes
+    from moe_fx.run.recipe import buckets_label, observers_for, parse_method, prune_passes, split_label, split_passes
     from moe_fx.run.streaming import stream_evaluate, stream_prune
     from moe_fx.score import get_scorer
 
@@ -539,8 +542,10 @@ def run(args) -> int:
         rewrite = functools.partial(split_passes, expert_scorer, scorer, spec, compensate=args.compensate, allocation=allocation,
                                     multiple=args.multiple, seed=args.seed, ridge=args.ridge)
         if splits:
-            passes.append(ChooseRecipe({split_label(s): tuple(rewrite(expert_ratio=s[0], channel_ratio=s[1])) for s in splits}, data=fitness,
-                                       batch_size=args.batch_size, show_progress=show))
+            candidates = {split_label(s): tuple(rewrite(expert_ratio=s[0], channel_ratio=s[1])) for s in splits}
+            if getattr(args, "bucket_candidate", False):
+                candidates[buckets_label(args.params_ratio)] = tuple(rewrite(expert_ratio=0.0, channel_ratio=args.params_ratio, allocation="buckets"))
+            passes.append(ChooseRecipe(candidates, data=fitness, batch_size=args.batch_size, show_progress=show))
         else:
             passes += rewrite(expert_ratio=args.expert_ratio, channel_ratio=args.ratio)
     else:
@@ -592,7 +597,10 @@ def run(args) -> int:
         state = state_of(model)
     prune_seconds = time.perf_counter() - t0
     choice = state.report_of("choose_recipe")
-    if choice:  # the record and the summary name the split that was kept
+    if choice and choice["chosen"] == buckets_label(args.params_ratio):  # the record and the summary name the split that was kept
+        args.expert_ratio, args.ratio = args.params_split = (0.0, args.params_ratio)
+        args.allocation = "buckets"
+    elif choice:
         args.expert_ratio, args.ratio = args.params_split = next(s for s in splits if split_label(s) == choice["chosen"])
     after = evaluate(out if stream else model, eval_set, batch_size=args.batch_size, show_progress=show) if eval_set else None
     after_size = size_of(out if stream else model)

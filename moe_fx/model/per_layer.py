@@ -103,6 +103,8 @@ class BucketedExperts(nn.Module):
         per_slot = hidden_states.new_zeros(*top_k_index.shape, hidden_states.shape[-1])
         for b, experts in enumerate(self.buckets):
             token, slot = (bucket == b).nonzero(as_tuple=True)
+            if token.numel() == 0:  # no pair routed here (the count is known: nonzero has synchronised already)
+                continue
             unit = top_k_weights.new_ones(token.shape[0], 1)
             per_slot[token, slot] = experts(hidden_states[token], position[top_k_index[token, slot]].unsqueeze(-1), unit).to(per_slot.dtype)
         return (per_slot * top_k_weights.unsqueeze(-1)).sum(dim=1).to(hidden_states.dtype)

@@ -159,6 +159,30 @@ def stored_parameters(model: nn.Module, spec: MoEModelSpec, buckets: dict[str, d
     return padded, bucketed
 
 
+def plan_storage(model: nn.Module, spec: MoEModelSpec, *, max_buckets: int = MAX_BUCKETS, min_saving: float = MIN_SAVING) -> dict[str, dict]:
+    """Per block path, the ``buckets`` record of the blocks to store in width buckets: none when together they would
+    save less than ``min_saving`` of the routed parameters."""
+    buckets = {b.path: r for b in spec.blocks if (r := block_buckets(model, spec, b, max_buckets)) is not None}
+    padded, stored = stored_parameters(model, spec, buckets)
+    return buckets if buckets and padded - stored >= min_saving * padded else {}
+
+
+def bucket_experts_(model: nn.Module, spec: MoEModelSpec, buckets: dict[str, dict]) -> dict[str, nn.Module]:
+    """Hold the experts of the blocks in ``buckets`` (:func:`plan_storage`) in width buckets, in place, and record them in
+    the config; returns the padded experts modules replaced (by path). The model then computes what it did (up to
+    float rounding), in its stored size."""
+    config = model.config
+    layout = copy.deepcopy(getattr(config, LAYOUT_KEY, None) or layout_of(model, spec))
+    for path, record in buckets.items():
+        layout["blocks"][path]["buckets"] = record
+    setattr(config, LAYOUT_KEY, layout)
+    replaced = {}
+    for record in buckets.values():
+        replaced[record["module"]] = model.get_submodule(record["module"])
+        model.set_submodule(record["module"], bucketed_module(replaced[record["module"]], record))
+    return replaced
+
+
 @contextlib.contextmanager
 def ragged_experts(model: nn.Module, spec: MoEModelSpec, *, max_buckets: int = MAX_BUCKETS,
                    min_saving: float = MIN_SAVING) -> Iterator[dict | None]:
@@ -167,37 +191,29 @@ def ragged_experts(model: nn.Module, spec: MoEModelSpec, *, max_buckets: int = M
 
     Yields ``{"routed_params_padded", "routed_params_stored", "buckets": {block: [[width, experts], ...]}}``, or
     None (nothing changed) when buckets would save less than ``min_saving`` of the routed parameters."""
-    buckets = {b.path: r for b in spec.blocks if (r := block_buckets(model, spec, b, max_buckets)) is not None}
-    padded, stored = stored_parameters(model, spec, buckets)
-    if not buckets or padded - stored < min_saving * padded:
+    buckets = plan_storage(model, spec, max_buckets=max_buckets, min_saving=min_saving)
+    if not buckets:
         yield None
         return
-    config = model.config
-    had_layout = copy.deepcopy(getattr(config, LAYOUT_KEY, None))
-    layout = had_layout or layout_of(model, spec)
-    layout = copy.deepcopy(layout)
-    for path, record in buckets.items():
-        layout["blocks"][path]["buckets"] = record
-    originals = {}
+    padded, stored = stored_parameters(model, spec, buckets)
+    had_layout = copy.deepcopy(getattr(model.config, LAYOUT_KEY, None))
+    replaced = {}
     try:
-        setattr(config, LAYOUT_KEY, layout)
-        for record in buckets.values():
-            originals[record["module"]] = model.get_submodule(record["module"])
-            model.set_submodule(record["module"], bucketed_module(originals[record["module"]], record))
+        replaced = bucket_experts_(model, spec, buckets)
         base = getattr(type(model), "moe_fx_base", type(model))
-        bad = shape_mismatches(model, per_layer_class(base), config, exact=True)
+        bad = shape_mismatches(model, per_layer_class(base), model.config, exact=True)
         if bad:
             raise BadOptionError(f"experts in width buckets would not load back: tensors {bad[:3]}; save them padded")
         yield {"routed_params_padded": padded, "routed_params_stored": stored,
                "buckets": {p: [[g["width"], len(g["experts"])] for g in r["groups"]] for p, r in buckets.items()}}
     finally:
-        for path, module in originals.items():
+        for path, module in replaced.items():
             model.set_submodule(path, module)
         if had_layout is None:
-            if hasattr(config, LAYOUT_KEY):
-                delattr(config, LAYOUT_KEY)
+            if hasattr(model.config, LAYOUT_KEY):
+                delattr(model.config, LAYOUT_KEY)
         else:
-            setattr(config, LAYOUT_KEY, had_layout)
+            setattr(model.config, LAYOUT_KEY, had_layout)
 
 
 def has_buckets(model: nn.Module) -> bool:

@@ -79,3 +79,9 @@ def split_passes(
 def split_label(split: tuple[float, float]) -> str:
     """How a split of a parameter budget is named in output and records: ``experts 0.125, channels 0.1429``."""
     return f"experts {split[0]:.4g}, channels {split[1]:.4g}"
+
+
+def buckets_label(ratio: float) -> str:
+    """The name of ``--preset best-oneshot-params``' candidate that spends the budget on channels with per-expert widths
+    in width buckets (:func:`~moe_fx.plan.channel_allocate.bucket_channels`)."""
+    return f"{split_label((0.0, ratio))}, widths in buckets"
