@@ -7,7 +7,7 @@ Variants of one base model (seeded random kept channels: which channels are kept
 - ``padded``: each layer's experts in four equal groups keeping ``(1 - ratio) x (0.55, 0.85, 1.15, 1.45)`` of their
   channels (capped at the width, multiples of 8), zero-padded to the layer's widest: how per-expert widths are held in
   memory while pruning, and stored with ``--expert-storage padded``;
-- ``buckets``: the same widths in width buckets (:mod:`moe_fx.model.ragged`), as ``moe_fx.load`` holds a bucketed
+- ``buckets``: the same widths in width buckets (:mod:`moe_fx.formats.ragged`), as ``moe_fx.load`` holds a bucketed
   checkpoint.
 
 Per variant: weight bytes, prefill tokens/s (``--batch`` x ``--seq``, last-position logits) and decode tokens/s
@@ -33,8 +33,8 @@ from transformers import DynamicCache
 from moe_fx import load, state_of
 from moe_fx.evaluate.nll import model_size
 from moe_fx.evaluate.table import format_table
+from moe_fx.formats.ragged import bucket_experts_, plan_storage
 from moe_fx.kernels.implementation import IMPLEMENTATIONS, set_implementation
-from moe_fx.model.ragged import bucket_experts_, plan_storage
 from moe_fx.passes import PruneChannels
 from moe_fx.plan.plans import WIDTH_ALIGN, ChannelPlan
 

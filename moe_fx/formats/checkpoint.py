@@ -21,9 +21,9 @@ from moe_fx.errors import BadOptionError, MoeFxError, OutputPathError
 from moe_fx.evaluate.report import write_report
 from moe_fx.formats import mxfp4, quantized_checkpoint
 from moe_fx.formats.atomic import atomic_directory, replace_atomically
+from moe_fx.formats.ragged import ragged_experts
 from moe_fx.model import per_layer as per_layer_model
 from moe_fx.model.adapters import COUNT_ATTRS, get_adapter
-from moe_fx.model.ragged import ragged_experts
 from moe_fx.model.tensors import config_at
 from moe_fx.model.trace import trace
 from moe_fx.pipeline import STATE_ATTR
@@ -196,7 +196,7 @@ def save_checkpoint(
     (:mod:`moe_fx.formats.quantized_checkpoint`; the record's ``quantization`` says the bytes);
     ``quantize_targets="linear"`` quantizes every other linear layer too, but the routers and the LM head
     (``"linear+head"``: the untied head too). ``expert_storage``: ``auto`` writes experts of different widths in
-    width buckets where that stores 2% fewer routed parameters or more (:mod:`moe_fx.model.ragged`; the record's
+    width buckets where that stores 2% fewer routed parameters or more (:mod:`moe_fx.formats.ragged`; the record's
     ``expert_storage`` says what it saved; loads through ``moe_fx.load`` or ``trust_remote_code``), ``padded``
     keeps them zero-padded to their block's widest (a stock checkpoint where the config can describe it)."""
     state = getattr(model, STATE_ATTR, None)

@@ -71,7 +71,7 @@ def load_model(path: str | Path, *, dtype: str = "auto", device: str = "cpu", ex
                quantize: str | None = "auto", ragged: bool = True):
     """``from_pretrained`` with checks first and clear errors after; per-layer-count checkpoints load too.
 
-    Experts stored in width buckets (:mod:`moe_fx.model.ragged`) are held that way (``ragged``: their stored size in
+    Experts stored in width buckets (:mod:`moe_fx.formats.ragged`) are held that way (``ragged``: their stored size in
     memory), or zero-padded to their block's widest with ``ragged=False``: what passes that rewrite experts read.
 
     The routed experts run with ``experts_implementation`` (moe-fx's own by default: see
@@ -87,8 +87,8 @@ def load_model(path: str | Path, *, dtype: str = "auto", device: str = "cpu", ex
     a checkpoint quantized from bfloat16 weights (``moe-fx quantize``'s, the hub's) in bfloat16, that gives
     back the stored codes and scales exactly: each block's largest weight is a bfloat16 value, so its scale
     is recomputed bit for bit, and every other dequantized value rounds back to its code."""
+    from moe_fx.formats.ragged import pad_buckets_
     from moe_fx.kernels.quantized import check_scheme
-    from moe_fx.model.ragged import pad_buckets_
     from moe_fx.rewrite.quantize_experts import quantize_experts_
 
     p = check_model_dir(path)
@@ -118,7 +118,7 @@ def load_model(path: str | Path, *, dtype: str = "auto", device: str = "cpu", ex
 
 
 def stored_in_buckets(path: str | Path) -> bool:
-    """Whether a checkpoint stores experts in width buckets (:mod:`moe_fx.model.ragged`): its weights are not the
+    """Whether a checkpoint stores experts in width buckets (:mod:`moe_fx.formats.ragged`): its weights are not the
     padded experts' tensors that streaming and quantizing read shard by shard."""
     from moe_fx.model.per_layer import LAYOUT_KEY
 

@@ -35,6 +35,11 @@ class NeuronTensor:
         # read once here: inside a compiled graph (moe_fx.deliver.graph.instrument) the index cannot be read or indexed with
         object.__setattr__(self, "_concatenated", self.index.shape[1] == 2 and int(self.index[0, 1]) != 1)
 
+    @property
+    def concatenated(self) -> bool:
+        """Whether a two-part tensor holds its parts concatenated (``[gate; up]``) rather than interleaved."""
+        return bool(self._concatenated)
+
     def by_neuron(self, t: torch.Tensor) -> torch.Tensor:
         """``[..., I, parts]``: the last axis of ``t`` (this tensor's neuron axis) split into neurons, as views
         (no gather: it runs in a compiled graph, where the index tensor is a constant of the wrong kind)."""

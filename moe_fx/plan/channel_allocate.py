@@ -11,7 +11,7 @@ same fraction of routed-FFN parameters. Allocations:
 - ``buckets``: ``expert``'s global ranking, with the widths of each block grouped into at most
   :data:`~moe_fx.plan.buckets.MAX_BUCKETS` widths (multiples of 8; :func:`~moe_fx.plan.buckets.plan_buckets`), each
   expert widened to its bucket's width with its next best channels (the bucket stores them anyway), and the ranking
-  cut so that the *stored* channels meet the budget. Saved in width buckets (:mod:`moe_fx.model.ragged`), the
+  cut so that the *stored* channels meet the budget. Saved in width buckets (:mod:`moe_fx.formats.ragged`), the
   checkpoint stores exactly the budget, where ``expert``'s zero-padded widths store nearly everything.
 - ``coverage``: Ding et al. (arXiv 2606.18304): per block, keep the fewest channels that cover the same
   fraction of the block's total channel score (binary search on that fraction to meet the budget), then

@@ -65,14 +65,14 @@ def _zero_maps_to_zero(experts: nn.Module, parts: int, width: int, like: torch.T
 
 def _neurons(nt: NeuronTensor) -> list:
     """How a neuron-indexed tensor's layout is recorded: ``[axis, parts, concatenated]``."""
-    return [nt.axis, nt.index.shape[1], bool(nt._concatenated)]
+    return [nt.axis, nt.index.shape[1], nt.concatenated]
 
 
 def _attr(name: str) -> str:
     return name.rpartition(".")[2]
 
 
-def block_buckets(model: nn.Module, spec: MoEModelSpec, block: MoEBlockSpec, max_buckets: int = MAX_BUCKETS) -> dict | None:
+def block_buckets(model: nn.Module, block: MoEBlockSpec, max_buckets: int = MAX_BUCKETS) -> dict | None:
     """The ``buckets`` record of one block (experts module path, groups with their experts, width, tensor shapes
     and count/width attributes, each neuron-indexed tensor's layout), or None where buckets would not help: one
     width already, a call style other than ``routed``, or trailing neurons that are not padding."""
@@ -162,7 +162,7 @@ def stored_parameters(model: nn.Module, spec: MoEModelSpec, buckets: dict[str, d
 def plan_storage(model: nn.Module, spec: MoEModelSpec, *, max_buckets: int = MAX_BUCKETS, min_saving: float = MIN_SAVING) -> dict[str, dict]:
     """Per block path, the ``buckets`` record of the blocks to store in width buckets: none when together they would
     save less than ``min_saving`` of the routed parameters."""
-    buckets = {b.path: r for b in spec.blocks if (r := block_buckets(model, spec, b, max_buckets)) is not None}
+    buckets = {b.path: r for b in spec.blocks if (r := block_buckets(model, b, max_buckets)) is not None}
     padded, stored = stored_parameters(model, spec, buckets)
     return buckets if buckets and padded - stored >= min_saving * padded else {}
 
