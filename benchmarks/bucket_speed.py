@@ -27,7 +27,7 @@ import statistics
 from pathlib import Path
 
 import torch
-from deploy_speed import SYNTHETIC, build_synthetic, random_ids, timed
+from deploy_speed import SYNTHETIC, add_model_arguments, build_synthetic, random_ids, timed
 from transformers import DynamicCache
 
 from moe_fx import load, state_of
@@ -77,26 +77,24 @@ def measure(model: torch.nn.Module, args, vocab: int) -> dict:
     prompt = random_ids((args.decode_batch, args.prompt), vocab, 1, args.device)
     steps = random_ids((args.decode_batch, args.decode_steps), vocab, 2, args.device).split(1, dim=1)
 
-    def decode() -> None:
+    def decode() -> float:
+        """Seconds of the single-token steps, after an untimed prompt into a fresh cache."""
         cache = DynamicCache(config=model.config)
         model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        for step in steps:
-            model(input_ids=step, past_key_values=cache, use_cache=True)
+        return timed(lambda: [model(input_ids=step, past_key_values=cache, use_cache=True) for step in steps], args.device)
 
     with torch.no_grad():
         prefill_s = median_seconds(lambda: model(input_ids=ids, logits_to_keep=1), args)
-        decode_s = median_seconds(decode, args) - prefill_s * args.decode_batch * args.prompt / (args.batch * args.seq)
+        for _ in range(args.warmup):
+            decode()
+        decode_s = statistics.median(decode() for _ in range(args.repeats))
     return {"weight_bytes": model_size(model)["bytes"], "prefill_tok_s": args.batch * args.seq / prefill_s,
             "decode_tok_s": args.decode_batch * args.decode_steps / decode_s}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True, help=f"a checkpoint directory, or {SYNTHETIC!r} (random weights, Qwen3-30B-A3B layer shapes)")
-    ap.add_argument("--layers", type=int, default=2, help=f"decoder layers of {SYNTHETIC}")
-    ap.add_argument("--tiny", action="store_true", help=f"{SYNTHETIC} with tiny widths (a smoke test)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None, help="bfloat16 on CUDA, float32 on CPU unless given")
+    add_model_arguments(ap, layers=2)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--ratio", type=float, default=0.25, help="share of the routed channels removed")
     ap.add_argument("--impl", default="moe_fx", choices=IMPLEMENTATIONS, help="experts implementation (every variant, every bucket)")

@@ -115,6 +115,16 @@ def build_synthetic(args, dtype: torch.dtype) -> torch.nn.Module:
     return model.eval()
 
 
+def add_model_arguments(ap: argparse.ArgumentParser, *, layers: int) -> None:
+    """``--model`` (a directory or the synthetic shapes), ``--layers``, ``--tiny``, ``--device``, ``--dtype``: what
+    :func:`build_synthetic` and the speed benchmarks built on it read."""
+    ap.add_argument("--model", required=True, help=f"a checkpoint directory, or {SYNTHETIC!r} (random weights, Qwen3-30B-A3B layer shapes)")
+    ap.add_argument("--layers", type=int, default=layers, help=f"decoder layers of {SYNTHETIC}")
+    ap.add_argument("--tiny", action="store_true", help=f"{SYNTHETIC} with tiny widths (hidden 64, 16 experts, top-4, vocab 1024): smoke tests")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="bfloat16 on CUDA, float32 on CPU unless given")
+
+
 def parse_variant(name: str) -> tuple[str, float, str | None]:
     """(``unpruned`` / ``experts`` / ``channels``, ratio, quantization scheme or ``None``) of a variant name:
     ``unpruned``, ``experts-<N>%``, ``channels-<N>%``, a scheme (``fp8-block``), or a prune ``+`` a scheme."""
@@ -524,11 +534,7 @@ def write(results: dict, out: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True, help=f"a checkpoint directory, or {SYNTHETIC!r} (random weights, Qwen3-30B-A3B layer shapes)")
-    ap.add_argument("--layers", type=int, default=4, help=f"decoder layers of {SYNTHETIC}")
-    ap.add_argument("--tiny", action="store_true", help=f"{SYNTHETIC} with tiny widths (hidden 64, 16 experts, top-4, vocab 1024): smoke tests")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None, help="bfloat16 on CUDA, float32 on CPU unless given")
+    add_model_arguments(ap, layers=4)
     ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, help="unpruned, experts-<N>%%, channels-<N>%%")
     ap.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
     ap.add_argument("--impls", nargs="*", default=["grouped_mm", "batched_mm"], choices=IMPLEMENTATIONS, help="experts implementations of the eager rows")

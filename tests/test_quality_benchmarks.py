@@ -116,3 +116,16 @@ def test_preset_vs_reap_records_refusals_and_the_kept_split(monkeypatch, tmp_pat
     preset = rows[0.25, "best-oneshot-params"]
     assert preset["split_kept"] == "experts 0, channels 0.25" and preset["split_fitness"] == {"experts 0, channels 0.25": 4.1}
     assert preset["x_reap"] == 0.5 and preset["routed_removed"] == 0.25 and rows[0.25, "reap"]["routed_removed"] == 0.25
+
+
+def test_bucket_speed_measures_the_three_layouts(tmp_path) -> None:
+    """``bucket_speed.py`` on tiny synthetic shapes: one width, per-expert widths padded, the same in buckets (the
+    bucketed weights smaller than the padded ones, equal to the budget within the widths' rounding)."""
+    out = tmp_path / "b.json"
+    proc = subprocess.run([sys.executable, "bucket_speed.py", "--model", "qwen3-30b-shapes", "--tiny", "--device", "cpu", "--threads", "1",
+                           "--batch", "2", "--seq", "16", "--prompt", "4", "--decode-steps", "2", "--repeats", "1", "--out", str(out)],
+                          cwd=BENCH, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"uniform", "padded", "buckets"} and results["buckets"]["weight_bytes"] < results["padded"]["weight_bytes"]
+    assert all(r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 for r in results.values())

@@ -24,7 +24,11 @@ Both are expert-pruning recipes: the budget is ``--ratio`` / ``--keep`` of the e
 
 - ``best-oneshot-params``: the budget is ``--ratio`` of the routed experts' *parameters*, removed as whole experts
   (REAP) and/or channels of the kept experts (``obs``, which needs no gradient), then compensation on 65,536 tokens a
-  layer. One width for every expert, so the output is a stock checkpoint. Which split is best depends on the model
+  layer. In memory a fourth candidate spends it all on channels with per-expert widths stored in width buckets
+  (``--allocation buckets``, :mod:`moe_fx.formats.ragged`; the output then loads through ``moe_fx.load`` or
+  ``trust_remote_code``): on qwen3moe-bench it was kept at both budgets, 0.44x / 0.37x REAP's loss at 25% / 50%
+  (``preset_vs_reap_bench_buckets_cpu.json``; not tried with ``--expert-storage padded``, where it would not store its
+  budget, nor streamed). The other candidates keep one width for every expert, a stock checkpoint. Which split is best depends on the model
   (``preset_vs_reap_*.json``: at 25%, all of it as experts on a Mixtral, 0.79x REAP's loss against 1.25x as channels;
   channels on qwen3moe-bench and a Qwen2-MoE), so it tries three (``experts_shares``: all as channels, about
   half as experts, all as experts; those the widths' rounding lands within 2 points of the budget,
@@ -102,8 +106,9 @@ PRESETS: dict[str, Preset] = {
     "best-oneshot-params": Preset(
         _EXPERTS_THEN_CHANNELS,
         streamed={**_EXPERTS_THEN_CHANNELS, "sequential": True},
-        measured="the budget as obs channels, about half as REAP experts, or all as experts, + compensation, the split with the "
-                 "lowest held-out NLL kept: 0.59x / 0.42x REAP's loss at --ratio 0.25 / 0.5 on qwen3moe-bench (channels kept)",
+        measured="the budget as obs channels (one width, or per-expert widths in buckets), about half as REAP experts, or all as "
+                 "experts, + compensation, the split with the lowest held-out NLL kept: 0.44x / 0.37x REAP's loss at --ratio 0.25 / 0.5 "
+                 "on qwen3moe-bench (widths in buckets kept)",
         streamed_measured="the same three splits, each streamed to its own output on the pruned layers' outputs and measured there, "
                           "the lowest held-out NLL kept: 0.57x / 0.42x REAP's loss at --ratio 0.25 / 0.5 on qwen3moe-bench (channels kept)",
         defaults=_COMPENSATE,
