@@ -52,6 +52,7 @@ RECIPES: dict[str, str] = {
     "fisher-compensate": f"{_CHANNELS} --method fisher --ratio 0.5 --compensate",
     "heapr": f"{_CHANNELS} --method heapr --allocation expert --ratio 0.5",
     "coverage": f"{_CHANNELS} --method coverage --allocation coverage --ratio 0.5",
+    "obs-buckets-compensate": f"{_CHANNELS} --method obs --allocation buckets --ratio 0.5 --compensate",
     "experts-then-channels": f"{_CHANNELS} --expert-ratio 0.25 --ratio 0.333 --compensate",
     "experts-then-obs": f"{_CHANNELS} --expert-ratio 0.25 --method obs --ratio 0.333 --compensate",
     "stream-reap": "--method reap --ratio 0.25 --stream on",
@@ -104,15 +105,16 @@ def _logits(model) -> torch.Tensor:
         return model(input_ids=PROBE, use_cache=False).logits.float()
 
 
-def _reloaded_model(out: Path):
+def _reloaded_model(out: Path, ragged: bool = False):
     """The saved checkpoint: stock ``from_pretrained`` for a stock config (with moe-fx's experts kernels, which the
-    in-memory model ran), ``moe_fx.load`` for the per-layer format."""
+    in-memory model ran), ``moe_fx.load`` for the per-layer format (experts in width buckets padded again, as the
+    in-memory model held them, unless ``ragged``)."""
     from transformers import AutoConfig
 
     import moe_fx
 
     if LAYOUT_KEY in json.loads((out / "config.json").read_text()):
-        return moe_fx.load(out)
+        return moe_fx.load(out, ragged=ragged)
     model = auto_class(AutoConfig.from_pretrained(out)).from_pretrained(out).eval()
     set_implementation(model, DEFAULT_IMPLEMENTATION)
     return model
@@ -179,6 +181,8 @@ def _check_cell(family, recipe, checkpoints, tmp_path, calib_path, valid_path, c
         return
     assert in_memory is not None
     torch.testing.assert_close(reloaded, in_memory, rtol=0, atol=0)
+    if "expert_storage" in json.loads((out / "moe_fx.json").read_text()):  # held in width buckets: the same up to float rounding
+        torch.testing.assert_close(_logits(_in_own_memory(_reloaded_model(out, ragged=True))), in_memory, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("family, recipe", FAST)

@@ -129,6 +129,8 @@ def bucket_channels(spec: MoEModelSpec, scores: ChannelScores, ratio: float, *, 
         for b in spec.blocks:
             n = ranked[b.path].numel()
             counts = _floor_experts(b, chosen[start : start + n].view_as(ranked[b.path]).sum(1).tolist(), ranked[b.path])
+            if (b.router.n_group or 1) > 1:  # group-limited routing keeps equal groups: no expert is dropped
+                counts = [max(1, c) for c in counts]
             start += n
             live = [e for e, c in enumerate(counts) if c]
             width = [0] * len(counts)
