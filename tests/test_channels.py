@@ -36,6 +36,14 @@ def _random_plan(spec, keep: float, seed: int = 0, vary: bool = False) -> Channe
     return ChannelPlan(kept, multiple=8)
 
 
+def channel_model(family: str):
+    """The family's tiny model, the test skipped where its experts have no per-neuron tensors."""
+    model = tiny_model(family)
+    if not _supports_channels(model):
+        pytest.skip("expert layout without per-neuron tensors")
+    return model
+
+
 def _supports_channels(model) -> bool:
     try:
         for b in trace(model).blocks:
@@ -48,9 +56,7 @@ def _supports_channels(model) -> bool:
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_zeroing_equals_removing_and_reloads(family: str, tmp_path) -> None:
     """Removing channels computes what zeroing them computes; the smaller model saves and reloads exactly."""
-    model = tiny_model(family)
-    if not _supports_channels(model):
-        pytest.skip("expert layout without per-neuron tensors")
+    model = channel_model(family)
     spec = trace(model)
     plan = _random_plan(spec, 0.5)
     masked = tiny_model(family)

@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from test_channels import _supports_channels
+from test_channels import channel_model
 from test_families import logits, realigned, tiny_model
 from transformers import AutoModelForCausalLM
 
@@ -95,9 +95,7 @@ def _two_widths(spec) -> ChannelPlan:
 
 @pytest.mark.parametrize("family", LAYOUTS)
 def test_bucketed_checkpoint_computes_the_padded_model(family: str, tmp_path) -> None:
-    model = tiny_model(family)
-    if not _supports_channels(model):
-        pytest.skip("expert layout without per-neuron tensors")
+    model = channel_model(family)
     spec = trace(model)
     if any(b.experts.intermediate_size < 16 or b.experts.call_style != "routed" for b in spec.blocks):
         pytest.skip("no width bucket can save anything here")
