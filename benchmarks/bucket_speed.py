@@ -62,7 +62,7 @@ def variants(base: torch.nn.Module, ratio: float, seed: int) -> dict[str, torch.
     PruneChannels(plan=kept_channels(spec, ratio, SPREAD, seed))(padded)
     bucketed = copy.deepcopy(padded)
     pruned = state_of(bucketed).spec
-    bucket_experts_(bucketed, pruned, plan_storage(bucketed, pruned, min_saving=0.0))
+    bucket_experts_(bucketed, pruned, plan_storage(bucketed, pruned, min_saving=0.0)[0])
     return {"uniform": uniform, "padded": padded, "buckets": bucketed}
 
 

@@ -638,7 +638,8 @@ def run(args) -> int:
         record["size_after"] = model_size(model)
         out = save_checkpoint(model, args.out, source=source, tokenizer=tokenizer, overwrite=args.overwrite, extra_record=record,
                               quantize=args.quantize, quantize_targets=args.quantize_targets, expert_storage=args.expert_storage)
-        after_size = read_record(out)["size_after"]
+        saved = read_record(out)  # the sizes and the experts' storage as written, not as held in memory
+        after_size = saved["size_after"]
 
     kept = sum(b.num_experts for b in state.spec.blocks)
     total = sum(b.num_experts for b in spec.blocks)
@@ -665,7 +666,7 @@ def run(args) -> int:
         print(f"routed-expert parameters: {routed_source:,} -> {r['routed_params_after']:,} stored "
               f"({r['routed_params_after'] / routed_source - 1:+.1%}); kept channels alone: {r['routed_params_ideal']:,} "
               f"({r['routed_params_ideal'] / routed_source - 1:+.1%}); zero padding {r['routed_params_after'] - r['routed_params_ideal']:,}")
-    buckets = None if stream else read_record(out).get("expert_storage")
+    buckets = None if stream else saved.get("expert_storage")
     if buckets:
         print(f"stored in width buckets: {buckets['routed_params_stored']:,} routed-expert parameters "
               f"({buckets['routed_params_stored'] / routed_source - 1:+.1%}), at most {max(map(len, buckets['buckets'].values()))} "

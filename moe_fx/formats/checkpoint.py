@@ -248,7 +248,7 @@ def read_record(path: str | Path) -> dict:
 def update_record(path: str | Path, entries: dict) -> None:
     """Add ``entries`` to the ``moe_fx.json`` of a finished checkpoint (replaced whole, never half-written)."""
     file = Path(path) / RECORD_FILE
-    record = json.loads(file.read_text())
+    record = read_record(path)
     record.update(entries)
     replace_atomically(file, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
 

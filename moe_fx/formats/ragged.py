@@ -159,16 +159,17 @@ def stored_parameters(model: nn.Module, spec: MoEModelSpec, buckets: dict[str, d
     return padded, bucketed
 
 
-def plan_storage(model: nn.Module, spec: MoEModelSpec, *, max_buckets: int = MAX_BUCKETS, min_saving: float = MIN_SAVING) -> dict[str, dict]:
-    """Per block path, the ``buckets`` record of the blocks to store in width buckets: none when together they would
-    save less than ``min_saving`` of the routed parameters."""
+def plan_storage(model: nn.Module, spec: MoEModelSpec, *, max_buckets: int = MAX_BUCKETS,
+                 min_saving: float = MIN_SAVING) -> tuple[dict[str, dict], int, int]:
+    """Per block path, the ``buckets`` record of the blocks to store in width buckets (none when together they would
+    save less than ``min_saving`` of the routed parameters), and the routed parameters ``(padded, stored)``."""
     buckets = {b.path: r for b in spec.blocks if (r := block_buckets(model, b, max_buckets)) is not None}
     padded, stored = stored_parameters(model, spec, buckets)
-    return buckets if buckets and padded - stored >= min_saving * padded else {}
+    return (buckets, padded, stored) if buckets and padded - stored >= min_saving * padded else ({}, padded, padded)
 
 
 def bucket_experts_(model: nn.Module, spec: MoEModelSpec, buckets: dict[str, dict]) -> dict[str, nn.Module]:
-    """Hold the experts of the blocks in ``buckets`` (:func:`plan_storage`) in width buckets, in place, and record them in
+    """Hold the experts of the blocks in ``buckets`` (:func:`plan_storage`'s first item) in width buckets, in place, and record them in
     the config; returns the padded experts modules replaced (by path). The model then computes what it did (up to
     float rounding), in its stored size."""
     config = model.config
@@ -191,11 +192,10 @@ def ragged_experts(model: nn.Module, spec: MoEModelSpec, *, max_buckets: int = M
 
     Yields ``{"routed_params_padded", "routed_params_stored", "buckets": {block: [[width, experts], ...]}}``, or
     None (nothing changed) when buckets would save less than ``min_saving`` of the routed parameters."""
-    buckets = plan_storage(model, spec, max_buckets=max_buckets, min_saving=min_saving)
+    buckets, padded, stored = plan_storage(model, spec, max_buckets=max_buckets, min_saving=min_saving)
     if not buckets:
         yield None
         return
-    padded, stored = stored_parameters(model, spec, buckets)
     had_layout = copy.deepcopy(getattr(model.config, LAYOUT_KEY, None))
     replaced = {}
     try:
