@@ -37,6 +37,9 @@ RECIPES = {
     "obs-channels+comp65k": ["--granularity", "channel", "--method", "obs", "--compensate", "--compensate-samples", "65536"],
     # channels alone with per-expert widths, at most 4 a layer, stored in width buckets (the preset's fourth candidate in memory)
     "obs-buckets+comp65k": ["--granularity", "channel", "--method", "obs", "--allocation", "buckets", "--compensate", "--compensate-samples", "65536"],
+    # the same with each layer removing its own share (what the streamed preset's fourth candidate plans), in memory
+    "obs-buckets-per-layer+comp65k": ["--granularity", "channel", "--method", "obs", "--allocation", "buckets-per-layer", "--compensate",
+                                      "--compensate-samples", "65536"],
 }
 
 

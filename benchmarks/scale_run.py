@@ -7,7 +7,8 @@ with ``moe_fx.compile``; every phase timed, with peak GPU memory, peak CPU memor
     python benchmarks/scale_run.py --preset gpt-oss-20b --tiny --device cpu --work /tmp/scale   # CPU smoke run
 
 Recipes (``--recipes``): ``reap50`` (REAP, half the experts of every layer), ``reap50-comp`` (the same with
-compensation), ``obs-channels50-comp`` (half of every expert's channels by ``obs``, then compensation) and
+compensation), ``obs-channels50-comp`` (half of every expert's channels by ``obs``, then compensation),
+``obs-buckets50-comp`` (half of each layer's channels by ``obs`` with per-expert widths, written in width buckets) and
 ``preset-params50`` / ``preset-params50-seq`` (``--preset best-oneshot-params --ratio 0.5`` without / with
 ``--sequential``: experts and channels, the best recipe that streams at 50% of the routed parameters). Calibration: ``--sequences`` x ``--seq-len`` tokens (256 x 2048).
 Each prune runs as a subprocess, as a user would run it; its peak CPU memory is the child's maximum RSS, its
@@ -36,6 +37,7 @@ RECIPES = {
     "reap50": ["--method", "reap", "--ratio", "0.5"],
     "reap50-comp": ["--method", "reap", "--ratio", "0.5", "--compensate"],
     "obs-channels50-comp": ["--granularity", "channel", "--method", "obs", "--ratio", "0.5", "--compensate"],
+    "obs-buckets50-comp": ["--granularity", "channel", "--method", "obs", "--allocation", "buckets-per-layer", "--ratio", "0.5", "--compensate"],
     "preset-params50": ["--preset", "best-oneshot-params", "--ratio", "0.5", "--no-sequential"],
     "preset-params50-seq": ["--preset", "best-oneshot-params", "--ratio", "0.5", "--sequential"],
 }
@@ -76,18 +78,27 @@ def prune(source: Path, out: Path, recipe: str, args) -> dict:
 @torch.no_grad()
 def reload_and_decode(out: Path, device: str, steps: int) -> dict:
     """Stock ``from_pretrained`` of the pruned output, a forward's logits checked finite, then ``moe_fx.compile``d
-    greedy decode with a static cache (CUDA graphs on a GPU) at batch 1: tokens per second after compiling."""
+    greedy decode with a static cache (CUDA graphs on a GPU) at batch 1: tokens per second after compiling. An output
+    stored in width buckets loads through its shipped code (``trust_remote_code``, without moe-fx) and is compared with
+    the same checkpoint loaded padded (``moe_fx.load(..., ragged=False)``), which is what is compiled."""
     from transformers import AutoModelForCausalLM
 
     import moe_fx
+    from moe_fx.formats.loading import stored_in_buckets
 
+    bucketed = stored_in_buckets(out)
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16, device_map=device).eval()
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16, device_map=device, trust_remote_code=bucketed).eval()
     load_seconds = time.perf_counter() - t0
     ids = torch.randint(3, 8000, (1, 64), device=device, generator=torch.Generator(device).manual_seed(0))
     logits = model(ids).logits
-    result = {"reload_ok": bool(torch.isfinite(logits).all()), "reload_seconds": round(load_seconds, 1),
-              "experts_per_layer": sorted({b.num_experts for b in moe_fx.state_of(model).spec.blocks})}
+    result = {"reload_ok": bool(torch.isfinite(logits).all()), "reload_seconds": round(load_seconds, 1), "bucketed": bucketed}
+    if bucketed:
+        padded = moe_fx.load(out, dtype="bfloat16", device=device, ragged=False, experts_implementation=None).eval()
+        result["bucketed_vs_padded_max_abs_logit_diff"] = round(float((padded(ids).logits - logits).abs().max()), 4)
+        del model
+        model = padded
+    result["experts_per_layer"] = sorted({b.num_experts for b in moe_fx.state_of(model).spec.blocks})
     if steps == 0:
         return result
     try:

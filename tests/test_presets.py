@@ -34,7 +34,7 @@ def test_preset_runs_its_pipeline(preset, stream, expected, micro_path, calib_pa
     assert code == 0, stderr
     record = json.loads((out / "moe_fx.json").read_text())
     chosen = preset_options(preset, streamed=stream == "on")
-    bucketed = record["cli"]["allocation"] == "buckets"  # best-oneshot-params' candidate with per-expert widths was kept
+    bucketed = record["cli"]["allocation"].startswith("buckets")  # best-oneshot-params' candidate with per-expert widths was kept
     assert f"--preset {preset}" in stdout and all(record["cli"][k] == v for k, v in chosen.items() if not (bucketed and k == "allocation"))
     assert ("streaming" in record) == (stream == "on")
     assert passes_run(out)[: len(expected)] == expected
@@ -129,12 +129,13 @@ def test_params_preset_fixes_the_split_where_trying_them_would_not_fit(micro_pat
 
 def test_streamed_params_preset_chooses_its_split(micro_path, calib_path, tmp_path, capsys):
     """Streamed, ``best-oneshot-params`` streams each split to its own output, keeps the one whose output predicts the
-    held-out windows best and records it as in memory: the same choice, on the same NLL, and the same weights (in memory
-    stored padded: the candidate with widths in buckets, which streaming cannot plan, is then not tried)."""
+    held-out windows best and records it as in memory: the same choice, on the same NLL, and the same weights (stored
+    padded, so the candidate with per-expert widths in buckets, whose budget is global in memory and per layer streamed,
+    is not tried). Stored in buckets, the streamed preset tries that candidate too, each layer at its own budget."""
     outs = {stream: tmp_path / stream for stream in ("on", "off")}
     for stream, out in outs.items():
         argv = prune_argv(micro_path, calib_path, out, "--preset", "best-oneshot-params", "--fitness-tokens", "512", "--stream", stream)
-        assert cli.main(argv + (["--no-sequential"] if stream == "on" else ["--expert-storage", "padded"])) == 0
+        assert cli.main(argv + ["--expert-storage", "padded"] + (["--no-sequential"] if stream == "on" else [])) == 0
     stdout = capsys.readouterr().out
     assert "tries 3 splits (each streamed to its own output)" in stdout
     streamed, in_memory = ({p["name"]: p["report"] for p in json.loads((out / "moe_fx.json").read_text())["passes"]}["choose_recipe"]
@@ -145,6 +146,13 @@ def test_streamed_params_preset_chooses_its_split(micro_path, calib_path, tmp_pa
     assert tuple(record["cli"]["params_split"]) == {"experts 0, channels 0.25": (0.0, 0.25), "experts 0.125, channels 0.125": (0.125, 0.125),
                                                     "experts 0.25, channels 0": (0.25, 0.0)}[streamed["chosen"]]
     assert f"kept `{streamed['chosen']}` by its NLL" in (outs["on"] / "report.md").read_text()
+    bucketed = tmp_path / "buckets"
+    argv = prune_argv(micro_path, calib_path, bucketed, "--preset", "best-oneshot-params", "--fitness-tokens", "512", "--stream", "on")
+    assert cli.main(argv) == 0 and "tries 4 splits (each streamed to its own output)" in capsys.readouterr().out
+    record = json.loads((bucketed / "moe_fx.json").read_text())
+    choice = next(p for p in record["passes"] if p["name"] == "choose_recipe")["report"]
+    assert choice["fitness"][choice["chosen"]] == min(choice["fitness"].values()) and len(choice["fitness"]) == 4
+    assert (record["cli"]["allocation"] == "buckets-per-layer") == choice["chosen"].endswith("buckets") == ("expert_storage" in record)
 
 
 def test_streamed_params_preset_fixes_the_split_where_two_outputs_would_not_fit_the_disk(micro_path, tmp_path, monkeypatch):

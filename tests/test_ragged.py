@@ -3,6 +3,7 @@ budget, and a bucketed checkpoint computes what the padded model computed, in ev
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import random
@@ -22,7 +23,7 @@ from moe_fx.model.per_layer import LAYOUT_KEY
 from moe_fx.model.trace import trace
 from moe_fx.passes import PruneChannels
 from moe_fx.plan.buckets import MAX_BUCKETS, plan_buckets
-from moe_fx.plan.channel_allocate import bucket_channels, channels_to_keep
+from moe_fx.plan.channel_allocate import bucket_channels, channels_to_keep, make_channel_plan
 from moe_fx.plan.plans import ChannelPlan
 
 LAYOUTS = ["qwen3_moe", "gpt_oss", "mixtral", "deepseek_v3", "granitemoe", "qwen2_moe", "nemotron_h"]
@@ -82,6 +83,25 @@ def test_buckets_allocation_stores_its_budget(ratio: float) -> None:
         for e, kept in enumerate(plan.kept_channels[b.path]):
             order = torch.argsort(scores[b.path][e], descending=True, stable=True)[: len(kept)]
             assert sorted(order.tolist()) == kept
+
+
+def test_buckets_per_layer_is_each_layers_own_budget() -> None:
+    """Each block's plan is the ``buckets`` plan of that block alone, within that block's share of the budget, whatever
+    the other blocks' scores."""
+    from conftest import tiny_qwen3
+
+    spec = trace(tiny_qwen3(num_experts=16))
+    g = torch.Generator().manual_seed(2)
+    scores = {b.path: torch.rand(b.num_experts, b.experts.intermediate_size, generator=g, dtype=torch.float64) ** 3 for b in spec.blocks}
+    first = spec.blocks[0].path
+    plan = make_channel_plan(spec, scores, 0.5, "buckets-per-layer")
+    louder = make_channel_plan(spec, {**scores, first: scores[first] * 100}, 0.5, "buckets-per-layer")
+    assert louder.kept_channels == plan.kept_channels
+    for b in spec.blocks:
+        alone = bucket_channels(dataclasses.replace(spec, blocks=(b,)), scores, 0.5).kept_channels[b.path]
+        assert plan.kept_channels[b.path] == alone
+        assert sum(map(len, alone)) <= channels_to_keep(b.num_experts * b.experts.intermediate_size, 0.5)
+    assert bucket_channels(spec, {**scores, first: scores[first] * 100}, 0.5, comparable=True).kept_channels != plan.kept_channels
 
 
 def _two_widths(spec) -> ChannelPlan:

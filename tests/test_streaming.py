@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_channels import channel_model
 from tiny_models import OVERRIDES, _kwargs, auto_class, tiny_config, tiny_model
 from transformers import AutoConfig
 
 from moe_fx import compose
-from moe_fx.errors import BadOptionError, NotAModelError, OutputPathError
-from moe_fx.evaluate.nll import build_eval_set, evaluate_nll
+from moe_fx.errors import BadOptionError, NotAModelError, OutputPathError, UnsupportedFamilyError
+from moe_fx.evaluate.nll import EvalSet, build_eval_set, evaluate_nll
 from moe_fx.formats import save_checkpoint
 from moe_fx.formats.loading import load_model, load_tokenizer
 from moe_fx.formats.partial import PartialCheckpoint
@@ -317,3 +318,40 @@ def test_sequential_refusals(micro_path, tmp_path):
     with pytest.raises(BadOptionError, match="teacher cache"):
         stream_prune(micro_path, tmp_path / "out", _reap()(), show_progress=False, sequential=True, teacher_cache=tmp_path / "cache")
     assert not list(tmp_path.iterdir())
+
+
+def _bucket_passes():
+    return [Calibrate(TOKENS, batch_size=4, observers=("routing", "channels"), show_progress=False), Score("activation"),
+            PruneChannels(ratio=0.5, allocation="buckets-per-layer")]
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])  # gpt_oss: transposed, interleaved experts with biases
+def test_streamed_width_buckets_equal_in_memory(family, tmp_path):
+    """Per-expert widths planned layer by layer are written in width buckets as the in-memory save writes them (tensors,
+    config, storage record), and the streamed evaluation runs the buckets."""
+    source = tmp_path / "src"
+    channel_model(family).save_pretrained(source)
+    streamed, in_memory = _both(source, tmp_path, _bucket_passes)
+    _assert_same_checkpoint(streamed, in_memory)
+    ra, rb = (json.loads((p / "moe_fx.json").read_text()) for p in (streamed, in_memory))
+    assert ra["expert_storage"] == rb["expert_storage"] and ra["expert_storage"]["buckets"]
+    assert ra["expert_storage"]["routed_params_stored"] < ra["expert_storage"]["routed_params_padded"]
+    eval_set = EvalSet({"d": TOKENS[:4]}, "tokens")
+    nll = lambda result: result["mean"]["nll"]
+    assert nll(stream_evaluate(streamed, eval_set, batch_size=2, show_progress=False)) == pytest.approx(
+        nll(evaluate_nll(load_model(in_memory, experts_implementation=None), eval_set, batch_size=2, show_progress=False)), abs=1e-5)
+
+
+def test_streamed_padded_storage_and_a_layout_that_would_not_load(tmp_path, monkeypatch):
+    """``expert_storage="padded"`` writes what the in-memory padded save writes; a config that would not build the
+    written tensors (here: buckets left out of it) fails before the output exists."""
+    source = tmp_path / "src"
+    channel_model("qwen3_moe").save_pretrained(source)
+    streamed = stream_prune(source, tmp_path / "streamed", _bucket_passes(), show_progress=False, expert_storage="padded")
+    save_checkpoint(compose(*_bucket_passes())(load_model(source)), tmp_path / "in_memory", source=source, expert_storage="padded")
+    _assert_same_checkpoint(streamed.out, tmp_path / "in_memory")
+    assert "expert_storage" not in json.loads((streamed.out / "moe_fx.json").read_text())
+    monkeypatch.setattr("moe_fx.run.streaming.record_buckets", lambda *a: None)
+    with pytest.raises(UnsupportedFamilyError, match="would not load back"):
+        stream_prune(source, tmp_path / "bad", _bucket_passes(), show_progress=False)
+    assert not (tmp_path / "bad").exists()

@@ -78,11 +78,12 @@ def add_parser(sub) -> None:
                         "stock checkpoint, a few percent of the experts' training state), or all")
     p.add_argument("--distill-rank", type=int, default=16, help="--distill-train adapters: rank of each expert's weight update (default 16)")
     p.add_argument("--distill-top-k", type=int, default=64, help="--distill-teacher cached: tokens kept per position (default 64)")
-    p.add_argument("--allocation", default="uniform", choices=("uniform", "global", "layer", "expert", "buckets", "coverage"),
+    p.add_argument("--allocation", default="uniform", choices=("uniform", "global", "layer", "expert", "buckets", "buckets-per-layer", "coverage"),
                    help="experts: uniform (same count in every layer; stock config) or global (ranked across layers; per-layer format). "
                    "channels: uniform (same width everywhere; stock config), layer (one width per layer), expert (HEAPr-style "
                    "global ranking, a width per expert, stored zero-padded), buckets (the same ranking, at most 4 widths per layer, "
-                   "stored at those widths: loads through moe_fx.load or trust_remote_code) or coverage (Ding et al. score coverage)")
+                   "stored at those widths: loads through moe_fx.load or trust_remote_code), buckets-per-layer (buckets with each layer "
+                   "removing --ratio of its own channels: streams) or coverage (Ding et al. score coverage)")
     chan = p.add_argument_group("channel pruning (--granularity channel)")
     chan.add_argument("--multiple", type=int, default=64, help="per-expert widths are padded to the layer's widest, rounded up to this (default 64)")
     chan.add_argument("--expert-storage", choices=EXPERT_STORAGE, default="auto",
@@ -182,8 +183,8 @@ def _apply_preset(args, stream: bool, meta=None, device: str | None = None) -> N
             machine = f"the split fixed at about half: {too_big}"
         if len(splits) > 1:
             args.split_candidates = splits
-            # in memory, channels alone with per-expert widths in buckets is tried too (the checkpoint stores its budget only in buckets)
-            args.bucket_candidate = (not stream and args.expert_storage == "auto" and not args.expert_shares and meta is not None
+            # channels alone with per-expert widths in buckets is tried too (the checkpoint stores its budget only in buckets)
+            args.bucket_candidate = (args.expert_storage == "auto" and not args.quantize and not args.expert_shares and meta is not None
                                      and all(b.experts.call_style == "routed" for b in state_of(meta).spec.blocks))
         # with several splits, one with channels stands in until ChooseRecipe has kept one (the record then names it)
         chosen["expert_ratio"], chosen["ratio"] = args.params_split = next((s for s in splits if s[1]), splits[0])
@@ -392,7 +393,7 @@ def _streaming(args, source, device: str) -> bool:
 def _check_granularity(args, scorer, expert_scorer) -> None:
     """Options that only make sense for one granularity, and scorers of the other one, are named errors."""
     channels = args.granularity == "channel"
-    allowed = ("uniform", "layer", "expert", "buckets", "coverage") if channels else ("uniform", "global")
+    allowed = ("uniform", "layer", "expert", "buckets", "buckets-per-layer", "coverage") if channels else ("uniform", "global")
     if args.allocation not in allowed:
         raise MoeFxError(f"--allocation {args.allocation} is for {'experts' if channels else 'channels'}; with --granularity {args.granularity} use one of {', '.join(allowed)}")
     if scorer.granularity != args.granularity:
@@ -424,7 +425,7 @@ def run(args) -> int:
     from moe_fx.plan.channel_allocate import uniform_widths
     from moe_fx.plan.eep import EvolutionarySearch
     from moe_fx.rewrite.prune_channels import routed_parameters
-    from moe_fx.run.recipe import buckets_label, observers_for, parse_method, prune_passes, split_label, split_passes
+    from moe_fx.run.recipe import bucket_allocation, buckets_label, observers_for, parse_method, prune_passes, split_label, split_passes
     from moe_fx.run.streaming import stream_evaluate, stream_prune
     from moe_fx.score import get_scorer
 
@@ -544,7 +545,8 @@ def run(args) -> int:
         if splits:
             candidates = {split_label(s): tuple(rewrite(expert_ratio=s[0], channel_ratio=s[1])) for s in splits}
             if getattr(args, "bucket_candidate", False):
-                candidates[buckets_label(args.params_ratio)] = tuple(rewrite(expert_ratio=0.0, channel_ratio=args.params_ratio, allocation="buckets"))
+                candidates[buckets_label(args.params_ratio)] = tuple(rewrite(expert_ratio=0.0, channel_ratio=args.params_ratio,
+                                                                             allocation=bucket_allocation(stream)))
             passes.append(ChooseRecipe(candidates, data=fitness, batch_size=args.batch_size, show_progress=show))
         else:
             passes += rewrite(expert_ratio=args.expert_ratio, channel_ratio=args.ratio)
@@ -588,7 +590,8 @@ def run(args) -> int:
         stream, size_of, evaluate = False, model_size, evaluate_nll  # from here on the student is in memory
     elif stream:
         streamed = stream_prune(source, args.out, passes, device=device, dtype=args.dtype, tokenizer=tokenizer,
-                                overwrite=args.overwrite, show_progress=show, report=False, sequential=bool(args.sequential))  # written once, with the evaluations
+                                overwrite=args.overwrite, show_progress=show, report=False, sequential=bool(args.sequential),
+                                expert_storage="padded" if args.quantize else args.expert_storage)  # written once, with the evaluations
         if streamed is None:  # another rank: rank 0 writes, evaluates and reports
             return 0
         out, state = streamed.out, streamed.state
@@ -599,7 +602,7 @@ def run(args) -> int:
     choice = state.report_of("choose_recipe")
     if choice and choice["chosen"] == buckets_label(args.params_ratio):  # the record and the summary name the split that was kept
         args.expert_ratio, args.ratio = args.params_split = (0.0, args.params_ratio)
-        args.allocation = "buckets"
+        args.allocation = bucket_allocation(stream)
     elif choice:
         args.expert_ratio, args.ratio = args.params_split = next(s for s in splits if split_label(s) == choice["chosen"])
     after = evaluate(out if stream else model, eval_set, batch_size=args.batch_size, show_progress=show) if eval_set else None
@@ -666,7 +669,7 @@ def run(args) -> int:
         print(f"routed-expert parameters: {routed_source:,} -> {r['routed_params_after']:,} stored "
               f"({r['routed_params_after'] / routed_source - 1:+.1%}); kept channels alone: {r['routed_params_ideal']:,} "
               f"({r['routed_params_ideal'] / routed_source - 1:+.1%}); zero padding {r['routed_params_after'] - r['routed_params_ideal']:,}")
-    buckets = None if stream else saved.get("expert_storage")
+    buckets = read_record(out).get("expert_storage")
     if buckets:
         print(f"stored in width buckets: {buckets['routed_params_stored']:,} routed-expert parameters "
               f"({buckets['routed_params_stored'] / routed_source - 1:+.1%}), at most {max(map(len, buckets['buckets'].values()))} "

@@ -24,7 +24,7 @@ from moe_fx.formats.atomic import atomic_directory, replace_atomically
 from moe_fx.formats.ragged import ragged_experts
 from moe_fx.model import per_layer as per_layer_model
 from moe_fx.model.adapters import COUNT_ATTRS, get_adapter
-from moe_fx.model.tensors import config_at
+from moe_fx.model.tensors import config_at, get_tensor
 from moe_fx.model.trace import trace
 from moe_fx.pipeline import STATE_ATTR
 
@@ -203,8 +203,7 @@ def save_checkpoint(
     if state is not None and state.masked:
         raise BadOptionError("this model's channels were zeroed in place (PruneChannels(mask_only=True), a debug mode); "
                              "run PruneChannels without mask_only to get a smaller model to save")
-    if expert_storage not in EXPERT_STORAGE:
-        raise BadOptionError(f"expert_storage {expert_storage!r}: use one of {', '.join(EXPERT_STORAGE)}")
+    check_expert_storage(expert_storage)
     out = check_output_path(out, source, overwrite)
     quantization = source_mxfp4(source)
     if quantize is not None:  # before anything is written
@@ -213,14 +212,16 @@ def save_checkpoint(
         if quantization is not None:
             raise BadOptionError(f"the source's experts are MXFP4, which the pruned copy keeps; --quantize {quantize} does not apply to it")
     buckets = expert_storage == "auto" and quantize is None and quantization is None and state is not None and not state.masked
+    itemsize = get_tensor(model, state.spec.blocks[0].experts.tensors[0]).element_size() if buckets and state.spec.blocks else 0
     with atomic_directory(out) as tmp:
         with ragged_experts(model, state.spec) if buckets else contextlib.nullcontext() as stored:
             model.save_pretrained(tmp, safe_serialization=True)
             if stored is not None:
                 extra_record = {**(extra_record or {}), "expert_storage": stored}
                 if "size_after" in extra_record:  # what the checkpoint holds, not the padded experts in memory
-                    size = dict(extra_record["size_after"])
-                    size["params"] -= stored["routed_params_padded"] - stored["routed_params_stored"]
+                    size, saved = dict(extra_record["size_after"]), stored["routed_params_padded"] - stored["routed_params_stored"]
+                    size["params"] -= saved
+                    size["bytes"] -= saved * itemsize
                     extra_record["size_after"] = size
             if quantization is not None:
                 extra_record = {**(extra_record or {}), "expert_format": mxfp4.repack_directory(tmp, quantization)}
@@ -230,6 +231,11 @@ def save_checkpoint(
         if report:
             write_report(tmp, record, location=out)
     return out
+
+
+def check_expert_storage(expert_storage: str) -> None:
+    if expert_storage not in EXPERT_STORAGE:
+        raise BadOptionError(f"expert_storage {expert_storage!r}: use one of {', '.join(EXPERT_STORAGE)}")
 
 
 def source_mxfp4(source: str | Path | None) -> dict | None:

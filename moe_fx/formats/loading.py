@@ -120,10 +120,14 @@ def load_model(path: str | Path, *, dtype: str = "auto", device: str = "cpu", ex
 def stored_in_buckets(path: str | Path) -> bool:
     """Whether a checkpoint stores experts in width buckets (:mod:`moe_fx.formats.ragged`): its weights are not the
     padded experts' tensors that streaming and quantizing read shard by shard."""
+    return any(block.get("buckets") for block in stored_layout(path)["blocks"].values())
+
+
+def stored_layout(path: str | Path) -> dict:
+    """The ``moe_fx_layout`` of a checkpoint's config (``{"blocks": {}}`` for a stock one)."""
     from moe_fx.model.per_layer import LAYOUT_KEY
 
-    layout = json.loads((Path(path) / "config.json").read_text()).get(LAYOUT_KEY) or {}
-    return any(block.get("buckets") for block in layout.get("blocks", {}).values())
+    return json.loads((Path(path) / "config.json").read_text()).get(LAYOUT_KEY) or {"blocks": {}}
 
 
 def stored_scheme(path: Path) -> str | None:

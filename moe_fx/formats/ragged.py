@@ -168,20 +168,49 @@ def plan_storage(model: nn.Module, spec: MoEModelSpec, *, max_buckets: int = MAX
     return (buckets, padded, stored) if buckets and padded - stored >= min_saving * padded else ({}, padded, padded)
 
 
+def record_buckets(model: nn.Module, spec: MoEModelSpec, buckets: dict[str, dict]) -> None:
+    """Record the blocks' ``buckets`` in ``model.config``'s layout (made from ``spec``'s padded shapes where stock keys
+    described the model), so the per-layer class builds them on load."""
+    layout = copy.deepcopy(getattr(model.config, LAYOUT_KEY, None) or layout_of(model, spec))
+    for path, record in buckets.items():
+        layout["blocks"][path]["buckets"] = record
+    setattr(model.config, LAYOUT_KEY, layout)
+
+
+def storage_summary(padded: int, stored: int, buckets: dict[str, dict]) -> dict:
+    """The record's ``expert_storage`` entry: routed parameters padded and stored, and each block's ``[width, experts]``."""
+    return {"routed_params_padded": padded, "routed_params_stored": stored,
+            "buckets": {p: [[g["width"], len(g["experts"])] for g in r["groups"]] for p, r in buckets.items()}}
+
+
 def bucket_experts_(model: nn.Module, spec: MoEModelSpec, buckets: dict[str, dict]) -> dict[str, nn.Module]:
     """Hold the experts of the blocks in ``buckets`` (:func:`plan_storage`'s first item) in width buckets, in place, and record them in
     the config; returns the padded experts modules replaced (by path). The model then computes what it did (up to
     float rounding), in its stored size."""
-    config = model.config
-    layout = copy.deepcopy(getattr(config, LAYOUT_KEY, None) or layout_of(model, spec))
-    for path, record in buckets.items():
-        layout["blocks"][path]["buckets"] = record
-    setattr(config, LAYOUT_KEY, layout)
-    replaced = {}
+    record_buckets(model, spec, buckets)
+    replaced: dict[str, nn.Module] = {}
+    _swap_in(model, buckets, replaced)
+    return replaced
+
+
+def _swap_in(model: nn.Module, buckets: dict[str, dict], replaced: dict[str, nn.Module]) -> None:
+    """Replace each block's padded experts by its buckets, noting each replaced module in ``replaced`` as it goes."""
     for record in buckets.values():
         replaced[record["module"]] = model.get_submodule(record["module"])
         model.set_submodule(record["module"], bucketed_module(replaced[record["module"]], record))
-    return replaced
+
+
+@contextlib.contextmanager
+def held_in_buckets(model: nn.Module, buckets: dict[str, dict]) -> Iterator[None]:
+    """While the block runs, the blocks in ``buckets`` hold their experts in width buckets (the config unchanged):
+    what a streamed prune writes one layer at a time."""
+    replaced: dict[str, nn.Module] = {}
+    try:
+        _swap_in(model, buckets, replaced)
+        yield
+    finally:
+        for path, module in replaced.items():
+            model.set_submodule(path, module)
 
 
 @contextlib.contextmanager
@@ -190,25 +219,22 @@ def ragged_experts(model: nn.Module, spec: MoEModelSpec, *, max_buckets: int = M
     """While the block runs, the blocks whose experts have different widths hold them in buckets and the config
     records them, so ``save_pretrained`` writes each expert at its width; afterwards the model is as before.
 
-    Yields ``{"routed_params_padded", "routed_params_stored", "buckets": {block: [[width, experts], ...]}}``, or
-    None (nothing changed) when buckets would save less than ``min_saving`` of the routed parameters."""
+    Yields :func:`storage_summary`, or None (nothing changed) when buckets would save less than ``min_saving`` of the
+    routed parameters."""
     buckets, padded, stored = plan_storage(model, spec, max_buckets=max_buckets, min_saving=min_saving)
     if not buckets:
         yield None
         return
     had_layout = copy.deepcopy(getattr(model.config, LAYOUT_KEY, None))
-    replaced = {}
     try:
-        replaced = bucket_experts_(model, spec, buckets)
-        base = getattr(type(model), "moe_fx_base", type(model))
-        bad = shape_mismatches(model, per_layer_class(base), model.config, exact=True)
-        if bad:
-            raise BadOptionError(f"experts in width buckets would not load back: tensors {bad[:3]}; save them padded")
-        yield {"routed_params_padded": padded, "routed_params_stored": stored,
-               "buckets": {p: [[g["width"], len(g["experts"])] for g in r["groups"]] for p, r in buckets.items()}}
+        record_buckets(model, spec, buckets)
+        with held_in_buckets(model, buckets):
+            base = getattr(type(model), "moe_fx_base", type(model))
+            bad = shape_mismatches(model, per_layer_class(base), model.config, exact=True)
+            if bad:
+                raise BadOptionError(f"experts in width buckets would not load back: tensors {bad[:3]}; save them padded")
+            yield storage_summary(padded, stored, buckets)
     finally:
-        for path, module in replaced.items():
-            model.set_submodule(path, module)
         if had_layout is None:
             if hasattr(model.config, LAYOUT_KEY):
                 delattr(model.config, LAYOUT_KEY)

@@ -38,10 +38,15 @@ def apply_layout(model: nn.Module, layout: dict) -> None:
             mod_path, _, attr = ref.rpartition(":")
             setattr(model.get_submodule(mod_path), attr, int(value))
         if block.get("buckets"):
-            buckets = block["buckets"]
-            experts = model.get_submodule(buckets["module"])
-            modules = [resized_copy(experts, group["shapes"], group["attrs"]) for group in buckets["groups"]]
-            model.set_submodule(buckets["module"], BucketedExperts(modules, [g["experts"] for g in buckets["groups"]]))
+            build_buckets(model, block["buckets"])
+
+
+def build_buckets(model: nn.Module, record: dict) -> None:
+    """Replace the padded experts module a block's ``buckets`` record names by :class:`BucketedExperts` of the recorded
+    shapes (uninitialised storage, on the experts' device: the checkpoint's weights fill it)."""
+    experts = model.get_submodule(record["module"])
+    modules = [resized_copy(experts, group["shapes"], group["attrs"]) for group in record["groups"]]
+    model.set_submodule(record["module"], BucketedExperts(modules, [g["experts"] for g in record["groups"]]))
 
 
 def reshape(module: nn.Module, attr: str, shape) -> None:

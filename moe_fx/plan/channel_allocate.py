@@ -13,6 +13,8 @@ same fraction of routed-FFN parameters. Allocations:
   expert widened to its bucket's width with its next best channels (the bucket stores them anyway), and the ranking
   cut so that the *stored* channels meet the budget. Saved in width buckets (:mod:`moe_fx.formats.ragged`), the
   checkpoint stores exactly the budget, where ``expert``'s zero-padded widths store nearly everything.
+- ``buckets-per-layer``: ``buckets`` within each block alone, each block removing ``ratio`` of its own channels: what a
+  streamed prune can plan one layer at a time (per-expert widths still follow the block's ranking).
 - ``coverage``: Ding et al. (arXiv 2606.18304): per block, keep the fewest channels that cover the same
   fraction of the block's total channel score (binary search on that fraction to meet the budget), then
   split the block's channels between its experts by covering a share of each expert's score mass that grows
@@ -24,6 +26,7 @@ divided by their block's mean first (the scorer's ``comparable_across_blocks`` s
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 
@@ -148,6 +151,17 @@ def bucket_channels(spec: MoEModelSpec, scores: ChannelScores, ratio: float, *, 
     return _plan(spec, scores, widths(lo)[0], 1)
 
 
+def layer_bucket_channels(spec: MoEModelSpec, scores: ChannelScores, ratio: float, *, buckets: int = MAX_BUCKETS, **_) -> ChannelPlan:
+    """The ``buckets-per-layer`` allocation (module doc): :func:`bucket_channels` on each block alone (a block's own scores
+    rank alike whatever their scale, so ``comparable`` does not matter)."""
+    kept = {}
+    for b in spec.blocks:
+        kept.update(bucket_channels(dataclasses.replace(spec, blocks=(b,)), scores, ratio, buckets=buckets).kept_channels)
+    plan = ChannelPlan(kept, 1)
+    plan.validate(spec)
+    return plan
+
+
 def _floor_experts(block: MoEBlockSpec, counts: list[int], scores: torch.Tensor) -> list[int]:
     """Keep at least top-k experts with a channel (the router needs k): revive the best-scoring empty ones."""
     alive = sum(1 for c in counts if c > 0)
@@ -266,8 +280,8 @@ def _split_block(scores: torch.Tensor, attribution: torch.Tensor, keep: int) -> 
 
 
 CHANNEL_ALLOCATIONS = {"uniform": uniform_channels, "layer": layer_channels, "expert": expert_channels, "buckets": bucket_channels,
-                       "coverage": coverage_channels}
-LAYERWISE_ALLOCATIONS = frozenset({"uniform"})
+                       "buckets-per-layer": layer_bucket_channels, "coverage": coverage_channels}
+LAYERWISE_ALLOCATIONS = frozenset({"uniform", "buckets-per-layer"})
 """Allocations that plan each block from its own scores alone (the others share one budget across blocks)."""
 
 

@@ -27,8 +27,10 @@ Both are expert-pruning recipes: the budget is ``--ratio`` / ``--keep`` of the e
   layer. In memory a fourth candidate spends it all on channels with per-expert widths stored in width buckets
   (``--allocation buckets``, :mod:`moe_fx.formats.ragged`; the output then loads through ``moe_fx.load`` or
   ``trust_remote_code``): on qwen3moe-bench it was kept at both budgets, 0.44x / 0.37x REAP's loss at 25% / 50%
-  (``preset_vs_reap_bench_buckets_cpu.json``; not tried with ``--expert-storage padded``, where it would not store its
-  budget, nor streamed). The other candidates keep one width for every expert, a stock checkpoint. Which split is best depends on the model
+  (``preset_vs_reap_bench_buckets_cpu.json``; not tried with ``--expert-storage padded`` or ``--quantize``, where it
+  would not store its budget). Streamed, the fourth candidate plans its buckets per layer (``buckets-per-layer``, each
+  layer removing its own share): 0.46x at 25% and 0.35x at 50%, kept at both
+  (``preset_vs_reap_bench_streamed_buckets_cpu.json``). The other candidates keep one width for every expert, a stock checkpoint. Which split is best depends on the model
   (``preset_vs_reap_*.json``: at 25%, all of it as experts on a Mixtral, 0.79x REAP's loss against 1.25x as channels;
   channels on qwen3moe-bench and a Qwen2-MoE), so it tries three (``experts_shares``: all as channels, about
   half as experts, all as experts; those the widths' rounding lands within 2 points of the budget,
@@ -44,7 +46,8 @@ Both are expert-pruning recipes: the budget is ``--ratio`` / ``--keep`` of the e
   bench model at 25%). Streamed (the whole model is never in memory to measure), each split is streamed whole to its
   own output and that output is measured (:mod:`moe_fx.run.stream_choose`), with ``--sequential`` (each layer
   calibrated on the pruned layers' outputs, for one more forward of each layer; ``--no-sequential`` turns it off): the
-  same choices on qwen3moe-bench, 0.57x at 25% and 0.42x at 50% (``preset_vs_reap_bench_streamed_cpu.json``). The split
+  same choices among the one-width splits on qwen3moe-bench, 0.57x at 25% and 0.42x at 50%
+  (``preset_vs_reap_bench_streamed_cpu.json``), before the fourth candidate streamed. The split
   is fixed at about half (``experts_share``) where the choice cannot run: two pruned outputs beyond 90% of the free disk
   (streamed), a pruned copy of the experts beyond 90% of the free memory (in memory), or ``--nproc``. Half is the fixed
   split no measured model punished much (worst 0.90x, the Mixtral at 25%, where all as channels lost 1.25x)."""
@@ -109,8 +112,9 @@ PRESETS: dict[str, Preset] = {
         measured="the budget as obs channels (one width, or per-expert widths in buckets), about half as REAP experts, or all as "
                  "experts, + compensation, the split with the lowest held-out NLL kept: 0.44x / 0.37x REAP's loss at --ratio 0.25 / 0.5 "
                  "on qwen3moe-bench (widths in buckets kept)",
-        streamed_measured="the same three splits, each streamed to its own output on the pruned layers' outputs and measured there, "
-                          "the lowest held-out NLL kept: 0.57x / 0.42x REAP's loss at --ratio 0.25 / 0.5 on qwen3moe-bench (channels kept)",
+        streamed_measured="the same four (the widths in buckets planned per layer), each streamed to its own output on the pruned "
+                          "layers' outputs and measured there, the lowest held-out NLL kept: 0.46x / 0.35x REAP's loss at --ratio 0.25 / 0.5 "
+                          "on qwen3moe-bench (widths in buckets kept)",
         defaults=_COMPENSATE,
         experts_share=0.5,
         experts_shares=(0.0, 0.5, 1.0),

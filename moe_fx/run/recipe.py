@@ -81,6 +81,11 @@ def split_label(split: tuple[float, float]) -> str:
     return f"experts {split[0]:.4g}, channels {split[1]:.4g}"
 
 
+def bucket_allocation(streamed: bool) -> str:
+    """The allocation of that candidate: the global ranking in memory, each layer's own when streamed (one layer at a time)."""
+    return "buckets-per-layer" if streamed else "buckets"
+
+
 def buckets_label(ratio: float) -> str:
     """The name of ``--preset best-oneshot-params``' candidate that spends the budget on channels with per-expert widths
     in width buckets (:func:`~moe_fx.plan.channel_allocate.bucket_channels`)."""

@@ -30,6 +30,7 @@ states between them (:mod:`moe_fx.model.layers`) saves no snapshot and replays e
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -44,18 +45,19 @@ from torch import nn
 
 from moe_fx.calibrate import Calibrate, calibration_stats, check_host_memory, distributed, fits_on_gpu, instrument, keep_samples_on, reduce_across_ranks
 from moe_fx.calibrate.stats import CalibrationStats
-from moe_fx.errors import BadOptionError, NotAModelError, out_of_memory
+from moe_fx.errors import BadOptionError, NotAModelError, UnsupportedFamilyError, out_of_memory
 from moe_fx.evaluate.nll import EvalSet, evaluate_nll
 from moe_fx.evaluate.report import write_report
 from moe_fx.formats import mxfp4
-from moe_fx.formats.checkpoint import check_output_path, source_mxfp4, write_companions
+from moe_fx.formats.checkpoint import check_expert_storage, check_output_path, source_mxfp4, write_companions
 from moe_fx.formats.lazy import LazyCheckpoint, meta_model, revert_to_checkpoint_names
-from moe_fx.formats.loading import stored_in_buckets
+from moe_fx.formats.loading import stored_in_buckets, stored_layout
 from moe_fx.formats.partial import PartialCheckpoint
+from moe_fx.formats.ragged import held_in_buckets, plan_storage, record_buckets, storage_summary
 from moe_fx.model.attention import calibration_attention
 from moe_fx.model.layers import LayerCall, capture_layer_calls, decoder_layers, stand_in_output
 from moe_fx.model.layout import layout_of, record_layout
-from moe_fx.model.per_layer import apply_layout
+from moe_fx.model.per_layer import apply_layout, build_buckets, per_layer_class
 from moe_fx.model.spec import MoEModelSpec
 from moe_fx.pipeline import STATE_ATTR, MoEState, Pass, PassRecord, compose, state_of
 from moe_fx.plan.choose import ChooseRecipe
@@ -108,9 +110,11 @@ def _checked_passes(passes: Sequence[Pass]) -> tuple[Calibrate | None, list[Pass
     return calibrate, rest
 
 
-def _run_key(source: Path, passes: Sequence[Pass], fingerprint: str, dtype: torch.dtype, device: str, sequential: bool) -> str:
+def _run_key(source: Path, passes: Sequence[Pass], fingerprint: str, dtype: torch.dtype, device: str, sequential: bool, expert_storage: str) -> str:
     desc = {"source": str(source.resolve()), "passes": [[p.name, p.config_dict()] for p in passes], "tokens": fingerprint,
             "dtype": str(dtype), "device": torch.device(device).type} | ({"sequential": True} if sequential else {})
+    if expert_storage != "auto":
+        desc["expert_storage"] = expert_storage
     return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -232,11 +236,18 @@ class _StreamRun:
             torch.cuda.synchronize(self.device)
         return acc
 
-    def write_layer(self, partial: PartialCheckpoint, index: int, shard: str) -> tuple[list[str], int]:
-        layer = self.layers[index]
+    def write_layer(self, partial: PartialCheckpoint, index: int, shard: str, spec: MoEModelSpec | None) -> tuple[list[str], int, dict]:
+        """Write layer ``index`` as one shard; its blocks in ``spec`` whose experts have different widths are written in
+        width buckets (:mod:`moe_fx.formats.ragged`; None: all padded). Returns the shard's keys, its bytes, and the
+        layer's storage: the shape of every tensor written (model names), the buckets and the routed parameters
+        ``[padded, stored]``."""
+        buckets, padded, stored = plan_storage(self.model, spec) if spec is not None and spec.blocks else ({}, 0, 0)
         prefix = f"{self.prefix}.{index}."
-        tensors = {prefix + k: v for k, v in layer.state_dict().items()}
-        return self._write(partial, shard, tensors)
+        with held_in_buckets(self.model, buckets):
+            tensors = {prefix + k: v for k, v in self.layers[index].state_dict().items()}
+            keys, nbytes = self._write(partial, shard, tensors)
+        storage = {"shapes": {k: list(v.shape) for k, v in tensors.items()}, "buckets": buckets, "routed_params": [padded, stored]}
+        return keys, nbytes, storage
 
     def write_rest(self, partial: PartialCheckpoint, shard: str) -> tuple[list[str], int]:
         from transformers.modeling_utils import remove_tied_weights_from_state_dict
@@ -256,12 +267,14 @@ class _StreamRun:
         return sorted(saved), sum(t.numel() * t.element_size() for t in saved.values())
 
 
-def _layer_record(model: nn.Module, state: MoEState, keys: list[str], nbytes: int, seconds: dict[str, float]) -> dict:
-    """What the final record and config need of one finished layer (JSON, kept in the progress file)."""
+def _layer_record(model: nn.Module, state: MoEState, keys: list[str], nbytes: int, storage: dict, seconds: dict[str, float]) -> dict:
+    """What the final record and config need of one finished layer (JSON, kept in the progress file); ``storage``:
+    :meth:`_StreamRun.write_layer`'s."""
     scores = state.scores
     return {
         "keys": keys,
         "bytes": nbytes,
+        **storage,
         "statistics": sorted({n for acc in (state.stats.per_block.values() if state.stats else []) for n in acc}),
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "layout": layout_of(model, state.spec)["blocks"] if state.spec.blocks else {},
@@ -289,7 +302,8 @@ def _merged_state(spec: MoEModelSpec, records: dict[int, dict], stats: Calibrati
     ordered = [records[i] for i in sorted(records)]
     state = MoEState(spec=dataclasses.replace(spec, blocks=blocks), original_spec=spec, stats=stats)
     kept = {p: k for r in ordered if r["plan"] for p, k in r["plan"].items()}
-    state.plan = PrunePlan(kept) if kept else None
+    # a layer that dropped none (channel pruning left every expert some) keeps all, as the in-memory plan says
+    state.plan = PrunePlan({b.path: kept.get(b.path, list(range(b.num_experts))) for b in spec.blocks}) if kept else None
     channel = [ChannelPlan.from_dict(r["channel_plan"]) for r in ordered if r["channel_plan"]]
     if channel:
         state.channel_plan = ChannelPlan({p: k for c in channel for p, k in c.kept_channels.items()}, channel[0].multiple)
@@ -323,6 +337,21 @@ def _merged_report(reports: list[dict]) -> dict:
     return out
 
 
+def _check_loads_back(model: nn.Module, layers: dict[int, dict], prefix: str) -> None:
+    """Refuse to finish a checkpoint whose config (as ``model.config`` now says) would not build the tensors the layers
+    were written with, at their shapes: what loading it needs (width buckets included)."""
+    base = getattr(type(model), "moe_fx_base", type(model))
+    with torch.device("meta"):
+        ref = per_layer_class(base)(copy.deepcopy(model.config))
+    written = {n: s for r in layers.values() for n, s in r["shapes"].items()}
+    prefixes = tuple(f"{prefix}.{i}." for i in layers)
+    want = {n: list(t.shape) for n, t in ref.state_dict().items() if n.startswith(prefixes)}
+    bad = sorted(n for n in want.keys() | written.keys() if want.get(n) != written.get(n))
+    if bad:
+        raise UnsupportedFamilyError(f"the streamed layers would not load back with the config written for them: tensors {bad[:3]} "
+                                     "differ; write the experts padded (--expert-storage padded)")
+
+
 def stream_prune(
     source: str | Path,
     out: str | Path,
@@ -340,6 +369,7 @@ def stream_prune(
     teacher_cache: str | Path | None = None,
     teacher_top_k: int = 64,
     sequential: bool = False,
+    expert_storage: str = "auto",
 ) -> StreamReport | None:
     """Run ``passes`` (``Calibrate`` first, then layer-local passes) on the checkpoint at ``source`` one decoder
     layer at a time, writing the pruned checkpoint to ``out`` (see the module doc). ``snapshot_seconds``: how
@@ -351,7 +381,9 @@ def stream_prune(
     next-token distributions on the calibration windows in that directory, for ``Distill(teacher=<that directory>)``
     on the pruned output afterwards (:mod:`moe_fx.rewrite.teacher_cache`; one process only); ``sequential``: hand the
     next layer the *rewritten* layer's output (one more forward of each layer), so every layer is calibrated, scored
-    and compensated on the hidden states the pruned model will feed it, not the unpruned model's.
+    and compensated on the hidden states the pruned model will feed it, not the unpruned model's; ``expert_storage``: as
+    :func:`~moe_fx.formats.save_checkpoint`'s, decided layer by layer (a layer's buckets must save 2% of its routed
+    parameters; an MXFP4 source is written padded).
 
     Under torch.distributed (torchrun) every rank holds the current layer and the hidden states of its share
     of the calibration windows; each layer's statistics are reduced across ranks before rank 0 alone runs the
@@ -367,7 +399,7 @@ def stream_prune(
 
         return stream_choose(source, out, passes, overwrite=overwrite, show_progress=show_progress, report=report, device=device,
                              dtype=dtype, tokenizer=tokenizer, snapshot_seconds=snapshot_seconds, states=states, extra_record=extra_record,
-                             teacher_cache=teacher_cache, teacher_top_k=teacher_top_k, sequential=sequential)
+                             teacher_cache=teacher_cache, teacher_top_k=teacher_top_k, sequential=sequential, expert_storage=expert_storage)
     t0 = time.perf_counter()
     source = Path(source)
     calibrate, rest = _checked_passes(passes)
@@ -380,17 +412,19 @@ def stream_prune(
         raise BadOptionError("teacher_cache needs a Calibrate pass (its windows are what the teacher is cached on) and a single process")
     if states not in ("auto", "cpu"):
         raise BadOptionError(f"states={states!r}: use 'auto' or 'cpu'")
+    check_expert_storage(expert_storage)
     out = check_output_path(out, source, overwrite)
     main, ranks = distributed.is_main(), distributed.active()
     with LazyCheckpoint(source) as ckpt, contextlib.ExitStack() as calibrating:
         run = _open_meta(source, ckpt, device, dtype, states)
         model, spec, dt = run.model, run.spec, run.dtype
+        ragged = expert_storage == "auto" and not run.mxfp4
         calibrating.enter_context(calibration_attention(model))  # from the embedding (masks are built there) to the last layer
         compose(*passes).check_model(model)  # what the family cannot take fails before any layer is read
         if calibrate is not None:
             check_host_memory(spec, calibrate.make_observers(), streamed=True)
         tokens = calibrate.tokens(model) if calibrate is not None else None
-        key = _run_key(source, passes, tokens.fingerprint if tokens is not None else "", dt, device, sequential)
+        key = _run_key(source, passes, tokens.fingerprint if tokens is not None else "", dt, device, sequential, expert_storage)
         partial = PartialCheckpoint(out, key, discard_other_runs=overwrite) if main else None
         n = len(run.layers)
         shards = [f"model-{i + 1:05d}-of-{n + 1:05d}.safetensors" for i in range(n + 1)]
@@ -436,8 +470,8 @@ def stream_prune(
                 if rewritten_hands_on:
                     run.forward(i, [], layer_spec)
                 t_write = time.perf_counter()
-                keys, nbytes = run.write_layer(partial, i, shards[i])
-                record = _layer_record(model, sub, keys, nbytes, {
+                keys, nbytes, storage = run.write_layer(partial, i, shards[i], sub.spec if ragged else None)
+                record = _layer_record(model, sub, keys, nbytes, storage, {
                     "load": t_fwd - t_load, "forward": t_pass - t_fwd, "passes": t_write - t_pass, "write": time.perf_counter() - t_write})
                 run.layers[i].to("meta")
                 partial.finish_layer(i, record)
@@ -469,6 +503,10 @@ def stream_prune(
             state.history.insert(0, PassRecord(calibrate.name, calibrate.config_dict(), stats.seconds, False, stats.summary()))
         object.__setattr__(model, STATE_ATTR, state)
         record_layout(model, state.spec)
+        buckets = {p: r for layer in partial.layers.values() for p, r in (layer.get("buckets") or {}).items()}
+        if buckets:
+            record_buckets(model, state.spec, buckets)
+        _check_loads_back(model, partial.layers, run.prefix)
         model.config.save_pretrained(partial.dir)
         if (source / "generation_config.json").is_file():
             GenerationConfig.from_pretrained(source).save_pretrained(partial.dir)
@@ -487,6 +525,9 @@ def stream_prune(
                      "phase_seconds": {k: round(v, 3) for k, v in summary.phase_seconds.items()},
                      "per_layer_seconds": {i: r["seconds"] for i, r in sorted(partial.layers.items())}}
         extra = {"streaming": streaming, **(extra_record or {})}
+        if buckets:
+            padded, stored = (sum(r["routed_params"][j] for r in partial.layers.values()) for j in (0, 1))
+            extra["expert_storage"] = storage_summary(padded, stored, buckets)
         if run.mxfp4:  # errors of layers an interrupted run finished are not known to this one
             extra["expert_format"] = {"format": "mxfp4", "tensors": len(run.mxfp4_errors), "bytes": total,
                                       "max_relative_error": max(run.mxfp4_errors.values(), default=0.0)}
@@ -497,14 +538,19 @@ def stream_prune(
     return summary
 
 
-def _open_meta(source: Path, ckpt: LazyCheckpoint, device: str, dtype: str, states: str = "cpu") -> _StreamRun:
-    """A meta model of the checkpoint with the tensors outside its layers loaded (on the CPU)."""
-    if stored_in_buckets(source):
-        raise BadOptionError(f"{source}: its experts are stored in width buckets, which streaming does not read layer by layer; prune it "
-                             "in memory (--stream off), or save the source with --expert-storage padded")
-    model = meta_model(source, dtype, device)
+def _open_meta(source: Path, ckpt: LazyCheckpoint, device: str, dtype: str, states: str = "cpu", *, ragged: bool = False) -> _StreamRun:
+    """A meta model of the checkpoint with the tensors outside its layers loaded (on the CPU); ``ragged``: experts
+    stored in width buckets are held so (only run, not rewritten), else such a source is refused."""
+    if not ragged and stored_in_buckets(source):
+        raise BadOptionError(f"{source}: its experts are stored in width buckets, which a streamed prune does not rewrite layer by layer; "
+                             "prune it in memory (--stream off), or save the source with --expert-storage padded")
+    model = meta_model(source, dtype, device)  # padded: what the spec is traced from
     dt = next(model.parameters()).dtype
     run = _StreamRun(source, ckpt, model, state_of(model).spec, device, dt, states)
+    if ragged:
+        for block in stored_layout(source)["blocks"].values():
+            if block.get("buckets"):
+                build_buckets(model, block["buckets"])
     ckpt.load_into(model, run.rest_keys, device="cpu", dtype=dt)
     model.tie_weights()
     return run
@@ -518,7 +564,7 @@ def stream_evaluate(source: str | Path, eval_set: EvalSet, *, device: str = "cpu
     final norm, head and loss are the model's."""
     source = Path(source)
     with LazyCheckpoint(source) as ckpt:
-        run = _open_meta(source, ckpt, device, dtype)
+        run = _open_meta(source, ckpt, device, dtype, ragged=True)
         run.embed(list(eval_set.windows.values()), batch_size)  # batched per domain, as evaluate_nll does
         with progress_bar("stream eval", total=len(run.layers), unit="layer", enabled=show_progress) as bar:
             for i in range(len(run.layers)):
