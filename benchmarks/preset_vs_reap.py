@@ -86,6 +86,7 @@ def main() -> None:
                     row["x_reap"] = round(row["delta_nll"] / reference, 4) if reference else None
                 rows.append(row)
                 print(f"{ratio} {recipe}: " + (f"{row['delta_nll']:+.4f}" if "delta_nll" in row else f"refused: {row['refused']}"), flush=True)
+                Path(args.out).write_text(json.dumps({"options": vars(args), "rows": rows}, indent=1) + "\n")  # kept if a later row is cut off
     print(format_table(["ratio", "recipe", "routed removed", "Δ NLL", "x REAP", "block error", "split kept", "seconds"],
                        [[r["ratio"], r["recipe"], f"{r['routed_removed']:.1%}", f"{r['delta_nll']:+.4f}", r["x_reap"],
                          r["block_error_after_compensation"], r["split_kept"] or "", r["seconds"]] if "delta_nll" in r else
