@@ -79,8 +79,9 @@ class BucketedExperts(nn.Module):
     width. The call is the experts' own, ``(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) ->
     [T, H]``: each bucket runs on the (token, slot) pairs routed to its experts, one slot per row, and the
     routing weights combine the outputs per token, which is what the padded experts module computes (up to
-    float rounding: the matmuls run over fewer channels). The pairs are found with ``nonzero``: a data-dependent shape, so a bucketed model compiles with
-    graph breaks, not ``fullgraph``.
+    float rounding: the matmuls run over fewer channels, and the outputs are added in another order). The pairs are
+    counted per bucket on the host: a data-dependent shape, so a bucketed model compiles with graph breaks, not
+    ``fullgraph``.
     """
 
     def __init__(self, buckets: list[nn.Module], members: list[list[int]]):
@@ -103,16 +104,23 @@ class BucketedExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         bucket_of, position = self.lookup(top_k_index.device)
-        bucket = bucket_of[top_k_index]
-        # each pair's expert output, then the routing weights combine them in the weights' dtype, as transformers' kernels do
-        per_slot = hidden_states.new_zeros(*top_k_index.shape, hidden_states.shape[-1])
-        for b, experts in enumerate(self.buckets):
-            token, slot = (bucket == b).nonzero(as_tuple=True)
-            if token.numel() == 0:  # no pair routed here (the count is known: nonzero has synchronised already)
+        k, experts_of = top_k_index.shape[-1], top_k_index.flatten()
+        flat = bucket_of[experts_of]
+        # the (token, slot) pairs sorted by bucket, gathered once; one count per bucket, read in a single host sync
+        # (bincount would sync again to size its output)
+        order = torch.sort(flat, stable=True).indices
+        counts = (flat == torch.arange(len(self.buckets), device=flat.device)[:, None]).sum(1).tolist()
+        token = order // k
+        rows, ids, weights = hidden_states[token], position[experts_of[order]].unsqueeze(-1), top_k_weights.flatten()[order].unsqueeze(-1)
+        out = torch.zeros_like(hidden_states)
+        start = 0
+        for experts, n in zip(self.buckets, counts):
+            part, start = slice(start, start + n), start + n
+            if n == 0:  # no pair routed here (decode often reaches one bucket only)
                 continue
-            unit = top_k_weights.new_ones(token.shape[0], 1)
-            per_slot[token, slot] = experts(hidden_states[token], position[top_k_index[token, slot]].unsqueeze(-1), unit).to(per_slot.dtype)
-        return (per_slot * top_k_weights.unsqueeze(-1)).sum(dim=1).to(hidden_states.dtype)
+            # one slot per row, weighted by the expert call itself, added per token as transformers' kernels add
+            out.index_add_(0, token[part], experts(rows[part], ids[part], weights[part]).to(out.dtype))
+        return out
 
 
 def per_layer_class(base: type) -> type:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from moe_fx.plan.plans import WIDTH_ALIGN
 
 MAX_BUCKETS = 4
-"""Buckets per block at most: each is one more experts call (and one ``nonzero``) per forward of the block."""
+"""Buckets per block at most: each is one more experts call per forward of the block."""
 
 
 def plan_buckets(widths: list[int], max_buckets: int = MAX_BUCKETS, align: int = WIDTH_ALIGN, most: int | None = None) -> list[tuple[int, list[int]]]:
