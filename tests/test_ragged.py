@@ -167,21 +167,38 @@ def test_widths_a_bucket_cannot_shrink_are_left_padded(tmp_path) -> None:
     assert "expert_storage" not in read_record(out)
 
 
-def test_streaming_and_quantizing_a_bucketed_checkpoint_are_refused(tmp_path) -> None:
-    """Both read the padded experts' tensors shard by shard: refused in one line before anything is written."""
+def test_quantizing_a_bucketed_checkpoint_is_refused(tmp_path) -> None:
+    """It reads the padded experts' tensors shard by shard: refused in one line before anything is written."""
     from moe_fx.formats.quantized_checkpoint import quantize_checkpoint
-    from moe_fx.passes import Calibrate, DropExperts, Score
-    from moe_fx.run.streaming import stream_prune
 
     model = tiny_model("qwen3_moe")
     PruneChannels(plan=_two_widths(trace(model)))(model)
     out = save_checkpoint(model, tmp_path / "b")
     with pytest.raises(BadOptionError, match="width buckets"):
         quantize_checkpoint(out, tmp_path / "q", scheme="int8-channel")
-    with pytest.raises(BadOptionError, match="width buckets"):
-        stream_prune(out, tmp_path / "s", [Calibrate(torch.randint(0, 100, (2, 16))), Score("frequency"), DropExperts(ratio=0.25)],
-                     show_progress=False)
-    assert not (tmp_path / "q").exists() and not (tmp_path / "s").exists()
+    assert not (tmp_path / "q").exists()
+
+
+def test_a_bucketed_checkpoint_streams_as_loaded_padded(tmp_path) -> None:
+    """A streamed prune of a bucketed source pads each layer as it is read: it writes what the in-memory prune of the
+    source loaded padded writes (buckets again, where the widths still differ), tensor for tensor."""
+    from test_streaming import _tensors
+
+    from moe_fx import compose
+    from moe_fx.passes import Calibrate, DropExperts, Score
+    from moe_fx.run.streaming import stream_prune
+
+    model = tiny_model("qwen3_moe")
+    PruneChannels(plan=_two_widths(trace(model)))(model)
+    source = save_checkpoint(model, tmp_path / "b")
+    tokens = torch.randint(3, 100, (4, 16), generator=torch.Generator().manual_seed(0))
+    passes = lambda: [Calibrate(tokens, batch_size=2, show_progress=False), Score("frequency"), DropExperts(ratio=0.25)]
+    streamed = stream_prune(source, tmp_path / "s", passes(), show_progress=False).out
+    in_memory = save_checkpoint(compose(*passes())(load(source, ragged=False)), tmp_path / "m", source=source)
+    a, b = _tensors(streamed), _tensors(in_memory)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(".buckets." in k for k in a)
+    assert json.loads((streamed / "config.json").read_text()) == json.loads((in_memory / "config.json").read_text())
 
 
 def test_a_bucket_no_pair_is_routed_to_is_skipped(tmp_path) -> None:

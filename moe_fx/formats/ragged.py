@@ -103,20 +103,27 @@ def block_buckets(model: nn.Module, block: MoEBlockSpec, max_buckets: int = MAX_
             "passive": [_attr(n) for n in passive], "count_attrs": counts, "width_attrs": widths_attrs}
 
 
+def _moved(src: torch.Tensor, attr: str, layout: list, width: int, to_width: int) -> torch.Tensor:
+    """``src`` (experts first, neurons laid out as ``layout`` says at ``width``) with each expert's first neurons at
+    ``to_width``: cut when narrower, zero-padded when wider."""
+    axis, parts, concatenated = layout
+    nt = NeuronTensor(attr, axis, neuron_index(width, parts, concatenated))
+    return rebuilt(src, nt, [list(range(min(width, to_width)))] * src.shape[0], to_width)
+
+
 def bucketed_module(experts: nn.Module, record: dict) -> BucketedExperts:
     """``experts`` (a padded experts module) as the buckets ``record`` describes, holding copies of its weights."""
     modules = []
     for group in record["groups"]:
         module = resized_copy(experts, group["shapes"], group["attrs"])
-        ids = torch.tensor(group["experts"])
         with torch.no_grad():
-            for attr, (axis, parts, concatenated) in record["neurons"].items():
+            for attr, layout in record["neurons"].items():
                 full = getattr(experts, attr).detach()
-                nt = NeuronTensor(attr, axis, neuron_index(full.shape[axis + 1] // parts, parts, concatenated))
-                getattr(module, attr).data = rebuilt(full[ids.to(full.device)], nt, [list(range(group["width"]))] * len(ids), group["width"])
+                ids = torch.tensor(group["experts"], device=full.device)
+                getattr(module, attr).data = _moved(full[ids], attr, layout, full.shape[layout[0] + 1] // layout[1], group["width"])
             for attr in record["passive"]:
                 full = getattr(experts, attr).detach()
-                getattr(module, attr).data = full[ids.to(full.device)].clone()
+                getattr(module, attr).data = full[torch.tensor(group["experts"], device=full.device)].clone()
         modules.append(module)
     return BucketedExperts(modules, [g["experts"] for g in record["groups"]])
 
@@ -135,16 +142,12 @@ def padded_module(bucketed: BucketedExperts, record: dict, width: int) -> nn.Mod
     attrs = dict.fromkeys(record["count_attrs"], count) | dict.fromkeys(record["width_attrs"], width)
     module = resized_copy(first, shapes, attrs)
     with torch.no_grad():
-        for attr, (axis, parts, concatenated) in record["neurons"].items():
+        for attr in [*record["neurons"], *record["passive"]]:
             out = getattr(module, attr).data.zero_()
             for group, part in zip(record["groups"], bucketed.buckets):
                 src = getattr(part, attr).detach()
-                nt = NeuronTensor(attr, axis, neuron_index(group["width"], parts, concatenated))
-                out[torch.tensor(group["experts"], device=out.device)] = rebuilt(src, nt, [list(range(group["width"]))] * src.shape[0], width)
-        for attr in record["passive"]:
-            out = getattr(module, attr).data
-            for group, part in zip(record["groups"], bucketed.buckets):
-                out[torch.tensor(group["experts"], device=out.device)] = getattr(part, attr).detach()
+                ids = torch.tensor(group["experts"], device=out.device)
+                out[ids] = _moved(src, attr, record["neurons"][attr], group["width"], width) if attr in record["neurons"] else src
     return module
 
 
@@ -251,10 +254,15 @@ def pad_buckets_(model: nn.Module) -> None:
     drop the buckets from its config: what passes that rewrite experts read. The outputs are unchanged."""
     layout = getattr(model.config, LAYOUT_KEY, None) or {"blocks": {}}
     for block in layout["blocks"].values():
-        record = block.pop("buckets", None)
-        if not record:
-            continue
-        bucketed = model.get_submodule(record["module"])
-        attr, (axis, parts, _) = next(iter(record["neurons"].items()))
-        width = block["shapes"][f"{record['module']}.{attr}"][axis + 1] // parts
-        model.set_submodule(record["module"], padded_module(bucketed, record, width))
+        if block.get("buckets"):
+            pad_block_(model, block)
+            del block["buckets"]
+
+
+def pad_block_(model: nn.Module, block: dict) -> None:
+    """Give the bucketed block that ``block`` (its ``moe_fx_layout`` entry, with ``buckets``) describes its padded
+    experts module again, in place (the recorded padded shapes; the config unchanged)."""
+    record = block["buckets"]
+    attr, (axis, parts, _) = next(iter(record["neurons"].items()))
+    width = block["shapes"][f"{record['module']}.{attr}"][axis + 1] // parts
+    model.set_submodule(record["module"], padded_module(model.get_submodule(record["module"]), record, width))

@@ -51,9 +51,9 @@ from moe_fx.evaluate.report import write_report
 from moe_fx.formats import mxfp4
 from moe_fx.formats.checkpoint import check_expert_storage, check_output_path, source_mxfp4, write_companions
 from moe_fx.formats.lazy import LazyCheckpoint, meta_model, revert_to_checkpoint_names
-from moe_fx.formats.loading import stored_in_buckets, stored_layout
+from moe_fx.formats.loading import stored_layout
 from moe_fx.formats.partial import PartialCheckpoint
-from moe_fx.formats.ragged import held_in_buckets, plan_storage, record_buckets, storage_summary
+from moe_fx.formats.ragged import held_in_buckets, pad_block_, plan_storage, record_buckets, storage_summary
 from moe_fx.model.attention import calibration_attention
 from moe_fx.model.layers import LayerCall, capture_layer_calls, decoder_layers, stand_in_output
 from moe_fx.model.layout import layout_of, record_layout
@@ -161,6 +161,8 @@ class _StreamRun:
         self.mxfp4 = source_mxfp4(source) is not None
         """The source's experts are MXFP4: each layer is dequantized when read and written back in MXFP4."""
         self.mxfp4_errors: dict[str, float] = {}
+        self.bucketed = {p: b for p, b in stored_layout(source)["blocks"].items() if b.get("buckets")}
+        """The source's blocks stored in width buckets (their ``moe_fx_layout`` entries)."""
 
     def embed(self, groups: Sequence[torch.Tensor], batch_size: int) -> None:
         """Hidden states entering layer 0 for every batch of windows (batched within each group, e.g. per
@@ -206,6 +208,14 @@ class _StreamRun:
         if missing:
             raise NotAModelError(f"{self.source}: the checkpoint has no tensor for {self.prefix}.{index}.{missing[0]} (and {len(missing) - 1} more)")
         self.layer_weight_bytes = max(self.layer_weight_bytes, _layer_bytes(layer))
+
+    def pad_layer(self, index: int) -> None:
+        """Give layer ``index``'s bucketed blocks (as loaded) their padded experts, which the passes read and rewrite:
+        the tensors the in-memory ``load_model(..., ragged=False)`` holds, bit for bit."""
+        inside = f"{self.prefix}.{index}."
+        for path, block in self.bucketed.items():
+            if path.startswith(inside):
+                pad_block_(self.model, block)
 
     def blocks_of(self, index: int) -> MoEModelSpec:
         """The spec restricted to the MoE blocks of decoder layer ``index`` (none for a dense layer)."""
@@ -448,6 +458,7 @@ def stream_prune(
                 layer_spec = run.blocks_of(i)
                 t_load = time.perf_counter()
                 run.load_layer(i)
+                run.pad_layer(i)
                 t_fwd = time.perf_counter()
                 observers = calibrate.make_observers() if calibrate is not None else []
                 keep_samples_on(layer_spec, observers, device)
@@ -538,19 +549,14 @@ def stream_prune(
     return summary
 
 
-def _open_meta(source: Path, ckpt: LazyCheckpoint, device: str, dtype: str, states: str = "cpu", *, ragged: bool = False) -> _StreamRun:
-    """A meta model of the checkpoint with the tensors outside its layers loaded (on the CPU); ``ragged``: experts
-    stored in width buckets are held so (only run, not rewritten), else such a source is refused."""
-    if not ragged and stored_in_buckets(source):
-        raise BadOptionError(f"{source}: its experts are stored in width buckets, which a streamed prune does not rewrite layer by layer; "
-                             "prune it in memory (--stream off), or save the source with --expert-storage padded")
+def _open_meta(source: Path, ckpt: LazyCheckpoint, device: str, dtype: str, states: str = "cpu") -> _StreamRun:
+    """A meta model of the checkpoint with the tensors outside its layers loaded (on the CPU). Experts stored in width
+    buckets are held so, to be read as stored (:meth:`_StreamRun.pad_layer` pads a loaded layer's)."""
     model = meta_model(source, dtype, device)  # padded: what the spec is traced from
     dt = next(model.parameters()).dtype
     run = _StreamRun(source, ckpt, model, state_of(model).spec, device, dt, states)
-    if ragged:
-        for block in stored_layout(source)["blocks"].values():
-            if block.get("buckets"):
-                build_buckets(model, block["buckets"])
+    for block in run.bucketed.values():
+        build_buckets(model, block["buckets"])
     ckpt.load_into(model, run.rest_keys, device="cpu", dtype=dt)
     model.tie_weights()
     return run
@@ -564,7 +570,7 @@ def stream_evaluate(source: str | Path, eval_set: EvalSet, *, device: str = "cpu
     final norm, head and loss are the model's."""
     source = Path(source)
     with LazyCheckpoint(source) as ckpt:
-        run = _open_meta(source, ckpt, device, dtype, ragged=True)
+        run = _open_meta(source, ckpt, device, dtype)
         run.embed(list(eval_set.windows.values()), batch_size)  # batched per domain, as evaluate_nll does
         with progress_bar("stream eval", total=len(run.layers), unit="layer", enabled=show_progress) as bar:
             for i in range(len(run.layers)):
