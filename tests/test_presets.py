@@ -79,7 +79,7 @@ def test_refused_before_loading(extra, message, micro_path, calib_path, tmp_path
 def test_params_preset_chooses_the_split_on_held_out_tokens(micro_path, calib_path, tmp_path, capsys):
     """In memory, ``best-oneshot-params`` tries all of the budget as channels, about half as experts, all as experts
     (``--ratio 0.25`` of 8 experts of width 64: width 48; 1 expert then width 56; 2 experts) and all as channels with
-    per-expert widths in buckets, keeps the one with the lowest NLL on the held-out fitness windows, and records and
+    per-expert widths in buckets (ranked across the model, or each layer at its own budget), keeps the one with the lowest NLL on the held-out fitness windows, and records and
     prints that split; ``--expert-shares`` with one share fixes it."""
     out = tmp_path / "chosen"
     assert cli.main(prune_argv(micro_path, calib_path, out, "--preset", "best-oneshot-params", "--fitness-tokens", "512")) == 0
@@ -87,11 +87,12 @@ def test_params_preset_chooses_the_split_on_held_out_tokens(micro_path, calib_pa
     record = json.loads((out / "moe_fx.json").read_text())
     choice = next(p for p in record["passes"] if p["name"] == "choose_recipe")["report"]
     splits = {"experts 0, channels 0.25": (0.0, 0.25), "experts 0.125, channels 0.125": (0.125, 0.125), "experts 0.25, channels 0": (0.25, 0.0),
-              "experts 0, channels 0.25, widths in buckets": (0.0, 0.25)}
+              "experts 0, channels 0.25, widths in buckets": (0.0, 0.25), "experts 0, channels 0.25, widths in buckets per layer": (0.0, 0.25)}
     assert set(choice["fitness"]) == set(splits) and choice["fitness"][choice["chosen"]] == min(choice["fitness"].values())
     assert choice["chosen_fitness_rerun"] == choice["fitness"][choice["chosen"]] and choice["fitness_tokens"] == 8 * 63
     assert (record["cli"]["expert_ratio"], record["cli"]["ratio"]) == tuple(record["cli"]["params_split"]) == splits[choice["chosen"]]
-    assert (record["cli"]["allocation"] == "buckets") == choice["chosen"].endswith("buckets") == ("expert_storage" in record)
+    allocation = {"widths in buckets": "buckets", "widths in buckets per layer": "buckets-per-layer"}.get(choice["chosen"].partition("0.25, ")[2])
+    assert record["cli"]["allocation"] == (allocation or "uniform") and (allocation is not None) == ("expert_storage" in record)
     rewrites = [p for p in passes_run(out) if p in ("drop_experts", "prune_channels")]
     assert rewrites == {(0.0, 0.25): ["prune_channels"], (0.125, 0.125): ["drop_experts", "prune_channels"], (0.25, 0.0): ["drop_experts"]}[splits[choice["chosen"]]]
     assert passes_run(out)[-2:] == ["compensate_experts", "choose_recipe"] and f"split kept: {choice['chosen']}" in stdout
@@ -103,7 +104,7 @@ def test_params_preset_chooses_the_split_on_held_out_tokens(micro_path, calib_pa
     out = tmp_path / "padded"  # stored padded, per-expert widths would not meet the budget: not tried
     assert cli.main(prune_argv(micro_path, calib_path, out, "--preset", "best-oneshot-params", "--expert-storage", "padded", "--fitness-tokens", "512")) == 0
     choice = next(p for p in json.loads((out / "moe_fx.json").read_text())["passes"] if p["name"] == "choose_recipe")["report"]
-    assert not any(label.endswith("buckets") for label in choice["fitness"])
+    assert not any("buckets" in label for label in choice["fitness"])
     out = tmp_path / "fixed"
     assert cli.main(prune_argv(micro_path, calib_path, out, "--preset", "best-oneshot-params", "--expert-shares", "1")) == 0
     assert passes_run(out) == ["calibrate", "score", "drop_experts", "compensate_experts"]
@@ -152,7 +153,7 @@ def test_streamed_params_preset_chooses_its_split(micro_path, calib_path, tmp_pa
     record = json.loads((bucketed / "moe_fx.json").read_text())
     choice = next(p for p in record["passes"] if p["name"] == "choose_recipe")["report"]
     assert choice["fitness"][choice["chosen"]] == min(choice["fitness"].values()) and len(choice["fitness"]) == 4
-    assert (record["cli"]["allocation"] == "buckets-per-layer") == choice["chosen"].endswith("buckets") == ("expert_storage" in record)
+    assert (record["cli"]["allocation"] == "buckets-per-layer") == choice["chosen"].endswith("buckets per layer") == ("expert_storage" in record)
 
 
 def test_streamed_params_preset_fixes_the_split_where_two_outputs_would_not_fit_the_disk(micro_path, tmp_path, monkeypatch):

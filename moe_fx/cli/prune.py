@@ -144,7 +144,7 @@ def _apply_preset(args, stream: bool, meta=None, device: str | None = None) -> N
     from moe_fx.calibrate import distributed
     from moe_fx.pipeline import state_of
     from moe_fx.run.presets import PRESET_OPTIONS, PRESETS, feasible_splits, fit_to_model, near_budget, preset_options, split_budget
-    from moe_fx.run.recipe import buckets_label, split_label
+    from moe_fx.run.recipe import bucket_candidates, split_label
 
     set_beside = [f"--{o.replace('_', '-')}" for o in PRESET_OPTIONS if getattr(args, o) != args.parser_defaults[o]]
     if set_beside:
@@ -207,7 +207,7 @@ def _apply_preset(args, stream: bool, meta=None, device: str | None = None) -> N
                          if not (k in ("expert_ratio", "ratio") and getattr(args, "split_candidates", None)))
         print(f"moe-fx: --preset {args.preset}{' (streamed)' if stream else ''}: {flags} ({preset.streamed_measured if stream else preset.measured})")
         if getattr(args, "split_candidates", None):
-            labels = [*map(split_label, args.split_candidates), *([buckets_label(args.params_ratio)] if args.bucket_candidate else [])]
+            labels = [*map(split_label, args.split_candidates), *(bucket_candidates(args.params_ratio, stream) if args.bucket_candidate else [])]
             print(f"moe-fx: --preset {args.preset}: tries {len(labels)} splits{' (each streamed to its own output)' if stream else ''}"
                   f" and keeps the one with the lowest NLL on {args.fitness_tokens:,} held-out calibration tokens: " + "; ".join(labels))
         for line in fitted:
@@ -425,7 +425,7 @@ def run(args) -> int:
     from moe_fx.plan.channel_allocate import uniform_widths
     from moe_fx.plan.eep import EvolutionarySearch
     from moe_fx.rewrite.prune_channels import routed_parameters
-    from moe_fx.run.recipe import bucket_allocation, buckets_label, observers_for, parse_method, prune_passes, split_label, split_passes
+    from moe_fx.run.recipe import bucket_candidates, observers_for, parse_method, prune_passes, split_label, split_passes
     from moe_fx.run.streaming import stream_evaluate, stream_prune
     from moe_fx.score import get_scorer
 
@@ -544,9 +544,8 @@ def run(args) -> int:
                                     multiple=args.multiple, seed=args.seed, ridge=args.ridge)
         if splits:
             candidates = {split_label(s): tuple(rewrite(expert_ratio=s[0], channel_ratio=s[1])) for s in splits}
-            if getattr(args, "bucket_candidate", False):
-                candidates[buckets_label(args.params_ratio)] = tuple(rewrite(expert_ratio=0.0, channel_ratio=args.params_ratio,
-                                                                             allocation=bucket_allocation(stream)))
+            for label, bucketed in (bucket_candidates(args.params_ratio, stream) if getattr(args, "bucket_candidate", False) else {}).items():
+                candidates[label] = tuple(rewrite(expert_ratio=0.0, channel_ratio=args.params_ratio, allocation=bucketed))
             passes.append(ChooseRecipe(candidates, data=fitness, batch_size=args.batch_size, show_progress=show))
         else:
             passes += rewrite(expert_ratio=args.expert_ratio, channel_ratio=args.ratio)
@@ -600,9 +599,10 @@ def run(args) -> int:
         state = state_of(model)
     prune_seconds = time.perf_counter() - t0
     choice = state.report_of("choose_recipe")
-    if choice and choice["chosen"] == buckets_label(args.params_ratio):  # the record and the summary name the split that was kept
+    bucketed = bucket_candidates(args.params_ratio, stream) if getattr(args, "params_ratio", None) else {}
+    if choice and choice["chosen"] in bucketed:  # the record and the summary name the split that was kept
         args.expert_ratio, args.ratio = args.params_split = (0.0, args.params_ratio)
-        args.allocation = bucket_allocation(stream)
+        args.allocation = bucketed[choice["chosen"]]
     elif choice:
         args.expert_ratio, args.ratio = args.params_split = next(s for s in splits if split_label(s) == choice["chosen"])
     after = evaluate(out if stream else model, eval_set, batch_size=args.batch_size, show_progress=show) if eval_set else None

@@ -24,13 +24,13 @@ Both are expert-pruning recipes: the budget is ``--ratio`` / ``--keep`` of the e
 
 - ``best-oneshot-params``: the budget is ``--ratio`` of the routed experts' *parameters*, removed as whole experts
   (REAP) and/or channels of the kept experts (``obs``, which needs no gradient), then compensation on 65,536 tokens a
-  layer. In memory a fourth candidate spends it all on channels with per-expert widths stored in width buckets
-  (``--allocation buckets``, :mod:`moe_fx.formats.ragged`; the output then loads through ``moe_fx.load`` or
-  ``trust_remote_code``): on qwen3moe-bench it was kept at both budgets, 0.44x / 0.37x REAP's loss at 25% / 50%
-  (``preset_vs_reap_bench_buckets_cpu.json``; not tried with ``--expert-storage padded`` or ``--quantize``, where it
-  would not store its budget). Streamed, the fourth candidate plans its buckets per layer (``buckets-per-layer``, each
-  layer removing its own share): 0.46x at 25% and 0.35x at 50%, kept at both
-  (``preset_vs_reap_bench_streamed_buckets_cpu.json``). The other candidates keep one width for every expert, a stock checkpoint. Which split is best depends on the model
+  layer. In memory two more candidates spend it all on channels with per-expert widths stored in width buckets
+  (:mod:`moe_fx.formats.ragged`; the output then loads through ``moe_fx.load`` or ``trust_remote_code``), ranked
+  across the model (``--allocation buckets``) or each layer removing its own share (``buckets-per-layer``): on
+  qwen3moe-bench the first was kept at 25% and the second at 50%, 0.44x / 0.35x REAP's loss
+  (``preset_vs_reap_bench_five_cpu.json``; not tried with ``--expert-storage padded`` or ``--quantize``, where they
+  would not store their budget). Streamed, only the per-layer one can be planned: 0.46x at 25% and 0.35x at 50%,
+  kept at both (``preset_vs_reap_bench_streamed_buckets_cpu.json``). The other candidates keep one width for every expert, a stock checkpoint. Which split is best depends on the model
   (``preset_vs_reap_*.json``: at 25%, all of it as experts on a Mixtral, 0.79x REAP's loss against 1.25x as channels;
   channels on qwen3moe-bench and a Qwen2-MoE), so it tries three (``experts_shares``: all as channels, about
   half as experts, all as experts; those the widths' rounding lands within 2 points of the budget,
@@ -47,7 +47,7 @@ Both are expert-pruning recipes: the budget is ``--ratio`` / ``--keep`` of the e
   own output and that output is measured (:mod:`moe_fx.run.stream_choose`), with ``--sequential`` (each layer
   calibrated on the pruned layers' outputs, for one more forward of each layer; ``--no-sequential`` turns it off): the
   same choices among the one-width splits on qwen3moe-bench, 0.57x at 25% and 0.42x at 50%
-  (``preset_vs_reap_bench_streamed_cpu.json``), before the fourth candidate streamed. The split
+  (``preset_vs_reap_bench_streamed_cpu.json``), before the candidate with buckets streamed. The split
   is fixed at about half (``experts_share``) where the choice cannot run: two pruned outputs beyond 90% of the free disk
   (streamed), a pruned copy of the experts beyond 90% of the free memory (in memory), or ``--nproc``. Half is the fixed
   split no measured model punished much (worst 0.90x, the Mixtral at 25%, where all as channels lost 1.25x)."""
@@ -109,10 +109,10 @@ PRESETS: dict[str, Preset] = {
     "best-oneshot-params": Preset(
         _EXPERTS_THEN_CHANNELS,
         streamed={**_EXPERTS_THEN_CHANNELS, "sequential": True},
-        measured="the budget as obs channels (one width, or per-expert widths in buckets), about half as REAP experts, or all as "
-                 "experts, + compensation, the split with the lowest held-out NLL kept: 0.44x / 0.37x REAP's loss at --ratio 0.25 / 0.5 "
-                 "on qwen3moe-bench (widths in buckets kept)",
-        streamed_measured="the same four (the widths in buckets planned per layer), each streamed to its own output on the pruned "
+        measured="the budget as obs channels (one width, or per-expert widths in buckets ranked across the model or per layer), "
+                 "about half as REAP experts, or all as experts, + compensation, the split with the lowest held-out NLL kept: 0.44x / "
+                 "0.35x REAP's loss at --ratio 0.25 / 0.5 on qwen3moe-bench (widths in buckets kept)",
+        streamed_measured="the same but the buckets ranked across the model (four splits), each streamed to its own output on the pruned "
                           "layers' outputs and measured there, the lowest held-out NLL kept: 0.46x / 0.35x REAP's loss at --ratio 0.25 / 0.5 "
                           "on qwen3moe-bench (widths in buckets kept)",
         defaults=_COMPENSATE,

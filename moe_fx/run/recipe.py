@@ -81,12 +81,10 @@ def split_label(split: tuple[float, float]) -> str:
     return f"experts {split[0]:.4g}, channels {split[1]:.4g}"
 
 
-def bucket_allocation(streamed: bool) -> str:
-    """The allocation of that candidate: the global ranking in memory, each layer's own when streamed (one layer at a time)."""
-    return "buckets-per-layer" if streamed else "buckets"
-
-
-def buckets_label(ratio: float) -> str:
-    """The name of ``--preset best-oneshot-params``' candidate that spends the budget on channels with per-expert widths
-    in width buckets (:func:`~moe_fx.plan.channel_allocate.bucket_channels`)."""
-    return f"{split_label((0.0, ratio))}, widths in buckets"
+def bucket_candidates(ratio: float, streamed: bool) -> dict[str, str]:
+    """``--preset best-oneshot-params``' candidates that spend the budget ``ratio`` on channels with per-expert widths
+    in width buckets, by name, with their allocation: the model's global ranking and each layer's own budget in memory
+    (each was the better one at one budget on qwen3moe-bench), each layer's own when streamed (one layer at a time)."""
+    label = f"{split_label((0.0, ratio))}, widths in buckets"
+    per_layer = {f"{label} per layer": "buckets-per-layer"}
+    return per_layer if streamed else {label: "buckets", **per_layer}
