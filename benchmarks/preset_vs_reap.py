@@ -35,7 +35,7 @@ RECIPES = {
     # the preset's two ends: its compensation sample, all of the budget as experts or as channels
     "reap+comp65k": ["--method", "reap", "--compensate", "--compensate-samples", "65536"],
     "obs-channels+comp65k": ["--granularity", "channel", "--method", "obs", "--compensate", "--compensate-samples", "65536"],
-    # channels alone with per-expert widths, at most 4 a layer, stored in width buckets (the preset's fourth candidate in memory)
+    # channels alone with per-expert widths, at most 4 a layer, stored in width buckets (one of the preset's candidates in memory)
     "obs-buckets+comp65k": ["--granularity", "channel", "--method", "obs", "--allocation", "buckets", "--compensate", "--compensate-samples", "65536"],
     # the same with each layer removing its own share (what the streamed preset's fourth candidate plans), in memory
     "obs-buckets-per-layer+comp65k": ["--granularity", "channel", "--method", "obs", "--allocation", "buckets-per-layer", "--compensate",

@@ -120,14 +120,16 @@ def load_model(path: str | Path, *, dtype: str = "auto", device: str = "cpu", ex
 def stored_in_buckets(path: str | Path) -> bool:
     """Whether a checkpoint stores experts in width buckets (:mod:`moe_fx.formats.ragged`): its weights are not the
     padded experts' tensors that streaming and quantizing read shard by shard."""
-    return any(block.get("buckets") for block in stored_layout(path)["blocks"].values())
+    return bool(stored_buckets(path))
 
 
-def stored_layout(path: str | Path) -> dict:
-    """The ``moe_fx_layout`` of a checkpoint's config (``{"blocks": {}}`` for a stock one)."""
+def stored_buckets(path: str | Path) -> dict[str, dict]:
+    """Per block path, the ``moe_fx_layout`` entry of each block a checkpoint stores in width buckets (none for a
+    stock one)."""
     from moe_fx.model.per_layer import LAYOUT_KEY
 
-    return json.loads((Path(path) / "config.json").read_text()).get(LAYOUT_KEY) or {"blocks": {}}
+    layout = json.loads((Path(path) / "config.json").read_text()).get(LAYOUT_KEY) or {"blocks": {}}
+    return {p: block for p, block in layout["blocks"].items() if block.get("buckets")}
 
 
 def stored_scheme(path: Path) -> str | None:

@@ -112,7 +112,7 @@ PRESETS: dict[str, Preset] = {
         measured="the budget as obs channels (one width, or per-expert widths in buckets ranked across the model or per layer), "
                  "about half as REAP experts, or all as experts, + compensation, the split with the lowest held-out NLL kept: 0.44x / "
                  "0.35x REAP's loss at --ratio 0.25 / 0.5 on qwen3moe-bench (widths in buckets kept)",
-        streamed_measured="the same but the buckets ranked across the model (four splits), each streamed to its own output on the pruned "
+        streamed_measured="the same but for the buckets ranked across the model (four splits), each streamed to its own output on the pruned "
                           "layers' outputs and measured there, the lowest held-out NLL kept: 0.46x / 0.35x REAP's loss at --ratio 0.25 / 0.5 "
                           "on qwen3moe-bench (widths in buckets kept)",
         defaults=_COMPENSATE,

@@ -51,7 +51,7 @@ from moe_fx.evaluate.report import write_report
 from moe_fx.formats import mxfp4
 from moe_fx.formats.checkpoint import check_expert_storage, check_output_path, source_mxfp4, write_companions
 from moe_fx.formats.lazy import LazyCheckpoint, meta_model, revert_to_checkpoint_names
-from moe_fx.formats.loading import stored_layout
+from moe_fx.formats.loading import stored_buckets
 from moe_fx.formats.partial import PartialCheckpoint
 from moe_fx.formats.ragged import held_in_buckets, pad_block_, plan_storage, record_buckets, storage_summary
 from moe_fx.model.attention import calibration_attention
@@ -161,7 +161,7 @@ class _StreamRun:
         self.mxfp4 = source_mxfp4(source) is not None
         """The source's experts are MXFP4: each layer is dequantized when read and written back in MXFP4."""
         self.mxfp4_errors: dict[str, float] = {}
-        self.bucketed = {p: b for p, b in stored_layout(source)["blocks"].items() if b.get("buckets")}
+        self.bucketed = stored_buckets(source)
         """The source's blocks stored in width buckets (their ``moe_fx_layout`` entries)."""
 
     def embed(self, groups: Sequence[torch.Tensor], batch_size: int) -> None:
