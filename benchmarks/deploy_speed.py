@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import json
 import platform
@@ -57,6 +58,7 @@ from moe_fx.model.tensors import get_tensor
 from moe_fx.passes import DropExperts, PruneChannels
 from moe_fx.plan.plans import ChannelPlan
 from moe_fx.rewrite.quantize_experts import quantize_experts_
+from moe_fx.rewrite.substitute_experts import hold_novices
 
 SYNTHETIC = "qwen3-30b-shapes"
 QWEN3_30B_A3B = {
@@ -135,9 +137,11 @@ def parse_variant(name: str) -> tuple[str, float, str | None]:
         raise SystemExit(f"unknown quantization scheme {scheme!r} in variant {name!r}: use one of {', '.join(SCHEMES)}")
     if prune == "unpruned":
         return "unpruned", 0.0, scheme or None
-    m = re.fullmatch(r"(experts|channels)-(\d+(?:\.\d+)?)%", prune)
+    m = re.fullmatch(r"(experts|channels|mone)-(\d+(?:\.\d+)?)%", prune)
     if not m:
-        raise SystemExit(f"unknown variant {name!r}: use unpruned, experts-<N>%, channels-<N>%, a scheme or PRUNE+SCHEME")
+        raise SystemExit(f"unknown variant {name!r}: use unpruned, experts-<N>%, channels-<N>%, mone-<N>%, a scheme or PRUNE+SCHEME")
+    if m.group(1) == "mone" and scheme:
+        raise SystemExit(f"variant {name!r}: experts substituted by constants are not quantized (moe-fx refuses it)")
     return m.group(1), float(m.group(2)) / 100, scheme or None
 
 
@@ -148,10 +152,15 @@ def make_variant(base: torch.nn.Module, name: str, seed: int) -> torch.nn.Module
     model = copy.deepcopy(base)
     spec = state_of(model).spec
     g = torch.Generator().manual_seed(seed)
-    if kind == "experts":
+    if kind in ("experts", "mone"):
         plan = PrunePlan({b.path: sorted(torch.randperm(b.num_experts, generator=g)[: b.num_experts - round(b.num_experts * ratio)].tolist())
                           for b in spec.blocks})
-        DropExperts(plan=plan)(model)
+        if kind == "experts":
+            DropExperts(plan=plan)(model)
+        else:  # the same experts substituted by constants (small random ones: speed only, nothing calibrated)
+            blocks = [hold_novices(model, b, plan.kept_experts[b.path], 0.01 * torch.randn(b.num_experts, b.experts.hidden_size, generator=g))
+                      for b in spec.blocks]
+            state_of(model).spec = dataclasses.replace(spec, blocks=tuple(blocks))
     elif kind == "channels":
         kept = {}
         for b in spec.blocks:
@@ -366,6 +375,8 @@ def measure_decode(row: Row, acc: dict, args, vocab: int) -> None:
 def count_hits(counts: list[int], num_experts: int, module, args, kwargs) -> None:
     """Forward pre-hook of an experts module: the distinct experts its call runs."""
     idx = args[1] if len(args) > 1 else next(kwargs[k] for k in ("top_k_index", "router_indices", "selected_experts") if k in kwargs)
+    if hasattr(module, "held_slots"):  # substituted experts: the held slots the call runs (a substituted pair at weight 0)
+        idx = module.held_slots(idx)[0]
     counts.append(int(torch.unique(idx[idx < num_experts]).numel()))
 
 

@@ -10,7 +10,8 @@ Recipes (``--recipes``): ``reap50`` (REAP, half the experts of every layer), ``r
 compensation), ``obs-channels50-comp`` (half of every expert's channels by ``obs``, then compensation),
 ``obs-buckets50-comp`` (half of each layer's channels by ``obs`` with per-expert widths, written in width buckets) and
 ``preset-params50`` / ``preset-params50-seq`` (``--preset best-oneshot-params --ratio 0.5`` without / with
-``--sequential``: experts and channels, the best recipe that streams at 50% of the routed parameters). Calibration: ``--sequences`` x ``--seq-len`` tokens (256 x 2048).
+``--sequential``: experts and channels, the best recipe that streams at 50% of the routed parameters) and
+``mone50-comp`` (half the experts substituted by constants, MoNE, with the refit). Calibration: ``--sequences`` x ``--seq-len`` tokens (256 x 2048).
 Each prune runs as a subprocess, as a user would run it; its peak CPU memory is the child's maximum RSS, its
 per-layer seconds and peak GPU memory come from the ``streaming`` entry of the output's ``moe_fx.json``. The
 source and every output are deleted when measured (``--keep`` keeps them), so the disk holds one source and one
@@ -40,6 +41,7 @@ RECIPES = {
     "obs-buckets50-comp": ["--granularity", "channel", "--method", "obs", "--allocation", "buckets-per-layer", "--ratio", "0.5", "--compensate"],
     "preset-params50": ["--preset", "best-oneshot-params", "--ratio", "0.5", "--no-sequential"],
     "preset-params50-seq": ["--preset", "best-oneshot-params", "--ratio", "0.5", "--sequential"],
+    "mone50-comp": ["--method", "mone", "--ratio", "0.5", "--compensate"],
 }
 GIB = 2**30
 
@@ -80,25 +82,36 @@ def reload_and_decode(out: Path, device: str, steps: int) -> dict:
     """Stock ``from_pretrained`` of the pruned output, a forward's logits checked finite, then ``moe_fx.compile``d
     greedy decode with a static cache (CUDA graphs on a GPU) at batch 1: tokens per second after compiling. An output
     stored in width buckets loads through its shipped code (``trust_remote_code``, without moe-fx) and is compared with
-    the same checkpoint loaded padded (``moe_fx.load(..., ragged=False)``), which is what is compiled."""
+    the same checkpoint loaded padded (``moe_fx.load(..., ragged=False)``), which is what is compiled. One with experts
+    substituted by constants (MoNE) loads through its shipped code too, is compared with ``moe_fx.load`` and is
+    compiled as loaded (it has no padded form)."""
     from transformers import AutoModelForCausalLM
 
     import moe_fx
     from moe_fx.formats.loading import stored_in_buckets
+    from moe_fx.model.per_layer import LAYOUT_KEY
 
     bucketed = stored_in_buckets(out)
+    layout = json.loads((out / "config.json").read_text()).get(LAYOUT_KEY) or {"blocks": {}}
+    substituted = any("novices" in b for b in layout["blocks"].values())
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16, device_map=device, trust_remote_code=bucketed).eval()
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16, device_map=device, trust_remote_code=bucketed or substituted).eval()
     load_seconds = time.perf_counter() - t0
     ids = torch.randint(3, 8000, (1, 64), device=device, generator=torch.Generator(device).manual_seed(0))
     logits = model(ids).logits
     result = {"reload_ok": bool(torch.isfinite(logits).all()), "reload_seconds": round(load_seconds, 1), "bucketed": bucketed}
-    if bucketed:
+    if substituted:
+        own = moe_fx.load(out, dtype="bfloat16", device=device).eval()
+        result["substituted_remote_vs_moe_fx_load_max_abs_logit_diff"] = round(float((own(ids).logits - logits).abs().max()), 4)
+        del own
+    elif bucketed:
         padded = moe_fx.load(out, dtype="bfloat16", device=device, ragged=False, experts_implementation=None).eval()
         result["bucketed_vs_padded_max_abs_logit_diff"] = round(float((padded(ids).logits - logits).abs().max()), 4)
         del model
         model = padded
-    result["experts_per_layer"] = sorted({b.num_experts for b in moe_fx.state_of(model).spec.blocks})
+    # held experts per layer, from the config (a substituted model is not traced)
+    held = {shape[0] for b in layout["blocks"].values() for n, shape in b["shapes"].items() if n.endswith("experts.down_proj")}
+    result["experts_per_layer"] = sorted(held) if substituted else sorted({b.num_experts for b in moe_fx.state_of(model).spec.blocks})
     if steps == 0:
         return result
     try:

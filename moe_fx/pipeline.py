@@ -53,6 +53,10 @@ class MoEState:
     """The last :class:`~moe_fx.plan.ChannelPlan` applied (channel ids of the experts it saw)."""
     masked: bool = False
     """Channels were zeroed in place (``PruneChannels(mask_only=True)``, a debug mode): never saved."""
+    substituted: bool = False
+    """Experts were replaced by constants held beside a smaller experts module
+    (:class:`~moe_fx.passes.SubstituteExperts`): the router routes to more experts than the module holds, which no
+    other pass rewrites, so none may run after it."""
     layout_deferred: bool = False
     """Rewrites leave ``model.config`` alone: a streaming run (:mod:`moe_fx.run.streaming`) rewrites one layer at a
     time and makes the config describe all layers once they are all done."""
@@ -188,6 +192,9 @@ class Pipeline:
         for p in self.passes:
             t0 = time.perf_counter()
             try:
+                if state.substituted:
+                    raise PassOrderError(f"{p.name} cannot run after substitute_experts: the substituted blocks' routers route to "
+                                         "constants beside their experts, which no other pass rewrites; substitute experts last")
                 p.requires(state)
                 result = p.run(model, state)
                 if self.check is not None:

@@ -1,15 +1,11 @@
-"""The quality benchmark scripts run end to end on the trained micro model (tiny budgets, CPU), and the expert
-substitution they measure (MoNE) rewrites exactly what it claims to."""
+"""The quality benchmark scripts run end to end on the trained micro model (tiny budgets, CPU)."""
 
 from __future__ import annotations
 
-import copy
 import json
 import subprocess
 import sys
 from pathlib import Path
-
-import torch
 
 from moe_fx import state_of
 from moe_fx.formats.loading import load_model
@@ -40,34 +36,6 @@ def test_expert_substitution_script_runs(micro_path, calib_path, tmp_path) -> No
     rows = result["rows"]
     assert len(rows) == 6 and {r["rewrite"] for r in rows} == {"drop (re-route)", "substitute (MoNE)"}
     assert all(r["delta_nll"] == r["delta_nll"] for r in rows)  # finite, not NaN
-
-
-def test_substitution_replaces_exactly_the_pruned_experts_outputs(micro_path) -> None:
-    """With the hooks, a token's block output is the original minus ``w * expert(x)`` plus ``w * c`` for each of
-    its slots routed to a pruned expert; nothing pruned is bit-identical."""
-    sys.path.insert(0, str(BENCH))
-    from expert_substitution import substitute
-
-    base = load_model(micro_path, dtype="float32")
-    block = state_of(base).spec.blocks[0]
-    experts = base.get_submodule(block.experts.path)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(6, block.experts.hidden_size, generator=g)
-    idx = torch.stack([torch.randperm(block.num_experts, generator=g)[: block.top_k] for _ in range(6)])
-    w = torch.rand(6, block.top_k, generator=g)
-    c = torch.randn(block.num_experts, block.experts.hidden_size, generator=g, dtype=torch.float64)
-    with torch.no_grad():
-        reference = experts(x, idx, w)
-        untouched = copy.deepcopy(base)
-        substitute(untouched, block, [], c)
-        assert torch.equal(untouched.get_submodule(block.experts.path)(x, idx, w), reference)
-        pruned = [int(idx[0, 0]), int(idx[1, 1])]
-        substitute(base, block, pruned, c)
-        out = experts(x, idx, w)
-        mask = torch.isin(idx, torch.tensor(pruned))
-        kept_only = experts.__class__.forward(experts, x, idx, w.masked_fill(mask, 0))  # no hooks: the kept slots alone
-        expected = kept_only + (w.masked_fill(~mask, 0)[..., None] * c.float()[idx]).sum(1)
-    assert torch.allclose(out, expected, atol=1e-5) and not torch.allclose(out, reference, atol=1e-3)
 
 
 def test_train_tiny_moe_tokenizes_trains_and_saves_a_loadable_model(calib_path, tmp_path, monkeypatch) -> None:

@@ -61,10 +61,14 @@ RECIPES: dict[str, str] = {
     "compiled-calibration": "--method reap --ratio 0.25 --compiled-calibration",
     "preset-best-oneshot-params": "--preset best-oneshot-params --ratio 0.5 --stream off",
     "stream-preset-best-oneshot-params": "--preset best-oneshot-params --ratio 0.5 --stream on",  # with --sequential
+    "mone": "--method mone --ratio 0.25",
+    "mone-compensate": "--method mone --ratio 0.25 --compensate",
+    "stream-mone-compensate": "--method mone --ratio 0.25 --compensate --stream on",
 }
 """Recipe name -> ``moe-fx prune`` options (the data options are added by :func:`_argv`)."""
 
-STREAMED_EQUIVALENT = {"stream-reap": "reap", "stream-reap-compensate": "reap-compensate", "stream-experts-then-obs": "experts-then-obs"}
+STREAMED_EQUIVALENT = {"stream-reap": "reap", "stream-reap-compensate": "reap-compensate", "stream-experts-then-obs": "experts-then-obs",
+                       "stream-mone-compensate": "mone-compensate"}
 """Streamed recipes and the in-memory recipe whose checkpoint they must reproduce."""
 
 SEQUENTIAL = {"stream-preset-best-oneshot-params"}
@@ -80,9 +84,10 @@ REFUSED: dict[tuple[str, str], str] = {
 
 FAST = [(FAMILIES[i % len(FAMILIES)], recipe) for i, recipe in enumerate(RECIPES)] + [
     (f, r) for (f, r) in REFUSED
-] + [("gpt_oss", "reap-compensate-distill"), ("deepseek_v3", "reap-compensate"), ("qwen2_moe", "experts-then-channels")]
+] + [("gpt_oss", "reap-compensate-distill"), ("deepseek_v3", "reap-compensate"), ("qwen2_moe", "experts-then-channels"), ("qwen2_moe", "mone")]
 """The cells the default suite runs: each recipe on one family (rotating), the refusals, and the combinations
-that failed before (GPT-OSS and group-limited compensation, shared experts with channels)."""
+that failed before (GPT-OSS and group-limited compensation, shared experts with channels), and MoNE's constants held
+beside the experts (the rotation gives it GPT-OSS, where they fold into the stock format)."""
 
 PROBE = torch.randint(3, 8000, (2, 12), generator=torch.Generator().manual_seed(0))
 """Token ids the in-memory and reloaded models are compared on."""
@@ -113,8 +118,9 @@ def _reloaded_model(out: Path, ragged: bool = False):
 
     import moe_fx
 
-    if LAYOUT_KEY in json.loads((out / "config.json").read_text()):
-        return moe_fx.load(out, ragged=ragged)
+    layout = json.loads((out / "config.json").read_text()).get(LAYOUT_KEY)
+    if layout:  # substituted experts (MoNE) have no padded form: held as in memory
+        return moe_fx.load(out, ragged=ragged or any("novices" in b for b in layout["blocks"].values()))
     model = auto_class(AutoConfig.from_pretrained(out)).from_pretrained(out).eval()
     set_implementation(model, DEFAULT_IMPLEMENTATION)
     return model

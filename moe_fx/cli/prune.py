@@ -44,7 +44,8 @@ def add_parser(sub) -> None:
                    help="expert: drop whole experts; channel: remove intermediate channels inside the experts (default expert)")
     p.add_argument("--method", help="expert scoring: reap (default), shape, naee, frequency, random; or eep (evolutionary search "
                    "warm-started from --eep-warm-start); a merge- prefix (merge-reap) is the same as --merge; ream: REAP's "
-                   "choice, each dropped expert averaged into a group around a salient kept one (REAM, arXiv 2604.04356). "
+                   "choice, each dropped expert averaged into a group around a salient kept one (REAM, arXiv 2604.04356); mone: the experts of "
+                   "least substitution error replaced by their mean output, the router kept whole (MoNE, arXiv 2507.00390). "
                    "channel scoring (--granularity channel): fisher (default in memory), heapr, obs (default streamed: gradient-free), coverage, activation, weight")
     p.add_argument("--preset", choices=tuple(PRESETS),
                    help="the measured best recipe, instead of choosing --method/--allocation/--compensate/--distill-steps: best-oneshot "
@@ -425,7 +426,7 @@ def run(args) -> int:
     from moe_fx.plan.channel_allocate import uniform_widths
     from moe_fx.plan.eep import EvolutionarySearch
     from moe_fx.rewrite.prune_channels import routed_parameters
-    from moe_fx.run.recipe import bucket_candidates, observers_for, parse_method, prune_passes, split_label, split_passes
+    from moe_fx.run.recipe import SUBSTITUTE, bucket_candidates, observers_for, parse_method, prune_passes, split_label, split_passes
     from moe_fx.run.streaming import stream_evaluate, stream_prune
     from moe_fx.score import get_scorer
 
@@ -456,7 +457,7 @@ def run(args) -> int:
         check_before_pruning(source, args.quantize, width_multiple=args.multiple if channels else None, targets=args.quantize_targets)
     asked = args.method or (("obs" if stream else "fisher") if channels else "reap")  # Fisher needs the whole model's gradient
     args.method, merge = parse_method(asked)
-    args.merge = merge or ("nearest" if args.merge else None)
+    args.merge_flag, args.merge = args.merge, merge or ("nearest" if args.merge else None)
     search = args.method == "eep"
     scorer = get_scorer(args.eep_warm_start if search else args.method, seed=args.seed)
     expert_scorer = get_scorer(args.expert_method, seed=args.seed) if channels and (args.expert_ratio or splits) else None
@@ -472,7 +473,7 @@ def run(args) -> int:
     needs_data = scorer.needs or (expert_scorer and expert_scorer.needs)
     needs_windows = needs_data or search or splits or args.merge or args.compensate or args.distill_steps
     if needs_windows and not args.calib:
-        raise MoeFxError(f"--method {asked}{' --merge' if args.merge and asked == args.method else ''}{' --compensate' if args.compensate else ''}"
+        raise MoeFxError(f"--method {asked}{' --merge' if args.merge_flag else ''}{' --compensate' if args.compensate else ''}"
                          f"{' --distill-steps' if args.distill_steps else ''} needs calibration data: pass --calib FILE")
     if args.distill_steps < 0 or (args.distill_lr is not None and not args.distill_lr > 0) or args.distill_top_k < 1 or args.distill_rank < 1 or (
             args.distill_batch_size is not None and args.distill_batch_size < 1):
@@ -480,6 +481,9 @@ def run(args) -> int:
                          f"{args.distill_steps}, {args.distill_lr}, {args.distill_top_k}, {args.distill_rank} and {args.distill_batch_size}")
     if args.calib_tokens < 1 or args.seq_len < 2:
         raise MoeFxError("--calib-tokens must be positive and --seq-len at least 2")
+    if args.merge == SUBSTITUTE and (args.distill_steps or args.quantize or args.merge_flag):
+        raise MoeFxError("--method mone writes the final model (its routers route to constants the experts module does not hold): "
+                         f"drop {'--distill-steps' if args.distill_steps else '--quantize' if args.quantize else '--merge'}")
     if stream and search:
         raise MoeFxError("--method eep searches over the whole model at once; it cannot stream layer by layer (use --stream off on a device that holds the model)")
     if stream and args.distill_steps and args.distill_teacher != "cached":
@@ -674,6 +678,17 @@ def run(args) -> int:
         print(f"stored in width buckets: {buckets['routed_params_stored']:,} routed-expert parameters "
               f"({buckets['routed_params_stored'] / routed_source - 1:+.1%}), at most {max(map(len, buckets['buckets'].values()))} "
               "widths per layer; load with moe_fx.load or from_pretrained(..., trust_remote_code=True)")
+    substituted = state.report_of("substitute_experts", modified_only=True)
+    if substituted:
+        how = [f"{substituted['novice_blocks']} layers hold them beside their kept experts (load with moe_fx.load or "
+               "from_pretrained(..., trust_remote_code=True))" if substituted["novice_blocks"] else "",
+               f"{substituted['folded_blocks']} layers as zero-weight experts with the constant as down bias (the stock format)"
+               if substituted["folded_blocks"] else ""]
+        print(f"substituted by constants (MoNE): {substituted['substituted']} experts, routers kept whole; " + "; ".join(h for h in how if h))
+        if substituted["refit"]:
+            errors = [(r["error_before"], r["error_after"]) for r in substituted["refit"].values()]
+            print(f"refit of the kept experts and the constants: block output error on the calibration sample "
+                  f"{sum(b for b, _ in errors) / len(errors):.4f} -> {sum(a for _, a in errors) / len(errors):.4f} (relative, mean over blocks)")
     compensated = state.report_of("compensate_experts")
     if compensated and compensated["mean_error_before"] is not None:  # None: no block had sampled tokens
         print(f"compensation: block output error on the calibration sample {compensated['mean_error_before']:.4f} -> "

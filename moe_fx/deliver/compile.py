@@ -12,6 +12,7 @@ from moe_fx.errors import BadOptionError, NotMoEError
 from moe_fx.kernels.implementation import DEFAULT_IMPLEMENTATION, current, set_implementation
 from moe_fx.kernels.prescaled import restore_prescaled_blocks, route_prescaled_blocks
 from moe_fx.kernels.topk import replace_topk
+from moe_fx.model.trace import substituted
 from moe_fx.pipeline import state_of
 
 
@@ -64,7 +65,8 @@ def compile_model(model: nn.Module, *, experts_implementation: str | None = None
     if current(model) is not None:
         set_implementation(model, name)
     try:
-        spec = state_of(model).spec
+        # experts substituted by constants (routed experts only, which trace refuses to rewrite) need no block changed
+        spec = None if substituted(model) else state_of(model).spec
     except NotMoEError:  # a dense model compiles as it is
         spec = None
     prescaled = [b.path for b in spec.blocks if b.experts.call_style == "dense_prescaled"] if spec is not None else []

@@ -89,6 +89,7 @@ def load_model(path: str | Path, *, dtype: str = "auto", device: str = "cpu", ex
     is recomputed bit for bit, and every other dequantized value rounds back to its code."""
     from moe_fx.formats.ragged import pad_buckets_
     from moe_fx.kernels.quantized import check_scheme
+    from moe_fx.model.trace import refuse_substituted
     from moe_fx.rewrite.quantize_experts import quantize_experts_
 
     p = check_model_dir(path)
@@ -109,6 +110,7 @@ def load_model(path: str | Path, *, dtype: str = "auto", device: str = "cpu", ex
         # dtype beside dequantized ones in the one asked for: a float32 checkpoint with FP8 attention would not run
         model = model.to(parse_dtype(dtype))
     if not ragged:
+        refuse_substituted(model)  # no padded form: the constants sit beside fewer experts than the router routes to
         pad_buckets_(model)
     if experts_implementation is not None and current(model) is not None:
         set_implementation(model, experts_implementation)

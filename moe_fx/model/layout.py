@@ -18,19 +18,23 @@ import torch
 from torch import nn
 
 from moe_fx.errors import UnsupportedFamilyError
-from moe_fx.model.per_layer import LAYOUT_KEY, per_layer_class
+from moe_fx.model.per_layer import LAYOUT_KEY, NoviceExperts, per_layer_class
 from moe_fx.model.spec import MoEModelSpec
 from moe_fx.model.tensors import get_config_key, get_tensor, set_config_key
 
 
 def layout_of(model: nn.Module, spec: MoEModelSpec) -> dict:
-    """The ``moe_fx_layout`` record: per block, the shape of every per-expert tensor and the value of every
-    expert-count and width attribute."""
+    """The ``moe_fx_layout`` record: per block, the shape of every per-expert tensor, the value of every
+    expert-count and width attribute, and (substituted experts) the ``novices`` the experts module holds."""
     blocks = {}
     for b in spec.blocks:
         attrs = dict.fromkeys(b.router.count_attrs + b.count_attrs, b.num_experts)
         attrs.update(dict.fromkeys(b.experts.width_attrs, b.experts.intermediate_size))
         blocks[b.path] = {"shapes": {n: list(get_tensor(model, n).shape) for n in b.per_expert_tensors}, "attrs": attrs}
+        experts = model.get_submodule(b.experts.path)
+        if isinstance(experts, NoviceExperts):  # the router (and the block) still count every expert: the model's values
+            blocks[b.path]["attrs"] = {ref: int(getattr(model.get_submodule(ref.partition(":")[0]), ref.partition(":")[2])) for ref in attrs}
+            blocks[b.path]["novices"] = {"module": b.experts.path, "experts": len(experts.novice_slot), "hidden": experts.novices.shape[1]}
     return {"blocks": blocks}
 
 
@@ -60,7 +64,7 @@ def record_layout(model: nn.Module, spec: MoEModelSpec) -> bool:
         set_config_key(config, ref, max(b.experts.intermediate_size for b in spec.blocks))
     if hasattr(config, LAYOUT_KEY):
         delattr(config, LAYOUT_KEY)
-    if not shape_mismatches(model, base, config):
+    if not shape_mismatches(model, base, config) and not any(isinstance(m, NoviceExperts) for m in model.modules()):
         return True
     for ref, value in widths.items():
         set_config_key(config, ref, value)

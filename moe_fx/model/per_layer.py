@@ -6,6 +6,10 @@ tensor that carries one slice per expert and the value of every module attribute
 width. The class made by :func:`per_layer_class` builds the stock model and then gives those tensors the
 recorded shapes, so ``from_pretrained`` loads the smaller weights into matching shapes.
 
+A block whose pruned experts were *substituted* (MoNE: each replaced by a constant vector, its mean output) keeps
+its router whole and its experts module only the kept experts: the block's ``novices`` record makes that module a
+:class:`NoviceExperts`, whose buffers map each router expert to its kept slot or to its constant.
+
 Experts of different widths within one block (per-expert channel allocations) are held in *buckets*: a block's
 ``buckets`` record lists groups of experts, each stored at one width by a copy of the family's own experts module
 (so every experts implementation runs it), and :class:`BucketedExperts` routes each (token, slot) pair to its
@@ -39,6 +43,9 @@ def apply_layout(model: nn.Module, layout: dict) -> None:
             setattr(model.get_submodule(mod_path), attr, int(value))
         if block.get("buckets"):
             build_buckets(model, block["buckets"])
+        if block.get("novices"):
+            record = block["novices"]
+            make_novices(model.get_submodule(record["module"]), int(record["experts"]), int(record["hidden"]))
 
 
 def build_buckets(model: nn.Module, record: dict) -> None:
@@ -121,6 +128,58 @@ class BucketedExperts(nn.Module):
             # one slot per row, weighted by the expert call itself, added per token as transformers' kernels add
             out.index_add_(0, token[part], experts(rows[part], ids[part], weights[part]).to(out.dtype))
         return out
+
+
+class NoviceExperts(nn.Module):
+    """Mixed into a family's experts class (:func:`novice_class`): the experts module of a block whose router still
+    routes to ``E`` experts while the module holds only the kept ones.
+
+    ``novice_slot [E]``: each router expert's slot among the held experts, -1 for a substituted one;
+    ``novices [E, H]``: the constant output of each substituted expert (zero rows for the held ones). A (token,
+    slot) pair routed to a substituted expert adds ``weight * novices[e]`` instead of running an expert. Its pair
+    still goes through the family's own experts call, at weight 0, so every experts implementation serves the held
+    experts unchanged and shapes stay static (the model compiles with ``fullgraph``). It runs one of its token's own
+    held experts (the lowest held slot; slot 0 when all its slots are substituted): an expert the call reads anyway,
+    and with the pairs spread over experts as the routing spreads them. All of them on one slot made that expert the
+    largest group of a batch's grouped GEMM (a 64-token decode step was no faster than the unpruned model's).
+    """
+
+    novice_slot: torch.Tensor
+    novices: torch.Tensor
+
+    def held_slots(self, top_k_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(runs, held)`` for router ids ``[T, k]``: the held slot each pair runs, and whether it is its own expert."""
+        slot = self.novice_slot[top_k_index]
+        held = slot >= 0
+        own = torch.where(held, slot, len(self.novice_slot)).amin(-1, keepdim=True)  # the token's lowest held slot
+        return torch.where(held, slot, torch.where(own < len(self.novice_slot), own, 0)), held
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        runs, held = self.held_slots(top_k_index)
+        out = super().forward(hidden_states, runs, top_k_weights * held)
+        novice = (top_k_weights.unsqueeze(-1) * self.novices[top_k_index].to(top_k_weights.dtype)).sum(1)
+        return out + novice.to(out.dtype)
+
+
+_NOVICE_CLASSES: dict[type, type] = {}
+
+
+def novice_class(base: type) -> type:
+    """``base`` (a family's experts class) with :class:`NoviceExperts`' forward first; one class per base."""
+    if base not in _NOVICE_CLASSES:
+        _NOVICE_CLASSES[base] = type(f"Novice{base.__name__}", (NoviceExperts, base), {"__module__": __name__})
+    return _NOVICE_CLASSES[base]
+
+
+def make_novices(experts: nn.Module, num_experts: int, hidden: int) -> None:
+    """Make ``experts`` a :class:`NoviceExperts` routed from ``num_experts`` router experts, with uninitialised
+    ``novice_slot`` / ``novices`` buffers (on the experts' device, ``novices`` in their dtype) that the caller or
+    the checkpoint fills."""
+    like = next(p for p in experts.parameters() if p.is_floating_point())
+    if not isinstance(experts, NoviceExperts):  # a streamed prune's layer module already is one
+        experts.__class__ = novice_class(type(experts))
+    experts.register_buffer("novice_slot", torch.empty(num_experts, dtype=torch.long, device=like.device))
+    experts.register_buffer("novices", torch.empty(num_experts, hidden, dtype=like.dtype, device=like.device))
 
 
 def per_layer_class(base: type) -> type:

@@ -19,7 +19,7 @@ from moe_fx.model.adapters import COUNT_ATTRS, GENERIC, TOPK_KEYS, WIDTH_ATTRS, 
 from moe_fx.model.fx_check import infer_routing
 from moe_fx.model.modules import direct_tensors, expert_count, is_routed_experts
 from moe_fx.model.modules import tensors as named_tensors
-from moe_fx.model.per_layer import BucketedExperts
+from moe_fx.model.per_layer import BucketedExperts, NoviceExperts
 from moe_fx.model.spec import ExpertsSpec, MoEBlockSpec, MoEModelSpec, RouterSpec, SharedExpertSpec
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|decoder_layers)\.(\d+)(?:\.|$)")
@@ -229,6 +229,22 @@ def find_blocks(model: nn.Module, adapter: FamilyAdapter) -> list[tuple[str, nn.
     return found
 
 
+def substituted(model: nn.Module) -> bool:
+    """Whether some experts of ``model`` were substituted by constants (:class:`~moe_fx.model.per_layer.NoviceExperts`,
+    also the class a remote-code load defines)."""
+    return any(c.__name__ == NoviceExperts.__name__ for m in model.modules() for c in type(m).__mro__)
+
+
+def refuse_substituted(model: nn.Module) -> None:
+    """Raise :class:`UnsupportedFamilyError` for a :func:`substituted` model: its routers route to more experts than
+    its experts modules hold, and no pass, quantizer or exporter rewrites that."""
+    if substituted(model):
+        raise UnsupportedFamilyError(
+            f"{type(model).__name__}: some experts are substituted by constants (MoNE, --method mone), which moe-fx does not rewrite, "
+            "quantize, compile or export; run those on the source model (substitution comes last)"
+        )
+
+
 def trace(model: nn.Module) -> MoEModelSpec:
     """Describe every MoE block of ``model``.
 
@@ -240,6 +256,7 @@ def trace(model: nn.Module) -> MoEModelSpec:
             f"{type(model).__name__}: its experts are stored in width buckets (per-expert widths); moe-fx rewrites, quantizes and "
             "exports padded experts: load it with moe_fx.load(path, ragged=False), or prune with --expert-storage padded"
         )
+    refuse_substituted(model)
     config = model.config
     tconf = text_config(config)
     model_type = getattr(tconf, "model_type", None) or config.model_type

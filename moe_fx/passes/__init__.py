@@ -1,4 +1,4 @@
-"""The passes a build script composes: Calibrate -> [CacheTeacher] -> Score -> DropExperts (or MergeExperts) / PruneChannels -> CompensateExperts -> Distill -> QuantizeExperts;
+"""The passes a build script composes: Calibrate -> [CacheTeacher] -> Score -> DropExperts (or MergeExperts, SubstituteExperts) / PruneChannels -> CompensateExperts -> Distill -> QuantizeExperts;
 ChooseRecipe keeps the best of several such recipes."""
 
 from moe_fx.calibrate import Calibrate
@@ -10,6 +10,7 @@ from moe_fx.rewrite.drop_experts import DropExperts, drop_experts
 from moe_fx.rewrite.merge_experts import MergeExperts
 from moe_fx.rewrite.prune_channels import PruneChannels, prune_channels
 from moe_fx.rewrite.quantize_experts import QuantizeExperts, quantize_experts_
+from moe_fx.rewrite.substitute_experts import SubstituteExperts
 from moe_fx.rewrite.teacher_cache import CacheTeacher
 from moe_fx.score import SCORERS, Scorer, Scores, register_scorer
 from moe_fx.score.score_pass import Score
@@ -29,6 +30,7 @@ __all__ = [
     "Score",
     "Scorer",
     "Scores",
+    "SubstituteExperts",
     "drop_experts",
     "prune_channels",
     "quantize_experts_",

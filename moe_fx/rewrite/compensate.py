@@ -61,10 +61,15 @@ _CHECK_TOL = 2e-2
 
 @torch.no_grad()
 def compensate_block(
-    model: nn.Module, block: MoEBlockSpec, sample: dict[str, torch.Tensor], kept: torch.Tensor | None, *, ridge: float, sweeps: int
+    model: nn.Module, block: MoEBlockSpec, sample: dict[str, torch.Tensor], kept: torch.Tensor | None, *, ridge: float, sweeps: int,
+    constants: dict[int, torch.Tensor] | None = None,
 ) -> dict:
     """Refit the down projections of ``block``'s current experts (into a new tensor; see module doc); return the
-    relative reconstruction error of the sample before and after, and the tokens used."""
+    relative reconstruction error of the sample before and after, and the tokens used.
+
+    ``constants``: experts substituted by a constant output (:class:`~moe_fx.passes.SubstituteExperts`; the routing
+    is then the recorded one, ``kept`` None). Each stands in for its expert from the start, and the sweeps refit it
+    too, to the routing-weighted mean of its tokens' residual target; the dict is updated in place."""
     down = get_tensor(model, block.experts.down)
     # the refit writes into a copy: a tensor shared with another model (a view being measured) stays as it was
     set_tensor(model, block.experts.down, down.detach().clone())
@@ -87,10 +92,21 @@ def compensate_block(
         rows[e] = (t, ws, math.activations(e, xe))
         total[t] += ws * math.project(e, rows[e][2])
     _check_reconstruction(model, block, x, idx, w, total)
+    constants = {} if constants is None else constants
+    for e, c in constants.items():  # a substituted expert's constant stands in for its output from here on
+        if e in rows:
+            t, ws, a = rows[e]
+            total[t] += ws * (c - math.project(e, a))
+            rows[e] = (t, ws, None)
     norm = max(float((target**2).sum()), 1e-30)
     before = float(((total - target) ** 2).sum()) / norm
     for _ in range(sweeps):
         for e, (t, ws, a) in rows.items():
+            if a is None:
+                own = ws * constants[e]
+                constants[e] = (ws * (target[t] - (total[t] - own))).sum(0) / (ws**2).sum().clamp(min=1e-30)
+                total[t] += ws * constants[e] - own
+                continue
             b = math.down_bias(e, x)
             own = ws * math.project(e, a)
             Z = target[t] - (total[t] - own) - (0 if b is None else ws * b)

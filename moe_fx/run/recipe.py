@@ -6,30 +6,35 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from moe_fx.model.spec import MoEModelSpec
-from moe_fx.passes import Calibrate, CompensateExperts, DropExperts, MergeExperts, PruneChannels, Score
+from moe_fx.passes import Calibrate, CompensateExperts, DropExperts, MergeExperts, PruneChannels, Score, SubstituteExperts
 from moe_fx.pipeline import Pass
 from moe_fx.plan.allocate import experts_to_keep
 from moe_fx.score import Scorer
 
-MERGING_METHODS = {"ream": ("reap", "ream")}
-"""Methods that are a scorer plus a merge grouping (:class:`MergeExperts`): REAM groups REAP's dropped experts."""
+SUBSTITUTE = "substitute"
+"""The rewrite of :func:`parse_method` that replaces pruned experts by constants (:class:`SubstituteExperts`)."""
+
+REWRITING_METHODS = {"ream": ("reap", "ream"), "mone": ("mone", SUBSTITUTE)}
+"""Methods that are a scorer plus a rewrite other than dropping: REAM groups REAP's dropped experts (a
+:class:`MergeExperts` grouping); MoNE replaces the experts of least substitution error by constants."""
 
 
 def parse_method(name: str) -> tuple[str, str | None]:
-    """A method name -> (scorer name, merge grouping or None): ``merge-reap`` -> (``reap``, ``nearest``), ``ream``
-    -> (``reap``, ``ream``), ``reap`` -> (``reap``, None)."""
-    if name in MERGING_METHODS:
-        return MERGING_METHODS[name]
+    """A method name -> (scorer name, rewrite: a merge grouping, ``substitute`` or None to drop): ``merge-reap`` ->
+    (``reap``, ``nearest``), ``ream`` -> (``reap``, ``ream``), ``mone`` -> (``mone``, ``substitute``), ``reap`` ->
+    (``reap``, None)."""
+    if name in REWRITING_METHODS:
+        return REWRITING_METHODS[name]
     return (name.removeprefix("merge-"), "nearest") if name.startswith("merge-") else (name, None)
 
 
 def observers_for(scorers: Iterable[Scorer], *, merge: str | None = None, compensate: bool = False) -> tuple[str, ...]:
-    """Calibrate observers recording what the scorers, merging (``merge``: a :class:`MergeExperts` grouping, which
-    reads ``samples``; None: no merging) and compensation (``inputs``) read."""
+    """Calibrate observers recording what the scorers, merging (``merge``: a :class:`MergeExperts` grouping, which reads
+    ``samples``), substitution (``merge="substitute"``: ``inputs``) and compensation (``inputs``) read."""
     needed = list(Calibrate.observers)
     for s in scorers:
         needed += s.observers
-    needed += (["samples"] if merge else []) + (["inputs"] if compensate else [])
+    needed += (["inputs"] if merge == SUBSTITUTE else ["samples"] if merge else []) + (["inputs"] if compensate else [])
     return tuple(dict.fromkeys(needed))
 
 
@@ -47,7 +52,7 @@ def prune_passes(
     ridge: float = 1.0,
 ) -> list[Pass]:
     """Score, the rewrite of the scorer's granularity (drop or merge experts, or prune channels), then optional
-    compensation. ``merge``: None (drop) or a :class:`MergeExperts` grouping (``nearest``, ``ream``);
+    compensation. ``merge``: None (drop), a :class:`MergeExperts` grouping (``nearest``, ``ream``) or ``substitute``;
     ``allocation``: a name, or an allocation object such as an EEP search."""
     if scorer.granularity == "channel":
         passes: list[Pass] = [Score(scorer.name, seed=seed), PruneChannels(ratio=ratio, allocation=allocation, multiple=multiple)]
@@ -55,7 +60,13 @@ def prune_passes(
         options = None
         if scorer.name == "naee" and allocation == "uniform" and len({b.num_experts for b in spec.blocks}) == 1:
             options = {"keep": experts_to_keep(spec.blocks[0].num_experts, ratio, keep)}  # exhaustive when small
-        rewrite = MergeExperts(ratio=ratio, keep=keep, allocation=allocation, grouping=merge) if merge else DropExperts(ratio=ratio, keep=keep, allocation=allocation)
+        if merge == SUBSTITUTE:  # compensation is the substitution's own refit (no pass may follow it)
+            rewrite: Pass = SubstituteExperts(ratio=ratio, keep=keep, allocation=allocation, refit=compensate, ridge=ridge)
+            compensate = False
+        elif merge:
+            rewrite = MergeExperts(ratio=ratio, keep=keep, allocation=allocation, grouping=merge)
+        else:
+            rewrite = DropExperts(ratio=ratio, keep=keep, allocation=allocation)
         passes = [Score(scorer.name, seed=seed, options=options), rewrite]
     if compensate:
         passes.append(CompensateExperts(ridge=ridge))

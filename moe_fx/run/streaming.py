@@ -57,8 +57,9 @@ from moe_fx.formats.ragged import held_in_buckets, pad_block_, plan_storage, rec
 from moe_fx.model.attention import calibration_attention
 from moe_fx.model.layers import LayerCall, capture_layer_calls, decoder_layers, stand_in_output
 from moe_fx.model.layout import layout_of, record_layout
-from moe_fx.model.per_layer import apply_layout, build_buckets, per_layer_class
+from moe_fx.model.per_layer import LAYOUT_KEY, apply_layout, build_buckets, per_layer_class
 from moe_fx.model.spec import MoEModelSpec
+from moe_fx.model.trace import substituted, trace
 from moe_fx.pipeline import STATE_ATTR, MoEState, Pass, PassRecord, compose, state_of
 from moe_fx.plan.choose import ChooseRecipe
 from moe_fx.plan.plans import ChannelPlan, PrunePlan
@@ -550,17 +551,29 @@ def stream_prune(
     return summary
 
 
-def _open_meta(source: Path, ckpt: LazyCheckpoint, device: str, dtype: str, states: str = "cpu") -> _StreamRun:
+def _open_meta(source: Path, ckpt: LazyCheckpoint, device: str, dtype: str, states: str = "cpu", *, evaluate: bool = False) -> _StreamRun:
     """A meta model of the checkpoint with the tensors outside its layers loaded (on the CPU). Experts stored in width
-    buckets are held so, to be read as stored (:meth:`_StreamRun.pad_layer` pads a loaded layer's)."""
+    buckets are held so, to be read as stored (:meth:`_StreamRun.pad_layer` pads a loaded layer's). ``evaluate``: only
+    run (no pass reads the spec's blocks), so a checkpoint with substituted experts, which ``trace`` refuses, opens
+    with the layer structure of its stock model."""
     model = meta_model(source, dtype, device)  # padded: what the spec is traced from
     dt = next(model.parameters()).dtype
-    run = _StreamRun(source, ckpt, model, state_of(model).spec, device, dt, states)
+    spec = _stock_spec(model) if evaluate and substituted(model) else state_of(model).spec
+    run = _StreamRun(source, ckpt, model, spec, device, dt, states)
     for block in run.bucketed.values():
         build_buckets(model, block["buckets"])
     ckpt.load_into(model, run.rest_keys, device="cpu", dtype=dt)
     model.tie_weights()
     return run
+
+
+def _stock_spec(model: nn.Module) -> MoEModelSpec:
+    """The spec of the stock model ``model``'s config describes without its per-layer layout (built on meta): the
+    decoder layers and what they hand on, for a model whose own experts ``trace`` refuses."""
+    config = copy.deepcopy(model.config)
+    delattr(config, LAYOUT_KEY)
+    with torch.device("meta"):
+        return trace(getattr(type(model), "moe_fx_base", type(model))(config))
 
 
 def stream_evaluate(source: str | Path, eval_set: EvalSet, *, device: str = "cpu", dtype: str = "auto", batch_size: int = 8,
@@ -571,7 +584,7 @@ def stream_evaluate(source: str | Path, eval_set: EvalSet, *, device: str = "cpu
     final norm, head and loss are the model's."""
     source = Path(source)
     with LazyCheckpoint(source) as ckpt:
-        run = _open_meta(source, ckpt, device, dtype)
+        run = _open_meta(source, ckpt, device, dtype, evaluate=True)
         run.embed(list(eval_set.windows.values()), batch_size)  # batched per domain, as evaluate_nll does
         with progress_bar("stream eval", total=len(run.layers), unit="layer", enabled=show_progress) as bar:
             for i in range(len(run.layers)):

@@ -5,7 +5,7 @@ the statistics it reads so a missing observer is reported before any work. New m
 package, imported below. :class:`~moe_fx.score.score_pass.Score` is the pass that runs one.
 """
 
-from moe_fx.score import channel, frequency, naee, obs, random, reap, shape  # noqa: F401  (registers the built-in scorers)
+from moe_fx.score import channel, frequency, naee, novice, obs, random, reap, shape  # noqa: F401  (registers the built-in scorers)
 from moe_fx.score.base import SCORERS, Scorer, Scores, get_scorer, register_scorer
 
 __all__ = ["SCORERS", "Scorer", "Scores", "get_scorer", "register_scorer"]
