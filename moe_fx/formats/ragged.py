@@ -41,7 +41,7 @@ def expert_widths(model: nn.Module, block: MoEBlockSpec) -> list[int] | None:
     tensors, _ = neuron_tensors(model, block.experts)
     experts = model.get_submodule(block.experts.path)
     up = tensors[0]
-    if not _zero_maps_to_zero(experts, up.index.shape[1], up.index.shape[0], get_tensor(model, up.name)):
+    if not experts_module.zero_maps_to_zero(experts, up.index.shape[1], up.index.shape[0], get_tensor(model, up.name)):
         return None
     used = None
     for nt in tensors:
@@ -52,15 +52,6 @@ def expert_widths(model: nn.Module, block: MoEBlockSpec) -> list[int] | None:
         used = nonzero if used is None else used | nonzero
     last = torch.arange(1, used.shape[1] + 1, device=used.device).mul(used).amax(-1)
     return [max(1, int(w)) for w in last]
-
-
-def _zero_maps_to_zero(experts: nn.Module, parts: int, width: int, like: torch.Tensor) -> bool:
-    """Whether the experts' gating of an all-zero projection output is zero (SwiGLU, GPT-OSS's clamped GLU, ReLU, GELU)."""
-    try:
-        out = experts_module.activate(experts, like.new_zeros(1, parts * width))
-    except (AttributeError, RuntimeError, TypeError):
-        return False
-    return bool(out.eq(0).all())
 
 
 def _neurons(nt: NeuronTensor) -> list:

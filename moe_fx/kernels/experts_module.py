@@ -57,6 +57,15 @@ def activate(experts: nn.Module, proj: torch.Tensor) -> torch.Tensor:
     return experts.act_fn(gate) * up
 
 
+def zero_maps_to_zero(experts: nn.Module, parts: int, width: int, like: torch.Tensor) -> bool:
+    """Whether the experts' gating of an all-zero projection output is zero (SwiGLU, GPT-OSS's clamped GLU, ReLU, GELU)."""
+    try:
+        out = activate(experts, like.new_zeros(1, parts * width))
+    except (AttributeError, RuntimeError, TypeError):
+        return False
+    return bool(out.eq(0).all())
+
+
 def post_norm(experts: nn.Module, out: torch.Tensor) -> torch.Tensor:
     """The per-expert output norm of the families that have one, before the routing weights apply."""
     return experts.post_expert_norm(out) if getattr(experts, "has_post_expert_norm", False) else out

@@ -53,11 +53,8 @@ def fold_target(model: nn.Module, block: MoEBlockSpec) -> str | None:
     if len(passive) != 1:
         return None
     up = get_tensor(model, block.experts.gate_up or block.experts.up)
-    try:
-        zero = experts_module.activate(experts, up.new_zeros(1, (2 if block.experts.gate_up else 1) * block.experts.intermediate_size))
-    except (AttributeError, RuntimeError, TypeError):
-        return None
-    return passive[0] if bool(zero.eq(0).all()) else None
+    parts = 2 if block.experts.gate_up else 1
+    return passive[0] if experts_module.zero_maps_to_zero(experts, parts, block.experts.intermediate_size, up) else None
 
 
 @torch.no_grad()
@@ -104,6 +101,13 @@ class SubstituteExperts(DropExperts):
     expert's input and a constant cannot stand in).
     """
 
+    refit: bool = False
+    """Refit the kept experts' down projections and the constants to the block's original output on the sample
+    (:func:`~moe_fx.rewrite.compensate.compensate_block` with the routing kept; ``--compensate``)."""
+    ridge: float = 1.0
+    sweeps: int = 2
+    name = "substitute_experts"
+
     def check_model(self, model: nn.Module, spec: MoEModelSpec) -> None:
         super().check_model(model, spec)
         for block in spec.blocks:
@@ -113,13 +117,6 @@ class SubstituteExperts(DropExperts):
             check_expert_math(model.get_submodule(block.experts.path), block.experts, linear_down=self.refit)
             if self.refit:
                 check_group_simulation(block.router)
-
-    refit: bool = False
-    """Refit the kept experts' down projections and the constants to the block's original output on the sample
-    (:func:`~moe_fx.rewrite.compensate.compensate_block` with the routing kept; ``--compensate``)."""
-    ridge: float = 1.0
-    sweeps: int = 2
-    name = "substitute_experts"
 
     def requires(self, state: MoEState) -> None:
         super().requires(state)
@@ -140,7 +137,7 @@ class SubstituteExperts(DropExperts):
                 blocks.append(block)
                 continue
             constants, _ = novice_fit(model, state.stats, block)
-            dropped = [e for e in range(block.num_experts) if e not in set(kept)]
+            dropped = sorted(set(range(block.num_experts)) - set(kept))
             substituted[block.path] = dropped
             if self.refit:
                 device = get_tensor(model, block.experts.down).device
