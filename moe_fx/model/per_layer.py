@@ -157,8 +157,9 @@ class NoviceExperts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         runs, held = self.held_slots(top_k_index)
         out = super().forward(hidden_states, runs, top_k_weights * held)
-        novice = (top_k_weights.unsqueeze(-1) * self.novices[top_k_index].to(top_k_weights.dtype)).sum(1)
-        return out + novice.to(out.dtype)
+        # sum_slots w * novices[e] as one [T, E] x [E, H] product (the held experts' rows are zero): no [T, k, H] gather
+        routed = top_k_weights.new_zeros(top_k_index.shape[0], len(self.novice_slot)).scatter_add_(1, top_k_index, top_k_weights)
+        return out + (routed @ self.novices.to(routed.dtype)).to(out.dtype)
 
 
 _NOVICE_CLASSES: dict[type, type] = {}
