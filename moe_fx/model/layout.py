@@ -64,11 +64,13 @@ def record_layout(model: nn.Module, spec: MoEModelSpec) -> bool:
         set_config_key(config, ref, max(b.experts.intermediate_size for b in spec.blocks))
     if hasattr(config, LAYOUT_KEY):
         delattr(config, LAYOUT_KEY)
-    if not shape_mismatches(model, base, config) and not any(isinstance(m, NoviceExperts) for m in model.modules()):
+    layout = layout_of(model, spec)
+    # substituted experts' constants are tensors no stock class has (a non-exact shape check does not see them)
+    if not shape_mismatches(model, base, config) and not any("novices" in b for b in layout["blocks"].values()):
         return True
     for ref, value in widths.items():
         set_config_key(config, ref, value)
-    setattr(config, LAYOUT_KEY, layout_of(model, spec))
+    setattr(config, LAYOUT_KEY, layout)
     bad = shape_mismatches(model, per_layer_class(base), config)
     if bad:
         raise UnsupportedFamilyError(

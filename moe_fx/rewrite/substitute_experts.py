@@ -62,8 +62,8 @@ def fold_novices(model: nn.Module, block: MoEBlockSpec, substituted: list[int], 
     """Zero the ``substituted`` experts' neuron tensors (weights, up bias) and set their down ``bias`` to the constants."""
     tensors, _ = neuron_tensors(model, block.experts)
     ids = torch.tensor(substituted, dtype=torch.long)
-    for nt in tensors:
-        get_tensor(model, nt.name)[ids.to(get_tensor(model, nt.name).device)] = 0
+    for t in [get_tensor(model, nt.name) for nt in tensors]:
+        t[ids.to(t.device)] = 0
     b = get_tensor(model, bias)
     b[ids.to(b.device)] = constants[ids].to(b)
 
