@@ -112,17 +112,24 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/quantize/int4_kernels_h200.json")
     args = ap.parse_args()
     g = torch.Generator(device="cuda").manual_seed(0)
+    run_projections(args.tokens, lambda proj, n, k, tokens: projection_rows(proj, n, k, tokens, args.schemes, g), best,
+                    ["proj", "tokens", "weights", "kernel", "variant", "us", "TB/s", "rel err"], args.out)
+
+
+def run_projections(tokens: list[int], measure, summarize, columns: list[str], out: str) -> None:
+    """``measure(proj, n, k, tokens)`` for the up and down projections at each token count; prints
+    ``summarize(rows)`` as a table and writes every row, with the device and the copy bandwidth, to ``out``."""
     bandwidth = copy_bandwidth()
     rows = []
-    for tokens in args.tokens:
+    for count in tokens:
         for proj, (n, k) in {"up": (2 * WIDTH, HIDDEN), "down": (HIDDEN, WIDTH)}.items():
-            rows += projection_rows(proj, n, k, tokens, args.schemes, g)
-    table = best(rows)
-    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s, triton {triton.__version__}")
-    print(format_table(["proj", "tokens", "weights", "kernel", "variant", "us", "TB/s", "rel err"], table))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                                          "copy_TB_s": bandwidth / 1e12, "best": table, "rows": rows}, indent=1))
+            rows += measure(proj, n, k, count)
+    table = summarize(rows)
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e12:.2f} TB/s, triton {triton.__version__}")
+    print(format_table(columns, table))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                                     "copy_TB_s": bandwidth / 1e12, "best": table, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

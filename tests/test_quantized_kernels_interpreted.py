@@ -21,11 +21,15 @@ from moe_fx.kernels.quantized import SCHEMES, dequantize, quantize
 
 tk.wrap_triton = lambda kernel: kernel  # the interpreter launches kernels itself
 torch.manual_seed(0)
+TILED = tk.Tiles(2, 64, 128, 4, 3, False, True)  # 2-row blocks: experts of 2, 3 and 4 rows span 1-2 blocks
+TILED_SWAP = tk.Tiles(4, 64, 128, 4, 3, True, True)
 for k in (384, 200):
     w = torch.randn(6, 96, k) * 0.02
     x = torch.randn(5, k)
     ids = torch.tensor([0, 3, 5, 3, 1, 2, 4, 0, 1, 5])
-    rows = torch.randn(12, k)
+    tokens = torch.randn(7, k)
+    src = torch.tensor([3, 0, 6, 1, 1, 2, 5, 4, 0, 6, 2, 3])  # sorted row r is tokens[src[r]]
+    rows = tokens[src]
     owner = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 3, 3, 5, 5])
     offsets = torch.searchsorted(owner, torch.arange(6), right=True).to(torch.int32)
     for scheme, spec in SCHEMES.items():
@@ -36,9 +40,11 @@ for k in (384, 200):
         want = torch.stack([x[p // 2] @ dense[ids[p]].T for p in range(len(ids))])
         assert (got - want).abs().max() < 1e-5, (scheme, k, "gemv")
         want = torch.stack([rows[i] @ dense[owner[i]].T for i in range(len(owner))])
-        for tiles in ((16, 64, 128, 4, 4, False), (64, 128, 64, 8, 3, False), (16, 64, 128, 4, 4, True)):
+        for tiles in ((16, 64, 128, 4, 4, False), (64, 128, 64, 8, 3, False), (16, 64, 128, 4, 4, True), TILED, TILED_SWAP):
             got = tk.triton_grouped_mm(rows, codes.transpose(-2, -1), offsets, tiles, quant)
             assert (got - want).abs().max() < 1e-5, (scheme, k, tiles)
+            got = tk.triton_grouped_mm(tokens, codes.transpose(-2, -1), offsets, tiles, quant, src=src)
+            assert (got - want).abs().max() < 1e-5, (scheme, k, tiles, "rows read in place")
         if spec.kernel == 1:  # 8-bit activations: exact against the dequantized activations' product
             x_codes, x_scale = tk.quantize_rows(rows, spec.fp8)
             assert x_codes.dtype == codes.dtype, x_codes.dtype
@@ -47,9 +53,12 @@ for k in (384, 200):
             rel = (x_deq - rows).norm() / rows.norm()
             assert rel < (0.08 if spec.fp8 else 0.01), (scheme, float(rel))  # e4m3 keeps 3 mantissa bits
             want8 = torch.stack([x_deq[i] @ dense[owner[i]].T for i in range(len(owner))])
-            for tiles in ((16, 64, 128, 4, 4, False), (64, 128, 128, 8, 3, False), (16, 64, 128, 4, 3, True)):
+            t_codes, t_scale = tk.quantize_rows(tokens, spec.fp8)
+            for tiles in ((16, 64, 128, 4, 4, False), (64, 128, 128, 8, 3, False), (16, 64, 128, 4, 3, True), TILED):
                 got = tk.triton_grouped_mm(x_codes, codes.transpose(-2, -1), offsets, tiles, quant, x_scale, torch.float32)
                 assert (got - want8).abs().max() < 1e-5, (scheme, k, tiles, "8-bit activations")
+                got = tk.triton_grouped_mm(t_codes, codes.transpose(-2, -1), offsets, tiles, quant, t_scale, torch.float32, src)
+                assert (got - want8).abs().max() < 1e-5, (scheme, k, tiles, "8-bit activations read in place")
 for width, k in ((128, 8), (100, 6), (7, 7), (300, 22)):  # moe_fx::topk_rows against torch.topk
     z = torch.randn(5, width)
     z[0, 3] = z[0, 4] = 10.0  # a tie for the largest: the lower index first

@@ -34,12 +34,15 @@ def moe_fx_experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_
     # rows up to and including each expert: a fixed-length search (bincount would sync to size its output)
     offsets = torch.searchsorted(sorted_ids, torch.arange(num_experts, device=sorted_ids.device), right=True).to(torch.int32)
 
+    src = perm // top_k  # the token of each sorted row
+
     def grouped(x: torch.Tensor, weight: layout.Weight, first: bool) -> torch.Tensor:
         if isinstance(weight, QuantizedWeight):
-            return quantized_ops.grouped(x, weight, offsets)
+            return quantized_ops.grouped(x, weight, offsets, src if first else None)
         return grouped_mm.grouped_matmul(x, weight, offsets, experts.is_transposed)
 
-    out = layout.expert_mlp(experts, hidden_states[perm // top_k], sorted_ids, grouped)
+    # the quantized kernels read each token's hidden state in place (and quantize each token once, not its top-k copies)
+    out = layout.expert_mlp(experts, hidden_states if quantized else hidden_states[src], sorted_ids, grouped)
     per_slot = torch.empty_like(out).index_copy_(0, perm, out)
     return _combine(per_slot, top_k_weights, hidden_states.dtype)
 

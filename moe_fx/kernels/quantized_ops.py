@@ -72,15 +72,17 @@ def converts_8bit_codes(weight: QuantizedWeight) -> bool:
     return SCHEMES[weight.scheme].kernel == 1 and not activations_8bit(weight.device, weight.scheme)
 
 
-def _grouped_mm(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offsets: torch.Tensor, scheme: str) -> torch.Tensor:
-    """Rows of ``x`` sorted by expert (``offsets`` as ``moe_fx::grouped_mm``'s) times their experts' codes."""
+def _grouped_mm(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offsets: torch.Tensor, scheme: str,
+                src: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows sorted by expert (``offsets`` as ``moe_fx::grouped_mm``'s) times their experts' codes; with ``src``,
+    sorted row ``r`` is ``x[src[r]]``, read in place (8-bit activations: each row of ``x`` quantized once)."""
     from moe_fx.kernels.triton_kernels import quantize_rows, triton_grouped_mm
 
     w, quant = _kernel_args(codes, scale, scheme, x.shape[-1])
     if activations_8bit(x.device, scheme):
         x_codes, x_scale = quantize_rows(x, SCHEMES[scheme].fp8)
-        return triton_grouped_mm(x_codes, w, offsets, quant=quant, x_scale=x_scale, out_dtype=x.dtype)
-    return triton_grouped_mm(x, w, offsets, quant=quant)
+        return triton_grouped_mm(x_codes, w, offsets, quant=quant, x_scale=x_scale, out_dtype=x.dtype, src=src)
+    return triton_grouped_mm(x, w, offsets, quant=quant, src=src)
 
 
 quantized_routed_gemv = grouped_mm.triton_op("moe_fx::quantized_routed_gemv", _routed_gemv)
@@ -91,5 +93,5 @@ def routed(x: torch.Tensor, weight: QuantizedWeight, expert_ids: torch.Tensor, r
     return torch.ops.moe_fx.quantized_routed_gemv(x, weight.codes, weight.scale, expert_ids, rows_per_x, weight.scheme)
 
 
-def grouped(x: torch.Tensor, weight: QuantizedWeight, offsets: torch.Tensor) -> torch.Tensor:
-    return torch.ops.moe_fx.quantized_grouped_mm(x, weight.codes, weight.scale, offsets, weight.scheme)
+def grouped(x: torch.Tensor, weight: QuantizedWeight, offsets: torch.Tensor, src: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.ops.moe_fx.quantized_grouped_mm(x, weight.codes, weight.scale, offsets, weight.scheme, src)
