@@ -179,6 +179,33 @@ def test_quantizing_a_bucketed_checkpoint_is_refused(tmp_path) -> None:
     assert not (tmp_path / "q").exists()
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_a_bucketed_checkpoint_quantizes_in_memory(family: str, tmp_path) -> None:
+    """``moe_fx.load(..., quantize=...)`` quantizes each bucket (the family's experts module at one width). Schemes
+    whose scales follow rows and input groups from the first input give the codes the padded experts get, so
+    the logits are the padded model's quantized the same way; FP8's 128-row blocks group other rows, so it is
+    held to its own tolerance against the dense model."""
+    from moe_fx.formats.loading import load_model
+    from moe_fx.kernels.experts_module import quantization
+
+    model = channel_model(family)
+    PruneChannels(plan=_two_widths(trace(model)))(model)
+    out = save_checkpoint(model, tmp_path / "b")
+    dense = logits(load_model(out))
+    for scheme in ("int8-channel", "int4-group", "fp8-block"):
+        bucketed = load_model(out, quantize=scheme)
+        assert has_buckets(bucketed)
+        buckets = [b for m in bucketed.modules() if type(m).__name__ == "BucketedExperts" for b in m.buckets]
+        assert buckets and all(quantization(b) == scheme for b in buckets)
+        got = logits(bucketed)
+        assert not torch.equal(got, dense), scheme  # the codes run, not the dense weights
+        if scheme == "fp8-block":
+            assert (got - dense).abs().max() < 0.1 * dense.abs().max(), scheme
+        else:
+            padded = realigned(load_model(out, quantize=scheme, ragged=False))
+            torch.testing.assert_close(got, logits(padded), rtol=1e-4, atol=1e-4)
+
+
 def test_a_bucketed_checkpoint_streams_as_loaded_padded(tmp_path) -> None:
     """A streamed prune of a bucketed source pads each layer as it is read: it writes what the in-memory prune of the
     source loaded padded writes (buckets again, where the widths still differ), tensor for tensor."""

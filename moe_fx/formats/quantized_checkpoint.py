@@ -206,8 +206,9 @@ def _write(source: Path, out: Path, scheme: str, group_size: int, show_progress:
     from moe_fx.formats.shards import INDEX_FILE, shard_files
 
     if stored_in_buckets(source):
-        raise BadOptionError(f"{source}: its experts are stored in width buckets, which quantizing does not support yet; prune with "
-                             "--expert-storage padded, then quantize")
+        raise BadOptionError(f"{source}: its experts are stored in width buckets, which no quantized checkpoint format holds; quantize it "
+                             "in memory (moe_fx.load(path, quantize=SCHEME), moe-fx eval --quantize), or prune with --expert-storage padded, "
+                             "then quantize")
     shards = {*shard_files(source), INDEX_FILE}
     with atomic_directory(out) as tmp:
         for item in source.iterdir():  # everything but the weights, which quantize_directory writes

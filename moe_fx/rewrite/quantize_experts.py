@@ -18,10 +18,12 @@ from dataclasses import dataclass
 from torch import nn
 
 from moe_fx.errors import BadOptionError
+from moe_fx.formats.ragged import has_buckets
 from moe_fx.kernels import experts_module as layout
 from moe_fx.kernels.implementation import DEFAULT_IMPLEMENTATION, set_implementation
 from moe_fx.kernels.quantized import SCALE_SUFFIX, SCHEME_ATTR, check_scheme, dequantize, quantize, relative_error
 from moe_fx.model.spec import MoEModelSpec
+from moe_fx.model.trace import trace
 from moe_fx.pipeline import MoEState, Pass, PassResult
 
 
@@ -39,32 +41,64 @@ def check_quantizable(model: nn.Module, spec: MoEModelSpec) -> None:
 
 def quantize_experts_(model: nn.Module, scheme: str, spec: MoEModelSpec | None = None) -> dict:
     """Quantize every block's routed experts of ``model`` in place with ``scheme``; returns the bytes of the
-    experts' weights before and after (codes and scales) and the largest relative weight error."""
-    from moe_fx.model.trace import trace
-
+    experts' weights before and after (codes and scales) and the largest relative weight error. A loaded
+    checkpoint whose experts are held in width buckets (per-expert widths) has each bucket quantized: a bucket
+    is the family's experts module at one width, so the kernels run it as any other."""
     check_scheme(scheme)
-    spec = spec or trace(model)
-    check_quantizable(model, spec)
+    blocks = _experts_modules(model, spec)
     before = after = 0
     worst = 0.0
-    for block in spec.blocks:
-        experts = model.get_submodule(block.experts.path)
-        for name in (layout.up_projection_name(experts), "down_proj"):
-            weight = getattr(experts, name).detach()
-            dense = weight.transpose(-2, -1) if experts.is_transposed else weight
-            # concatenated gate and up halves get FP8 blocks of their own, as the hub's per-expert tensors have
-            halves = (dense.shape[-2] // 2,) * 2 if name == "gate_up_proj" and block.experts.is_concatenated else None
-            codes, scale = quantize(dense, scheme, segments=halves)
-            worst = max(worst, relative_error(dense, dequantize(codes, scale, scheme)))
-            before += weight.numel() * weight.element_size()
-            after += codes.numel() * codes.element_size() + scale.numel() * scale.element_size()
-            delattr(experts, name)
-            experts.register_parameter(name, nn.Parameter(codes, requires_grad=False))
-            experts.register_buffer(name + SCALE_SUFFIX, scale)
-        setattr(experts, SCHEME_ATTR, scheme)
+    for experts in (module for modules in blocks for module in modules):
+        b, a, w = _quantize_module_(experts, scheme)
+        before, after, worst = before + b, after + a, max(worst, w)
     set_implementation(model, DEFAULT_IMPLEMENTATION)
-    return {"scheme": scheme, "blocks": len(spec.blocks), "experts_bytes_before": before, "experts_bytes": after,
-            "max_relative_error": worst}
+    return {"scheme": scheme, "blocks": len(blocks), "experts_bytes_before": before, "experts_bytes": after, "max_relative_error": worst}
+
+
+def _experts_modules(model: nn.Module, spec: MoEModelSpec | None) -> list[list[nn.Module]]:
+    """Each block's experts modules to quantize, refused (:func:`check_quantizable`) before any is changed: its
+    experts module, or for a model holding width buckets (which ``trace`` refuses) its buckets, found from the
+    per-layer layout its config records for every block."""
+    from moe_fx.model.per_layer import LAYOUT_KEY
+
+    if spec is not None or not has_buckets(model):
+        spec = spec or trace(model)
+        check_quantizable(model, spec)
+        return [[model.get_submodule(block.experts.path)] for block in spec.blocks]
+    blocks = []
+    for block in getattr(model.config, LAYOUT_KEY)["blocks"].values():
+        if block.get("buckets"):
+            blocks.append(list(model.get_submodule(block["buckets"]["module"]).buckets))
+        else:  # the block's per-expert tensors are its experts module's parameters
+            blocks.append([model.get_submodule(path) for path in dict.fromkeys(name.rpartition(".")[0] for name in block["shapes"])])
+    for experts in (module for modules in blocks for module in modules):
+        if not hasattr(experts, "has_gate"):
+            raise BadOptionError(f"{type(experts).__name__} is not a transformers fused-experts module that the moe_fx kernels run; "
+                                 "its experts cannot be quantized in memory")
+        if layout.quantization(experts) is not None:
+            raise BadOptionError(f"experts are already quantized ({layout.quantization(experts)})")
+    return blocks
+
+
+def _quantize_module_(experts: nn.Module, scheme: str) -> tuple[int, int, float]:
+    """One experts module's projections as codes and scales, in place: (bytes before, bytes after, largest
+    relative weight error)."""
+    before = after = 0
+    worst = 0.0
+    for name in (layout.up_projection_name(experts), "down_proj"):
+        weight = getattr(experts, name).detach()
+        dense = weight.transpose(-2, -1) if experts.is_transposed else weight
+        # concatenated gate and up halves get FP8 blocks of their own, as the hub's per-expert tensors have
+        halves = (dense.shape[-2] // 2,) * 2 if name == "gate_up_proj" and getattr(experts, "is_concatenated", True) else None
+        codes, scale = quantize(dense, scheme, segments=halves)
+        worst = max(worst, relative_error(dense, dequantize(codes, scale, scheme)))
+        before += weight.numel() * weight.element_size()
+        after += codes.numel() * codes.element_size() + scale.numel() * scale.element_size()
+        delattr(experts, name)
+        experts.register_parameter(name, nn.Parameter(codes, requires_grad=False))
+        experts.register_buffer(name + SCALE_SUFFIX, scale)
+    setattr(experts, SCHEME_ATTR, scheme)
+    return before, after, worst
 
 
 @dataclass
