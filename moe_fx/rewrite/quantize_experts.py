@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from torch import nn
 
 from moe_fx.errors import BadOptionError
-from moe_fx.formats.ragged import has_buckets
 from moe_fx.kernels import experts_module as layout
 from moe_fx.kernels.implementation import DEFAULT_IMPLEMENTATION, set_implementation
 from moe_fx.kernels.quantized import SCALE_SUFFIX, SCHEME_ATTR, check_scheme, dequantize, quantize, relative_error
@@ -59,9 +58,9 @@ def _experts_modules(model: nn.Module, spec: MoEModelSpec | None) -> list[list[n
     """Each block's experts modules to quantize, refused (:func:`check_quantizable`) before any is changed: its
     experts module, or for a model holding width buckets (which ``trace`` refuses) its buckets, found from the
     per-layer layout its config records for every block."""
-    from moe_fx.model.per_layer import LAYOUT_KEY
+    from moe_fx.model.per_layer import LAYOUT_KEY, BucketedExperts
 
-    if spec is not None or not has_buckets(model):
+    if spec is not None or not any(isinstance(m, BucketedExperts) for m in model.modules()):
         spec = spec or trace(model)
         check_quantizable(model, spec)
         return [[model.get_submodule(block.experts.path)] for block in spec.blocks]
