@@ -18,8 +18,7 @@ from moe_fx import load
 from moe_fx.errors import BadOptionError, UnsupportedFamilyError
 from moe_fx.formats import save_checkpoint
 from moe_fx.formats.checkpoint import read_record
-from moe_fx.formats.ragged import has_buckets
-from moe_fx.model.per_layer import LAYOUT_KEY
+from moe_fx.model.per_layer import LAYOUT_KEY, has_buckets
 from moe_fx.model.trace import trace
 from moe_fx.passes import PruneChannels
 from moe_fx.plan.buckets import MAX_BUCKETS, plan_buckets

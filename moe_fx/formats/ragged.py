@@ -236,10 +236,6 @@ def ragged_experts(model: nn.Module, spec: MoEModelSpec, *, max_buckets: int = M
             setattr(model.config, LAYOUT_KEY, had_layout)
 
 
-def has_buckets(model: nn.Module) -> bool:
-    return any(isinstance(m, BucketedExperts) for m in model.modules())
-
-
 def pad_buckets_(model: nn.Module) -> None:
     """Give every bucketed block of a loaded model padded experts again (its recorded padded shapes), in place, and
     drop the buckets from its config: what passes that rewrite experts read. The outputs are unchanged."""

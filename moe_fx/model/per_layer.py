@@ -130,6 +130,11 @@ class BucketedExperts(nn.Module):
         return out
 
 
+def has_buckets(model: nn.Module) -> bool:
+    """Whether ``model`` holds some block's experts in width buckets."""
+    return any(isinstance(m, BucketedExperts) for m in model.modules())
+
+
 class NoviceExperts(nn.Module):
     """Mixed into a family's experts class (:func:`novice_class`): the experts module of a block whose router still
     routes to ``E`` experts while the module holds only the kept ones.

@@ -30,12 +30,16 @@ def check_quantizable(model: nn.Module, spec: MoEModelSpec) -> None:
     """Refuse experts the moe_fx kernels cannot run quantized: modules without transformers' fused-experts flags
     (Llama 4's dense-prescaled experts, per-expert linear layers) and experts quantized already."""
     for block in spec.blocks:
-        experts = model.get_submodule(block.experts.path)
-        if not hasattr(experts, "has_gate") or block.experts.call_style != "routed":
-            raise BadOptionError(f"{block.experts.path}: {type(experts).__name__} is not a transformers fused-experts module "
-                                 "that the moe_fx kernels run; its experts cannot be quantized in memory")
-        if layout.quantization(experts) is not None:
-            raise BadOptionError(f"{block.experts.path}: experts are already quantized ({layout.quantization(experts)})")
+        _check_module(model.get_submodule(block.experts.path), block.experts.path, block.experts.call_style == "routed")
+
+
+def _check_module(experts: nn.Module, path: str, routed: bool = True) -> None:
+    """:func:`check_quantizable` for one experts module at ``path`` (``routed``: its block's call style is)."""
+    if not hasattr(experts, "has_gate") or not routed:
+        raise BadOptionError(f"{path}: {type(experts).__name__} is not a transformers fused-experts module "
+                             "that the moe_fx kernels run; its experts cannot be quantized in memory")
+    if layout.quantization(experts) is not None:
+        raise BadOptionError(f"{path}: experts are already quantized ({layout.quantization(experts)})")
 
 
 def quantize_experts_(model: nn.Module, scheme: str, spec: MoEModelSpec | None = None) -> dict:
@@ -58,25 +62,22 @@ def _experts_modules(model: nn.Module, spec: MoEModelSpec | None) -> list[list[n
     """Each block's experts modules to quantize, refused (:func:`check_quantizable`) before any is changed: its
     experts module, or for a model holding width buckets (which ``trace`` refuses) its buckets, found from the
     per-layer layout its config records for every block."""
-    from moe_fx.model.per_layer import LAYOUT_KEY, BucketedExperts
+    from moe_fx.model.per_layer import LAYOUT_KEY, has_buckets
 
-    if spec is not None or not any(isinstance(m, BucketedExperts) for m in model.modules()):
+    if spec is not None or not has_buckets(model):
         spec = spec or trace(model)
         check_quantizable(model, spec)
         return [[model.get_submodule(block.experts.path)] for block in spec.blocks]
-    blocks = []
+    paths = []  # per block, the paths of its experts modules
     for block in getattr(model.config, LAYOUT_KEY)["blocks"].values():
         if block.get("buckets"):
-            blocks.append(list(model.get_submodule(block["buckets"]["module"]).buckets))
+            module = block["buckets"]["module"]
+            paths.append([f"{module}.buckets.{b}" for b in range(len(model.get_submodule(module).buckets))])
         else:  # the block's per-expert tensors are its experts module's parameters
-            blocks.append([model.get_submodule(path) for path in dict.fromkeys(name.rpartition(".")[0] for name in block["shapes"])])
-    for experts in (module for modules in blocks for module in modules):
-        if not hasattr(experts, "has_gate"):
-            raise BadOptionError(f"{type(experts).__name__} is not a transformers fused-experts module that the moe_fx kernels run; "
-                                 "its experts cannot be quantized in memory")
-        if layout.quantization(experts) is not None:
-            raise BadOptionError(f"experts are already quantized ({layout.quantization(experts)})")
-    return blocks
+            paths.append(list(dict.fromkeys(name.rpartition(".")[0] for name in block["shapes"])))
+    for path in (p for block in paths for p in block):
+        _check_module(model.get_submodule(path), path)
+    return [[model.get_submodule(p) for p in block] for block in paths]
 
 
 def _quantize_module_(experts: nn.Module, scheme: str) -> tuple[int, int, float]:
