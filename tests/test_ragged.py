@@ -7,6 +7,8 @@ import dataclasses
 import itertools
 import json
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -203,6 +205,20 @@ def test_a_bucketed_checkpoint_quantizes_in_memory(family: str, tmp_path) -> Non
         else:
             padded = realigned(load_model(out, quantize=scheme, ragged=False))
             torch.testing.assert_close(got, logits(padded), rtol=1e-4, atol=1e-4)
+
+
+def test_a_fresh_process_switches_a_per_layer_checkpoint_to_the_moe_fx_experts(tmp_path) -> None:
+    """transformers allows the switch by finding its decorator in the class's module source; the per-layer class's
+    module is moe-fx's, so it must ask the stock class. In the test process another load has usually answered for
+    the stock class already, hence a fresh process (``moe-fx eval --quantize`` of such a checkpoint ran transformers'
+    eager loop on the codes)."""
+    model = tiny_model("mixtral")
+    PruneChannels(plan=_two_widths(trace(model)))(model)
+    out = save_checkpoint(model, tmp_path / "b")
+    script = ("import sys; from moe_fx.formats.loading import load_model; from moe_fx.kernels.implementation import current; "
+              "print(current(load_model(sys.argv[1], quantize='int4-group'))[''])")
+    done = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.split()[-1] == "moe_fx", done.stdout[-500:] + done.stderr[-2000:]
 
 
 def test_a_bucketed_checkpoint_streams_as_loaded_padded(tmp_path) -> None:

@@ -202,5 +202,8 @@ def per_layer_class(base: type) -> type:
         if layout:
             apply_layout(self, layout)
 
-    namespace = {"__init__": __init__, "__module__": __name__, "is_custom_code": classmethod(lambda cls: False), "moe_fx_base": base}
+    # transformers decides whether a class may switch experts implementations by looking for its decorator in the
+    # class's module source, which is this file: without asking ``base``, a fresh process silently stays on eager
+    namespace = {"__init__": __init__, "__module__": __name__, "is_custom_code": classmethod(lambda cls: False), "moe_fx_base": base,
+                 "_can_set_experts_implementation": classmethod(lambda cls: base._can_set_experts_implementation())}
     return type(base.__name__, (base,), namespace)
