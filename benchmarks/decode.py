@@ -277,7 +277,8 @@ def runtime_options(options: str):
     """A variant's ``:``-suffix, comma-separated, applied while its rows run: ``weight-only`` keeps quantized
     experts' activations in their dtype (``MOE_FX_QUANTIZED_ACTIVATIONS``), ``gemv=X`` moves the routed GEMV's
     bounds to ``X`` pairs per expert, ``swap=on|off`` sets the grouped kernel's orientation (``SWAP``) whatever
-    ``grouped_tiles`` picks, ``fused=off`` leaves the routers' top-k to torch and
+    ``grouped_tiles`` picks, ``grouped-tiles=MxNxKxWxS[xSWAP]`` sets its tiles where it picks the per-expert
+    schedule (few rows per expert: decode), ``fused=off`` leaves the routers' top-k to torch and
     each projection to its own matmul, ``gemv-tiles=NxKxW`` sets the routed
     GEMV's dense tiles, ``freeze`` compiles with Inductor's freezing (weights as constants: sibling projections of
     one input become one matmul). Each row compiles afresh, so each sees them."""
@@ -285,9 +286,9 @@ def runtime_options(options: str):
     bounds_before = routed_gemv.MAX_PAIRS_PER_EXPERT, routed_gemv.WEIGHT_ONLY_MAX_PAIRS_PER_EXPERT
     patched = {}  # (triton_kernels, a tiles function's name) -> the function (imported only where asked: it needs Triton)
     caches = contextlib.ExitStack()
-    if any(o.startswith(("gemv-tiles=", "swap=")) for o in options.split(",")):
-        # tiles are picked while AOTAutograd traces the kernels' ops: a cached compilation of the same Dynamo graph
-        # (another variant's row) would bring its tiles back
+    if options:
+        # tiles and the activations' kind are picked while AOTAutograd traces the kernels' ops: a cached compilation
+        # of the same Dynamo graph (another variant's row) would bring its choices back
         import torch._functorch.config as functorch_config
 
         caches.enter_context(functorch_config.patch(enable_autograd_cache=False))
@@ -313,9 +314,17 @@ def runtime_options(options: str):
                 from moe_fx.kernels import triton_kernels
 
                 tiles = patched.setdefault((triton_kernels, "grouped_tiles"), triton_kernels.grouped_tiles)
-                triton_kernels.grouped_tiles = lambda *a, swap=option == "swap=on": tiles(*a)[:5] + (swap,)
+                triton_kernels.grouped_tiles = lambda *a, swap=option == "swap=on": tiles(*a)._replace(swap=swap)
+            elif option.startswith("grouped-tiles="):
+                from moe_fx.kernels import triton_kernels
+
+                shape = [int(v) for v in option.removeprefix("grouped-tiles=").split("x")]
+                tiles = patched.setdefault((triton_kernels, "grouped_tiles"), triton_kernels.grouped_tiles)
+                triton_kernels.grouped_tiles = lambda *a, shape=shape: (
+                    tiles(*a) if tiles(*a).tiled else triton_kernels.Tiles(*shape[:5], bool(shape[5:] and shape[5])))
             else:
-                raise SystemExit(f"unknown variant option {option!r}: use weight-only, gemv=X, swap=on|off, fused=off, gemv-tiles=NxKxW or freeze")
+                raise SystemExit(f"unknown variant option {option!r}: use weight-only, gemv=X, swap=on|off, grouped-tiles=MxNxKxWxS[xSWAP], fused=off, "
+                                 "gemv-tiles=NxKxW or freeze")
         yield
     finally:
         os.environ.pop("MOE_FX_QUANTIZED_ACTIVATIONS", None)

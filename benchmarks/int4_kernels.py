@@ -30,14 +30,17 @@ from experts_kernels import copy_bandwidth, routed_rows, time_call
 
 from moe_fx.evaluate.table import format_table
 from moe_fx.kernels.quantized import SCHEMES, quantize
+from moe_fx.kernels.quantized_ops import activations_8bit
 from moe_fx.kernels.triton_kernels import gemv_tiles, quantize_rows, triton_grouped_mm, triton_routed_gemv
 
 HIDDEN, WIDTH, EXPERTS, TOP_K = 2048, 768, 128, 8
 
 
-GROUPED_TILES = [(bm, bn, 128, w, st, sw) for bm in (16, 32, 64) for bn in (64, 128) for w in (4, 8)
-                 for st in (3, 4) for sw in (False, True) if not (sw and bm == 64) and not (bm == 64 and w == 4)]
-"""int4 grouped tiles tried: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SWAP)."""
+GROUPED_TILES = [(16, bn, bk, 4, st, sw) for bn in (64, 128) for bk in (64, 128) for st in (3, 4) for sw in (False, True)] + [
+    (16, 128, 128, 8, 3, False), (16, 256, 128, 8, 3, False), (32, 64, 128, 4, 3, False), (32, 128, 128, 4, 3, False),
+    (16, 64, 128, 4, 6, False), (16, 128, 64, 4, 6, False)]
+"""int4 grouped tiles tried: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SWAP). Deeper pipelines (6 and 8 stages)
+gained nothing for the weight-only kernel (``int4_kernels_h100_run4.json``)."""
 GEMV_TILES = [(bn, 128, w) for bn in (16, 32, 64) for w in (2, 4, 8)]
 """int4 routed GEMV tiles tried: (BLOCK_N, BLOCK_K, warps)."""
 
@@ -59,8 +62,9 @@ def projection_rows(proj: str, n: int, k: int, tokens: int, schemes: list[str], 
             nbytes = codes[0].numel() * codes.element_size() + scale[0].numel() * 4
         read = nbytes * distinct
 
-        def grouped(tiles=None, w=w, quant=quant, scheme=scheme):
-            if quant is not None and quant[2] == 1:  # 8-bit codes: the rows quantized too, on 8-bit tensor cores
+        def grouped(tiles=None, w=w, quant=quant, scheme=scheme, weight_only=False):
+            if quant is not None and not weight_only and activations_8bit(rows.device, scheme):
+                # as the forward runs it: the rows quantized to 8 bits too, on 8-bit tensor cores
                 x_codes, x_scale = quantize_rows(rows, SCHEMES[scheme].fp8)
                 return triton_grouped_mm(x_codes, w, offsets, tiles, quant, x_scale, rows.dtype)
             return triton_grouped_mm(rows, w, offsets, tiles, quant)
@@ -70,13 +74,14 @@ def projection_rows(proj: str, n: int, k: int, tokens: int, schemes: list[str], 
 
         cands = [("grouped", "default", grouped), ("gemv", str(gemv_tiles(w, quant)), gemv)]
         if scheme == "int4-group":
+            cands += [("grouped weight-only", "default", lambda: grouped(weight_only=True))]
             cands += [("grouped grid", str(t), lambda t=t: grouped(t)) for t in GROUPED_TILES]
             cands += [("gemv grid", str(t), lambda t=t: gemv(t)) for t in GEMV_TILES]
         refs = {"grouped": grouped().float(), "gemv": gemv().float()}
         for kernel, variant, fn in cands:
             row = {"proj": proj, "tokens": tokens, "weights": scheme, "kernel": kernel, "variant": variant}
             try:
-                ref = refs[kernel.split()[0]]
+                ref = refs[kernel.split()[0]]  # the weight-only row: its error includes the activations' rounding
                 err = ((fn().float() - ref).abs().max() / ref.abs().max()).item()
                 us = time_call(fn, calls=10, replays=5)
             except Exception as exc:  # a tile shape that does not compile (registers, shared memory)
@@ -96,6 +101,23 @@ def best(rows: list[dict]) -> list[list]:
         ok = [r for r in rows if (r["proj"], r["tokens"], r["weights"], r["kernel"]) == key and "us" in r]
         if ok:
             table.append(_line(min(ok, key=lambda r: r["us"])))
+    return table + overall_best(rows)
+
+
+def overall_best(rows: list[dict]) -> list[list]:
+    """Each grid's tile with the least time summed over every projection and token count (one default must serve
+    them all); a tile that failed anywhere is out. Its ``variant`` is what ``decode.py``'s ``grouped-tiles=`` takes."""
+    table = []
+    for weights, kernel in dict.fromkeys((r["weights"], r["kernel"]) for r in rows if r["kernel"].endswith("grid")):
+        mine = [r for r in rows if (r["weights"], r["kernel"]) == (weights, kernel)]
+        cases = {(r["proj"], r["tokens"]) for r in mine}
+        totals = {}
+        for r in mine:
+            totals.setdefault(r["variant"], []).append(r.get("us"))
+        complete = {v: sum(us) for v, us in totals.items() if len(us) == len(cases) and None not in us}
+        if complete:
+            variant = min(complete, key=complete.get)
+            table.append(["all", "sum", weights, kernel, variant, f"{complete[variant]:.1f}", "", ""])
     return table
 
 

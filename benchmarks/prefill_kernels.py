@@ -8,6 +8,8 @@ as the forward runs it, at Qwen3-30B-A3B shapes (128 experts, top-8), side by si
 - ``before``: the quantized kernel as it ran before the tiled schedule (the gather, the sorted rows quantized
   to 8 bits for FP8 / int8, one program per expert walking its rows);
 - ``default``: the kernel as the forward runs it now (:func:`grouped_tiles`' shape, the rows read in place);
+- ``weight-only`` (int4): the same with bf16 rows and codes converted to bf16, as int4 ran before its rows were
+  quantized to int8 for int8 tensor cores;
 - ``tiled``: one program per block of rows (the schedule rebuilt from the offsets in each program), the up
   projection reading each token's hidden state where it lies (no gather; FP8 quantizes the tokens once, not
   their top-k copies), over a grid of tiles.
@@ -56,7 +58,8 @@ def projection_rows(proj: str, n: int, k: int, tokens: int, schemes: list[str], 
         spec = SCHEMES[scheme]
         w, quant = codes.transpose(-2, -1), (scale, spec.group_size(k), spec.kernel)
         eight_bit = activations_8bit(x.device, scheme)
-        default = grouped_tiles(ids.shape[0], EXPERTS, x.dtype, 3 if eight_bit else spec.kernel)
+        kind = {1: 3, 2: 4}[spec.kernel] if eight_bit else spec.kernel  # the kernel's QUANT with 8-bit activations
+        default = grouped_tiles(ids.shape[0], EXPERTS, x.dtype, kind)
         before = BEFORE[scheme] if default.tiled else default  # few rows: the shape is unchanged, only the gather goes
 
         def per_expert(w=w, quant=quant, eight_bit=eight_bit, fp8=spec.fp8, tiles=before):
@@ -75,6 +78,9 @@ def projection_rows(proj: str, n: int, k: int, tokens: int, schemes: list[str], 
         ref = per_expert().float()
         out.append(_timed(proj, tokens, scheme, f"before {tuple(before)[:6]}", per_expert, flops, ref))
         out.append(_timed(proj, tokens, scheme, f"default {tuple(default)}", lambda f=tiled, t=default: f(t), flops, ref))
+        if eight_bit and spec.kernel == 2:  # int4 as it ran before its 8-bit activations: bf16 rows, codes converted
+            plain = grouped_tiles(ids.shape[0], EXPERTS, x.dtype, spec.kernel)
+            out.append(_timed(proj, tokens, scheme, f"weight-only {tuple(plain)}", lambda f=tiled, t=plain: f(t, eight_bit=False), flops, ref))
         for tiles in grid:
             out.append(_timed(proj, tokens, scheme, f"tiled {tuple(tiles)[:6]}", lambda t=tiles, f=tiled: f(t), flops, ref))
     return out

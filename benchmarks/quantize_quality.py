@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--targets", nargs="+", default=["experts"], choices=TARGETS,
                     help="what each scheme quantizes (quantize_checkpoint's targets); several: one checkpoint each")
+    ap.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
     ap.add_argument("--out", default="benchmarks/results/quantize_quality.json")
     args = ap.parse_args()
     run = quality_run(args)
@@ -68,7 +69,7 @@ def main() -> None:
             source_bytes = source_bytes or result["bytes_bf16"]
             base_nll = result["nll"] if base_nll is None else base_nll
             rows.append(_row(name, result["nll"], base_nll, None, result["bytes_bf16"], source_bytes, result["vs_unpruned"], None))
-            for scheme, targets in ((s, t) for s in SCHEMES for t in args.targets):
+            for scheme, targets in ((s, t) for s in args.schemes for t in args.targets):
                 label = scheme if targets == "experts" else f"{scheme} ({targets})"
                 stored = Path(tmp) / f"{name}-{scheme}-{targets}"
                 entry = quantize_checkpoint(plain, stored, scheme=scheme, targets=targets)

@@ -16,21 +16,22 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from moe_fx.kernels import triton_kernels as tk  # noqa: E402
 
 POINTERS = {"x_ptr": "*bf16", "w_ptr": "*u8", "out_ptr": "*bf16", "offsets_ptr": "*i32", "ids_ptr": "*i64",
-            "scale_ptr": "*fp32", "x_scale_ptr": "*fp32"}
+            "scale_ptr": "*fp32", "x_scale_ptr": "*fp32", "src_ptr": "*i64"}
 UNALIGNED = {"stride_se", "stride_sn", "stride_sg", "ROWS_PER_X"}
 """Integer arguments not multiples of 16 at Qwen3-30B-A3B shapes (Triton specializes the others so)."""
 
 
-def _ptx(kernel, constexprs: dict, num_stages: int = 3) -> str:
+def _ptx(kernel, constexprs: dict, num_stages: int = 3, pointers: dict | None = None) -> str:
     """``kernel`` compiled for sm_90 as a launch at Qwen3-30B-A3B's int4 shapes specializes it: unit strides as
-    constants, pointers and the other integers divisible by 16."""
+    constants, pointers (``pointers`` overrides :data:`POINTERS`) and the other integers divisible by 16."""
     constexprs = {**constexprs, "stride_xk": 1, "stride_wk": 1}
+    pointers = {**POINTERS, **(pointers or {})}
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
             continue
-        signature[name] = POINTERS.get(name, "i32")
+        signature[name] = pointers.get(name, "i32")
         if name not in UNALIGNED:
             attrs[(i,)] = [["tt.divisibility", 16]]
     source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
@@ -39,7 +40,8 @@ def _ptx(kernel, constexprs: dict, num_stages: int = 3) -> str:
 
 def test_int4_grouped_kernel_prefetches_its_codes_in_vectors() -> None:
     ptx = _ptx(tk._grouped_mm_kernel, {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "IEEE": False, "QUANT": 2,
-                                       "FP8": False, "SWAP": False, "PTX": True})
+                                       "FP8": False, "SWAP": False, "PTX": True, "TILED": False,
+                                       "BLOCK_E": 128, "GATHER": True})
     assert "ld.global.b8" not in ptx and "ld.global.u8" not in ptx
     assert "cp.async.cg.shared.global" in ptx  # the pipeliner's asynchronous copies
 
@@ -48,3 +50,15 @@ def test_int4_routed_gemv_loads_its_codes_in_vectors() -> None:
     ptx = _ptx(tk._routed_gemv_kernel, {"BLOCK_N": 16, "BLOCK_K": 128, "QUANT": 2, "PTX": True})
     assert "ld.global.b8" not in ptx and "ld.global.u8" not in ptx
     assert "ld.global.v2.b32" in ptx or "ld.global.v4.b32" in ptx
+
+
+def test_int4_codes_times_int8_rows_run_on_int8_tensor_cores() -> None:
+    """``QUANT`` 4: the codes become int8 in registers (one ``lop3`` a word) and multiply int8 rows on int8 tensor
+    cores; the codes still load in vectors and are prefetched."""
+    ptx = _ptx(tk._grouped_mm_kernel, {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "IEEE": False, "QUANT": 4,
+                                       "FP8": False, "SWAP": False, "PTX": True, "TILED": False, "BLOCK_E": 128,
+                                       "GATHER": True}, pointers={"x_ptr": "*i8"})
+    assert "mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32" in ptx
+    assert "bf16.bf16" not in ptx  # no product in bf16: no code converted to it
+    assert "ld.global.b8" not in ptx and "ld.global.u8" not in ptx
+    assert "cp.async.cg.shared.global" in ptx

@@ -262,15 +262,16 @@ def test_every_tiny_family(family: str) -> None:
 
 
 def test_eight_bit_activations_only_where_they_run(monkeypatch) -> None:
-    """The grouped kernel quantizes activations only for 8-bit codes on CUDA; int4 stays weight-only, the CPU
-    reference path never quantizes them, and ``MOE_FX_QUANTIZED_ACTIVATIONS=weight-only`` turns it off."""
+    """The grouped kernel quantizes activations to 8 bits on CUDA with 8-bit tensor cores, for every scheme (int4
+    codes run on int8 ones); the CPU reference path never quantizes them, and
+    ``MOE_FX_QUANTIZED_ACTIVATIONS=weight-only`` turns it off."""
     from moe_fx.kernels import quantized_ops
 
     cpu = torch.device("cpu")
     assert not any(quantized_ops.activations_8bit(cpu, s) for s in SCHEMES)
     monkeypatch.setattr(quantized_ops, "_has_8bit_tensor_cores", lambda device, fp8: True)
     cuda = torch.device("cuda")
-    assert [s for s in SCHEMES if quantized_ops.activations_8bit(cuda, s)] == ["fp8-block", "int8-channel"]
+    assert [s for s in SCHEMES if quantized_ops.activations_8bit(cuda, s)] == ["fp8-block", "int8-channel", "int4-group"]
     monkeypatch.setenv("MOE_FX_QUANTIZED_ACTIVATIONS", "weight-only")
     assert not any(quantized_ops.activations_8bit(cuda, s) for s in SCHEMES)
 
@@ -294,7 +295,7 @@ def test_cuda_grouped_orientations_agree(scheme: str | None) -> None:
         codes, scale = quantize(w, scheme)
         quant, dense = (scale, SCHEMES[scheme].group_size(in_f), SCHEMES[scheme].kernel), dequantize(codes, scale, scheme, torch.float32)
     want = torch.einsum("ri,roi->ro", rows.float(), dense[owner])
-    eight_bit = scheme is not None and SCHEMES[scheme].kernel == 1
+    eight_bit = scheme is not None  # every scheme also runs with 8-bit activations (int4 on int8 tensor cores)
     x_codes, x_scale = triton_kernels.quantize_rows(rows, SCHEMES[scheme].fp8) if eight_bit else (None, None)
     for tiles in ((16, 64, 128, 4, 3), (64, 128, 128, 4, 3), (16, 128, 128, 8, 3)):
         for swap in (False, True):
@@ -307,26 +308,31 @@ def test_cuda_grouped_orientations_agree(scheme: str | None) -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels run on CUDA")
 def test_cuda_nibbles_exact() -> None:
-    """The inline-PTX nibble conversion (two codes an instruction) gives every byte's two codes exactly, in the
-    order the float32 form does."""
+    """The inline-PTX nibble conversions give every byte's two codes exactly, in the order the plain forms do:
+    to float (two codes an instruction) and to the int8 ``16 (c - 8)`` of int8 tensor cores."""
     import triton
     import triton.language as tl
 
-    from moe_fx.kernels.triton_kernels import _nibbles
+    from moe_fx.kernels.triton_kernels import _nibble_codes, _nibbles
 
     @triton.jit
-    def convert(byte_ptr, low_ptr, high_ptr, PTX: tl.constexpr):
+    def convert(byte_ptr, low_ptr, high_ptr, low8_ptr, high8_ptr, PTX: tl.constexpr):
         i = tl.arange(0, 1024)
-        low, high = _nibbles(tl.load(byte_ptr + i), tl.float32, PTX)
+        byte = tl.load(byte_ptr + i)
+        low, high = _nibbles(byte, tl.float32, PTX)
         tl.store(low_ptr + i, low)
         tl.store(high_ptr + i, high)
+        tl.store(low8_ptr + i, _nibble_codes(byte, False, PTX))
+        tl.store(high8_ptr + i, _nibble_codes(byte, True, PTX))
 
     byte = torch.arange(1024, device="cuda").remainder(256).to(torch.uint8)
     want = ((byte & 0xF).float() - 8, (byte >> 4).float() - 8)
     for ptx in (False, True):
         low, high = torch.empty(1024, device="cuda"), torch.empty(1024, device="cuda")
-        convert[(1,)](byte, low, high, PTX=ptx)
+        low8, high8 = (torch.empty(1024, device="cuda", dtype=torch.int8) for _ in range(2))
+        convert[(1,)](byte, low, high, low8, high8, PTX=ptx)
         assert torch.equal(low, want[0]) and torch.equal(high, want[1]), ptx
+        assert torch.equal(low8.float(), 16 * want[0]) and torch.equal(high8.float(), 16 * want[1]), ptx
 
 
 @pytest.mark.parametrize("scheme", list(SCHEMES))

@@ -45,16 +45,16 @@ for k in (384, 200):
             assert (got - want).abs().max() < 1e-5, (scheme, k, tiles)
             got = tk.triton_grouped_mm(tokens, codes.transpose(-2, -1), offsets, tiles, quant, src=src)
             assert (got - want).abs().max() < 1e-5, (scheme, k, tiles, "rows read in place")
-        if spec.kernel == 1:  # 8-bit activations: exact against the dequantized activations' product
+        if spec.kernel in (1, 2):  # 8-bit activations: exact against the dequantized activations' product
             x_codes, x_scale = tk.quantize_rows(rows, spec.fp8)
-            assert x_codes.dtype == codes.dtype, x_codes.dtype
+            assert x_codes.dtype == (codes.dtype if spec.kernel == 1 else torch.int8), x_codes.dtype
             assert x_scale.shape == (12, -(-k // 128)), x_scale.shape
             x_deq = x_codes.float() * x_scale.repeat_interleave(128, -1)[:, :k]
             rel = (x_deq - rows).norm() / rows.norm()
             assert rel < (0.08 if spec.fp8 else 0.01), (scheme, float(rel))  # e4m3 keeps 3 mantissa bits
             want8 = torch.stack([x_deq[i] @ dense[owner[i]].T for i in range(len(owner))])
             t_codes, t_scale = tk.quantize_rows(tokens, spec.fp8)
-            for tiles in ((16, 64, 128, 4, 4, False), (64, 128, 128, 8, 3, False), (16, 64, 128, 4, 3, True), TILED):
+            for tiles in ((16, 64, 128, 4, 4, False), (64, 128, 128, 8, 3, False), (16, 64, 128, 4, 3, True), TILED, TILED_SWAP):
                 got = tk.triton_grouped_mm(x_codes, codes.transpose(-2, -1), offsets, tiles, quant, x_scale, torch.float32)
                 assert (got - want8).abs().max() < 1e-5, (scheme, k, tiles, "8-bit activations")
                 got = tk.triton_grouped_mm(t_codes, codes.transpose(-2, -1), offsets, tiles, quant, t_scale, torch.float32, src)

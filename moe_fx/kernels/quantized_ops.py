@@ -7,16 +7,16 @@ only: with gradients (or off CUDA) the moe_fx forward takes the reference path, 
 experts a call runs (:meth:`QuantizedWeight.gather`).
 
 Activations: the routed GEMV (a handful of tokens, bound by the bytes of the weights) keeps them in their
-dtype. For FP8 and int8 codes on a GPU with tensor cores for them (FP8: compute capability 8.9, int8: 8.0),
-the grouped kernel first quantizes the sorted rows to the codes' kind, one scale per row and 128 inputs
-(:func:`~.triton_kernels.quantize_rows`, once per projection), then multiplies 8-bit by 8-bit: no code is
-converted in the inner loop, at twice bf16's tensor-core rate. For FP8 that is the hub checkpoints'
-``activation_scheme: dynamic`` (DeepSeek-V3, Qwen3-*-FP8), whose models were evaluated that way. It adds the
-activations' rounding (e4m3: about 4% of a row's norm, int8 under 1%) to the weights': on qwen3moe-bench,
-+0.0015 and -0.0005 mean NLL over the weight-only kernels (``benchmarks/quantize_quality.py`` on an H200).
-int4 codes stay weight-only: turning their nibbles into int8 for int8 tensor cores measured slower than
-converting them to bf16 (H200, 16 tokens: 251 against 222 us for the up projection, both measured while the
-int4 codes still loaded a byte at a time, :mod:`.triton_kernels`).
+dtype. On a GPU with tensor cores for them (FP8: compute capability 8.9, int8: 8.0), the grouped kernel first
+quantizes the sorted rows, one scale per row and 128 inputs (:func:`~.triton_kernels.quantize_rows`, once per
+projection): to the codes' kind for FP8 and int8 codes, which then multiply 8-bit by 8-bit with no code
+converted in the inner loop, and to int8 for int4 codes, each nibble becoming an int8 in one instruction per
+four codes. For FP8 that is the hub checkpoints' ``activation_scheme: dynamic`` (DeepSeek-V3, Qwen3-*-FP8),
+whose models were evaluated that way. It adds the activations' rounding (e4m3: about 4% of a row's norm, int8
+under 1%) to the weights': on qwen3moe-bench, +0.0015 and -0.0005 mean NLL over the weight-only kernels
+(``benchmarks/quantize_quality.py`` on an H200); int4 on qwen3moe-micro, +0.0001 unpruned and +0.0007 after
+REAP 50%. For int4 it made prefill 1.13x faster (Qwen3-30B-A3B shapes, H100; decode 1.05-1.07x). An earlier
+int8 form of int4 measured slower, while its codes still loaded a byte at a time.
 ``MOE_FX_QUANTIZED_ACTIVATIONS=weight-only`` keeps the grouped kernel weight-only for every scheme
 (benchmarks, checks).
 """
@@ -62,7 +62,7 @@ def activations_8bit(device: torch.device, scheme: str) -> bool:
     if os.environ.get("MOE_FX_QUANTIZED_ACTIVATIONS", "auto") == "weight-only":
         return False
     spec = SCHEMES[scheme]
-    return spec.kernel == 1 and device.type == "cuda" and _has_8bit_tensor_cores(device, spec.fp8)
+    return spec.kernel in (1, 2) and device.type == "cuda" and _has_8bit_tensor_cores(device, spec.fp8)
 
 
 def converts_8bit_codes(weight: QuantizedWeight) -> bool:

@@ -24,8 +24,10 @@ never a dequantized weight, and codes convert exactly to the activations' dtype 
 bf16 values; 4-bit codes go through the float ``2^23 + c``, no integer-to-float instruction). ``QUANT`` 3 (grouped
 kernel only) multiplies 8-bit codes by rows already quantized to the same kind (:func:`quantize_rows`: one
 scale per row and 128 inputs), on 8-bit tensor cores, scaling each tile's product by the rows' and the
-columns' scales: no conversion at all in the inner loop (:mod:`.quantized_ops` says when it runs). ``QUANT``
-0 is the dense kernel, unchanged.
+columns' scales: no conversion at all in the inner loop (:mod:`.quantized_ops` says when it runs). ``QUANT`` 4
+multiplies 4-bit codes by int8 rows on int8 tensor cores: each nibble becomes the int8 ``16 (c - 8)`` in one
+``lop3`` per four codes (:func:`_nibble_codes`), where the conversion to bf16 takes 13 instructions per eight codes
+and its products run at half the int8 rate. ``QUANT`` 0 is the dense kernel, unchanged.
 
 ``SWAP`` (grouped kernel) computes the transposed product, the weights' tile on the left: the 8-bit kernel with
 few rows per expert and the int4 kernel with many run faster so (:func:`grouped_tiles`). The int4 kernels load a
@@ -125,6 +127,16 @@ def _grouped_mm_kernel(
                     byte = tl.load(w_base + (k0 // 2 + halves)[:, None] * stride_wk, mask=(k0 // 2 + halves < KW)[:, None] & col_ok[None, :], other=0)
                     low, high = _nibbles(byte, a_even.dtype, PTX)
                     acc += (_mma(a_even, low, IEEE, SWAP, False, FP8) + _mma(a_odd, high, IEEE, SWAP, False, FP8)) * _per_col(scale, SWAP)
+                elif QUANT == 4:
+                    # 4-bit codes times 8-bit activations on int8 tensor cores: each nibble ``c`` becomes the int8
+                    # ``16 (c - 8)`` (one AND and XOR a word, :func:`_nibble_codes`), and the 16 comes off with the scales
+                    a = _codes(x_base + (k0 + ks)[None, :] * stride_xk, row_ok[:, None] & k_ok[None, :])
+                    a_even, a_odd = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))
+                    byte = tl.load(w_base + (k0 // 2 + halves)[:, None] * stride_wk, mask=(k0 // 2 + halves < KW)[:, None] & col_ok[None, :], other=0)
+                    product = _mma_int8(a_even, _nibble_codes(byte, False, PTX), None, SWAP)
+                    product = _mma_int8(a_odd, _nibble_codes(byte, True, PTX), product, SWAP)
+                    x_scale = tl.load(x_scale_ptr + src * stride_xsm + (k0 // ACT_GROUP) * stride_xsg, mask=row_ok, other=0.0)
+                    acc += product.to(tl.float32) * _per_row(x_scale, SWAP) * _per_col(scale * 0.0625, SWAP)
                 else:
                     b = _codes(w_base + (k0 + ks)[:, None] * stride_wk, k_ok[:, None] & col_ok[None, :])
                     if QUANT == 1:
@@ -163,6 +175,16 @@ def _mma(a, b, IEEE: tl.constexpr, SWAP: tl.constexpr, EIGHT_BIT: tl.constexpr, 
     else:
         product = _dot(left, right, IEEE)
     return product
+
+
+@triton.jit
+def _mma_int8(a, b, acc, SWAP: tl.constexpr):
+    """``a @ b`` of int8 tiles added to ``acc`` (int32, exact; ``None``: zeros), oriented as :func:`_mma`."""
+    if SWAP:
+        out = tl.dot(tl.trans(b), tl.trans(a), acc=acc, out_dtype=tl.int32)
+    else:
+        out = tl.dot(a, b, acc=acc, out_dtype=tl.int32)
+    return out
 
 
 @triton.jit
@@ -264,7 +286,11 @@ def grouped_tiles(rows: int, num_experts: int, dtype: torch.dtype, quant: int = 
     - With many rows both quantized kinds run tiled (one program per 64-row block, :class:`Tiles`), the fastest of
       28 tiled shapes at 4096 tokens on an H100 (``prefill_kernels.py``, ``prefill_kernels_h100_run1.json``; the
       rows read in place): FP8 526 against 1184 us for the up projection per expert, 313 against 461 down
-      (bf16's CUTLASS: 539 and 267); int4 811 against 1107 up, 434 against 510 down."""
+      (bf16's CUTLASS: 539 and 267); int4 811 against 1107 up, 434 against 510 down.
+    - 4-bit codes times int8 rows (``QUANT`` 4), H100 (``int4_kernels_h100_run5.json``,
+      ``prefill_kernels_h100_run2.json``): with few rows 64 columns and 6 stages, the least time summed over both
+      projections at 16 and 64 tokens of 22 shapes (67.7 us for the up projection at 16 tokens, 73.0 at 128
+      columns and 3 stages); with many, tiled and swapped (621 against 666 us unswapped, up projection)."""
     few = rows <= 8 * num_experts
     block_m, block_n, block_k, warps, stages = (16, 64, 128, 4, 4) if few else (64, 128, 64, 8, 3)
     swap = False
@@ -274,7 +300,9 @@ def grouped_tiles(rows: int, num_experts: int, dtype: torch.dtype, quant: int = 
         block_k, warps, stages, swap = 128, 4, 3, few
     elif quant == 2:
         block_m, block_n, block_k, warps, stages, swap = (16, 128, 128, 4, 3, False) if few else (64, 128, 128, 4, 4, False)
-    return Tiles(block_m, block_n, block_k, warps, stages, swap, tiled=not few and quant in (2, 3))
+    elif quant == 4:
+        block_m, block_n, block_k, warps, stages, swap = (16, 64, 128, 4, 6, False) if few else (64, 128, 128, 4, 3, True)
+    return Tiles(block_m, block_n, block_k, warps, stages, swap, tiled=not few and quant in (2, 3, 4))
 
 
 def triton_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, tiles: Tiles | tuple | None = None,
@@ -293,11 +321,12 @@ def triton_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, t
         return out
     kind = 0 if quant is None else quant[2]
     if x_scale is not None:
-        if kind != 1 or x.dtype != w.dtype:
-            raise ValueError(f"8-bit activations need 8-bit codes of their kind ({x.dtype} against {w.dtype})")
-        kind = 3
+        if not (kind == 1 and x.dtype == w.dtype or kind == 2 and x.dtype == torch.int8):
+            raise ValueError(f"8-bit activations ({x.dtype}) need 8-bit codes of their kind or 4-bit codes with int8 "
+                             f"activations (codes {w.dtype}, QUANT {kind})")
+        kind = 3 if kind == 1 else 4
     t = Tiles(*tiles) if tiles is not None else grouped_tiles(rows, num_experts, x.dtype, kind)
-    if kind == 3 and ACT_GROUP.value % t.block_k:
+    if kind in (3, 4) and ACT_GROUP.value % t.block_k:
         raise ValueError(f"8-bit activations need tiles within {ACT_GROUP.value} inputs, not {t.block_k}")
     scale, group, _ = _quant_args(quant, w, t.block_k, k)
     fp8 = w.dtype == torch.float8_e4m3fn
@@ -364,32 +393,56 @@ def _nibbles_bf16x2(byte):
     the two halves of a word (the bytes shifted right by 4 first for the high nibbles), one ``lop3`` ORs their
     nibbles into the mantissas of bf16 ``128`` (``128 + c``: the ulp there is 1) and one packed ``fma`` removes
     the magic number and the offset (``c - 8``). 13 instructions per 8 codes where the float32 form takes about
-    40."""
+    40. The low and the high nibbles are two operations of one result each: Triton then moves each one's layout
+    change for the tensor cores onto its codes (a register shuffle of bytes), where a two-result operation had
+    its second result written to shared memory in bf16 and read back (16 KB a step of a decode tile)."""
+    return _nibble_bf16x2(byte, False), _nibble_bf16x2(byte, True)
+
+
+@triton.jit
+def _nibble_codes(byte, HIGH: tl.constexpr, PTX: tl.constexpr):
+    """The low (or ``HIGH``) 4-bit code ``c`` of each byte as the int8 ``16 (c - 8)``, for int8 tensor cores: the
+    nibble moved to the byte's top bits, its top bit flipped (``c - 8`` in two's complement, times 16). With
+    ``PTX``, one ``lop3`` a word of four codes (and a shift for the low nibbles): no sign extension, no offset
+    left to subtract after the product."""
+    if PTX:
+        if HIGH:
+            asm: tl.constexpr = "lop3.b32 $0, $1, 0xF0F0F0F0, 0x80808080, 0x6A;"
+        else:
+            asm: tl.constexpr = "{ .reg .b32 t; shl.b32 t, $1, 4; lop3.b32 $0, t, 0xF0F0F0F0, 0x80808080, 0x6A; }"
+        codes = tl.inline_asm_elementwise(asm=asm, constraints="=r,r", args=[byte], dtype=tl.int8, is_pure=True, pack=4)
+    else:
+        top = byte & 0xF0 if HIGH else (byte << 4) & 0xF0
+        codes = (top ^ 0x80).to(tl.int8, bitcast=True)
+    return codes
+
+
+@triton.jit
+def _nibble_bf16x2(byte, HIGH: tl.constexpr):
+    """The low (or ``HIGH``) nibble of each byte in bf16, as :func:`_nibbles_bf16x2` says."""
+    if HIGH:
+        shift: tl.constexpr = "shr.b32 src, $2, 4;"
+    else:
+        shift: tl.constexpr = "mov.b32 src, $2;"
     return tl.inline_asm_elementwise(
         asm="""
         {
-        .reg .b32 t0, t1, t2, t3, shifted, zero, one, bias;
+        .reg .b32 t0, t1, src, zero, one, bias;
         mov.b32 zero, 0;
         mov.b32 one, 0x3F803F80;
         mov.b32 bias, 0xC308C308;
-        shr.b32 shifted, $4, 4;
-        prmt.b32 t0, $4, zero, 0x4140;
-        prmt.b32 t1, $4, zero, 0x4342;
-        prmt.b32 t2, shifted, zero, 0x4140;
-        prmt.b32 t3, shifted, zero, 0x4342;
+        """ + shift + """
+        prmt.b32 t0, src, zero, 0x4140;
+        prmt.b32 t1, src, zero, 0x4342;
         lop3.b32 $0, t0, 0x000F000F, 0x43004300, 0xEA;
         lop3.b32 $1, t1, 0x000F000F, 0x43004300, 0xEA;
-        lop3.b32 $2, t2, 0x000F000F, 0x43004300, 0xEA;
-        lop3.b32 $3, t3, 0x000F000F, 0x43004300, 0xEA;
         fma.rn.bf16x2 $0, $0, one, bias;
         fma.rn.bf16x2 $1, $1, one, bias;
-        fma.rn.bf16x2 $2, $2, one, bias;
-        fma.rn.bf16x2 $3, $3, one, bias;
         }
         """,
-        constraints="=r,=r,=r,=r,r",
+        constraints="=r,=r,r",
         args=[byte],
-        dtype=(tl.bfloat16, tl.bfloat16),
+        dtype=tl.bfloat16,
         is_pure=True,
         pack=4,
     )
