@@ -111,15 +111,27 @@ def _grouped_mm_kernel(
             src = rows.to(tl.int64)
         x_base = x_ptr + src[:, None] * stride_xm
         acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP else (BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if QUANT != 0:
+            # one scale per output column for a whole tile (a tile lies in one scale group), applied after the
+            # product. They load one step ahead, into registers: the software pipeliner prefetches only the
+            # products' operands, and a load in the step that uses it stalls that step on the memory's latency
+            scale_base = scale_ptr + expert.to(tl.int64) * stride_se + cols * stride_sn
+            scale = tl.load(scale_base, mask=col_ok, other=0.0)
+            if QUANT >= 3:
+                x_scale_base = x_scale_ptr + src * stride_xsm
+                x_scale = tl.load(x_scale_base, mask=row_ok, other=0.0)
         for k0 in range(0, K, BLOCK_K):
             k_ok = k0 + ks < K
+            if QUANT != 0:
+                k_next = k0 + BLOCK_K
+                next_scale = tl.load(scale_base + (k_next // GROUP) * stride_sg, mask=col_ok & (k_next < K), other=0.0)
+                if QUANT >= 3:
+                    next_x_scale = tl.load(x_scale_base + (k_next // ACT_GROUP) * stride_xsg, mask=row_ok & (k_next < K), other=0.0)
             if QUANT == 0:
                 a = tl.load(x_base + (k0 + ks)[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 b = tl.load(w_base + (k0 + ks)[:, None] * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
                 acc += _mma(a, b, IEEE, SWAP, False, FP8)
             else:
-                # one scale per output column for the whole tile (a tile lies in one scale group): applied after the product
-                scale = tl.load(scale_ptr + expert.to(tl.int64) * stride_se + cols * stride_sn + (k0 // GROUP) * stride_sg, mask=col_ok, other=0.0)
                 if QUANT == 2:
                     # even and odd inputs as two products (their codes share a byte), split from one contiguous load
                     a = tl.load(x_base + (k0 + ks)[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -135,7 +147,6 @@ def _grouped_mm_kernel(
                     byte = tl.load(w_base + (k0 // 2 + halves)[:, None] * stride_wk, mask=(k0 // 2 + halves < KW)[:, None] & col_ok[None, :], other=0)
                     product = _mma_int8(a_even, _nibble_codes(byte, False, PTX), None, SWAP)
                     product = _mma_int8(a_odd, _nibble_codes(byte, True, PTX), product, SWAP)
-                    x_scale = tl.load(x_scale_ptr + src * stride_xsm + (k0 // ACT_GROUP) * stride_xsg, mask=row_ok, other=0.0)
                     acc += product.to(tl.float32) * _per_row(x_scale, SWAP) * _per_col(scale * 0.0625, SWAP)
                 else:
                     b = _codes(w_base + (k0 + ks)[:, None] * stride_wk, k_ok[:, None] & col_ok[None, :])
@@ -146,8 +157,10 @@ def _grouped_mm_kernel(
                     else:
                         # 8-bit activations (one scale per row and ACT_GROUP inputs) on 8-bit tensor cores
                         a = _codes(x_base + (k0 + ks)[None, :] * stride_xk, row_ok[:, None] & k_ok[None, :])
-                        x_scale = tl.load(x_scale_ptr + src * stride_xsm + (k0 // ACT_GROUP) * stride_xsg, mask=row_ok, other=0.0)
                         acc += _mma(a, b, IEEE, SWAP, True, FP8) * _per_row(x_scale, SWAP) * _per_col(scale, SWAP)
+                scale = next_scale
+                if QUANT >= 3:
+                    x_scale = next_x_scale
         if SWAP:
             out_ptrs = out_ptr + rows[None, :].to(tl.int64) * stride_om + cols[:, None] * stride_on
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=col_ok[:, None] & row_ok[None, :])
