@@ -8,8 +8,10 @@ software pipeliner left it synchronous (0.65-0.77 TB/s of packed bytes, ``int4_k
 ``tl.range(num_stages=S)`` changed nothing there). The mask is now written in bytes against the codes' own
 length. This times, at Qwen3-30B-A3B shapes (128 experts, top-8, up and down projections), side by side:
 
-- ``grouped``: ``triton_grouped_mm`` at its default tiles (FP8 and int8 as they run on Hopper, the rows
-  quantized to 8 bits in the timed call); int4 also over a tile grid;
+- ``grouped``: ``triton_grouped_mm`` at its default tiles, as the forward runs it on Hopper (the rows quantized
+  to 8 bits in the timed call: FP8 rows for FP8 codes, int8 rows for int8 and int4 codes); int4 also
+  ``grouped weight-only`` (bf16 rows, codes converted to bf16) and over a tile grid, whose ``all / sum`` line is
+  the shape with the least time summed over every projection and token count;
 - ``gemv``: ``triton_routed_gemv`` (one program per routed pair) at its default tiles; int4 also over a grid.
 
 Bandwidth counts the distinct experts' bytes (codes and scales). Errors: the max |difference| from the same
