@@ -407,8 +407,8 @@ def _nibbles_bf16x2(byte):
     nibbles into the mantissas of bf16 ``128`` (``128 + c``: the ulp there is 1) and one packed ``fma`` removes
     the magic number and the offset (``c - 8``). 13 instructions per 8 codes where the float32 form takes about
     40. The low and the high nibbles are two operations of one result each: Triton then moves each one's layout
-    change for the tensor cores onto its codes (a register shuffle of bytes), where a two-result operation had
-    its second result written to shared memory in bf16 and read back (16 KB a step of a decode tile)."""
+    change for the tensor cores onto its codes (a register shuffle of bytes), where Triton 3.8 wrote a two-result
+    operation's second result to shared memory in bf16 and read it back (16 KB a step of a decode tile)."""
     return _nibble_bf16x2(byte, False), _nibble_bf16x2(byte, True)
 
 
