@@ -1,7 +1,7 @@
 """The quantized Triton kernels' arithmetic without a GPU: both kernels run in Triton's interpreter
 (``TRITON_INTERPRET=1``, in a subprocess: it must be set before Triton is imported) against the dequantized
 weights, every scheme, an input size that is not a multiple of the tile; the router top-k kernel against
-``torch.topk``. Skipped where Triton is not installed
+``torch.topk``; ``benchmarks/int8_rows_quality.py``'s emulated int8 rows against ``quantize_rows``. Skipped where Triton is not installed
 (CPU builds of torch); ``pip install triton`` beside a CPU torch runs it."""
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ import pytest
 pytest.importorskip("triton")
 
 SCRIPT = r"""
+import pathlib
+import sys
+
 import torch
 from moe_fx.kernels import triton_kernels as tk
 from moe_fx.kernels.quantized import SCHEMES, dequantize, quantize
@@ -59,6 +62,13 @@ for k in (384, 200):
                 assert (got - want8).abs().max() < 1e-5, (scheme, k, tiles, "8-bit activations")
                 got = tk.triton_grouped_mm(t_codes, codes.transpose(-2, -1), offsets, tiles, quant, t_scale, torch.float32, src)
                 assert (got - want8).abs().max() < 1e-5, (scheme, k, tiles, "8-bit activations read in place")
+# benchmarks/int8_rows_quality.py emulates the int8 rows on a CPU: the same codes and scales as quantize_rows
+sys.path.insert(0, str(pathlib.Path(tk.__file__).parents[2] / "benchmarks"))
+from int8_rows_quality import int8_rows
+for k in (384, 200):
+    x = torch.randn(9, k) * torch.rand(9, 1) * 4
+    x_codes, x_scale = tk.quantize_rows(x, False)
+    assert torch.equal(int8_rows(x), x_codes.float() * x_scale.repeat_interleave(128, -1)[:, :k]), k
 for width, k in ((128, 8), (100, 6), (7, 7), (300, 22)):  # moe_fx::topk_rows against torch.topk
     z = torch.randn(5, width)
     z[0, 3] = z[0, 4] = 10.0  # a tie for the largest: the lower index first
