@@ -321,7 +321,7 @@ def runtime_options(options: str):
                 shape = [int(v) for v in option.removeprefix("grouped-tiles=").split("x")]
                 tiles = patched.setdefault((triton_kernels, "grouped_tiles"), triton_kernels.grouped_tiles)
                 triton_kernels.grouped_tiles = lambda *a, shape=shape: (
-                    tiles(*a) if tiles(*a).tiled else triton_kernels.Tiles(*shape[:5], bool(shape[5:] and shape[5])))
+                    t if (t := tiles(*a)).tiled else triton_kernels.Tiles(*shape[:5], bool(shape[5:] and shape[5])))
             else:
                 raise SystemExit(f"unknown variant option {option!r}: use weight-only, gemv=X, swap=on|off, grouped-tiles=MxNxKxWxS[xSWAP], fused=off, "
                                  "gemv-tiles=NxKxW or freeze")

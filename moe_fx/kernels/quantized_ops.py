@@ -15,8 +15,9 @@ four codes. For FP8 that is the hub checkpoints' ``activation_scheme: dynamic`` 
 whose models were evaluated that way. It adds the activations' rounding (e4m3: about 4% of a row's norm, int8
 under 1%) to the weights': on qwen3moe-bench, +0.0015 and -0.0005 mean NLL over the weight-only kernels
 (``benchmarks/quantize_quality.py`` on an H200); int4's int8 rows +0.0003 unpruned and -0.0000 after REAP 50%
-(``benchmarks/int8_rows_quality.py``, the kernel emulated on a CPU). For int4 it made prefill 1.13x faster (Qwen3-30B-A3B shapes, H100; decode 1.05-1.07x). An earlier
-int8 form of int4 measured slower, while its codes still loaded a byte at a time.
+(``benchmarks/int8_rows_quality.py``, the kernel emulated on a CPU). For int4 it made prefill 1.13x faster
+(Qwen3-30B-A3B shapes, H100; decode 1.05-1.07x). An earlier int8 form of int4 measured slower, while its codes
+still loaded a byte at a time.
 ``MOE_FX_QUANTIZED_ACTIVATIONS=weight-only`` keeps the grouped kernel weight-only for every scheme
 (benchmarks, checks).
 """

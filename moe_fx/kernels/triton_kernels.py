@@ -132,22 +132,20 @@ def _grouped_mm_kernel(
                 b = tl.load(w_base + (k0 + ks)[:, None] * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
                 acc += _mma(a, b, IEEE, SWAP, False, FP8)
             else:
-                if QUANT == 2:
+                if QUANT == 2 or QUANT == 4:
                     # even and odd inputs as two products (their codes share a byte), split from one contiguous load
-                    a = tl.load(x_base + (k0 + ks)[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                    a_even, a_odd = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))
-                    byte = tl.load(w_base + (k0 // 2 + halves)[:, None] * stride_wk, mask=(k0 // 2 + halves < KW)[:, None] & col_ok[None, :], other=0)
-                    low, high = _nibbles(byte, a_even.dtype, PTX)
-                    acc += (_mma(a_even, low, IEEE, SWAP, False, FP8) + _mma(a_odd, high, IEEE, SWAP, False, FP8)) * _per_col(scale, SWAP)
-                elif QUANT == 4:
-                    # 4-bit codes times 8-bit activations on int8 tensor cores: each nibble ``c`` becomes the int8
-                    # ``16 (c - 8)`` (one AND and XOR a word, :func:`_nibble_codes`), and the 16 comes off with the scales
                     a = _codes(x_base + (k0 + ks)[None, :] * stride_xk, row_ok[:, None] & k_ok[None, :])
                     a_even, a_odd = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))
                     byte = tl.load(w_base + (k0 // 2 + halves)[:, None] * stride_wk, mask=(k0 // 2 + halves < KW)[:, None] & col_ok[None, :], other=0)
-                    product = _mma_int8(a_even, _nibble_codes(byte, False, PTX), None, SWAP)
-                    product = _mma_int8(a_odd, _nibble_codes(byte, True, PTX), product, SWAP)
-                    acc += product.to(tl.float32) * _per_row(x_scale, SWAP) * _per_col(scale * 0.0625, SWAP)
+                    if QUANT == 2:
+                        low, high = _nibbles(byte, a_even.dtype, PTX)
+                        acc += (_mma(a_even, low, IEEE, SWAP, False, FP8) + _mma(a_odd, high, IEEE, SWAP, False, FP8)) * _per_col(scale, SWAP)
+                    else:
+                        # times 8-bit activations on int8 tensor cores: each nibble ``c`` becomes the int8 ``16 (c - 8)``
+                        # (one ``lop3`` a word, :func:`_nibble_codes`), and the 16 comes off with the scales
+                        product = _mma_int8(a_even, _nibble_codes(byte, False, PTX), None, SWAP)
+                        product = _mma_int8(a_odd, _nibble_codes(byte, True, PTX), product, SWAP)
+                        acc += product.to(tl.float32) * _per_row(x_scale, SWAP) * _per_col(scale * 0.0625, SWAP)
                 else:
                     b = _codes(w_base + (k0 + ks)[:, None] * stride_wk, k_ok[:, None] & col_ok[None, :])
                     if QUANT == 1:
