@@ -3,7 +3,8 @@
 # (.venv-newest), on a broad subset of the suite: every family's discovery, prune -> save -> reload and
 # per-layer format, the experts kernels and the compiled graph, the graph backend's matcher, ONNX export (fused MoE
 # and QMoE nodes, the plain-op fallback) of
-# several families, streaming equality, the quantized checkpoint formats stock transformers loads and the quantized
+# several families, streaming equality, the quantized checkpoint formats stock transformers loads, pruning a quantized
+# checkpoint, the quantized
 # experts, and the CLI recipes' fast subset. CI runs it after scripts/test.sh;
 # a failure here means a transformers release changed something moe-fx relies on. Extra arguments go to pytest.
 set -euo pipefail
@@ -32,6 +33,7 @@ exec .venv-newest/bin/python -m pytest -q -p no:cacheprovider \
     tests/test_checkpoint.py \
     "tests/test_fp8_block.py::test_checkpoint_loads_in_stock_transformers" \
     "tests/test_compressed_experts.py::test_checkpoint_loads_in_stock_transformers" \
+    tests/test_quantized_sources.py \
     "tests/test_quantized_experts.py::test_every_family_matches_dequantized_reference" \
     "tests/test_recipes.py::test_recipe" \
     tests/test_environment.py \

@@ -31,7 +31,9 @@ from moe_fx.cli.common import (
 )
 from moe_fx.errors import BadOptionError, MoeFxError
 from moe_fx.formats.checkpoint import EXPERT_STORAGE
+from moe_fx.formats.compressed_experts import DEFAULT_GROUP
 from moe_fx.formats.quantized_checkpoint import SCHEMES, TARGETS, check_before_pruning, quantize_in_place
+from moe_fx.formats.stored_format import stored_format
 
 
 def add_parser(sub) -> None:
@@ -115,14 +117,19 @@ def add_parser(sub) -> None:
                    help="record the calibration statistics inside the torch.compile graph (moe_fx.deliver.graph; CUDA graphs on GPU): the "
                         "same statistics as the default hooks, several times faster on a GPU; routing/REAP/channel-activation "
                         "statistics only (not --merge, --compensate, search scorers or gradient scorers)")
-    p.add_argument("--quantize", choices=SCHEMES,
+    p.add_argument("--quantize", choices=(*SCHEMES, "none"),
                    help="write the pruned routed experts quantized: fp8-block (float8_e4m3fn, one scale per 128 x 128 block: the "
-                        "hub's format) or int8-channel / int4-group (compressed-tensors' formats, group 128); every other weight "
-                        "keeps its dtype; a streamed prune's output is quantized shard by shard after it is written")
-    p.add_argument("--quantize-targets", default="experts", choices=TARGETS,
-                   help="what --quantize covers: experts (the routed experts only) or linear (also attention, shared experts and dense "
-                        "MLPs, as the hub's FP8 checkpoints store them; routers and the LM head keep their dtype) or "
-                        "linear+head (also the LM head, where it is not tied to the embeddings)")
+                        "hub's format) or int8-channel / int4-group (compressed-tensors' formats); every other weight "
+                        "keeps its dtype; a streamed prune's output is quantized shard by shard after it is written. A source "
+                        "stored in one of these formats keeps it by default (its scheme, group size and targets); none writes "
+                        "the pruned checkpoint dense")
+    p.add_argument("--quantize-group-size", type=int,
+                   help=f"inputs per scale of --quantize int4-group (default {DEFAULT_GROUP}, or the source's; must divide every "
+                        "expert's input size)")
+    p.add_argument("--quantize-targets", choices=TARGETS,
+                   help="what --quantize covers: experts (the default: the routed experts only) or linear (also attention, shared "
+                        "experts and dense MLPs, as the hub's FP8 checkpoints store them; routers and the LM head keep their dtype) "
+                        "or linear+head (also the LM head, where it is not tied to the embeddings)")
     p.add_argument("--stream", default="auto", choices=("auto", "on", "off"),
                    help="prune one decoder layer at a time, never holding the whole model: on, off, or auto (default: on when "
                         "the checkpoint's weights exceed 80%% of the device's free memory); forward-only methods with uniform allocation")
@@ -362,7 +369,7 @@ def _streamed_then_distilled(source: Path, passes: list, args, device: str, toke
         streamed = stream_prune(source, staging, streamed_passes, device=device, dtype=args.dtype, tokenizer=tokenizer, overwrite=True,
                                 show_progress=show, report=False, teacher_cache=cache_dir, teacher_top_k=args.distill_top_k)
         streamed_record = {k: v for k, v in json.loads((staging / "moe_fx.json").read_text()).items() if k == "streaming"}
-        model = load_model(staging, dtype=args.dtype, device=device, ragged=False)
+        model = load_model(staging, dtype=args.dtype, device=device, quantize=None, ragged=False)
         object.__setattr__(model, STATE_ATTR, streamed.state)  # the streamed run's plan, statistics and history
         model = compose(dataclasses_replace(distill, teacher=cache_dir))(model)
         return model, streamed.state, streamed_record
@@ -409,6 +416,28 @@ def _check_granularity(args, scorer, expert_scorer) -> None:
         raise MoeFxError(f"--expert-method {args.expert_method} does not score experts; use reap, frequency, ...")
 
 
+def _output_format(args, source: Path) -> None:
+    """Resolve ``--quantize`` and its options in ``args``: as given, else a quantized source's own format (scheme,
+    group size, targets; :func:`~moe_fx.formats.stored_format.stored_format`), so a pruned FP8 or int4 checkpoint
+    stays one, as MXFP4 ones do; ``none`` writes dense. ``args.quantize_kept`` says whether the source's was taken."""
+    if args.quantize_group_size is not None and args.quantize != "int4-group":
+        raise BadOptionError("--quantize-group-size sets the scale groups of --quantize int4-group; add it, or drop --quantize-group-size")
+    kept = stored_format(source)
+    args.quantize_kept = args.quantize is None and kept is not None
+    if args.quantize_kept:
+        args.quantize, args.quantize_group_size = kept.scheme, kept.group_size
+        args.quantize_targets = args.quantize_targets or kept.targets
+        if not args.quiet:
+            print(f"moe-fx: {source} is stored in {kept.scheme} ({kept.targets}); the pruned checkpoint keeps that format "
+                  "(--quantize none writes it dense)")
+    if args.quantize == "none":
+        args.quantize = None
+    if args.quantize_targets is not None and not args.quantize:
+        raise BadOptionError(f"--quantize-targets {args.quantize_targets} says what --quantize covers; add --quantize SCHEME")
+    args.quantize_targets = args.quantize_targets or "experts"
+    args.quantize_group_size = args.quantize_group_size or DEFAULT_GROUP
+
+
 def run(args) -> int:
     """Run the command with the parsed ``args``; return the exit status."""
     from moe_fx.calibrate import OBSERVERS, check_host_memory, distributed
@@ -438,8 +467,7 @@ def run(args) -> int:
     if distributed.init_from_env(device) and device == "cuda":
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     stream = _streaming(args, source, device)
-    if args.quantize_targets != "experts" and not args.quantize:
-        raise BadOptionError(f"--quantize-targets {args.quantize_targets} says what --quantize covers; add --quantize SCHEME")
+    _output_format(args, source)
     if args.quantize and source_mxfp4(source) is not None:
         raise BadOptionError(f"{source}'s experts are MXFP4, which the pruned copy keeps; drop --quantize {args.quantize}")
     # the model's structure without its weights: options the family cannot take are refused before loading
@@ -454,7 +482,7 @@ def run(args) -> int:
     splits = getattr(args, "split_candidates", None)  # in memory, --preset best-oneshot-params tries several splits
     channels = args.granularity == "channel"
     if args.quantize:
-        check_before_pruning(source, args.quantize, width_multiple=args.multiple if channels else None, targets=args.quantize_targets)
+        check_before_pruning(source, args.quantize, group_size=args.quantize_group_size, targets=args.quantize_targets)
     asked = args.method or (("obs" if stream else "fisher") if channels else "reap")  # Fisher needs the whole model's gradient
     args.method, merge = parse_method(asked)
     args.merge_flag, args.merge = args.merge, merge or ("nearest" if args.merge else None)
@@ -482,8 +510,9 @@ def run(args) -> int:
     if args.calib_tokens < 1 or args.seq_len < 2:
         raise MoeFxError("--calib-tokens must be positive and --seq-len at least 2")
     if args.merge == SUBSTITUTE and (args.distill_steps or args.quantize or args.merge_flag):
-        raise MoeFxError("--method mone writes the final model (its routers route to constants the experts module does not hold): "
-                         f"drop {'--distill-steps' if args.distill_steps else '--quantize' if args.quantize else '--merge'}")
+        drop = "--distill-steps" if args.distill_steps else "--merge" if args.merge_flag else (
+            "--quantize (the source is quantized: --quantize none writes it dense)" if args.quantize_kept else "--quantize")
+        raise MoeFxError(f"--method mone writes the final model (its routers route to constants the experts module does not hold): drop {drop}")
     if stream and search:
         raise MoeFxError("--method eep searches over the whole model at once; it cannot stream layer by layer (use --stream off on a device that holds the model)")
     if stream and args.distill_steps and args.distill_teacher != "cached":
@@ -572,7 +601,7 @@ def run(args) -> int:
             passes[at] = _fit_preset_sample(spec, passes[at], args, show)
         check_host_memory(spec, passes[at].make_observers())
 
-    model = meta if stream else load_model(source, dtype=args.dtype, device=device, ragged=False)
+    model = meta if stream else load_model(source, dtype=args.dtype, device=device, quantize=None, ragged=False)
     save_dtype = model.config.dtype if isinstance(getattr(model.config, "dtype", None), torch.dtype) else next(model.parameters()).dtype
     size_of = checkpoint_size if stream else model_size
     evaluate = functools.partial(stream_evaluate, device=device, dtype=args.dtype) if stream else evaluate_nll
@@ -638,13 +667,15 @@ def run(args) -> int:
     if stream:
         update_record(out, record)
         if args.quantize:  # the streamed output is rewritten shard by shard, replaced only when complete
-            quantize_in_place(out, scheme=args.quantize, show_progress=show, targets=args.quantize_targets)
+            quantize_in_place(out, scheme=args.quantize, group_size=args.quantize_group_size, show_progress=show, targets=args.quantize_targets,
+                              fit_group=True)
         write_report(out)
     else:
         model.to(save_dtype)
         record["size_after"] = model_size(model)
         out = save_checkpoint(model, args.out, source=source, tokenizer=tokenizer, overwrite=args.overwrite, extra_record=record,
-                              quantize=args.quantize, quantize_targets=args.quantize_targets, expert_storage=args.expert_storage)
+                              quantize=args.quantize, quantize_targets=args.quantize_targets, quantize_group_size=args.quantize_group_size,
+                              expert_storage=args.expert_storage)
         saved = read_record(out)  # the sizes and the experts' storage as written, not as held in memory
         after_size = saved["size_after"]
 
@@ -697,7 +728,12 @@ def run(args) -> int:
     if distilled:
         print(f"distillation: KL to the unpruned model {distilled['kl_first']:.4f} -> {distilled['kl_last']:.4f} over {distilled['steps']} steps "
               f"({distilled['trained_params']:,} parameters trained; teacher: {distilled['teacher']})")
-    expert_format = json.loads((Path(out) / "moe_fx.json").read_text()).get("expert_format")
+    written = json.loads((Path(out) / "moe_fx.json").read_text())
+    quantization = written.get("quantization") or {}
+    if quantization.get("group_size_asked"):
+        print(f"experts written in int4-group with groups of {quantization['group_size']}: the pruned widths are not all multiples of "
+              f"{quantization['group_size_asked']} (a group must tile each expert's inputs)")
+    expert_format = written.get("expert_format")
     if expert_format:
         changed = expert_format["max_relative_error"]
         print(f"experts written in {expert_format['format'].upper()} like the source ({human_bytes(expert_format['bytes'])} of weights)"

@@ -60,7 +60,7 @@ def run(args) -> int:
     if needs_calibration(methods, compensate=args.compensate, seed=args.seed) and not args.calib:
         raise MoeFxError(f"--methods {args.methods}{' --compensate' if args.compensate else ''} need calibration data: pass --calib FILE")
     device = resolve_device(args.device)
-    model = load_model(source, dtype=args.dtype, device=device, ragged=False)
+    model = load_model(source, dtype=args.dtype, device=device, quantize=None, ragged=False)  # dense: the passes rewrite weights
     save_dtype = model.config.dtype if isinstance(getattr(model.config, "dtype", None), torch.dtype) else next(model.parameters()).dtype
     if any(s.granularity == "expert" for s in scorers):
         for r in ratios:

@@ -22,6 +22,7 @@ from moe_fx.evaluate.report import write_report
 from moe_fx.formats import mxfp4, quantized_checkpoint
 from moe_fx.formats.atomic import atomic_directory, replace_atomically
 from moe_fx.formats.ragged import ragged_experts
+from moe_fx.formats.stored_format import saved_dense
 from moe_fx.model import per_layer as per_layer_model
 from moe_fx.model.adapters import COUNT_ATTRS, get_adapter
 from moe_fx.model.tensors import config_at, get_tensor
@@ -186,6 +187,7 @@ def save_checkpoint(
     report: bool = True,
     quantize: str | None = None,
     quantize_targets: str = "experts",
+    quantize_group_size: int = quantized_checkpoint.compressed_experts.DEFAULT_GROUP,
     expert_storage: str = "auto",
 ) -> Path:
     """Save ``model`` (and its moe-fx record) atomically to ``out``; return the final path. ``report``: also
@@ -195,7 +197,11 @@ def save_checkpoint(
     the hub's block-wise FP8 format, ``int8-channel`` / ``int4-group`` in compressed-tensors' format
     (:mod:`moe_fx.formats.quantized_checkpoint`; the record's ``quantization`` says the bytes);
     ``quantize_targets="linear"`` quantizes every other linear layer too, but the routers and the LM head
-    (``"linear+head"``: the untied head too). ``expert_storage``: ``auto`` writes experts of different widths in
+    (``"linear+head"``: the untied head too); ``quantize_group_size``: int4-group's inputs per scale (smaller where a
+    pruned width needs it: :func:`~moe_fx.formats.quantized_checkpoint.quantize_directory`'s ``fit_group``). A model loaded
+    dense from a quantized checkpoint is written dense (:func:`~moe_fx.formats.stored_format.saved_dense`) before
+    ``quantize`` applies; :func:`~moe_fx.formats.stored_format.stored_format` says how its source was quantized.
+    ``expert_storage``: ``auto`` writes experts of different widths in
     width buckets where that stores 2% fewer routed parameters or more (:mod:`moe_fx.formats.ragged`; the record's
     ``expert_storage`` says what it saved; loads through ``moe_fx.load`` or ``trust_remote_code``), ``padded``
     keeps them zero-padded to their block's widest (a stock checkpoint where the config can describe it)."""
@@ -207,7 +213,7 @@ def save_checkpoint(
     out = check_output_path(out, source, overwrite)
     quantization = source_mxfp4(source)
     if quantize is not None:  # before anything is written
-        quantized_checkpoint.codec(quantize)
+        quantized_checkpoint.codec(quantize, quantize_group_size)
         quantized_checkpoint.check_targets(quantize_targets)
         if quantization is not None:
             raise BadOptionError(f"the source's experts are MXFP4, which the pruned copy keeps; --quantize {quantize} does not apply to it")
@@ -215,7 +221,8 @@ def save_checkpoint(
     itemsize = get_tensor(model, state.spec.blocks[0].experts.tensors[0]).element_size() if buckets and state.spec.blocks else 0
     with atomic_directory(out) as tmp:
         with ragged_experts(model, state.spec) if buckets else contextlib.nullcontext() as stored:
-            model.save_pretrained(tmp, safe_serialization=True)
+            with saved_dense(model):  # loaded dense from a quantized checkpoint: written dense, then quantized below
+                model.save_pretrained(tmp, safe_serialization=True)
             if stored is not None:
                 extra_record = {**(extra_record or {}), "expert_storage": stored}
                 if "size_after" in extra_record:  # what the checkpoint holds, not the padded experts in memory
@@ -226,7 +233,8 @@ def save_checkpoint(
             if quantization is not None:
                 extra_record = {**(extra_record or {}), "expert_format": mxfp4.repack_directory(tmp, quantization)}
             if quantize is not None:
-                extra_record = {**(extra_record or {}), "quantization": quantized_checkpoint.quantize_directory(tmp, scheme=quantize, targets=quantize_targets)}
+                extra_record = {**(extra_record or {}), "quantization": quantized_checkpoint.quantize_directory(
+                    tmp, scheme=quantize, group_size=quantize_group_size, targets=quantize_targets, fit_group=True)}
             record = write_companions(model, tmp, source=source, tokenizer=tokenizer, extra_record=extra_record)
         if report:
             write_report(tmp, record, location=out)

@@ -22,6 +22,7 @@ from torch import nn
 from moe_fx.errors import NotAModelError, first_line
 from moe_fx.formats import mxfp4
 from moe_fx.formats.loading import check_model_dir, model_class, parse_dtype
+from moe_fx.formats.stored_format import dense_state, stored_format, unreadable_quantization
 from moe_fx.model.per_layer import LAYOUT_KEY
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -117,6 +118,12 @@ class LazyCheckpoint:
             self.file_of.update(dict.fromkeys(handle.keys(), handle))
         if not self.file_of:
             raise NotAModelError(f"{self.path}: the checkpoint holds no tensors")
+        method = unreadable_quantization(self.path)
+        if method is not None:  # its codes would load as if they were weights
+            raise NotAModelError(f"{self.path}: its weights are quantized ({method}), which streaming cannot read; it reads block-wise FP8, "
+                                 "compressed-tensors' int8 / int4 (pack-quantized) and MXFP4: prune with --stream off")
+        self.format = stored_format(self.path, list(self.file_of))
+        """The source's quantized format (:mod:`.stored_format`): each layer's weights are read dense."""
 
     def _files(self) -> list[Path]:
         index = self.path / INDEX_FILE
@@ -162,7 +169,8 @@ class LazyCheckpoint:
         parameter that those keys should fill and did not is an error naming it."""
         mapping_of, convert_and_load, _, load_config_cls = _transformers_loading()
         keys = list(keys)
-        state = mxfp4.unpack_state({k: self.file_of[k].get_slice(k) for k in keys}, device)  # MXFP4 experts: dequantized on the device
+        slices = {k: self.file_of[k].get_slice(k) for k in keys}
+        state = dense_state(mxfp4.unpack_state(slices, device), self.format, device)  # quantized weights: dequantized on the device
         config = load_config_cls(device_map={"": str(device)}, dtype=dtype, weight_mapping=mapping_of(model))
         with _quiet_transformers():
             info, _ = convert_and_load(model, state, config)

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 
 from moe_fx.errors import NotAModelError, first_line
+from moe_fx.formats.compressed_experts import DEFAULT_GROUP
+from moe_fx.formats.stored_format import block_fp8, quantization_config, scheme_of
 from moe_fx.kernels.implementation import DEFAULT_IMPLEMENTATION, current, set_implementation
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -93,7 +95,7 @@ def load_model(path: str | Path, *, dtype: str = "auto", device: str = "cpu", ex
     from moe_fx.rewrite.quantize_experts import quantize_experts_
 
     p = check_model_dir(path)
-    stored = _quantization_config(p)
+    stored = quantization_config(p)
     if quantize not in (None, "auto"):
         check_scheme(quantize)
     scheme = (_scheme_of(stored) if torch.device(device).type == "cuda" else None) if quantize == "auto" else quantize
@@ -105,7 +107,7 @@ def load_model(path: str | Path, *, dtype: str = "auto", device: str = "cpu", ex
             model = model_class(p).from_pretrained(p, dtype=parse_dtype(dtype), device_map=None, **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError, ImportError) as exc:  # ImportError: a quantizer's package is missing
         raise NotAModelError(f"{p}: could not load the checkpoint ({type(exc).__name__}: {first_line(exc)})") from None
-    if _block_fp8(stored) and isinstance(parse_dtype(dtype), torch.dtype):
+    if block_fp8(stored) and isinstance(parse_dtype(dtype), torch.dtype):
         # transformers' dequantizing FP8 loader (5.23) leaves the layers it did not quantize in the checkpoint's
         # dtype beside dequantized ones in the one asked for: a float32 checkpoint with FP8 attention would not run
         model = model.to(parse_dtype(dtype))
@@ -138,31 +140,12 @@ def stored_scheme(path: Path) -> str | None:
     """The in-memory scheme that holds a quantized checkpoint's experts as stored: ``fp8-block`` for block-wise
     FP8, ``int8-channel`` / ``int4-group`` (groups of 128) for compressed-tensors' symmetric integer formats
     (``moe-fx quantize``'s); ``None`` for anything else."""
-    return _scheme_of(_quantization_config(path))
-
-
-def _quantization_config(path: Path) -> dict:
-    return json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    return _scheme_of(quantization_config(path))
 
 
 def _scheme_of(config: dict) -> str | None:
-    if _block_fp8(config):
-        return "fp8-block"
-    groups = list((config.get("config_groups") or {}).values()) if config.get("quant_method") == "compressed-tensors" else []
-    weights = groups[0].get("weights") or {} if len(groups) == 1 else {}
-    if not weights.get("symmetric") or weights.get("type") != "int":
-        return None
-    if weights.get("num_bits") == 8 and weights.get("strategy") == "channel":
-        return "int8-channel"
-    if weights.get("num_bits") == 4 and weights.get("strategy") == "group" and weights.get("group_size") == 128:
-        return "int4-group"
-    return None
-
-
-def _block_fp8(config: dict) -> bool:
-    """Whether a ``quantization_config`` is block-wise FP8 (``moe-fx quantize --scheme fp8-block``'s format, the
-    hub's FP8 models)."""
-    return config.get("quant_method") == "fp8" and bool(config.get("weight_block_size"))
+    found = scheme_of(config)
+    return found.scheme if found is not None and found.group_size == DEFAULT_GROUP else None
 
 
 def _dequantizing(config: dict):
@@ -170,7 +153,7 @@ def _dequantizing(config: dict):
     needed). Block-wise FP8: ``dequantize=True``, which loads anywhere, no FP8 kernel needed. compressed-tensors:
     ``run_compressed=False``, so that linear layers stored quantized (``--targets linear``) load as plain linear
     layers rather than decompressing their weights at every call on a GPU."""
-    if _block_fp8(config):
+    if block_fp8(config):
         from transformers import FineGrainedFP8Config
 
         keys = ("activation_scheme", "weight_block_size", "modules_to_not_convert")

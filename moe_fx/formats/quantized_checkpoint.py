@@ -24,7 +24,9 @@ divide.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 import re
 import shutil
 from collections.abc import Callable
@@ -36,6 +38,7 @@ from torch import nn
 
 from moe_fx.errors import BadOptionError
 from moe_fx.formats import compressed_experts, fp8_block
+from moe_fx.formats.stored_format import tensor_names
 from moe_fx.kernels import quantized
 from moe_fx.kernels.quantized import check_scheme
 
@@ -45,6 +48,8 @@ TARGETS = ("experts", "linear", "linear+head")
 """What a checkpoint's quantization covers (module doc)."""
 _EXPERT_WEIGHT = re.compile(r"(?:^|\.)experts\.\d+\.[A-Za-z0-9_]+\.weight$")
 """A routed expert's projection in the hub's per-expert layout."""
+_STORED_EXPERT_WEIGHT = re.compile(r"(?:^|\.)experts\.\d+\.[A-Za-z0-9_]+\.weight(?:_packed)?$")
+"""The same, stored dense, in FP8 or in compressed-tensors' ``weight_packed``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,23 +77,23 @@ def check_targets(targets: str) -> None:
         raise BadOptionError(f"unknown quantization targets {targets!r}; use one of {', '.join(TARGETS)}")
 
 
-def check_before_pruning(source: Path, scheme: str, *, group_size: int = compressed_experts.DEFAULT_GROUP,
-                         width_multiple: int | None = None, targets: str = "experts") -> None:
-    """Refuse ``prune --quantize scheme`` before any work: bad targets, a missing library, and for int4-group
-    expert input sizes (the hidden size, the experts' width, or with channel pruning the multiple widths are
-    padded to) that its group size does not divide."""
+def check_before_pruning(source: Path, scheme: str, *, group_size: int = compressed_experts.DEFAULT_GROUP, targets: str = "experts") -> None:
+    """Refuse ``prune --quantize scheme`` before any work: bad targets, a missing library, experts stored fused,
+    and for int4-group the source's expert input sizes (the hidden size, the experts' width) that its group size
+    does not divide. Channel-pruned widths are known only after the passes: the writer then takes a smaller group
+    where one needs it (``fit_group``), and says so."""
     from moe_fx.formats.lazy import meta_model
     from moe_fx.model.trace import trace
 
     codec(scheme, group_size)
     check_targets(targets)
+    # the pruned copy stores its experts as the source does: fused ones (GPT-OSS) have no per-expert tensor to write
+    names = tensor_names(source)
+    _refuse_fused(scheme, names, [k for k in names if _STORED_EXPERT_WEIGHT.search(k)])
     if scheme != "int4-group":
         return
     for block in trace(meta_model(source)).blocks:
-        sizes = {"hidden size": block.experts.hidden_size, "expert width": block.experts.intermediate_size}
-        if width_multiple is not None:
-            sizes["--multiple (channel-pruned widths are padded to it)"] = width_multiple
-        for what, size in sizes.items():
+        for what, size in {"hidden size": block.experts.hidden_size, "expert width": block.experts.intermediate_size}.items():
             compressed_experts.check_group(scheme, group_size, size, f"{block.path} {what}")
 
 
@@ -102,10 +107,7 @@ def plan_tensors(meta: nn.Module, shapes: dict[str, tuple[int, ...]], scheme: st
     from moe_fx.model.trace import trace
 
     experts = {k for k in shapes if _EXPERT_WEIGHT.search(k)}
-    if not experts:
-        fused = [k for k in shapes if ".experts." in k][:2]
-        raise BadOptionError(f"{scheme} writes per-expert tensors (experts.N.proj.weight), and this checkpoint stores its experts "
-                             f"fused ({', '.join(fused) or 'no expert tensor found'}); it cannot take this scheme")
+    _refuse_fused(scheme, list(shapes), experts)
     for key in experts:
         if not _storable(scheme, shapes[key]):
             raise BadOptionError(f"{key}: shape {list(shapes[key])} has a dimension over {fp8_block.BLOCK} that is not a multiple of it, "
@@ -126,18 +128,34 @@ def plan_tensors(meta: nn.Module, shapes: dict[str, tuple[int, ...]], scheme: st
     return chosen, list(dict.fromkeys(kept + routers))
 
 
+def _refuse_fused(scheme: str, names: list[str], experts: set[str] | list[str]) -> None:
+    """Refuse a checkpoint without per-expert tensors (``experts``, among its tensor ``names``): its experts are
+    stored fused (GPT-OSS), and the scheme's format has no tensor to write them in."""
+    if not experts:
+        fused = [k for k in names if ".experts." in k][:2]
+        raise BadOptionError(f"{scheme} writes per-expert tensors (experts.N.proj.weight), and this checkpoint stores its experts "
+                             f"fused ({', '.join(fused) or 'no expert tensor found'}); it cannot take this scheme")
+
+
 def _storable(scheme: str, shape: tuple[int, ...]) -> bool:
     """Whether transformers reads ``scheme``'s blocks of a ``shape`` tensor back (module doc); integer schemes
     have no such limit."""
     return scheme != "fp8-block" or all(d <= fp8_block.BLOCK or d % fp8_block.BLOCK == 0 for d in shape)
 
 
+def fitting_group(group_size: int, sizes: list[int]) -> int:
+    """The largest divisor of ``group_size`` that divides each of ``sizes`` (int4-group's groups tile every input)."""
+    return functools.reduce(math.gcd, sizes, group_size)
+
+
 def quantize_directory(path: str | Path, *, scheme: str = "fp8-block", group_size: int = compressed_experts.DEFAULT_GROUP,
-                       source: Path | None = None, show_progress: bool = False, targets: str = "experts") -> dict:
+                       source: Path | None = None, show_progress: bool = False, targets: str = "experts", fit_group: bool = False) -> dict:
     """Rewrite a saved checkpoint's expert weights with ``scheme``, in place (every shard, the index, the
     config), or, with ``source``, write ``source``'s shards into ``path``, which holds its other files already.
     Returns what the record keeps: the bytes before and after, the tensors quantized, the largest relative
-    round-trip error."""
+    round-trip error. ``fit_group``: int4-group takes the largest divisor of ``group_size`` that divides every
+    expert's input size (a pruned width the planner rounded to 8, say 576 for groups of 128, gets groups of 64)
+    instead of refusing; the record keeps both sizes."""
     from safetensors import safe_open
 
     from moe_fx.formats.lazy import meta_model
@@ -155,6 +173,10 @@ def quantize_directory(path: str | Path, *, scheme: str = "fp8-block", group_siz
     for file in shard_files(shards):
         with safe_open(str(shards / file), "pt") as f:
             shapes |= {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    asked = group_size
+    if fit_group and scheme == "int4-group":
+        group_size = fitting_group(group_size, [shapes[k][-1] for k in shapes if _EXPERT_WEIGHT.search(k)])
+        fmt = codec(scheme, group_size)
     chosen, not_converted = plan_tensors(meta_model(shards), shapes, scheme, targets, group_size)
     worst = 0.0
 
@@ -174,7 +196,8 @@ def quantize_directory(path: str | Path, *, scheme: str = "fp8-block", group_siz
     set_quantization_config(path, fmt.config(not_converted))
     return {"scheme": scheme, "targets": targets, "tensors": len(chosen), "bytes_before": before, "bytes": after,
             "max_relative_error": worst, "kept_in_source_dtype": len(not_converted),
-            **({"group_size": group_size} if scheme == "int4-group" else {})}
+            **({"group_size": group_size} if scheme == "int4-group" else {}),
+            **({"group_size_asked": asked} if group_size != asked else {})}
 
 
 def quantize_checkpoint(source: str | Path, out: str | Path, *, scheme: str = "fp8-block", group_size: int = compressed_experts.DEFAULT_GROUP,
@@ -191,15 +214,16 @@ def quantize_checkpoint(source: str | Path, out: str | Path, *, scheme: str = "f
 
 
 def quantize_in_place(path: str | Path, *, scheme: str, group_size: int = compressed_experts.DEFAULT_GROUP, show_progress: bool = False,
-                      targets: str = "experts") -> dict:
+                      targets: str = "experts", fit_group: bool = False) -> dict:
     """:func:`quantize_checkpoint` from ``path`` onto itself: the quantized copy is built beside it and replaces
-    it only when complete (a streamed prune's output, quantized after it is written)."""
+    it only when complete (a streamed prune's output, quantized after it is written); ``fit_group`` as
+    :func:`quantize_directory`'s."""
     codec(scheme, group_size)
     check_targets(targets)
-    return _write(Path(path), Path(path), scheme, group_size, show_progress, targets)
+    return _write(Path(path), Path(path), scheme, group_size, show_progress, targets, fit_group)
 
 
-def _write(source: Path, out: Path, scheme: str, group_size: int, show_progress: bool, targets: str) -> dict:
+def _write(source: Path, out: Path, scheme: str, group_size: int, show_progress: bool, targets: str, fit_group: bool = False) -> dict:
     from moe_fx.formats.atomic import atomic_directory
     from moe_fx.formats.checkpoint import RECORD_FILE
     from moe_fx.formats.loading import stored_in_buckets
@@ -214,7 +238,8 @@ def _write(source: Path, out: Path, scheme: str, group_size: int, show_progress:
         for item in source.iterdir():  # everything but the weights, which quantize_directory writes
             if item.name not in shards:
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
-        entry = quantize_directory(tmp, scheme=scheme, group_size=group_size, source=source, show_progress=show_progress, targets=targets)
+        entry = quantize_directory(tmp, scheme=scheme, group_size=group_size, source=source, show_progress=show_progress, targets=targets,
+                                   fit_group=fit_group)
         record_file = tmp / RECORD_FILE
         record = json.loads(record_file.read_text()) if record_file.is_file() else {"source": str(source.resolve())}
         record["quantization"] = entry

@@ -54,6 +54,7 @@ from moe_fx.formats.lazy import LazyCheckpoint, meta_model, revert_to_checkpoint
 from moe_fx.formats.loading import stored_buckets
 from moe_fx.formats.partial import PartialCheckpoint
 from moe_fx.formats.ragged import held_in_buckets, pad_block_, plan_storage, record_buckets, storage_summary
+from moe_fx.formats.stored_format import dense_config
 from moe_fx.model.attention import calibration_attention
 from moe_fx.model.layers import LayerCall, capture_layer_calls, decoder_layers, stand_in_output
 from moe_fx.model.layout import layout_of, record_layout
@@ -520,7 +521,8 @@ def stream_prune(
         if buckets:
             record_buckets(model, state.spec, buckets)
         _check_loads_back(model, partial.layers, run.prefix)
-        model.config.save_pretrained(partial.dir)
+        with dense_config(model.config) if run.ckpt.format is not None else contextlib.nullcontext():  # read dense, written dense
+            model.config.save_pretrained(partial.dir)
         if (source / "generation_config.json").is_file():
             GenerationConfig.from_pretrained(source).save_pretrained(partial.dir)
         summary = StreamReport(
