@@ -21,6 +21,7 @@ from moe_fx.errors import BadOptionError, MoeFxError, OutputPathError
 from moe_fx.evaluate.report import write_report
 from moe_fx.formats import mxfp4, quantized_checkpoint
 from moe_fx.formats.atomic import atomic_directory, replace_atomically
+from moe_fx.formats.compressed_experts import DEFAULT_GROUP
 from moe_fx.formats.ragged import ragged_experts
 from moe_fx.formats.stored_format import saved_dense
 from moe_fx.model import per_layer as per_layer_model
@@ -187,7 +188,7 @@ def save_checkpoint(
     report: bool = True,
     quantize: str | None = None,
     quantize_targets: str = "experts",
-    quantize_group_size: int = quantized_checkpoint.compressed_experts.DEFAULT_GROUP,
+    quantize_group_size: int = DEFAULT_GROUP,
     expert_storage: str = "auto",
 ) -> Path:
     """Save ``model`` (and its moe-fx record) atomically to ``out``; return the final path. ``report``: also

@@ -48,8 +48,6 @@ TARGETS = ("experts", "linear", "linear+head")
 """What a checkpoint's quantization covers (module doc)."""
 _EXPERT_WEIGHT = re.compile(r"(?:^|\.)experts\.\d+\.[A-Za-z0-9_]+\.weight$")
 """A routed expert's projection in the hub's per-expert layout."""
-_STORED_EXPERT_WEIGHT = re.compile(r"(?:^|\.)experts\.\d+\.[A-Za-z0-9_]+\.weight(?:_packed)?$")
-"""The same, stored dense, in FP8 or in compressed-tensors' ``weight_packed``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,8 +86,9 @@ def check_before_pruning(source: Path, scheme: str, *, group_size: int = compres
     codec(scheme, group_size)
     check_targets(targets)
     # the pruned copy stores its experts as the source does: fused ones (GPT-OSS) have no per-expert tensor to write
+    # (a quantized source's per-expert codes: ``weight`` in FP8, ``weight_packed`` in compressed-tensors' format)
     names = tensor_names(source)
-    _refuse_fused(scheme, names, [k for k in names if _STORED_EXPERT_WEIGHT.search(k)])
+    _refuse_fused(scheme, names, [k for k in names if _EXPERT_WEIGHT.search(k.removesuffix("_packed"))])
     if scheme != "int4-group":
         return
     for block in trace(meta_model(source)).blocks:
