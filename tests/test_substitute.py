@@ -138,11 +138,25 @@ def test_refusals():
         compose(Calibrate(data=TOKENS, show_progress=False), Score("reap"), SubstituteExperts(ratio=0.25))(tiny_model("qwen3_moe"))
 
 
-def test_a_substituted_checkpoint_has_no_padded_form(tmp_path):
+def test_a_substituted_checkpoint_has_no_padded_form_and_inspect_describes_it(tmp_path, capsys):
+    import json
+
+    from moe_fx.cli import main
+
     model = compose(Score("mone"), SubstituteExperts(ratio=0.5))(_fresh("mixtral"))
     save_checkpoint(model, tmp_path / "out")
     with pytest.raises(UnsupportedFamilyError, match="substituted by constants"):
         load_model(tmp_path / "out", ragged=False)
+    substituted = state_of(model).history[-1].report["substituted_experts"]
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "out"), "--json"]) == 0
+    blocks = json.loads(capsys.readouterr().out)["substituted_blocks"]
+    assert sum(b["substituted"] for b in blocks) == sum(len(v) for v in substituted.values()) > 0
+    assert all(b["held experts"] + b["substituted"] == b["router experts"] == 8 for b in blocks)
+    assert main(["inspect", str(tmp_path / "out")]) == 0
+    assert "substituted by constants (MoNE) in" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "out"), "--verify"]) == 2
+    assert "--verify checks a canonical spec" in capsys.readouterr().err
 
 
 def test_refit_lowers_the_sampled_block_error_and_moves_the_constants():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 from moe_fx.cli.common import add_common, resolve_device
+from moe_fx.errors import BadOptionError
+from moe_fx.model.trace import substituted
 
 
 def add_parser(sub) -> None:
@@ -21,9 +23,14 @@ def run(args) -> int:
     """Run the command with the parsed ``args``; return the exit status."""
     from moe_fx.evaluate.table import format_table
     from moe_fx.formats.loading import load_model
+    from moe_fx.formats.ragged import pad_buckets_
     from moe_fx.pipeline import state_of
 
-    model = load_model(args.model, dtype=args.dtype, device=resolve_device(args.device), ragged=False)
+    # held as stored first: a checkpoint with substituted experts has no padded form to trace
+    model = load_model(args.model, dtype=args.dtype, device=resolve_device(args.device), ragged=True)
+    if substituted(model):
+        return _describe_substituted(args, model)
+    pad_buckets_(model)  # width buckets: the spec describes the padded experts that passes rewrite
     spec = state_of(model).spec
     if args.json:
         print(json.dumps(spec.to_dict(), indent=2))
@@ -43,4 +50,27 @@ def run(args) -> int:
         vrows = [[c.block, "ok" if c.ok else "MISMATCH", c.graph.score_fn if c.graph else "-", c.graph.top_k if c.graph else "-", "; ".join(c.mismatches) or (c.error or "")] for c in checks]
         print(format_table(["block", "fx check", "graph score", "graph top_k", "details"], vrows, title="torch.export graph check"))
         return 0 if all(c.ok for c in checks) else 1
+    return 0
+
+
+def _describe_substituted(args, model) -> int:
+    """A MoNE checkpoint (some experts substituted by constants): each block's router experts, held experts and
+    substituted ones. It has no canonical spec (its routers route to more experts than its experts modules hold),
+    so there is no graph to check against."""
+    from moe_fx.evaluate.table import format_table
+    from moe_fx.model.per_layer import NoviceExperts
+
+    if args.verify:
+        raise BadOptionError(f"{args.model}: --verify checks a canonical spec, which a checkpoint with substituted experts (MoNE) "
+                             "has none of; inspect it without --verify, or verify the source model")
+    rows = [{"block": path, "router experts": len(m.novice_slot), "held experts": int((m.novice_slot >= 0).sum()),
+             "substituted": int((m.novice_slot < 0).sum())}
+            for path, m in model.named_modules() if isinstance(m, NoviceExperts)]
+    if args.json:
+        print(json.dumps({"model_type": model.config.model_type, "substituted_blocks": rows}, indent=2))
+        return 0
+    print(format_table(list(rows[0]), [list(r.values()) for r in rows],
+                       title=f"{args.model}: {model.config.model_type}, experts substituted by constants (MoNE) in {len(rows)} blocks"))
+    print("blocks not listed hold all their router's experts; moe-fx does not rewrite, quantize, compile or export this "
+          "checkpoint (run those on the source model)")
     return 0
