@@ -103,10 +103,14 @@ def test_cli_quantize(capsys, tmp_path) -> None:
 
 
 def test_refusals(tmp_path) -> None:
-    """Fused on-disk experts (GPT-OSS's MXFP4 layout) and an already quantized checkpoint are refused; no output."""
+    """Fused on-disk experts (GPT-OSS's MXFP4 layout, GraniteMoE's) and an already quantized checkpoint are refused,
+    the fused experts' stored tensors named; no output."""
     gpt = save_checkpoint(tiny_model("gpt_oss").to(torch.bfloat16), tmp_path / "gpt", report=False)
-    with pytest.raises(BadOptionError, match="stores its experts fused"):
+    with pytest.raises(BadOptionError, match=r"stores its experts fused \(model.layers.0.mlp.experts.down_proj, "):
         quantize_checkpoint(gpt, tmp_path / "x")
+    granite = save_checkpoint(tiny_model("granitemoe").to(torch.bfloat16), tmp_path / "granite", report=False)
+    with pytest.raises(BadOptionError, match=r"stores its experts fused \(model.layers.0.block_sparse_moe.input_linear.weight, "):
+        quantize_checkpoint(granite, tmp_path / "x")
     src = save_checkpoint(tiny_model("qwen3_moe").to(torch.bfloat16), tmp_path / "src", report=False)
     fp8 = tmp_path / "fp8"
     quantize_checkpoint(src, fp8)

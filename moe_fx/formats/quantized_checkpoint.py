@@ -88,10 +88,11 @@ def check_before_pruning(source: Path, scheme: str, *, group_size: int = compres
     # the pruned copy stores its experts as the source does: fused ones (GPT-OSS) have no per-expert tensor to write
     # (a quantized source's per-expert codes: ``weight`` in FP8, ``weight_packed`` in compressed-tensors' format)
     names = tensor_names(source)
-    _refuse_fused(scheme, names, [k for k in names if _EXPERT_WEIGHT.search(k.removesuffix("_packed"))])
+    meta = meta_model(source)
+    _refuse_fused(scheme, names, [k for k in names if _EXPERT_WEIGHT.search(k.removesuffix("_packed"))], meta)
     if scheme != "int4-group":
         return
-    for block in trace(meta_model(source)).blocks:
+    for block in trace(meta).blocks:
         for what, size in {"hidden size": block.experts.hidden_size, "expert width": block.experts.intermediate_size}.items():
             compressed_experts.check_group(scheme, group_size, size, f"{block.path} {what}")
 
@@ -106,7 +107,7 @@ def plan_tensors(meta: nn.Module, shapes: dict[str, tuple[int, ...]], scheme: st
     from moe_fx.model.trace import trace
 
     experts = {k for k in shapes if _EXPERT_WEIGHT.search(k)}
-    _refuse_fused(scheme, list(shapes), experts)
+    _refuse_fused(scheme, list(shapes), experts, meta)
     for key in experts:
         if not _storable(scheme, shapes[key]):
             raise BadOptionError(f"{key}: shape {list(shapes[key])} has a dimension over {fp8_block.BLOCK} that is not a multiple of it, "
@@ -127,11 +128,18 @@ def plan_tensors(meta: nn.Module, shapes: dict[str, tuple[int, ...]], scheme: st
     return chosen, list(dict.fromkeys(kept + routers))
 
 
-def _refuse_fused(scheme: str, names: list[str], experts: set[str] | list[str]) -> None:
+def _refuse_fused(scheme: str, names: list[str], experts: set[str] | list[str], meta: nn.Module) -> None:
     """Refuse a checkpoint without per-expert tensors (``experts``, among its tensor ``names``): its experts are
-    stored fused (GPT-OSS), and the scheme's format has no tensor to write them in."""
+    stored fused (GPT-OSS, GraniteMoE), and the scheme's format has no tensor to write them in. The message names
+    the stored tensors of the MoE blocks that ``meta`` (the model on meta) traces, but their routers' and shared
+    experts' (the stored names of fused experts need not be the module's: GraniteMoE's ``input_linear``)."""
+    from moe_fx.model.trace import trace
+
     if not experts:
-        fused = [k for k in names if ".experts." in k][:2]
+        blocks = trace(meta).blocks
+        inside = tuple(f"{b.path}." for b in blocks)
+        other = tuple(f"{p}." for b in blocks for p in (b.router.path, *(s.path for s in b.shared)))
+        fused = [k for k in names if k.startswith(inside) and not k.startswith(other)][:2]
         raise BadOptionError(f"{scheme} writes per-expert tensors (experts.N.proj.weight), and this checkpoint stores its experts "
                              f"fused ({', '.join(fused) or 'no expert tensor found'}); it cannot take this scheme")
 
