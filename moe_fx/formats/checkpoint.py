@@ -23,7 +23,7 @@ from moe_fx.formats import mxfp4, quantized_checkpoint
 from moe_fx.formats.atomic import atomic_directory, replace_atomically
 from moe_fx.formats.compressed_experts import DEFAULT_GROUP
 from moe_fx.formats.ragged import ragged_experts
-from moe_fx.formats.stored_format import saved_dense
+from moe_fx.formats.stored_format import quantization_config, saved_dense
 from moe_fx.model import per_layer as per_layer_model
 from moe_fx.model.adapters import COUNT_ATTRS, get_adapter
 from moe_fx.model.tensors import config_at, get_tensor
@@ -251,8 +251,8 @@ def source_mxfp4(source: str | Path | None) -> dict | None:
     """The source checkpoint's ``quantization_config`` when its experts are MXFP4 (what a pruned copy keeps), else None."""
     if source is None or not (Path(source) / "config.json").is_file():
         return None
-    config = json.loads((Path(source) / "config.json").read_text())
-    return config["quantization_config"] if mxfp4.is_mxfp4(config) else None
+    config = quantization_config(source)
+    return config if mxfp4.is_mxfp4({"quantization_config": config}) else None
 
 
 def read_record(path: str | Path) -> dict:
