@@ -277,7 +277,7 @@ def runtime_options(options: str):
     """A variant's ``:``-suffix, comma-separated, applied while its rows run: ``weight-only`` keeps quantized
     experts' activations in their dtype (``MOE_FX_QUANTIZED_ACTIVATIONS``), ``gemv=X`` moves the routed GEMV's
     bounds to ``X`` pairs per expert, ``swap=on|off`` sets the grouped kernel's orientation (``SWAP``) whatever
-    ``grouped_tiles`` picks, ``grouped-tiles=MxNxKxWxS[xSWAP]`` sets its tiles where it picks the per-expert
+    ``grouped_tiles`` picks, ``grouped-tiles=MxNxKxWxS[xSWAP[xSUBS]]`` sets its tiles where it picks the per-expert
     schedule (few rows per expert: decode), ``fused=off`` leaves the routers' top-k to torch and
     each projection to its own matmul, ``gemv-tiles=NxKxW`` sets the routed
     GEMV's dense tiles, ``freeze`` compiles with Inductor's freezing (weights as constants: sibling projections of
@@ -321,9 +321,9 @@ def runtime_options(options: str):
                 shape = [int(v) for v in option.removeprefix("grouped-tiles=").split("x")]
                 tiles = patched.setdefault((triton_kernels, "grouped_tiles"), triton_kernels.grouped_tiles)
                 triton_kernels.grouped_tiles = lambda *a, shape=shape: (
-                    t if (t := tiles(*a)).tiled else triton_kernels.Tiles(*shape[:5], bool(shape[5:] and shape[5])))
+                    t if (t := tiles(*a)).tiled else triton_kernels.Tiles(*shape[:5], bool(shape[5:] and shape[5]), False, *shape[6:7]))
             else:
-                raise SystemExit(f"unknown variant option {option!r}: use weight-only, gemv=X, swap=on|off, grouped-tiles=MxNxKxWxS[xSWAP], fused=off, "
+                raise SystemExit(f"unknown variant option {option!r}: use weight-only, gemv=X, swap=on|off, grouped-tiles=MxNxKxWxS[xSWAP[xSUBS]], fused=off, "
                                  "gemv-tiles=NxKxW or freeze")
         yield
     finally:

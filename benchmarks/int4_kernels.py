@@ -38,11 +38,14 @@ from moe_fx.kernels.triton_kernels import gemv_tiles, quantize_rows, triton_grou
 HIDDEN, WIDTH, EXPERTS, TOP_K = 2048, 768, 128, 8
 
 
-GROUPED_TILES = [(16, bn, bk, 4, st, sw) for bn in (64, 128) for bk in (64, 128) for st in (3, 4) for sw in (False, True)] + [
-    (16, 128, 128, 8, 3, False), (16, 256, 128, 8, 3, False), (32, 64, 128, 4, 3, False), (32, 128, 128, 4, 3, False),
-    (16, 64, 128, 4, 6, False), (16, 128, 64, 4, 6, False)]
-"""int4 grouped tiles tried: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SWAP). Deeper pipelines (6 and 8 stages)
-gained nothing for the weight-only kernel (``int4_kernels_h100_run4.json``)."""
+GROUPED_TILES = [(16, 64, 128, 4, 6, False), (16, 128, 128, 4, 4, False)] + [
+    (16, bn, 128, w, st, False, False, subs) for subs in (2, 4) for bn in (32, 64, 128) for w in (4, 8) for st in (2, 3, 4, 6)
+    if not (w == 8 and bn < 128) and not (subs == 4 and st == 6)]
+"""int4 grouped tiles tried: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SWAP[, tiled, SUBS]). Runs 5 and 6
+(``int4_kernels_h100_run6.json``) swept 22 one-tile-a-step shapes: 64-input tiles (32 bytes of a column's codes
+a step) read 1.5-1.8 TB/s where 128-input tiles read 1.9-2.1, swapped tiles lost at every decode shape, and
+deeper pipelines (6 and 8 stages) gained nothing for the weight-only kernel (``int4_kernels_h100_run4.json``).
+Their two best are kept beside steps of 2 and 4 tiles (``SUBS``: 128 and 256 bytes of a column a step)."""
 GEMV_TILES = [(bn, 128, w) for bn in (16, 32, 64) for w in (2, 4, 8)]
 """int4 routed GEMV tiles tried: (BLOCK_N, BLOCK_K, warps)."""
 

@@ -41,7 +41,7 @@ def _ptx(kernel, constexprs: dict, num_stages: int = 3, pointers: dict | None = 
 def test_int4_grouped_kernel_prefetches_its_codes_in_vectors() -> None:
     ptx = _ptx(tk._grouped_mm_kernel, {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "IEEE": False, "QUANT": 2,
                                        "FP8": False, "SWAP": False, "PTX": True, "TILED": False,
-                                       "BLOCK_E": 128, "GATHER": True})
+                                       "BLOCK_E": 128, "GATHER": True, "SUBS": 1})
     assert "ld.global.b8" not in ptx and "ld.global.u8" not in ptx
     assert "cp.async.cg.shared.global" in ptx  # the pipeliner's asynchronous copies
 
@@ -52,13 +52,23 @@ def test_int4_routed_gemv_loads_its_codes_in_vectors() -> None:
     assert "ld.global.v2.b32" in ptx or "ld.global.v4.b32" in ptx
 
 
-def test_int4_codes_times_int8_rows_run_on_int8_tensor_cores() -> None:
+@pytest.mark.parametrize("subs", [1, 2])
+def test_int4_codes_times_int8_rows_run_on_int8_tensor_cores(subs: int) -> None:
     """``QUANT`` 4: the codes become int8 in registers (one ``lop3`` a word) and multiply int8 rows on int8 tensor
-    cores; the codes still load in vectors and are prefetched."""
-    ptx = _ptx(tk._grouped_mm_kernel, {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "IEEE": False, "QUANT": 4,
-                                       "FP8": False, "SWAP": False, "PTX": True, "TILED": False, "BLOCK_E": 128,
-                                       "GATHER": True}, pointers={"x_ptr": "*i8"})
+    cores; the codes still load in vectors and are prefetched, also in steps of two tiles (decode's default):
+    each step's copies and products then cover both tiles (twice one tile's)."""
+    ptx = _int4_rows_ptx(subs)
     assert "mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32" in ptx
     assert "bf16.bf16" not in ptx  # no product in bf16: no code converted to it
     assert "ld.global.b8" not in ptx and "ld.global.u8" not in ptx
     assert "cp.async.cg.shared.global" in ptx
+    if subs > 1:
+        one = _int4_rows_ptx(1)
+        for op in ("cp.async.cg.shared.global", "mma.sync.aligned.m16n8k32"):
+            assert ptx.count(op) == subs * one.count(op), op
+
+
+def _int4_rows_ptx(subs: int) -> str:
+    return _ptx(tk._grouped_mm_kernel, {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "IEEE": False, "QUANT": 4,
+                                        "FP8": False, "SWAP": False, "PTX": True, "TILED": False, "BLOCK_E": 128,
+                                        "GATHER": True, "SUBS": subs}, pointers={"x_ptr": "*i8"})

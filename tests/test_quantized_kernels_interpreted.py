@@ -26,6 +26,7 @@ tk.wrap_triton = lambda kernel: kernel  # the interpreter launches kernels itsel
 torch.manual_seed(0)
 TILED = tk.Tiles(2, 64, 128, 4, 3, False, True)  # 2-row blocks: experts of 2, 3 and 4 rows span 1-2 blocks
 TILED_SWAP = tk.Tiles(4, 64, 128, 4, 3, True, True)
+SUBS = (tk.Tiles(16, 64, 128, 4, 4, False, False, 2), tk.Tiles(2, 64, 128, 4, 3, True, True, 2))  # 4-bit: 2 tiles a step
 for k in (384, 200):
     w = torch.randn(6, 96, k) * 0.02
     x = torch.randn(5, k)
@@ -43,7 +44,8 @@ for k in (384, 200):
         want = torch.stack([x[p // 2] @ dense[ids[p]].T for p in range(len(ids))])
         assert (got - want).abs().max() < 1e-5, (scheme, k, "gemv")
         want = torch.stack([rows[i] @ dense[owner[i]].T for i in range(len(owner))])
-        for tiles in ((16, 64, 128, 4, 4, False), (64, 128, 64, 8, 3, False), (16, 64, 128, 4, 4, True), TILED, TILED_SWAP):
+        four_bit = SUBS if spec.kernel == 2 else ()
+        for tiles in ((16, 64, 128, 4, 4, False), (64, 128, 64, 8, 3, False), (16, 64, 128, 4, 4, True), TILED, TILED_SWAP, *four_bit):
             got = tk.triton_grouped_mm(rows, codes.transpose(-2, -1), offsets, tiles, quant)
             assert (got - want).abs().max() < 1e-5, (scheme, k, tiles)
             got = tk.triton_grouped_mm(tokens, codes.transpose(-2, -1), offsets, tiles, quant, src=src)
@@ -57,11 +59,17 @@ for k in (384, 200):
             assert rel < (0.08 if spec.fp8 else 0.01), (scheme, float(rel))  # e4m3 keeps 3 mantissa bits
             want8 = torch.stack([x_deq[i] @ dense[owner[i]].T for i in range(len(owner))])
             t_codes, t_scale = tk.quantize_rows(tokens, spec.fp8)
-            for tiles in ((16, 64, 128, 4, 4, False), (64, 128, 128, 8, 3, False), (16, 64, 128, 4, 3, True), TILED, TILED_SWAP):
+            for tiles in ((16, 64, 128, 4, 4, False), (64, 128, 128, 8, 3, False), (16, 64, 128, 4, 3, True), TILED, TILED_SWAP, *four_bit):
                 got = tk.triton_grouped_mm(x_codes, codes.transpose(-2, -1), offsets, tiles, quant, x_scale, torch.float32)
                 assert (got - want8).abs().max() < 1e-5, (scheme, k, tiles, "8-bit activations")
                 got = tk.triton_grouped_mm(t_codes, codes.transpose(-2, -1), offsets, tiles, quant, t_scale, torch.float32, src)
                 assert (got - want8).abs().max() < 1e-5, (scheme, k, tiles, "8-bit activations read in place")
+try:  # several tiles a step are for 4-bit codes only
+    tk.triton_grouped_mm(rows, codes.transpose(-2, -1), offsets, SUBS[0], (scale, 128, 1))
+except ValueError as exc:
+    assert "4-bit codes" in str(exc), exc
+else:
+    raise AssertionError("8-bit codes ran in steps of 2 tiles")
 # benchmarks/int8_rows_quality.py emulates the int8 rows on a CPU: the same codes and scales as quantize_rows
 sys.path.insert(0, str(pathlib.Path(tk.__file__).parents[2] / "benchmarks"))
 from int8_rows_quality import int8_rows

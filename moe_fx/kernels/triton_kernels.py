@@ -37,8 +37,10 @@ two at a time in inline PTX (:func:`_nibbles_bf16x2`).
 Measured on an H200 at Qwen3-30B-A3B shapes (``experts_kernels.py --sweep-quantized``; up projection): the
 routed GEMV reads FP8 codes at 2.5-2.7 TB/s (bf16 weights: 3.6), the weight-only grouped kernel at 2.6-2.7 TB/s
 with 16-64 tokens, the 8-bit one at 3.5-3.7 TB/s (bf16: 4.3); at 4096 tokens the 8-bit kernel takes 811 us
-against CUTLASS's 416 us in bf16. The int4 grouped kernel reads 1.5-1.9 TB/s of packed bytes with 16-64 tokens
-on an H100 (bf16 weights: 2.9, ``benchmarks/int4_kernels.py``). It read 0.65-0.77 while the codes' load mask was
+against CUTLASS's 416 us in bf16. The int4 grouped kernel reads 1.9-2.4 TB/s of packed bytes with 16-64 tokens
+on an H100 (bf16 weights: 2.9-3.0, ``benchmarks/int4_kernels.py``): 2.35-2.4 in the up projection since a step of
+its loop multiplies two tiles (``SUBS``), so each column's codes are read 128 contiguous bytes a step, where one
+128-input tile reads 64 (1.9-2.1 TB/s) and a 64-input tile 32 (1.5-1.8). It read 0.65-0.77 while the codes' load mask was
 written in inputs (``k0 + 2 * halves < K``): Triton cannot prove such a mask constant over a vector of bytes,
 so it loaded the codes a byte per instruction and outside its software pipeline. The mask is now written in
 bytes against the codes' length ``KW`` (``tests/test_kernels_ptx.py`` checks the compiled loads).
@@ -68,7 +70,7 @@ def _grouped_mm_kernel(
     stride_xsm, stride_xsg,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, QUANT: tl.constexpr,
     FP8: tl.constexpr, SWAP: tl.constexpr, PTX: tl.constexpr, TILED: tl.constexpr, BLOCK_E: tl.constexpr,
-    GATHER: tl.constexpr,
+    GATHER: tl.constexpr, SUBS: tl.constexpr,
 ):
     if TILED:
         # one block of BLOCK_M rows a program: the tile schedule (each expert's row blocks, in expert order) is
@@ -113,49 +115,55 @@ def _grouped_mm_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP else (BLOCK_M, BLOCK_N), dtype=tl.float32)
         if QUANT != 0:
             # one scale per output column for a whole tile (a tile lies in one scale group), applied after the
-            # product. They load one step ahead, into registers: the software pipeliner prefetches only the
-            # products' operands, and a load in the step that uses it stalls that step on the memory's latency
-            scale_base = scale_ptr + expert.to(tl.int64) * stride_se + cols * stride_sn
-            scale = tl.load(scale_base, mask=col_ok, other=0.0)
+            # product; a step of ``SUBS`` tiles holds ``SUBS`` of them. They load one step ahead, into registers:
+            # the software pipeliner prefetches only the products' operands, and a load in the step that uses it
+            # stalls that step on the memory's latency
+            subs = tl.arange(0, SUBS) * BLOCK_K
+            scale_base = scale_ptr + expert.to(tl.int64) * stride_se + cols[None, :] * stride_sn
+            scale = _step_scales(scale_base, subs, GROUP, stride_sg, col_ok[None, :], K)
             if QUANT >= 3:
-                x_scale_base = x_scale_ptr + src * stride_xsm
-                x_scale = tl.load(x_scale_base, mask=row_ok, other=0.0)
-        for k0 in range(0, K, BLOCK_K):
-            k_ok = k0 + ks < K
+                x_scale_base = x_scale_ptr + src[None, :] * stride_xsm
+                x_scale = _step_scales(x_scale_base, subs, ACT_GROUP, stride_xsg, row_ok[None, :], K)
+        for k0 in range(0, K, BLOCK_K * SUBS):
             if QUANT != 0:
-                k_next = k0 + BLOCK_K
-                next_scale = tl.load(scale_base + (k_next // GROUP) * stride_sg, mask=col_ok & (k_next < K), other=0.0)
+                k_next = k0 + BLOCK_K * SUBS
+                next_scale = _step_scales(scale_base, k_next + subs, GROUP, stride_sg, col_ok[None, :], K)
                 if QUANT >= 3:
-                    next_x_scale = tl.load(x_scale_base + (k_next // ACT_GROUP) * stride_xsg, mask=row_ok & (k_next < K), other=0.0)
+                    next_x_scale = _step_scales(x_scale_base, k_next + subs, ACT_GROUP, stride_xsg, row_ok[None, :], K)
+            k_ok = k0 + ks < K
             if QUANT == 0:
                 a = tl.load(x_base + (k0 + ks)[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 b = tl.load(w_base + (k0 + ks)[:, None] * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
                 acc += _mma(a, b, IEEE, SWAP, False, FP8)
-            else:
-                if QUANT == 2 or QUANT == 4:
+            elif QUANT == 2 or QUANT == 4:
+                # a step of SUBS tiles reads SUBS x BLOCK_K / 2 contiguous bytes of each column's codes
+                for j in tl.static_range(SUBS):
+                    kj = k0 + j * BLOCK_K
                     # even and odd inputs as two products (their codes share a byte), split from one contiguous load
-                    a = _codes(x_base + (k0 + ks)[None, :] * stride_xk, row_ok[:, None] & k_ok[None, :])
+                    a = _codes(x_base + (kj + ks)[None, :] * stride_xk, row_ok[:, None] & (kj + ks < K)[None, :])
                     a_even, a_odd = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))
-                    byte = tl.load(w_base + (k0 // 2 + halves)[:, None] * stride_wk, mask=(k0 // 2 + halves < KW)[:, None] & col_ok[None, :], other=0)
+                    byte = tl.load(w_base + (kj // 2 + halves)[:, None] * stride_wk, mask=(kj // 2 + halves < KW)[:, None] & col_ok[None, :], other=0)
+                    w_scale = _sub(scale, j, SUBS)
                     if QUANT == 2:
                         low, high = _nibbles(byte, a_even.dtype, PTX)
-                        acc += (_mma(a_even, low, IEEE, SWAP, False, FP8) + _mma(a_odd, high, IEEE, SWAP, False, FP8)) * _per_col(scale, SWAP)
+                        acc += (_mma(a_even, low, IEEE, SWAP, False, FP8) + _mma(a_odd, high, IEEE, SWAP, False, FP8)) * _per_col(w_scale, SWAP)
                     else:
                         # times 8-bit activations on int8 tensor cores: each nibble ``c`` becomes the int8 ``16 (c - 8)``
                         # (one ``lop3`` a word, :func:`_nibble_codes`), and the 16 comes off with the scales
                         product = _mma_int8(a_even, _nibble_codes(byte, False, PTX), None, SWAP)
                         product = _mma_int8(a_odd, _nibble_codes(byte, True, PTX), product, SWAP)
-                        acc += product.to(tl.float32) * _per_row(x_scale, SWAP) * _per_col(scale * 0.0625, SWAP)
+                        acc += product.to(tl.float32) * _per_row(_sub(x_scale, j, SUBS), SWAP) * _per_col(w_scale * 0.0625, SWAP)
+            else:
+                b = _codes(w_base + (k0 + ks)[:, None] * stride_wk, k_ok[:, None] & col_ok[None, :])
+                if QUANT == 1:
+                    # 8-bit codes are exact in the activations' dtype: convert, multiply, scale
+                    a = tl.load(x_base + (k0 + ks)[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                    acc += _mma(a, b.to(a.dtype), IEEE, SWAP, False, FP8) * _per_col(_sub(scale, 0, SUBS), SWAP)
                 else:
-                    b = _codes(w_base + (k0 + ks)[:, None] * stride_wk, k_ok[:, None] & col_ok[None, :])
-                    if QUANT == 1:
-                        # 8-bit codes are exact in the activations' dtype: convert, multiply, scale
-                        a = tl.load(x_base + (k0 + ks)[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                        acc += _mma(a, b.to(a.dtype), IEEE, SWAP, False, FP8) * _per_col(scale, SWAP)
-                    else:
-                        # 8-bit activations (one scale per row and ACT_GROUP inputs) on 8-bit tensor cores
-                        a = _codes(x_base + (k0 + ks)[None, :] * stride_xk, row_ok[:, None] & k_ok[None, :])
-                        acc += _mma(a, b, IEEE, SWAP, True, FP8) * _per_row(x_scale, SWAP) * _per_col(scale, SWAP)
+                    # 8-bit activations (one scale per row and ACT_GROUP inputs) on 8-bit tensor cores
+                    a = _codes(x_base + (k0 + ks)[None, :] * stride_xk, row_ok[:, None] & k_ok[None, :])
+                    acc += _mma(a, b, IEEE, SWAP, True, FP8) * _per_row(_sub(x_scale, 0, SUBS), SWAP) * _per_col(_sub(scale, 0, SUBS), SWAP)
+            if QUANT != 0:
                 scale = next_scale
                 if QUANT >= 3:
                     x_scale = next_x_scale
@@ -195,6 +203,22 @@ def _mma_int8(a, b, acc, SWAP: tl.constexpr):
         out = tl.dot(tl.trans(b), tl.trans(a), acc=acc, out_dtype=tl.int32)
     else:
         out = tl.dot(a, b, acc=acc, out_dtype=tl.int32)
+    return out
+
+
+@triton.jit
+def _step_scales(base, ks, GROUP, stride, ok, K):
+    """The scales of a step's tiles (inputs ``ks``, one tile a row): ``[SUBS, columns or rows]``; tiles past ``K`` 0."""
+    return tl.load(base + (ks // GROUP)[:, None] * stride, mask=ok & (ks < K)[:, None], other=0.0)
+
+
+@triton.jit
+def _sub(v, j: tl.constexpr, SUBS: tl.constexpr):
+    """Row ``j`` of a step's ``[SUBS, n]`` scales."""
+    if SUBS == 1:
+        out = tl.reshape(v, (v.shape[1],))
+    else:
+        out = tl.sum(tl.where((tl.arange(0, SUBS) == j)[:, None], v, 0.0), 0)
     return out
 
 
@@ -273,7 +297,9 @@ def quantize_rows(x: torch.Tensor, fp8: bool) -> tuple[torch.Tensor, torch.Tenso
 class Tiles(NamedTuple):
     """One ``triton_grouped_mm`` launch's shape. ``swap``: the weights' tile is the left operand (:func:`_mma`);
     ``tiled``: one program per block of ``block_m`` rows of one expert (the schedule rebuilt from the offsets in
-    each program) instead of one per expert that walks its rows."""
+    each program) instead of one per expert that walks its rows; ``subs``: 4-bit codes only, a step of the
+    inner loop multiplies ``subs`` tiles of ``block_k`` inputs, each in its own scale group, so a column's codes
+    are read ``subs x block_k / 2`` contiguous bytes a step."""
 
     block_m: int
     block_n: int
@@ -282,6 +308,7 @@ class Tiles(NamedTuple):
     stages: int
     swap: bool
     tiled: bool = False
+    subs: int = 1
 
 
 def grouped_tiles(rows: int, num_experts: int, dtype: torch.dtype, quant: int = 0) -> Tiles:
@@ -298,13 +325,15 @@ def grouped_tiles(rows: int, num_experts: int, dtype: torch.dtype, quant: int = 
       28 tiled shapes at 4096 tokens on an H100 (``prefill_kernels.py``, ``prefill_kernels_h100_run1.json``; the
       rows read in place): FP8 526 against 1184 us for the up projection per expert, 313 against 461 down
       (bf16's CUTLASS: 539 and 267); int4 811 against 1107 up, 434 against 510 down.
-    - 4-bit codes times int8 rows (``QUANT`` 4), H100 (``int4_kernels_h100_run5.json``,
-      ``prefill_kernels_h100_run2.json``): with few rows 64 columns and 6 stages, the least time summed over both
-      projections at 16 and 64 tokens of 22 shapes (67.7 us for the up projection at 16 tokens, 73.0 at 128
-      columns and 3 stages); with many, tiled and swapped (621 against 666 us unswapped, up projection)."""
+    - 4-bit codes times int8 rows (``QUANT`` 4), H100: with few rows 128 columns, 3 stages and steps of two tiles
+      (``subs``: each column's codes read 128 contiguous bytes a step), the least time summed over both
+      projections at 16 and 64 tokens of 30 shapes (``int4_kernels_h100_run7.json``: 234 against 257 us for the
+      best one-tile-a-step shape, 64 columns and 6 stages; up projection at 16 tokens 59.7 against 68.8 us). Tiles
+      of 64 inputs (32 bytes a column a step) were slower still (``int4_kernels_h100_run6.json``). With many rows,
+      tiled and swapped (621 against 666 us unswapped, up projection, ``prefill_kernels_h100_run2.json``)."""
     few = rows <= 8 * num_experts
     block_m, block_n, block_k, warps, stages = (16, 64, 128, 4, 4) if few else (64, 128, 64, 8, 3)
-    swap = False
+    swap, subs = False, 1
     if dtype == torch.float32:
         block_k //= 2
     elif quant == 3:
@@ -312,8 +341,8 @@ def grouped_tiles(rows: int, num_experts: int, dtype: torch.dtype, quant: int = 
     elif quant == 2:
         block_m, block_n, block_k, warps, stages, swap = (16, 128, 128, 4, 3, False) if few else (64, 128, 128, 4, 4, False)
     elif quant == 4:
-        block_m, block_n, block_k, warps, stages, swap = (16, 64, 128, 4, 6, False) if few else (64, 128, 128, 4, 3, True)
-    return Tiles(block_m, block_n, block_k, warps, stages, swap, tiled=not few and quant in (2, 3, 4))
+        block_m, block_n, block_k, warps, stages, swap, subs = (16, 128, 128, 4, 3, False, 2) if few else (64, 128, 128, 4, 3, True, 1)
+    return Tiles(block_m, block_n, block_k, warps, stages, swap, tiled=not few and quant in (2, 3, 4), subs=subs)
 
 
 def triton_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, tiles: Tiles | tuple | None = None,
@@ -337,6 +366,8 @@ def triton_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, t
                              f"activations (codes {w.dtype}, QUANT {kind})")
         kind = 3 if kind == 1 else 4
     t = Tiles(*tiles) if tiles is not None else grouped_tiles(rows, num_experts, x.dtype, kind)
+    if t.subs > 1 and kind not in (2, 4):
+        raise ValueError(f"steps of several tiles ({t.subs}) are for 4-bit codes, not QUANT {kind}")
     if kind in (3, 4) and ACT_GROUP.value % t.block_k:
         raise ValueError(f"8-bit activations need tiles within {ACT_GROUP.value} inputs, not {t.block_k}")
     scale, group, _ = _quant_args(quant, w, t.block_k, k)
@@ -351,7 +382,7 @@ def triton_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, t
         scale.stride(0), scale.stride(1), scale.stride(2), x_scale.stride(0), x_scale.stride(1),
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, IEEE=x.dtype == torch.float32, QUANT=kind, FP8=fp8,
         SWAP=t.swap, PTX=_ptx(), TILED=t.tiled, BLOCK_E=max(16, triton.next_power_of_2(num_experts)), GATHER=src is not None,
-        num_warps=t.warps, num_stages=t.stages,
+        SUBS=t.subs, num_warps=t.warps, num_stages=t.stages,
     )
     return out
 
