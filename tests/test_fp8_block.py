@@ -81,6 +81,52 @@ def test_checkpoint_loads_in_stock_transformers(family: str, tmp_path) -> None:
     assert 0 < diff < 0.1
 
 
+FP8_PATH = r"""
+import json, sys
+import torch
+from safetensors.torch import load_file
+torch.cuda.is_available = lambda: True  # transformers' FP8 path (FP8Experts), which a CPU-only machine dequantizes
+torch.cuda.get_device_capability = lambda *a: (9, 0)
+from transformers import AutoModelForCausalLM
+path, blocks = sys.argv[1], json.loads(sys.argv[2])
+model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, trust_remote_code=True, output_loading_info=True)
+assert not any(info.values()), info
+stored = {}
+for f in sorted(__import__("pathlib").Path(path).glob("*.safetensors")):
+    stored.update(load_file(f))
+for block, count in blocks.items():
+    experts = model.get_submodule(block + ".experts")
+    assert type(experts).__name__ == "FP8Experts", type(experts)
+    codes = [t for n, t in experts.named_parameters() if t.dtype == torch.float8_e4m3fn]
+    assert codes and all(t.shape[0] == count for t in experts.parameters()), (block, [t.shape for t in experts.parameters()])
+    layer = block.rpartition(".")[0] + "."  # stored in the hub's names (Mixtral: block_sparse_moe.experts.N.w1)
+    mine = [t for n, t in stored.items() if n.startswith(layer) and ".experts." in n and t.dtype == torch.float8_e4m3fn]
+    checksum = lambda ts: sum(int(t.view(torch.uint8).long().sum()) for t in ts)
+    assert checksum(codes) == checksum(mine) > 0, block  # the stored codes, not a re-initialised tensor
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "qwen2_moe", "deepseek_v3"])
+def test_per_layer_checkpoint_loads_in_transformers_fp8_path(family: str, tmp_path) -> None:
+    """transformers' FP8 loader (the GPU path, forced on this CPU in a subprocess) replaces each experts module by
+    ``FP8Experts(module.config)``: per-layer expert counts load (they failed with a size mismatch when every block
+    was sized at the config's one count), with the stored codes."""
+    import subprocess
+    import sys
+
+    model = tiny_model(family).to(torch.bfloat16)
+    spec = trace(model)
+    DropExperts(plan=PrunePlan({spec.blocks[0].path: kept_ids(spec)}))(model)
+    src = save_checkpoint(model, tmp_path / "src", report=False)
+    quantize_checkpoint(src, tmp_path / "fp8")
+    counts = {b.path: (len(kept_ids(spec)) if i == 0 else b.num_experts) for i, b in enumerate(spec.blocks)}
+    assert len(set(counts.values())) == 2  # per-layer counts
+    done = subprocess.run([sys.executable, "-c", FP8_PATH, str(tmp_path / "fp8"), json.dumps(counts)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
 def test_dequantized_experts_are_what_transformers_computes(tmp_path) -> None:
     model = tiny_model("qwen3_moe").to(torch.bfloat16)
     src = save_checkpoint(model, tmp_path / "src", report=False)

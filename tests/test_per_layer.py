@@ -42,6 +42,13 @@ def test_per_layer_checkpoint_loads_three_ways(tmp_path) -> None:
     for m in (ours, remote):
         assert [b.num_experts for b in trace(m).blocks] == [5, 3]
         assert torch.equal(realigned(m)(input_ids=X).logits, ref)
+        # each experts module's config reports its own count (what transformers' FP8 loader sizes FP8Experts from),
+        # every other attribute, and any change to it, are the model config's
+        experts = [m.get_submodule(b.experts.path) for b in trace(m).blocks]
+        assert [e.config.num_experts for e in experts] == [5, 3] and m.config.num_experts == 5
+        assert all(e.config.hidden_size == m.config.hidden_size for e in experts)
+        m.set_experts_implementation("batched_mm")
+        assert all(e.config._experts_implementation == "batched_mm" for e in experts)
     # stock loading without the remote class must fail loudly, never load mismatched experts silently
     with pytest.raises(RuntimeError, match="mismatch"):
         AutoModelForCausalLM.from_pretrained(out)

@@ -41,11 +41,60 @@ def apply_layout(model: nn.Module, layout: dict) -> None:
         for ref, value in block["attrs"].items():
             mod_path, _, attr = ref.rpartition(":")
             setattr(model.get_submodule(mod_path), attr, int(value))
+            if attr in (*COUNT_ATTRS, *WIDTH_ATTRS):
+                give_layer_config(model.get_submodule(mod_path))
         if block.get("buckets"):
             build_buckets(model, block["buckets"])
         if block.get("novices"):
             record = block["novices"]
             make_novices(model.get_submodule(record["module"]), int(record["experts"]), int(record["hidden"]))
+
+
+COUNT_ATTRS = ("num_experts", "num_local_experts")
+"""An experts module's attribute for its expert count, in transformers' experts classes."""
+WIDTH_ATTRS = ("intermediate_dim", "intermediate_size")
+"""An experts module's attribute for its experts' width."""
+CONFIG_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+CONFIG_WIDTH_KEYS = ("moe_intermediate_size", "intermediate_size")
+
+
+class LayerConfig:
+    """The model's config as one block's experts module sees it: that block's expert count and width, every other
+    attribute read from (and written to) the model's config itself.
+
+    transformers' experts classes keep the model's config (``module.config``), and code that rebuilds an experts
+    module from it reads the count and the width there: transformers' FP8 loader replaces each experts module by
+    ``FP8Experts(module.config)`` before loading the weights, which sized every block at the config's one count
+    (a per-layer FP8 checkpoint failed to load with a size mismatch). Attributes not overridden, the experts
+    implementation among them, stay the model config's, so switching it still reaches every block."""
+
+    def __init__(self, base, overrides: dict) -> None:
+        self.__dict__.update(_base=base, _overrides=overrides)  # not through __setattr__, which writes to ``base``
+
+    def __getattr__(self, name: str):  # only for names not in __dict__ (torch.compile traces it)
+        if name.startswith("__"):  # copy and pickle probe dunders on a bare instance
+            raise AttributeError(name)
+        return self._overrides[name] if name in self._overrides else getattr(self._base, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(self._base, name, value)
+
+
+def give_layer_config(experts: nn.Module) -> None:
+    """Make ``experts.config`` (when it has one) a :class:`LayerConfig` with this module's count and width under the
+    config keys the model's config holds them in (the first width key it has: the experts' own before the dense
+    MLP's)."""
+    config = getattr(experts, "config", None)
+    if config is None:
+        return
+    base = config._base if isinstance(config, LayerConfig) else config
+    count = next((getattr(experts, a) for a in COUNT_ATTRS if hasattr(experts, a)), None)
+    width = next((getattr(experts, a) for a in WIDTH_ATTRS if hasattr(experts, a)), None)
+    overrides = {k: count for k in CONFIG_COUNT_KEYS if count is not None and hasattr(base, k)}
+    width_key = next((k for k in CONFIG_WIDTH_KEYS if hasattr(base, k)), None)
+    if width is not None and width_key is not None:
+        overrides[width_key] = width
+    experts.config = LayerConfig(base, overrides)
 
 
 def build_buckets(model: nn.Module, record: dict) -> None:
