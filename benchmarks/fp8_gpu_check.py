@@ -1,16 +1,28 @@
 """moe-fx's fp8-block checkpoints on a GPU: stock transformers' own FP8 path, and ``moe_fx.load`` (FP8 experts run
 by the moe_fx kernels), each against the same checkpoint loaded by stock transformers on the CPU (dequantized to
-bfloat16 by transformers' own dequantizing path): logits and greedy tokens; one JSON entry per checkpoint and loader (a load that fails is recorded).
+bfloat16 by transformers' own dequantizing path), and against each other: logits and greedy tokens; one JSON
+entry per checkpoint and loader (a load that fails is recorded).
 
-    python benchmarks/fp8_gpu_check.py DIR [DIR ...] --out benchmarks/results/quantize/fp8_gpu_load.json
+    python benchmarks/fp8_gpu_check.py DIR [DIR ...] --out benchmarks/results/quantize/fp8_gpu_load.json \\
+        [--kernel-dir DIR]
 
-On the H200 (transformers 5.23, no network) stock transformers' GPU path needs the ``kernels`` package and its
-hub kernel ``kernels-community/finegrained-fp8``, which that machine cannot download; per-layer expert counts
-also fail its shape checks (see docs/formats.md).
+Stock transformers' FP8 path runs its FP8 matrix products in the hub kernel ``kernels-community/finegrained-fp8``
+(Triton), which the ``kernels`` package downloads on first use. A GPU machine without network can take it from a
+local copy of that kernel's package (``--kernel-dir``: the folder holding ``finegrained_fp8/``, with the
+``_ops.py`` the kernel builder would generate); the copy is loaded where transformers would load the hub's. Made
+from a clone of github.com/huggingface/kernels-community (the package is pure Triton):
+
+    mkdir -p kernel/finegrained_fp8 && cp kernels-community/finegrained-fp8/torch-ext/finegrained_fp8/*.py kernel/finegrained_fp8/
+    printf 'import torch\nops = torch.ops._finegrained_fp8_local\ndef add_op_namespace_prefix(name):\n    return "_finegrained_fp8_local::" + name\n' > kernel/finegrained_fp8/_ops.py
+
+Not yet run on a GPU with ``--kernel-dir`` (2026-12-06: no device time left); on this CPU, transformers' kernel
+loader returns the copy's ``matmul_2d`` / ``matmul_batched`` / ``matmul_grouped``.
 """
 
 import argparse
+import importlib
 import json
+import sys
 import traceback
 
 import torch
@@ -19,40 +31,61 @@ from transformers import AutoModelForCausalLM
 from moe_fx.formats.loading import load_model
 
 
-def compare(cpu, gpu, ids: torch.Tensor) -> dict:
+def logits_and_greedy(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    device = next(model.parameters()).device
     with torch.no_grad():
-        a = cpu(ids).logits.float()
-        b = gpu(ids.cuda()).logits.float().cpu()
-        ga = cpu.generate(ids[:1], max_new_tokens=16, do_sample=False)
-        gb = gpu.generate(ids[:1].cuda(), max_new_tokens=16, do_sample=False).cpu()
-    experts = next(p for n, p in gpu.named_parameters() if "experts" in n)
+        logits = model(ids.to(device)).logits.float().cpu()
+        greedy = model.generate(ids[:1].to(device), max_new_tokens=16, do_sample=False).cpu()
+    return logits, greedy
+
+
+def compare(reference: tuple, other: tuple) -> dict:
+    (a, ga), (b, gb) = reference, other
     return {"max_abs_logit_diff": float((a - b).abs().max()), "logit_scale": float(a.abs().max()),
-            "greedy_identical": bool(torch.equal(ga, gb)), "expert_dtype": str(experts.dtype)}
+            "greedy_identical": bool(torch.equal(ga, gb))}
+
+
+def use_local_kernel(folder: str) -> None:
+    """transformers' FP8 integration loads ``finegrained-fp8`` from ``folder`` instead of the hub."""
+    from transformers.integrations import finegrained_fp8
+
+    sys.path.insert(0, folder)
+    kernel = importlib.import_module("finegrained_fp8")
+    finegrained_fp8.is_kernels_available = lambda: True
+    finegrained_fp8.lazy_load_kernel = lambda name: kernel if name == "finegrained-fp8" else None
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dirs", nargs="+")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--kernel-dir", help="a local copy of the finegrained-fp8 hub kernel (no network)")
     args = ap.parse_args()
-    out = {}
+    if args.kernel_dir:
+        use_local_kernel(args.kernel_dir)
     loaders = {
         "stock_transformers": lambda d: AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16, device_map="cuda", trust_remote_code=True),
         "moe_fx_load": lambda d: load_model(d, dtype="bfloat16", device="cuda"),
     }
+    out = {"kernel": "local copy of kernels-community/finegrained-fp8" if args.kernel_dir else "hub"}
     for d in args.dirs:
         ids = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(0))
-        # the reference: dequantized on the CPU (stock ``from_pretrained`` without a device map keeps FP8 modules on
-        # the CPU when the machine has a GPU, and their forward needs the missing kernel too)
-        cpu = load_model(d, dtype="bfloat16", device="cpu", quantize=None)
-        out[d] = {}
+        reference = logits_and_greedy(load_model(d, dtype="bfloat16", device="cpu", quantize=None), ids)
+        out[d], results = {}, {}
         for name, load in loaders.items():
             try:
-                out[d][name] = compare(cpu, load(d), ids)
-            except Exception as e:  # a checkpoint that fails to load is a result
+                model = load(d)
+                experts = [type(m).__name__ for n, m in model.named_modules() if n.endswith(".experts")]
+                results[name] = logits_and_greedy(model, ids)
+                out[d][name] = compare(reference, results[name]) | {"experts_modules": sorted(set(experts))}
+                del model
+            except Exception as e:  # a checkpoint that fails to load or run is a result
                 traceback.print_exc()
                 out[d][name] = {"error": str(e)[:300]}
             print(d, name, out[d][name], flush=True)
+        if len(results) == 2:
+            out[d]["stock_vs_moe_fx"] = compare(results["stock_transformers"], results["moe_fx_load"])
+            print(d, "stock_vs_moe_fx", out[d]["stock_vs_moe_fx"], flush=True)
     with open(args.out, "w") as f:
         json.dump(out, f, indent=2)
 
