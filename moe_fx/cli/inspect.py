@@ -38,7 +38,8 @@ def run(args) -> int:
     rows = spec.summary_rows()
     print(format_table(list(rows[0]), [list(r.values()) for r in rows], title=f"{args.model}: {spec.model_type} ({spec.family} adapter), {len(spec.blocks)} MoE blocks of {spec.num_layers} layers"))
     print(f"dense layers: {list(spec.dense_layers) or 'none'}")
-    print(f"config keys holding the expert count: {', '.join(spec.config_count_keys) or 'none'}")
+    keys = [ref.removeprefix(":").replace(":", ".") for ref in spec.config_count_keys]  # "sub_config:key"; "" is the top
+    print(f"config keys holding the expert count: {', '.join(keys) or 'none'}")
     b = spec.blocks[0]
     print(f"per-expert tensors (block 0): {', '.join(b.per_expert_tensors)}")
     if b.shared:
