@@ -88,11 +88,11 @@ def check_before_pruning(source: Path, scheme: str, *, group_size: int = compres
     # the pruned copy stores its experts as the source does: fused ones (GPT-OSS) have no per-expert tensor to write
     # (a quantized source's per-expert codes: ``weight`` in FP8, ``weight_packed`` in compressed-tensors' format)
     names = tensor_names(source)
-    meta = meta_model(source)
-    _refuse_fused(scheme, names, [k for k in names if _EXPERT_WEIGHT.search(k.removesuffix("_packed"))], meta)
+    if not any(_EXPERT_WEIGHT.search(k.removesuffix("_packed")) for k in names):
+        raise _fused_experts_error(scheme, names, meta_model(source))
     if scheme != "int4-group":
         return
-    for block in trace(meta).blocks:
+    for block in trace(meta_model(source)).blocks:
         for what, size in {"hidden size": block.experts.hidden_size, "expert width": block.experts.intermediate_size}.items():
             compressed_experts.check_group(scheme, group_size, size, f"{block.path} {what}")
 
@@ -107,7 +107,8 @@ def plan_tensors(meta: nn.Module, shapes: dict[str, tuple[int, ...]], scheme: st
     from moe_fx.model.trace import trace
 
     experts = {k for k in shapes if _EXPERT_WEIGHT.search(k)}
-    _refuse_fused(scheme, list(shapes), experts, meta)
+    if not experts:
+        raise _fused_experts_error(scheme, list(shapes), meta)
     for key in experts:
         if not _storable(scheme, shapes[key]):
             raise BadOptionError(f"{key}: shape {list(shapes[key])} has a dimension over {fp8_block.BLOCK} that is not a multiple of it, "
@@ -128,20 +129,20 @@ def plan_tensors(meta: nn.Module, shapes: dict[str, tuple[int, ...]], scheme: st
     return chosen, list(dict.fromkeys(kept + routers))
 
 
-def _refuse_fused(scheme: str, names: list[str], experts: set[str] | list[str], meta: nn.Module) -> None:
-    """Refuse a checkpoint without per-expert tensors (``experts``, among its tensor ``names``): its experts are
-    stored fused (GPT-OSS, GraniteMoE), and the scheme's format has no tensor to write them in. The message names
-    the stored tensors of the MoE blocks that ``meta`` (the model on meta) traces, but their routers' and shared
-    experts' (the stored names of fused experts need not be the module's: GraniteMoE's ``input_linear``)."""
+def _fused_experts_error(scheme: str, names: list[str], meta: nn.Module) -> BadOptionError:
+    """The refusal of a checkpoint without per-expert tensors (among its tensor ``names``): its experts are stored
+    fused (GPT-OSS, GraniteMoE), and the scheme's format has no tensor to write them in. The message names the
+    stored tensors of the MoE blocks that ``meta`` (the model on meta) traces, but their routers' and shared
+    experts' (the stored names of fused experts need not be the module's: GraniteMoE's ``input_linear``). Built
+    only when refusing: tracing ``meta`` is no work for a checkpoint that takes the scheme."""
     from moe_fx.model.trace import trace
 
-    if not experts:
-        blocks = trace(meta).blocks
-        inside = tuple(f"{b.path}." for b in blocks)
-        other = tuple(f"{p}." for b in blocks for p in (b.router.path, *(s.path for s in b.shared)))
-        fused = [k for k in names if k.startswith(inside) and not k.startswith(other)][:2]
-        raise BadOptionError(f"{scheme} writes per-expert tensors (experts.N.proj.weight), and this checkpoint stores its experts "
-                             f"fused ({', '.join(fused) or 'no expert tensor found'}); it cannot take this scheme")
+    blocks = trace(meta).blocks
+    inside = tuple(f"{b.path}." for b in blocks)
+    other = tuple(f"{p}." for b in blocks for p in (b.router.path, *(s.path for s in b.shared)))
+    fused = [k for k in names if k.startswith(inside) and not k.startswith(other)][:2]
+    return BadOptionError(f"{scheme} writes per-expert tensors (experts.N.proj.weight), and this checkpoint stores its experts "
+                          f"fused ({', '.join(fused) or 'no expert tensor found'}); it cannot take this scheme")
 
 
 def _storable(scheme: str, shape: tuple[int, ...]) -> bool:
