@@ -38,11 +38,14 @@ def apply_layout(model: nn.Module, layout: dict) -> None:
         for name, shape in block["shapes"].items():
             mod_path, _, attr = name.rpartition(".")
             reshape(model.get_submodule(mod_path), attr, shape)
+        resized = set()
         for ref, value in block["attrs"].items():
             mod_path, _, attr = ref.rpartition(":")
             setattr(model.get_submodule(mod_path), attr, int(value))
             if attr in (*COUNT_ATTRS, *WIDTH_ATTRS):
-                give_layer_config(model.get_submodule(mod_path))
+                resized.add(mod_path)
+        for mod_path in resized:
+            give_layer_config(model.get_submodule(mod_path))
         if block.get("buckets"):
             build_buckets(model, block["buckets"])
         if block.get("novices"):
@@ -59,8 +62,9 @@ CONFIG_WIDTH_KEYS = ("moe_intermediate_size", "intermediate_size")
 
 
 class LayerConfig:
-    """The model's config as one block's experts module sees it: that block's expert count and width, every other
-    attribute read from (and written to) the model's config itself.
+    """The model's config as one block's experts module sees it: that block's expert count and width, read from the
+    module itself (so they follow a later prune), every other attribute read from (and written to) the model's
+    config.
 
     transformers' experts classes keep the model's config (``module.config``), and code that rebuilds an experts
     module from it reads the count and the width there: transformers' FP8 loader replaces each experts module by
@@ -68,33 +72,33 @@ class LayerConfig:
     (a per-layer FP8 checkpoint failed to load with a size mismatch). Attributes not overridden, the experts
     implementation among them, stay the model config's, so switching it still reaches every block."""
 
-    def __init__(self, base, overrides: dict) -> None:
-        self.__dict__.update(_base=base, _overrides=overrides)  # not through __setattr__, which writes to ``base``
+    def __init__(self, base, experts: nn.Module, keys: dict[str, str]) -> None:
+        # not through __setattr__, which writes to ``base``; ``keys``: config key -> the module's attribute
+        self.__dict__.update(_base=base, _experts=experts, _keys=keys)
 
     def __getattr__(self, name: str):  # only for names not in __dict__ (torch.compile traces it)
         if name.startswith("__"):  # copy and pickle probe dunders on a bare instance
             raise AttributeError(name)
-        return self._overrides[name] if name in self._overrides else getattr(self._base, name)
+        return getattr(self._experts, self._keys[name]) if name in self._keys else getattr(self._base, name)
 
     def __setattr__(self, name: str, value) -> None:
         setattr(self._base, name, value)
 
 
 def give_layer_config(experts: nn.Module) -> None:
-    """Make ``experts.config`` (when it has one) a :class:`LayerConfig` with this module's count and width under the
-    config keys the model's config holds them in (the first width key it has: the experts' own before the dense
-    MLP's)."""
-    config = getattr(experts, "config", None)
-    if config is None:
+    """Make ``experts.config`` (when it has one) a :class:`LayerConfig` that reads this module's count and width
+    under the config keys the model's config holds them in (the first width key it has: the experts' own before
+    the dense MLP's)."""
+    base = getattr(experts, "config", None)
+    if base is None:
         return
-    base = config._base if isinstance(config, LayerConfig) else config
-    count = next((getattr(experts, a) for a in COUNT_ATTRS if hasattr(experts, a)), None)
-    width = next((getattr(experts, a) for a in WIDTH_ATTRS if hasattr(experts, a)), None)
-    overrides = {k: count for k in CONFIG_COUNT_KEYS if count is not None and hasattr(base, k)}
+    count = next((a for a in COUNT_ATTRS if hasattr(experts, a)), None)
+    width = next((a for a in WIDTH_ATTRS if hasattr(experts, a)), None)
+    keys = {k: count for k in CONFIG_COUNT_KEYS if count is not None and hasattr(base, k)}
     width_key = next((k for k in CONFIG_WIDTH_KEYS if hasattr(base, k)), None)
     if width is not None and width_key is not None:
-        overrides[width_key] = width
-    experts.config = LayerConfig(base, overrides)
+        keys[width_key] = width
+    experts.config = LayerConfig(base, experts, keys)
 
 
 def build_buckets(model: nn.Module, record: dict) -> None:
