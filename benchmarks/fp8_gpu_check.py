@@ -1,10 +1,11 @@
 """moe-fx's fp8-block checkpoints on a GPU: stock transformers' own FP8 path, and ``moe_fx.load`` (FP8 experts run
 by the moe_fx kernels), each against the same checkpoint loaded by stock transformers on the CPU (dequantized to
-bfloat16 by transformers' own dequantizing path), and against each other: logits and greedy tokens; one JSON
-entry per checkpoint and loader (a load that fails is recorded).
+bfloat16 by transformers' own dequantizing path), and against each other: logits, greedy tokens and the NLL of
+each next token (on real text with ``--text``, for trained checkpoints); one JSON entry per checkpoint and loader
+(a load that fails is recorded).
 
     python benchmarks/fp8_gpu_check.py DIR [DIR ...] --out benchmarks/results/quantize/fp8_gpu_load.json \\
-        [--kernel-dir DIR]
+        [--kernel-dir DIR] [--text VALID.jsonl.gz]
 
 Stock transformers' FP8 path runs its FP8 matrix products in the hub kernel ``kernels-community/finegrained-fp8``
 (Triton), which the ``kernels`` package downloads on first use. A GPU machine without network can take it from a
@@ -35,14 +36,30 @@ def logits_and_greedy(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     device = next(model.parameters()).device
     with torch.no_grad():
         logits = model(ids.to(device)).logits.float().cpu()
-        greedy = model.generate(ids[:1].to(device), max_new_tokens=16, do_sample=False).cpu()
-    return logits, greedy
+        greedy = model.generate(ids[:1, :16].to(device), max_new_tokens=16, do_sample=False).cpu()
+    return logits, greedy, ids
+
+
+def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    """Mean NLL (nats) of each next token under ``logits`` (meaningful on real text, ``--text``)."""
+    return float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()))
 
 
 def compare(reference: tuple, other: tuple) -> dict:
-    (a, ga), (b, gb) = reference, other
+    (a, ga, ids), (b, gb, _) = reference, other
     return {"max_abs_logit_diff": float((a - b).abs().max()), "logit_scale": float(a.abs().max()),
-            "greedy_identical": bool(torch.equal(ga, gb))}
+            "greedy_identical": bool(torch.equal(ga, gb)), "nll": next_token_nll(b, ids), "nll_reference": next_token_nll(a, ids)}
+
+
+def token_ids(directory: str, text: str | None) -> torch.Tensor:
+    """Random ids (random-weight checkpoints), or 8 windows of 128 tokens of ``text`` (a trained checkpoint's
+    held-out text, tokenized by its tokenizer), which make the NLL of each loader comparable."""
+    if text is None:
+        return torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    from moe_fx.calibrate.data import pack, read_documents
+    from moe_fx.formats.loading import load_tokenizer
+
+    return pack(load_tokenizer(directory), read_documents(text), seq_len=128, max_tokens=8 * 128, seed=0)
 
 
 def use_local_kernel(folder: str) -> None:
@@ -60,6 +77,7 @@ def main() -> None:
     ap.add_argument("dirs", nargs="+")
     ap.add_argument("--out", required=True)
     ap.add_argument("--kernel-dir", help="a local copy of the finegrained-fp8 hub kernel (no network)")
+    ap.add_argument("--text", help="held-out text (.jsonl.gz, .txt) for trained checkpoints: logits and NLL on it instead of random ids")
     args = ap.parse_args()
     if args.kernel_dir:
         use_local_kernel(args.kernel_dir)
@@ -69,7 +87,7 @@ def main() -> None:
     }
     out = {"kernel": "local copy of kernels-community/finegrained-fp8" if args.kernel_dir else "hub"}
     for d in args.dirs:
-        ids = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+        ids = token_ids(d, args.text)
         reference = logits_and_greedy(load_model(d, dtype="bfloat16", device="cpu", quantize=None), ids)
         out[d], results = {}, {}
         for name, load in loaders.items():

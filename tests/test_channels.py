@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -19,7 +20,14 @@ from moe_fx.model.expert_weights import neuron_tensors
 from moe_fx.model.per_layer import LAYOUT_KEY
 from moe_fx.model.trace import trace
 from moe_fx.passes import Calibrate, CompensateExperts, DropExperts, PruneChannels, Score
-from moe_fx.plan.channel_allocate import coverage_channels, expert_channels, layer_channels, uniform_channels
+from moe_fx.plan.channel_allocate import (
+    bucket_channels,
+    coverage_channels,
+    expert_channels,
+    layer_bucket_channels,
+    layer_channels,
+    uniform_channels,
+)
 from moe_fx.plan.plans import ChannelPlan
 
 X = torch.randint(2, 128, (2, 16), generator=torch.Generator().manual_seed(3))
@@ -175,6 +183,26 @@ def test_allocations_meet_the_budget_and_prefer_high_scores() -> None:
                     assert not dropped or float(scores[b.path][e, ids].min()) >= float(scores[b.path][e, dropped].max())
     per_layer = layer_channels(spec, scores, 0.25, comparable=True)
     assert len(per_layer.kept_channels[spec.blocks[1].path][0]) > len(per_layer.kept_channels[spec.blocks[0].path][0])
+
+
+def test_allocations_keep_whole_format_blocks() -> None:
+    """``align`` (fp8-block's 128): every allocation stores the widths of an expert wider than a block in whole
+    blocks, and keeps the usual step of 8 for an expert within one block; the plan's record keeps it."""
+    spec = trace(tiny_qwen3())
+    wide, narrow = spec.blocks[0].path, spec.blocks[1].path
+    sized = lambda b, width: dataclasses.replace(b, experts=dataclasses.replace(b.experts, intermediate_size=width))
+    spec = dataclasses.replace(spec, blocks=(sized(spec.blocks[0], 768), sized(spec.blocks[1], 96)))
+    g = torch.Generator().manual_seed(0)
+    scores = {b.path: torch.rand(b.num_experts, b.experts.intermediate_size, generator=g, dtype=torch.float64) for b in spec.blocks}
+    for allocate in (uniform_channels, layer_channels, expert_channels, coverage_channels, bucket_channels, layer_bucket_channels):
+        plan = allocate(spec, scores, 0.4, comparable=True, align=128)
+        assert plan.width(spec.blocks[0]) % 128 == 0 and plan.width(spec.blocks[1]) % 8 == 0, allocate.__name__
+        assert plan.width(spec.blocks[0]) < 768 or allocate in (expert_channels, coverage_channels), allocate.__name__
+        if allocate in (uniform_channels, layer_channels):  # one width a block: the kept counts are the widths
+            assert {len(k) for k in plan.kept_channels[wide]} == {plan.width(spec.blocks[0])}
+            assert len(plan.kept_channels[narrow][0]) % 8 == 0
+        assert ChannelPlan.from_dict(json.loads(json.dumps(plan.to_dict()))).align == 128
+    assert uniform_channels(spec, scores, 0.4).width(spec.blocks[0]) == 464  # without a format block: steps of 8
 
 
 def test_bad_channel_options_are_named() -> None:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_families import kept_ids, tiny_model
+from tiny_models import tiny_checkpoint
 from transformers import AutoModelForCausalLM
 
 import moe_fx
@@ -192,3 +193,35 @@ def test_cli_prune_then_quantize(capsys, micro_path, tmp_path) -> None:
     assert all(torch.equal(t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t,
                            from_stream[k].view(torch.uint8) if t.dtype == torch.float8_e4m3fn else from_stream[k]) for k, t in in_memory.items())
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging directory left behind
+
+
+def test_channel_prune_keeps_whole_fp8_blocks(capsys, micro_path, calib_path, tmp_path) -> None:
+    """`prune --granularity channel --quantize fp8-block` on experts wider than a block: the widths are planned in
+    whole 128-channel blocks (a width between blocks would be refused by the writer after all the work), a ratio
+    the blocks round to nothing is refused before calibration, and the checkpoint loads in stock transformers
+    as moe_fx runs it; a model under one block (the micro model, hidden size 64) is written with a note that
+    transformers' GPU FP8 kernels refuse its partial blocks."""
+    import subprocess
+    import sys
+
+    src = tiny_checkpoint("qwen3_moe", tmp_path / "src", tokenizer_from=micro_path, hidden_size=128, moe_intermediate_size=384)
+    argv = ["prune", str(src), "--granularity", "channel", "--method", "activation", "--quantize", "fp8-block", "--calib", str(calib_path),
+            "--calib-tokens", "1000", "--no-eval", "--device", "cpu"]
+    assert main([*argv, "--ratio", "0.1", "--out", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert "384 channels in steps of 128 keeps them all" in err and not (tmp_path / "none").exists()
+    for allocation in ("uniform", "layer", "expert"):
+        out = tmp_path / allocation
+        assert main([*argv, "--ratio", "0.4", "--allocation", allocation, "--out", str(out)]) == 0, capsys.readouterr().err
+        assert "pruned expert widths are multiples of 128" in capsys.readouterr().out
+        widths = {t.shape[0] for k, t in _state(out).items() if k.endswith("up_proj.weight")}
+        assert widths and all(w % BLOCK == 0 for w in widths) and widths != {384}, (allocation, widths)
+        x = torch.randint(3, 100, (1, 8))
+        with torch.no_grad():  # per-layer and padded widths load through the checkpoint's own code
+            torch.testing.assert_close(moe_fx.load(out)(x).logits, AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)(x).logits)
+    counts = json.dumps({f"model.layers.{i}.mlp": 8 for i in range(2)})  # per-layer widths in transformers' FP8 path too
+    done = subprocess.run([sys.executable, "-c", FP8_PATH, str(tmp_path / "layer"), counts], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    assert main(["quantize", str(micro_path), "--out", str(tmp_path / "micro-fp8"), "--quiet"]) == 0
+    assert "transformers' GPU FP8 kernels refuse partial blocks" in capsys.readouterr().out
+    assert "partial_blocks" not in json.loads((tmp_path / "uniform" / "moe_fx.json").read_text())["quantization"]

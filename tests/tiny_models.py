@@ -212,14 +212,15 @@ def auto_class(config: PreTrainedConfig) -> type:
     raise ValueError(f"no auto class of {AUTO_CLASSES} builds {type(config).__name__}")
 
 
-def tiny_checkpoint(model_type: str, path, *, tokenizer_from, vocab_size: int = 8192):
+def tiny_checkpoint(model_type: str, path, *, tokenizer_from, vocab_size: int = 8192, **overrides: object):
     """A tiny random ``model_type`` checkpoint on disk as the hub lays it out (config, safetensors, tokenizer),
     with the vocabulary of the tokenizer copied from ``tokenizer_from`` (a checkpoint directory), so the command
-    line can calibrate and evaluate it on real text. Deterministic (seeded); returns ``path``."""
+    line can calibrate and evaluate it on real text; ``overrides`` as in :func:`tiny_config`. Deterministic
+    (seeded); returns ``path``."""
     import shutil
     from pathlib import Path
 
-    config = tiny_config(model_type)
+    config = tiny_config(model_type, **overrides)
     config.vocab_size = vocab_size
     text = config.get_text_config()
     text.vocab_size = vocab_size  # multimodal configs embed text with their text config's vocabulary

@@ -32,8 +32,10 @@ from moe_fx.cli.common import (
 from moe_fx.errors import BadOptionError, MoeFxError
 from moe_fx.formats.checkpoint import EXPERT_STORAGE
 from moe_fx.formats.compressed_experts import DEFAULT_GROUP
-from moe_fx.formats.quantized_checkpoint import SCHEMES, TARGETS, check_before_pruning, quantize_in_place
+from moe_fx.formats.fp8_block import BLOCK as FP8_BLOCK
+from moe_fx.formats.quantized_checkpoint import SCHEMES, TARGETS, check_before_pruning, partial_blocks_note, quantize_in_place
 from moe_fx.formats.stored_format import stored_format
+from moe_fx.plan.plans import WIDTH_ALIGN
 
 
 def add_parser(sub) -> None:
@@ -416,6 +418,18 @@ def _check_granularity(args, scorer, expert_scorer) -> None:
         raise MoeFxError(f"--expert-method {args.expert_method} does not score experts; use reap, frequency, ...")
 
 
+def _width_align(args, spec, channels: bool) -> int:
+    """The step of the pruned channel widths (:func:`~moe_fx.plan.plans.width_step`): fp8-block's 128 x 128 blocks, which
+    transformers' FP8 loader and GPU kernels need whole, when channels are pruned and the output is FP8; else
+    :data:`~moe_fx.plan.plans.WIDTH_ALIGN`. Chosen before any work, so the written widths always take the scheme."""
+    if not (channels and args.quantize == "fp8-block"):
+        return WIDTH_ALIGN
+    if any(b.experts.intermediate_size > FP8_BLOCK for b in spec.blocks) and not args.quiet:
+        print(f"moe-fx: --quantize fp8-block: pruned expert widths are multiples of {FP8_BLOCK} (whole FP8 blocks, which "
+              "transformers' FP8 loader and kernels need)")
+    return FP8_BLOCK
+
+
 def _output_format(args, source: Path) -> None:
     """Resolve ``--quantize`` and its options in ``args``: as given, else a quantized source's own format (scheme,
     group size, targets; :func:`~moe_fx.formats.stored_format.stored_format`), so a pruned FP8 or int4 checkpoint
@@ -483,6 +497,7 @@ def run(args) -> int:
     channels = args.granularity == "channel"
     if args.quantize:
         check_before_pruning(source, args.quantize, group_size=args.quantize_group_size, targets=args.quantize_targets)
+    args.align = _width_align(args, spec, channels)
     asked = args.method or (("obs" if stream else "fisher") if channels else "reap")  # Fisher needs the whole model's gradient
     args.method, merge = parse_method(asked)
     args.merge_flag, args.merge = args.merge, merge or ("nearest" if args.merge else None)
@@ -544,7 +559,7 @@ def run(args) -> int:
         raise MoeFxError(f"--ratio {args.ratio:g} drops no expert (of {fewest} a block, rounded): nothing would be pruned; give a ratio of "
                          f"at least {1 / fewest:.3g} (one expert)")
     if channels and args.allocation == "uniform" and not splits:
-        uniform_widths(spec, args.ratio)  # refuses a ratio the widths' rounding turns into no change
+        uniform_widths(spec, args.ratio, args.align)  # refuses a ratio the widths' rounding turns into no change
     tokenizer = load_tokenizer(source)
     calib_docs, eval_set = calibration_and_eval(args, tokenizer)
     gradients = any(OBSERVERS[o].needs_grads for o in observers_for([s for s in (scorer, expert_scorer) if s]))
@@ -574,7 +589,7 @@ def run(args) -> int:
                                 samples_per_block=args.search_samples, inputs_per_block=args.compensate_samples, show_progress=show, compiled=args.compiled_calibration))
     if channels:
         rewrite = functools.partial(split_passes, expert_scorer, scorer, spec, compensate=args.compensate, allocation=allocation,
-                                    multiple=args.multiple, seed=args.seed, ridge=args.ridge)
+                                    multiple=args.multiple, align=args.align, seed=args.seed, ridge=args.ridge)
         if splits:
             candidates = {split_label(s): tuple(rewrite(expert_ratio=s[0], channel_ratio=s[1])) for s in splits}
             for label, bucketed in (bucket_candidates(args.params_ratio, stream) if getattr(args, "bucket_candidate", False) else {}).items():
@@ -730,6 +745,8 @@ def run(args) -> int:
               f"({distilled['trained_params']:,} parameters trained; teacher: {distilled['teacher']})")
     written = json.loads((Path(out) / "moe_fx.json").read_text())
     quantization = written.get("quantization") or {}
+    if note := partial_blocks_note(quantization):
+        print(note)
     if quantization.get("group_size_asked"):
         print(f"experts written in int4-group with groups of {quantization['group_size']}: the pruned widths are not all multiples of "
               f"{quantization['group_size_asked']} (a group must tile each expert's inputs)")

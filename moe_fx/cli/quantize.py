@@ -30,7 +30,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     """Run the command with the parsed ``args``; return the exit status."""
     from moe_fx.evaluate.table import format_table, human_bytes
-    from moe_fx.formats.quantized_checkpoint import quantize_checkpoint
+    from moe_fx.formats.quantized_checkpoint import partial_blocks_note, quantize_checkpoint
 
     entry = quantize_checkpoint(args.model, args.out, scheme=args.scheme, group_size=args.group_size, overwrite=args.overwrite,
                                 show_progress=not args.quiet, targets=args.targets)
@@ -40,4 +40,6 @@ def run(args) -> int:
         ["largest relative error", f"{entry['max_relative_error']:.2e} (one tensor's, Frobenius norm)"],
     ]
     print(format_table(["", f"{args.model} -> {args.out}"], rows, title=f"quantized ({args.scheme})"))
+    if note := partial_blocks_note(entry):
+        print(note)
     return 0

@@ -202,10 +202,24 @@ def quantize_directory(path: str | Path, *, scheme: str = "fp8-block", group_siz
 
     before, after = rewrite_shards(path, encode, source=source, desc=scheme, show_progress=show_progress)
     set_quantization_config(path, fmt.config(not_converted))
+    partial = sorted(k for k in chosen if scheme == "fp8-block" and any(d % fp8_block.BLOCK for d in shapes[k]))
     return {"scheme": scheme, "targets": targets, "tensors": len(chosen), "bytes_before": before, "bytes": after,
             "max_relative_error": worst, "kept_in_source_dtype": len(not_converted),
             **({"group_size": group_size} if scheme == "int4-group" else {}),
-            **({"group_size_asked": asked} if group_size != asked else {})}
+            **({"group_size_asked": asked} if group_size != asked else {}),
+            **({"partial_blocks": {"tensors": len(partial), "example": partial[0], "shape": list(shapes[partial[0]])}} if partial else {})}
+
+
+def partial_blocks_note(entry: dict) -> str | None:
+    """What a quantization record's FP8 tensors of partial blocks (a dimension under 128: toy models) mean for
+    the user: transformers reads them back on the CPU, but its GPU FP8 kernels take whole blocks only; None
+    when every block is whole (every hub-sized model)."""
+    partial = entry.get("partial_blocks")
+    if not partial:
+        return None
+    return (f"note: {partial['tensors']} FP8 tensors have a dimension that is not a multiple of {fp8_block.BLOCK} (e.g. {partial['example']} "
+            f"{partial['shape']}): transformers' GPU FP8 kernels refuse partial blocks, so stock transformers runs this checkpoint on the "
+            "CPU only (dequantized); moe_fx.load runs it on any device")
 
 
 def quantize_checkpoint(source: str | Path, out: str | Path, *, scheme: str = "fp8-block", group_size: int = compressed_experts.DEFAULT_GROUP,

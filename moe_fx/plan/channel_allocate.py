@@ -35,7 +35,7 @@ import torch
 from moe_fx.errors import BadOptionError
 from moe_fx.model.spec import MoEBlockSpec, MoEModelSpec
 from moe_fx.plan.buckets import MAX_BUCKETS, plan_buckets
-from moe_fx.plan.plans import WIDTH_ALIGN, ChannelPlan
+from moe_fx.plan.plans import WIDTH_ALIGN, ChannelPlan, width_step
 
 ChannelScores = dict[str, torch.Tensor]
 """Per block path, ``[E, I]`` float64 channel importances (higher = keep)."""
@@ -59,8 +59,8 @@ def _best(scores: torch.Tensor, n: int) -> list[int]:
     return sorted(order[:n])
 
 
-def _plan(spec: MoEModelSpec, scores: ChannelScores, counts: dict[str, list[int]], multiple: int) -> ChannelPlan:
-    plan = ChannelPlan({b.path: [_best(scores[b.path][e], n) for e, n in enumerate(counts[b.path])] for b in spec.blocks}, multiple)
+def _plan(spec: MoEModelSpec, scores: ChannelScores, counts: dict[str, list[int]], multiple: int, align: int) -> ChannelPlan:
+    plan = ChannelPlan({b.path: [_best(scores[b.path][e], n) for e, n in enumerate(counts[b.path])] for b in spec.blocks}, multiple, align)
     plan.validate(spec)
     return plan
 
@@ -82,22 +82,24 @@ def _comparable(spec: MoEModelSpec, scores: ChannelScores, comparable: bool) -> 
     return {b.path: scores[b.path] / scores[b.path].mean().clamp(min=1e-30) for b in spec.blocks}
 
 
-def uniform_widths(spec: MoEModelSpec, ratio: float) -> dict[str, int]:
-    """Each block's width after removing ``ratio`` of its channels in steps of :data:`WIDTH_ALIGN`; a block the rounding
-    leaves whole is refused (a prune that removes nothing is a mistake to say, not to run)."""
-    widths = {b.path: channels_to_keep(b.experts.intermediate_size, ratio, WIDTH_ALIGN) for b in spec.blocks}
+def uniform_widths(spec: MoEModelSpec, ratio: float, align: int = WIDTH_ALIGN) -> dict[str, int]:
+    """Each block's width after removing ``ratio`` of its channels in steps of :func:`~moe_fx.plan.plans.width_step`; a
+    block the rounding leaves whole is refused (a prune that removes nothing is a mistake to say, not to run)."""
+    widths = {}
     for b in spec.blocks:
-        if widths[b.path] == b.experts.intermediate_size:
-            raise BadOptionError(f"{b.path}: removing {ratio:g} of its {b.experts.intermediate_size} channels in steps of {WIDTH_ALIGN} "
-                                 f"keeps them all; give a ratio above {WIDTH_ALIGN / 2 / b.experts.intermediate_size:.3g}, or drop experts")
+        width, step = b.experts.intermediate_size, width_step(b.experts.intermediate_size, align)
+        widths[b.path] = channels_to_keep(width, ratio, step)
+        if widths[b.path] == width:
+            raise BadOptionError(f"{b.path}: removing {ratio:g} of its {width} channels in steps of {step} "
+                                 f"keeps them all; give a ratio above {step / 2 / width:.3g}, or drop experts")
     return widths
 
 
-def uniform_channels(spec: MoEModelSpec, scores: ChannelScores, ratio: float, **_) -> ChannelPlan:
+def uniform_channels(spec: MoEModelSpec, scores: ChannelScores, ratio: float, *, align: int = WIDTH_ALIGN, **_) -> ChannelPlan:
     _check(spec, scores)
-    widths = uniform_widths(spec, ratio)
+    widths = uniform_widths(spec, ratio, align)
     counts = {b.path: [widths[b.path]] * b.num_experts for b in spec.blocks}
-    return _plan(spec, scores, counts, 1)
+    return _plan(spec, scores, counts, 1, align)
 
 
 def _global_counts(spec: MoEModelSpec, scores: ChannelScores, ratio: float) -> dict[str, torch.Tensor]:
@@ -116,7 +118,7 @@ def _global_counts(spec: MoEModelSpec, scores: ChannelScores, ratio: float) -> d
 
 
 def bucket_channels(spec: MoEModelSpec, scores: ChannelScores, ratio: float, *, comparable: bool = False,
-                    buckets: int = MAX_BUCKETS, **_) -> ChannelPlan:
+                    buckets: int = MAX_BUCKETS, align: int = WIDTH_ALIGN, **_) -> ChannelPlan:
     """The ``buckets`` allocation (module doc): the largest cut of the global ranking whose bucketed widths store at
     most the budget's channels (binary search: the stored channels only grow with the cut)."""
     _check(spec, scores)
@@ -137,7 +139,8 @@ def bucket_channels(spec: MoEModelSpec, scores: ChannelScores, ratio: float, *, 
             start += n
             live = [e for e, c in enumerate(counts) if c]
             width = [0] * len(counts)
-            for w, members in plan_buckets([counts[e] for e in live], buckets, most=b.experts.intermediate_size):
+            step = width_step(b.experts.intermediate_size, align)
+            for w, members in plan_buckets([counts[e] for e in live], buckets, step, most=b.experts.intermediate_size):
                 for i in members:
                     width[live[i]] = w
             out[b.path] = width
@@ -148,16 +151,17 @@ def bucket_channels(spec: MoEModelSpec, scores: ChannelScores, ratio: float, *, 
     while lo < hi:
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if widths(mid)[1] <= budget else (lo, mid - 1)
-    return _plan(spec, scores, widths(lo)[0], 1)
+    return _plan(spec, scores, widths(lo)[0], 1, align)
 
 
-def layer_bucket_channels(spec: MoEModelSpec, scores: ChannelScores, ratio: float, *, buckets: int = MAX_BUCKETS, **_) -> ChannelPlan:
+def layer_bucket_channels(spec: MoEModelSpec, scores: ChannelScores, ratio: float, *, buckets: int = MAX_BUCKETS, align: int = WIDTH_ALIGN,
+                          **_) -> ChannelPlan:
     """The ``buckets-per-layer`` allocation (module doc): :func:`bucket_channels` on each block alone (a block's own scores
     rank alike whatever their scale, so ``comparable`` does not matter)."""
     kept = {}
     for b in spec.blocks:
-        kept.update(bucket_channels(dataclasses.replace(spec, blocks=(b,)), scores, ratio, buckets=buckets).kept_channels)
-    plan = ChannelPlan(kept, 1)
+        kept.update(bucket_channels(dataclasses.replace(spec, blocks=(b,)), scores, ratio, buckets=buckets, align=align).kept_channels)
+    plan = ChannelPlan(kept, 1, align)
     plan.validate(spec)
     return plan
 
@@ -175,39 +179,42 @@ def _floor_experts(block: MoEBlockSpec, counts: list[int], scores: torch.Tensor)
     return counts
 
 
-def layer_channels(spec: MoEModelSpec, scores: ChannelScores, ratio: float, *, comparable: bool = False, **_) -> ChannelPlan:
-    """One width per block, chosen to keep the most total score under the budget: every block starts at
-    :data:`WIDTH_ALIGN` channels per expert, then the budget goes, ``WIDTH_ALIGN`` channels per expert at a
-    time, to the block whose experts' next-best channels add the most score (exact for these nested choices,
-    since each block's gains only fall as it widens)."""
+def layer_channels(spec: MoEModelSpec, scores: ChannelScores, ratio: float, *, comparable: bool = False, align: int = WIDTH_ALIGN,
+                   **_) -> ChannelPlan:
+    """One width per block, chosen to keep the most total score under the budget: every block starts at one step
+    (:func:`~moe_fx.plan.plans.width_step`) of channels per expert, then the budget goes, a step of channels per
+    expert at a time, to the block whose experts' next-best channels add the most score (exact for these nested
+    choices, since each block's gains only fall as it widens)."""
     _check(spec, scores)
     ranked = _comparable(spec, scores, comparable)
     budget = channels_to_keep(sum(b.num_experts * b.experts.intermediate_size for b in spec.blocks), ratio)
     gains = {b.path: torch.sort(ranked[b.path], dim=1, descending=True).values.sum(0) for b in spec.blocks}
-    widths = {b.path: min(WIDTH_ALIGN, b.experts.intermediate_size) for b in spec.blocks}
+    steps = {b.path: width_step(b.experts.intermediate_size, align) for b in spec.blocks}
+    widths = {b.path: min(steps[b.path], b.experts.intermediate_size) for b in spec.blocks}
     used = sum(b.num_experts * widths[b.path] for b in spec.blocks)
-    step = lambda b: float(gains[b.path][widths[b.path] : widths[b.path] + WIDTH_ALIGN].sum())
+    step = lambda b: float(gains[b.path][widths[b.path] : widths[b.path] + steps[b.path]].sum())
     heap = [(-step(b), i) for i, b in enumerate(spec.blocks) if widths[b.path] < b.experts.intermediate_size]
     heapq.heapify(heap)
     while heap:
         _, i = heapq.heappop(heap)
         b = spec.blocks[i]
-        grow = min(WIDTH_ALIGN, b.experts.intermediate_size - widths[b.path])
+        grow = min(steps[b.path], b.experts.intermediate_size - widths[b.path])
         if used + b.num_experts * grow > budget:
             continue
         widths[b.path] += grow
         used += b.num_experts * grow
         if widths[b.path] < b.experts.intermediate_size:
             heapq.heappush(heap, (-step(b), i))
-    return _plan(spec, scores, {b.path: [widths[b.path]] * b.num_experts for b in spec.blocks}, 1)
+    return _plan(spec, scores, {b.path: [widths[b.path]] * b.num_experts for b in spec.blocks}, 1, align)
 
 
-def expert_channels(spec: MoEModelSpec, scores: ChannelScores, ratio: float, *, comparable: bool = False, multiple: int = 64, **_) -> ChannelPlan:
+def expert_channels(spec: MoEModelSpec, scores: ChannelScores, ratio: float, *, comparable: bool = False, multiple: int = 64,
+                    align: int = WIDTH_ALIGN, **_) -> ChannelPlan:
     _check(spec, scores)
     ranked = _comparable(spec, scores, comparable)
     counts = _global_counts(spec, ranked, ratio)
     per_block = {b.path: _floor_experts(b, counts[b.path].tolist(), ranked[b.path]) for b in spec.blocks}
-    return _plan(spec, ranked, per_block, multiple)
+    return _plan(spec, ranked, per_block, multiple, align)
 
 
 def _coverage_count(cum: torch.Tensor, fraction: float) -> int:
@@ -235,7 +242,8 @@ def _bisect(count, target: int, lo: float, hi: float, iters: int = 40) -> float:
 
 
 def coverage_channels(
-    spec: MoEModelSpec, scores: ChannelScores, ratio: float, *, expert_scores: dict[str, torch.Tensor] | None = None, multiple: int = 64, **_
+    spec: MoEModelSpec, scores: ChannelScores, ratio: float, *, expert_scores: dict[str, torch.Tensor] | None = None, multiple: int = 64,
+    align: int = WIDTH_ALIGN, **_
 ) -> ChannelPlan:
     """Ding et al.'s coverage allocation (see module doc); ``expert_scores``: per block ``[E]`` attribution scores
     (default: each expert's total channel score). Channel scores are compared within a block only."""
@@ -255,7 +263,7 @@ def coverage_channels(
         if attribution is None:
             attribution = scores[b.path].clamp(min=0).sum(1)
         counts[b.path] = _floor_experts(b, _split_block(scores[b.path], attribution.double(), block_keep[b.path]), scores[b.path])
-    return _plan(spec, scores, counts, multiple)
+    return _plan(spec, scores, counts, multiple, align)
 
 
 def _split_block(scores: torch.Tensor, attribution: torch.Tensor, keep: int) -> list[int]:
@@ -286,7 +294,9 @@ LAYERWISE_ALLOCATIONS = frozenset({"uniform", "buckets-per-layer"})
 
 
 def make_channel_plan(spec: MoEModelSpec, scores: ChannelScores, ratio: float, allocation: str = "uniform", **options) -> ChannelPlan:
-    """A channel plan removing ``ratio`` of the routed experts' channels, allocated by ``allocation``."""
+    """A channel plan removing ``ratio`` of the routed experts' channels, allocated by ``allocation``; ``options``:
+    the allocation's (``comparable``, ``multiple``, ``expert_scores``, ``buckets``), and ``align``, the block of the
+    output format (:func:`~moe_fx.plan.plans.width_step`: fp8-block's 128) that every allocation's widths respect."""
     if allocation not in CHANNEL_ALLOCATIONS:
         raise BadOptionError(f"unknown channel allocation {allocation!r}; use one of {sorted(CHANNEL_ALLOCATIONS)}")
     return CHANNEL_ALLOCATIONS[allocation](spec, scores, ratio, **options)

@@ -6,6 +6,7 @@ layer by layer, recorded in ``moe_fx.json`` and re-applied to another copy of th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from moe_fx.errors import BadOptionError
@@ -86,6 +87,13 @@ WIDTH_ALIGN = 8
 """Stored expert widths are multiples of 8: grouped_mm needs 16-byte strides (8 bf16 values)."""
 
 
+def width_step(width: int, align: int) -> int:
+    """The step of a pruned width of an expert ``width`` channels wide: ``align`` when the expert is wider than
+    ``align``, else :data:`WIDTH_ALIGN`. A format whose blocks span ``align`` channels (fp8-block's 128) stores a
+    dimension of at most one block, or a multiple of blocks; a width already within one block stays within it."""
+    return align if width > align else WIDTH_ALIGN
+
+
 @dataclass
 class ChannelPlan:
     """Per block, for each of its current experts, the intermediate channels (neurons) to keep.
@@ -93,18 +101,21 @@ class ChannelPlan:
     An expert keeping no channel is dropped, router row too. The stored width of a block is the kept count
     when all its experts keep the same number, else the largest kept count rounded up to ``multiple`` (at
     most the original width): the narrower experts are zero-padded, which changes no output, so one fused
-    tensor per block still holds them and stock experts kernels run unchanged.
+    tensor per block still holds them and stock experts kernels run unchanged. ``align``: stored widths are
+    multiples of :func:`width_step` (``align`` for experts wider than it: fp8-block's 128 x 128 blocks).
     """
 
     kept_channels: dict[str, list[list[int]]] = field(default_factory=dict)
     multiple: int = 64
+    align: int = WIDTH_ALIGN
 
     def width(self, block: MoEBlockSpec) -> int:
         """The stored width of ``block``'s experts under this plan (over the experts that keep channels): at
-        least the widest kept count, rounded up to :data:`WIDTH_ALIGN` (or to ``multiple`` when experts differ),
+        least the widest kept count, rounded up to :func:`width_step` (and to ``multiple`` too when experts differ),
         at most the original width."""
         counts = {len(k) for k in self.kept_channels[block.path] if k}
-        step = WIDTH_ALIGN if len(counts) == 1 else max(WIDTH_ALIGN, self.multiple)
+        step = width_step(block.experts.intermediate_size, self.align)
+        step = step if len(counts) == 1 else math.lcm(step, self.multiple)
         return min(block.experts.intermediate_size, -(-max(counts) // step) * step)
 
     def kept_experts(self, spec: MoEModelSpec) -> PrunePlan:
@@ -131,10 +142,12 @@ class ChannelPlan:
         """Kept channels as one hex bit mask per expert (compact: 4 bits per channel) and the widths."""
         return {
             "multiple": self.multiple,
+            "align": self.align,
             "kept_channels": {p: [_mask_hex(ids, max(ids, default=0) + 1) for ids in k] for p, k in self.kept_channels.items()},
             "kept_widths": {p: [len(ids) for ids in k] for p, k in self.kept_channels.items()},
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> ChannelPlan:
-        return cls({p: [_hex_ids(m) for m in masks] for p, masks in data["kept_channels"].items()}, int(data.get("multiple", 64)))
+        return cls({p: [_hex_ids(m) for m in masks] for p, masks in data["kept_channels"].items()}, int(data.get("multiple", 64)),
+                   int(data.get("align", WIDTH_ALIGN)))

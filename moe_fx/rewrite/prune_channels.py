@@ -24,7 +24,7 @@ from moe_fx.model.spec import MoEModelSpec
 from moe_fx.model.tensors import get_tensor, set_attr, set_tensor
 from moe_fx.pipeline import MoEState, Pass, PassResult, require
 from moe_fx.plan.channel_allocate import CHANNEL_ALLOCATIONS, LAYERWISE_ALLOCATIONS, make_channel_plan
-from moe_fx.plan.plans import ChannelPlan
+from moe_fx.plan.plans import WIDTH_ALIGN, ChannelPlan
 from moe_fx.rewrite.drop_experts import drop_experts
 
 
@@ -69,13 +69,16 @@ class PruneChannels(Pass):
 
     ``allocation``: ``uniform`` | ``layer`` | ``expert`` | ``coverage`` (see
     :mod:`moe_fx.plan.channel_allocate`); ``multiple``: per-expert widths are padded to the block's widest
-    rounded up to this; ``mask_only``: zero instead of remove (debug only, refused by ``save_checkpoint``).
+    rounded up to this; ``align``: the output format's block (fp8-block's 128), which every width of an expert
+    wider than it is a multiple of (:func:`~moe_fx.plan.plans.width_step`); ``mask_only``: zero instead of remove
+    (debug only, refused by ``save_checkpoint``).
     """
 
     ratio: float | None = None
     allocation: str = "uniform"
     plan: ChannelPlan | None = None
     multiple: int = 64
+    align: int = WIDTH_ALIGN
     mask_only: bool = False
     name = "prune_channels"
 
@@ -97,7 +100,7 @@ class PruneChannels(Pass):
             return self.plan
         s = state.scores
         return make_channel_plan(state.spec, s.per_block, self.ratio, self.allocation, comparable=s.comparable_across_blocks,
-                                 expert_scores=s.per_expert, multiple=self.multiple)
+                                 expert_scores=s.per_expert, multiple=self.multiple, align=self.align)
 
     def run(self, model: nn.Module, state: MoEState) -> PassResult:
         plan = self.make_plan(state)

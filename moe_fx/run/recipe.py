@@ -9,6 +9,7 @@ from moe_fx.model.spec import MoEModelSpec
 from moe_fx.passes import Calibrate, CompensateExperts, DropExperts, MergeExperts, PruneChannels, Score, SubstituteExperts
 from moe_fx.pipeline import Pass
 from moe_fx.plan.allocate import experts_to_keep
+from moe_fx.plan.plans import WIDTH_ALIGN
 from moe_fx.score import Scorer
 
 SUBSTITUTE = "substitute"
@@ -48,14 +49,15 @@ def prune_passes(
     compensate: bool = False,
     allocation="uniform",
     multiple: int = 64,
+    align: int = WIDTH_ALIGN,
     seed: int = 0,
     ridge: float = 1.0,
 ) -> list[Pass]:
     """Score, the rewrite of the scorer's granularity (drop or merge experts, or prune channels), then optional
     compensation. ``merge``: None (drop), a :class:`MergeExperts` grouping (``nearest``, ``ream``) or ``substitute``;
-    ``allocation``: a name, or an allocation object such as an EEP search."""
+    ``allocation``: a name, or an allocation object such as an EEP search; ``multiple``, ``align``: :class:`PruneChannels`'."""
     if scorer.granularity == "channel":
-        passes: list[Pass] = [Score(scorer.name, seed=seed), PruneChannels(ratio=ratio, allocation=allocation, multiple=multiple)]
+        passes: list[Pass] = [Score(scorer.name, seed=seed), PruneChannels(ratio=ratio, allocation=allocation, multiple=multiple, align=align)]
     else:
         options = None
         if scorer.name == "naee" and allocation == "uniform" and len({b.num_experts for b in spec.blocks}) == 1:
@@ -75,16 +77,16 @@ def prune_passes(
 
 def split_passes(
     expert_scorer: Scorer | None, channel_scorer: Scorer, spec: MoEModelSpec, *, expert_ratio: float | None, channel_ratio: float,
-    allocation="uniform", multiple: int = 64, **common,
+    allocation="uniform", multiple: int = 64, align: int = WIDTH_ALIGN, **common,
 ) -> list[Pass]:
     """Drop ``expert_ratio`` of each block's experts (scored by ``expert_scorer``), then remove ``channel_ratio`` of the
-    kept experts' channels (``channel_scorer``, ``allocation``, ``multiple``), then optional compensation; ``common``:
+    kept experts' channels (``channel_scorer``, ``allocation``, ``multiple``, ``align``), then optional compensation; ``common``:
     :func:`prune_passes`' ``compensate``, ``seed`` and ``ridge``. Either ratio may be 0 or None: that rewrite is left
     out (experts alone take ``expert_scorer`` with uniform counts)."""
     if not channel_ratio:
         return prune_passes(expert_scorer, spec, ratio=expert_ratio, **common)
     head: list[Pass] = [Score(expert_scorer.name, seed=common.get("seed", 0)), DropExperts(ratio=expert_ratio)] if expert_ratio else []
-    return head + prune_passes(channel_scorer, spec, ratio=channel_ratio, allocation=allocation, multiple=multiple, **common)
+    return head + prune_passes(channel_scorer, spec, ratio=channel_ratio, allocation=allocation, multiple=multiple, align=align, **common)
 
 
 def split_label(split: tuple[float, float]) -> str:

@@ -318,7 +318,7 @@ def _merged_state(spec: MoEModelSpec, records: dict[int, dict], stats: Calibrati
     state.plan = PrunePlan({b.path: kept.get(b.path, list(range(b.num_experts))) for b in spec.blocks}) if kept else None
     channel = [ChannelPlan.from_dict(r["channel_plan"]) for r in ordered if r["channel_plan"]]
     if channel:
-        state.channel_plan = ChannelPlan({p: k for c in channel for p, k in c.kept_channels.items()}, channel[0].multiple)
+        state.channel_plan = ChannelPlan({p: k for c in channel for p, k in c.kept_channels.items()}, channel[0].multiple, channel[0].align)
     scored = [r["scores"] for r in ordered if r["scores"]]
     if scored:
         first = scored[0]
