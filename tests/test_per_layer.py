@@ -89,6 +89,8 @@ def test_per_layer_format_every_family(family: str, tmp_path) -> None:
     reloaded = realigned(load(save_checkpoint(model, tmp_path / "pl"), experts_implementation=None))  # same kernels as `model`
     expected = [len(kept_ids(spec)) if b in pruned else b.num_experts for b in spec.blocks]
     assert [b.num_experts for b in trace(reloaded).blocks] == expected
+    # the config holds the widest block's count, not the first block's: its keys are still found (inspect, re-pruning)
+    assert trace(reloaded).config_count_keys == spec.config_count_keys
     assert torch.equal(logits(reloaded), ref)
 
 

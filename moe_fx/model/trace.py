@@ -177,13 +177,15 @@ def _configs(config) -> Iterator[tuple[str, object]]:
                 stack.append((_join(path, key), value))
 
 
-def _config_keys(config, value: int, keys: tuple[str, ...]) -> tuple[str, ...]:
+def _config_keys(config, values: set[int], keys: tuple[str, ...]) -> tuple[str, ...]:
+    """The config entries among ``keys`` (``"sub_config_path:stored_name"``) holding one of ``values``: any block's
+    count, since a per-layer checkpoint's config holds its widest block's, which need not be the first's."""
     found = []
     for path, c in _configs(config):
         aliases = getattr(c, "attribute_map", {}) or {}
         for key in keys:
             stored = aliases.get(key, key)
-            if stored in vars(c) and vars(c)[stored] == value:
+            if isinstance(vars(c).get(stored), int) and vars(c)[stored] in values:  # Ernie-VL lists a count per modality
                 found.append(f"{path}:{stored}")
     return tuple(dict.fromkeys(found))
 
@@ -193,7 +195,7 @@ def _width_keys(config, width: int, count_keys: tuple[str, ...]) -> tuple[str, .
     in the (sub-)configs that hold the expert count (so a vision config's ``intermediate_size`` is never taken)."""
     paths = {ref.rpartition(":")[0] for ref in count_keys}
     for key in WIDTH_KEYS:
-        found = tuple(ref for ref in _config_keys(config, width, (key,)) if ref.rpartition(":")[0] in paths)
+        found = tuple(ref for ref in _config_keys(config, {width}, (key,)) if ref.rpartition(":")[0] in paths)
         if found:
             return found
     return ()
@@ -302,8 +304,7 @@ def trace(model: nn.Module) -> MoEModelSpec:
         )
     num_layers = int(getattr(tconf, "num_hidden_layers", 0) or 0)
     moe_layers = {b.layer_index for b in blocks}
-    e0, k0 = blocks[0].num_experts, blocks[0].top_k
-    count_keys = _config_keys(config, e0, COUNT_ATTRS)
+    count_keys = _config_keys(config, {b.num_experts for b in blocks}, COUNT_ATTRS)
     return MoEModelSpec(
         model_type=model_type,
         family=adapter.name,
@@ -311,7 +312,7 @@ def trace(model: nn.Module) -> MoEModelSpec:
         blocks=tuple(blocks),
         dense_layers=tuple(i for i in range(num_layers) if i not in moe_layers),
         config_count_keys=count_keys,
-        config_topk_keys=_config_keys(config, k0, TOPK_KEYS),
+        config_topk_keys=_config_keys(config, {blocks[0].top_k}, TOPK_KEYS),
         config_width_keys=_width_keys(config, blocks[0].experts.intermediate_size, count_keys),
         layer_carry=adapter.layer_carry,
     )
