@@ -12,7 +12,8 @@ cd "$(dirname "$0")/.."
 MOE_FX_VENV=.venv-newest MOE_FX_CONSTRAINTS="" bash scripts/setup.sh
 # the newest release: installing with --upgrade keeps an environment made on an earlier day current
 .venv-newest/bin/python -m pip install -q --upgrade transformers 2>&1 | grep -v "^WARNING: Location" || true
-exec .venv-newest/bin/python -m pytest -q -p no:cacheprovider \
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # as scripts/test.sh: a test file to a process, one torch thread each
+exec .venv-newest/bin/python -m pytest -q -p no:cacheprovider -n "${MOE_FX_TEST_WORKERS:-2}" --dist loadfile \
     tests/test_families.py \
     "tests/test_per_layer.py::test_per_layer_format_every_family" \
     "tests/test_moe_experts.py::test_equals_eager_for_every_family" \
