@@ -4,7 +4,7 @@ bfloat16 by transformers' own dequantizing path), and against each other: logits
 each next token (on real text with ``--text``, for trained checkpoints); one JSON entry per checkpoint and loader
 (a load that fails is recorded).
 
-    python benchmarks/fp8_gpu_check.py DIR [DIR ...] --out benchmarks/results/quantize/fp8_gpu_load.json \\
+    python benchmarks/fp8_gpu_check.py DIR [DIR ...] --out benchmarks/results/quantize/fp8_gpu_load_DEVICE.json \\
         [--kernel-dir DIR] [--text VALID.jsonl.gz]
 
 Stock transformers' FP8 path runs its FP8 matrix products in the hub kernel ``kernels-community/finegrained-fp8``
@@ -16,8 +16,8 @@ from a clone of github.com/huggingface/kernels-community (the package is pure Tr
     mkdir -p kernel/finegrained_fp8 && cp kernels-community/finegrained-fp8/torch-ext/finegrained_fp8/*.py kernel/finegrained_fp8/
     printf 'import torch\nops = torch.ops._finegrained_fp8_local\ndef add_op_namespace_prefix(name):\n    return "_finegrained_fp8_local::" + name\n' > kernel/finegrained_fp8/_ops.py
 
-Not yet run on a GPU with ``--kernel-dir`` (2026-12-06: no device time left); on this CPU, transformers' kernel
-loader returns the copy's ``matmul_2d`` / ``matmul_batched`` / ``matmul_grouped``.
+Run on an H100 with ``--kernel-dir`` (results in ``benchmarks/results/quantize/fp8_gpu_load_h100_*.json``, table in
+docs/formats.md).
 """
 
 import argparse
