@@ -20,7 +20,7 @@ import pytest
 import torch
 from tiny_models import auto_class, tiny_checkpoint
 
-from moe_fx import cli
+from moe_fx import cli, load
 from moe_fx.evaluate.nll import build_eval_set, evaluate_nll
 from moe_fx.formats import checkpoint as checkpoint_module
 from moe_fx.formats.loading import load_tokenizer
@@ -64,6 +64,11 @@ RECIPES: dict[str, str] = {
     "mone": "--method mone --ratio 0.25",
     "mone-compensate": "--method mone --ratio 0.25 --compensate",
     "stream-mone-compensate": "--method mone --ratio 0.25 --compensate --stream on",
+    # pruned, then written quantized
+    "reap-fp8": "--method reap --ratio 0.25 --quantize fp8-block",
+    "reap-compensate-fp8-linear": "--method reap --ratio 0.25 --compensate --quantize fp8-block --quantize-targets linear",
+    "fisher-int4": f"{_CHANNELS} --method fisher --ratio 0.5 --quantize int4-group --quantize-group-size 16",
+    "stream-reap-int8": "--method reap --ratio 0.25 --stream on --quantize int8-channel",
 }
 """Recipe name -> ``moe-fx prune`` options (the data options are added by :func:`_argv`)."""
 
@@ -76,18 +81,25 @@ SEQUENTIAL = {"stream-preset-best-oneshot-params"}
 (``tests/test_streaming.py`` checks that against a model whose earlier layers are pruned); they must write a checkpoint
 that reloads to what the run evaluated."""
 
+QUANTIZED = {"reap-fp8": "fp8-block", "reap-compensate-fp8-linear": "fp8-block", "fisher-int4": "int4-group", "stream-reap-int8": "int8-channel"}
+"""Recipes that write the pruned model quantized, and their scheme: the run also reports the saved checkpoint's NLL."""
+
 REFUSED: dict[tuple[str, str], str] = {
     ("deepseek_v3", "shape"): "group-limited routing",
     ("deepseek_v3", "naee"): "group-limited routing",
+    **{(family, recipe): "stores its experts fused" for family in ("gpt_oss", "granitemoe") for recipe in QUANTIZED},
 }
 """Cells that must be refused up front, with a phrase of the one-line reason."""
 
 FAST = [(FAMILIES[i % len(FAMILIES)], recipe) for i, recipe in enumerate(RECIPES)] + [
     (f, r) for (f, r) in REFUSED
-] + [("gpt_oss", "reap-compensate-distill"), ("deepseek_v3", "reap-compensate"), ("qwen2_moe", "experts-then-channels"), ("qwen2_moe", "mone")]
+] + [("gpt_oss", "reap-compensate-distill"), ("deepseek_v3", "reap-compensate"), ("qwen2_moe", "experts-then-channels"), ("qwen2_moe", "mone"),
+      ("mixtral", "stream-reap-int8"), ("deepseek_v3", "reap-compensate-fp8-linear")]
 """The cells the default suite runs: each recipe on one family (rotating), the refusals, and the combinations
-that failed before (GPT-OSS and group-limited compensation, shared experts with channels), and MoNE's constants held
-beside the experts (the rotation gives it GPT-OSS, where they fold into the stock format)."""
+that failed before (GPT-OSS and group-limited compensation, shared experts with channels), MoNE's constants held
+beside the experts (the rotation gives it GPT-OSS, where they fold into the stock format), and the quantized
+recipes the rotation gives a family that refuses them (experts stored fused) on families that take them (MLA's
+attention in FP8 too)."""
 
 PROBE = torch.randint(3, 8000, (2, 12), generator=torch.Generator().manual_seed(0))
 """Token ids the in-memory and reloaded models are compared on."""
@@ -172,6 +184,14 @@ def _check_cell(family, recipe, checkpoints, tmp_path, calib_path, valid_path, c
     code, stdout, stderr, out, in_memory = _run(family, recipe, checkpoints, tmp_path, calib_path, valid_path, capsys, monkeypatch)
     assert code == 0, stderr
     assert "moe-fx prune" in stdout and "NLL mean" in stdout and (out / "report.md").is_file()
+    if recipe in QUANTIZED:  # the row of the saved checkpoint is what the checkpoint, read back, scores
+        record = json.loads((out / "moe_fx.json").read_text())
+        assert record["quantization"]["scheme"] == QUANTIZED[recipe] and f"NLL mean as saved ({QUANTIZED[recipe]})" in stdout
+        eval_set = build_eval_set(valid_path, load_tokenizer(out), seq_len=64, seqs_per_domain=1)
+        saved = evaluate_nll(load(out, device="cpu"), eval_set, show_progress=False)
+        assert saved["mean"]["nll"] == pytest.approx(record["eval_saved"]["mean"]["nll"], abs=1e-4)
+        assert record["eval_saved"]["mean"]["nll"] != record["eval_after"]["mean"]["nll"]  # the codes are not the weights
+        return
     reloaded = _reloaded_logits(out)
     if recipe in STREAMED_EQUIVALENT:  # no in-memory model: the same recipe pruned in memory is the reference
         code, _, stderr, ref_out, in_memory = _run(family, STREAMED_EQUIVALENT[recipe], checkpoints, tmp_path, calib_path, valid_path, capsys, monkeypatch)

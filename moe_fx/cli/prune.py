@@ -684,15 +684,21 @@ def run(args) -> int:
         if args.quantize:  # the streamed output is rewritten shard by shard, replaced only when complete
             quantize_in_place(out, scheme=args.quantize, group_size=args.quantize_group_size, show_progress=show, targets=args.quantize_targets,
                               fit_group=True)
-        write_report(out)
     else:
         model.to(save_dtype)
         record["size_after"] = model_size(model)
         out = save_checkpoint(model, args.out, source=source, tokenizer=tokenizer, overwrite=args.overwrite, extra_record=record,
                               quantize=args.quantize, quantize_targets=args.quantize_targets, quantize_group_size=args.quantize_group_size,
-                              expert_storage=args.expert_storage)
+                              expert_storage=args.expert_storage, report=False)
         saved = read_record(out)  # the sizes and the experts' storage as written, not as held in memory
         after_size = saved["size_after"]
+    written = read_record(out)
+    rounded = (written.get("expert_format") or {}).get("max_relative_error", 0) > 0  # MXFP4 experts a pass changed
+    as_saved, stored_as = None, args.quantize or ("mxfp4" if rounded else None)
+    if stored_as and eval_set:  # the NLL above is the pruned model's in memory; users get it quantized: read it back
+        as_saved = stream_evaluate(out, eval_set, device=device, dtype=args.dtype, batch_size=args.batch_size, show_progress=show)
+        update_record(out, {"eval_saved": as_saved})
+    write_report(out)
 
     kept = sum(b.num_experts for b in state.spec.blocks)
     total = sum(b.num_experts for b in spec.blocks)
@@ -709,6 +715,9 @@ def run(args) -> int:
     if before and after:
         for d in [k for k in before if k not in ("mean", "all")] + ["mean"]:
             rows.append([f"NLL {d}", f"{before[d]['nll']:.4f}", f"{after[d]['nll']:.4f}", f"{after[d]['nll'] - before[d]['nll']:+.4f}"])
+    if before and as_saved:
+        rows.append([f"NLL mean as saved ({stored_as})", f"{before['mean']['nll']:.4f}", f"{as_saved['mean']['nll']:.4f}",
+                     f"{as_saved['mean']['nll'] - before['mean']['nll']:+.4f}"])
     calib = state.stats.summary() if state.stats is not None else None
     budget = (f"ratio={args.params_ratio:g} of the routed parameters ({split_label(args.params_split)})"
               if getattr(args, "params_ratio", None) else f"ratio={args.ratio:g}" if args.ratio is not None else f"keep {args.keep}")
@@ -743,10 +752,12 @@ def run(args) -> int:
     if distilled:
         print(f"distillation: KL to the unpruned model {distilled['kl_first']:.4f} -> {distilled['kl_last']:.4f} over {distilled['steps']} steps "
               f"({distilled['trained_params']:,} parameters trained; teacher: {distilled['teacher']})")
-    written = json.loads((Path(out) / "moe_fx.json").read_text())
     quantization = written.get("quantization") or {}
     if note := partial_blocks_note(quantization):
         print(note)
+    if after and as_saved:
+        print(f"quantization ({stored_as}) adds {as_saved['mean']['nll'] - after['mean']['nll']:+.4f} to the pruned model's mean NLL: "
+              "the last row is the saved checkpoint read back from disk, the NLL rows above the pruned model before quantization")
     if quantization.get("group_size_asked"):
         print(f"experts written in int4-group with groups of {quantization['group_size']}: the pruned widths are not all multiples of "
               f"{quantization['group_size_asked']} (a group must tile each expert's inputs)")
@@ -754,8 +765,8 @@ def run(args) -> int:
     if expert_format:
         changed = expert_format["max_relative_error"]
         print(f"experts written in {expert_format['format'].upper()} like the source ({human_bytes(expert_format['bytes'])} of weights)"
-              + (f"; weights a pass changed were rounded to it (largest relative error {changed:.3f}): the NLL above is before "
-                 f"rounding, `moe-fx eval` measures the saved model" if changed > 0 else "; the kept experts' values are exact"))
+              + (f"; weights a pass changed were rounded to it (largest relative error {changed:.3f})"
+                 + ("" if as_saved else f": `moe-fx eval {out}` measures the saved model") if changed > 0 else "; the kept experts' values are exact"))
     if choice:
         print(f"split kept: {choice['chosen']}, NLL {choice['fitness'][choice['chosen']]:.4f} on {choice['fitness_tokens']:,} held-out calibration "
               "tokens (" + "; ".join(f"{label}: {v:.4f}" for label, v in choice["fitness"].items()) + ")")

@@ -82,6 +82,8 @@ def summarize(record: dict, checkpoint: Path, location: Path | None = None) -> d
         "search": record.get("search"),
         "eval_source": record.get("eval_source"),
         "nll": _paired(record.get("eval_before"), record.get("eval_after"), ("nll", "ppl")),
+        "nll_as_saved": _paired(record.get("eval_after"), record.get("eval_saved"), ("nll", "ppl")),
+        "quantized": (record.get("quantization") or {}).get("scheme"),
         "tasks": _paired(record.get("tasks_before"), record.get("tasks_after"), ("acc", "acc_norm", "ppl")),
         "generation": record.get("generation"),
         "versions": record.get("versions"),
@@ -147,6 +149,11 @@ def render_markdown(summary: dict, plot_files: dict[str, str], plot_errors: dict
         lines += md_table(["domain", "NLL before", "NLL after", "delta", "PPL before", "PPL after"], [
             [d, f"{v['nll']['before']:.4f}", f"{v['nll']['after']:.4f}", f"{v['nll']['delta']:+.4f}", f"{v['ppl']['before']:.2f}", f"{v['ppl']['after']:.2f}"]
             for d, v in summary["nll"].items()
+        ]) + [""]
+    if summary.get("nll_as_saved"):  # "after" is the pruned model in memory; the checkpoint holds it quantized
+        lines += [f"The checkpoint stores the pruned model quantized ({summary['quantized']}); read back from disk:", ""]
+        lines += md_table(["domain", "NLL pruned", "NLL as saved", "delta"], [
+            [d, f"{v['nll']['before']:.4f}", f"{v['nll']['after']:.4f}", f"{v['nll']['delta']:+.4f}"] for d, v in summary["nll_as_saved"].items()
         ]) + [""]
     if summary["tasks"]:
         rows = []
