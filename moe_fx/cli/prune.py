@@ -690,9 +690,9 @@ def run(args) -> int:
         out = save_checkpoint(model, args.out, source=source, tokenizer=tokenizer, overwrite=args.overwrite, extra_record=record,
                               quantize=args.quantize, quantize_targets=args.quantize_targets, quantize_group_size=args.quantize_group_size,
                               expert_storage=args.expert_storage, report=False)
-        saved = read_record(out)  # the sizes and the experts' storage as written, not as held in memory
-        after_size = saved["size_after"]
-    written = read_record(out)
+    written = read_record(out)  # the sizes, the experts' storage and format as written, not as held in memory
+    if not stream:
+        after_size = written["size_after"]
     rounded = (written.get("expert_format") or {}).get("max_relative_error", 0) > 0  # MXFP4 experts a pass changed
     as_saved, stored_as = None, args.quantize or ("mxfp4" if rounded else None)
     if stored_as and eval_set:  # the NLL above is the pruned model's in memory; users get it quantized: read it back
