@@ -756,8 +756,10 @@ def run(args) -> int:
     if note := partial_blocks_note(quantization):
         print(note)
     if after and as_saved:
+        measured = ["the NLL rows above"] + ["the zero-shot accuracies"] * bool(tasks_after) + ["the greedy agreement"] * bool(generation)
         print(f"quantization ({stored_as}) adds {as_saved['mean']['nll'] - after['mean']['nll']:+.4f} to the pruned model's mean NLL: "
-              "the last row is the saved checkpoint read back from disk, the NLL rows above the pruned model before quantization")
+              f"the last row is the saved checkpoint read back from disk; {', '.join(measured[:-1]) + ' and ' * (len(measured) > 1) + measured[-1]} "
+              "are the pruned model before quantization")
     if quantization.get("group_size_asked"):
         print(f"experts written in int4-group with groups of {quantization['group_size']}: the pruned widths are not all multiples of "
               f"{quantization['group_size_asked']} (a group must tile each expert's inputs)")
