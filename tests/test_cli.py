@@ -29,7 +29,7 @@ def test_prune_eval_inspect_roundtrip(capsys, micro_path, calib_path, valid_path
     code, stdout, _ = _run(capsys, "eval", micro_path, out, "--data", valid_path, "--eval-seqs", "2", "--eval-seq-len", "128", "--quiet")
     assert code == 0 and "delta pruned" in stdout
     code, stdout, _ = _run(capsys, "inspect", out, "--verify")
-    assert code == 0 and "ok" in stdout and "qwen3_moe" in stdout
+    assert code == 0 and "ok" in stdout and "qwen3_moe" in stdout and "stored weights: not quantized" in stdout
 
 
 def test_console_script_runs(micro_path):

@@ -147,6 +147,10 @@ def test_cli_quantize(capsys, tmp_path) -> None:
     out = capsys.readouterr().out
     assert "(experts;" in out and "x)" in out
     assert json.loads((tmp_path / "fp8" / "moe_fx.json").read_text())["quantization"]["scheme"] == "fp8-block"
+    assert main(["inspect", str(tmp_path / "fp8")]) == 0  # inspect loads it dequantized, and says how it is stored
+    assert "stored weights: fp8-block (routed experts)" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "fp8"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["stored_weights"] == "fp8-block (routed experts)"
 
 
 def test_refusals(tmp_path) -> None:

@@ -32,8 +32,9 @@ def run(args) -> int:
         return _describe_substituted(args, model)
     pad_buckets_(model)  # width buckets: the spec describes the padded experts that passes rewrite
     spec = state_of(model).spec
+    stored = _stored_weights(args.model)
     if args.json:
-        print(json.dumps(spec.to_dict(), indent=2))
+        print(json.dumps(spec.to_dict() | {"stored_weights": stored}, indent=2))
         return 0
     rows = spec.summary_rows()
     print(format_table(list(rows[0]), [list(r.values()) for r in rows], title=f"{args.model}: {spec.model_type} ({spec.family} adapter), {len(spec.blocks)} MoE blocks of {spec.num_layers} layers"))
@@ -42,6 +43,7 @@ def run(args) -> int:
     print(f"config keys holding the expert count: {', '.join(keys) or 'none'}")
     b = spec.blocks[0]
     print(f"per-expert tensors (block 0): {', '.join(b.per_expert_tensors)}")
+    print(f"stored weights: {stored}")
     if b.shared:
         print(f"shared experts (block 0): {', '.join(s.path for s in b.shared)}")
     if args.verify:
@@ -52,6 +54,19 @@ def run(args) -> int:
         print(format_table(["block", "fx check", "graph score", "graph top_k", "details"], vrows, title="torch.export graph check"))
         return 0 if all(c.ok for c in checks) else 1
     return 0
+
+
+def _stored_weights(path: str) -> str:
+    """How the checkpoint stores its weights: a quantized format moe-fx writes and what it covers, MXFP4 experts
+    (GPT-OSS), or dense; inspect loads every one dequantized, so the table alone would not say."""
+    from moe_fx.formats.checkpoint import source_mxfp4
+    from moe_fx.formats.stored_format import stored_format
+
+    fmt = stored_format(path)
+    if fmt is not None:
+        groups = f", groups of {fmt.group_size}" if fmt.scheme == "int4-group" else ""
+        return f"{fmt.scheme} ({'routed experts' if fmt.targets == 'experts' else fmt.targets}{groups})"
+    return "mxfp4 (routed experts)" if source_mxfp4(path) is not None else "not quantized"
 
 
 def _describe_substituted(args, model) -> int:
