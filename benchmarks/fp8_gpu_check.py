@@ -47,7 +47,9 @@ def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
 
 def compare(reference: tuple, other: tuple) -> dict:
     (a, ga, ids), (b, gb, _) = reference, other
-    return {"max_abs_logit_diff": float((a - b).abs().max()), "logit_scale": float(a.abs().max()),
+    diff = (a - b).abs().flatten()
+    return {"max_abs_logit_diff": float(diff.max()), "p999_abs_logit_diff": float(diff.kthvalue(max(1, int(0.999 * diff.numel()))).values),
+            "mean_abs_logit_diff": float(diff.mean()), "logit_scale": float(a.abs().max()),
             "greedy_identical": bool(torch.equal(ga, gb)), "nll": next_token_nll(b, ids), "nll_reference": next_token_nll(a, ids)}
 
 
