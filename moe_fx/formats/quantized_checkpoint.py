@@ -113,7 +113,8 @@ def plan_tensors(meta: nn.Module, shapes: dict[str, tuple[int, ...]], scheme: st
         if not _storable(scheme, shapes[key]):
             raise BadOptionError(f"{key}: shape {list(shapes[key])} has a dimension over {fp8_block.BLOCK} that is not a multiple of it, "
                                  f"which transformers' FP8 loader cannot read back; use int8-channel or int4-group, or prune the "
-                                 f"source with --quantize fp8-block (channel widths then stay in whole {fp8_block.BLOCK}-channel blocks)")
+                                 f"source with --quantize fp8-block (PruneChannels(align={fp8_block.BLOCK}) in Python), which keeps "
+                                 f"channel widths in whole {fp8_block.BLOCK}-channel blocks")
     routers = [b.router.path for b in trace(meta).blocks]
     head = meta.get_output_embeddings()
     chosen, kept = set(experts), []
