@@ -151,3 +151,16 @@ def test_a_failing_point_is_recorded_and_the_sweep_goes_on(micro_path, calib_pat
     assert result.points[1]["method"] == "random" and "nll_delta" in result.points[1] and seen == [True, False]
     md = write_sweep(tmp_path, result, model="micro", notes=[]).read_text()
     assert "| frequency | 25% | failed | frequency cannot run on this model |" in md and _is_png(tmp_path / "plots" / "nll_delta.png")
+
+
+@pytest.mark.parametrize("stored, label", [({"quantization": {"scheme": "int4-group"}}, "int4-group"),
+                                           ({"expert_format": {"format": "mxfp4"}}, "mxfp4")])
+def test_report_names_the_format_of_the_saved_checkpoint(tmp_path, stored, label):
+    """The table of the checkpoint read back from disk names how it is stored: a scheme written after the prune, or
+    the MXFP4 experts a pruned GPT-OSS keeps (its record has no ``quantization`` entry)."""
+    from moe_fx.evaluate.report.report import render_markdown, summarize
+
+    evals = {d: {"nll": nll, "ppl": 2.0} for d, nll in (("web", 4.0), ("mean", 4.0))}
+    record = {"eval_before": evals, "eval_after": evals, "eval_saved": {d: {"nll": 4.5, "ppl": 2.0} for d in evals}, **stored}
+    text = render_markdown(summarize(record, tmp_path), {}, {})
+    assert f"quantized ({label}); read back from disk" in text and "| mean | 4.0000 | 4.5000 | +0.5000 |" in text

@@ -83,7 +83,8 @@ def summarize(record: dict, checkpoint: Path, location: Path | None = None) -> d
         "eval_source": record.get("eval_source"),
         "nll": _paired(record.get("eval_before"), record.get("eval_after"), ("nll", "ppl")),
         "nll_as_saved": _paired(record.get("eval_after"), record.get("eval_saved"), ("nll", "ppl")),
-        "quantized": (record.get("quantization") or {}).get("scheme"),
+        # what the checkpoint stores: a scheme written after the prune, or the MXFP4 experts a GPT-OSS source had
+        "quantized": (record.get("quantization") or {}).get("scheme") or (record.get("expert_format") or {}).get("format"),
         "tasks": _paired(record.get("tasks_before"), record.get("tasks_after"), ("acc", "acc_norm", "ppl")),
         "generation": record.get("generation"),
         "versions": record.get("versions"),
