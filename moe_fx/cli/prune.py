@@ -728,7 +728,7 @@ def run(args) -> int:
         print(f"routed-expert parameters: {routed_source:,} -> {r['routed_params_after']:,} stored "
               f"({r['routed_params_after'] / routed_source - 1:+.1%}); kept channels alone: {r['routed_params_ideal']:,} "
               f"({r['routed_params_ideal'] / routed_source - 1:+.1%}); zero padding {r['routed_params_after'] - r['routed_params_ideal']:,}")
-    buckets = read_record(out).get("expert_storage")
+    buckets = written.get("expert_storage")
     if buckets:
         print(f"stored in width buckets: {buckets['routed_params_stored']:,} routed-expert parameters "
               f"({buckets['routed_params_stored'] / routed_source - 1:+.1%}), at most {max(map(len, buckets['buckets'].values()))} "
