@@ -81,7 +81,7 @@ SEQUENTIAL = {"stream-preset-best-oneshot-params"}
 (``tests/test_streaming.py`` checks that against a model whose earlier layers are pruned); they must write a checkpoint
 that reloads to what the run evaluated."""
 
-QUANTIZED = {"reap-fp8": "fp8-block", "reap-compensate-fp8-linear": "fp8-block", "fisher-int4": "int4-group", "stream-reap-int8": "int8-channel"}
+QUANTIZED = {recipe: options.split("--quantize ")[1].split()[0] for recipe, options in RECIPES.items() if "--quantize " in options}
 """Recipes that write the pruned model quantized, and their scheme: the run also reports the saved checkpoint's NLL."""
 
 REFUSED: dict[tuple[str, str], str] = {
@@ -91,10 +91,10 @@ REFUSED: dict[tuple[str, str], str] = {
 }
 """Cells that must be refused up front, with a phrase of the one-line reason."""
 
-FAST = [(FAMILIES[i % len(FAMILIES)], recipe) for i, recipe in enumerate(RECIPES)] + [
+FAST = list(dict.fromkeys([(FAMILIES[i % len(FAMILIES)], recipe) for i, recipe in enumerate(RECIPES)] + [
     (f, r) for (f, r) in REFUSED
 ] + [("gpt_oss", "reap-compensate-distill"), ("deepseek_v3", "reap-compensate"), ("qwen2_moe", "experts-then-channels"), ("qwen2_moe", "mone"),
-      ("mixtral", "stream-reap-int8"), ("deepseek_v3", "reap-compensate-fp8-linear")]
+      ("mixtral", "stream-reap-int8"), ("deepseek_v3", "reap-compensate-fp8-linear")]))
 """The cells the default suite runs: each recipe on one family (rotating), the refusals, and the combinations
 that failed before (GPT-OSS and group-limited compensation, shared experts with channels), MoNE's constants held
 beside the experts (the rotation gives it GPT-OSS, where they fold into the stock format), and the quantized
