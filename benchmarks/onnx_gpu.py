@@ -2,10 +2,19 @@
 Qwen3-30B-A3B layer shapes: unpruned and 50% of the experts dropped, the fused ONNX MoE export (float16 and
 int4 ``QMoE``) and today's plain-op export.
 
-Two phases, so that each fits one device call; the model is rebuilt from the same seed in both:
+Dynamic exports (Optimum's layout) in two phases, so that each fits one device call; the model is rebuilt from
+the same seed in both:
 
     python benchmarks/onnx_gpu.py --phase export --layers 4 --dir .device/onnx_gpu   # exports, parity on CUDA
     python benchmarks/onnx_gpu.py --phase time --layers 4 --dir .device/onnx_gpu     # every row in one process
+
+Static decode graphs (``--static-cache``: one token a step, fixed batch and cache length, no shape computations),
+exported, checked on CUDA, timed and deleted one at a time, next to PyTorch in the same process:
+
+    python benchmarks/onnx_gpu.py --phase static --variants unpruned --static fused:1 fused:16 fused-int4:1
+
+They run through :class:`moe_fx.deliver.onnx.OnnxDecoder` (the cache in place on the GPU) with and without
+onnxruntime's CUDA graphs, over a cache of the same length as PyTorch's static cache (prompt + steps + 8).
 
 Timed per export and batch: a prefill (batch x prompt, empty past) and a decode step at past length ``prompt``,
 through onnxruntime's IO binding (inputs, past and outputs stay on the GPU), with and without onnxruntime's
@@ -18,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -27,6 +37,7 @@ from decode import attempt, decode_ms, forward_for
 from deploy_speed import build_synthetic, free, make_variant, random_ids, sync
 from onnx_latency import EXPORTS, export_options, median_ms
 
+from moe_fx.deliver.onnx import OnnxDecoder, StaticShape
 from moe_fx.deliver.onnx.export import OnnxParityError, export_onnx
 from moe_fx.deliver.onnx.runtime import ONNX_FILE
 from moe_fx.evaluate.table import format_table, human_bytes
@@ -61,6 +72,75 @@ def export_phase(args) -> dict:
                   f"{records[f'{name}/{label}']['seconds']} s", flush=True)
         free(args.device)
     return records
+
+
+def export_checked(model, path: Path, options: dict) -> tuple[object, str | None]:
+    """Export with the parity check on; a graph that misses it is recorded and exported again unchecked (still timed)."""
+    try:
+        return export_onnx(model, path, **options), None
+    except OnnxParityError as exc:
+        return export_onnx(model, path, **dict(options, check=False)), str(exc)
+
+
+def static_cache_len(args) -> int:
+    """PyTorch's decode rows use a static cache of this length (``decode.decode_ms``); the static graphs the same."""
+    return args.prompt + args.steps + 8
+
+
+def decoder_ms(decoder: OnnxDecoder, tokens: np.ndarray, args) -> float:
+    """Median milliseconds per step over ``repeats`` runs of ``steps`` one-token steps from slot ``prompt`` (the
+    first run captures the CUDA graph); every step writes its small inputs and waits for the GPU."""
+    times = []
+    for _ in range(args.repeats + 1):
+        decoder.length = args.prompt
+        start = time.perf_counter()
+        for column in range(args.steps):
+            decoder.step(tokens[:, column])
+        decoder.synchronize()
+        times.append((time.perf_counter() - start) / args.steps * 1000)
+    return float(np.median(times[1:]))
+
+
+def timed_decoder(path: Path, tokens: np.ndarray, args, cuda_graph: bool, greedy: dict) -> float:
+    """:func:`decoder_ms` of one session; then its greedy tokens from an 8-token prompt go in ``greedy[cuda_graph]``
+    (the replayed graph must generate what plain runs of the same binding do)."""
+    decoder = OnnxDecoder(path, device=args.device, cuda_graph=cuda_graph)
+    ms = decoder_ms(decoder, tokens, args)
+    greedy[cuda_graph] = decoder.generate(tokens[:, :8], 8)
+    return ms
+
+
+def static_phase(args, out: Path) -> dict:
+    """Per variant: PyTorch's rows, then each static export (``label:batch``) exported, checked on CUDA, timed
+    with and without onnxruntime's CUDA graphs, and deleted; the JSON is rewritten after every row."""
+    rows = {}
+    for name, model in _models(args):
+        rows[torch_row(name, args)] = torch_rows(model, args)
+        _write(out, args, rows)
+        for spec in args.static:
+            label, batch = spec.split(":")
+            path = Path(args.dir) / name / f"{label}-b{batch}"
+            options = dict(export_options(label, args.device), dtype=args.dtype, device=args.device, overwrite=True,
+                           static=StaticShape(int(batch), static_cache_len(args)))
+            start = time.perf_counter()
+            result, failed = export_checked(model, path, options)
+            entry = {"export_seconds": round(time.perf_counter() - start, 1), "onnx_bytes": result.onnx_bytes, "parity_failure": failed,
+                     "parity": result.parity.to_dict() if result.parity else None,
+                     "quantization": result.quantization.to_dict() if result.quantization else None}
+            tokens = random_ids((int(batch), args.steps), model.config.vocab_size, 2000 + int(batch), "cpu").numpy()
+            greedy = {}
+            for graphs in (True, False):
+                key = "decode_cuda_graph_ms" if graphs else "decode_ms"
+                entry[key] = attempt(lambda: timed_decoder(path, tokens, args, graphs, greedy))
+                free(args.device)
+            entry["cuda_graph_greedy_identical"] = bool((greedy[True] == greedy[False]).all()) if len(greedy) == 2 else None
+            rows.setdefault(f"{name}/onnx {label} static", {})[f"b{batch}"] = entry
+            print(name, label, batch, entry, flush=True)
+            _write(out, args, rows)
+            shutil.rmtree(path)
+        del model
+        free(args.device)
+    return rows
 
 
 class OrtTimer:
@@ -123,6 +203,10 @@ class OrtTimer:
         return median_ms(run, repeats, warmup=2)  # the second warm-up call captures the CUDA graph
 
 
+def torch_row(variant: str, args) -> str:
+    return f"{variant}/torch moe_fx {'cuda-graphs' if args.device == 'cuda' else 'eager'}"
+
+
 @torch.no_grad()
 def torch_rows(model, args) -> dict:
     """PyTorch moe_fx: eager prefill (with a cache) and CUDA-graph decode steps per batch."""
@@ -144,7 +228,7 @@ def torch_rows(model, args) -> dict:
 def time_phase(args) -> dict:
     rows = {}
     for name, model in _models(args):
-        rows[f"{name}/torch moe_fx {'cuda-graphs' if args.device == 'cuda' else 'eager'}"] = torch_rows(model, args)
+        rows[torch_row(name, args)] = torch_rows(model, args)
         del model
         free(args.device)
         for label in args.exports:
@@ -171,12 +255,14 @@ def time_phase(args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--phase", choices=("export", "time"), required=True)
+    ap.add_argument("--phase", choices=("export", "time", "static"), required=True)
     ap.add_argument("--dir", default=".device/onnx_gpu", help="where the exports are written and read")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU-free smoke test of the script)")
     ap.add_argument("--exports", nargs="+", default=["unfused", "fused", "fused-int4"], choices=list(EXPORTS))
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--static", nargs="+", default=["fused:1", "fused:16", "fused-int4:1"], metavar="EXPORT:BATCH",
+                    help="--phase static: the static decode graphs to export and time (an export label and its batch)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--steps", type=int, default=16, help="decode steps per timed PyTorch run")
@@ -186,15 +272,12 @@ def main() -> None:
     ap.add_argument("--dtype", default="float16", choices=list(DTYPES))
     ap.add_argument("--out", default="benchmarks/results/onnx_gpu.json")
     args = ap.parse_args()
-    import onnxruntime
-
-    result = export_phase(args) if args.phase == "export" else time_phase(args)
-    meta = {"phase": args.phase, "layers": args.layers, "batches": args.batches, "prompt": args.prompt, "dtype": args.dtype,
-            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "providers": onnxruntime.get_available_providers()}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "results": result}, indent=2, default=str) + "\n")
+    if args.phase == "static":
+        result = static_phase(args, out)
+    else:
+        result = export_phase(args) if args.phase == "export" else time_phase(args)
+    _write(out, args, result)
     if args.phase == "time":
         table = []
         for row, per_batch in result.items():
@@ -205,6 +288,39 @@ def main() -> None:
                               f"{graph:.2f}" if isinstance(graph, float) else ("failed" if graph else "-"), f"{tok_s:.0f}"])
         print(format_table(["variant / runtime", "batch", "prefill ms", "decode ms (IO binding)", "decode ms (host arrays)",
                             "decode ms (ORT CUDA graph)", "tok/s (IO binding)"], table, title=f"{args.layers} layers, {'tiny' if args.tiny else 'Qwen3-30B-A3B'} shapes, {args.dtype}"))
+    if args.phase == "static":
+        print(static_table(result, args))
+
+
+def _ms(value) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else "failed"
+
+
+def static_table(result: dict, args) -> str:
+    """Decode ms per step of each static graph with and without CUDA graphs, and PyTorch's over onnxruntime's."""
+    table = []
+    for row, per_batch in result.items():
+        variant = row.split("/")[0]
+        reference_row = result.get(torch_row(variant, args), {})
+        for batch, t in per_batch.items():
+            reference = reference_row.get(batch, {}).get("decode_ms")
+            graph = t.get("decode_cuda_graph_ms", t.get("decode_ms"))
+            ratio = f"{reference / graph:.2f}" if isinstance(graph, float) and reference else "-"
+            table.append([row, batch, _ms(t.get("decode_ms")), _ms(t["decode_cuda_graph_ms"]) if "decode_cuda_graph_ms" in t else "-", ratio])
+    return format_table(["variant / runtime", "batch", "decode ms", "decode ms (CUDA graph)", "PyTorch ms / this"], table,
+                        title=f"static decode graphs, {args.layers} layers, {'tiny' if args.tiny else 'Qwen3-30B-A3B'} shapes, {args.dtype}, "
+                              f"cache {static_cache_len(args)}")
+
+
+def _write(out: Path, args, result: dict) -> None:
+    """The JSON with the run's settings and versions (rewritten as rows arrive, so a cut-off run keeps its rows)."""
+    import onnxruntime
+
+    meta = {"phase": args.phase, "layers": args.layers, "batches": args.batches, "prompt": args.prompt, "steps": args.steps,
+            "dtype": args.dtype, "gpu": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "providers": onnxruntime.get_available_providers()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "results": result}, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""``moe-fx export onnx``: ONNX in Optimum's decoder layout, checked in onnxruntime against PyTorch."""
+"""``moe-fx export onnx``: ONNX in Optimum's decoder layout (or a static decode graph for CUDA graphs), checked in
+onnxruntime against PyTorch."""
 
 from __future__ import annotations
 
 from moe_fx.cli.common import add_output, resolve_device
+from moe_fx.errors import BadOptionError
 
 
 def add_parser(sub) -> None:
@@ -26,6 +28,11 @@ def add_parser(sub) -> None:
     p.add_argument("--ort-fusions", choices=("cpu", "cuda"),
                    help="also fuse attention, rotary embeddings and norms into onnxruntime's own ops for this provider "
                         "(transformers' onnxruntime fusions); default: none")
+    p.add_argument("--static-cache", type=int, metavar="LEN",
+                   help="export a one-token decode graph of fixed shapes over a KV cache of LEN slots, which onnxruntime "
+                        "replays as one CUDA graph (run it with moe_fx.deliver.onnx.OnnxDecoder); default: the dynamic graph "
+                        "in Optimum's layout")
+    p.add_argument("--batch-size", type=int, default=1, help="rows of a --static-cache graph (default 1)")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-PyTorch parity check")
     p.add_argument("--device", default="cpu", help="device the model is traced and checked on (default cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -35,11 +42,15 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     """Run the command with the parsed ``args``; return the exit status."""
     from moe_fx.deliver.onnx.export import export_onnx
+    from moe_fx.deliver.onnx.static_decode import StaticShape
     from moe_fx.evaluate.table import format_table, human_bytes
 
+    if args.static_cache is None and args.batch_size != 1:
+        raise BadOptionError(f"--batch-size {args.batch_size} fixes the batch of a --static-cache graph; the dynamic export takes any batch")
+    static = StaticShape(args.batch_size, args.static_cache) if args.static_cache is not None else None
     result = export_onnx(args.model, args.out, with_past=args.with_past, dtype=args.dtype, opset=args.opset,
                          check=not args.no_check, device=resolve_device(args.device), overwrite=args.overwrite,
-                         moe_op=args.moe_op, weights=args.weights, ort_fusions=args.ort_fusions)
+                         moe_op=args.moe_op, weights=args.weights, ort_fusions=args.ort_fusions, static=static)
     rows = [
         ["graph inputs", f"{len(result.inputs)} ({', '.join(result.inputs[:3])}{', past_key_values.*' if result.with_past else ''})"],
         ["weights in graph", f"{human_bytes(result.initializer_bytes)} (model parameters: {human_bytes(result.parameter_bytes)})"],
@@ -47,6 +58,9 @@ def run(args) -> int:
         ["MoE blocks", _moe_summary(result)],
         ["export time", f"{result.export_seconds:.1f} s"],
     ]
+    if static is not None:
+        rows.append(["static decode graph", f"batch {static.batch_size}, {static.max_cache_len}-token cache, one token a step: run it with "
+                     "OnnxDecoder (CUDA graphs); Optimum's ORTModelForCausalLM needs the dynamic export"])
     if result.parity is not None:
         par = result.parity
         against = " (vs the dequantized experts)" if result.weights != "float" else ""

@@ -28,6 +28,7 @@ from moe_fx.deliver.onnx.fused_experts import FusedLayout, dequantized_weights, 
 from moe_fx.deliver.onnx.quantized_weights import WEIGHT_FORMATS
 from moe_fx.deliver.onnx.real_rotary import real_rotary
 from moe_fx.deliver.onnx.runtime import ONNX_FILE, OnnxCausalLM, Parity, check_parity
+from moe_fx.deliver.onnx.static_decode import STATIC_INPUTS, StaticShape, fold_token_counts, scatter_updates, static_sample_inputs
 from moe_fx.environment import versions
 from moe_fx.errors import BadOptionError, MoeFxError, first_line
 from moe_fx.evaluate.nll import model_size
@@ -92,11 +93,14 @@ class OnnxExport:
     unfused_blocks: dict[str, str] = field(default_factory=dict)
     """Blocks left on the plain-op path, with the reason."""
     ort_fusions: str | None = None
+    static: StaticShape | None = None
+    """A static decode graph's batch and cache length (:mod:`.static_decode`); ``None``: the dynamic Optimum layout."""
     quantization: Parity | None = None
     """int8/int4 weights: the graph against the unquantized model (``parity`` is against the dequantized one)."""
 
     def to_dict(self) -> dict:
-        out = {k: v for k, v in self.__dict__.items() if k not in ("path", "parity", "quantization")}
+        out = {k: v for k, v in self.__dict__.items() if k not in ("path", "parity", "quantization", "static")}
+        out["static"] = self.static.to_dict() if self.static is not None else None
         out["parity"] = self.parity.to_dict() if self.parity is not None else None
         out["quantization"] = self.quantization.to_dict() if self.quantization is not None else None
         return out
@@ -162,6 +166,15 @@ def _fusion_plan(model: nn.Module, moe_op: str | None, weights: str, dtype: torc
     return plan
 
 
+def _check_static_options(static: StaticShape | None, with_past: bool, ort_fusions: str | None) -> None:
+    if static is None:
+        return
+    if not with_past:
+        raise BadOptionError("--static-cache exports a decode graph over a KV cache: drop --no-past")
+    if ort_fusions is not None:
+        raise BadOptionError("--ort-fusions rewrites the dynamic graph's attention; a --static-cache graph is exported without it")
+
+
 @contextlib.contextmanager
 def _dequantized(model: nn.Module, fused: list[FusedLayout], weights: str) -> Iterator[None]:
     """The fused blocks' expert weights replaced by what the int8/int4 node computes with, restored on exit."""
@@ -218,10 +231,13 @@ def _cache_values(values, pattern: re.Pattern) -> list[tuple[object, int, str]]:
     return out
 
 
-def _to_optimum_interface(graph, constants: dict[tuple[int, str], torch.Tensor]) -> dict[str, int]:
-    """Rename the cache inputs/outputs to Optimum's names, fold cache constants, and name the dynamic dims."""
+def _to_optimum_interface(graph, constants: dict[tuple[int, str], torch.Tensor], static: bool) -> dict[str, int]:
+    """Rename the cache inputs/outputs to Optimum's names, fold cache constants, and name the dynamic dims (a static
+    graph's token counts are fed from ``cache_position`` instead, and it has no dynamic dims)."""
     import onnx_ir as ir
 
+    if static:
+        fold_token_counts(graph)
     folded = {}
     for value, layer, kind in _cache_values(graph.inputs, _PAST_INPUT):
         if kind in _CACHE_KIND:
@@ -239,17 +255,18 @@ def _to_optimum_interface(graph, constants: dict[tuple[int, str], torch.Tensor])
             value.name = f"present.{layer}.{_CACHE_KIND[kind]}"
         else:
             graph.outputs.remove(value)
-    _check_interface(graph)
-    _name_dims(graph)
+    _check_interface(graph, static)
+    if not static:
+        _name_dims(graph)
     return folded
 
 
-def _check_interface(graph) -> None:
+def _check_interface(graph, static: bool) -> None:
     """Every input and output has one of Optimum's decoder names after the renaming: a transformers release that
     names the cache differently fails here, naming the value, instead of at inference time."""
     import transformers
 
-    expected = {"input_ids", "attention_mask", "position_ids", "logits"}
+    expected = {*STATIC_INPUTS, "logits"} if static else {"input_ids", "attention_mask", "position_ids", "logits"}
     odd = [v.name for v in [*graph.inputs, *graph.outputs] if v.name not in expected and not _OPTIMUM_PAST.match(v.name or "")]
     if odd:
         raise MoeFxError(f"transformers {transformers.__version__}'s ONNX exporter named graph values {odd[:3]}, which moe-fx does not map to "
@@ -343,6 +360,7 @@ def export_onnx(
     moe_op: str | None = None,
     weights: str = "float",
     ort_fusions: str | None = None,
+    static: StaticShape | None = None,
 ) -> OnnxExport:
     """Export ``model`` (a loaded model or a checkpoint directory, pruned or not) to ``out``; return what was written.
 
@@ -359,10 +377,13 @@ def export_onnx(
     fp32 tolerance), and the difference to the unquantized model is recorded in ``quantization``.
     ``ort_fusions`` (``"cpu"``/``"cuda"``): transformers' onnxruntime fusions for that provider (attention,
     rotary embeddings, norms into onnxruntime's own ops), applied after the MoE nodes are in place.
+    ``static``: a one-token decode graph of that batch and cache length, with no shape computations, which
+    onnxruntime can replay as a CUDA graph (:mod:`.static_decode`); the parity check steps it token by token.
     """
     _require_onnx_stack()
     _check_opset(opset)
     _check_moe_options(moe_op, weights, dtype, check, device, ort_fusions)
+    _check_static_options(static, with_past, ort_fusions)
     from transformers.exporters import OnnxConfig, OnnxExporter
 
     if check and device == "cpu" and parse_dtype(dtype) == torch.bfloat16:
@@ -388,11 +409,13 @@ def export_onnx(
 
     started = time.perf_counter()
     with experts_implementation(model, DEFAULT_IMPLEMENTATION), torch.no_grad():  # the trace and the check
-        inputs = _sample_inputs(model, with_past)
+        with scatter_updates() if static is not None else contextlib.nullcontext():
+            inputs = static_sample_inputs(model, static) if static is not None else _sample_inputs(model, with_past)
         constants = _cache_constants(inputs.get("past_key_values"))
         try:
-            with real_rotary(model), fused_export(model, fused) if fused else contextlib.nullcontext():
-                exported = OnnxExporter().export(model, inputs, OnnxConfig(dynamic=True, opset_version=opset))
+            with (real_rotary(model), fused_export(model, fused) if fused else contextlib.nullcontext(),
+                  scatter_updates() if static is not None else contextlib.nullcontext()):
+                exported = OnnxExporter().export(model, inputs, OnnxConfig(dynamic=static is None, opset_version=opset))
         except (RuntimeError, ValueError, TypeError) as exc:
             raise MoeFxError(f"transformers' ONNX exporter failed on {type(model).__name__}: {first_line(exc)}") from exc
         program = exported.program
@@ -405,7 +428,8 @@ def export_onnx(
         if sorted(lowered) != expected:
             raise MoeFxError(f"the exported graph holds fused MoE nodes for {sorted(lowered)[:3]}, expected {expected[:3]}; "
                              "please report the model family (export with --moe-op unfused meanwhile)")
-        folded = _to_optimum_interface(program.graph, constants)
+        folded = _to_optimum_interface(program.graph, constants, static is not None)
+        ir.passes.common.RemoveUnusedNodesPass()(program)  # what computed the dropped outputs (static token counts)
         _share_transposed_copies(program.graph)
         _strip_metadata(program)
         seconds = time.perf_counter() - started
@@ -448,6 +472,7 @@ def export_onnx(
                 unfused_blocks={block: how for block, how in plan.items() if isinstance(how, str)},
                 quantization=quantization,
                 ort_fusions=ort_fusions,
+                static=static,
             )
             record = _source_record(source)
             record["onnx_export"] = result.to_dict()

@@ -3,7 +3,9 @@ against PyTorch: logits step by step, and greedy generation token for token.
 
 The graph's interface is Optimum's decoder layout (``input_ids``, ``attention_mask``, ``position_ids``,
 ``past_key_values.{i}.key|value`` in; ``logits``, ``present.{i}.key|value`` out), so the runner here is also
-what our tests use to show that a directory works where Optimum would load it.
+what our tests use to show that a directory works where Optimum would load it. A static decode graph
+(:mod:`.static_decode`: one token per step, fixed batch and cache length) runs here token by token; its fast
+path on a GPU is :class:`~moe_fx.deliver.onnx.decoder.OnnxDecoder`.
 """
 
 from __future__ import annotations
@@ -50,22 +52,28 @@ class OnnxCausalLM:
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
+        self.static = "cache_position" in self.inputs
+        """A static decode graph: fixed ``batch_size`` and ``max_cache_len``, one token per step."""
+        if self.static:
+            self.batch_size, _, self.max_cache_len, _ = self.inputs[self.past_names[0]].shape
 
     @property
     def with_past(self) -> bool:
         return bool(self.past_names)
 
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:
-        """Zero-length past tensors (what Optimum feeds on the first step)."""
+        """Zero-length past tensors (what Optimum feeds on the first step); a static graph's whole cache, zeroed."""
         past = {}
         for name in self.past_names:
-            _, heads, _, head_dim = self.inputs[name].shape
+            graph_batch, heads, length, head_dim = self.inputs[name].shape
             dtype = np.float16 if "float16" in self.inputs[name].type else np.float32
-            past[name] = np.zeros((batch, heads, 0, head_dim), dtype=dtype)
+            past[name] = np.zeros((graph_batch, heads, length, head_dim) if self.static else (batch, heads, 0, head_dim), dtype=dtype)
         return past
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: dict[str, np.ndarray] | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Logits of ``input_ids`` after ``past`` (``None``: the graph has no past); returns the new past too."""
+        if self.static:
+            return self._forward_static(input_ids, attention_mask, past)
         total = attention_mask.shape[1]
         positions = np.cumsum(attention_mask, axis=-1) - 1
         feed = {
@@ -77,6 +85,29 @@ class OnnxCausalLM:
         outs = dict(zip(self.output_names, self.session.run(None, {k: v for k, v in feed.items() if k in self.inputs})))
         present = {n.replace("present.", "past_key_values.", 1): v for n, v in outs.items() if n.startswith("present.")}
         return outs["logits"], present
+
+    def _forward_static(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """:meth:`forward` through a static decode graph: one step per token, each written to its slot of the cache.
+        Fewer rows than the graph's batch are padded with copies of the first and cut from the logits."""
+        rows, new = input_ids.shape
+        total = attention_mask.shape[1]
+        if rows > self.batch_size or total > self.max_cache_len:
+            raise MoeFxError(f"this static graph runs {self.batch_size} rows over a {self.max_cache_len}-token cache; got {rows} rows "
+                             f"and {total} tokens (export again with --batch-size/--static-cache large enough)")
+        pad = [0] * (self.batch_size - rows)
+        ids = np.concatenate([input_ids, input_ids[pad]]).astype(np.int64)
+        mask = np.zeros((self.batch_size, self.max_cache_len), np.int64)
+        mask[:, :total] = np.concatenate([attention_mask, attention_mask[pad]])
+        positions = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
+        logits = []
+        for slot in range(total - new, total):
+            step_mask = np.where(np.arange(self.max_cache_len) <= slot, mask, 0)
+            feed = {"input_ids": ids[:, slot - total + new, None], "attention_mask": step_mask,
+                    "position_ids": positions[:, slot, None], "cache_position": np.array([slot], np.int64), **past}
+            outs = dict(zip(self.output_names, self.session.run(None, feed)))
+            past = {n.replace("present.", "past_key_values.", 1): v for n, v in outs.items() if n.startswith("present.")}
+            logits.append(outs["logits"][:rows])
+        return np.concatenate(logits, axis=1), past
 
     def generate(self, input_ids: np.ndarray, max_new_tokens: int, eos_token_id: int | None = None) -> np.ndarray:
         """Greedy continuation of one or more unpadded prompts (stops early only when every row hit ``eos``)."""
@@ -115,21 +146,22 @@ class Parity:
 def check_parity(model: nn.Module, runner: OnnxCausalLM, *, prompt_len: int = 12, steps: int = 4, new_tokens: int = 16, seed: int = 0) -> Parity:
     """Compare ``runner`` with ``model`` on seeded random prompts.
 
-    Logits: a batch of two prompts, first with an empty past (prefill), then ``steps`` one-token steps
+    Logits: a batch of two prompts (one for a static graph of batch 1), first with an empty past (prefill), then ``steps`` one-token steps
     through the returned past, each against a full PyTorch forward of the same tokens. Generation: greedy
     ``new_tokens`` from one prompt, against ``model.generate`` (which stops at EOS; so does the runner).
     """
     vocab = model.get_output_embeddings().weight.shape[0]
     generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, min(vocab, 32000), (2, prompt_len + steps), generator=generator)
+    rows = min(2, runner.batch_size) if runner.static else 2
+    ids = torch.randint(3, min(vocab, 32000), (rows, prompt_len + steps), generator=generator)
     device = next(model.parameters()).device
     reference = model(ids.to(device)).logits.float().cpu().numpy()
 
     diffs = []
-    past = runner.empty_past(2) if runner.with_past else None
+    past = runner.empty_past(rows) if runner.with_past else None
     for cut in range(prompt_len, prompt_len + steps + 1):
         start = cut - 1 if runner.with_past and cut > prompt_len else 0  # with a past: only the new token
-        logits, present = runner.forward(ids[:, start:cut].numpy(), np.ones((2, cut), np.int64), past)
+        logits, present = runner.forward(ids[:, start:cut].numpy(), np.ones((rows, cut), np.int64), past)
         diffs.append(np.abs(logits.astype(np.float32) - reference[:, start:cut]).max())
         past = present if runner.with_past else None
 
