@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from moe_fx import compose
+from moe_fx.deliver.onnx import OnnxDecoder, StaticShape
 from moe_fx.deliver.onnx.export import export_onnx
 from moe_fx.deliver.onnx.runtime import OnnxCausalLM
 from moe_fx.evaluate.nll import model_size
@@ -71,14 +72,38 @@ def _torch_latency(model, ids: torch.Tensor, impl: str, repeats: int) -> tuple[f
         return prefill, median_ms(_synced(decode, device), repeats)
 
 
-def _ort_latency(runner: OnnxCausalLM, ids: np.ndarray, repeats: int) -> tuple[float, float]:
+def _ort_latency(runner: OnnxCausalLM | OnnxDecoder, ids: np.ndarray, repeats: int) -> tuple[float | None, float]:
     batch, length = ids.shape
+    if isinstance(runner, OnnxDecoder):  # a static graph: one-token steps from slot ``length`` (its prefill is not timed)
+
+        def step():
+            runner.length = length
+            runner.step(ids[:, -1])
+            runner.synchronize()
+
+        return None, median_ms(step, repeats)
     empty = runner.empty_past(batch)
     prefill = median_ms(lambda: runner.forward(ids, np.ones((batch, length), np.int64), empty), repeats)
     _, past = runner.forward(ids, np.ones((batch, length), np.int64), empty)
     step = ids[:, -1:]
     decode = median_ms(lambda: runner.forward(step, np.ones((batch, length + 1), np.int64), past), repeats)
     return prefill, decode
+
+
+def _median(values: list) -> float | None:
+    """The median, or ``None`` for a measurement a runtime does not make (a static graph's prefill)."""
+    return None if None in values else statistics.median(values)
+
+
+def _static_runners(model, name: str, label: str, args, tmp: Path, runners: dict):
+    """One static decode graph per batch (a cache of the prompt plus 8 slots), each in an ``OnnxDecoder``; returns the
+    last export (its size and parity stand for all)."""
+    for batch in args.batches:
+        static = StaticShape(batch, args.prompt + 8)
+        export = export_onnx(model, tmp / name / f"{label}-b{batch}", dtype=args.dtype, device=args.device, static=static,
+                             **export_options(label, args.device))
+        runners[name, label, batch] = OnnxDecoder(export.path, device="cuda" if args.device.startswith("cuda") else "cpu")
+    return export
 
 
 EXPORTS = {
@@ -88,13 +113,17 @@ EXPORTS = {
     "fused-int4": {"moe_op": "fused", "weights": "int4"},
     "fused+ort-fusions": {"moe_op": "fused", "ort_fusions": True},
     "fused-int4+ort-fusions": {"moe_op": "fused", "weights": "int4", "ort_fusions": True},
+    "fused-static": {"moe_op": "fused", "static": True},
 }
-"""The exports a benchmark can time: ``export_onnx`` options (``ort_fusions``: for the provider the run uses)."""
+"""The exports a benchmark can time: ``export_onnx`` options (``ort_fusions``: for the provider the run uses;
+``static``: a static decode graph per batch, run by ``OnnxDecoder``: decode only)."""
 
 
 def export_options(label: str, device: str) -> dict:
-    """``export_onnx`` keyword arguments of the export ``label`` for a run on ``device``."""
+    """``export_onnx`` keyword arguments of the export ``label`` for a run on ``device`` (a static label's shape is the
+    caller's to add)."""
     options = dict(EXPORTS[label])
+    options.pop("static", None)
     if options.pop("ort_fusions", False):
         options["ort_fusions"] = "cuda" if device.startswith("cuda") else "cpu"
     return options
@@ -127,8 +156,11 @@ def main() -> None:
             results[name] = {"weight_bytes": model_size(model)["bytes"], "exports": {},
                              "rounds": {f"b{b}": {r: [] for r in runtimes} for b in args.batches}}
             for label in args.exports:
-                export = export_onnx(model, Path(tmp) / name / label, dtype=args.dtype, device=args.device, **export_options(label, args.device))
-                runners[name, label] = OnnxCausalLM(export.path, device=args.device)
+                if EXPORTS[label].get("static"):
+                    export = _static_runners(model, name, label, args, Path(tmp), runners)
+                else:
+                    export = export_onnx(model, Path(tmp) / name / label, dtype=args.dtype, device=args.device, **export_options(label, args.device))
+                    runners[name, label] = OnnxCausalLM(export.path, device=args.device)
                 results[name]["exports"][label] = {"onnx_bytes": export.onnx_bytes, "fused_blocks": len(export.fused_blocks),
                                                    "parity": export.parity.to_dict(),
                                                    "quantization": export.quantization.to_dict() if export.quantization else None}
@@ -140,15 +172,16 @@ def main() -> None:
                     rounds = results[name]["rounds"][f"b{batch}"]
                     rounds["torch moe_fx"].append(_torch_latency(model, ids.to(args.device), "moe_fx", args.repeats))
                     for label in args.exports:
-                        rounds[f"onnx {label}"].append(_ort_latency(runners[name, label], ids.numpy(), args.repeats))
+                        runner = runners.get((name, label, batch), runners.get((name, label)))
+                        rounds[f"onnx {label}"].append(_ort_latency(runner, ids.numpy(), args.repeats))
     rows = []
     for batch in args.batches:
         for name, entry in results.items():
             ms = entry.setdefault("ms", {})[f"b{batch}"] = {
-                r: [statistics.median(t[i] for t in entry["rounds"][f"b{batch}"][r]) for i in (0, 1)] for r in runtimes}
+                r: [_median([t[i] for t in entry["rounds"][f"b{batch}"][r]]) for i in (0, 1)] for r in runtimes}
             for runtime, (prefill, decode) in ms.items():
                 size = entry["exports"].get(runtime.removeprefix("onnx "), {}).get("onnx_bytes", entry["weight_bytes"])
-                rows.append([batch, name, runtime, human_bytes(size), f"{prefill:.1f}", f"{decode:.2f}"])
+                rows.append([batch, name, runtime, human_bytes(size), "-" if prefill is None else f"{prefill:.1f}", f"{decode:.2f}"])
     header = (f"prompt {args.prompt} tokens, {args.device} ({args.threads} CPU threads), {args.dtype}; "
               f"median of {args.rounds} alternating rounds of {args.repeats}")
     print(format_table(["batch", "variant", "runtime", "weights", "prefill ms", "decode step ms"], rows, title=header))
