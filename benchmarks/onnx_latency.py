@@ -114,9 +114,11 @@ EXPORTS = {
     "fused+ort-fusions": {"moe_op": "fused", "ort_fusions": True},
     "fused-int4+ort-fusions": {"moe_op": "fused", "weights": "int4", "ort_fusions": True},
     "fused-static": {"moe_op": "fused", "static": True},
+    "fused-opset23": {"moe_op": "fused", "opset": 23},
 }
 """The exports a benchmark can time: ``export_onnx`` options (``ort_fusions``: for the provider the run uses;
-``static``: a static decode graph per batch, run by ``OnnxDecoder``: decode only)."""
+``static``: a static decode graph per batch, run by ``OnnxDecoder``: decode only; ``opset`` 23: attention as ONNX's
+``Attention`` op on the grouped key/value heads)."""
 
 
 def export_options(label: str, device: str) -> dict:

@@ -169,3 +169,23 @@ def test_cuda_graph_decoder_matches_the_cpu(once) -> None:
     np.testing.assert_array_equal(gpu.generate(ids, 10), cpu.generate(ids, 10))
     np.testing.assert_array_equal(gpu.generate(ids[:1], 10), cpu.generate(ids[:1], 10))  # the captured graph, replayed again
     assert np.abs(gpu.last_logits() - cpu.last_logits()).max() <= 1e-3
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_opset23_attention_reads_the_cache_itself(static: bool, micro_path, tmp_path) -> None:
+    """At opset 23 attention is ONNX's ``Attention`` node on the cache's own (fewer) key/value heads: no ``repeat_kv``
+    copy of the cache, and the same logits (static and dynamic exports; the micro model has grouped heads)."""
+    from moe_fx.formats.loading import load_model
+
+    model = load_model(micro_path, dtype="float32", device="cpu", quantize=None, ragged=False)
+    config = model.config
+    assert config.num_key_value_heads < config.num_attention_heads
+    result = onnx_export.export_onnx(model, tmp_path / "o23", opset=23, static=StaticShape(1, CACHE) if static else None)
+    assert result.parity.max_abs_logit_diff <= 1e-4 and result.parity.greedy_identical
+    graph = _graph(result.path)
+    attention = [n for n in graph.all_nodes() if n.op_type == "Attention"]
+    assert len(attention) == config.num_hidden_layers
+    for node in attention:
+        for value in node.inputs[1:3]:  # key and value: the cache as written, at its own head count
+            assert value.producer().op_type in ("ScatterElements", "Concat") and value.shape[1] == config.num_key_value_heads
+    assert "TRANSFORMERS_SDPA_FORCE_GQA" not in __import__("os").environ

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -51,6 +52,11 @@ PROTOBUF_LIMIT = 2_000_000_000
 
 MIN_OPSET, MAX_OPSET = 18, 24
 """Opsets the dynamo exporter writes and onnxruntime (1.2x) loads for these graphs; 25+ trips ORT on ``Attention``."""
+
+ATTENTION_OPSET = 23
+"""From this opset on, attention exports as ONNX's ``Attention`` op, which takes fewer key/value heads than query
+heads; the trace then keeps transformers' SDPA on its grouped-query form (:func:`_grouped_kv_attention`)."""
+_SDPA_GQA_SWITCH = "TRANSFORMERS_SDPA_FORCE_GQA"
 
 FP32_LOGIT_TOLERANCE = 1e-4
 """Absolute logit difference an fp32 export may show against PyTorch (the issue's bar)."""
@@ -173,6 +179,25 @@ def _check_static_options(static: StaticShape | None, with_past: bool, ort_fusio
         raise BadOptionError("--static-cache exports a decode graph over a KV cache: drop --no-past")
     if ort_fusions is not None:
         raise BadOptionError("--ort-fusions rewrites the dynamic graph's attention; a --static-cache graph is exported without it")
+
+
+@contextlib.contextmanager
+def _grouped_kv_attention(opset: int | None) -> Iterator[None]:
+    """While tracing at ``opset >= 23``: transformers' SDPA passes the cache's key/value heads as they are
+    (``enable_gqa``) instead of repeating them to the query heads (``repeat_kv``: a copy of the whole cache per
+    layer and step), so the ``Attention`` node reads the cache itself. transformers reads the switch at each call."""
+    if opset is None or opset < ATTENTION_OPSET:
+        yield
+        return
+    saved = os.environ.get(_SDPA_GQA_SWITCH)
+    os.environ[_SDPA_GQA_SWITCH] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(_SDPA_GQA_SWITCH)
+        else:
+            os.environ[_SDPA_GQA_SWITCH] = saved
 
 
 @contextlib.contextmanager
@@ -414,7 +439,7 @@ def export_onnx(
         constants = _cache_constants(inputs.get("past_key_values"))
         try:
             with (real_rotary(model), fused_export(model, fused) if fused else contextlib.nullcontext(),
-                  scatter_updates() if static is not None else contextlib.nullcontext()):
+                  scatter_updates() if static is not None else contextlib.nullcontext(), _grouped_kv_attention(opset)):
                 exported = OnnxExporter().export(model, inputs, OnnxConfig(dynamic=static is None, opset_version=opset))
         except (RuntimeError, ValueError, TypeError) as exc:
             raise MoeFxError(f"transformers' ONNX exporter failed on {type(model).__name__}: {first_line(exc)}") from exc
