@@ -91,6 +91,7 @@ class OnnxDecoder:
         small["attention_mask"][:, self.length + 1:] = 0
         small["position_ids"][:] = self.length
         small["cache_position"][0] = self.length
+        self.binding.synchronize_outputs()  # the copies below run outside onnxruntime's stream: the last step must be done
         for name, value in self._values.items():
             value.update_inplace(small[name])
         self.session.run_with_iobinding(self.binding)
