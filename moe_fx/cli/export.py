@@ -70,7 +70,8 @@ def run(args) -> int:
         q = result.quantization
         rows.append([f"{result.weights} vs float model", f"max |logit diff| {q.max_abs_logit_diff:.2e}, greedy "
                      + ("identical" if q.greedy_identical else f"differs at token {q.first_mismatch}")])
-    print(format_table(["", f"{args.model} -> {result.path}"], rows, title=f"ONNX export ({result.dtype}, onnxruntime parity checked: {result.parity is not None})"))
+    title = f"ONNX export ({result.dtype}, opset {result.opset}, onnxruntime parity checked: {result.parity is not None})"
+    print(format_table(["", f"{args.model} -> {result.path}"], rows, title=title))
     return 0
 
 

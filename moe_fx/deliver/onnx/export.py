@@ -99,6 +99,8 @@ class OnnxExport:
     unfused_blocks: dict[str, str] = field(default_factory=dict)
     """Blocks left on the plain-op path, with the reason."""
     ort_fusions: str | None = None
+    opset: int | None = None
+    """The ONNX opset the graph was written in (23+: attention as ONNX's ``Attention`` op)."""
     static: StaticShape | None = None
     """A static decode graph's batch and cache length (:mod:`.static_decode`); ``None``: the dynamic Optimum layout."""
     quantization: Parity | None = None
@@ -497,6 +499,7 @@ def export_onnx(
                 unfused_blocks={block: how for block, how in plan.items() if isinstance(how, str)},
                 quantization=quantization,
                 ort_fusions=ort_fusions,
+                opset=program.opset_imports.get(""),
                 static=static,
             )
             record = _source_record(source)
