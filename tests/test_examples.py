@@ -14,7 +14,7 @@ EXAMPLES = {
     "build_pruned.py": ["EEP 25% experts + comp.", "+ 10 distillation steps", "saved to"],
     "choose_split.py": ["<- kept", "valid NLL", "saved to"],
     "compile.py": ["max |logit diff| vs eager"],
-    "export_onnx.py": ["greedy tokens identical"],
+    "export_onnx.py": ["greedy tokens identical", "static decode graph on cpu: the same 12 tokens"],
     "stream.py": ["streamed 2 layers", "checkpoint in"],
     "distill_streamed.py": ["distilled on the cached top-64 teacher", "saved to"],
     "quantize.py": ["MB int4 (", "mean NLL int4 checkpoint (transformers)", "mean NLL int4 in memory (moe-fx kernels)", "checkpoint in"],
