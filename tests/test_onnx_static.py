@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from onnx_cases import first_layer_pruned
+from tiny_models import tiny_model as build_tiny
 
 from moe_fx.cli import main
 from moe_fx.deliver.onnx import OnnxCausalLM, OnnxDecoder, StaticShape
@@ -116,6 +117,8 @@ def test_static_options_refused_before_export(tmp_path) -> None:
         onnx_export.export_onnx(model, tmp_path / "b", ort_fusions="cpu", static=StaticShape(1, 64))
     with pytest.raises(BadOptionError, match="outgrows its 128-token window within 160 slots"):
         onnx_export.export_onnx(first_layer_pruned("gpt_oss"), tmp_path / "c", static=StaticShape(1, 160))
+    with pytest.raises(BadOptionError, match="LinearAttentionLayer.*not a fixed-slot key/value cache"):
+        onnx_export.export_onnx(build_tiny("lfm2_moe").float(), tmp_path / "d", static=StaticShape(1, 40))  # hybrid: convolution states
     assert not any(tmp_path.iterdir())
 
 

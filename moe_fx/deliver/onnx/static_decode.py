@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-from transformers.cache_utils import StaticLayer
+from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 
 from moe_fx.deliver.static_cache import UnfilledWindowLayer, static_cache
 from moe_fx.errors import BadOptionError, MoeFxError
@@ -98,10 +98,14 @@ def static_sample_inputs(model: nn.Module, shape: StaticShape) -> dict:
     except (ValueError, TypeError, AttributeError) as exc:
         raise BadOptionError(f"{type(model).__name__} has no transformers StaticCache ({exc}); export without --static-cache") from None
     for i, layer in enumerate(cache.layers):
-        if type(layer) not in _SCATTERABLE:
+        if type(layer) in _SCATTERABLE:
+            continue
+        if isinstance(layer, StaticSlidingWindowLayer):
             window = getattr(config, "sliding_window", None)
             raise BadOptionError(f"layer {i}'s cache ({type(layer).__name__}) outgrows its {window}-token window within {shape.max_cache_len} "
                                  f"slots, which a static graph cannot roll: export with --static-cache {window} or less, or without it")
+        raise BadOptionError(f"layer {i}'s cache ({type(layer).__name__}) is not a fixed-slot key/value cache a static graph can write; "
+                             "export without --static-cache")
     vocab = model.get_output_embeddings().weight.shape[0]
     device = next(model.parameters()).device
     prompt = 5
