@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_fx.deliver.onnx.runtime import ONNX_FILE
+from moe_fx.deliver.onnx.runtime import numpy_dtype, open_session, providers
 from moe_fx.errors import BadOptionError, MoeFxError
 
 
@@ -25,31 +25,19 @@ class OnnxDecoder:
     """
 
     def __init__(self, path: str | Path, *, device: str = "cuda", cuda_graph: bool = True, device_id: int = 0):
-        import onnxruntime as ort
-
-        path = Path(path)
-        file = path / ONNX_FILE if path.is_dir() else path
-        if not file.is_file():
-            raise MoeFxError(f"{path}: no {ONNX_FILE} (export one with `moe-fx export onnx MODEL --out DIR --static-cache LEN`)")
         if device not in ("cuda", "cpu"):
             raise BadOptionError(f"device {device!r}: use cuda or cpu")
-        if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise MoeFxError("onnxruntime has no CUDA execution provider here; install moe-fx[onnx-gpu] (onnxruntime-gpu) or use device='cpu'")
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if device == "cuda":
-            provider_options = {"device_id": str(device_id), "enable_cuda_graph": "1" if cuda_graph else "0"}
-            providers = [("CUDAExecutionProvider", provider_options)]
-        else:
-            providers = ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(file), options, providers=providers)
+        chosen = providers(device)  # refuses cuda where onnxruntime has no CUDA provider
+        if device == "cuda":  # that provider alone: a CUDA graph needs every node on it
+            chosen = [("CUDAExecutionProvider", {"device_id": str(device_id), "enable_cuda_graph": "1" if cuda_graph else "0"})]
+        self.session = open_session(path, chosen, "moe-fx export onnx MODEL --out DIR --static-cache LEN")
         inputs = {i.name: i for i in self.session.get_inputs()}
         if "cache_position" not in inputs:
             raise BadOptionError(f"{path} is a dynamic-shape export; OnnxDecoder runs static decode graphs (export with --static-cache LEN)")
         self.device, self.device_id = device, device_id
         past = [n for n in inputs if n.startswith("past_key_values.")]
         self.batch_size, _, self.max_cache_len, _ = inputs[past[0]].shape
-        dtype = np.float16 if "float16" in inputs[past[0]].type else np.float32
+        dtype = numpy_dtype(inputs[past[0]])
         self.binding = self.session.io_binding()
         self._small = {  # host copies of the step's inputs, written to their device buffers before each run
             "input_ids": np.zeros((self.batch_size, 1), np.int64),

@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch import nn
@@ -188,18 +189,9 @@ def _grouped_kv_attention(opset: int | None) -> Iterator[None]:
     """While tracing at ``opset >= 23``: transformers' SDPA passes the cache's key/value heads as they are
     (``enable_gqa``) instead of repeating them to the query heads (``repeat_kv``: a copy of the whole cache per
     layer and step), so the ``Attention`` node reads the cache itself. transformers reads the switch at each call."""
-    if opset is None or opset < ATTENTION_OPSET:
+    switch = {_SDPA_GQA_SWITCH: "1"} if opset is not None and opset >= ATTENTION_OPSET else {}
+    with mock.patch.dict(os.environ, switch):  # restores the environment as it was on exit
         yield
-        return
-    saved = os.environ.get(_SDPA_GQA_SWITCH)
-    os.environ[_SDPA_GQA_SWITCH] = "1"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(_SDPA_GQA_SWITCH)
-        else:
-            os.environ[_SDPA_GQA_SWITCH] = saved
 
 
 @contextlib.contextmanager
@@ -456,7 +448,8 @@ def export_onnx(
             raise MoeFxError(f"the exported graph holds fused MoE nodes for {sorted(lowered)[:3]}, expected {expected[:3]}; "
                              "please report the model family (export with --moe-op unfused meanwhile)")
         folded = _to_optimum_interface(program.graph, constants, static is not None)
-        ir.passes.common.RemoveUnusedNodesPass()(program)  # what computed the dropped outputs (static token counts)
+        if static is not None:
+            ir.passes.common.RemoveUnusedNodesPass()(program)  # the nodes that computed the dropped token-count outputs
         _share_transposed_copies(program.graph)
         _strip_metadata(program)
         seconds = time.perf_counter() - started

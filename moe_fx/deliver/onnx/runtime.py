@@ -36,19 +36,30 @@ def providers(device: str = "auto") -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def open_session(path: str | Path, providers: list, hint: str):
+    """An onnxruntime session of ``path`` (a directory holding ``model.onnx``, or the file), quiet below errors;
+    ``hint`` is the export command to name when there is no graph."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    file = path / ONNX_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise MoeFxError(f"{path}: no {ONNX_FILE} (export one with `{hint}`)")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(file), options, providers=providers)
+
+
+def numpy_dtype(value) -> type:
+    """The numpy dtype of a float graph input (``tensor(float16)`` or ``tensor(float)``)."""
+    return np.float16 if "float16" in value.type else np.float32
+
+
 class OnnxCausalLM:
     """An exported causal LM in an onnxruntime session: forward with an explicit past, and greedy generation."""
 
     def __init__(self, path: str | Path, *, device: str = "auto"):
-        import onnxruntime as ort
-
-        path = Path(path)
-        file = path / ONNX_FILE if path.is_dir() else path
-        if not file.is_file():
-            raise MoeFxError(f"{path}: no {ONNX_FILE} (export one with `moe-fx export onnx MODEL --out DIR`)")
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(file), options, providers=providers(device))
+        self.session = open_session(path, providers(device), "moe-fx export onnx MODEL --out DIR")
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
@@ -66,8 +77,7 @@ class OnnxCausalLM:
         past = {}
         for name in self.past_names:
             graph_batch, heads, length, head_dim = self.inputs[name].shape
-            dtype = np.float16 if "float16" in self.inputs[name].type else np.float32
-            past[name] = np.zeros((graph_batch, heads, length, head_dim) if self.static else (batch, heads, 0, head_dim), dtype=dtype)
+            past[name] = np.zeros((graph_batch, heads, length, head_dim) if self.static else (batch, heads, 0, head_dim), dtype=numpy_dtype(self.inputs[name]))
         return past
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: dict[str, np.ndarray] | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
