@@ -47,6 +47,10 @@ COMPILE = {"fused": True, "options": None}
 """How moe_fx rows compile: with the top-k kernel and stacked sibling projections (a variant's ``fused=off``
 clears it while its rows run) and Inductor ``options`` (``freeze``: ``{"freezing": True}``)."""
 
+INDUCTOR_OPTIONS = {"freeze": {"freezing": True}, "autotune": {"max_autotune": True},
+                    "tune=off": {"coordinate_descent_tuning": False}}
+"""Variant options that are Inductor config patches (:func:`runtime_options`)."""
+
 
 def forward_for(model, impl: str, mode: str):
     """The callable a row times: the model itself (eager) or a fresh whole-graph compilation of it (the stock rows
@@ -279,9 +283,14 @@ def runtime_options(options: str):
     bounds to ``X`` pairs per expert, ``swap=on|off`` sets the grouped kernel's orientation (``SWAP``) whatever
     ``grouped_tiles`` picks, ``grouped-tiles=MxNxKxWxS[xSWAP[xSUBS]]`` sets its tiles where it picks the per-expert
     schedule (few rows per expert: decode), ``fused=off`` leaves the routers' top-k to torch and
-    each projection to its own matmul, ``gemv-tiles=NxKxW`` sets the routed
+    each projection to its own matmul, ``softmax-topk=off`` keeps the routers' softmax (and renormalization) out of
+    the top-k kernel, ``gemv-tiles=NxKxW`` sets the routed
     GEMV's dense tiles, ``freeze`` compiles with Inductor's freezing (weights as constants: sibling projections of
-    one input become one matmul). Each row compiles afresh, so each sees them."""
+    one input become one matmul), ``autotune`` with Inductor's ``max_autotune`` (cuBLAS against Triton templates
+    for each matmul), ``tune=off`` without the coordinate-descent tuning of Inductor's own kernels that
+    ``moe_fx.compile`` turns on (``moe_fx.deliver.compile.INFERENCE_OPTIONS``),
+    ``sdpa=flash|efficient|cudnn|math`` allows that attention backend only. Each row compiles afresh, so each
+    sees them."""
     env_before = os.environ.get("MOE_FX_QUANTIZED_ACTIVATIONS")
     bounds_before = routed_gemv.MAX_PAIRS_PER_EXPERT, routed_gemv.WEIGHT_ONLY_MAX_PAIRS_PER_EXPERT
     patched = {}  # (triton_kernels, a tiles function's name) -> the function (imported only where asked: it needs Triton)
@@ -302,8 +311,22 @@ def runtime_options(options: str):
                 routed_gemv.MAX_PAIRS_PER_EXPERT = routed_gemv.WEIGHT_ONLY_MAX_PAIRS_PER_EXPERT = bound
             elif option == "fused=off":
                 COMPILE["fused"] = False
-            elif option == "freeze":
-                COMPILE["options"] = {"freezing": True}
+            elif option == "softmax-topk=off":
+                from moe_fx.kernels import topk
+
+                patched.setdefault((topk, "_softmax_of"), topk._softmax_of)
+                topk._softmax_of = lambda node: None
+            elif option in INDUCTOR_OPTIONS:
+                COMPILE["options"] = {**(COMPILE["options"] or {}), **INDUCTOR_OPTIONS[option]}
+            elif option.startswith("sdpa="):
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                name = option.removeprefix("sdpa=")
+                backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                           "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}.get(name)
+                if backend is None:
+                    raise SystemExit(f"unknown attention backend {name!r}: use flash, efficient, cudnn or math")
+                caches.enter_context(sdpa_kernel([backend]))
             elif option.startswith("gemv-tiles="):
                 from moe_fx.kernels import triton_kernels
 
@@ -323,8 +346,8 @@ def runtime_options(options: str):
                 triton_kernels.grouped_tiles = lambda *a, shape=shape: (
                     t if (t := tiles(*a)).tiled else triton_kernels.Tiles(*shape[:5], bool(shape[5:] and shape[5]), False, *shape[6:7]))
             else:
-                raise SystemExit(f"unknown variant option {option!r}: use weight-only, gemv=X, swap=on|off, grouped-tiles=MxNxKxWxS[xSWAP[xSUBS]], fused=off, "
-                                 "gemv-tiles=NxKxW or freeze")
+                raise SystemExit(f"unknown variant option {option!r}: use weight-only, gemv=X, swap=on|off, grouped-tiles=MxNxKxWxS[xSWAP[xSUBS]], fused=off, softmax-topk=off, "
+                                 "gemv-tiles=NxKxW, freeze, autotune, tune=off or sdpa=flash|efficient|cudnn|math")
         yield
     finally:
         os.environ.pop("MOE_FX_QUANTIZED_ACTIVATIONS", None)

@@ -1,7 +1,7 @@
 """The quantized Triton kernels' arithmetic without a GPU: both kernels run in Triton's interpreter
 (``TRITON_INTERPRET=1``, in a subprocess: it must be set before Triton is imported) against the dequantized
-weights, every scheme, an input size that is not a multiple of the tile; the router top-k kernel against
-``torch.topk``; ``benchmarks/int8_rows_quality.py``'s emulated int8 rows against ``quantize_rows``. Skipped where Triton is not installed
+weights, every scheme, an input size that is not a multiple of the tile; the router top-k kernel (also with
+its softmax and renormalization) against torch; ``benchmarks/int8_rows_quality.py``'s emulated int8 rows against ``quantize_rows``. Skipped where Triton is not installed
 (CPU builds of torch); ``pip install triton`` beside a CPU torch runs it."""
 
 from __future__ import annotations
@@ -86,6 +86,14 @@ for width, k in ((128, 8), (100, 6), (7, 7), (300, 22)):  # moe_fx::topk_rows ag
     assert torch.equal(values.nan_to_num(9.0), want.values.nan_to_num(9.0)), (width, k)
     assert torch.equal(indices, want.indices) or torch.equal(z.gather(1, indices).nan_to_num(9.0), want.values.nan_to_num(9.0)), (width, k)
     assert indices[0, :2].tolist() == [3, 4], indices[0]
+    for normalize in (False, True):  # moe_fx::softmax_topk_rows: the softmax (and renormalization) in the program
+        values, indices = tk.triton_topk_rows(z.bfloat16(), k, True, normalize, torch.float32)
+        want = torch.topk(torch.softmax(z.bfloat16(), -1, dtype=torch.float32), k)
+        want_values = want.values / want.values.sum(-1, keepdim=True) if normalize else want.values
+        assert values.dtype == torch.float32 and values[2].isnan().all(), (width, k)  # a NaN logit: a NaN row, as torch
+        torch.testing.assert_close(values[[0, 1, 3, 4]], want_values[[0, 1, 3, 4]], rtol=1e-6, atol=1e-7)
+        picked = torch.softmax(z.bfloat16(), -1, dtype=torch.float32).gather(1, indices)  # ties (bf16) in either order
+        assert torch.equal(picked[[0, 1, 3, 4]], want.values[[0, 1, 3, 4]]), (width, k, normalize)
 print("ok")
 """
 

@@ -6,9 +6,17 @@ registers and takes its maximum ``k`` times. Values are the row's own entries (b
 indices are the same except among equal values, which torch leaves unordered and this kernel orders by index.
 :func:`replace_topk` swaps it in for every eligible ``torch.topk`` of a captured graph (:func:`moe_fx.compile`
 does, on CUDA); a ``triton_op``, so Inductor launches the kernel from its own code.
+
+Most routers take the top-k of a softmax and many renormalize the ``k`` picks (Qwen, Mixtral, OLMoE:
+``softmax -> topk -> values / values.sum(-1, keepdim=True)``): three more small kernels a layer at batch 1
+(softmax, the sum, the division). Where the graph has that shape, ``moe_fx::softmax_topk_rows`` computes the
+softmax in the same program (fp32, as the routers ask) and divides the picks by their sum there: one kernel for the
+chain. Its values differ from torch's by rounding (the softmax's and the sum's order: 3e-8 for fp32 scores).
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 from torch import fx
@@ -33,6 +41,18 @@ def _topk_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 topk_rows = grouped_mm.triton_op("moe_fx::topk_rows", _topk_rows)
 
 
+def _softmax_topk_rows(x: torch.Tensor, k: int, normalize: bool, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(torch.softmax(x, -1, dtype=dtype), k)``, the values divided by their sum when ``normalize``."""
+    from moe_fx.kernels.triton_kernels import triton_topk_rows
+
+    rows = x.reshape(-1, x.shape[-1])
+    values, indices = triton_topk_rows(rows if rows.stride(-1) == 1 else rows.contiguous(), k, True, normalize, dtype)
+    return values.view(*x.shape[:-1], k), indices.view(*x.shape[:-1], k)
+
+
+softmax_topk_rows = grouped_mm.triton_op("moe_fx::softmax_topk_rows", _softmax_topk_rows)
+
+
 def eligible(x: torch.Tensor, k: object, dim: object = -1, largest: object = True) -> bool:
     """Whether ``torch.topk(x, k, dim, largest)`` (``x`` a real or fake tensor) can run on the kernel: the last
     dimension of a floating CUDA tensor of static width up to :data:`MAX_WIDTH`, ``k`` static up to :data:`MAX_K`,
@@ -46,27 +66,94 @@ def eligible(x: torch.Tensor, k: object, dim: object = -1, largest: object = Tru
 
 
 _TOPK_ARGS = ("input", "k", "dim", "largest", "sorted")
+_SOFTMAX_ARGS = ("input", "dim", "_stacklevel", "dtype")
+_SOFTMAXES = (torch.softmax, torch.nn.functional.softmax, torch.special.softmax)
+_DIVISIONS = (operator.truediv, operator.itruediv, torch.div, torch.true_divide)
+
+
+def _bound(node: fx.Node, names: tuple[str, ...]) -> dict:
+    args = node.args[1:] if node.op == "call_method" else node.args
+    first = {names[0]: node.args[0]} if node.op == "call_method" and node.args else {}
+    return first | dict(zip(names[bool(first):], args)) | dict(node.kwargs)
+
+
+def _value(node: object) -> torch.Tensor | None:
+    return node.meta.get("example_value") if isinstance(node, fx.Node) else None
+
+
+def _is_last_dim(value: torch.Tensor | None, dim: object) -> bool:
+    return value is not None and isinstance(dim, int) and dim in (-1, value.ndim - 1)
+
+
+def _softmax_of(node: object) -> tuple[fx.Node, torch.dtype] | None:
+    """``(logits, dtype)`` where ``node`` is a last-dimension softmax of ``logits`` computed in ``dtype``."""
+    if not isinstance(node, fx.Node) or not (node.op == "call_function" and node.target in _SOFTMAXES
+                                              or node.op == "call_method" and node.target == "softmax"):
+        return None
+    bound = _bound(node, _SOFTMAX_ARGS)
+    logits, out = bound.get("input"), _value(node)
+    if set(bound) - set(_SOFTMAX_ARGS) or not isinstance(logits, fx.Node) or not _is_last_dim(out, bound.get("dim")):
+        return None
+    return logits, out.dtype
+
+
+def _renormalization(values: fx.Node) -> fx.Node | None:
+    """The node computing ``values / values.sum(-1, keepdim=True)`` where those two are ``values``' only uses."""
+    users = list(values.users)
+    total = next((u for u in users if u.op == "call_method" and u.target == "sum" or u.op == "call_function" and u.target is torch.sum), None)
+    if len(users) != 2 or total is None or len(total.users) != 1:
+        return None
+    division = next(iter(total.users))
+    bound = _bound(total, ("input", "dim", "keepdim"))
+    if (set(bound) - {"input", "dim", "keepdim"} or bound.get("keepdim") is not True or not _is_last_dim(_value(values), bound.get("dim"))
+            or division not in users or division.args[:2] != (values, total) or division.kwargs):
+        return None
+    is_division = division.op == "call_function" and division.target in _DIVISIONS or division.op == "call_method" and division.target in ("div", "div_")
+    return division if is_division else None
 
 
 def replace_topk(gm: fx.GraphModule) -> int:
-    """Replace every eligible ``torch.topk`` / ``Tensor.topk`` of a Dynamo graph by ``moe_fx::topk_rows`` (the
-    example values Dynamo records say whether one is); returns how many were replaced."""
+    """Replace every eligible ``torch.topk`` / ``Tensor.topk`` of a Dynamo graph by ``moe_fx::topk_rows``, or, where
+    it takes a softmax's top-k, by ``moe_fx::softmax_topk_rows`` over the logits (with the picks' renormalization
+    where it follows); the example values Dynamo records say which calls are eligible. Returns how many were replaced."""
     replaced = 0
     for node in list(gm.graph.nodes):
         if not (node.op == "call_function" and node.target is torch.topk or node.op == "call_method" and node.target == "topk"):
             continue
-        bound = dict(zip(_TOPK_ARGS, node.args)) | dict(node.kwargs)
+        bound = _bound(node, _TOPK_ARGS)
         x = bound.get("input")
-        value = x.meta.get("example_value") if isinstance(x, fx.Node) else None
-        if set(bound) - set(_TOPK_ARGS) or not eligible(value, bound.get("k"), bound.get("dim", -1), bound.get("largest", True)):
+        if set(bound) - set(_TOPK_ARGS) or not eligible(_value(x), bound.get("k"), bound.get("dim", -1), bound.get("largest", True)):
             continue
+        softmax = _softmax_of(x)
+        if softmax is not None and not eligible(_value(softmax[0]), bound["k"]):
+            softmax = None
         with gm.graph.inserting_before(node):
-            fused = gm.graph.call_function(torch.ops.moe_fx.topk_rows.default, (x, bound["k"]))
+            if softmax is None:
+                fused = gm.graph.call_function(torch.ops.moe_fx.topk_rows.default, (x, bound["k"]))
+            else:
+                fused = gm.graph.call_function(torch.ops.moe_fx.softmax_topk_rows.default, (softmax[0], bound["k"], False, softmax[1]))
         fused.meta.update(node.meta)
         node.replace_all_uses_with(fused)
         gm.graph.erase_node(node)
+        if softmax is not None:
+            _fold_renormalization(gm, fused)
+            if not x.users:
+                gm.graph.erase_node(x)
         replaced += 1
     if replaced:
         gm.graph.lint()
         gm.recompile()
     return replaced
+
+
+def _fold_renormalization(gm: fx.GraphModule, fused: fx.Node) -> None:
+    """Where ``fused``'s values are only divided by their sum, have the kernel divide (its ``normalize``)."""
+    values = next((u for u in fused.users if u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0), None)
+    division = None if values is None or _value(values) is None or _value(values).dtype != torch.float32 else _renormalization(values)
+    if division is None:
+        return
+    total = division.args[1]
+    fused.args = (*fused.args[:2], True, *fused.args[3:])
+    division.replace_all_uses_with(values)
+    gm.graph.erase_node(division)
+    gm.graph.erase_node(total)

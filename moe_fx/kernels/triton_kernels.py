@@ -572,28 +572,43 @@ def triton_routed_gemv(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, rows
 
 
 @triton.jit
-def _topk_rows_kernel(x_ptr, val_ptr, idx_ptr, N, stride_xm, stride_vm, stride_im, K: tl.constexpr, BLOCK: tl.constexpr):
+def _topk_rows_kernel(x_ptr, val_ptr, idx_ptr, N, stride_xm, stride_vm, stride_im, K: tl.constexpr, BLOCK: tl.constexpr,
+                      PICKS: tl.constexpr, SOFTMAX: tl.constexpr, NORMALIZE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
-    x = tl.load(x_ptr + row * stride_xm + cols, mask=cols < N, other=0.0).to(tl.float32)
-    key = tl.where(x != x, float("inf"), x)  # NaN ranks first, as in torch.topk
     avail = cols < N
+    x = tl.load(x_ptr + row * stride_xm + cols, mask=avail, other=0.0).to(tl.float32)
+    if SOFTMAX:
+        e = tl.where(avail, tl.exp(x - tl.max(tl.where(avail, x, float("-inf")), axis=0)), 0.0)
+        x = e / tl.sum(e, axis=0)
+    key = tl.where(x != x, float("inf"), x)  # NaN ranks first, as in torch.topk
+    slots = tl.arange(0, PICKS)
+    values = tl.zeros((PICKS,), dtype=tl.float32)
+    indices = tl.zeros((PICKS,), dtype=tl.int64)
     for j in tl.static_range(K):
         best = tl.max(tl.where(avail, key, float("-inf")), axis=0)
         pick = tl.min(tl.where(avail & (key == best), cols, BLOCK), axis=0)
-        tl.store(val_ptr + row * stride_vm + j, tl.sum(tl.where(cols == pick, x, 0.0), axis=0).to(val_ptr.dtype.element_ty))
-        tl.store(idx_ptr + row * stride_im + j, pick.to(tl.int64))
+        values = tl.where(slots == j, tl.sum(tl.where(cols == pick, x, 0.0), axis=0), values)
+        indices = tl.where(slots == j, pick.to(tl.int64), indices)
         avail = avail & (cols != pick)
+    if NORMALIZE:
+        values = values / tl.sum(values, axis=0)
+    tl.store(val_ptr + row * stride_vm + slots, values.to(val_ptr.dtype.element_ty), mask=slots < K)
+    tl.store(idx_ptr + row * stride_im + slots, indices, mask=slots < K)
 
 
-def triton_topk_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def triton_topk_rows(x: torch.Tensor, k: int, softmax: bool = False, normalize: bool = False,
+                     dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` largest entries of each row of ``x [R, N]`` (last dim contiguous) and their indices, largest first,
-    ties to the lower index: one program per row holds the row in registers and takes its maximum ``k`` times."""
+    ties to the lower index: one program per row holds the row in registers and takes its maximum ``k`` times.
+    ``softmax``: of the row's softmax instead (computed in fp32, in the program); ``normalize``: the ``k`` values
+    divided by their sum; values in ``dtype`` (default ``x``'s)."""
     rows, n = x.shape
-    values = x.new_empty(rows, k)
+    values = x.new_empty(rows, k, dtype=dtype or x.dtype)
     indices = torch.empty(rows, k, dtype=torch.int64, device=x.device)
     if rows:
         block = triton.next_power_of_2(n)
         wrap_triton(_topk_rows_kernel)[(rows,)](x, values, indices, n, x.stride(0), values.stride(0), indices.stride(0),
-                                                K=k, BLOCK=block, num_warps=1 if block <= 256 else 4)
+                                                K=k, BLOCK=block, PICKS=triton.next_power_of_2(k), SOFTMAX=softmax,
+                                                NORMALIZE=normalize, num_warps=1 if block <= 256 else 4)
     return values, indices
