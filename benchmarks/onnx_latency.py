@@ -109,16 +109,19 @@ def _static_runners(model, name: str, label: str, args, tmp: Path, runners: dict
 EXPORTS = {
     "unfused": {"moe_op": "unfused"},
     "fused": {"moe_op": "fused"},
+    "fused-model-routing": {"moe_op": "fused", "operator_routing": False},
     "fused-int8": {"moe_op": "fused", "weights": "int8"},
     "fused-int4": {"moe_op": "fused", "weights": "int4"},
     "fused+ort-fusions": {"moe_op": "fused", "ort_fusions": True},
     "fused-int4+ort-fusions": {"moe_op": "fused", "weights": "int4", "ort_fusions": True},
     "fused-static": {"moe_op": "fused", "static": True},
     "fused-opset23": {"moe_op": "fused", "opset": 23},
+    "fused-opset23-model-routing": {"moe_op": "fused", "opset": 23, "operator_routing": False},
 }
 """The exports a benchmark can time: ``export_onnx`` options (``ort_fusions``: for the provider the run uses;
 ``static``: a static decode graph per batch, run by ``OnnxDecoder``: decode only; ``opset`` 23: attention as ONNX's
-``Attention`` op on the grouped key/value heads)."""
+``Attention`` op on the grouped key/value heads; ``operator_routing`` off: the model's routing ops kept in the graph,
+the side-by-side of the MoE node routing from the raw logits)."""
 
 
 def export_options(label: str, device: str) -> dict:

@@ -17,7 +17,7 @@ from tiny_models import tiny_model as build_tiny
 from moe_fx import state_of
 from moe_fx.cli import main
 from moe_fx.deliver.onnx import export as onnx_export
-from moe_fx.deliver.onnx.fused_experts import plan_fusion
+from moe_fx.deliver.onnx.fused_experts import plan_fusion, route_in_operator
 from moe_fx.deliver.onnx.quantized_weights import block_size_for, dequantize_blocks, quantize_blocks
 from moe_fx.errors import BadOptionError
 from moe_fx.model.trace import trace
@@ -28,13 +28,19 @@ pytest.importorskip("onnxscript")
 FAMILIES = ["qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3", "olmoe", "qwen2_moe", "granitemoe", "gpt_oss"]
 """Softmax (renormalized or not), sigmoid with group-limited routing and bias, shared experts, and GPT-OSS's
 clamped, interleaved SwiGLU with biases."""
+ROUTED_IN_OPERATOR = {"qwen3_moe", "mixtral", "deepseek_v2", "olmoe", "qwen2_moe"}
+"""Families whose routing the operator computes from the raw logits (softmax, top-k, renormalized or not);
+DeepSeek-V3 (sigmoid, bias, groups), GraniteMoE and GPT-OSS (softmax after the top-k) keep it in their own ops."""
+
+
+def _graph_nodes(path) -> list:
+    import onnx_ir as ir
+
+    return list(ir.load(str(path / "model.onnx")).graph.all_nodes())
 
 
 def _moe_nodes(path) -> list:
-    import onnx_ir as ir
-
-    model = ir.load(str(path / "model.onnx"))
-    return [n for n in model.graph.all_nodes() if n.domain == "com.microsoft" and n.op_type in ("MoE", "QMoE")]
+    return [n for n in _graph_nodes(path) if n.domain == "com.microsoft" and n.op_type in ("MoE", "QMoE")]
 
 
 def _assert_exact(result) -> None:
@@ -50,16 +56,22 @@ def test_every_block_fused_and_matches(family: str, once) -> None:
     model, _, result = pruned_family_export(once, family)
     blocks = state_of(model).spec.blocks
     assert result.fused_blocks == [b.path for b in blocks] and result.unfused_blocks == {}
+    routed = result.routed_in_operator
+    assert routed == ([b.path for b in blocks] if family in ROUTED_IN_OPERATOR else [])
     _assert_exact(result)
     nodes = _moe_nodes(result.path)
     assert [n.op_type for n in nodes] == ["MoE"] * len(blocks)
     for node, block in zip(nodes, blocks):
         fc1, fc2 = node.inputs[2], node.inputs[4]
         assert fc1.shape[0] == fc2.shape[0] == block.num_experts
-        assert node.attributes["k"].value == block.router.top_k and node.attributes["normalize_routing_weights"].value == 0
+        assert node.attributes["k"].value == block.router.top_k
+        assert node.attributes["normalize_routing_weights"].value == int(block.path in routed and block.router.norm_topk_prob)
+    ops = {n.op_type for n in _graph_nodes(result.path)}
+    assert ("TopK" in ops) is not bool(routed)  # the model's routing left the graph with it
     assert abs(result.initializer_bytes - result.parameter_bytes) <= 0.01 * result.parameter_bytes + 8192
     record = json.loads((result.path / "moe_fx.json").read_text())["onnx_export"]
     assert record["fused_blocks"] == result.fused_blocks and record["weights"] == "float"
+    assert record["routed_in_operator"] == routed
 
 
 def test_gpt_oss_clamped_swiglu_attributes(once) -> None:
@@ -164,6 +176,12 @@ def test_cli_fused_int4_and_bad_options(capsys, micro_path, tmp_path) -> None:
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "as com.microsoft.QMoE int4" in out and "vs the dequantized experts" in out and "int4 vs float model" in out
+    assert "(2 routing in the node)" in out  # the micro model renormalizes: its routers run in the QMoE nodes
+    code = main(["export", "onnx", str(micro_path), "--out", str(tmp_path / "kept"), "--model-routing", "--no-past", "--quiet"])
+    out, err = capsys.readouterr()
+    assert code == 0 and "routing in the node" not in out, err
+    assert json.loads((tmp_path / "kept" / "moe_fx.json").read_text())["onnx_export"]["routed_in_operator"] == []
+    assert "TopK" in {n.op_type for n in _graph_nodes(tmp_path / "kept")}
 
     def refused(*argv: str) -> str:
         assert main(["export", "onnx", str(micro_path), "--out", str(tmp_path / "x"), *argv]) == 2
@@ -209,3 +227,26 @@ def test_gpu_benchmark_script_runs_on_cpu(tmp_path, monkeypatch) -> None:
         results = json.loads(out.read_text())["results"]
         assert list(results) == (["experts-50%/fused"] if phase == "export" else ["experts-50%/torch moe_fx eager", "experts-50%/onnx fused"])
     assert results["experts-50%/onnx fused"]["b2"]["decode_ms"] > 0
+
+
+def test_routing_stays_encoded_where_the_operator_would_route_otherwise() -> None:
+    """``route_in_operator`` hands a block's routing to the operator only where a sample forward confirms the
+    spec's rule on the router's real input and logits: a router that transforms its logits (as Muse Spark's
+    does: the spec cannot tell) or reads another input than the experts keeps the encoded routing."""
+    model = build_tiny("mixtral").eval()
+    spec = trace(model)
+    plan = plan_fusion(model, spec)
+    paths = [b.path for b in spec.blocks]
+    assert all(route_in_operator(model, spec, plan)[p].router is not None for p in paths)
+    first = model.get_submodule(spec.blocks[0].router.path)
+    forward = first.forward
+    first.forward = lambda hidden, *a, **k: forward(hidden * 3.0, *a, **k)  # its logits scaled before the softmax
+    routed = route_in_operator(model, spec, plan)
+    assert routed[paths[0]].router is None and routed[paths[1]].router is not None
+    handle = first.register_forward_pre_hook(lambda module, args: (args[0] + 1.0,))  # another input than the experts'
+    first.forward = forward
+    try:
+        assert route_in_operator(model, spec, plan)[paths[0]].router is None
+    finally:
+        handle.remove()
+    assert route_in_operator(model, spec, plan)[paths[0]].router is not None

@@ -40,7 +40,8 @@ def router_probs(block: MoEBlockSpec, logits: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(logits) if block.router.score_fn.startswith("sigmoid") else torch.softmax(logits, dim=-1)
 
 
-def _routing_args(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def routing_args(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(hidden, top_k_index, top_k_weights)`` of a routed experts call, positional or by any family's keyword."""
     hidden = args[0] if args else kwargs["hidden_states"]
     rest = list(args[1:])
     idx = rest.pop(0) if rest else next(kwargs[k] for k in _INDEX_KW if k in kwargs)
@@ -98,7 +99,7 @@ class BlockProbe:
             return prescaled
 
         def instrumented(*args, **kwargs):
-            hidden, idx, w = _routing_args(args, kwargs)
+            hidden, idx, w = routing_args(args, kwargs)
             out = self.observe(self.acc, forward, hidden, idx, w, self.pending_logits, lambda: forward(*args, **kwargs))
             self.pending_logits = None
             return out

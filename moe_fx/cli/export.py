@@ -34,6 +34,9 @@ def add_parser(sub) -> None:
                         "replays as one CUDA graph (run it with moe_fx.deliver.onnx.OnnxDecoder); default: the dynamic graph "
                         "in Optimum's layout")
     p.add_argument("--batch-size", type=int, default=1, help="rows of a --static-cache graph (default 1)")
+    p.add_argument("--model-routing", action="store_true",
+                   help="keep the model's routing ops (softmax, top-k, ...) in the graph for every fused block; by default "
+                        "blocks whose router is softmax -> top-k hand the router's logits to the MoE node, which routes itself")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-PyTorch parity check")
     p.add_argument("--device", default="cpu", help="device the model is traced and checked on (default cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -51,7 +54,8 @@ def run(args) -> int:
     static = StaticShape(args.batch_size, args.static_cache) if args.static_cache is not None else None
     result = export_onnx(args.model, args.out, with_past=args.with_past, dtype=args.dtype, opset=args.opset,
                          check=not args.no_check, device=resolve_device(args.device), overwrite=args.overwrite,
-                         moe_op=args.moe_op, weights=args.weights, ort_fusions=args.ort_fusions, static=static)
+                         moe_op=args.moe_op, weights=args.weights, ort_fusions=args.ort_fusions, static=static,
+                         operator_routing=not args.model_routing)
     rows = [
         ["graph inputs", f"{len(result.inputs)} ({', '.join(result.inputs[:3])}{', past_key_values.*' if result.with_past else ''})"],
         ["weights in graph", f"{human_bytes(result.initializer_bytes)} (model parameters: {human_bytes(result.parameter_bytes)})"],
@@ -81,6 +85,8 @@ def _moe_summary(result) -> str:
     fused = len(result.fused_blocks)
     op = "QMoE " + result.weights if result.weights != "float" else "MoE"
     text = f"{fused} as com.microsoft.{op}" if fused else "none fused"
+    if result.routed_in_operator:
+        text += f" ({len(result.routed_in_operator)} routing in the node)"
     if result.unfused_blocks:
         reasons = list(result.unfused_blocks.values())
         text += f"; {len(reasons)} as plain ops ({reasons[0]}" + (f", and {len(set(reasons)) - 1} other reasons" if len(set(reasons)) > 1 else "") + ")"

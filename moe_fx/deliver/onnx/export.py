@@ -26,7 +26,14 @@ from unittest import mock
 import torch
 from torch import nn
 
-from moe_fx.deliver.onnx.fused_experts import FusedLayout, dequantized_weights, fused_export, lower_fused_experts, plan_fusion
+from moe_fx.deliver.onnx.fused_experts import (
+    FusedLayout,
+    dequantized_weights,
+    fused_export,
+    lower_fused_experts,
+    plan_fusion,
+    route_in_operator,
+)
 from moe_fx.deliver.onnx.quantized_weights import WEIGHT_FORMATS
 from moe_fx.deliver.onnx.real_rotary import real_rotary
 from moe_fx.deliver.onnx.runtime import ONNX_FILE, OnnxCausalLM, Parity, check_parity
@@ -98,6 +105,9 @@ class OnnxExport:
     fused_blocks: list[str] = field(default_factory=list)
     """Blocks whose experts are one ``com.microsoft.MoE``/``QMoE`` node."""
     unfused_blocks: dict[str, str] = field(default_factory=dict)
+    routed_in_operator: list[str] = field(default_factory=list)
+    """Fused blocks whose node takes the router's raw logits and routes itself (softmax, top-k, renormalization):
+    the model's routing ops are not in the graph (:func:`~.fused_experts.route_in_operator`)."""
     """Blocks left on the plain-op path, with the reason."""
     ort_fusions: str | None = None
     opset: int | None = None
@@ -156,7 +166,8 @@ def _check_moe_options(moe_op: str | None, weights: str, dtype: str, check: bool
                              "export --dtype float32, check on a CUDA device, pass --no-check, or --moe-op unfused")
 
 
-def _fusion_plan(model: nn.Module, moe_op: str | None, weights: str, dtype: torch.dtype, check_on_cpu: bool) -> dict[str, FusedLayout | str]:
+def _fusion_plan(model: nn.Module, moe_op: str | None, weights: str, dtype: torch.dtype, check_on_cpu: bool,
+                 operator_routing: bool = True) -> dict[str, FusedLayout | str]:
     """Which blocks get the fused node (``FusedLayout``) and why the others do not (a reason)."""
     if moe_op == "unfused":
         return {}
@@ -169,6 +180,8 @@ def _fusion_plan(model: nn.Module, moe_op: str | None, weights: str, dtype: torc
     if moe_op is None and weights == "float" and check_on_cpu and dtype != torch.float32:
         return {b.path: "onnxruntime's CPU MoE kernel runs float32 only (the parity check runs on the CPU)" for b in spec.blocks}
     plan = plan_fusion(model, spec)
+    if operator_routing:
+        plan = route_in_operator(model, spec, plan, quantized=weights != "float")
     if (moe_op == "fused" or weights != "float") and not any(isinstance(v, FusedLayout) for v in plan.values()):
         raise BadOptionError(f"no block of {type(model).__name__} maps onto onnxruntime's MoE operator ({next(iter(plan.values()))}): "
                              "export with --moe-op unfused")
@@ -380,6 +393,7 @@ def export_onnx(
     weights: str = "float",
     ort_fusions: str | None = None,
     static: StaticShape | None = None,
+    operator_routing: bool = True,
 ) -> OnnxExport:
     """Export ``model`` (a loaded model or a checkpoint directory, pruned or not) to ``out``; return what was written.
 
@@ -398,6 +412,9 @@ def export_onnx(
     rotary embeddings, norms into onnxruntime's own ops), applied after the MoE nodes are in place.
     ``static``: a one-token decode graph of that batch and cache length, with no shape computations, which
     onnxruntime can replay as a CUDA graph (:mod:`.static_decode`); the parity check steps it token by token.
+    ``operator_routing``: fused nodes of softmax -> top-k routers take the raw router logits and route
+    themselves, the model's routing ops left out (:func:`~.fused_experts.route_in_operator`); ``False`` keeps
+    the model's routing in the graph for every block (``--model-routing``).
     """
     _require_onnx_stack()
     _check_opset(opset)
@@ -421,7 +438,7 @@ def export_onnx(
         raise BadOptionError(f"{type(model).__name__} is not a causal LM with an LM head; ONNX export writes decoder graphs")
     out = check_output_path(out, source, overwrite)
     torch_dtype = next(model.parameters()).dtype
-    plan = _fusion_plan(model, moe_op, weights, torch_dtype, check and device == "cpu")
+    plan = _fusion_plan(model, moe_op, weights, torch_dtype, check and device == "cpu", operator_routing)
     fused = [how for how in plan.values() if isinstance(how, FusedLayout)]
 
     import onnx_ir as ir
@@ -489,6 +506,7 @@ def export_onnx(
                 folded_constants=folded,
                 weights=weights,
                 fused_blocks=[how.block for how in fused],
+                routed_in_operator=[how.block for how in fused if how.router is not None],
                 unfused_blocks={block: how for block, how in plan.items() if isinstance(how, str)},
                 quantization=quantization,
                 ort_fusions=ort_fusions,

@@ -11,10 +11,14 @@ How a block becomes one node:
    concatenated or interleaved halves, or with its plain activations; an output norm after the experts, or
    gating that matches no form, keeps the block on the plain-op path, with the reason recorded.
 2. During the export trace, the ``moe_fx_onnx`` experts implementation calls ``moe_fx::onnx_moe`` for fused
-   blocks. Routing stays in the model's own ops (any rule: softmax, sigmoid, groups, biases, scaling): the
-   operator, which computes ``softmax`` then top-k of its ``router_probs``, gets ``log(w / sum w)`` at the
-   chosen experts and ``-1e4`` elsewhere, so it picks exactly the model's experts with weights ``w / sum w``;
-   the output is multiplied by ``sum w`` again.
+   blocks. Where the block's routing is what the operator computes itself (softmax over the router's logits,
+   top-k, optionally renormalized; no selection bias, no groups: Qwen, Mixtral, OLMoE, ...) and a sample
+   forward confirms it (:func:`route_in_operator`), the node takes the router's raw logits
+   (``normalize_routing_weights`` as the block renormalizes): the model's routing ops (softmax, top-k, sum,
+   division) leave the graph. Otherwise routing stays in the model's own ops (any rule: softmax, sigmoid,
+   groups, biases, scaling): the operator, which computes ``softmax`` then top-k of its ``router_probs``, gets
+   ``log(w / sum w)`` at the chosen experts and ``-1e4`` elsewhere, so it picks exactly the model's experts
+   with weights ``w / sum w``; the output is multiplied by ``sum w`` again.
 3. The op becomes a placeholder node ``moe_fx.FusedExperts`` in the ONNX graph (through the exporter's
    translation table), and :func:`lower_fused_experts` rewrites each into ``com.microsoft.MoE`` with its weights
    in the operator's layout (``[E, 2I, H]`` gate/up interleaved, ``[E, H, I]``), or ``QMoE`` with int8/int4
@@ -27,6 +31,7 @@ widths need nothing special.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import weakref
@@ -35,13 +40,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moe_fx.deliver.onnx.quantized_weights import WEIGHT_FORMATS, block_size_for, dequantize_blocks, quantize_blocks
 from moe_fx.errors import MoeFxError
 from moe_fx.kernels import distinct_forward
 from moe_fx.kernels import experts_module as layout
-from moe_fx.model.spec import MoEModelSpec
+from moe_fx.model.routing import matches_recorded
+from moe_fx.model.spec import MoEBlockSpec, MoEModelSpec, RouterSpec
+from moe_fx.model.tensors import get_tensor
 
 IMPLEMENTATION = "moe_fx_onnx"
 """The experts implementation the export traces with when blocks are fused."""
@@ -72,10 +80,21 @@ class FusedLayout:
     alpha: float = 1.0
     beta: float = 0.0
     limit: float = math.inf
+    router: tuple[str, str | None] | None = None
+    """``(weight, bias)`` names of the router whose raw logits the node takes, where the operator computes the
+    block's routing itself (:func:`route_in_operator`); ``None``: the model's routing, encoded in the logits."""
+    normalize: bool = False
+    """With ``router``: the operator renormalizes the top-k probabilities (``normalize_routing_weights``)."""
+    scale: float = 1.0
+    """With ``router``: the block's ``routed_scaling_factor``, applied to the node's output."""
 
 
 _plans: weakref.WeakKeyDictionary[nn.Module, FusedLayout] = weakref.WeakKeyDictionary()
 """The fused experts modules of the export in progress (the implementation reads it)."""
+_routers: weakref.WeakKeyDictionary[nn.Module, tuple[torch.Tensor, torch.Tensor | None]] = weakref.WeakKeyDictionary()
+"""Their routers' ``(weight, bias)`` where the node takes the raw logits (``FusedLayout.router``)."""
+SAMPLE_IDS = (2, 12)
+"""Shape of the token ids of :func:`route_in_operator`'s sample forward."""
 
 
 def _swiglu(proj: torch.Tensor, interleaved: bool, alpha: float, beta: float, limit: float) -> torch.Tensor:
@@ -135,15 +154,95 @@ def plan_fusion(model: nn.Module, spec: MoEModelSpec) -> dict[str, FusedLayout |
     return plan
 
 
+def operator_rule(router: RouterSpec) -> bool:
+    """Whether the router's rule is the operator's own: softmax over all logits, top-k, optionally renormalized
+    (no selection bias, no group-limited choice)."""
+    return router.score_fn == "softmax" and router.selection_bias is None and not (router.n_group and router.n_group > 1)
+
+
+def route_in_operator(model: nn.Module, spec: MoEModelSpec, plan: dict[str, FusedLayout | str],
+                      quantized: bool = False) -> dict[str, FusedLayout | str]:
+    """``plan`` with each fused block whose routing the operator can compute from the router's raw logits marked
+    so (``FusedLayout.router``). The spec must say the rule is the operator's (:func:`operator_rule`), and one
+    sample forward must show it: the router reads the experts' own input, and routing the router's logits by
+    the spec picks the experts the model picked, with its weights, for every token. A router that transforms its
+    logits or reads another input (the spec cannot tell) keeps the encoded routing, as does every block if the
+    sample forward fails. ``quantized`` (``QMoE`` nodes): only renormalizing routers, because onnxruntime's CPU
+    ``QMoE`` (1.32) weighs the picks as if renormalized whatever ``normalize_routing_weights`` says (tiny
+    Qwen3-MoE without renormalization: 0.024 of logit difference; encoded, exact)."""
+    candidates = {b.path: b for b in spec.blocks
+                  if isinstance(plan.get(b.path), FusedLayout) and b.experts.call_style == "routed" and operator_rule(b.router)
+                  and (b.router.norm_topk_prob or not quantized)}
+    if not candidates:
+        return plan
+    calls = _sample_routing(model, list(candidates.values()))
+    routed = dict(plan)
+    for path, block in candidates.items():
+        if path in calls and _operator_reproduces(model, block, *calls[path]):
+            routed[path] = dataclasses.replace(plan[path], router=(block.router.weight, block.router.bias),
+                                               normalize=block.router.norm_topk_prob, scale=float(block.router.routed_scaling_factor))
+    return routed
+
+
+def _sample_routing(model: nn.Module, blocks: list[MoEBlockSpec]) -> dict[str, tuple]:
+    """Per block: ``(router input, experts input, top_k_index, top_k_weights)`` of one forward on fixed tokens."""
+    from moe_fx.calibrate.hooks import routing_args
+
+    seen: dict[str, dict] = {}
+    handles = []
+
+    def record(path: str, key: str):
+        def hook(module, args, kwargs):
+            seen.setdefault(path, {})[key] = (args, kwargs)
+        return hook
+
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, SAMPLE_IDS, generator=torch.Generator().manual_seed(0)).to(device)
+    try:
+        for b in blocks:
+            handles.append(model.get_submodule(b.router.path).register_forward_pre_hook(record(b.path, "router"), with_kwargs=True))
+            handles.append(model.get_submodule(b.experts.path).register_forward_pre_hook(record(b.path, "experts"), with_kwargs=True))
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError):
+        return {}
+    finally:
+        for h in handles:
+            h.remove()
+    calls = {}
+    for path, call in seen.items():
+        if set(call) == {"router", "experts"}:
+            (r_args, r_kwargs), (e_args, e_kwargs) = call["router"], call["experts"]
+            calls[path] = (r_args[0] if r_args else r_kwargs.get("hidden_states"), *routing_args(e_args, e_kwargs))
+    return calls
+
+
+def _operator_reproduces(model: nn.Module, block: MoEBlockSpec, router_input, hidden, index, weights) -> bool:
+    """Whether the router read ``hidden`` and its logits (in the model's dtype, as the graph computes them),
+    routed by the spec, give exactly ``index`` and, within 1e-3, ``weights``."""
+    if not isinstance(router_input, torch.Tensor) or router_input.numel() != hidden.numel():
+        return False
+    if not torch.equal(router_input.reshape(hidden.shape), hidden):
+        return False
+    bias = get_tensor(model, block.router.bias) if block.router.bias else None
+    logits = F.linear(hidden, get_tensor(model, block.router.weight), bias)
+    return matches_recorded(block.router, logits, None, index.reshape(-1, index.shape[-1]), weights.reshape(-1, weights.shape[-1]),
+                            min_agreement=1.0, tol=1e-3)
+
+
 @torch.library.custom_op("moe_fx::onnx_moe", mutates_args=())
 def onnx_moe(hidden: torch.Tensor, router_logits: torch.Tensor, up: torch.Tensor, up_bias: torch.Tensor | None,
              down: torch.Tensor, down_bias: torch.Tensor | None, block: str, top_k: int, activation: str,
-             interleaved: bool, transposed: bool, alpha: float, beta: float, limit: float) -> torch.Tensor:
-    """What ``com.microsoft.MoE`` computes (``normalize_routing_weights=0``), on the module's stored tensors:
-    softmax of ``router_logits``, the top-``top_k`` experts with those probabilities, each expert's MLP.
-    Eager only for the export's sample run; the graph gets the operator."""
+             interleaved: bool, transposed: bool, alpha: float, beta: float, limit: float, normalize: bool) -> torch.Tensor:
+    """What ``com.microsoft.MoE`` computes (``normalize_routing_weights=normalize``), on the module's stored
+    tensors: softmax of ``router_logits``, the top-``top_k`` experts with those probabilities (renormalized over
+    the ``top_k`` with ``normalize``), each expert's MLP. Eager only for the export's sample run; the graph gets
+    the operator."""
     probs = torch.softmax(router_logits.float(), dim=-1)
     weights, ids = probs.topk(top_k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(-1, keepdim=True)
     up_w = up.transpose(1, 2) if transposed else up  # [E, out, in]
     down_w = down.transpose(1, 2) if transposed else down
     out = torch.zeros_like(hidden, dtype=torch.float32)
@@ -161,30 +260,38 @@ def onnx_moe(hidden: torch.Tensor, router_logits: torch.Tensor, up: torch.Tensor
 
 
 @onnx_moe.register_fake
-def _(hidden, router_logits, up, up_bias, down, down_bias, block, top_k, activation, interleaved, transposed, alpha, beta, limit):
+def _(hidden, router_logits, up, up_bias, down, down_bias, block, top_k, activation, interleaved, transposed, alpha, beta, limit, normalize):
     return hidden.new_empty(hidden.shape)
 
 
 def fused_experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-    """The ``moe_fx_onnx`` experts implementation: fused blocks call ``moe_fx::onnx_moe`` with the model's routing
-    encoded as logits (module docstring); the others take the plain-op path."""
+    """The ``moe_fx_onnx`` experts implementation: fused blocks call ``moe_fx::onnx_moe`` with their router's raw
+    logits where the operator routes as the block does (``FusedLayout.router``; the model's routing then has no
+    use and leaves the graph), else with the model's routing encoded as logits (module docstring); the others
+    take the plain-op path."""
     fused = _plans.get(experts)
     if fused is None:
         return distinct_forward.distinct_experts_forward(experts, hidden_states, top_k_index, top_k_weights)
     up, up_bias = layout.up_projection(experts)
     down, down_bias = layout.down_projection(experts)
+    if fused.router is not None:
+        weight, bias = _routers[experts]
+        logits = F.linear(hidden_states, weight, bias).to(hidden_states.dtype)
+        out = torch.ops.moe_fx.onnx_moe(hidden_states, logits, up, up_bias, down, down_bias, fused.block, fused.top_k, fused.activation,
+                                        fused.interleaved, fused.transposed, fused.alpha, fused.beta, fused.limit, fused.normalize)
+        return out if fused.scale == 1.0 else out * fused.scale
     weights = top_k_weights.float()
     total = weights.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     chosen = torch.log(weights / total).clamp_min(UNCHOSEN_LOGIT)
     logits = torch.full((hidden_states.shape[0], up.shape[0]), UNCHOSEN_LOGIT, dtype=torch.float32, device=hidden_states.device)
     logits = logits.scatter(1, top_k_index, chosen).to(hidden_states.dtype)
     out = torch.ops.moe_fx.onnx_moe(hidden_states, logits, up, up_bias, down, down_bias, fused.block, fused.top_k, fused.activation,
-                                    fused.interleaved, fused.transposed, fused.alpha, fused.beta, fused.limit)
+                                    fused.interleaved, fused.transposed, fused.alpha, fused.beta, fused.limit, False)
     return (out.float() * total).to(hidden_states.dtype)
 
 
 def _translate(hidden, router_logits, up, up_bias, down, down_bias, block: str, top_k: int, activation: str,
-               interleaved: bool, transposed: bool, alpha: float, beta: float, limit: float):
+               interleaved: bool, transposed: bool, alpha: float, beta: float, limit: float, normalize: bool):
     """The ONNX for ``moe_fx::onnx_moe``: a placeholder node holding the stored tensors and their layout, which
     :func:`lower_fused_experts` turns into the operator once the weights can be rearranged as arrays."""
     from onnxscript.values import Op, Opset
@@ -192,7 +299,7 @@ def _translate(hidden, router_logits, up, up_bias, down, down_bias, block: str, 
     return Op(Opset(PLACEHOLDER_DOMAIN, 1), PLACEHOLDER_OP, _placeholder_schema())(
         hidden, router_logits, up, up_bias, down, down_bias, block=block, top_k=top_k, activation=activation,
         interleaved=int(interleaved), transposed=int(transposed), alpha=float(alpha), beta=float(beta),
-        limit=float(limit) if math.isfinite(limit) else -1.0)
+        limit=float(limit) if math.isfinite(limit) else -1.0, normalize=int(normalize))
 
 
 @functools.cache
@@ -208,7 +315,7 @@ def _placeholder_schema():
     attr = OpSchema.AttrType
     attributes = [OpSchema.Attribute(name, kind, "") for name, kind in (
         ("block", attr.STRING), ("top_k", attr.INT), ("activation", attr.STRING), ("interleaved", attr.INT),
-        ("transposed", attr.INT), ("alpha", attr.FLOAT), ("beta", attr.FLOAT), ("limit", attr.FLOAT))]
+        ("transposed", attr.INT), ("alpha", attr.FLOAT), ("beta", attr.FLOAT), ("limit", attr.FLOAT), ("normalize", attr.INT))]
     return OpSchema(PLACEHOLDER_OP, PLACEHOLDER_DOMAIN, 1, inputs=inputs, outputs=[param("output", "T")],
                     type_constraints=[("T", tensor, "")], attributes=attributes)
 
@@ -227,7 +334,11 @@ def fused_export(model: nn.Module, fused: list[FusedLayout]) -> Iterator[None]:
                          "node cannot be emitted: export with --moe-op unfused")
     ExpertsInterface.register(IMPLEMENTATION, fused_experts_forward)
     for how in fused:
-        _plans[model.get_submodule(how.experts)] = how
+        experts = model.get_submodule(how.experts)
+        _plans[experts] = how
+        if how.router is not None:
+            weight, bias = how.router
+            _routers[experts] = (get_tensor(model, weight), get_tensor(model, bias) if bias else None)
     key = torch.ops.moe_fx.onnx_moe.default
     before = model.get_experts_implementation()
     table[key] = _translate
@@ -238,6 +349,7 @@ def fused_export(model: nn.Module, fused: list[FusedLayout]) -> Iterator[None]:
         model.set_experts_implementation(before)
         table.pop(key, None)
         _plans.clear()
+        _routers.clear()
 
 
 def _gate_up_interleaved(array: np.ndarray, interleaved: bool) -> np.ndarray:
@@ -267,7 +379,7 @@ def lower_fused_experts(graph, weights: str = "float") -> list[str]:
         if gated:
             fc1 = _gate_up_interleaved(fc1, attrs["interleaved"])
             fc1_bias = _gate_up_interleaved(fc1_bias, attrs["interleaved"]) if fc1_bias is not None else None
-        op_attrs = {"k": attrs["top_k"], "activation_type": attrs["activation"], "normalize_routing_weights": 0}
+        op_attrs = {"k": attrs["top_k"], "activation_type": attrs["activation"], "normalize_routing_weights": attrs["normalize"]}
         if gated:
             op_attrs.update(swiglu_fusion=1, activation_alpha=attrs["alpha"], activation_beta=attrs["beta"])
             if attrs["limit"] >= 0:
