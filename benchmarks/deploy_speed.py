@@ -145,11 +145,11 @@ def parse_variant(name: str) -> tuple[str, float, str | None]:
     return m.group(1), float(m.group(2)) / 100, scheme or None
 
 
-def make_variant(base: torch.nn.Module, name: str, seed: int) -> torch.nn.Module:
-    """A deep copy of ``base`` pruned with moe-fx passes along seeded random kept sets, then quantized in
-    memory if the name says so."""
+def make_variant(base: torch.nn.Module, name: str, seed: int, in_place: bool = False) -> torch.nn.Module:
+    """A deep copy of ``base`` (``base`` itself with ``in_place``: no second model in memory) pruned with moe-fx
+    passes along seeded random kept sets, then quantized in memory if the name says so."""
     kind, ratio, scheme = parse_variant(name)
-    model = copy.deepcopy(base)
+    model = base if in_place else copy.deepcopy(base)
     spec = state_of(model).spec
     g = torch.Generator().manual_seed(seed)
     if kind in ("experts", "mone"):
