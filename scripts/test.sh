@@ -8,4 +8,12 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check --quiet . || { echo "ruff: lint errors above (ruff check --fix . repairs most)"; exit 1; }
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+# Triton beside the venv, not in it (the CPU suite runs as users without Triton have it): the kernels' interpreter
+# tests (TRITON_INTERPRET=1 in a subprocess) find it through MOE_FX_TRITON_PATH; without it they skip.
+TRITON_DIR="${MOE_FX_TRITON_DIR:-$PWD/.triton-interpreter}"
+if [ ! -f "$TRITON_DIR/triton/__init__.py" ]; then
+    .venv/bin/python -m pip install -q --no-deps --target "$TRITON_DIR" "triton==3.9.0" >/dev/null 2>&1 \
+        || echo "triton==3.9.0 could not be installed: the interpreter tests skip"
+fi
+export MOE_FX_TRITON_PATH="$TRITON_DIR"
 exec .venv/bin/python -m pytest -q -n "${MOE_FX_TEST_WORKERS:-2}" --dist loadfile "$@"

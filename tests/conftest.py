@@ -73,3 +73,19 @@ def once(tmp_path_factory) -> Callable:
         return done[key]
 
     return get
+
+
+def interpreter_env() -> dict[str, str] | None:
+    """The environment of a subprocess that runs the Triton kernels in Triton's interpreter (``TRITON_INTERPRET=1``,
+    which must be set before Triton is imported), or ``None`` where no Triton is found: the one installed here
+    (CUDA builds of torch ship it) or the one ``scripts/test.sh`` installs beside the venv (``MOE_FX_TRITON_PATH``),
+    so that the CPU suite itself keeps running without Triton."""
+    import importlib.util
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    if importlib.util.find_spec("triton") is not None:
+        return env
+    extra = os.environ.get("MOE_FX_TRITON_PATH", "")
+    if extra and (Path(extra) / "triton" / "__init__.py").is_file():
+        return {**env, "PYTHONPATH": os.pathsep.join(filter(None, [extra, os.environ.get("PYTHONPATH", "")]))}
+    return None

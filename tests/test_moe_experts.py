@@ -4,13 +4,12 @@ memory bound, and the Triton kernels (through Triton's CPU interpreter, where Tr
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import interpreter_env
 from tiny_models import TINY_FAMILIES, first_experts_call, tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -195,11 +194,10 @@ print(worst)
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (CUDA builds of torch ship it)")
+@pytest.mark.skipif(interpreter_env() is None, reason="Triton is not installed (CUDA builds of torch ship it; scripts/test.sh installs it)")
 def test_triton_kernels_in_the_interpreter() -> None:
     """Both Triton kernels against a per-row reference, in fp32, run by Triton's CPU interpreter (the GPU
     check is ``benchmarks/experts_gpu_check.py``)."""
-    out = subprocess.run([sys.executable, "-c", TRITON_CHECK], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "TRITON_INTERPRET": "1"})
+    out = subprocess.run([sys.executable, "-c", TRITON_CHECK], capture_output=True, text=True, timeout=600, env=interpreter_env())
     assert out.returncode == 0, out.stderr[-2000:]
     assert float(out.stdout.split()[-1]) < 1e-3

@@ -2,17 +2,17 @@
 (``TRITON_INTERPRET=1``, in a subprocess: it must be set before Triton is imported) against the dequantized
 weights, every scheme, an input size that is not a multiple of the tile; the router top-k kernel (also with
 its softmax and renormalization) against torch; ``benchmarks/int8_rows_quality.py``'s emulated int8 rows against ``quantize_rows``. Skipped where Triton is not installed
-(CPU builds of torch); ``pip install triton`` beside a CPU torch runs it."""
+(CPU builds of torch) unless ``scripts/test.sh`` installed it beside the venv (``MOE_FX_TRITON_PATH``)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
+from conftest import interpreter_env
 
-pytest.importorskip("triton")
+pytestmark = pytest.mark.skipif(interpreter_env() is None, reason="Triton is not installed (scripts/test.sh installs it beside the venv)")
 
 SCRIPT = r"""
 import pathlib
@@ -99,6 +99,5 @@ print("ok")
 
 
 def test_quantized_kernels_in_interpreter() -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run([sys.executable, "-c", SCRIPT], env=interpreter_env(), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
