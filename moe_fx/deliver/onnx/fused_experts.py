@@ -225,8 +225,11 @@ def _operator_reproduces(model: nn.Module, block: MoEBlockSpec, router_input, hi
         return False
     if not torch.equal(router_input.reshape(hidden.shape), hidden):
         return False
+    weight = get_tensor(model, block.router.weight)
     bias = get_tensor(model, block.router.bias) if block.router.bias else None
-    logits = F.linear(hidden, get_tensor(model, block.router.weight), bias)
+    if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
+        return False  # a router kept in another precision than its input: the node would compute other logits
+    logits = F.linear(hidden, weight, bias)
     return matches_recorded(block.router, logits, None, index.reshape(-1, index.shape[-1]), weights.reshape(-1, weights.shape[-1]),
                             min_agreement=1.0, tol=1e-3)
 
