@@ -249,4 +249,10 @@ def test_routing_stays_encoded_where_the_operator_would_route_otherwise() -> Non
         assert route_in_operator(model, spec, plan)[paths[0]].router is None
     finally:
         handle.remove()
+    experts = model.get_submodule(spec.blocks[0].experts.path)  # the same experts, their weights scaled (the ranking
+    handle = experts.register_forward_pre_hook(lambda module, args: (*args[:2], 2.0 * args[2]))  # agrees, the sums do not)
+    try:
+        assert route_in_operator(model, spec, plan)[paths[0]].router is None
+    finally:
+        handle.remove()
     assert route_in_operator(model, spec, plan)[paths[0]].router is not None
