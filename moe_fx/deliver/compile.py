@@ -25,7 +25,9 @@ guess. 48 layers of Qwen3-30B-A3B decode at batch 1 in 4.22 ms a token instead o
 process, ``benchmarks/decode.py`` variant option ``tune=off`` for the untuned row); 4 layers at batch 16 are
 unchanged (1.585 against 1.583 ms). The cost is compile time: the first step (compile, CUDA graph capture, warm-up) took
 108 s against 74 s for those 48 layers, 30 against 10 s for 4 (identical kernels of other layers share the tuning).
-``options={"coordinate_descent_tuning": False}`` turns it off."""
+The configs are chosen by timing, so two compilations may pick different ones, and a reduction's rounding differs
+with its block size: compiled logits can then differ in the last bits between runs.
+``options={"coordinate_descent_tuning": False}`` turns it off (Inductor's heuristics: the same kernels every run)."""
 
 
 class InductorBackend:
