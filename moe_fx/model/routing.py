@@ -103,19 +103,22 @@ def combine(expert_out: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) 
 
 def matches_recorded(
     router: RouterSpec, logits: torch.Tensor, selection_bias: torch.Tensor | None, index: torch.Tensor, weight: torch.Tensor,
-    *, min_agreement: float = 0.95, tol: float = 0.02,
+    *, min_agreement: float = 0.95, tol: float = 0.02, scale_free: bool = True,
 ) -> bool:
     """Whether :func:`route` reproduces the routing the model really applied: the same experts for at least
     ``min_agreement`` of the tokens and the same relative weights on those, within ``tol``. This guard keeps
     search methods off routers whose rule the spec does not capture. The recorded logits are recomputed in
     float32 while a bf16 model rounds its own, which flips near-ties: 97% agreement in the first layer of
-    qwen3moe-bench on the CPU (100% in float32)."""
+    qwen3moe-bench on the CPU (100% in float32). ``scale_free=False`` compares the weights themselves, within
+    ``tol`` relative (scale and normalization included), not their ratios."""
     idx, w = route(router, logits, selection_bias)
     sim, real = idx.sort(-1), index.sort(-1)
     same = (sim.values == real.values).all(-1)
     if same.float().mean() < min_agreement:
         return False
     sim_w, real_w = w.gather(1, sim.indices)[same], weight.float().gather(1, real.indices)[same]
+    if not scale_free:
+        return bool(torch.allclose(sim_w, real_w, rtol=tol, atol=1e-6))
     norm = lambda x: x / x.sum(-1, keepdim=True).clamp(min=1e-20)
     return bool(torch.allclose(norm(sim_w), norm(real_w), atol=tol, rtol=0))
 

@@ -47,7 +47,7 @@ from moe_fx.deliver.onnx.quantized_weights import WEIGHT_FORMATS, block_size_for
 from moe_fx.errors import MoeFxError
 from moe_fx.kernels import distinct_forward
 from moe_fx.kernels import experts_module as layout
-from moe_fx.model.routing import route
+from moe_fx.model.routing import matches_recorded
 from moe_fx.model.spec import MoEBlockSpec, MoEModelSpec, RouterSpec
 from moe_fx.model.tensors import get_tensor
 
@@ -232,11 +232,8 @@ def _operator_reproduces(model: nn.Module, block: MoEBlockSpec, router_input, hi
     bias = get_tensor(model, block.router.bias) if block.router.bias else None
     if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
         return False  # a router kept in another precision than its input: the node would compute other logits
-    ids, w = route(block.router, F.linear(hidden, weight, bias), None)
-    index, weights = index.reshape(ids.shape), weights.reshape(w.shape).float()
-    sim, real = ids.sort(-1), index.sort(-1)
-    return bool(torch.equal(sim.values, real.values)
-                and torch.allclose(w.gather(1, sim.indices), weights.gather(1, real.indices), rtol=1e-2, atol=1e-6))
+    return matches_recorded(block.router, F.linear(hidden, weight, bias), None, index.reshape(-1, index.shape[-1]),
+                            weights.reshape(-1, weights.shape[-1]), min_agreement=1.0, tol=1e-2, scale_free=False)
 
 
 @torch.library.custom_op("moe_fx::onnx_moe", mutates_args=())
