@@ -284,7 +284,8 @@ def runtime_options(options: str):
     ``grouped_tiles`` picks, ``grouped-tiles=MxNxKxWxS[xSWAP[xSUBS]]`` sets its tiles where it picks the per-expert
     schedule (few rows per expert: decode), ``fused=off`` leaves the routers' top-k to torch and
     each projection to its own matmul, ``softmax-topk=off`` keeps the routers' softmax (and renormalization) out of
-    the top-k kernel, ``gemv-tiles=NxKxW`` sets the routed
+    the top-k kernel, ``attention=sdpa`` keeps decode steps' attention on SDPA (not ``moe_fx::decode_attention``),
+    ``gemv-tiles=NxKxW`` sets the routed
     GEMV's dense tiles, ``freeze`` compiles with Inductor's freezing (weights as constants: sibling projections of
     one input become one matmul), ``autotune`` with Inductor's ``max_autotune`` (cuBLAS against Triton templates
     for each matmul), ``tune=off`` without the coordinate-descent tuning of Inductor's own kernels that
@@ -311,6 +312,11 @@ def runtime_options(options: str):
                 routed_gemv.MAX_PAIRS_PER_EXPERT = routed_gemv.WEIGHT_ONLY_MAX_PAIRS_PER_EXPERT = bound
             elif option == "fused=off":
                 COMPILE["fused"] = False
+            elif option == "attention=sdpa":
+                from moe_fx.deliver import compile as compile_module
+
+                patched.setdefault((compile_module, "replace_decode_attention"), compile_module.replace_decode_attention)
+                compile_module.replace_decode_attention = lambda gm: 0
             elif option == "softmax-topk=off":
                 from moe_fx.kernels import topk
 
@@ -347,7 +353,7 @@ def runtime_options(options: str):
                     t if (t := tiles(*a)).tiled else triton_kernels.Tiles(*shape[:5], bool(shape[5:] and shape[5]), False, *shape[6:7]))
             else:
                 raise SystemExit(f"unknown variant option {option!r}: use weight-only, gemv=X, swap=on|off, grouped-tiles=MxNxKxWxS[xSWAP[xSUBS]], fused=off, softmax-topk=off, "
-                                 "gemv-tiles=NxKxW, freeze, autotune, tune=off or sdpa=flash|efficient|cudnn|math")
+                                 "attention=sdpa, gemv-tiles=NxKxW, freeze, autotune, tune=off or sdpa=flash|efficient|cudnn|math")
         yield
     finally:
         os.environ.pop("MOE_FX_QUANTIZED_ACTIVATIONS", None)

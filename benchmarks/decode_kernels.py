@@ -11,7 +11,9 @@ bandwidth measured in the same run:
   program (one output of half the width: no second kernel, no ``[8, 1536]`` round trip);
 - ``topk``: the router's top-8 of 128 softmax scores, ``torch.topk`` against ``moe_fx::topk_rows``;
 - ``linear``: the attention projections and the router (cuBLAS through ``F.linear``) against the ``acc2d``
-  GEMV with one expert, q/k/v fused into one weight too.
+  GEMV with one expert, q/k/v fused into one weight too;
+- ``attention``: a decode step's attention over a static cache (boolean mask, grouped-query heads), SDPA (cuDNN,
+  and whichever backend SDPA picks) against ``moe_fx::decode_attention`` over a grid of tiles and cache splits.
 
     python benchmarks/decode_kernels.py --out benchmarks/results/decode_kernels_h200.json
 """
@@ -19,6 +21,7 @@ bandwidth measured in the same run:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
@@ -29,6 +32,7 @@ import triton.language as tl
 from experts_kernels import copy_bandwidth, time_calls
 
 from moe_fx.evaluate.table import format_table
+from moe_fx.kernels.triton_attention import AttentionTiles, attention_tiles, triton_decode_attention
 from moe_fx.kernels.triton_kernels import triton_routed_gemv, triton_topk_rows
 
 HIDDEN, WIDTH, EXPERTS, TOP_K = 2048, 768, 128, 8
@@ -146,6 +150,46 @@ def linear_rows(g: torch.Generator, copies: int = 16) -> list[dict]:
     return rows
 
 
+ATTENTION_TILES = [AttentionTiles(*t) for t in ((32, 4, 2), (64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 2), (128, 8, 3), (256, 8, 1))]
+
+
+def attention_rows(batch: int, length: int, g: torch.Generator, parts_grid: list[int | None], copies: int = 4) -> list[dict]:
+    """One decode step's attention at Qwen3-30B-A3B's heads over a ``length``-slot static cache of which the last
+    16 slots are empty (masked), on ``copies`` copies of the cache."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(batch, 1, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+    caches = [(torch.randn(batch, KV_HEADS, length, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g),
+               torch.randn(batch, KV_HEADS, length, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)) for _ in range(copies)]
+    mask = torch.ones(batch, 1, 1, length, dtype=torch.bool, device="cuda")
+    mask[..., length - 16:] = False
+    scale = HEAD_DIM ** -0.5
+    want = F.scaled_dot_product_attention(q.float(), caches[0][0].float(), caches[0][1].float(), attn_mask=mask, scale=scale, enable_gqa=True)
+
+    def sdpa(kv, backends=None):
+        with sdpa_kernel(backends) if backends else contextlib.nullcontext():
+            return F.scaled_dot_product_attention(q, *kv, attn_mask=mask, scale=scale, enable_gqa=True)
+
+    cands = {("SDPA cuDNN", ""): lambda kv: sdpa(kv, [SDPBackend.CUDNN_ATTENTION]), ("SDPA", "its pick"): sdpa}
+    default = attention_tiles(HEAD_DIM)
+    for tiles in ATTENTION_TILES:
+        for parts in parts_grid:
+            label = "default" if tiles == default and parts is None else f"{tuple(tiles)} parts {parts or 'auto'}"
+            cands[("moe_fx::decode_attention", label)] = lambda kv, t=tiles, p=parts: triton_decode_attention(q, *kv, mask[:, 0, 0], scale, t, p)
+    nbytes = 2 * batch * KV_HEADS * length * HEAD_DIM * 2
+    rows = []
+    for (kernel, tiles), fn in cands.items():
+        part = f"attention L={length}"
+        try:
+            err = (fn(caches[0]).float() - want).abs().max().item()
+            us = time_calls([lambda kv=kv: fn(kv) for kv in caches])
+        except Exception as exc:
+            rows.append({"part": part, "tokens": batch, "kernel": kernel, "tiles": tiles, "error": str(exc)[:120]})
+            continue
+        rows.append({"part": part, "tokens": batch, "kernel": kernel, "tiles": tiles, "us": us, "GB_s": nbytes / us / 1e3, "abs_err": err})
+    return rows
+
+
 def best_per_kernel(rows: list[dict]) -> list[list]:
     """The table: per part, tokens and kernel, the fastest tiles (and the library default's time)."""
     table = []
@@ -163,15 +207,20 @@ def best_per_kernel(rows: list[dict]) -> list[list]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, nargs="+", default=[1])
+    ap.add_argument("--parts", nargs="+", default=["experts", "topk", "linear", "attention"], choices=["experts", "topk", "linear", "attention"])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[152, 4096], help="attention: static cache slots")
+    ap.add_argument("--attention-parts", nargs="+", default=["auto", "2", "4"], help="attention: cache splits tried (auto: the kernel's own)")
     ap.add_argument("--out", default="benchmarks/results/decode_kernels.json")
     args = ap.parse_args()
     g = torch.Generator(device="cuda").manual_seed(0)
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     rows = []
+    parts = [None if p == "auto" else int(p) for p in args.attention_parts]
     for tokens in args.tokens:
-        rows += experts_rows(tokens, g) + topk_rows(tokens, g)
-    rows += linear_rows(g)
+        rows += (experts_rows(tokens, g) if "experts" in args.parts else []) + (topk_rows(tokens, g) if "topk" in args.parts else [])
+        rows += [r for length in args.lengths for r in attention_rows(tokens, length, g, parts)] if "attention" in args.parts else []
+    rows += linear_rows(g) if "linear" in args.parts else []
     print(format_table(["part", "tokens", "kernel", "best tiles", "us", "GB/s", "default us"], best_per_kernel(rows),
                        title="batch-1 decode kernels, cold weights"))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import print_profile
 from decode import attempt, decode_ms, forward_for
 from deploy_speed import build_synthetic, free, make_variant, random_ids, sync
 from onnx_latency import EXPORTS, export_options, median_ms
@@ -110,6 +111,21 @@ def timed_decoder(path: Path, tokens: np.ndarray, args, cuda_graph: bool, greedy
     return ms
 
 
+def profile_decoder(path: Path, tokens: np.ndarray, args, title: str) -> None:
+    """onnxruntime's kernels in ``steps`` replayed decode steps, under torch.profiler (CUPTI sees every CUDA kernel
+    of the process, onnxruntime's too): where a step's time goes, for the gap to PyTorch."""
+    decoder = OnnxDecoder(path, device=args.device, cuda_graph=True)
+    decoder_ms(decoder, tokens, args)  # captures the graph and warms up
+
+    def steps() -> None:
+        decoder.length = args.prompt
+        for column in range(args.steps):
+            decoder.step(tokens[:, column])
+        decoder.synchronize()
+
+    print_profile(f"{title}: onnxruntime, CUDA graph ({args.steps} steps)", steps, args.device, rows=30)
+
+
 def static_phase(args, out: Path) -> dict:
     """Per variant: PyTorch's rows, then each static export (``label:batch``) exported, checked on CUDA, timed
     with and without onnxruntime's CUDA graphs, and deleted; the JSON is rewritten after every row."""
@@ -134,6 +150,9 @@ def static_phase(args, out: Path) -> dict:
                 entry[key] = attempt(lambda: timed_decoder(path, tokens, args, graphs, greedy))
                 free(args.device)
             entry["cuda_graph_greedy_identical"] = bool((greedy[True] == greedy[False]).all()) if len(greedy) == 2 else None
+            if args.profile:
+                attempt(lambda: profile_decoder(path, tokens, args, f"{name}/{label} b{batch}"))
+                free(args.device)
             rows.setdefault(f"{name}/onnx {label} static", {})[f"b{batch}"] = entry
             print(name, label, batch, entry, flush=True)
             _write(out, args, rows)
@@ -271,6 +290,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="cuda; cpu only smoke-tests the script (with --tiny --dtype float32)")
     ap.add_argument("--dtype", default="float16", choices=list(DTYPES))
     ap.add_argument("--out", default="benchmarks/results/onnx_gpu.json")
+    ap.add_argument("--profile", action="store_true", help="static phase: each graph's replayed steps under torch.profiler (top kernels)")
     args = ap.parse_args()
     out = Path(args.out)
     if args.phase == "static":

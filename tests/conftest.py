@@ -75,17 +75,30 @@ def once(tmp_path_factory) -> Callable:
     return get
 
 
+INTERPRETER_TRITON = (3, 9)
+"""Oldest Triton whose interpreter runs the kernels here: older ones turn a scalar argument into a one-element
+array that numpy 2 refuses as a loop bound (``only 0-dimensional arrays can be converted``; Triton 3.6, on the GPU
+machine's torch 2.11)."""
+
+
+NO_INTERPRETER = "no Triton 3.9+ for its interpreter (scripts/test.sh installs one beside the venv)"
+"""The skip reason of tests that need :func:`interpreter_env`."""
+
+
 def interpreter_env() -> dict[str, str] | None:
     """The environment of a subprocess that runs the Triton kernels in Triton's interpreter (``TRITON_INTERPRET=1``,
-    which must be set before Triton is imported), or ``None`` where no Triton is found: the one installed here
-    (CUDA builds of torch ship it) or the one ``scripts/test.sh`` installs beside the venv (``MOE_FX_TRITON_PATH``),
-    so that the CPU suite itself keeps running without Triton."""
+    which must be set before Triton is imported), or ``None`` where no usable Triton is found: the one
+    ``scripts/test.sh`` installs beside the venv (``MOE_FX_TRITON_PATH``), else the one installed here (CUDA builds
+    of torch ship it) if it is at least :data:`INTERPRETER_TRITON`, so that the CPU suite itself keeps running
+    without Triton."""
+    import importlib.metadata
     import importlib.util
 
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    if importlib.util.find_spec("triton") is not None:
-        return env
     extra = os.environ.get("MOE_FX_TRITON_PATH", "")
     if extra and (Path(extra) / "triton" / "__init__.py").is_file():
         return {**env, "PYTHONPATH": os.pathsep.join(filter(None, [extra, os.environ.get("PYTHONPATH", "")]))}
+    if importlib.util.find_spec("triton") is not None:
+        version = tuple(int(p) for p in re.findall(r"\d+", importlib.metadata.version("triton"))[:2])
+        return env if version >= INTERPRETER_TRITON else None
     return None

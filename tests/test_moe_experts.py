@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import interpreter_env
+from conftest import NO_INTERPRETER, interpreter_env
 from tiny_models import TINY_FAMILIES, first_experts_call, tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -194,7 +194,7 @@ print(worst)
 """
 
 
-@pytest.mark.skipif(interpreter_env() is None, reason="Triton is not installed (CUDA builds of torch ship it; scripts/test.sh installs it)")
+@pytest.mark.skipif(interpreter_env() is None, reason=NO_INTERPRETER)
 def test_triton_kernels_in_the_interpreter() -> None:
     """Both Triton kernels against a per-row reference, in fp32, run by Triton's CPU interpreter (the GPU
     check is ``benchmarks/experts_gpu_check.py``)."""

@@ -138,7 +138,7 @@ def test_cli_static_export(capsys, micro_path, tmp_path) -> None:
 
 def test_benchmark_static_phase_runs_on_cpu(tmp_path) -> None:
     """benchmarks/onnx_gpu.py --phase static at tiny shapes on the CPU (the GPU run is the same code, CUDA graphs aside):
-    PyTorch's row, then a fused and an int4 static graph exported, checked, timed and deleted."""
+    PyTorch's row, then a fused and an int4 static graph exported, checked, timed, profiled and deleted."""
     import subprocess
     import sys
     from pathlib import Path
@@ -147,7 +147,7 @@ def test_benchmark_static_phase_runs_on_cpu(tmp_path) -> None:
     out = tmp_path / "static.json"
     argv = ["onnx_gpu.py", "--phase", "static", "--tiny", "--layers", "1", "--device", "cpu", "--dtype", "float32", "--variants", "experts-50%",
             "--static", "fused:2", "fused-int4:1", "--batches", "1", "2", "--prompt", "24", "--repeats", "2", "--steps", "2",
-            "--dir", str(tmp_path / "exports"), "--out", str(out)]
+            "--dir", str(tmp_path / "exports"), "--out", str(out), "--profile"]
     proc = subprocess.run([sys.executable, *argv], cwd=bench, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads(out.read_text())["results"]
@@ -157,6 +157,7 @@ def test_benchmark_static_phase_runs_on_cpu(tmp_path) -> None:
     assert results["experts-50%/onnx fused-int4 static"]["b1"]["quantization"]["max_abs_logit_diff"] > 0
     assert not any((tmp_path / "exports").rglob("model.onnx"))
     assert "PyTorch ms / this" in proc.stdout
+    assert "experts-50%/fused b2: onnxruntime" in proc.stdout  # --profile: the replayed steps' top operators
 
 
 def test_cuda_graph_decoder_matches_the_cpu(once) -> None:

@@ -10,9 +10,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import interpreter_env
+from conftest import NO_INTERPRETER, interpreter_env
 
-pytestmark = pytest.mark.skipif(interpreter_env() is None, reason="Triton is not installed (scripts/test.sh installs it beside the venv)")
+pytestmark = pytest.mark.skipif(interpreter_env() is None, reason=NO_INTERPRETER)
 
 SCRIPT = r"""
 import pathlib

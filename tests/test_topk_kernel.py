@@ -75,15 +75,6 @@ def _reference_softmax_topk(x, k, normalize, dtype):
     return (values / values.sum(-1, keepdim=True) if normalize else values), indices
 
 
-def _on_fake_cuda(value):
-    """``value``'s tensors as fake CUDA tensors of the same shape and dtype (what Dynamo records on a GPU)."""
-    if isinstance(value, (tuple, list)):
-        return type(value)(_on_fake_cuda(v) for v in value)
-    if isinstance(value, torch.Tensor):
-        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="cuda")
-    return value
-
-
 # (family, routers' top-k calls, how many of them take a softmax's top-k, whether those renormalize)
 ROUTER_GRAPHS = [
     ("mixtral", 2, 2, True),
@@ -99,25 +90,14 @@ ROUTER_GRAPHS = [
 def test_router_chains_of_real_graphs(with_triton, family, calls, softmaxes, normalized) -> None:
     """Each family's router as Dynamo captures it: which top-k calls fuse their softmax (and renormalization), and
     the rewritten graph, with the fused operator computed by torch, returns the same logits (the rewiring is right)."""
+    from captured_graphs import captured_on_cuda
     from tiny_models import tiny_model
-
-    captured = {}
-
-    def capture(gm, example_inputs):
-        captured.update(gm=gm, inputs=example_inputs)
-        return gm.forward
 
     model = tiny_model(family).eval()
     ids = torch.randint(3, model.config.get_text_config().vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch._dynamo.reset()
-        torch.compile(model, backend=capture, fullgraph=True)(ids)
-        gm, inputs = captured["gm"], captured["inputs"]
+        gm, inputs = captured_on_cuda(model, input_ids=ids)
         want = gm(*inputs)
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            for node in gm.graph.nodes:
-                if "example_value" in node.meta:
-                    node.meta["example_value"] = _on_fake_cuda(node.meta["example_value"])
         assert topk.replace_topk(gm) == calls
         fused = [n for n in gm.graph.nodes if n.target is torch.ops.moe_fx.softmax_topk_rows.default]
         assert len(fused) == softmaxes and all(n.args[2] is normalized for n in fused)

@@ -9,6 +9,7 @@ from torch import nn
 
 from moe_fx.deliver.graph.sibling_linears import fuse_sibling_linears, pack_sibling_linears
 from moe_fx.errors import BadOptionError, NotMoEError
+from moe_fx.kernels.decode_attention import replace_decode_attention
 from moe_fx.kernels.implementation import DEFAULT_IMPLEMENTATION, current, set_implementation
 from moe_fx.kernels.prescaled import restore_prescaled_blocks, route_prescaled_blocks
 from moe_fx.kernels.topk import replace_topk
@@ -33,8 +34,9 @@ with its block size: compiled logits can then differ in the last bits between ru
 class InductorBackend:
     """Inductor with ``torch.compile``'s ``mode`` and ``options`` (both may be given). A graph traced without
     gradients is first rewritten for inference (``fused``): its eligible ``topk`` calls become
-    ``moe_fx::topk_rows`` (:func:`~moe_fx.kernels.topk.replace_topk`: CUDA rows of up to 1,024 entries), and
-    with ``model``, its sibling projections one matmul (:func:`~moe_fx.deliver.graph.sibling_linears.fuse_sibling_linears`);
+    ``moe_fx::topk_rows`` (:func:`~moe_fx.kernels.topk.replace_topk`: CUDA rows of up to 1,024 entries), its
+    decode steps' attention calls ``moe_fx::decode_attention``
+    (:func:`~moe_fx.kernels.decode_attention.replace_decode_attention`), and with ``model``, its sibling projections one matmul (:func:`~moe_fx.deliver.graph.sibling_linears.fuse_sibling_linears`);
     it compiles with :data:`INFERENCE_OPTIONS` under ``options``."""
 
     def __init__(self, mode: str | None = None, options: dict[str, Any] | None = None, dynamic: bool | None = None,
@@ -43,13 +45,15 @@ class InductorBackend:
         self.inference_options = {k: v for k, v in INFERENCE_OPTIONS.items() if k not in (options or {})}
         self.fused = fused
         self.model = model
-        self.rewrites = {"topk": 0, "linear": 0}
-        """Over every graph compiled so far: ``topk`` calls replaced, ``linear`` calls folded into another."""
+        self.rewrites = {"topk": 0, "attention": 0, "linear": 0}
+        """Over every graph compiled so far: ``topk`` and one-query ``attention`` calls replaced, ``linear`` calls
+        folded into another."""
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
         if not self.fused or torch.is_grad_enabled():
             return self.inductor(gm, example_inputs)
         self.rewrites["topk"] += replace_topk(gm)
+        self.rewrites["attention"] += replace_decode_attention(gm)
         if self.model is not None:
             self.rewrites["linear"] += fuse_sibling_linears(gm, self.model)
         from torch._inductor import config
@@ -72,7 +76,8 @@ def compile_model(model: nn.Module, *, experts_implementation: str | None = None
     inputs (Llama 4) run only their routed experts (:mod:`moe_fx.kernels.prescaled`); any other implementation
     keeps transformers' dense call there. With Inductor (no ``backend`` given) and ``fused``, calls made without
     gradients run the routers' top-k on one small kernel (:mod:`moe_fx.kernels.topk`) instead of torch's sort and
-    gather, and sibling projections of one input (q/k/v) as one matmul over their packed weights
+    gather, decode steps' attention (one query token a row) on one small kernel (:mod:`moe_fx.kernels.decode_attention`)
+    instead of SDPA's, and sibling projections of one input (q/k/v) as one matmul over their packed weights
     (:mod:`moe_fx.deliver.graph.sibling_linears`), and Inductor tunes its own kernels' launch configs
     (:data:`INFERENCE_OPTIONS`: longer compiles, faster decode). The module is changed in place (its experts implementation,
     those blocks' forward and, with ``fused``, where sibling projections' weights live: same values and names)

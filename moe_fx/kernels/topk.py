@@ -71,13 +71,15 @@ _SOFTMAXES = (torch.softmax, torch.nn.functional.softmax, torch.special.softmax)
 _DIVISIONS = (operator.truediv, operator.itruediv, torch.div, torch.true_divide)
 
 
-def _bound(node: fx.Node, names: tuple[str, ...]) -> dict:
+def bound_args(node: fx.Node, names: tuple[str, ...]) -> dict:
+    """A captured call's arguments by name (``names`` in signature order; a method call's object first)."""
     args = node.args[1:] if node.op == "call_method" else node.args
     first = {names[0]: node.args[0]} if node.op == "call_method" and node.args else {}
     return first | dict(zip(names[bool(first):], args)) | dict(node.kwargs)
 
 
-def _value(node: object) -> torch.Tensor | None:
+def example_value(node: object) -> torch.Tensor | None:
+    """The (fake) value Dynamo recorded for ``node``, or ``None`` (not a node, or none recorded)."""
     return node.meta.get("example_value") if isinstance(node, fx.Node) else None
 
 
@@ -90,8 +92,8 @@ def _softmax_of(node: object) -> tuple[fx.Node, torch.dtype] | None:
     if not isinstance(node, fx.Node) or not (node.op == "call_function" and node.target in _SOFTMAXES
                                               or node.op == "call_method" and node.target == "softmax"):
         return None
-    bound = _bound(node, _SOFTMAX_ARGS)
-    logits, out = bound.get("input"), _value(node)
+    bound = bound_args(node, _SOFTMAX_ARGS)
+    logits, out = bound.get("input"), example_value(node)
     if set(bound) - set(_SOFTMAX_ARGS) or not isinstance(logits, fx.Node) or not _is_last_dim(out, bound.get("dim")):
         return None
     return logits, out.dtype
@@ -104,12 +106,22 @@ def _renormalization(values: fx.Node) -> fx.Node | None:
     if len(users) != 2 or total is None or len(total.users) != 1:
         return None
     division = next(iter(total.users))
-    bound = _bound(total, ("input", "dim", "keepdim"))
-    if (set(bound) - {"input", "dim", "keepdim"} or bound.get("keepdim") is not True or not _is_last_dim(_value(values), bound.get("dim"))
+    bound = bound_args(total, ("input", "dim", "keepdim"))
+    if (set(bound) - {"input", "dim", "keepdim"} or bound.get("keepdim") is not True or not _is_last_dim(example_value(values), bound.get("dim"))
             or division not in users or division.args[:2] != (values, total) or division.kwargs):
         return None
     is_division = division.op == "call_function" and division.target in _DIVISIONS or division.op == "call_method" and division.target in ("div", "div_")
     return division if is_division else None
+
+
+def replace_call(gm: fx.GraphModule, node: fx.Node, target: object, args: tuple) -> fx.Node:
+    """Put a call of ``target(*args)`` in ``node``'s place (its users and recorded example value move to it)."""
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(target, args)
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return new
 
 
 def replace_topk(gm: fx.GraphModule) -> int:
@@ -120,21 +132,17 @@ def replace_topk(gm: fx.GraphModule) -> int:
     for node in list(gm.graph.nodes):
         if not (node.op == "call_function" and node.target is torch.topk or node.op == "call_method" and node.target == "topk"):
             continue
-        bound = _bound(node, _TOPK_ARGS)
+        bound = bound_args(node, _TOPK_ARGS)
         x = bound.get("input")
-        if set(bound) - set(_TOPK_ARGS) or not eligible(_value(x), bound.get("k"), bound.get("dim", -1), bound.get("largest", True)):
+        if set(bound) - set(_TOPK_ARGS) or not eligible(example_value(x), bound.get("k"), bound.get("dim", -1), bound.get("largest", True)):
             continue
         softmax = _softmax_of(x)
-        if softmax is not None and not eligible(_value(softmax[0]), bound["k"]):
+        if softmax is not None and not eligible(example_value(softmax[0]), bound["k"]):
             softmax = None
-        with gm.graph.inserting_before(node):
-            if softmax is None:
-                fused = gm.graph.call_function(torch.ops.moe_fx.topk_rows.default, (x, bound["k"]))
-            else:
-                fused = gm.graph.call_function(torch.ops.moe_fx.softmax_topk_rows.default, (softmax[0], bound["k"], False, softmax[1]))
-        fused.meta.update(node.meta)
-        node.replace_all_uses_with(fused)
-        gm.graph.erase_node(node)
+        if softmax is None:
+            fused = replace_call(gm, node, torch.ops.moe_fx.topk_rows.default, (x, bound["k"]))
+        else:
+            fused = replace_call(gm, node, torch.ops.moe_fx.softmax_topk_rows.default, (softmax[0], bound["k"], False, softmax[1]))
         if softmax is not None:
             _fold_renormalization(gm, fused)
             if not x.users:
@@ -149,7 +157,7 @@ def replace_topk(gm: fx.GraphModule) -> int:
 def _fold_renormalization(gm: fx.GraphModule, fused: fx.Node) -> None:
     """Where ``fused``'s values are only divided by their sum, have the kernel divide (its ``normalize``)."""
     values = next((u for u in fused.users if u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0), None)
-    division = None if values is None or _value(values) is None or _value(values).dtype != torch.float32 else _renormalization(values)
+    division = None if values is None or example_value(values) is None or example_value(values).dtype != torch.float32 else _renormalization(values)
     if division is None:
         return
     total = division.args[1]
