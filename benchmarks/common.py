@@ -135,3 +135,19 @@ def cli_prune(model: str, options: list[str], out: Path) -> dict:
     record["delta_nll"] = record["eval_after"]["mean"]["nll"] - record["eval_before"]["mean"]["nll"]
     record["wall_seconds"] = round(time.perf_counter() - t0, 1)
     return record
+
+
+def median_run(fn, repeats: int, device: str) -> tuple[float, list[float], object]:
+    """``fn()`` run ``repeats + 1`` times (the first warms up: cuBLAS, cuSOLVER, the allocator), waiting for the
+    GPU after each: the median seconds of the timed runs, every run's seconds and the last run's result."""
+    seconds, out = [], None
+    for _ in range(repeats + 1):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    timed = sorted(seconds[1:])
+    return timed[len(timed) // 2], seconds, out

@@ -3,7 +3,7 @@
 # (.venv-newest), on a broad subset of the suite: every family's discovery, prune -> save -> reload and
 # per-layer format, the experts kernels and the compiled graph, the graph backend's matcher, ONNX export (fused MoE
 # and QMoE nodes, the plain-op fallback) of
-# several families, streaming equality, the quantized checkpoint formats stock transformers loads, pruning a quantized
+# several families, the decode attention rewrite, streaming equality, the quantized checkpoint formats stock transformers loads, pruning a quantized
 # checkpoint, the quantized
 # experts, and the CLI recipes' fast subset. CI runs it after scripts/test.sh;
 # a failure here means a transformers release changed something moe-fx relies on. Extra arguments go to pytest.
@@ -21,6 +21,7 @@ exec .venv-newest/bin/python -m pytest -q -p no:cacheprovider -n "${MOE_FX_TEST_
     tests/test_static_cache.py \
     tests/test_prescaled.py \
     tests/test_topk_kernel.py \
+    tests/test_decode_attention.py \
     tests/test_sibling_linears.py \
     tests/test_real_rotary.py \
     "tests/test_graph_backend.py::test_every_tiny_family_is_matched_and_virtually_pruned" \

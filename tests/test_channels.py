@@ -287,6 +287,36 @@ def test_obs_elimination_follows_the_brute_force_greedy(block: int) -> None:
         assert torch.argsort(scores[e]).tolist() == removed
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/test_gpu.sh)")
+def test_obs_elimination_replayed_as_cuda_graph_is_identical() -> None:
+    """``graphs=True``: blocks after the first replay one captured CUDA graph; the costs equal the eager steps' to the bit
+    (a width that leaves a tail of steps after the last full block)."""
+    from moe_fx.score.obs import obs_elimination
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randn(5, 300, 200, generator=g, device="cuda", dtype=torch.float64)
+    dt = torch.randn(5, 200, 48, generator=g, device="cuda", dtype=torch.float64)
+    grams, gram_w = a.transpose(1, 2) @ a, dt @ dt.transpose(1, 2)
+    assert torch.equal(obs_elimination(grams, gram_w, 0.01, block=32, graphs=True), obs_elimination(grams, gram_w, 0.01, block=32))
+
+
+def test_obs_elimination_benchmark_runs_on_cpu(tmp_path) -> None:
+    """``benchmarks/obs_elimination.py`` end to end at tiny shapes (on a CPU both rows run the eager steps)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "obs.json"
+    argv = ["obs_elimination.py", "--device", "cpu", "--experts", "2", "--width", "80", "--hidden", "16", "--tokens", "64",
+            "--repeats", "1", "--out", str(out)]
+    proc = subprocess.run([sys.executable, *argv], cwd=Path(__file__).resolve().parents[1] / "benchmarks", capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["costs_identical"] and [r["graphs"] for r in result["rows"]] == [False, True]
+    assert all(r["seconds"] > 0 for r in result["rows"])
+
+
 def test_obs_scores_the_current_experts_after_a_drop() -> None:
     """Statistics recorded before a drop: obs re-routes the sample among the kept experts and scores them alone."""
     model = tiny_qwen3()

@@ -188,3 +188,19 @@ def test_routes_by_expert_match_nonzero_per_expert():
     for e, (t, s) in routes.items():
         ref_t, ref_s = (idx == e).nonzero(as_tuple=True)
         assert torch.equal(t, ref_t) and torch.equal(s, ref_s)
+
+
+def test_refit_solves_benchmark_runs_on_cpu(tmp_path) -> None:
+    """``benchmarks/refit_solves.py`` end to end at tiny shapes: both solvers give the same refit weights."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "refit.json"
+    argv = ["refit_solves.py", "--device", "cpu", "--experts", "3", "--width", "40", "--hidden", "24", "--rows", "90", "--repeats", "1",
+            "--out", str(out)]
+    proc = subprocess.run([sys.executable, *argv], cwd=Path(__file__).resolve().parents[1] / "benchmarks", capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["max_relative_difference"] < 1e-10 and len(result["rows"]) == 2

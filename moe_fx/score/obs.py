@@ -47,8 +47,60 @@ CPU; 2 GiB on a GPU, where a step's cost is its ~20 kernel launches whatever the
 at once)."""
 
 
+class _Elimination:
+    """The state of :func:`obs_elimination` for a chunk of experts, every tensor updated in place (so that a block of
+    steps can be captured once as a CUDA graph and replayed)."""
+
+    def __init__(self, grams: torch.Tensor, gram_w: torch.Tensor, damp: float, block: int) -> None:
+        n_exp, width, _ = grams.shape
+        dev, dtype = grams.device, grams.dtype
+        eye = torch.eye(width, dtype=dtype, device=dev)
+        scale = grams.diagonal(dim1=1, dim2=2).mean(1).clamp(min=1e-30)
+        self.inv = torch.linalg.inv(grams + damp * scale[:, None, None] * eye)
+        self.gram_w = gram_w.clone()
+        self.d_inv, self.d_w = self.inv.diagonal(dim1=1, dim2=2).clone(), self.gram_w.diagonal(dim1=1, dim2=2).clone()
+        self.rows = torch.arange(n_exp, device=dev)
+        self.alive = torch.ones(n_exp, width, dtype=torch.bool, device=dev)
+        self.running = torch.zeros(n_exp, dtype=dtype, device=dev)
+        self.costs = torch.zeros(n_exp, width, dtype=dtype, device=dev)
+        self.one, self.zero = torch.ones((), dtype=dtype, device=dev), torch.zeros((), dtype=dtype, device=dev)
+        # since the last fold: inv -= gains @ cols^T;  D^T D -= gains @ vs^T + vs @ gains^T
+        self.gains, self.cols, self.vs = (torch.zeros(n_exp, width, block, dtype=dtype, device=dev) for _ in range(3))
+        self.block = block
+
+    def step(self, m: int) -> None:
+        """Remove each expert's cheapest channel; ``m`` updates are pending since the last fold."""
+        rows, gains, cols, vs = self.rows, self.gains, self.cols, self.vs
+        cost = (self.d_w / self.d_inv).masked_fill(~self.alive, float("inf"))
+        j = cost.argmin(1)
+        torch.maximum(self.running * (1 + 2**-40), cost[rows, j], out=self.running)
+        self.costs[rows, j] = self.running
+        col, w_j = self.inv[rows, :, j], self.gram_w[rows, :, j]  # [E, I] columns j of the folded matrices (both symmetric)
+        if m:
+            col = col - torch.bmm(gains[:, :, :m], cols[rows, j, :m, None]).squeeze(-1)
+            w_j = (w_j - torch.bmm(gains[:, :, :m], vs[rows, j, :m, None]).squeeze(-1)
+                   - torch.bmm(vs[:, :, :m], gains[rows, j, :m, None]).squeeze(-1))
+        gain = col / col[rows, j][:, None]  # D^T -= gain D_j: the other channels take over channel j
+        v = w_j - 0.5 * gain * w_j[rows, j][:, None]
+        gains[:, :, m], cols[:, :, m], vs[:, :, m] = gain, col, v
+        self.d_inv -= gain * col
+        self.d_w -= 2 * gain * v
+        self.alive[rows, j] = False
+        self.d_inv[rows, j], self.d_w[rows, j] = self.one, self.zero  # removed: keeps the division finite, masked anyway
+
+    def fold(self) -> None:
+        """Fold the ``block`` pending updates into the two matrices (one rank-``block`` product each)."""
+        self.inv.baddbmm_(self.gains, self.cols.transpose(1, 2), alpha=-1)
+        self.gram_w.baddbmm_(self.gains, self.vs.transpose(1, 2), alpha=-1).baddbmm_(self.vs, self.gains.transpose(1, 2), alpha=-1)
+
+    def full_block(self) -> None:
+        for m in range(self.block):
+            self.step(m)
+        self.fold()
+
+
 @torch.no_grad()
-def obs_elimination(grams: torch.Tensor, gram_w: torch.Tensor, damp: float, block: int = 64) -> torch.Tensor:
+def obs_elimination(grams: torch.Tensor, gram_w: torch.Tensor, damp: float, block: int = 64, graphs: bool = False) -> torch.Tensor:
     """``[E, I]`` costs of greedy structured OBS, per expert: the running maximum of ``||D_j||^2 / [G^-1]_jj`` at
     each channel's removal (see the module doc), nudged to increase strictly (ties would fall back to channel ids).
     ``grams``: ``G = A^T A`` ``[E, I, I]``; ``gram_w``: ``D^T D`` ``[E, I, I]`` (``D^T [I, H]`` the down projection,
@@ -58,43 +110,36 @@ def obs_elimination(grams: torch.Tensor, gram_w: torch.Tensor, damp: float, bloc
     step reads only their diagonals and the removed channel's two columns. So the updates are kept as ``[E, I, m]``
     factors, the columns rebuilt from them, and folded into the matrices every ``block`` removals in one rank-``block``
     product (the lazy batch updates of GPTQ): a step reads ``O(E I block)`` values instead of rewriting ``O(E I^2)``,
-    which made the elimination memory-bound on a GPU (``tests/test_channels.py`` checks it against the one-step form)."""
-    n_exp, width, _ = grams.shape
-    eye = torch.eye(width, dtype=grams.dtype, device=grams.device)
-    scale = grams.diagonal(dim1=1, dim2=2).mean(1).clamp(min=1e-30)
-    inv = torch.linalg.inv(grams + damp * scale[:, None, None] * eye)
-    gram_w = gram_w.clone()
-    d_inv, d_w = inv.diagonal(dim1=1, dim2=2).clone(), gram_w.diagonal(dim1=1, dim2=2).clone()
-    rows = torch.arange(n_exp, device=grams.device)
-    alive = torch.ones(n_exp, width, dtype=torch.bool, device=grams.device)
-    running = torch.zeros(n_exp, dtype=grams.dtype, device=grams.device)
-    costs = torch.zeros(n_exp, width, dtype=grams.dtype, device=grams.device)
-    # since the last fold: inv -= gains @ cols^T;  D^T D -= gains @ vs^T + vs @ gains^T
-    gains, cols, vs = (torch.zeros(n_exp, width, block, dtype=grams.dtype, device=grams.device) for _ in range(3))
+    which made the elimination memory-bound on a GPU (``tests/test_channels.py`` checks it against the one-step form).
+
+    ``graphs`` (CUDA, at least two blocks of channels): the first block runs as it is (the warm-up), the next is
+    captured once as a CUDA graph and replayed for every later block: a step is about 20 small kernels that the
+    host otherwise launches one by one, 768 steps a layer at Qwen3-30B-A3B's widths. Off by default until measured
+    on a GPU (``benchmarks/obs_elimination.py``); the replay runs the same kernels on the same buffers."""
+    width = grams.shape[1]
+    state = _Elimination(grams, gram_w, damp, block)
+    full = width // block
+    start = 0
+    if graphs and grams.is_cuda and full >= 2:
+        side = torch.cuda.Stream(grams.device)
+        side.wait_stream(torch.cuda.current_stream(grams.device))
+        with torch.cuda.stream(side):
+            state.full_block()
+        torch.cuda.current_stream(grams.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            state.full_block()  # recorded, not run
+        for _ in range(full - 1):
+            graph.replay()
+        start = full * block
     m = 0
-    for _ in range(width):
-        cost = (d_w / d_inv).masked_fill(~alive, float("inf"))
-        j = cost.argmin(1)
-        running = torch.maximum(running * (1 + 2**-40), cost[rows, j])
-        costs[rows, j] = running
-        col, w_j = inv[rows, :, j], gram_w[rows, :, j]  # [E, I] columns j of the folded matrices (both symmetric)
-        if m:
-            col = col - torch.bmm(gains[:, :, :m], cols[rows, j, :m, None]).squeeze(-1)
-            w_j = (w_j - torch.bmm(gains[:, :, :m], vs[rows, j, :m, None]).squeeze(-1)
-                   - torch.bmm(vs[:, :, :m], gains[rows, j, :m, None]).squeeze(-1))
-        gain = col / col[rows, j][:, None]  # D^T -= gain D_j: the other channels take over channel j
-        v = w_j - 0.5 * gain * w_j[rows, j][:, None]
-        gains[:, :, m], cols[:, :, m], vs[:, :, m] = gain, col, v
-        d_inv -= gain * col
-        d_w -= 2 * gain * v
-        alive[rows, j] = False
-        d_inv[rows, j], d_w[rows, j] = 1.0, 0.0  # removed: keeps the division finite, masked anyway
+    for _ in range(start, width):
+        state.step(m)
         m += 1
         if m == block:
-            inv.baddbmm_(gains, cols.transpose(1, 2), alpha=-1)
-            gram_w.baddbmm_(gains, vs.transpose(1, 2), alpha=-1).baddbmm_(vs, gains.transpose(1, 2), alpha=-1)
+            state.fold()
             m = 0
-    return costs
+    return state.costs
 
 
 @register_scorer

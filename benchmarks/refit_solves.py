@@ -1,0 +1,86 @@
+"""Compensation's ridge refits (:func:`moe_fx.rewrite.compensate.ridge_refit`) at Qwen3-30B-A3B's shapes: one LU
+solve per expert as the pass runs them today, against one batched Cholesky factorization of every expert's
+system reused by its solves (the systems do not change between sweeps: only their right-hand sides do), side by
+side in one process, with the largest relative difference of the refit weights.
+
+Compensation took 0.7-1.5 s a layer on an H100 (``docs/benchmarks/scale.md``), for 128 experts and 2 sweeps: 256
+solves of a 768 x 768 float64 system with 2,048 right-hand sides. This says how much of that the solves are.
+
+    python benchmarks/refit_solves.py --out benchmarks/results/refit_solves_h100.json
+    python benchmarks/refit_solves.py --device cpu --experts 4 --width 96 --hidden 64 --out /tmp/refit.json   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from common import median_run
+
+from moe_fx.evaluate.table import format_table
+from moe_fx.rewrite.compensate import ridge_refit
+
+
+def systems(args) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per expert: routing-weighted activations ``A [rows, I]``, targets ``Z [rows, H]`` and the old ``D^T [I, H]``."""
+    g = torch.Generator(device=args.device).manual_seed(args.seed)
+    out = []
+    for _ in range(args.experts):
+        a = torch.randn(args.rows, args.width, generator=g, device=args.device, dtype=torch.float64)
+        z = torch.randn(args.rows, args.hidden, generator=g, device=args.device, dtype=torch.float64)
+        d0 = torch.randn(args.width, args.hidden, generator=g, device=args.device, dtype=torch.float64) * 0.02
+        out.append((a, z, d0))
+    return out
+
+
+def per_expert(cases, ridge: float, sweeps: int) -> list[torch.Tensor]:
+    return [ridge_refit(a, z, d0, ridge) for _ in range(sweeps) for a, z, d0 in cases][-len(cases):]
+
+
+def batched_cholesky(cases, ridge: float, sweeps: int) -> list[torch.Tensor]:
+    """The same systems factorized once, together, then solved per expert and sweep from the factors."""
+    grams = torch.stack([a.T @ a for a, _, _ in cases])
+    width = grams.shape[-1]
+    trace = grams.diagonal(dim1=1, dim2=2).sum(-1)
+    lam = ridge * trace / width
+    shift = lam + 1e-10 * trace.clamp(min=1e-30) / width
+    factors = torch.linalg.cholesky_ex(grams + shift[:, None, None] * torch.eye(width, dtype=grams.dtype, device=grams.device)).L
+    out = []
+    for _ in range(sweeps):
+        out = [torch.cholesky_solve(a.T @ z + lam[e] * d0, factors[e]) for e, (a, z, d0) in enumerate(cases)]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--experts", type=int, default=128)
+    ap.add_argument("--width", type=int, default=768)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--rows", type=int, default=1024, help="sampled rows routed to each expert")
+    ap.add_argument("--sweeps", type=int, default=2)
+    ap.add_argument("--ridge", type=float, default=1.0)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    cases = systems(args)
+    rows, weights = [], {}
+    for name, fn in {"LU per expert (today)": per_expert, "batched Cholesky, reused": batched_cholesky}.items():
+        median, seconds, weights[name] = median_run(lambda fn=fn: fn(cases, args.ridge, args.sweeps), args.repeats, args.device)
+        rows.append({"solver": name, "seconds": median, "all_seconds": seconds})
+    ref, new = weights.values()
+    rel = max(float((x - y).norm() / y.norm()) for x, y in zip(new, ref))
+    table = [[r["solver"], f"{r['seconds']:.3f}", f"{rows[0]['seconds'] / r['seconds']:.2f}x"] for r in rows]
+    print(format_table(["solver", "s (median)", "speed-up"], table,
+                       title=f"{args.experts} refits x {args.sweeps} sweeps, width {args.width}, {args.hidden} outputs, {args.device}; "
+                             f"largest relative difference {rel:.1e}"))
+    meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__, **vars(args)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows, "max_relative_difference": rel}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
