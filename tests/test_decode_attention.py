@@ -69,26 +69,29 @@ def _reference(q, k, v, mask, scale):
         q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=mask, scale=scale)
 
 
-# (family, config overrides, SDPA calls a decode step makes: 2 layers, or none where attention is not SDPA)
+# (family, config overrides, transformers' GQA switch, SDPA calls a decode step makes: 2 layers, or none where
+# attention is not SDPA, key/value heads the operator reads)
 DECODE_GRAPHS = [
-    ("qwen3_moe", {"num_key_value_heads": 2}, 2),  # grouped-query heads (enable_gqa)
-    ("mixtral", {}, 2),
-    ("olmoe", {}, 2),
-    ("deepseek_v2", {}, 2),  # MLA: the value heads are a slice (strided)
-    ("gpt_oss", {}, 0),  # sinks: transformers' eager attention, no SDPA call
+    ("qwen3_moe", {"num_key_value_heads": 2}, "1", 2, 2),  # grouped-query heads, SDPA's enable_gqa
+    ("qwen3_moe", {"num_key_value_heads": 2}, "0", 2, 2),  # the cache repeated per query head (repeat_kv): read unrepeated
+    ("mixtral", {}, "1", 2, 4),
+    ("olmoe", {}, "0", 2, 4),
+    ("deepseek_v2", {}, "1", 2, 4),  # MLA: the value heads are a slice (strided)
+    ("gpt_oss", {}, "1", 0, None),  # sinks: transformers' eager attention, no SDPA call
 ]
 
 
-@pytest.mark.parametrize(("family", "overrides", "calls"), DECODE_GRAPHS)
-def test_decode_graphs_of_real_families(with_triton, monkeypatch, family, overrides, calls) -> None:
-    """Each family's static-cache decode step as Dynamo captures it: its attention calls are replaced, and the
-    rewritten graph, with the operator computed by torch, returns the same logits."""
+@pytest.mark.parametrize(("family", "overrides", "switch", "calls", "kv_heads"), DECODE_GRAPHS)
+def test_decode_graphs_of_real_families(with_triton, monkeypatch, family, overrides, switch, calls, kv_heads) -> None:
+    """Each family's static-cache decode step as Dynamo captures it: its attention calls are replaced, reading the
+    cache's own key/value heads (also where transformers repeated them per query head: those copies leave the graph),
+    and the rewritten graph, with the operator computed by torch, returns the same logits."""
     from captured_graphs import captured_on_cuda
     from tiny_models import tiny_model
 
     import moe_fx
 
-    monkeypatch.setenv("TRANSFORMERS_SDPA_FORCE_GQA", "1")  # SDPA's own grouped heads (enable_gqa) with a mask
+    monkeypatch.setenv("TRANSFORMERS_SDPA_FORCE_GQA", switch)  # "1": SDPA's own grouped heads (enable_gqa) with a mask
     model = tiny_model(family, **overrides).eval()
     vocab = model.config.get_text_config().vocab_size
     ids = torch.randint(3, vocab, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -104,6 +107,9 @@ def test_decode_graphs_of_real_families(with_triton, monkeypatch, family, overri
         assert decode_attention.replace_decode_attention(gm) == calls
         fused = [n for n in gm.graph.nodes if n.target is torch.ops.moe_fx.decode_attention.default]
         assert len(fused) == calls
+        assert all(n.args[1].meta["example_value"].shape[1] == kv_heads == n.args[2].meta["example_value"].shape[1] for n in fused)
+        repeats = [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "expand" and n.meta["example_value"].ndim == 5]
+        assert not repeats  # no copy of the cache per query head is left
         for node in fused:
             node.target = _reference
         gm.recompile()
@@ -170,10 +176,11 @@ def test_kernel_in_interpreter() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/test_gpu.sh)")
-@pytest.mark.parametrize(("family", "overrides", "dtype"), [
-    ("qwen3_moe", {"num_key_value_heads": 2}, torch.bfloat16), ("qwen3_moe", {"num_key_value_heads": 2}, torch.float32),
-    ("deepseek_v2", {}, torch.bfloat16), ("mixtral", {}, torch.float16)])
-def test_compiled_decode_on_cuda_matches_eager(monkeypatch, family, overrides, dtype) -> None:
+@pytest.mark.parametrize(("family", "overrides", "dtype", "switch"), [
+    ("qwen3_moe", {"num_key_value_heads": 2}, torch.bfloat16, "1"), ("qwen3_moe", {"num_key_value_heads": 2}, torch.float32, "1"),
+    ("qwen3_moe", {"num_key_value_heads": 2}, torch.float32, "0"),  # the cache repeated per query head: read unrepeated
+    ("deepseek_v2", {}, torch.bfloat16, "1"), ("mixtral", {}, torch.float16, "1")])
+def test_compiled_decode_on_cuda_matches_eager(monkeypatch, family, overrides, dtype, switch) -> None:
     """``moe_fx.compile`` on a GPU: a static-cache decode step runs its attention on the kernel and its logits
     match the eager step's (float32 closely; 16-bit within rounding of the largest logit)."""
     from tiny_models import tiny_model
@@ -181,7 +188,7 @@ def test_compiled_decode_on_cuda_matches_eager(monkeypatch, family, overrides, d
     import moe_fx
     from moe_fx.deliver import compile as compile_module
 
-    monkeypatch.setenv("TRANSFORMERS_SDPA_FORCE_GQA", "1")
+    monkeypatch.setenv("TRANSFORMERS_SDPA_FORCE_GQA", switch)
     seen = []
     monkeypatch.setattr(compile_module, "replace_decode_attention",
                         lambda gm: seen.append(decode_attention.replace_decode_attention(gm)) or seen[-1])

@@ -12,6 +12,8 @@ cache's dtype before the value product, as flash attention does)."""
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import fx
 
@@ -60,9 +62,48 @@ def eligible(q: object, k: object, v: object, mask: object, dropout: object, cau
             and mask.shape[0] in (1, batch) and mask.dtype in (torch.bool, q.dtype) and mask.device == q.device)
 
 
+_NEW_DIM_2 = (slice(None), slice(None), None, slice(None), slice(None))
+
+
+def _repeated_from(node: object) -> fx.Node | None:
+    """The ``[B, Hkv, L, D]`` cache that ``node`` repeats per query head, where ``node`` is transformers'
+    ``repeat_kv`` (``x[:, :, None].expand(B, Hkv, n, L, D).reshape(B, Hkv * n, L, D)``); else ``None``."""
+    if not (isinstance(node, fx.Node) and node.op == "call_method" and node.target == "reshape"):
+        return None
+    expand = node.args[0]
+    if not (isinstance(expand, fx.Node) and expand.op == "call_method" and expand.target == "expand"):
+        return None
+    inserted = expand.args[0]
+    if not (isinstance(inserted, fx.Node) and inserted.op == "call_function" and inserted.target is operator.getitem
+            and inserted.args[1] == _NEW_DIM_2):
+        return None
+    source, out, wide = inserted.args[0], example_value(node), example_value(expand)
+    value = example_value(source)
+    if value is None or out is None or wide is None or value.ndim != 4 or wide.ndim != 5:
+        return None
+    batch, heads, length, dim = value.shape
+    if tuple(wide.shape) != (batch, heads, wide.shape[2], length, dim) or tuple(out.shape) != (batch, heads * wide.shape[2], length, dim):
+        return None
+    return source
+
+
+def _erase_unused_chain(gm: fx.GraphModule, reshape: fx.Node) -> None:
+    """Erase ``repeat_kv``'s reshape, expand and indexing (:func:`_repeated_from`), each where nothing else reads it;
+    never what they read (the cache, or the write that made it)."""
+    expand = reshape.args[0]
+    inserted = expand.args[0]
+    for node in (reshape, expand, inserted):
+        if node.users:
+            return
+        gm.graph.erase_node(node)
+
+
 def replace_decode_attention(gm: fx.GraphModule) -> int:
     """Replace every eligible ``scaled_dot_product_attention`` call of a Dynamo graph by ``moe_fx::decode_attention``
-    (the example values Dynamo records say which are: decode steps on CUDA). Returns how many were replaced."""
+    (the example values Dynamo records say which are: decode steps on CUDA). Where transformers repeated the cache
+    per query head first (``repeat_kv``: without ``TRANSFORMERS_SDPA_FORCE_GQA``, a copy of the whole cache in every
+    layer and step), the kernel reads the cache itself with its grouped heads and the copy leaves the graph.
+    Returns how many calls were replaced."""
     replaced = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in _SDPAS:
@@ -71,8 +112,12 @@ def replace_decode_attention(gm: fx.GraphModule) -> int:
         q, k, v, mask = (bound.get(name) for name in ("query", "key", "value", "attn_mask"))
         if set(bound) - set(_SDPA_ARGS) or not (mask is None or isinstance(mask, fx.Node)):
             continue
+        gqa, repeats = bound.get("enable_gqa", False), ()
+        k_cache, v_cache = _repeated_from(k), _repeated_from(v)
+        if k_cache is not None and v_cache is not None and example_value(k_cache).shape[1] == example_value(v_cache).shape[1]:
+            (k, v), repeats, gqa = (k_cache, v_cache), (k, v), True  # the kernel reads each key/value head once for its group
         if not eligible(example_value(q), example_value(k), example_value(v), example_value(mask) if mask is not None else None,
-                        bound.get("dropout_p", 0.0), bound.get("is_causal", False), bound.get("enable_gqa", False)):
+                        bound.get("dropout_p", 0.0), bound.get("is_causal", False), gqa):
             continue
         scale = bound.get("scale")
         if scale is None:
@@ -80,6 +125,8 @@ def replace_decode_attention(gm: fx.GraphModule) -> int:
         if not isinstance(scale, float | int):
             continue
         replace_call(gm, node, torch.ops.moe_fx.decode_attention.default, (q, k, v, mask, float(scale)))
+        for repeat in repeats:  # the copies of the cache per query head, now read by nothing
+            _erase_unused_chain(gm, repeat)
         replaced += 1
     if replaced:
         gm.graph.lint()
