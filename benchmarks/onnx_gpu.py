@@ -88,16 +88,21 @@ def static_cache_len(args) -> int:
     return args.prompt + args.steps + 8
 
 
+def run_steps(decoder: OnnxDecoder, tokens: np.ndarray, args) -> None:
+    """``steps`` one-token steps from slot ``prompt``, waiting for the GPU at the end."""
+    decoder.length = args.prompt
+    for column in range(args.steps):
+        decoder.step(tokens[:, column])
+    decoder.synchronize()
+
+
 def decoder_ms(decoder: OnnxDecoder, tokens: np.ndarray, args) -> float:
     """Median milliseconds per step over ``repeats`` runs of ``steps`` one-token steps from slot ``prompt`` (the
     first run captures the CUDA graph); every step writes its small inputs and waits for the GPU."""
     times = []
     for _ in range(args.repeats + 1):
-        decoder.length = args.prompt
         start = time.perf_counter()
-        for column in range(args.steps):
-            decoder.step(tokens[:, column])
-        decoder.synchronize()
+        run_steps(decoder, tokens, args)
         times.append((time.perf_counter() - start) / args.steps * 1000)
     return float(np.median(times[1:]))
 
@@ -116,14 +121,7 @@ def profile_decoder(path: Path, tokens: np.ndarray, args, title: str) -> None:
     of the process, onnxruntime's too): where a step's time goes, for the gap to PyTorch."""
     decoder = OnnxDecoder(path, device=args.device, cuda_graph=True)
     decoder_ms(decoder, tokens, args)  # captures the graph and warms up
-
-    def steps() -> None:
-        decoder.length = args.prompt
-        for column in range(args.steps):
-            decoder.step(tokens[:, column])
-        decoder.synchronize()
-
-    print_profile(f"{title}: onnxruntime, CUDA graph ({args.steps} steps)", steps, args.device, rows=30)
+    print_profile(f"{title}: onnxruntime, CUDA graph ({args.steps} steps)", lambda: run_steps(decoder, tokens, args), args.device, rows=30)
 
 
 def static_phase(args, out: Path) -> dict:

@@ -6,7 +6,8 @@ shapes, 152 cache slots): cuDNN's kernel (6.7 us) and two Inductor kernels aroun
 additive, the query laid out for cuDNN), for about 0.3 MB of keys and values. SDPA's flash and memory-efficient
 kernels refuse the static cache's boolean mask with grouped-query heads. The kernel here
 (:mod:`.triton_attention`) reads the query, cache and mask where they are, runs every query head of a
-grouped-query group in one program, skips the mask's empty blocks, and splits long caches across programs.
+grouped-query group in one program, pipelines the loads of a block's keys, values and mask, and splits long
+caches across programs.
 Its results differ from SDPA's by rounding (the order of the softmax's sums; probabilities rounded to the
 cache's dtype before the value product, as flash attention does)."""
 

@@ -140,10 +140,9 @@ def replace_topk(gm: fx.GraphModule) -> int:
         if softmax is not None and not eligible(example_value(softmax[0]), bound["k"]):
             softmax = None
         if softmax is None:
-            fused = replace_call(gm, node, torch.ops.moe_fx.topk_rows.default, (x, bound["k"]))
+            replace_call(gm, node, torch.ops.moe_fx.topk_rows.default, (x, bound["k"]))
         else:
             fused = replace_call(gm, node, torch.ops.moe_fx.softmax_topk_rows.default, (softmax[0], bound["k"], False, softmax[1]))
-        if softmax is not None:
             _fold_renormalization(gm, fused)
             if not x.users:
                 gm.graph.erase_node(x)

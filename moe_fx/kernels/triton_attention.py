@@ -18,6 +18,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from moe_fx.kernels.triton_kernels import dot
+
 
 class AttentionTiles(NamedTuple):
     """One launch's shape: cache slots a step of the loop, warps, pipeline stages."""
@@ -64,10 +66,7 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, s
         valid = inside
         if MASK == 1:
             valid = valid & (tl.load(mask_ptr + b * stride_mb + slots * stride_ml, mask=inside, other=0) != 0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
+        s = dot(q, tl.trans(k), IEEE)
         s = s * (SCALE * 1.4426950408889634)  # a compile-time float: Inductor passes runtime floats as fp64
         if MASK == 2:
             bias = tl.load(mask_ptr + b * stride_mb + slots * stride_ml, mask=inside, other=0.0).to(tl.float32)
@@ -78,10 +77,7 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, s
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
     keep = (rows[:, None] < G) & (dv[None, :] < DV)
     if PARTIAL:
@@ -123,6 +119,11 @@ def splits(batch_kv_heads: int, length: int, block: int, processors: int) -> int
     return -(-length // per_split)
 
 
+def _padded(n: int) -> int:
+    """A tile dimension holding ``n``: a power of two, at least 16 (``tl.dot``'s smallest)."""
+    return max(16, triton.next_power_of_2(n))
+
+
 def attention_tiles(head_dim: int) -> AttentionTiles:
     """64 slots a step for heads up to 128 wide, 32 for wider (the key and value tiles stay in registers)."""
     return AttentionTiles(64, 4, 3) if head_dim <= 128 else AttentionTiles(32, 4, 3)
@@ -156,10 +157,9 @@ def triton_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
         q, k, v, mask_arg, out, part, stats, length, split_len,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         stride_mb, stride_ml, hkv, count,
-        G=group, G_PAD=max(16, triton.next_power_of_2(group)), DK=dk, DK_PAD=max(16, triton.next_power_of_2(dk)),
-        DV=dv, DV_PAD=max(16, triton.next_power_of_2(dv)), BLOCK_L=tiles.block, MASK=kind, PARTIAL=partial, IEEE=ieee,
+        G=group, G_PAD=_padded(group), DK=dk, DK_PAD=_padded(dk), DV=dv, DV_PAD=_padded(dv), BLOCK_L=tiles.block, MASK=kind, PARTIAL=partial, IEEE=ieee,
         SCALE=float(scale), num_warps=tiles.warps, num_stages=tiles.stages)
     if partial:
-        wrap_triton(_combine_kernel)[(batch * hq,)](part, stats, out, count, DV=dv, DV_PAD=max(16, triton.next_power_of_2(dv)),
+        wrap_triton(_combine_kernel)[(batch * hq,)](part, stats, out, count, DV=dv, DV_PAD=_padded(dv),
                                                     SPLITS_PAD=triton.next_power_of_2(count), num_warps=1)
     return out

@@ -192,7 +192,7 @@ def _mma(a, b, IEEE: tl.constexpr, SWAP: tl.constexpr, EIGHT_BIT: tl.constexpr, 
     if EIGHT_BIT:
         product = _dot_8bit(left, right, FP8)
     else:
-        product = _dot(left, right, IEEE)
+        product = dot(left, right, IEEE)
     return product
 
 
@@ -407,8 +407,9 @@ def _quant_args(quant: Quantized | None, w: torch.Tensor, block_k: int, k: int) 
     return scale, group, kind
 
 
+# tl.dot, in full fp32 precision (not TF32) where IEEE
 @triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
+def dot(a, b, IEEE: tl.constexpr):
     if IEEE:
         return tl.dot(a, b, input_precision="ieee")
     return tl.dot(a, b)

@@ -105,10 +105,10 @@ class OnnxExport:
     fused_blocks: list[str] = field(default_factory=list)
     """Blocks whose experts are one ``com.microsoft.MoE``/``QMoE`` node."""
     unfused_blocks: dict[str, str] = field(default_factory=dict)
+    """Blocks left on the plain-op path, with the reason."""
     routed_in_operator: list[str] = field(default_factory=list)
     """Fused blocks whose node takes the router's raw logits and routes itself (softmax, top-k, renormalization):
     the model's routing ops are not in the graph (:func:`~.fused_experts.route_in_operator`)."""
-    """Blocks left on the plain-op path, with the reason."""
     ort_fusions: str | None = None
     opset: int | None = None
     """The ONNX opset the graph was written in (23+: attention as ONNX's ``Attention`` op)."""
