@@ -1,10 +1,11 @@
-"""Compensation's ridge refits (:func:`moe_fx.rewrite.compensate.ridge_refit`) at Qwen3-30B-A3B's shapes: one LU
-solve per expert as the pass runs them today, against one batched Cholesky factorization of every expert's
-system reused by its solves (the systems do not change between sweeps: only their right-hand sides do), side by
-side in one process, with the largest relative difference of the refit weights.
+"""Compensation's ridge refits at Qwen3-30B-A3B's shapes: one LU solve per expert and sweep (the pass before
+2026-12-07, written out here as the reference), against :func:`moe_fx.rewrite.compensate.ridge_systems`, one
+batched Cholesky factorization of every expert's system reused by every sweep (the systems do not change between
+sweeps: only their right-hand sides do), side by side in one process, with the largest relative difference of the
+refit weights.
 
 Compensation took 0.7-1.5 s a layer on an H100 (``docs/benchmarks/scale.md``), for 128 experts and 2 sweeps: 256
-solves of a 768 x 768 float64 system with 2,048 right-hand sides. This says how much of that the solves are.
+solves of a 768 x 768 float64 system with 2,048 right-hand sides. This says how much of that the solves were.
 
     python benchmarks/refit_solves.py --out benchmarks/results/refit_solves_h100.json
     python benchmarks/refit_solves.py --device cpu --experts 4 --width 96 --hidden 64 --out /tmp/refit.json   # smoke test
@@ -20,7 +21,7 @@ import torch
 from common import median_run
 
 from moe_fx.evaluate.table import format_table
-from moe_fx.rewrite.compensate import ridge_refit
+from moe_fx.rewrite.compensate import ridge_systems
 
 
 def systems(args) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -35,21 +36,26 @@ def systems(args) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     return out
 
 
-def per_expert(cases, ridge: float, sweeps: int) -> list[torch.Tensor]:
-    return [ridge_refit(a, z, d0, ridge) for _ in range(sweeps) for a, z, d0 in cases][-len(cases):]
-
-
-def batched_cholesky(cases, ridge: float, sweeps: int) -> list[torch.Tensor]:
-    """The same systems factorized once, together, then solved per expert and sweep from the factors."""
-    grams = torch.stack([a.T @ a for a, _, _ in cases])
-    width = grams.shape[-1]
-    trace = grams.diagonal(dim1=1, dim2=2).sum(-1)
-    lam = ridge * trace / width
-    shift = lam + 1e-10 * trace.clamp(min=1e-30) / width
-    factors = torch.linalg.cholesky_ex(grams + shift[:, None, None] * torch.eye(width, dtype=grams.dtype, device=grams.device)).L
+def per_expert_lu(cases, ridge: float, sweeps: int) -> list[torch.Tensor]:
+    """The refit before ``ridge_systems``: the Gram matrix, its shift and an LU solve, per expert and sweep."""
     out = []
     for _ in range(sweeps):
-        out = [torch.cholesky_solve(a.T @ z + lam[e] * d0, factors[e]) for e, (a, z, d0) in enumerate(cases)]
+        out = []
+        for a, z, d0 in cases:
+            gram = a.T @ a
+            trace = torch.trace(gram)
+            lam = ridge * trace / gram.shape[0]
+            eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+            out.append(torch.linalg.solve_ex(gram + (lam + 1e-10 * trace.clamp(min=1e-30) / gram.shape[0]) * eye, a.T @ z + lam * d0).result)
+    return out
+
+
+def factorized_once(cases, ridge: float, sweeps: int) -> list[torch.Tensor]:
+    """As the pass runs now: every system factorized together once, then solved per expert and sweep."""
+    systems = ridge_systems([(a.new_ones(len(a), 1), a) for a, _, _ in cases], ridge)
+    out = []
+    for _ in range(sweeps):
+        out = [system.solve(a, z, d0) for system, (a, z, d0) in zip(systems, cases)]
     return out
 
 
@@ -68,7 +74,7 @@ def main() -> None:
     args = ap.parse_args()
     cases = systems(args)
     rows, weights = [], {}
-    for name, fn in {"LU per expert (today)": per_expert, "batched Cholesky, reused": batched_cholesky}.items():
+    for name, fn in {"LU per expert and sweep (before)": per_expert_lu, "ridge_systems: batched Cholesky, reused": factorized_once}.items():
         median, seconds, weights[name] = median_run(lambda fn=fn: fn(cases, args.ridge, args.sweeps), args.repeats, args.device)
         rows.append({"solver": name, "seconds": median, "all_seconds": seconds})
     ref, new = weights.values()

@@ -133,7 +133,6 @@ def reference(q, k, v, mask, scale):
                                                             v.float().repeat_interleave(group, 1), attn_mask=m, scale=scale)
 
 
-splits = ta.splits
 # (batch, query heads, key/value heads, slots, key dim, value dim, mask, forced splits, dtype, tolerance)
 for b, hq, hkv, length, dk, dv, kind, parts, dtype, tol in [
     (2, 8, 2, 37, 16, 16, "bool", None, torch.float32, 1e-5),
@@ -144,7 +143,6 @@ for b, hq, hkv, length, dk, dv, kind, parts, dtype, tol in [
     (2, 8, 2, 150, 32, 32, "bool", None, torch.float16, 3e-3),
     (2, 8, 2, 300, 32, 32, "empty", 4, torch.float16, 3e-3),
 ]:
-    ta.splits = splits if parts is None else (lambda *a, parts=parts: parts)
     q = torch.randn(b, 1, hq, dk).transpose(1, 2).to(dtype)  # strided as transformers hands it
     k = torch.randn(b, hkv, length + 5, dk)[:, :, :length].to(dtype)  # a view into a longer cache
     v = torch.randn(b, hkv, length, dv + 3)[..., :dv].to(dtype)  # a slice, as MLA's values
@@ -157,14 +155,14 @@ for b, hq, hkv, length, dk, dv, kind, parts, dtype, tol in [
     elif kind == "float":
         mask = torch.where(torch.rand(b, length) > 0.3, 0.0, float("-inf")) + torch.randn(b, length) * 0.1
         mask[:, 0] = 0.0
-    got = ta.triton_decode_attention(q, k, v, mask, 0.3)
+    got = ta.triton_decode_attention(q, k, v, mask, 0.3, parts=parts)
     assert got.shape == (b, hq, 1, dv) and got.dtype == dtype, (got.shape, got.dtype)
     err = (got.float() - reference(q, k, v, mask, 0.3)).abs().max().item()
     assert err < tol, (b, hq, hkv, length, kind, parts, dtype, err)
-ta.splits = splits
-assert ta.splits(4, 152, 64, 132) == 1  # a short cache: one pass, no second kernel
-assert ta.splits(4, 32768, 64, 132) == 64  # long: two programs a multiprocessor (parts of 512 slots)
-assert ta.splits(256, 32768, 64, 132) == 2  # many rows and heads fill the GPU already
+assert ta.splits(4, 152, 132) == 1  # a short cache: one pass, no second kernel
+assert ta.splits(4, 32768, 132) == 66  # long: two programs a multiprocessor
+assert ta.splits(256, 32768, 132) == 2  # many rows and heads fill the GPU already
+assert ta.split_length(32768, 66, 64) == 512 and ta.split_length(300, 4, 64) == 128  # whole blocks: 64 parts, 3 parts
 print("ok")
 """
 

@@ -108,15 +108,19 @@ def _combine_kernel(part_ptr, stats_ptr, out_ptr, SPLITS, DV: tl.constexpr, DV_P
     tl.store(out_ptr + row * DV + dv, out.to(out_ptr.dtype.element_ty), mask=dv < DV)
 
 
-def splits(batch_kv_heads: int, length: int, block: int, processors: int) -> int:
+def splits(batch_kv_heads: int, length: int, processors: int) -> int:
     """How many parts the cache is split into: enough programs for two per multiprocessor, none shorter than
-    :data:`MIN_SLOTS_PER_SPLIT` slots (rounded to whole blocks)."""
+    :data:`MIN_SLOTS_PER_SPLIT` slots."""
     most = max(1, length // MIN_SLOTS_PER_SPLIT)
     wanted = max(1, -(-2 * processors // batch_kv_heads))
-    count = min(most, wanted)
-    per_split = -(-length // count)
-    per_split = -(-per_split // block) * block
-    return -(-length // per_split)
+    return min(most, wanted)
+
+
+def split_length(length: int, parts: int, block: int) -> int:
+    """Slots per part for about ``parts`` parts, rounded up to whole blocks so that no block straddles two parts
+    (the launch then has ``ceil(length / split_length)`` parts, at most ``parts``)."""
+    per_split = -(-length // parts)
+    return -(-per_split // block) * block
 
 
 def _padded(n: int) -> int:
@@ -143,8 +147,8 @@ def triton_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
         return out.zero_()
     tiles = tiles or attention_tiles(max(dk, dv))
     processors = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
-    count = parts or splits(batch * hkv, length, tiles.block, processors)
-    split_len = -(-length // count)
+    split_len = split_length(length, parts or splits(batch * hkv, length, processors), tiles.block)
+    count = -(-length // split_len)
     kind = 0 if mask is None else 1 if mask.dtype == torch.bool else 2
     mask_arg = q if mask is None else mask
     stride_mb = 0 if mask is None or mask.shape[0] == 1 else mask.stride(0)

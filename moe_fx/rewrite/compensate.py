@@ -21,13 +21,15 @@ job. The refit lets the kept experts absorb the part of the dropped experts' out
 their own (fixed) activations, on exactly the tokens that now reach them. The ridge pull towards the
 original weights keeps what each expert does on the tokens it always served.
 
-Cost: per block one forward of every kept expert's up/gate on its sampled tokens and, per sweep and expert,
-one ``I x I`` float64 solve (O(n I^2 + I^3)); seconds on the CPU for small models, on the model's device
-otherwise. The ``inputs`` observer holds ``samples x (2H + E + 2k)`` floats per block on the CPU. The refit holds,
-in float64 on the device, the sample's inputs, targets and reconstruction (``3 x samples x H``) and every routed
-row's activations (``samples x k x I``); each expert's contribution is recomputed from its activations when it is
-refit rather than kept per slot (which took ``samples x k x H`` twice more: 2.5 GB against 0.7 GB of peak CPU
-memory for 16,384 samples of 64 experts of width 256 at hidden 1024, the same weights to the bit).
+Cost: per block one forward of every kept expert's up/gate on its sampled tokens, one Cholesky factorization of
+each kept expert's ``I x I`` float64 system (batched over experts, O(n I^2 + I^3)) and, per sweep and expert, two
+triangular solves (O(n I H + I^2 H)); seconds on the CPU for small models, on the model's device otherwise. The
+``inputs`` observer holds ``samples x (2H + E + 2k)`` floats per block on the CPU. The refit holds, in float64 on
+the device, the sample's inputs, targets and reconstruction (``3 x samples x H``) and every routed row's
+activations (``samples x k x I``) and the factors (``experts x I x I``: 0.6 GB for 128 experts of width 768); each
+expert's contribution is recomputed from its activations when it is refit rather than kept per slot (which took
+``samples x k x H`` twice more: 2.5 GB against 0.7 GB of peak CPU memory for 16,384 samples of 64 experts of width
+256 at hidden 1024, the same weights to the bit).
 
 Limits: the fit is block-local on the sample (no end-to-end loss), only the down projection moves, and a
 too small ``ridge`` overfits the sample. Needs experts whose output is ``down(gating(gate, up))`` with the
@@ -40,6 +42,7 @@ is also checked against the experts module itself on the sample.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -53,7 +56,7 @@ from moe_fx.model.tensors import get_tensor, set_tensor
 from moe_fx.pipeline import MoEState, Pass, PassResult, require
 from moe_fx.score.sample import INPUT_NEEDS, inputs_sample, rerouted, routes_by_expert
 
-__all__ = ["CompensateExperts", "compensate_block", "ridge_refit"]
+__all__ = ["CompensateExperts", "RidgeSystem", "compensate_block", "ridge_refit", "ridge_systems"]
 
 _CHECK_TOL = 2e-2
 """Largest relative error of the reconstructed experts output against the experts module's own output."""
@@ -100,6 +103,8 @@ def compensate_block(
             rows[e] = (t, ws, None)
     norm = max(float((target**2).sum()), 1e-30)
     before = float(((total - target) ** 2).sum()) / norm
+    refit = [e for e, (_, _, a) in rows.items() if a is not None]
+    systems = dict(zip(refit, ridge_systems([rows[e][1:] for e in refit], ridge)))
     for _ in range(sweeps):
         for e, (t, ws, a) in rows.items():
             if a is None:
@@ -110,24 +115,68 @@ def compensate_block(
             b = math.down_bias(e, x)
             own = ws * math.project(e, a)
             Z = target[t] - (total[t] - own) - (0 if b is None else ws * b)
-            math.set_down(e, ridge_refit(ws * a, Z, math.down(e, x), ridge))
+            math.set_down(e, systems[e].solve(ws * a, Z, math.down(e, x)))
             total[t] += ws * math.project(e, a) - own
     after = float(((total - target) ** 2).sum()) / norm
     return {"tokens": n, "experts_refit": len(rows), "error_before": round(before, 6), "error_after": round(after, 6)}
 
 
+_FACTOR_CHUNK_BYTES = {"cpu": 1 << 28, "cuda": 1 << 30}
+"""Systems factorized in one batched call: their stacked ``[I, I]`` float64 Gram matrices and factors take at most
+this many bytes (256 MiB on the CPU, 1 GiB on a GPU)."""
+
+
+@dataclass(frozen=True)
+class RidgeSystem:
+    """One expert's ridge system ``A^T A + lam I``, factorized once: the sweeps change only its right-hand side
+    ``A^T Z + lam d0`` (the expert's rows and activations stay), so a sweep costs two triangular solves per expert
+    instead of a factorization. Cholesky; LU (``pivots``) where Cholesky failed (``ridge`` 0 and a Gram matrix
+    singular to rounding)."""
+
+    factor: torch.Tensor
+    lam: torch.Tensor
+    pivots: torch.Tensor | None = None
+
+    def solve(self, A: torch.Tensor, Z: torch.Tensor, d0: torch.Tensor) -> torch.Tensor:
+        """``D^T [I, H]`` minimising ``||A D^T - Z||^2 + lam ||D^T - d0||^2`` for this system's rows ``A [n, I]``."""
+        rhs = A.T @ Z + self.lam * d0
+        if self.pivots is None:
+            return torch.cholesky_solve(rhs, self.factor)
+        return torch.linalg.lu_solve(self.factor, self.pivots, rhs)
+
+
+def ridge_systems(rows: Sequence[tuple[torch.Tensor, torch.Tensor]], ridge: float) -> list[RidgeSystem]:
+    """The ridge systems of experts whose rows are ``ws * a`` (``ws [n, 1]`` routing weights, ``a [n, I]``
+    activations), ``lam = ridge * trace(A^T A) / I`` plus a 1e-10 relative jitter so that an expert with dead
+    neurons still solves. Experts of one width are factorized together, in chunks of :data:`_FACTOR_CHUNK_BYTES`:
+    one batched call and one value read back (whether any factorization failed) per chunk, where a solve per
+    expert and sweep took 3.8x longer at Qwen3-30B-A3B's shapes on an H100 (``benchmarks/refit_solves.py``)."""
+    systems: list[RidgeSystem | None] = [None] * len(rows)
+    by_width: dict[int, list[int]] = {}
+    for i, (_, a) in enumerate(rows):
+        by_width.setdefault(a.shape[1], []).append(i)
+    for width, members in by_width.items():
+        device = rows[members[0]][1].device.type
+        per_chunk = max(1, _FACTOR_CHUNK_BYTES.get(device, _FACTOR_CHUNK_BYTES["cpu"]) // (2 * width * width * 8))
+        for start in range(0, len(members), per_chunk):
+            chunk = members[start:start + per_chunk]
+            grams = torch.stack([rows[i][1].T @ (rows[i][0] ** 2 * rows[i][1]) for i in chunk])
+            trace = grams.diagonal(dim1=1, dim2=2).sum(-1)
+            lam = ridge * trace / width
+            grams.diagonal(dim1=1, dim2=2).add_((lam + 1e-10 * trace.clamp(min=1e-30) / width)[:, None])
+            factors, info = torch.linalg.cholesky_ex(grams)
+            for j, i in enumerate(chunk):
+                systems[i] = RidgeSystem(factors[j], lam[j])
+            for j in info.nonzero().flatten().tolist():
+                lu, pivots = torch.linalg.lu_factor(grams[j])
+                systems[chunk[j]] = RidgeSystem(lu, lam[j], pivots)
+    return systems
+
+
 def ridge_refit(A: torch.Tensor, Z: torch.Tensor, d0: torch.Tensor, ridge: float) -> torch.Tensor:
     """``D^T [I, H]`` minimising ``||A D^T - Z||^2 + lam ||D^T - d0||^2`` for rows ``A [n, I]`` (routing-weighted
-    activations) and targets ``Z [n, H]``, with ``lam = ridge * trace(A^T A) / I``: the pull towards ``d0`` relative
-    to the activation energy, plus a 1e-10 jitter so an expert with dead neurons still solves. All on the device
-    (no value read back, ``solve_ex`` skips the error check's synchronisation): the refit loop queues every expert's
-    solve without waiting for the GPU."""
-    gram = A.T @ A
-    trace = torch.trace(gram)
-    lam = ridge * trace / gram.shape[0]
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    jitter = 1e-10 * trace.clamp(min=1e-30) / gram.shape[0]
-    return torch.linalg.solve_ex(gram + (lam + jitter) * eye, A.T @ Z + lam * d0).result
+    activations) and targets ``Z [n, H]`` (one system: :func:`ridge_systems`)."""
+    return ridge_systems([(A.new_ones(len(A), 1), A)], ridge)[0].solve(A, Z, d0)
 
 
 def _check_reconstruction(model, block, x, idx, w, predicted) -> None:

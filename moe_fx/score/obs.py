@@ -85,7 +85,7 @@ class _Elimination:
         gains[:, :, m], cols[:, :, m], vs[:, :, m] = gain, col, v
         self.d_inv -= gain * col
         self.d_w -= 2 * gain * v
-        self.alive[rows, j] = False
+        self.alive.scatter_(1, j[:, None], False)  # a fill kernel: indexing with a Python False would copy it from the host
         self.d_inv[rows, j], self.d_w[rows, j] = self.one, self.zero  # removed: keeps the division finite, masked anyway
 
     def fold(self) -> None:
