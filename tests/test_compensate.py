@@ -204,3 +204,36 @@ def test_refit_solves_benchmark_runs_on_cpu(tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["max_relative_difference"] < 1e-10 and len(result["rows"]) == 2
+
+
+def test_ridge_systems_solve_the_normal_equations(monkeypatch) -> None:
+    """Factorized once, batched by width, each system gives the ridge solution of its own rows: the ridge
+    objective's gradient vanishes (up to the 1e-10 jitter) for experts of two widths with routing weights, one of
+    them rank-deficient; a system whose Cholesky factorization reports failure is factorized by LU and solves the
+    same."""
+    from moe_fx.rewrite import compensate
+
+    g = torch.Generator().manual_seed(0)
+    rows = [(torch.rand(n, 1, generator=g, dtype=torch.float64), torch.randn(n, width, generator=g, dtype=torch.float64))
+            for n, width in [(30, 8), (5, 12), (40, 8), (25, 12)]]  # 5 rows of width 12: the ridge makes it solvable
+    z = [torch.randn(len(a), 6, generator=g, dtype=torch.float64) for _, a in rows]
+    d0 = [torch.randn(a.shape[1], 6, generator=g, dtype=torch.float64) for _, a in rows]
+    systems = compensate.ridge_systems(rows, ridge=0.5)
+    for (ws, a), system, zi, di in zip(rows, systems, z, d0):
+        A = ws * a
+        d = system.solve(A, zi, di)
+        gradient = A.T @ (A @ d - zi) + system.lam * (d - di)
+        assert system.pivots is None and gradient.abs().max() < 1e-8 * system.lam, gradient.abs().max()
+        assert torch.allclose(d, compensate.ridge_refit(A, zi, di, 0.5), atol=1e-12)
+
+    cholesky_ex = torch.linalg.cholesky_ex
+
+    def failing_at_width_12(grams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        factors, info = cholesky_ex(grams)
+        return factors, info + (grams.shape[-1] == 12)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", failing_at_width_12)
+    fallback = compensate.ridge_systems(rows[:2], ridge=0.5)
+    assert fallback[0].pivots is None and fallback[1].pivots is not None
+    A = rows[1][0] * rows[1][1]
+    assert torch.allclose(fallback[1].solve(A, z[1], d0[1]), systems[1].solve(A, z[1], d0[1]), atol=1e-10)
