@@ -281,18 +281,26 @@ def fused_experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k
     down, down_bias = layout.down_projection(experts)
     if fused.router is not None:
         weight, bias = _routers[experts]
-        logits = F.linear(hidden_states, weight, bias).to(hidden_states.dtype)
-        out = torch.ops.moe_fx.onnx_moe(hidden_states, logits, up, up_bias, down, down_bias, fused.block, fused.top_k, fused.activation,
-                                        fused.interleaved, fused.transposed, fused.alpha, fused.beta, fused.limit, fused.normalize)
-        return out if fused.scale == 1.0 else out * fused.scale
+        logits, normalize = F.linear(hidden_states, weight, bias).to(hidden_states.dtype), fused.normalize
+    else:
+        logits, total = _routing_as_logits(top_k_index, top_k_weights, up.shape[0], hidden_states)
+        normalize = False
+    out = torch.ops.moe_fx.onnx_moe(hidden_states, logits, up, up_bias, down, down_bias, fused.block, fused.top_k, fused.activation,
+                                    fused.interleaved, fused.transposed, fused.alpha, fused.beta, fused.limit, normalize)
+    if fused.router is None:
+        return (out.float() * total).to(hidden_states.dtype)
+    return out if fused.scale == 1.0 else out * fused.scale
+
+
+def _routing_as_logits(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int,
+                       hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's routing as logits the operator's softmax turns back into it (module docstring), and the
+    weights' sum per token that the output is multiplied by (the operator's weights sum to one)."""
     weights = top_k_weights.float()
     total = weights.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     chosen = torch.log(weights / total).clamp_min(UNCHOSEN_LOGIT)
-    logits = torch.full((hidden_states.shape[0], up.shape[0]), UNCHOSEN_LOGIT, dtype=torch.float32, device=hidden_states.device)
-    logits = logits.scatter(1, top_k_index, chosen).to(hidden_states.dtype)
-    out = torch.ops.moe_fx.onnx_moe(hidden_states, logits, up, up_bias, down, down_bias, fused.block, fused.top_k, fused.activation,
-                                    fused.interleaved, fused.transposed, fused.alpha, fused.beta, fused.limit, False)
-    return (out.float() * total).to(hidden_states.dtype)
+    logits = torch.full((hidden_states.shape[0], num_experts), UNCHOSEN_LOGIT, dtype=torch.float32, device=hidden_states.device)
+    return logits.scatter(1, top_k_index, chosen).to(hidden_states.dtype), total
 
 
 def _translate(hidden, router_logits, up, up_bias, down, down_bias, block: str, top_k: int, activation: str,
