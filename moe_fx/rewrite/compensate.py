@@ -149,8 +149,9 @@ def ridge_systems(rows: Sequence[tuple[torch.Tensor, torch.Tensor]], ridge: floa
     """The ridge systems of experts whose rows are ``ws * a`` (``ws [n, 1]`` routing weights, ``a [n, I]``
     activations), ``lam = ridge * trace(A^T A) / I`` plus a 1e-10 relative jitter so that an expert with dead
     neurons still solves. Experts of one width are factorized together, in chunks of :data:`_FACTOR_CHUNK_BYTES`:
-    one batched call and one value read back (whether any factorization failed) per chunk, where a solve per
-    expert and sweep took 3.8x longer at Qwen3-30B-A3B's shapes on an H100 (``benchmarks/refit_solves.py``)."""
+    one batched call and one value read back (whether any factorization failed) per chunk. A solve per expert and
+    sweep took 3.8x longer at Qwen3-30B-A3B's shapes on an H100 (``benchmarks/refit_solves.py``, in its first form:
+    the same algorithm written in the benchmark)."""
     systems: list[RidgeSystem | None] = [None] * len(rows)
     by_width: dict[int, list[int]] = {}
     for i, (_, a) in enumerate(rows):
