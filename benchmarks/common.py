@@ -18,6 +18,7 @@ from moe_fx import compose, state_of
 from moe_fx.calibrate.data import Document, TokenBatch, pack, read_documents, split_fitness
 from moe_fx.calibrate.stats import CalibrationStats
 from moe_fx.evaluate.nll import EvalSet, build_eval_set, evaluate_nll, nll_sum
+from moe_fx.evaluate.table import format_table
 from moe_fx.formats.loading import load_model, load_tokenizer
 from moe_fx.passes import Calibrate, DropExperts, PruneChannels, Score
 
@@ -135,6 +136,40 @@ def cli_prune(model: str, options: list[str], out: Path) -> dict:
     record["delta_nll"] = record["eval_after"]["mean"]["nll"] - record["eval_before"]["mean"]["nll"]
     record["wall_seconds"] = round(time.perf_counter() - t0, 1)
     return record
+
+
+def expert_matrices_parser(description: str) -> argparse.ArgumentParser:
+    """The options of the micro-benchmarks on random float64 expert matrices (obs elimination, compensation's refits):
+    Qwen3-30B-A3B's shapes by default, timing repeats, seed, device and the JSON to write."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--experts", type=int, default=128)
+    ap.add_argument("--width", type=int, default=768)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--out", required=True)
+    return ap
+
+
+def timed_candidates(candidates: dict, args, key: str) -> tuple[list[dict], dict]:
+    """Each of ``candidates`` (label -> ``fn()``) timed by :func:`median_run`, in order: rows of ``{key: label,
+    "seconds", "all_seconds"}`` and each label's result."""
+    rows, results = [], {}
+    for label, fn in candidates.items():
+        median, seconds, results[label] = median_run(fn, args.repeats, args.device)
+        rows.append({key: label, "seconds": median, "all_seconds": seconds})
+    return rows, results
+
+
+def report_timings(args, rows: list[dict], key: str, column: str, title: str, **result) -> None:
+    """Print ``rows`` (:func:`timed_candidates`) with each one's speed-up against the first, and write them, the
+    run's options and ``result`` to ``args.out``."""
+    table = [[str(r[key]), f"{r['seconds']:.3f}", f"{rows[0]['seconds'] / r['seconds']:.2f}x"] for r in rows]
+    print(format_table([column, "s (median)", "speed-up"], table, title=title))
+    meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__, **vars(args)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows, **result}, indent=1) + "\n")
 
 
 def median_run(fn, repeats: int, device: str) -> tuple[float, list[float], object]:

@@ -11,14 +11,9 @@ launches one by one (the scorer took 0.8-1.2 s a layer on an H100 in streamed ch
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
-
 import torch
-from common import median_run
+from common import expert_matrices_parser, report_timings, timed_candidates
 
-from moe_fx.evaluate.table import format_table
 from moe_fx.score.obs import obs_elimination
 
 
@@ -33,29 +28,15 @@ def grams(args) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--experts", type=int, default=128)
-    ap.add_argument("--width", type=int, default=768)
-    ap.add_argument("--hidden", type=int, default=2048)
+    ap = expert_matrices_parser(__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=1024, help="activation rows per expert")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--out", required=True)
     args = ap.parse_args()
     gram, gram_w = grams(args)
-    rows, costs = [], {}
-    for graphs in (False, True):
-        median, seconds, costs[graphs] = median_run(lambda graphs=graphs: obs_elimination(gram, gram_w, 0.01, graphs=graphs), args.repeats, args.device)
-        rows.append({"graphs": graphs, "seconds": median, "all_seconds": seconds})
+    rows, costs = timed_candidates({graphs: lambda graphs=graphs: obs_elimination(gram, gram_w, 0.01, graphs=graphs) for graphs in (False, True)},
+                                   args, "graphs")
     same = bool(torch.equal(costs[False], costs[True]))
-    table = [[str(r["graphs"]), f"{r['seconds']:.3f}", f"{rows[0]['seconds'] / r['seconds']:.2f}x"] for r in rows]
-    print(format_table(["CUDA graph", "s (median)", "speed-up"], table,
-                       title=f"obs elimination, {args.experts} experts of width {args.width}, {args.device}; costs identical: {same}"))
-    meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__, **vars(args)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows, "costs_identical": same}, indent=1) + "\n")
-
+    report_timings(args, rows, "graphs", "CUDA graph",
+                   f"obs elimination, {args.experts} experts of width {args.width}, {args.device}; costs identical: {same}", costs_identical=same)
 
 if __name__ == "__main__":
     main()

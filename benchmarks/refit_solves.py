@@ -13,14 +13,9 @@ solves of a 768 x 768 float64 system with 2,048 right-hand sides. This says how 
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
-
 import torch
-from common import median_run
+from common import expert_matrices_parser, report_timings, timed_candidates
 
-from moe_fx.evaluate.table import format_table
 from moe_fx.rewrite.compensate import ridge_systems
 
 
@@ -60,33 +55,19 @@ def factorized_once(cases, ridge: float, sweeps: int) -> list[torch.Tensor]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--experts", type=int, default=128)
-    ap.add_argument("--width", type=int, default=768)
-    ap.add_argument("--hidden", type=int, default=2048)
+    ap = expert_matrices_parser(__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=1024, help="sampled rows routed to each expert")
     ap.add_argument("--sweeps", type=int, default=2)
     ap.add_argument("--ridge", type=float, default=1.0)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--out", required=True)
     args = ap.parse_args()
     cases = systems(args)
-    rows, weights = [], {}
-    for name, fn in {"LU per expert and sweep (before)": per_expert_lu, "ridge_systems: batched Cholesky, reused": factorized_once}.items():
-        median, seconds, weights[name] = median_run(lambda fn=fn: fn(cases, args.ridge, args.sweeps), args.repeats, args.device)
-        rows.append({"solver": name, "seconds": median, "all_seconds": seconds})
+    solvers = {"LU per expert and sweep (before)": per_expert_lu, "ridge_systems: batched Cholesky, reused": factorized_once}
+    rows, weights = timed_candidates({name: lambda fn=fn: fn(cases, args.ridge, args.sweeps) for name, fn in solvers.items()}, args, "solver")
     ref, new = weights.values()
     rel = max(float((x - y).norm() / y.norm()) for x, y in zip(new, ref))
-    table = [[r["solver"], f"{r['seconds']:.3f}", f"{rows[0]['seconds'] / r['seconds']:.2f}x"] for r in rows]
-    print(format_table(["solver", "s (median)", "speed-up"], table,
-                       title=f"{args.experts} refits x {args.sweeps} sweeps, width {args.width}, {args.hidden} outputs, {args.device}; "
-                             f"largest relative difference {rel:.1e}"))
-    meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__, **vars(args)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows, "max_relative_difference": rel}, indent=1) + "\n")
-
+    report_timings(args, rows, "solver", "solver",
+                   f"{args.experts} refits x {args.sweeps} sweeps, width {args.width}, {args.hidden} outputs, {args.device}; "
+                   f"largest relative difference {rel:.1e}", max_relative_difference=rel)
 
 if __name__ == "__main__":
     main()
