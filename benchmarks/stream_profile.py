@@ -1,11 +1,13 @@
 """Where a streamed prune's time goes: torch.profiler over ``stream_prune`` on a synthetic checkpoint (GPU).
 
-Writes a random-weight checkpoint of a ``synth_checkpoint.py`` preset, runs REAP 50% + compensation streamed once to
-warm up, then once under the profiler, and prints the operators by CUDA time and by CPU time. It is how GPT-OSS-20B's
+Writes a random-weight checkpoint of a ``synth_checkpoint.py`` preset, runs a recipe (``--recipe``: REAP 50% +
+compensation, or half of every expert's channels by ``obs`` + compensation) streamed once to warm up, then once under
+the profiler, and prints the operators by CUDA time and by CPU time. It is how GPT-OSS-20B's
 slow streamed forward (3 s a layer against Qwen3-30B-A3B's 1.1 s) was traced to host copies rather than compute
 (``benchmarks/results/scale_h200/gpt-oss-20b_stream_profile_h100.log``).
 
     python benchmarks/stream_profile.py --preset gpt-oss-20b --layers 2 --work /tmp/profile
+    python benchmarks/stream_profile.py --preset qwen3-30b-a3b --recipe obs-channels50-comp --work /tmp/profile
 """
 
 from __future__ import annotations
@@ -18,8 +20,12 @@ import torch
 from synth_checkpoint import PRESETS, write_checkpoint
 from torch.profiler import ProfilerActivity, profile
 
-from moe_fx.passes import Calibrate, CompensateExperts, DropExperts, Score
+from moe_fx.passes import Calibrate
+from moe_fx.run.recipe import observers_for, prune_passes
 from moe_fx.run.streaming import stream_prune
+from moe_fx.score.base import get_scorer
+
+RECIPES = {"reap50-comp": "reap", "obs-channels50-comp": "obs"}
 
 
 def main() -> None:
@@ -28,6 +34,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--sequences", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--recipe", choices=sorted(RECIPES), default="reap50-comp")
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--device", default="cuda", help="cpu: tiny shapes, a smoke test of this script")
     args = ap.parse_args()
@@ -39,9 +46,11 @@ def main() -> None:
     shape = (8, 128) if tiny else (args.sequences, args.seq_len)
     tokens = torch.randint(3, 8000, shape, generator=torch.Generator().manual_seed(0))
 
+    scorer = get_scorer(RECIPES[args.recipe])
+
     def run(out: str) -> float:
-        passes = [Calibrate(tokens, batch_size=4, observers=("routing", "reap", "inputs"), show_progress=False), Score("reap"),
-                  DropExperts(ratio=0.5), CompensateExperts()]
+        calibrate = Calibrate(tokens, batch_size=4, observers=observers_for([scorer], compensate=True), show_progress=False)
+        passes = [calibrate, *prune_passes(scorer, None, ratio=0.5, compensate=True)]
         t0 = time.perf_counter()
         stream_prune(source, args.work / out, passes, device=args.device, show_progress=False, overwrite=True)
         return time.perf_counter() - t0

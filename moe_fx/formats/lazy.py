@@ -22,6 +22,7 @@ from torch import nn
 from moe_fx.errors import NotAModelError, first_line
 from moe_fx.formats import mxfp4
 from moe_fx.formats.loading import check_model_dir, model_class, parse_dtype
+from moe_fx.formats.read_ahead import ReadAhead
 from moe_fx.formats.stored_format import dense_state, stored_format, unreadable_quantization
 from moe_fx.model.per_layer import LAYOUT_KEY
 
@@ -124,6 +125,8 @@ class LazyCheckpoint:
                                  "compressed-tensors' int8 / int4 (pack-quantized) and MXFP4: prune with --stream off")
         self.format = stored_format(self.path, list(self.file_of))
         """The source's quantized format (:mod:`.stored_format`): each layer's weights are read dense."""
+        self.read_ahead = self._stack.enter_context(contextlib.closing(ReadAhead(files)))
+        """Start reading a group of keys into the page cache while other work runs (``read_ahead.start(keys)``)."""
 
     def _files(self) -> list[Path]:
         index = self.path / INDEX_FILE

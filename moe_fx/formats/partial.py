@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -89,3 +91,39 @@ class PartialCheckpoint:
             (self.dir / name).unlink(missing_ok=True)
         move_into_place(self.dir, self.out)
         return self.out
+
+
+class ShardWriter:
+    """Writes a streaming run's layer shards on one worker thread, in order, so that layer ``i``'s bytes go to disk
+    while layer ``i + 1`` loads and computes instead of before.
+
+    :meth:`submit` first waits for the previous layer's write: one layer at most is written behind the loop, and
+    its CPU copy is the memory this costs. A write that failed is raised by the next :meth:`submit` or by
+    :meth:`drain`; :meth:`close` waits for the write in flight, so an error elsewhere never leaves a temporary file
+    half written behind (nor a finished layer unrecorded)."""
+
+    def __init__(self, partial: PartialCheckpoint) -> None:
+        self.partial = partial
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="moe-fx-shard-writer")
+        self._pending: Future | None = None
+
+    def submit(self, index: int, shard: str, tensors: dict[str, torch.Tensor], record: dict) -> None:
+        """Write ``tensors`` as ``shard``, then mark layer ``index`` finished with ``record``; its ``seconds`` gain
+        ``write_behind``, the worker's time."""
+        self.drain()
+        self._pending = self._pool.submit(self._write, index, shard, tensors, record)
+
+    def _write(self, index: int, shard: str, tensors: dict[str, torch.Tensor], record: dict) -> None:
+        start = time.perf_counter()
+        self.partial.write_shard(shard, tensors)
+        record["seconds"]["write_behind"] = time.perf_counter() - start
+        self.partial.finish_layer(index, record)
+
+    def drain(self) -> None:
+        """Wait until every submitted layer is written and recorded (raising a failed write's error)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)

@@ -52,7 +52,7 @@ from moe_fx.formats import mxfp4
 from moe_fx.formats.checkpoint import check_expert_storage, check_output_path, source_mxfp4, write_companions
 from moe_fx.formats.lazy import LazyCheckpoint, meta_model, revert_to_checkpoint_names
 from moe_fx.formats.loading import stored_buckets
-from moe_fx.formats.partial import PartialCheckpoint
+from moe_fx.formats.partial import PartialCheckpoint, ShardWriter
 from moe_fx.formats.ragged import held_in_buckets, pad_block_, plan_storage, record_buckets, storage_summary
 from moe_fx.formats.stored_format import dense_config
 from moe_fx.model.attention import calibration_attention
@@ -206,6 +206,8 @@ class _StreamRun:
     def load_layer(self, index: int) -> None:
         layer = self.layers[index]
         self.ckpt.load_into(self.model, self.layer_keys[index], device=self.device, dtype=self.dtype)
+        if index + 1 < len(self.layers):  # the next layer's bytes come off the disk while this one computes
+            self.ckpt.read_ahead.start(self.layer_keys[index + 1])
         missing = [n for n, t in layer.state_dict().items() if t.is_meta]
         if missing:
             raise NotAModelError(f"{self.source}: the checkpoint has no tensor for {self.prefix}.{index}.{missing[0]} (and {len(missing) - 1} more)")
@@ -248,40 +250,44 @@ class _StreamRun:
             torch.cuda.synchronize(self.device)
         return acc
 
-    def write_layer(self, partial: PartialCheckpoint, index: int, shard: str, spec: MoEModelSpec | None) -> tuple[list[str], int, dict]:
-        """Write layer ``index`` as one shard; its blocks in ``spec`` whose experts have different widths are written in
-        width buckets (:mod:`moe_fx.formats.ragged`; None: all padded). Returns the shard's keys, its bytes, and the
-        layer's storage: the shape of every tensor written (model names), the buckets and the routed parameters
-        ``[padded, stored]``."""
+    def layer_shard(self, index: int, spec: MoEModelSpec | None) -> tuple[dict[str, torch.Tensor], dict]:
+        """Layer ``index`` as its shard holds it (:meth:`_saved`); its blocks in ``spec`` whose experts have different
+        widths in width buckets (:mod:`moe_fx.formats.ragged`; None: all padded). Also returns the layer's storage:
+        the shape of every tensor written (model names), the buckets and the routed parameters ``[padded, stored]``."""
         buckets, padded, stored = plan_storage(self.model, spec) if spec is not None and spec.blocks else ({}, 0, 0)
         prefix = f"{self.prefix}.{index}."
         with held_in_buckets(self.model, buckets):
             tensors = {prefix + k: v for k, v in self.layers[index].state_dict().items()}
-            keys, nbytes = self._write(partial, shard, tensors)
+            saved = self._saved(tensors)
         storage = {"shapes": {k: list(v.shape) for k, v in tensors.items()}, "buckets": buckets, "routed_params": [padded, stored]}
-        return keys, nbytes, storage
+        return saved, storage
 
     def write_rest(self, partial: PartialCheckpoint, shard: str) -> tuple[list[str], int]:
+        """Write everything outside the decoder layers as the last shard; return its keys and bytes."""
         from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
         inside = self.prefix + "."
         tensors = {k: v for k, v in self.model.state_dict().items() if not k.startswith(inside)}
-        return self._write(partial, shard, remove_tied_weights_from_state_dict(tensors, self.model))
+        saved = self._saved(remove_tied_weights_from_state_dict(tensors, self.model))
+        partial.write_shard(shard, saved)
+        return sorted(saved), _nbytes(saved)
 
-    def _write(self, partial: PartialCheckpoint, shard: str, tensors: dict[str, torch.Tensor]) -> tuple[list[str], int]:
-        """Write ``tensors`` as one shard in the checkpoint layout; return its keys and bytes."""
+    def _saved(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``tensors`` in the checkpoint layout (names, MXFP4 packing), copied to the CPU: what a shard holds."""
         saved = revert_to_checkpoint_names(self.model, tensors)
         if self.mxfp4:  # packed where the layer is (the GPU): seconds a layer on the CPU
             saved, errors = mxfp4.pack_state(saved)
             self.mxfp4_errors.update(errors)
-        saved = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in saved.items()}
-        partial.write_shard(shard, saved)
-        return sorted(saved), sum(t.numel() * t.element_size() for t in saved.values())
+        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in saved.items()}
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _layer_record(model: nn.Module, state: MoEState, keys: list[str], nbytes: int, storage: dict, seconds: dict[str, float]) -> dict:
     """What the final record and config need of one finished layer (JSON, kept in the progress file); ``storage``:
-    :meth:`_StreamRun.write_layer`'s."""
+    :meth:`_StreamRun.layer_shard`'s."""
     scores = state.scores
     return {
         "keys": keys,
@@ -439,6 +445,7 @@ def stream_prune(
         tokens = calibrate.tokens(model) if calibrate is not None else None
         key = _run_key(source, passes, tokens.fingerprint if tokens is not None else "", dt, device, sequential, expert_storage)
         partial = PartialCheckpoint(out, key, discard_other_runs=overwrite) if main else None
+        writer = calibrating.enter_context(contextlib.closing(ShardWriter(partial))) if main else None
         n = len(run.layers)
         shards = [f"model-{i + 1:05d}-of-{n + 1:05d}.safetensors" for i in range(n + 1)]
         if torch.cuda.is_available():
@@ -484,15 +491,17 @@ def stream_prune(
                 if rewritten_hands_on:
                     run.forward(i, [], layer_spec)
                 t_write = time.perf_counter()
-                keys, nbytes, storage = run.write_layer(partial, i, shards[i], sub.spec if ragged else None)
-                record = _layer_record(model, sub, keys, nbytes, storage, {
+                saved, storage = run.layer_shard(i, sub.spec if ragged else None)
+                record = _layer_record(model, sub, sorted(saved), _nbytes(saved), storage, {
                     "load": t_fwd - t_load, "forward": t_pass - t_fwd, "passes": t_write - t_pass, "write": time.perf_counter() - t_write})
                 run.layers[i].to("meta")
-                partial.finish_layer(i, record)
+                writer.submit(i, shards[i], saved, record)  # written while the next layer loads and computes
                 if not ranks and not run.layer_state and i + 1 < n and time.perf_counter() - last_snapshot >= snapshot_seconds:
                     partial.save_states(i + 1, [s.cpu() for s in run.states])
                     last_snapshot = time.perf_counter()
                 bar.update(1)
+        if writer is not None:
+            writer.drain()
         calibrating.close()
         if not main:
             return None
