@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from moe_fx.formats.partial import PartialCheckpoint, ShardWriter
 from moe_fx.formats.read_ahead import ReadAhead, _merged, tensor_ranges
@@ -51,6 +51,19 @@ def test_a_failed_write_is_raised_and_close_waits_for_the_one_in_flight(tmp_path
         writer.drain()
     writer.close()
     assert partial.resumed == 1 and not (partial.dir / "s1.safetensors").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/test_gpu.sh)")
+def test_gpu_tensors_are_copied_after_the_work_that_makes_them(tmp_path):
+    partial = PartialCheckpoint(tmp_path / "out", "run")
+    writer = ShardWriter(partial)
+    x = torch.randn(4096, 4096, device="cuda")
+    y = x @ x  # still running on the main stream when submitted: the worker's copy waits for it
+    writer.submit(0, "s0.safetensors", {"y": y[:, ::2]}, {"seconds": {}})
+    del y
+    writer.drain()
+    writer.close()
+    assert torch.equal(load_file(partial.dir / "s0.safetensors")["y"], (x @ x)[:, ::2].cpu())
 
 
 def test_each_layer_reads_the_next_one_ahead(micro_path, tmp_path, monkeypatch):

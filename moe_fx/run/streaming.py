@@ -52,7 +52,7 @@ from moe_fx.formats import mxfp4
 from moe_fx.formats.checkpoint import check_expert_storage, check_output_path, source_mxfp4, write_companions
 from moe_fx.formats.lazy import LazyCheckpoint, meta_model, revert_to_checkpoint_names
 from moe_fx.formats.loading import stored_buckets
-from moe_fx.formats.partial import PartialCheckpoint, ShardWriter
+from moe_fx.formats.partial import PartialCheckpoint, ShardWriter, host_copies
 from moe_fx.formats.ragged import held_in_buckets, pad_block_, plan_storage, record_buckets, storage_summary
 from moe_fx.formats.stored_format import dense_config
 from moe_fx.model.attention import calibration_attention
@@ -269,16 +269,16 @@ class _StreamRun:
         inside = self.prefix + "."
         tensors = {k: v for k, v in self.model.state_dict().items() if not k.startswith(inside)}
         saved = self._saved(remove_tied_weights_from_state_dict(tensors, self.model))
-        partial.write_shard(shard, saved)
+        partial.write_shard(shard, host_copies(saved))
         return sorted(saved), _nbytes(saved)
 
     def _saved(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``tensors`` in the checkpoint layout (names, MXFP4 packing), copied to the CPU: what a shard holds."""
+        """``tensors`` in the checkpoint layout (names, MXFP4 packing) where the layer is: what a shard holds."""
         saved = revert_to_checkpoint_names(self.model, tensors)
         if self.mxfp4:  # packed where the layer is (the GPU): seconds a layer on the CPU
             saved, errors = mxfp4.pack_state(saved)
             self.mxfp4_errors.update(errors)
-        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in saved.items()}
+        return saved
 
 
 def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
