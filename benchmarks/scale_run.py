@@ -84,6 +84,7 @@ def prune(source: Path, out: Path, recipe: str, args) -> dict:
     mean = {k: round(sum(p[k] for p in per_layer) / len(per_layer), 3) for k in per_layer[0]}
     return {
         "recipe": recipe, "seconds": round(seconds, 1), "stream_seconds": s["seconds"], "layers": s["layers"],
+        "calibration_tokens": record["passes"][0]["report"].get("tokens"),  # fewer than asked where --calib is short
         # the loop's wall time a layer; the phases' means overlap it (the shard is written behind the next layer: write_behind)
         "per_layer_mean_seconds": mean, "seconds_per_layer": round(s["phase_seconds"]["layers"] / s["layers"], 3), "phase_seconds": s["phase_seconds"],
         "pass_seconds_per_layer": {f"{i}:{p['name']}": round(p["seconds"] / s["layers"], 3) for i, p in enumerate(record["passes"])},
