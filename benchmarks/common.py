@@ -186,3 +186,32 @@ def median_run(fn, repeats: int, device: str) -> tuple[float, list[float], objec
         seconds.append(time.perf_counter() - start)
     timed = sorted(seconds[1:])
     return timed[len(timed) // 2], seconds, out
+
+
+STREAM_RECIPES = {"reap50-comp": "reap", "obs-channels50-comp": "obs"}
+"""Streamed recipes of the profiling benchmarks -> their scorer: half of the experts by REAP, or half of every
+expert's channels by obs, each with compensation (``scale_run.py``'s recipes of the same names, as passes)."""
+
+
+def streamed_recipe(recipe: str, tokens: torch.Tensor) -> list:
+    """The passes of ``recipe`` (:data:`STREAM_RECIPES`) calibrating on ``tokens`` in batches of 4, as the CLI builds them."""
+    from moe_fx.run.recipe import observers_for, prune_passes
+    from moe_fx.score.base import get_scorer
+
+    scorer = get_scorer(STREAM_RECIPES[recipe])
+    calibrate = Calibrate(tokens, batch_size=4, observers=observers_for([scorer], compensate=True), show_progress=False)
+    return [calibrate, *prune_passes(scorer, None, ratio=0.5, compensate=True)]
+
+
+def synthetic_source(preset: str, layers: int, work: Path, device: str, sequences: int, seq_len: int) -> tuple[Path, torch.Tensor]:
+    """A random-weight checkpoint of ``synth_checkpoint.py``'s ``preset`` in ``work`` (written once; tiny shapes on a
+    CPU, a smoke test) and seeded random calibration tokens ``[sequences, seq_len]`` (``[8, 128]`` on a CPU)."""
+    from synth_checkpoint import write_checkpoint
+
+    tiny = device == "cpu"
+    source = work / f"{preset}-src"
+    if not source.exists():
+        write_checkpoint(preset, source, layers=layers, tiny=tiny, device=device, quiet=True,
+                         tokenizer=Path(__file__).resolve().parents[1] / "examples" / "assets" / "qwen3moe-micro")
+    shape = (8, 128) if tiny else (sequences, seq_len)
+    return source, torch.randint(3, 8000, shape, generator=torch.Generator().manual_seed(0))

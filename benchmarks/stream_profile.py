@@ -16,16 +16,11 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
-from synth_checkpoint import PRESETS, write_checkpoint
+from common import STREAM_RECIPES, streamed_recipe, synthetic_source
+from synth_checkpoint import PRESETS
 from torch.profiler import ProfilerActivity, profile
 
-from moe_fx.passes import Calibrate
-from moe_fx.run.recipe import observers_for, prune_passes
 from moe_fx.run.streaming import stream_prune
-from moe_fx.score.base import get_scorer
-
-RECIPES = {"reap50-comp": "reap", "obs-channels50-comp": "obs"}
 
 
 def main() -> None:
@@ -34,25 +29,15 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--sequences", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=2048)
-    ap.add_argument("--recipe", choices=sorted(RECIPES), default="reap50-comp")
+    ap.add_argument("--recipe", choices=sorted(STREAM_RECIPES), default="reap50-comp")
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--device", default="cuda", help="cpu: tiny shapes, a smoke test of this script")
     args = ap.parse_args()
-    tiny = args.device == "cpu"
-    source = args.work / f"{args.preset}-src"
-    if not source.exists():
-        write_checkpoint(args.preset, source, layers=args.layers, tiny=tiny, device=args.device, quiet=True,
-                         tokenizer=Path(__file__).resolve().parents[1] / "examples" / "assets" / "qwen3moe-micro")
-    shape = (8, 128) if tiny else (args.sequences, args.seq_len)
-    tokens = torch.randint(3, 8000, shape, generator=torch.Generator().manual_seed(0))
-
-    scorer = get_scorer(RECIPES[args.recipe])
+    source, tokens = synthetic_source(args.preset, args.layers, args.work, args.device, args.sequences, args.seq_len)
 
     def run(out: str) -> float:
-        calibrate = Calibrate(tokens, batch_size=4, observers=observers_for([scorer], compensate=True), show_progress=False)
-        passes = [calibrate, *prune_passes(scorer, None, ratio=0.5, compensate=True)]
         t0 = time.perf_counter()
-        stream_prune(source, args.work / out, passes, device=args.device, show_progress=False, overwrite=True)
+        stream_prune(source, args.work / out, streamed_recipe(args.recipe, tokens), device=args.device, show_progress=False, overwrite=True)
         return time.perf_counter() - t0
 
     print(f"warm-up: {run('warm'):.1f} s", flush=True)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,3 +78,15 @@ def test_each_layer_reads_the_next_one_ahead(micro_path, tmp_path, monkeypatch):
     assert started == [[str(i)] for i in range(1, report.layers)]
     layers = json.loads((report.out / "moe_fx.json").read_text())["streaming"]["per_layer_seconds"]
     assert all("write_behind" in seconds for seconds in layers.values())
+
+
+def test_stream_overlap_benchmark_runs_on_cpu(tmp_path):
+    """``benchmarks/stream_overlap.py`` end to end at tiny shapes: its four variants stream the same checkpoint."""
+    out = tmp_path / "overlap.json"
+    argv = ["stream_overlap.py", "--device", "cpu", "--layers", "2", "--repeats", "1", "--work", str(tmp_path / "work"), "--out", str(out)]
+    proc = subprocess.run([sys.executable, *argv], cwd=Path(__file__).resolve().parents[1] / "benchmarks", capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["in the loop", "read-ahead", "+ written behind, copied in the loop", "+ copied behind"]
+    assert all(r["seconds_per_layer"] > 0 and r["mean_phases"]["forward"] > 0 for r in rows)
