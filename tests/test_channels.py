@@ -21,6 +21,7 @@ from moe_fx.model.per_layer import LAYOUT_KEY
 from moe_fx.model.trace import trace
 from moe_fx.passes import Calibrate, CompensateExperts, DropExperts, PruneChannels, Score
 from moe_fx.plan.channel_allocate import (
+    _best,
     bucket_channels,
     coverage_channels,
     expert_channels,
@@ -354,3 +355,15 @@ def test_obs_refuses_prescaled_experts_and_bad_damping() -> None:
     llama4 = tiny_model("llama4")
     with pytest.raises(UnsupportedFamilyError, match="Llama 4"):
         get_scorer("obs").check(trace(llama4))
+
+
+def test_best_channels_rank_ties_to_the_lower_id():
+    """Each expert's best channels, from one stable sort of the block's scores: the ids a scalar-by-scalar Python
+    ranking (score descending, then id) keeps, with ties, signed zeros and per-expert counts of their own."""
+    scores = torch.randn(6, 40, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    scores[:, ::5] = 0.25
+    scores[2, :8], scores[2, 8:16] = 0.0, -0.0
+    counts = [1, 7, 12, 20, 39, 40]
+    reference = [sorted(sorted(range(40), key=lambda j, e=e: (-float(scores[e, j]), j))[:n]) for e, n in enumerate(counts)]
+    assert _best(scores, counts) == reference
+    assert _best(scores.float(), counts) == reference

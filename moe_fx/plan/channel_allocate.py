@@ -53,14 +53,16 @@ def _aligned(n: float, align: int, most: int) -> int:
     return min(most, max(align, align * round(n / align)))
 
 
-def _best(scores: torch.Tensor, n: int) -> list[int]:
-    """The ``n`` best channel ids of one expert's scores, ascending; ties to the lower id (deterministic)."""
-    order = sorted(range(scores.numel()), key=lambda j: (-float(scores[j]), j))
-    return sorted(order[:n])
+def _best(scores: torch.Tensor, counts: list[int]) -> list[list[int]]:
+    """Per expert (a row of ``scores``), its ``counts[e]`` best channel ids, ascending; ties to the lower id
+    (deterministic: a stable sort of the negated scores). One sort for the block: ranking each expert's channels in
+    Python, a scalar read per channel, took 0.3 s a layer of Qwen3-30B-A3B."""
+    order = torch.sort(-scores, dim=1, stable=True).indices
+    return [sorted(order[e, :n].tolist()) for e, n in enumerate(counts)]
 
 
 def _plan(spec: MoEModelSpec, scores: ChannelScores, counts: dict[str, list[int]], multiple: int, align: int) -> ChannelPlan:
-    plan = ChannelPlan({b.path: [_best(scores[b.path][e], n) for e, n in enumerate(counts[b.path])] for b in spec.blocks}, multiple, align)
+    plan = ChannelPlan({b.path: _best(scores[b.path], counts[b.path]) for b in spec.blocks}, multiple, align)
     plan.validate(spec)
     return plan
 
