@@ -8,7 +8,6 @@ window where it is new, with up to ``seq_len - stride`` tokens of extra context 
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ from torch import nn
 
 from moe_fx.calibrate.data import Document, as_documents, pack
 from moe_fx.errors import BadOptionError, CalibrationDataError, out_of_memory
+from moe_fx.formats.shards import safetensors_header
 from moe_fx.model.mode import eval_mode
 from moe_fx.progress import progress_bar
 
@@ -134,12 +134,9 @@ def checkpoint_size(path: str | Path) -> dict[str, int]:
     loaded: how a streaming run sizes a model it never holds)."""
     values, nbytes = 0, 0
     for f in Path(path).glob("*.safetensors"):
-        with open(f, "rb") as fh:
-            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
-        for name, entry in header.items():
-            if name != "__metadata__":
-                values += math.prod(entry["shape"])
-                nbytes += entry["data_offsets"][1] - entry["data_offsets"][0]
+        for entry in safetensors_header(f)[0].values():
+            values += math.prod(entry["shape"])
+            nbytes += entry["data_offsets"][1] - entry["data_offsets"][0]
     return {"params": values, "bytes": nbytes}
 
 

@@ -9,22 +9,20 @@ the page cache is the kernel's) and changes no result: the load still reads the 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from moe_fx.formats.shards import safetensors_header
 
 _CHUNK = 8 << 20
 
 
 def tensor_ranges(path: Path) -> dict[str, tuple[int, int]]:
     """Each tensor's ``[start, end)`` byte range in the safetensors file at ``path`` (its header says where)."""
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-    base = 8 + size
-    return {k: (base + v["data_offsets"][0], base + v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"}
+    entries, base = safetensors_header(path)
+    return {k: (base + v["data_offsets"][0], base + v["data_offsets"][1]) for k, v in entries.items()}
 
 
 def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

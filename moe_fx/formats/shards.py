@@ -1,5 +1,6 @@
-"""Rewriting a saved checkpoint's safetensors shards in place, one shard in memory at a time: what the formats
-that re-encode weights after saving (MXFP4 experts, block-wise FP8) share."""
+"""A checkpoint's safetensors shards: their headers read without loading a tensor, and their rewriting in place, one
+shard in memory at a time (what the formats that re-encode weights after saving, MXFP4 experts and block-wise FP8,
+share)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,17 @@ def shard_files(path: Path) -> list[str]:
     return ["model.safetensors"]
 
 
-def _bytes(state: dict[str, torch.Tensor]) -> int:
+def safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
+    """The tensor entries of the safetensors file at ``path`` (``dtype``, ``shape``, ``data_offsets`` relative to the
+    data section; the ``__metadata__`` entry left out) and the data section's offset in the file."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    return {k: v for k, v in header.items() if k != "__metadata__"}, 8 + size
+
+
+def tensor_bytes(state: dict[str, torch.Tensor]) -> int:
+    """Bytes of the tensors of ``state``."""
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
@@ -41,9 +52,9 @@ def rewrite_shards(path: Path, transform: Callable[[dict[str, torch.Tensor]], di
         for file in files:
             size = (source / file).stat().st_size
             state = load_file(source / file)
-            before += _bytes(state)
+            before += tensor_bytes(state)
             out = transform(state)
-            after += _bytes(out)
+            after += tensor_bytes(out)
             save_file(out, path / file, metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(out, file))
             bar.update(size)

@@ -54,6 +54,7 @@ from moe_fx.formats.lazy import LazyCheckpoint, meta_model, revert_to_checkpoint
 from moe_fx.formats.loading import stored_buckets
 from moe_fx.formats.partial import PartialCheckpoint, ShardWriter, host_copies
 from moe_fx.formats.ragged import held_in_buckets, pad_block_, plan_storage, record_buckets, storage_summary
+from moe_fx.formats.shards import tensor_bytes
 from moe_fx.formats.stored_format import dense_config
 from moe_fx.model.attention import calibration_attention
 from moe_fx.model.layers import LayerCall, capture_layer_calls, decoder_layers, stand_in_output
@@ -135,10 +136,6 @@ def _move_outside(model: nn.Module, layers_prefix: str, device: str | torch.devi
                 table[key] = moved[id(t)]
 
 
-def _layer_bytes(layer: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in layer.state_dict().values())
-
-
 def _peak_cpu_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
@@ -211,7 +208,7 @@ class _StreamRun:
         missing = [n for n, t in layer.state_dict().items() if t.is_meta]
         if missing:
             raise NotAModelError(f"{self.source}: the checkpoint has no tensor for {self.prefix}.{index}.{missing[0]} (and {len(missing) - 1} more)")
-        self.layer_weight_bytes = max(self.layer_weight_bytes, _layer_bytes(layer))
+        self.layer_weight_bytes = max(self.layer_weight_bytes, tensor_bytes(layer.state_dict()))
 
     def pad_layer(self, index: int) -> None:
         """Give layer ``index``'s bucketed blocks (as loaded) their padded experts, which the passes read and rewrite:
@@ -270,7 +267,7 @@ class _StreamRun:
         tensors = {k: v for k, v in self.model.state_dict().items() if not k.startswith(inside)}
         saved = self._saved(remove_tied_weights_from_state_dict(tensors, self.model))
         partial.write_shard(shard, host_copies(saved))
-        return sorted(saved), _nbytes(saved)
+        return sorted(saved), tensor_bytes(saved)
 
     def _saved(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``tensors`` in the checkpoint layout (names, MXFP4 packing) where the layer is: what a shard holds."""
@@ -279,10 +276,6 @@ class _StreamRun:
             saved, errors = mxfp4.pack_state(saved)
             self.mxfp4_errors.update(errors)
         return saved
-
-
-def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _layer_record(model: nn.Module, state: MoEState, keys: list[str], nbytes: int, storage: dict, seconds: dict[str, float]) -> dict:
@@ -492,7 +485,7 @@ def stream_prune(
                     run.forward(i, [], layer_spec)
                 t_write = time.perf_counter()
                 saved, storage = run.layer_shard(i, sub.spec if ragged else None)
-                record = _layer_record(model, sub, sorted(saved), _nbytes(saved), storage, {
+                record = _layer_record(model, sub, sorted(saved), tensor_bytes(saved), storage, {
                     "load": t_fwd - t_load, "forward": t_pass - t_fwd, "passes": t_write - t_pass, "write": time.perf_counter() - t_write})
                 run.layers[i].to("meta")
                 writer.submit(i, shards[i], saved, record)  # written while the next layer loads and computes
