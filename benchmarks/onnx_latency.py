@@ -115,13 +115,16 @@ EXPORTS = {
     "fused+ort-fusions": {"moe_op": "fused", "ort_fusions": True},
     "fused-int4+ort-fusions": {"moe_op": "fused", "weights": "int4", "ort_fusions": True},
     "fused-static": {"moe_op": "fused", "static": True},
-    "fused-opset23": {"moe_op": "fused", "opset": 23},
-    "fused-opset23-model-routing": {"moe_op": "fused", "opset": 23, "operator_routing": False},
+    "fused-opset23": {"moe_op": "fused", "opset": 23, "attention": "plain"},
+    "fused-opset23-model-routing": {"moe_op": "fused", "opset": 23, "operator_routing": False, "attention": "plain"},
+    "fused-gqa": {"moe_op": "fused", "attention": "gqa", "static": True},
+    "fused-gqa+ort-fusions": {"moe_op": "fused", "attention": "gqa", "ort_fusions": True, "static": True},
 }
 """The exports a benchmark can time: ``export_onnx`` options (``ort_fusions``: for the provider the run uses;
 ``static``: a static decode graph per batch, run by ``OnnxDecoder``: decode only; ``opset`` 23: attention as ONNX's
 ``Attention`` op on the grouped key/value heads; ``operator_routing`` off: the model's routing ops kept in the graph,
-the side-by-side of the MoE node routing from the raw logits)."""
+the side-by-side of the MoE node routing from the raw logits; ``attention``: a static graph's attention as
+onnxruntime's ``GroupQueryAttention`` node (``gqa``) or the model's ops (``plain``))."""
 
 
 def export_options(label: str, device: str) -> dict:

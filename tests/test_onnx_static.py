@@ -113,8 +113,6 @@ def test_static_options_refused_before_export(tmp_path) -> None:
         StaticShape(0, 64)
     with pytest.raises(BadOptionError, match="drop --no-past"):
         onnx_export.export_onnx(model, tmp_path / "a", with_past=False, static=StaticShape(1, 64))
-    with pytest.raises(BadOptionError, match="--ort-fusions"):
-        onnx_export.export_onnx(model, tmp_path / "b", ort_fusions="cpu", static=StaticShape(1, 64))
     with pytest.raises(BadOptionError, match="outgrows its 128-token window within 160 slots"):
         onnx_export.export_onnx(first_layer_pruned("gpt_oss"), tmp_path / "c", static=StaticShape(1, 160))
     with pytest.raises(BadOptionError, match="LinearAttentionLayer.*not a fixed-slot key/value cache"):

@@ -34,6 +34,10 @@ def add_parser(sub) -> None:
                         "replays as one CUDA graph (run it with moe_fx.deliver.onnx.OnnxDecoder); default: the dynamic graph "
                         "in Optimum's layout")
     p.add_argument("--batch-size", type=int, default=1, help="rows of a --static-cache graph (default 1)")
+    p.add_argument("--attention", choices=("gqa", "plain"),
+                   help="a --static-cache graph's attention: onnxruntime's GroupQueryAttention node per layer (cache update "
+                        "and attention in one kernel; rows of one length, no padding mask) where it expresses the layer, or "
+                        "the model's own ops; default: gqa for float16/bfloat16 graphs, plain for float32")
     p.add_argument("--model-routing", action="store_true",
                    help="keep the model's routing ops (softmax, top-k, ...) in the graph for every fused block; by default "
                         "blocks whose router is softmax -> top-k hand the router's logits to the MoE node, which routes itself")
@@ -55,7 +59,7 @@ def run(args) -> int:
     result = export_onnx(args.model, args.out, with_past=args.with_past, dtype=args.dtype, opset=args.opset,
                          check=not args.no_check, device=resolve_device(args.device), overwrite=args.overwrite,
                          moe_op=args.moe_op, weights=args.weights, ort_fusions=args.ort_fusions, static=static,
-                         operator_routing=not args.model_routing)
+                         operator_routing=not args.model_routing, attention=args.attention)
     rows = [
         ["graph inputs", f"{len(result.inputs)} ({', '.join(result.inputs[:3])}{', past_key_values.*' if result.with_past else ''})"],
         ["weights in graph", f"{human_bytes(result.initializer_bytes)} (model parameters: {human_bytes(result.parameter_bytes)})"],
@@ -64,6 +68,7 @@ def run(args) -> int:
         ["export time", f"{result.export_seconds:.1f} s"],
     ]
     if static is not None:
+        rows.append(["attention", _summary(result.fused_attention, result.unfused_attention, "as com.microsoft.GroupQueryAttention")])
         rows.append(["static decode graph", f"batch {static.batch_size}, {static.max_cache_len}-token cache, one token a step: run it with "
                      "OnnxDecoder (CUDA graphs); Optimum's ORTModelForCausalLM needs the dynamic export"])
     if result.parity is not None:
@@ -80,14 +85,17 @@ def run(args) -> int:
     return 0
 
 
-def _moe_summary(result) -> str:
-    """Which blocks are fused nodes, and why the others are not (the first reason, with how many share it)."""
-    fused = len(result.fused_blocks)
-    op = "QMoE " + result.weights if result.weights != "float" else "MoE"
-    text = f"{fused} as com.microsoft.{op}" if fused else "none fused"
-    if result.routed_in_operator:
-        text += f" ({len(result.routed_in_operator)} routing in the node)"
-    if result.unfused_blocks:
-        reasons = list(result.unfused_blocks.values())
+def _summary(fused: list, unfused: dict, as_node: str, detail: str = "") -> str:
+    """How many parts are fused nodes, and why the others are not (the first reason, with how many share it)."""
+    text = (f"{len(fused)} {as_node}" if fused else "none fused") + detail
+    if unfused:
+        reasons = list(unfused.values())
         text += f"; {len(reasons)} as plain ops ({reasons[0]}" + (f", and {len(set(reasons)) - 1} other reasons" if len(set(reasons)) > 1 else "") + ")"
     return text
+
+
+def _moe_summary(result) -> str:
+    """Which blocks are fused MoE nodes, and why the others are not."""
+    op = "QMoE " + result.weights if result.weights != "float" else "MoE"
+    routing = f" ({len(result.routed_in_operator)} routing in the node)" if result.routed_in_operator else ""
+    return _summary(result.fused_blocks, result.unfused_blocks, f"as com.microsoft.{op}", routing)

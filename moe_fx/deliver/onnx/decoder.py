@@ -45,6 +45,8 @@ class OnnxDecoder:
             "position_ids": np.zeros((self.batch_size, 1), np.int64),
             "cache_position": np.zeros(1, np.int64),
         }
+        if "attention_mask" not in inputs:  # attention fused into GroupQueryAttention: rows of one length, no mask
+            del self._small["attention_mask"]
         self._values = {name: self._device_value(array) for name, array in self._small.items()}
         for name, value in self._values.items():
             self.binding.bind_ortvalue_input(name, value)
@@ -75,8 +77,9 @@ class OnnxDecoder:
             raise MoeFxError(f"the static graph's cache holds {self.max_cache_len} tokens and is full (export with a larger --static-cache)")
         small = self._small
         small["input_ids"][:, 0] = token_ids
-        small["attention_mask"][:, self.length] = 1
-        small["attention_mask"][:, self.length + 1:] = 0
+        if "attention_mask" in small:
+            small["attention_mask"][:, self.length] = 1
+            small["attention_mask"][:, self.length + 1:] = 0
         small["position_ids"][:] = self.length
         small["cache_position"][0] = self.length
         self.binding.synchronize_outputs()  # the copies below run outside onnxruntime's stream: the last step must be done

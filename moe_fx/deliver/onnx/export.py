@@ -26,6 +26,7 @@ from unittest import mock
 import torch
 from torch import nn
 
+from moe_fx.deliver.onnx.fused_attention import ATTENTIONS, group_query_attention
 from moe_fx.deliver.onnx.fused_experts import (
     FusedLayout,
     dequantized_weights,
@@ -116,6 +117,10 @@ class OnnxExport:
     """A static decode graph's batch and cache length (:mod:`.static_decode`); ``None``: the dynamic Optimum layout."""
     quantization: Parity | None = None
     """int8/int4 weights: the graph against the unquantized model (``parity`` is against the dequantized one)."""
+    fused_attention: list[int] = field(default_factory=list)
+    """Layers whose attention and cache update are one ``com.microsoft.GroupQueryAttention`` node (static graphs)."""
+    unfused_attention: dict[int, str] = field(default_factory=dict)
+    """Layers of a static graph left on the model's own attention ops, with the reason."""
 
     def to_dict(self) -> dict:
         out = {k: v for k, v in self.__dict__.items() if k not in ("path", "parity", "quantization", "static")}
@@ -188,13 +193,15 @@ def _fusion_plan(model: nn.Module, moe_op: str | None, weights: str, dtype: torc
     return plan
 
 
-def _check_static_options(static: StaticShape | None, with_past: bool, ort_fusions: str | None) -> None:
+def _check_static_options(static: StaticShape | None, with_past: bool, attention: str | None) -> None:
+    if attention is not None and attention not in ATTENTIONS:
+        raise BadOptionError(f"--attention {attention!r} is not one of {', '.join(ATTENTIONS)}")
     if static is None:
+        if attention == "gqa":
+            raise BadOptionError("--attention gqa fuses a --static-cache graph's attention; the dynamic graph's goes through --ort-fusions")
         return
     if not with_past:
         raise BadOptionError("--static-cache exports a decode graph over a KV cache: drop --no-past")
-    if ort_fusions is not None:
-        raise BadOptionError("--ort-fusions rewrites the dynamic graph's attention; a --static-cache graph is exported without it")
 
 
 @contextlib.contextmanager
@@ -356,6 +363,14 @@ def _share_transposed_copies(graph) -> None:
                 copy.const_value = None
 
 
+def _drop_unused_mask(graph) -> None:
+    """Remove the ``attention_mask`` input when nothing reads it (every layer's attention is the fused node, which
+    takes no padding mask): a runner then knows the graph's rows must hold the same number of tokens."""
+    mask = next((v for v in graph.inputs if v.name == "attention_mask"), None)
+    if mask is not None and not mask.uses():
+        graph.inputs.remove(mask)
+
+
 def _strip_metadata(model) -> None:
     """Drop the per-node stack traces and FX names torch.onnx records (they are large and leak local paths)."""
     for graph in model.graphs():
@@ -394,6 +409,7 @@ def export_onnx(
     ort_fusions: str | None = None,
     static: StaticShape | None = None,
     operator_routing: bool = True,
+    attention: str | None = None,
 ) -> OnnxExport:
     """Export ``model`` (a loaded model or a checkpoint directory, pruned or not) to ``out``; return what was written.
 
@@ -415,11 +431,15 @@ def export_onnx(
     ``operator_routing``: fused nodes of softmax -> top-k routers take the raw router logits and route
     themselves, the model's routing ops left out (:func:`~.fused_experts.route_in_operator`); ``False`` keeps
     the model's routing in the graph for every block (``--model-routing``).
+    ``attention`` (static graphs): ``"gqa"`` makes each layer's attention and cache update one onnxruntime
+    ``GroupQueryAttention`` node where the node expresses it (:mod:`.fused_attention`; the others recorded),
+    ``"plain"`` keeps the model's ops; ``None``: ``"gqa"`` for float16/bfloat16 graphs (what the node's CUDA
+    kernel runs), plain for float32 ones.
     """
     _require_onnx_stack()
     _check_opset(opset)
     _check_moe_options(moe_op, weights, dtype, check, device, ort_fusions)
-    _check_static_options(static, with_past, ort_fusions)
+    _check_static_options(static, with_past, attention)
     from transformers.exporters import OnnxConfig, OnnxExporter
 
     if check and device == "cpu" and parse_dtype(dtype) == torch.bfloat16:
@@ -448,9 +468,15 @@ def export_onnx(
         with scatter_updates() if static is not None else contextlib.nullcontext():
             inputs = static_sample_inputs(model, static) if static is not None else _sample_inputs(model, with_past)
         constants = _cache_constants(inputs.get("past_key_values"))
+        if static is None:
+            updates = contextlib.nullcontext({})
+        elif attention == "plain":
+            updates = scatter_updates()
+        else:
+            updates = group_query_attention(model, inputs, every_dtype=attention == "gqa")
         try:
             with (real_rotary(model), fused_export(model, fused) if fused else contextlib.nullcontext(),
-                  scatter_updates() if static is not None else contextlib.nullcontext(), _grouped_kv_attention(opset)):
+                  updates as attention_plan, _grouped_kv_attention(opset)):
                 exported = OnnxExporter().export(model, inputs, OnnxConfig(dynamic=static is None, opset_version=opset))
         except (RuntimeError, ValueError, TypeError) as exc:
             raise MoeFxError(f"transformers' ONNX exporter failed on {type(model).__name__}: {first_line(exc)}") from exc
@@ -467,6 +493,7 @@ def export_onnx(
         folded = _to_optimum_interface(program.graph, constants, static is not None)
         if static is not None:
             ir.passes.common.RemoveUnusedNodesPass()(program)  # the nodes that computed the dropped token-count outputs
+            _drop_unused_mask(program.graph)
         _share_transposed_copies(program.graph)
         _strip_metadata(program)
         seconds = time.perf_counter() - started
@@ -512,6 +539,8 @@ def export_onnx(
                 ort_fusions=ort_fusions,
                 opset=program.opset_imports.get(""),
                 static=static,
+                fused_attention=sorted(i for i, why in (attention_plan or {}).items() if why is None),
+                unfused_attention={i: why for i, why in sorted((attention_plan or {}).items()) if why is not None},
             )
             record = _source_record(source)
             record["onnx_export"] = result.to_dict()

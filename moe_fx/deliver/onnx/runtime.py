@@ -104,6 +104,9 @@ class OnnxCausalLM:
         if rows > self.batch_size or total > self.max_cache_len:
             raise MoeFxError(f"this static graph runs {self.batch_size} rows over a {self.max_cache_len}-token cache; got {rows} rows "
                              f"and {total} tokens (export again with --batch-size/--static-cache large enough)")
+        if "attention_mask" not in self.inputs and not attention_mask.all():
+            raise MoeFxError("this static graph's attention (onnxruntime's GroupQueryAttention) takes no padding mask: every row must "
+                             "hold the same number of tokens; export with --attention plain for padded batches")
         pad = [0] * (self.batch_size - rows)
         ids = np.concatenate([input_ids, input_ids[pad]]).astype(np.int64)
         mask = np.zeros((self.batch_size, self.max_cache_len), np.int64)
@@ -114,7 +117,7 @@ class OnnxCausalLM:
             step_mask = np.where(np.arange(self.max_cache_len) <= slot, mask, 0)
             feed = {"input_ids": ids[:, slot - total + new, None], "attention_mask": step_mask,
                     "position_ids": positions[:, slot, None], "cache_position": np.array([slot], np.int64), **past}
-            outs = dict(zip(self.output_names, self.session.run(None, feed)))
+            outs = dict(zip(self.output_names, self.session.run(None, {k: v for k, v in feed.items() if k in self.inputs})))
             past = {n.replace("present.", "past_key_values.", 1): v for n, v in outs.items() if n.startswith("present.")}
             logits.append(outs["logits"][:rows])
         return np.concatenate(logits, axis=1), past

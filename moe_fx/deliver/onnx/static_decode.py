@@ -59,7 +59,7 @@ class StaticShape:
         return asdict(self)
 
 
-def _scatter_update(layer: StaticLayer, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+def scatter_update(layer: StaticLayer, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """``StaticLayer.update`` writing with ``scatter_`` on the sequence axis (exports as one ``ScatterElements``)."""
     if not layer.is_initialized:
         layer.lazy_initialization(key_states, value_states)
@@ -76,17 +76,22 @@ _SCATTERABLE = (StaticLayer, UnfilledWindowLayer)
 
 
 @contextlib.contextmanager
-def scatter_updates() -> Iterator[None]:
-    """While active, the static layers update with :func:`_scatter_update` (patched on the classes, restored on exit:
-    the exporter flattens the cache's instances, which must hold no functions)."""
+def cache_updates(update) -> Iterator[None]:
+    """While active, the static layers update with ``update`` (patched on the classes, restored on exit: the exporter
+    flattens the cache's instances, which must hold no functions)."""
     saved = {cls: cls.__dict__["update"] for cls in _SCATTERABLE}
     try:
         for cls in _SCATTERABLE:
-            cls.update = _scatter_update
+            cls.update = update
         yield
     finally:
-        for cls, update in saved.items():
-            cls.update = update
+        for cls, saved_update in saved.items():
+            cls.update = saved_update
+
+
+def scatter_updates() -> contextlib.AbstractContextManager[None]:
+    """While active, the static layers update with :func:`scatter_update`."""
+    return cache_updates(scatter_update)
 
 
 def static_sample_inputs(model: nn.Module, shape: StaticShape) -> dict:

@@ -1,0 +1,152 @@
+"""Static decode graphs whose attention is onnxruntime's ``GroupQueryAttention`` node (``--attention gqa``): the cache
+update and attention of a layer in one node, written in place through the runners' IO binding; layers the node
+cannot express (sinks, MLA's compressed cache) kept on the model's ops with the reason; parity in float32 on
+onnxruntime's CPU kernel; the runners' refusal of padded rows; the options' refusals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from onnx_cases import first_layer_pruned
+
+from moe_fx.cli import main
+from moe_fx.deliver.onnx import OnnxCausalLM, OnnxDecoder, StaticShape
+from moe_fx.deliver.onnx import export as onnx_export
+from moe_fx.errors import BadOptionError, MoeFxError
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+CACHE = 40
+
+
+def _gqa_export(once, family: str, **options):
+    def build(tmp):
+        model = first_layer_pruned(family)
+        return model, onnx_export.export_onnx(model, tmp / "gqa", static=StaticShape(2, CACHE), attention="gqa", **options)
+
+    return once(f"gqa-{family}-{sorted(options.items())}", build)
+
+
+def _graph(path):
+    import onnx_ir as ir
+
+    return ir.load(str(path / "model.onnx")).graph
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_each_layer_is_one_node_writing_its_cache(family: str, once) -> None:
+    """Per-head norms (Qwen3) or not (Mixtral): every layer's attention is one node, the cache's presents are its
+    outputs over its pasts (what lets a runner bind both to one buffer), no scatter is left, the mask input is gone,
+    and the logits stay within 1e-4 of PyTorch with greedy tokens identical."""
+    model, result = _gqa_export(once, family)
+    par = result.parity
+    assert par.max_abs_logit_diff <= 1e-4 and par.greedy_identical and par.generated_tokens == 16
+    config = model.config.get_text_config()
+    layers = config.num_hidden_layers
+    assert result.fused_attention == list(range(layers)) and result.unfused_attention == {}
+    past = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    assert result.inputs == ["input_ids", "position_ids", *past, "cache_position"]
+    graph = _graph(result.path)
+    nodes = [n for n in graph.all_nodes() if n.op_type == "GroupQueryAttention"]
+    assert len(nodes) == layers and all(n.domain == "com.microsoft" for n in nodes)
+    assert {n.attributes["num_heads"].value for n in nodes} == {config.num_attention_heads}
+    assert {n.attributes["kv_num_heads"].value for n in nodes} == {config.num_key_value_heads}
+    assert not {n.op_type for n in graph.all_nodes()} & {"ScatterElements", "Shape", "Attention"}
+    for out in graph.outputs[1:]:
+        node = out.producer()
+        slot = 3 if out.name.endswith(".key") else 4
+        assert node.op_type == "GroupQueryAttention" and node.inputs[slot].name == out.name.replace("present", "past_key_values")
+    record = json.loads((result.path / "moe_fx.json").read_text())["onnx_export"]
+    assert record["fused_attention"] == list(range(layers))
+
+
+@pytest.mark.parametrize(("family", "reason"), [("gpt_oss", "attention sinks"), ("deepseek_v3", "derived from the cache")])
+def test_layers_the_node_cannot_express_keep_their_ops(family: str, reason: str, once) -> None:
+    """GPT-OSS's sinks and DeepSeek's compressed (MLA) cache: the decode-step probe keeps each layer on the model's
+    own attention with the reason, and the graph matches PyTorch as before (scatter-written cache, mask input)."""
+    model, result = _gqa_export(once, family)
+    assert result.parity.max_abs_logit_diff <= 1e-4 and result.parity.greedy_identical
+    layers = model.config.get_text_config().num_hidden_layers
+    assert result.fused_attention == [] and sorted(result.unfused_attention) == list(range(layers))
+    assert all(reason in why for why in result.unfused_attention.values())
+    assert "attention_mask" in result.inputs
+    assert not any(n.op_type == "GroupQueryAttention" for n in _graph(result.path).all_nodes())
+
+
+def test_decoder_runs_it_in_place_and_padding_is_refused(once) -> None:
+    """OnnxDecoder (past and present bound to one buffer: the node's in-place mode) generates PyTorch's greedy tokens;
+    the cache holds exactly the written slots. A padded batch is refused: the node takes no mask."""
+    model, result = _gqa_export(once, "qwen3_moe")
+    ids = np.random.default_rng(0).integers(3, model.get_output_embeddings().weight.shape[0], (2, 9))
+    with torch.no_grad():
+        expected = model.generate(torch.tensor(ids), max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0).numpy()
+    decoder = OnnxDecoder(result.path, device="cpu")
+    np.testing.assert_array_equal(decoder.generate(ids, 10), expected)
+    cache = next(iter(decoder.cache.values())).numpy()
+    assert (np.abs(cache[:, :, :18]).max(axis=-1) > 0).all() and (cache[:, :, 18:] == 0).all()  # 9 + 9 steps
+    runner = OnnxCausalLM(result.path, device="cpu")
+    mask = np.ones((2, 9), np.int64)
+    mask[1, :3] = 0
+    with pytest.raises(MoeFxError, match="takes no padding mask: every row must hold the same number of tokens"):
+        runner.forward(ids, mask, runner.empty_past(2))
+
+
+def test_with_onnxruntime_fusions(once) -> None:
+    """The combination: transformers' onnxruntime fusions (norms with their residual adds, rotary embeddings, packed
+    projections) on top of the nodes, still within 1e-4."""
+    model, result = _gqa_export(once, "qwen3_moe", ort_fusions="cuda")
+    assert result.parity.max_abs_logit_diff <= 1e-4 and result.parity.greedy_identical
+    ops = [n.op_type for n in _graph(result.path).all_nodes()]
+    assert ops.count("GroupQueryAttention") == model.config.num_hidden_layers
+    assert "SkipSimplifiedLayerNormalization" in ops and "RotaryEmbedding" in ops
+
+
+def test_float32_default_and_plain_keep_the_models_attention(tmp_path) -> None:
+    """Without ``--attention``, a float32 graph keeps the model's attention (the node's CUDA kernel runs half
+    precision only) and says so per layer; ``plain`` records nothing to fuse."""
+    model = first_layer_pruned("qwen3_moe")
+    default = onnx_export.export_onnx(model, tmp_path / "d", static=StaticShape(1, CACHE), check=False)
+    assert default.fused_attention == [] and set(default.unfused_attention) == {0, 1}
+    assert all("runs float16/bfloat16" in why for why in default.unfused_attention.values())
+    plain = onnx_export.export_onnx(model, tmp_path / "p", static=StaticShape(1, CACHE), check=False, attention="plain")
+    assert plain.fused_attention == [] and plain.unfused_attention == {} and "attention_mask" in plain.inputs
+
+
+def test_attention_options_refused_before_export(capsys, micro_path, tmp_path) -> None:
+    model = first_layer_pruned("qwen3_moe")
+    with pytest.raises(BadOptionError, match="--attention gqa fuses a --static-cache graph's attention"):
+        onnx_export.export_onnx(model, tmp_path / "a", attention="gqa")
+    with pytest.raises(BadOptionError, match="--attention 'fast' is not one of gqa, plain"):
+        onnx_export.export_onnx(model, tmp_path / "b", attention="fast", static=StaticShape(1, CACHE))
+    assert main(["export", "onnx", str(micro_path), "--out", str(tmp_path / "c"), "--attention", "gqa"]) == 2
+    assert "--attention gqa fuses a --static-cache graph's attention" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_gqa_export_of_the_trained_micro_model(capsys, micro_path, tmp_path) -> None:
+    """The trained micro model (grouped heads, per-head norms) through the CLI: every layer fused, parity met."""
+    out = tmp_path / "onnx"
+    code = main(["export", "onnx", str(micro_path), "--out", str(out), "--static-cache", "48", "--attention", "gqa", "--quiet"])
+    text, err = capsys.readouterr()
+    assert code == 0, err
+    assert "2 as com.microsoft.GroupQueryAttention" in text and "identical" in text
+    assert json.loads((out / "moe_fx.json").read_text())["onnx_export"]["fused_attention"] == [0, 1]
+
+
+def test_cuda_kernel_matches_pytorch_in_float16(tmp_path) -> None:
+    """On onnxruntime-gpu with a CUDA torch (scripts/test_gpu.sh): a float16 graph, checked on the CUDA provider by the
+    export itself, fuses every layer by default, and its CUDA-graph replay generates what plain steps do."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available():
+        pytest.skip("needs onnxruntime-gpu and a CUDA torch")
+    model = first_layer_pruned("qwen3_moe").to("cuda", torch.float16)
+    result = onnx_export.export_onnx(model, tmp_path / "gqa16", static=StaticShape(2, CACHE), dtype="float16", device="cuda")
+    assert result.fused_attention == [0, 1] and result.parity.greedy_identical
+    ids = np.random.default_rng(1).integers(3, 100, (2, 7))
+    replayed, plain = (OnnxDecoder(result.path, device="cuda", cuda_graph=graph) for graph in (True, False))
+    np.testing.assert_array_equal(replayed.generate(ids, 10), plain.generate(ids, 10))
