@@ -2,7 +2,7 @@
 # The newest transformers that pip resolves today (no constraints.txt pin), in its own environment
 # (.venv-newest), on a broad subset of the suite: every family's discovery, prune -> save -> reload and
 # per-layer format, the experts kernels and the compiled graph, the graph backend's matcher, ONNX export (fused MoE
-# and QMoE nodes, the plain-op fallback) of
+# and QMoE nodes, the plain-op fallback, static graphs' GroupQueryAttention nodes) of
 # several families, the decode attention rewrite, streaming equality, the quantized checkpoint formats stock transformers loads, pruning a quantized
 # checkpoint, the quantized
 # experts, and the CLI recipes' fast subset. CI runs it after scripts/test.sh;
@@ -30,6 +30,8 @@ exec .venv-newest/bin/python -m pytest -q -p no:cacheprovider -n "${MOE_FX_TEST_
     "tests/test_onnx.py::test_cli_exports_the_trained_micro_model" \
     "tests/test_onnx_fused.py::test_integer_weights" \
     "tests/test_onnx_fused.py::test_block_the_operator_cannot_express_falls_back" \
+    "tests/test_onnx_gqa.py::test_each_layer_is_one_node_writing_its_cache" \
+    "tests/test_onnx_gqa.py::test_layers_the_node_cannot_express_keep_their_ops" \
     "tests/test_streaming.py::test_streaming_equals_in_memory" \
     "tests/test_streaming.py::test_cli_stream" \
     tests/test_checkpoint.py \
