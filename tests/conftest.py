@@ -75,6 +75,42 @@ def once(tmp_path_factory) -> Callable:
     return get
 
 
+SCHEDULED_TOGETHER = ("test_onnx",)
+"""Under ``--dist loadfile`` (scripts/test.sh) the test files whose names start with one of these run in one worker,
+as one unit: they share :func:`once`'s exports (onnx_cases.py), which each worker would otherwise build again."""
+
+SCHEDULED_FIRST = ("test_onnx", "test_graph_backend.py", "test_examples.py", "test_presets.py", "test_recipes.py",
+                   "test_quantized_kernels_interpreted.py", "test_distributed.py", "test_sibling_linears.py", "test_cli.py")
+"""The slowest units (minutes each on 2 CPU cores), longest first, handed out before the rest (otherwise ordered by
+their number of tests): a unit of one long test started last would leave the other worker idle at the end."""
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile`` by file, but :data:`SCHEDULED_TOGETHER`'s files as one unit and :data:`SCHEDULED_FIRST`
+    first; any other distribution is xdist's own."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class Scheduling(LoadFileScheduling):
+        ordered = False
+
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            name = Path(path).name
+            return next((str(Path(path).parent / prefix) for prefix in SCHEDULED_TOGETHER if name.startswith(prefix)), path)
+
+        def _assign_work_unit(self, node) -> None:
+            if not self.ordered:  # the first call, once the work queue holds every unit
+                self.ordered = True
+                for first in reversed(SCHEDULED_FIRST):
+                    for scope in [s for s in self.workqueue if Path(s).name == first]:
+                        self.workqueue.move_to_end(scope, last=False)
+            super()._assign_work_unit(node)
+
+    return Scheduling(config, log)
+
+
 INTERPRETER_TRITON = (3, 9)
 """Oldest Triton whose interpreter runs the kernels here: older ones turn a scalar argument into a one-element
 array that numpy 2 refuses as a loop bound (``only 0-dimensional arrays can be converted``; Triton 3.6, on the GPU

@@ -493,6 +493,9 @@ def export_onnx(
         folded = _to_optimum_interface(program.graph, constants, static is not None)
         if static is not None:
             ir.passes.common.RemoveUnusedNodesPass()(program)  # the nodes that computed the dropped token-count outputs
+            # every layer's token count is cache_position now: what each computed from it (GroupQueryAttention's
+            # seqlens_k, a cast and an expand a layer) is computed once
+            ir.passes.common.CommonSubexpressionEliminationPass()(program)
             _drop_unused_mask(program.graph)
         _share_transposed_copies(program.graph)
         _strip_metadata(program)
