@@ -85,6 +85,7 @@ SCHEDULED_FIRST = ("test_onnx", "test_graph_backend.py", "test_examples.py", "te
 their number of tests): a unit of one long test started last would leave the other worker idle at the end."""
 
 
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: the suite also runs without xdist
 def pytest_xdist_make_scheduler(config, log):
     """``--dist loadfile`` by file, but :data:`SCHEDULED_TOGETHER`'s files as one unit and :data:`SCHEDULED_FIRST`
     first; any other distribution is xdist's own."""
@@ -101,14 +102,18 @@ def pytest_xdist_make_scheduler(config, log):
             return next((str(Path(path).parent / prefix) for prefix in SCHEDULED_TOGETHER if name.startswith(prefix)), path)
 
         def _assign_work_unit(self, node) -> None:
-            if not self.ordered:  # the first call, once the work queue holds every unit
+            queue = getattr(self, "workqueue", None)  # xdist internals: without them, its own order
+            if not self.ordered and hasattr(queue, "move_to_end"):  # the first call, once the queue holds every unit
                 self.ordered = True
                 for first in reversed(SCHEDULED_FIRST):
-                    for scope in [s for s in self.workqueue if Path(s).name == first]:
-                        self.workqueue.move_to_end(scope, last=False)
+                    for scope in [s for s in queue if Path(s).name == first]:
+                        queue.move_to_end(scope, last=False)
             super()._assign_work_unit(node)
 
-    return Scheduling(config, log)
+    try:
+        return Scheduling(config, log)
+    except TypeError:  # another xdist's constructor: its own scheduling
+        return None
 
 
 INTERPRETER_TRITON = (3, 9)
