@@ -37,25 +37,31 @@ def _graph(path):
     return ir.load(str(path / "model.onnx")).graph
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "olmoe", "granitemoe"])
 def test_each_layer_is_one_node_writing_its_cache(family: str, once) -> None:
-    """Per-head norms (Qwen3) or not (Mixtral): every layer's attention is one node, the cache's presents are its
-    outputs over its pasts (what lets a runner bind both to one buffer), no scatter is left, the mask input is gone,
-    and the logits stay within 1e-4 of PyTorch with greedy tokens identical."""
+    """Per-head norms (Qwen3), none (Mixtral), norms over the whole projection (OLMoE), a custom scale (GraniteMoE):
+    every layer's attention is one node that rotates q and k itself (the rotary ops and the position input leave the
+    graph; the norms stay the model's), the cache's presents are its outputs over its pasts (what lets a runner bind
+    both to one buffer), no scatter is left, the mask input is gone, and the logits stay within 1e-4 of PyTorch with
+    greedy tokens identical."""
     model, result = _gqa_export(once, family)
     par = result.parity
     assert par.max_abs_logit_diff <= 1e-4 and par.greedy_identical and par.generated_tokens == 16
     config = model.config.get_text_config()
     layers = config.num_hidden_layers
     assert result.fused_attention == list(range(layers)) and result.unfused_attention == {}
+    assert result.rotary_in_node == list(range(layers))
     past = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
-    assert result.inputs == ["input_ids", "position_ids", *past, "cache_position"]
+    assert result.inputs == ["input_ids", *past, "cache_position"]
     graph = _graph(result.path)
     nodes = [n for n in graph.all_nodes() if n.op_type == "GroupQueryAttention"]
     assert len(nodes) == layers and all(n.domain == "com.microsoft" for n in nodes)
     assert {n.attributes["num_heads"].value for n in nodes} == {config.num_attention_heads}
     assert {n.attributes["kv_num_heads"].value for n in nodes} == {config.num_key_value_heads}
-    assert not {n.op_type for n in graph.all_nodes()} & {"ScatterElements", "Shape", "Attention"}
+    assert not {n.op_type for n in graph.all_nodes()} & {"Shape", "Attention", "Cos", "Sin"}
+    assert not any(n.op_type == "ScatterElements" and n.inputs[0].name.startswith("past_key_values") for n in graph.all_nodes())
+    assert {n.attributes.get_int("do_rotary", 0) for n in nodes} == {1}
+    assert all(n.attributes["scale"].value == pytest.approx(model.model.layers[0].self_attn.scaling) for n in nodes)
     for out in graph.outputs[1:]:
         node = out.producer()
         slot = 3 if out.name.endswith(".key") else 4
@@ -77,10 +83,12 @@ def test_layers_the_node_cannot_express_keep_their_ops(family: str, reason: str,
     assert not any(n.op_type == "GroupQueryAttention" for n in _graph(result.path).all_nodes())
 
 
-def test_decoder_runs_it_in_place_and_padding_is_refused(once) -> None:
-    """OnnxDecoder (past and present bound to one buffer: the node's in-place mode) generates PyTorch's greedy tokens;
-    the cache holds exactly the written slots. A padded batch is refused: the node takes no mask."""
-    model, result = _gqa_export(once, "qwen3_moe")
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_decoder_runs_it_in_place_and_padding_is_refused(family: str, once) -> None:
+    """OnnxDecoder (past and present bound to one buffer: the node's in-place mode) generates PyTorch's greedy tokens,
+    with the node rotating at the slot it writes (Mixtral) or not; the cache holds exactly the written slots. A
+    padded batch is refused: the node takes no mask."""
+    model, result = _gqa_export(once, family)
     ids = np.random.default_rng(0).integers(3, model.get_output_embeddings().weight.shape[0], (2, 9))
     with torch.no_grad():
         expected = model.generate(torch.tensor(ids), max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0).numpy()
@@ -95,14 +103,25 @@ def test_decoder_runs_it_in_place_and_padding_is_refused(once) -> None:
         runner.forward(ids, mask, runner.empty_past(2))
 
 
+def test_half_precision_graph_is_fused_by_default(tmp_path) -> None:
+    """float16 (the CUDA kernel's case): without ``--attention`` every layer becomes the node, rotating q and k itself
+    (the parity check of a float16 graph runs on the CUDA provider: onnxruntime's CPU MoE kernel is float32 only)."""
+    model = first_layer_pruned("qwen3_moe").half()
+    result = onnx_export.export_onnx(model, tmp_path / "h", static=StaticShape(1, CACHE), dtype="float16", check=False)
+    assert result.fused_attention == [0, 1] and result.rotary_in_node == [0, 1] and result.unfused_attention == {}
+    assert result.inputs[:2] == ["input_ids", "past_key_values.0.key"]
+
+
 def test_with_onnxruntime_fusions(once) -> None:
-    """The combination: transformers' onnxruntime fusions (norms with their residual adds, rotary embeddings, packed
-    projections) on top of the nodes, still within 1e-4."""
+    """The combination: transformers' onnxruntime fusions (norms with their residual adds, the per-head norms, packed
+    q/k/v projections) around the nodes, which keep the rotary embedding; still within 1e-4."""
     model, result = _gqa_export(once, "qwen3_moe", ort_fusions="cuda")
     assert result.parity.max_abs_logit_diff <= 1e-4 and result.parity.greedy_identical
     ops = [n.op_type for n in _graph(result.path).all_nodes()]
-    assert ops.count("GroupQueryAttention") == model.config.num_hidden_layers
-    assert "SkipSimplifiedLayerNormalization" in ops and "RotaryEmbedding" in ops
+    layers = model.config.num_hidden_layers
+    assert ops.count("GroupQueryAttention") == layers and "RotaryEmbedding" not in ops
+    assert ops.count("SkipSimplifiedLayerNormalization") == 2 * layers  # each residual add with the norm after it
+    assert ops.count("MatMul") == 2 * layers + 1  # q/k/v packed, o, a layer; the LM head
 
 
 def test_float32_default_and_plain_keep_the_models_attention(tmp_path) -> None:
@@ -133,7 +152,7 @@ def test_cli_gqa_export_of_the_trained_micro_model(capsys, micro_path, tmp_path)
     code = main(["export", "onnx", str(micro_path), "--out", str(out), "--static-cache", "48", "--attention", "gqa", "--quiet"])
     text, err = capsys.readouterr()
     assert code == 0, err
-    assert "2 as com.microsoft.GroupQueryAttention" in text and "identical" in text
+    assert "2 as com.microsoft.GroupQueryAttention (2 rotating q and k)" in text and "identical" in text
     assert json.loads((out / "moe_fx.json").read_text())["onnx_export"]["fused_attention"] == [0, 1]
 
 

@@ -68,7 +68,8 @@ def run(args) -> int:
         ["export time", f"{result.export_seconds:.1f} s"],
     ]
     if static is not None:
-        rows.append(["attention", _summary(result.fused_attention, result.unfused_attention, "as com.microsoft.GroupQueryAttention")])
+        rotary = f" ({len(result.rotary_in_node)} rotating q and k)" if result.rotary_in_node else ""
+        rows.append(["attention", _summary(result.fused_attention, result.unfused_attention, "as com.microsoft.GroupQueryAttention", rotary)])
         rows.append(["static decode graph", f"batch {static.batch_size}, {static.max_cache_len}-token cache, one token a step: run it with "
                      "OnnxDecoder (CUDA graphs); Optimum's ORTModelForCausalLM needs the dynamic export"])
     if result.parity is not None:

@@ -45,8 +45,9 @@ class OnnxDecoder:
             "position_ids": np.zeros((self.batch_size, 1), np.int64),
             "cache_position": np.zeros(1, np.int64),
         }
-        if "attention_mask" not in inputs:  # attention fused into GroupQueryAttention: rows of one length, no mask
-            del self._small["attention_mask"]
+        for name in ("attention_mask", "position_ids"):  # absent where GroupQueryAttention takes rows of one length
+            if name not in inputs:
+                del self._small[name]
         self._values = {name: self._device_value(array) for name, array in self._small.items()}
         for name, value in self._values.items():
             self.binding.bind_ortvalue_input(name, value)
@@ -80,7 +81,8 @@ class OnnxDecoder:
         if "attention_mask" in small:
             small["attention_mask"][:, self.length] = 1
             small["attention_mask"][:, self.length + 1:] = 0
-        small["position_ids"][:] = self.length
+        if "position_ids" in small:
+            small["position_ids"][:] = self.length
         small["cache_position"][0] = self.length
         self.binding.synchronize_outputs()  # the copies below run outside onnxruntime's stream: the last step must be done
         for name, value in self._values.items():

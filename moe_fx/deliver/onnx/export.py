@@ -121,6 +121,8 @@ class OnnxExport:
     """Layers whose attention and cache update are one ``com.microsoft.GroupQueryAttention`` node (static graphs)."""
     unfused_attention: dict[int, str] = field(default_factory=dict)
     """Layers of a static graph left on the model's own attention ops, with the reason."""
+    rotary_in_node: list[int] = field(default_factory=list)
+    """Fused layers whose node also rotates q and k (the rotary ops and the position input leave the graph)."""
 
     def to_dict(self) -> dict:
         out = {k: v for k, v in self.__dict__.items() if k not in ("path", "parity", "quantization", "static")}
@@ -363,12 +365,12 @@ def _share_transposed_copies(graph) -> None:
                 copy.const_value = None
 
 
-def _drop_unused_mask(graph) -> None:
-    """Remove the ``attention_mask`` input when nothing reads it (every layer's attention is the fused node, which
-    takes no padding mask): a runner then knows the graph's rows must hold the same number of tokens."""
-    mask = next((v for v in graph.inputs if v.name == "attention_mask"), None)
-    if mask is not None and not mask.uses():
-        graph.inputs.remove(mask)
+def _drop_unused_inputs(graph) -> None:
+    """Remove the ``attention_mask`` and ``position_ids`` inputs when nothing reads them (every layer's attention is
+    the fused node, which takes no padding mask, and rotates at the slot it writes): a runner then knows the graph's
+    rows must hold the same number of tokens, each at the position of its slot."""
+    for value in [v for v in graph.inputs if v.name in ("attention_mask", "position_ids") and not v.uses()]:
+        graph.inputs.remove(value)
 
 
 def _strip_metadata(model) -> None:
@@ -469,7 +471,7 @@ def export_onnx(
             inputs = static_sample_inputs(model, static) if static is not None else _sample_inputs(model, with_past)
         constants = _cache_constants(inputs.get("past_key_values"))
         if static is None:
-            updates = contextlib.nullcontext({})
+            updates = contextlib.nullcontext()
         elif attention == "plain":
             updates = scatter_updates()
         else:
@@ -481,6 +483,7 @@ def export_onnx(
         except (RuntimeError, ValueError, TypeError) as exc:
             raise MoeFxError(f"transformers' ONNX exporter failed on {type(model).__name__}: {first_line(exc)}") from exc
         program = exported.program
+        layers = attention_plan.layers if attention_plan is not None else {}
         lowered = lower_fused_experts(program.graph, weights)
         if ort_fusions is not None:  # after the MoE nodes exist: the fusions leave them alone
             from transformers.exporters.onnxruntime_fusions import fuse_for_onnxruntime
@@ -496,7 +499,7 @@ def export_onnx(
             # every layer's token count is cache_position now: what each computed from it (GroupQueryAttention's
             # seqlens_k, a cast and an expand a layer) is computed once
             ir.passes.common.CommonSubexpressionEliminationPass()(program)
-            _drop_unused_mask(program.graph)
+            _drop_unused_inputs(program.graph)
         _share_transposed_copies(program.graph)
         _strip_metadata(program)
         seconds = time.perf_counter() - started
@@ -542,8 +545,9 @@ def export_onnx(
                 ort_fusions=ort_fusions,
                 opset=program.opset_imports.get(""),
                 static=static,
-                fused_attention=sorted(i for i, why in (attention_plan or {}).items() if why is None),
-                unfused_attention={i: why for i, why in sorted((attention_plan or {}).items()) if why is not None},
+                fused_attention=sorted(i for i, why in layers.items() if why is None),
+                unfused_attention={i: why for i, why in sorted(layers.items()) if why is not None},
+                rotary_in_node=attention_plan.rotary_in_node if attention_plan is not None else [],
             )
             record = _source_record(source)
             record["onnx_export"] = result.to_dict()

@@ -30,6 +30,7 @@ import copy
 import functools
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -47,12 +48,72 @@ DOMAIN, OP = "com.microsoft", "GroupQueryAttention"
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 """The dtypes onnxruntime's CUDA GroupQueryAttention kernel runs (its CPU kernel also runs float32)."""
 
-_state: dict = {"implementation": "sdpa", "calls": 0, "plan": {}, "every_dtype": False, "probing": False}
+_state: dict = {"implementation": "sdpa", "calls": 0, "plan": {}, "forms": {}, "scales": {}, "every_dtype": False, "probing": False}
 """The pass in progress: the model's attention implementation, cache updates so far in this forward, the
-per-layer plan (``None``: the node; else why not), fuse float32 layers too, and whether it is the probe."""
+per-layer plan (``None``: the node; else why not), the planned layers whose node also takes the raw projections
+(:class:`_Projected`) and each layer's softmax scale, fuse float32 layers too, and whether it is the probe."""
 _pending: list = []
 """The cache update the next attention call consumes: ``[keys, values, seqlens_k, layer]`` (the node's layers), or
 ``[keys returned, values returned]`` (the probe)."""
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass(frozen=True)
+class _Projected:
+    """A layer whose node takes the q/k/v projections (q and k through the module's own norms, where it has them) and
+    rotates q and k itself by ``cos``/``sin`` (``[L, D / 2]``, at the slot it writes), when the module is projections,
+    optional norms, the rotary embedding, attention and the o projection: checked numerically by the probe, not
+    assumed. (onnxruntime's CUDA kernel could also take per-head norms, ``q_norm_weight``; its CPU kernel cannot, so
+    the norms stay outside the node, where both run them.)"""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
+def _normed(module: nn.Module, name: str, projected: torch.Tensor, width: int) -> torch.Tensor:
+    """``projected`` (``[B, T, heads * D]``) through the module's norm ``name``, if it has one: per head where its weight
+    has one head's width (Qwen3's), over the whole projection otherwise (OLMoE's)."""
+    norm = getattr(module, name, None)
+    if norm is None:
+        return projected
+    weight = getattr(norm, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.numel() == width:
+        return norm(projected.unflatten(-1, (-1, width))).flatten(-2)
+    return norm(projected)
+
+
+def _rotary_caches(model: nn.Module, length: int, width: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``[length, width / 2]`` cos/sin of the model's one rotary embedding at positions ``0..length-1``, where its
+    halves repeat (the rotation of halves against each other over the whole head)."""
+    rotaries = [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
+    if len(rotaries) != 1:
+        return None
+    weight = next(model.parameters())
+    try:
+        cos, sin = rotaries[0](torch.zeros(1, dtype=weight.dtype, device=weight.device), torch.arange(length, device=weight.device)[None])
+    except (TypeError, RuntimeError, ValueError):
+        return None
+    if cos.shape[-1] != width:
+        return None
+    cos, sin = cos[0], sin[0]
+    half = width // 2
+    if not (torch.equal(cos[:, :half], cos[:, half:]) and torch.equal(sin[:, :half], sin[:, half:])):
+        return None
+    return cos[:, :half].contiguous(), sin[:, :half].contiguous()
+
+
+def _projected(module: nn.Module, hidden: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor, seqlens: torch.Tensor,
+               form: _Projected, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The module's attention output (after ``o_proj``) and the cache as the node computes them from ``hidden``."""
+    batch, length, _ = hidden.shape
+    width = past_key.shape[-1]
+    heads = module.q_proj.out_features // width
+    q, k, v = (getattr(module, name)(hidden) for name in _PROJECTIONS[:3])
+    q, k = _normed(module, "q_norm", q, width), _normed(module, "k_norm", k, width)
+    total = torch.tensor(past_key.shape[2], dtype=torch.int32)
+    out, keys, values = torch.ops.moe_fx.onnx_gqa(q, k, v, past_key, past_value, seqlens, total, form.cos, form.sin, heads,
+                                                  past_key.shape[1], float(scale))
+    return module.o_proj(out.view(batch, length, heads * width)), keys, values
 
 
 def _unsupported(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kwargs: dict) -> str | None:
@@ -111,6 +172,7 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
     keys expanded from a compressed cache instead) and :func:`_unsupported` finds nothing; the trace follows the plan."""
     index = _state["calls"] - 1
     if _state["probing"]:
+        _state["scales"][index] = scaling if scaling is not None else query.shape[-1] ** -0.5
         reads_cache = len(_pending) == 2 and key is _pending[0] and value is _pending[1]
         _state["plan"][index] = _unsupported(module, query, key, value, kwargs) if reads_cache else \
             "the attention reads keys and values derived from the cache, not the cache (MLA)"
@@ -123,42 +185,58 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
         flat = [x.transpose(1, 2).reshape(batch, length, -1) for x in (query, new_key, new_value)]
         total = torch.tensor(layer.keys.shape[2], dtype=torch.int32)
         scale = scaling if scaling is not None else width ** -0.5
-        out, layer.keys, layer.values = torch.ops.moe_fx.onnx_gqa(*flat, layer.keys, layer.values, seqlens, total, heads, key.shape[1], float(scale))
+        out, layer.keys, layer.values = torch.ops.moe_fx.onnx_gqa(*flat, layer.keys, layer.values, seqlens, total, None, None, heads,
+                                                                  key.shape[1], float(scale))
         return out.view(batch, length, heads, width), None
     return _plain_attention(module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
 @torch.library.custom_op("moe_fx::onnx_gqa", mutates_args=())
 def onnx_gqa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor,
-             seqlens_k: torch.Tensor, total_sequence_length: torch.Tensor, num_heads: int, kv_num_heads: int,
-             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What ``GroupQueryAttention`` computes over a cache shared with its output: the ``T`` new tokens' keys and
-    values (``[B, T, kv_heads * D]``) written at slots ``seqlens_k - T + 1 .. seqlens_k`` of ``past_*``
-    (``[B, kv_heads, L, D]``), each query attending causally to the slots up to its own. Eager only for the
-    export's sample run; the graph gets the operator."""
+             seqlens_k: torch.Tensor, total_sequence_length: torch.Tensor, cos_cache: torch.Tensor | None, sin_cache: torch.Tensor | None,
+             num_heads: int, kv_num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What ``GroupQueryAttention`` computes over a cache shared with its output: the ``T`` new tokens' queries
+    (``[B, T, heads * D]``), keys and values (``[B, T, kv_heads * D]``), queries and keys rotated by ``cos_cache`` /
+    ``sin_cache`` (``[L, D / 2]``, the halves rotated against each other) at their slot if given; keys and values
+    written at slots ``seqlens_k - T + 1 .. seqlens_k`` of
+    ``past_*`` (``[B, kv_heads, L, D]``), each query attending causally to the slots up to its own. Eager for the
+    export's sample run and the probe's check of a layer's form; the graph gets the operator."""
     batch, length, _ = query.shape
     width = past_key.shape[-1]
     slots = (seqlens_k.long() + 1 - length)[:, None] + torch.arange(length, device=query.device)  # [B, T]
+    q, k, v = (x.view(batch, length, -1, width) for x in (query, key, value))
+    if cos_cache is not None:
+        q, k = (_rotated(x, cos_cache[slots], sin_cache[slots]) for x in (q, k))
     index = slots[:, None, :, None].expand(batch, kv_num_heads, length, width)
-    present = [past.scatter(2, index, new.view(batch, length, kv_num_heads, width).transpose(1, 2))
-               for past, new in ((past_key, key), (past_value, value))]
+    present = [past.scatter(2, index, new.transpose(1, 2)) for past, new in ((past_key, k), (past_value, v))]
     visible = torch.arange(past_key.shape[2], device=query.device)[None, None, :] <= slots[:, :, None]  # [B, T, L]
-    q = query.view(batch, length, num_heads, width).transpose(1, 2)
-    out = F.scaled_dot_product_attention(q, *present, attn_mask=visible[:, None], scale=scale, enable_gqa=True)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), *present, attn_mask=visible[:, None], scale=scale, enable_gqa=True)
     return out.transpose(1, 2).reshape(batch, length, num_heads * width), *present
 
 
+def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x`` (``[B, T, heads, D]``) rotated with its halves against each other (transformers' ``rotate_half``) by
+    ``cos`` / ``sin`` (``[B, T, D / 2]``)."""
+    first, second = x.chunk(2, dim=-1)
+    cos, sin = cos[:, :, None], sin[:, :, None]
+    return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
+
+
 @onnx_gqa.register_fake
-def _(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, num_heads, kv_num_heads, scale):
+def _(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache, sin_cache, num_heads, kv_num_heads, scale):
     return query.new_empty(query.shape), past_key.new_empty(past_key.shape), past_value.new_empty(past_value.shape)
 
 
-def _translate(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, num_heads: int, kv_num_heads: int, scale: float):
+def _translate(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache, sin_cache, num_heads: int,
+               kv_num_heads: int, scale: float):
     """The ONNX for ``moe_fx::onnx_gqa``: onnxruntime's node itself."""
     from onnxscript.values import Op, Opset
 
-    return Op(Opset(DOMAIN, 1), OP, _schema())(query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
-                                              num_heads=num_heads, kv_num_heads=kv_num_heads, scale=float(scale))
+    attributes = {"num_heads": num_heads, "kv_num_heads": kv_num_heads, "scale": float(scale)}
+    if cos_cache is not None:
+        attributes.update(do_rotary=1, rotary_interleaved=0)
+    return Op(Opset(DOMAIN, 1), OP, _schema())(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache,
+                                              sin_cache, **attributes)
 
 
 @functools.cache
@@ -167,23 +245,101 @@ def _schema():
     from onnx.defs import OpSchema
 
     param = OpSchema.FormalParameter
+    optional = OpSchema.FormalParameterOption.Optional
     inputs = [param(name, "T") for name in ("query", "key", "value", "past_key", "past_value")]
     inputs += [param("seqlens_k", "M"), param("total_sequence_length", "M")]
+    inputs += [param(name, "T", param_option=optional) for name in ("cos_cache", "sin_cache")]
     attr = OpSchema.AttrType
-    attributes = [OpSchema.Attribute("num_heads", attr.INT, ""), OpSchema.Attribute("kv_num_heads", attr.INT, ""),
-                  OpSchema.Attribute("scale", attr.FLOAT, "")]
+    attributes = [OpSchema.Attribute(name, kind, "") for name, kind in (
+        ("num_heads", attr.INT), ("kv_num_heads", attr.INT), ("scale", attr.FLOAT), ("do_rotary", attr.INT), ("rotary_interleaved", attr.INT))]
     return OpSchema(OP, DOMAIN, 1, inputs=inputs, outputs=[param(name, "T") for name in ("output", "present_key", "present_value")],
                     type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""), ("M", ["tensor(int32)"], "")],
                     attributes=attributes)
 
 
+def _close(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Equal up to the rounding of the dtype (float32: 1e-4, half: 2e-2, relative to the largest value)."""
+    tol = (1e-4 if expected.dtype == torch.float32 else 2e-2) * max(1.0, float(expected.abs().max()))
+    return got.shape == expected.shape and float((got.float() - expected.float()).abs().max()) <= tol
+
+
+def _form(module: nn.Module, index: int, hidden: torch.Tensor, past: tuple, layer, output: torch.Tensor,
+          caches: tuple[torch.Tensor, torch.Tensor] | None) -> _Projected | None:
+    """The raw-projection form of a planned layer when the node's computation from the module's projections
+    reproduces the module's output and cache update of the probe's step (``past``: the cache before it)."""
+    if caches is None or caches[0].shape[-1] * 2 != past[0].shape[-1]:
+        return None
+    form = _Projected(*caches)
+    seqlens = (past[2] + (hidden.shape[1] - 1)).to(torch.int32).expand(hidden.shape[0])
+    got, keys, values = _projected(module, hidden, past[0], past[1], seqlens, form, _state["scales"][index])
+    return form if _close(got, output) and _close(keys, layer.keys) and _close(values, layer.values) else None
+
+
+def _probing(module: nn.Module, original, caches):
+    """The module's forward during the probe: as it is, then its raw-projection form checked against what it did."""
+    def forward(*args, **kwargs):
+        hidden, cache = kwargs.get("hidden_states", args[0] if args else None), kwargs.get("past_key_values")
+        layer = cache.layers[module.layer_idx] if cache is not None else None
+        ready = layer is not None and getattr(layer, "is_initialized", False)
+        past = (layer.keys.clone(), layer.values.clone(), layer.cumulative_length.clone()) if ready else None
+        out = original(*args, **kwargs)
+        index = _state["calls"] - 1
+        if past is not None and isinstance(hidden, torch.Tensor) and _state["plan"].get(index, "") is None:
+            form = _form(module, index, hidden, past, layer, out[0], caches)
+            if form is not None:
+                _state["forms"][index] = form
+        return out
+
+    return forward
+
+
+def _projected_forward(module: nn.Module, form: _Projected, scale: float):
+    """The module's forward in the trace for a layer of raw-projection form: the cache's token count and the node."""
+    def forward(*args, **kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        layer = kwargs["past_key_values"].layers[module.layer_idx]
+        _state["calls"] += 1  # this layer's cache update, done by the node
+        length = hidden.shape[1]
+        seqlens = (layer.cumulative_length + (length - 1)).to(torch.int32).expand(hidden.shape[0])
+        layer.cumulative_length.add_(length)
+        out, layer.keys, layer.values = _projected(module, hidden, layer.keys, layer.values, seqlens, form, scale)
+        return out, None
+
+    return forward
+
+
 @contextlib.contextmanager
-def group_query_attention(model: nn.Module, inputs: dict, every_dtype: bool) -> Iterator[dict[int, str | None]]:
+def _forwards(patches: dict[nn.Module, object]) -> Iterator[None]:
+    """Each module's forward replaced (an instance attribute) while inside."""
+    saved = {module: module.__dict__.get("forward") for module in patches}
+    try:
+        for module, forward in patches.items():
+            module.forward = forward
+        yield
+    finally:
+        for module, forward in saved.items():
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
+
+
+@dataclass
+class AttentionPlan:
+    """What :func:`group_query_attention` planned: per layer index ``None`` (the node) or why not, and the layers whose
+    node rotates q and k itself (:class:`_Projected`)."""
+
+    layers: dict[int, str | None]
+    rotary_in_node: list[int]
+
+
+@contextlib.contextmanager
+def group_query_attention(model: nn.Module, inputs: dict, every_dtype: bool) -> Iterator[AttentionPlan]:
     """While inside (around the static export's trace, in place of :func:`~.static_decode.scatter_updates`):
-    attention goes through :func:`_attention`, the cache layers update with :func:`_update`, and the exporter
-    translates the op. On entry, one decode step of a copy of ``inputs`` (the trace's sample) plans each layer;
-    yields that plan (layer index -> ``None`` for the node, else why not). ``every_dtype``: fuse float32 layers
-    too (onnxruntime's CPU kernel runs them; its CUDA kernel does not)."""
+    attention goes through :func:`_attention`, the cache layers update with :func:`_update`, layers of
+    raw-projection form run :func:`_projected_forward`, and the exporter translates the op. On entry, one decode
+    step of a copy of ``inputs`` (the trace's sample) plans each layer; yields that plan. ``every_dtype``: fuse
+    float32 layers too (onnxruntime's CPU kernel runs them; its CUDA kernel does not)."""
     from transformers import AttentionInterface
     from transformers.exporters import exporter_onnx
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
@@ -199,17 +355,25 @@ def group_query_attention(model: nn.Module, inputs: dict, every_dtype: bool) -> 
     AttentionInterface.register(NAME, _attention)
     AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS[before])
     key = torch.ops.moe_fx.onnx_gqa.default
-    _state.update(implementation=before, calls=0, plan={}, every_dtype=every_dtype, probing=True)
+    modules = [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)
+               and all(isinstance(getattr(m, name, None), nn.Linear) for name in _PROJECTIONS)]
+    cache = inputs["past_key_values"].layers[0].keys
+    caches = _rotary_caches(model, cache.shape[2], cache.shape[3])
+    _state.update(implementation=before, calls=0, plan={}, forms={}, scales={}, every_dtype=every_dtype, probing=True)
     try:
         config._attn_implementation = NAME
         with cache_updates(_update), torch.no_grad():
-            model(**copy.deepcopy(inputs))
+            with _forwards({m: _probing(m, m.forward, caches) for m in modules}):
+                model(**copy.deepcopy(inputs))
             if len(_state["plan"]) != _state["calls"]:
                 raise MoeFxError(f"{_state['calls']} cache updates but {len(_state['plan'])} attention calls in a decode step; "
                                  "export with --attention plain")
             _state.update(calls=0, probing=False)
+            by_layer = {m.layer_idx: m for m in modules}
+            patches = {by_layer[i]: _projected_forward(by_layer[i], form, _state["scales"][i]) for i, form in _state["forms"].items()}
             table[key] = _translate
-            yield dict(_state["plan"])
+            with _forwards(patches):
+                yield AttentionPlan(dict(_state["plan"]), sorted(_state["forms"]))
     finally:
         config._attn_implementation = before
         table.pop(key, None)
