@@ -169,3 +169,22 @@ def test_cuda_kernel_matches_pytorch_in_float16(tmp_path) -> None:
     ids = np.random.default_rng(1).integers(3, 100, (2, 7))
     replayed, plain = (OnnxDecoder(result.path, device="cuda", cuda_graph=graph) for graph in (True, False))
     np.testing.assert_array_equal(replayed.generate(ids, 10), plain.generate(ids, 10))
+
+
+def test_probe_leaves_the_trace_sample_as_it_was() -> None:
+    """The planning step runs one decode step on the trace's own sample and puts back what it wrote (no copy of the
+    whole cache); the model's attention implementation is restored on exit."""
+    from moe_fx.deliver.onnx.fused_attention import group_query_attention
+    from moe_fx.deliver.onnx.static_decode import scatter_updates, static_sample_inputs
+
+    model = first_layer_pruned("mixtral")
+    with torch.no_grad(), scatter_updates():
+        inputs = static_sample_inputs(model, StaticShape(2, CACHE))
+    cache = inputs["past_key_values"]
+    before = [(layer.keys.clone(), layer.values.clone(), layer.cumulative_length.clone()) for layer in cache.layers]
+    implementation = model.config._attn_implementation
+    with group_query_attention(model, inputs, every_dtype=True) as plan:
+        assert plan.layers == {0: None, 1: None} and plan.rotary_in_node == [0, 1]
+    assert model.config._attn_implementation == implementation
+    for layer, (keys, values, count) in zip(cache.layers, before, strict=True):
+        assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values) and torch.equal(layer.cumulative_length, count)

@@ -26,7 +26,6 @@ fused the graph has no ``attention_mask`` input and the runners refuse a mask wi
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import sys
 from collections.abc import Iterator
@@ -309,6 +308,24 @@ def _projected_forward(module: nn.Module, form: _Projected, scale: float):
 
 
 @contextlib.contextmanager
+def _restored(cache) -> Iterator[None]:
+    """The static cache as it was on entry, after one decode step inside wrote a slot a layer (the probe's): the
+    token counts and the slots at them are saved and put back, instead of a copy of the whole cache (gigabytes at
+    full depth and a long cache)."""
+    saved = []
+    for layer in cache.layers:
+        slot = int(layer.cumulative_length)
+        saved.append((layer, layer.cumulative_length.clone(), slot, layer.keys[:, :, slot].clone(), layer.values[:, :, slot].clone()))
+    try:
+        yield
+    finally:
+        for layer, count, slot, keys, values in saved:
+            layer.cumulative_length.copy_(count)
+            layer.keys[:, :, slot] = keys
+            layer.values[:, :, slot] = values
+
+
+@contextlib.contextmanager
 def _forwards(patches: dict[nn.Module, object]) -> Iterator[None]:
     """Each module's forward replaced (an instance attribute) while inside."""
     saved = {module: module.__dict__.get("forward") for module in patches}
@@ -364,7 +381,8 @@ def group_query_attention(model: nn.Module, inputs: dict, every_dtype: bool) -> 
         config._attn_implementation = NAME
         with cache_updates(_update), torch.no_grad():
             with _forwards({m: _probing(m, m.forward, caches) for m in modules}):
-                model(**copy.deepcopy(inputs))
+                with _restored(inputs["past_key_values"]):
+                    model(**inputs)
             if len(_state["plan"]) != _state["calls"]:
                 raise MoeFxError(f"{_state['calls']} cache updates but {len(_state['plan'])} attention calls in a decode step; "
                                  "export with --attention plain")
