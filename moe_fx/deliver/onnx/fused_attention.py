@@ -7,20 +7,23 @@ transposes), and the cache update is one ``ScatterElements`` per tensor. onnxrun
 writes the new token's keys and values into the cache and attends over it in one node, reading the grouped
 key/value heads as they are (what onnxruntime-genai's model builder emits).
 
-How (:func:`group_query_attention`, around the static export's trace): first one decode step of a copy of the
-trace's sample, through the model's own attention, plans each layer: the node where the attention reads the very
-tensors the cache update returned (MLA's reads keys expanded from a compressed cache instead) and nothing below
-rules it out. Then, in the trace, a planned layer's cache update keeps the new token's keys and values aside
-instead of writing them, and the attention call that follows hands them, the query and the layer's cache to
-``moe_fx::onnx_gqa``, which the exporter translates into the node; its present outputs become the layer's cache,
-returned as ``present.{i}.key|value``. The node writes the token at slot ``seqlens_k`` (the ``cache_position``
-input, the same for every row) and attends to slots ``0..seqlens_k``; bound to one buffer with its past (the
-runners' IO binding), the write is in place.
+How (:func:`group_query_attention`, around the static export's trace): first one decode step of the trace's
+sample (put back afterwards), through the model's own attention, plans each layer: the node where the attention
+reads the very tensors the cache update returned (MLA's reads keys expanded from a compressed cache instead) and
+nothing below rules it out; and, where the node's computation from the raw q/k/v projections reproduces the
+layer's output and cache update (:class:`_Projected`), the node rotates q and k itself. Then, in the trace, a
+planned layer's cache update keeps the new token's keys and values aside instead of writing them, and the
+attention call that follows hands them, the query and the layer's cache to ``moe_fx::onnx_gqa`` (a layer of
+projected form runs :func:`_projected_forward` instead), which the exporter translates into the node; its
+present outputs become the layer's cache, returned as ``present.{i}.key|value``. The node writes the token at
+slot ``seqlens_k`` (the ``cache_position`` input, the same for every row) and attends to slots
+``0..seqlens_k``; bound to one buffer with its past (the runners' IO binding), the write is in place.
 
 What it cannot express stays on the model's own attention, layer by layer, with the reason recorded:
 attention sinks (GPT-OSS), sliding windows, logit soft-capping, key and value heads of different widths (MLA).
 The node has no padding mask: every row of a batch holds the same number of tokens, so when every layer is
-fused the graph has no ``attention_mask`` input and the runners refuse a mask with padding in it.
+fused the graph has no ``attention_mask`` input (nor ``position_ids`` when every node rotates) and the runners
+refuse a mask with padding in it.
 """
 
 from __future__ import annotations
