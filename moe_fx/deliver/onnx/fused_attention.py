@@ -277,10 +277,15 @@ def _form(module: nn.Module, index: int, hidden: torch.Tensor, past: tuple, laye
     return form if _close(got, output) and _close(keys, layer.keys) and _close(values, layer.values) else None
 
 
+def _cache_argument(kwargs: dict):
+    """The cache an attention module is called with: ``past_key_values=`` (transformers 5.23) or ``cache=`` (5.25)."""
+    return kwargs.get("past_key_values", kwargs.get("cache"))
+
+
 def _probing(module: nn.Module, original, caches):
     """The module's forward during the probe: as it is, then its raw-projection form checked against what it did."""
     def forward(*args, **kwargs):
-        hidden, cache = kwargs.get("hidden_states", args[0] if args else None), kwargs.get("past_key_values")
+        hidden, cache = kwargs.get("hidden_states", args[0] if args else None), _cache_argument(kwargs)
         layer = cache.layers[module.layer_idx] if cache is not None else None
         ready = layer is not None and getattr(layer, "is_initialized", False)
         past = (layer.keys.clone(), layer.values.clone(), layer.cumulative_length.clone()) if ready else None
@@ -299,7 +304,7 @@ def _projected_forward(module: nn.Module, form: _Projected, scale: float):
     """The module's forward in the trace for a layer of raw-projection form: the cache's token count and the node."""
     def forward(*args, **kwargs):
         hidden = kwargs.get("hidden_states", args[0] if args else None)
-        layer = kwargs["past_key_values"].layers[module.layer_idx]
+        layer = _cache_argument(kwargs).layers[module.layer_idx]
         _state["calls"] += 1  # this layer's cache update, done by the node
         length = hidden.shape[1]
         seqlens = (layer.cumulative_length + (length - 1)).to(torch.int32).expand(hidden.shape[0])
