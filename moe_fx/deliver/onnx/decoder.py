@@ -39,15 +39,15 @@ class OnnxDecoder:
         self.batch_size, _, self.max_cache_len, _ = inputs[past[0]].shape
         dtype = numpy_dtype(inputs[past[0]])
         self.binding = self.session.io_binding()
-        self._small = {  # host copies of the step's inputs, written to their device buffers before each run
+        step_inputs = {
             "input_ids": np.zeros((self.batch_size, 1), np.int64),
             "attention_mask": np.zeros((self.batch_size, self.max_cache_len), np.int64),
             "position_ids": np.zeros((self.batch_size, 1), np.int64),
             "cache_position": np.zeros(1, np.int64),
         }
-        for name in ("attention_mask", "position_ids"):  # absent where GroupQueryAttention takes rows of one length
-            if name not in inputs:
-                del self._small[name]
+        # host copies of the step's inputs, written to their device buffers before each run; the mask and positions
+        # are absent where GroupQueryAttention takes rows of one length
+        self._small = {name: array for name, array in step_inputs.items() if name in inputs}
         self._values = {name: self._device_value(array) for name, array in self._small.items()}
         for name, value in self._values.items():
             self.binding.bind_ortvalue_input(name, value)

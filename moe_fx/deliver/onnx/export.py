@@ -26,7 +26,7 @@ from unittest import mock
 import torch
 from torch import nn
 
-from moe_fx.deliver.onnx.fused_attention import ATTENTIONS, group_query_attention
+from moe_fx.deliver.onnx.fused_attention import ATTENTIONS, AttentionPlan, group_query_attention
 from moe_fx.deliver.onnx.fused_experts import (
     FusedLayout,
     dequantized_weights,
@@ -483,7 +483,7 @@ def export_onnx(
         except (RuntimeError, ValueError, TypeError) as exc:
             raise MoeFxError(f"transformers' ONNX exporter failed on {type(model).__name__}: {first_line(exc)}") from exc
         program = exported.program
-        layers = attention_plan.layers if attention_plan is not None else {}
+        attention_plan = attention_plan or AttentionPlan({}, [])  # dynamic or --attention plain: nothing planned
         lowered = lower_fused_experts(program.graph, weights)
         if ort_fusions is not None:  # after the MoE nodes exist: the fusions leave them alone
             from transformers.exporters.onnxruntime_fusions import fuse_for_onnxruntime
@@ -545,9 +545,9 @@ def export_onnx(
                 ort_fusions=ort_fusions,
                 opset=program.opset_imports.get(""),
                 static=static,
-                fused_attention=sorted(i for i, why in layers.items() if why is None),
-                unfused_attention={i: why for i, why in sorted(layers.items()) if why is not None},
-                rotary_in_node=attention_plan.rotary_in_node if attention_plan is not None else [],
+                fused_attention=sorted(i for i, why in attention_plan.layers.items() if why is None),
+                unfused_attention={i: why for i, why in sorted(attention_plan.layers.items()) if why is not None},
+                rotary_in_node=attention_plan.rotary_in_node,
             )
             record = _source_record(source)
             record["onnx_export"] = result.to_dict()

@@ -104,6 +104,20 @@ def _rotary_caches(model: nn.Module, length: int, width: int) -> tuple[torch.Ten
     return cos[:, :half].contiguous(), sin[:, :half].contiguous()
 
 
+def _seqlens(count: torch.Tensor, length: int, batch: int) -> torch.Tensor:
+    """The node's ``seqlens_k`` (``[batch]`` int32) for ``length`` new tokens after ``count`` cached ones."""
+    return (count + (length - 1)).to(torch.int32).expand(batch)
+
+
+def _node(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor,
+          seqlens: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, heads: int,
+          scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``moe_fx::onnx_gqa`` over the cache ``past_*``, its total length the cache's (a constant: what a CUDA graph
+    replays)."""
+    total = torch.tensor(past_key.shape[2], dtype=torch.int32)
+    return torch.ops.moe_fx.onnx_gqa(query, key, value, past_key, past_value, seqlens, total, cos, sin, heads, past_key.shape[1], float(scale))
+
+
 def _projected(module: nn.Module, hidden: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor, seqlens: torch.Tensor,
                form: _Projected, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The module's attention output (after ``o_proj``) and the cache as the node computes them from ``hidden``."""
@@ -112,9 +126,7 @@ def _projected(module: nn.Module, hidden: torch.Tensor, past_key: torch.Tensor, 
     heads = module.q_proj.out_features // width
     q, k, v = (getattr(module, name)(hidden) for name in _PROJECTIONS[:3])
     q, k = _normed(module, "q_norm", q, width), _normed(module, "k_norm", k, width)
-    total = torch.tensor(past_key.shape[2], dtype=torch.int32)
-    out, keys, values = torch.ops.moe_fx.onnx_gqa(q, k, v, past_key, past_value, seqlens, total, form.cos, form.sin, heads,
-                                                  past_key.shape[1], float(scale))
+    out, keys, values = _node(q, k, v, past_key, past_value, seqlens, form.cos, form.sin, heads, scale)
     return module.o_proj(out.view(batch, length, heads * width)), keys, values
 
 
@@ -161,7 +173,7 @@ def _update(layer: StaticLayer, key_states: torch.Tensor, value_states: torch.Te
     if not layer.is_initialized:
         layer.lazy_initialization(key_states, value_states)
     length = key_states.shape[-2]
-    seqlens = (layer.cumulative_length + (length - 1)).to(torch.int32).expand(key_states.shape[0])
+    seqlens = _seqlens(layer.cumulative_length, length, key_states.shape[0])
     layer.cumulative_length.add_(length)
     _pending[:] = [key_states, value_states, seqlens, layer]
     return key_states, value_states
@@ -173,8 +185,9 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
     probe plans the layer: the node when the attention reads the cache the update returned (MLA's attention reads
     keys expanded from a compressed cache instead) and :func:`_unsupported` finds nothing; the trace follows the plan."""
     index = _state["calls"] - 1
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if _state["probing"]:
-        _state["scales"][index] = scaling if scaling is not None else query.shape[-1] ** -0.5
+        _state["scales"][index] = scale
         reads_cache = len(_pending) == 2 and key is _pending[0] and value is _pending[1]
         _state["plan"][index] = _unsupported(module, query, key, value, kwargs) if reads_cache else \
             "the attention reads keys and values derived from the cache, not the cache (MLA)"
@@ -185,10 +198,7 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
             raise MoeFxError(f"layer {index}'s attention did not read the cache update the probe saw; export with --attention plain")
         batch, heads, length, width = query.shape
         flat = [x.transpose(1, 2).reshape(batch, length, -1) for x in (query, new_key, new_value)]
-        total = torch.tensor(layer.keys.shape[2], dtype=torch.int32)
-        scale = scaling if scaling is not None else width ** -0.5
-        out, layer.keys, layer.values = torch.ops.moe_fx.onnx_gqa(*flat, layer.keys, layer.values, seqlens, total, None, None, heads,
-                                                                  key.shape[1], float(scale))
+        out, layer.keys, layer.values = _node(*flat, layer.keys, layer.values, seqlens, None, None, heads, scale)
         return out.view(batch, length, heads, width), None
     return _plain_attention(module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
@@ -272,7 +282,7 @@ def _form(module: nn.Module, index: int, hidden: torch.Tensor, past: tuple, laye
     if caches is None or caches[0].shape[-1] * 2 != past[0].shape[-1]:
         return None
     form = _Projected(*caches)
-    seqlens = (past[2] + (hidden.shape[1] - 1)).to(torch.int32).expand(hidden.shape[0])
+    seqlens = _seqlens(past[2], hidden.shape[1], hidden.shape[0])
     got, keys, values = _projected(module, hidden, past[0], past[1], seqlens, form, _state["scales"][index])
     return form if _close(got, output) and _close(keys, layer.keys) and _close(values, layer.values) else None
 
@@ -306,9 +316,8 @@ def _projected_forward(module: nn.Module, form: _Projected, scale: float):
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         layer = _cache_argument(kwargs).layers[module.layer_idx]
         _state["calls"] += 1  # this layer's cache update, done by the node
-        length = hidden.shape[1]
-        seqlens = (layer.cumulative_length + (length - 1)).to(torch.int32).expand(hidden.shape[0])
-        layer.cumulative_length.add_(length)
+        seqlens = _seqlens(layer.cumulative_length, hidden.shape[1], hidden.shape[0])
+        layer.cumulative_length.add_(hidden.shape[1])
         out, layer.keys, layer.values = _projected(module, hidden, layer.keys, layer.values, seqlens, form, scale)
         return out, None
 
@@ -363,7 +372,8 @@ def group_query_attention(model: nn.Module, inputs: dict, every_dtype: bool) -> 
     """While inside (around the static export's trace, in place of :func:`~.static_decode.scatter_updates`):
     attention goes through :func:`_attention`, the cache layers update with :func:`_update`, layers of
     raw-projection form run :func:`_projected_forward`, and the exporter translates the op. On entry, one decode
-    step of a copy of ``inputs`` (the trace's sample) plans each layer; yields that plan. ``every_dtype``: fuse
+    step of ``inputs`` (the trace's sample; what it writes is put back, :func:`_restored`) plans each layer;
+    yields that plan. ``every_dtype``: fuse
     float32 layers too (onnxruntime's CPU kernel runs them; its CUDA kernel does not)."""
     from transformers import AttentionInterface
     from transformers.exporters import exporter_onnx
