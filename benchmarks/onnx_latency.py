@@ -119,12 +119,14 @@ EXPORTS = {
     "fused-opset23-model-routing": {"moe_op": "fused", "opset": 23, "operator_routing": False, "attention": "plain"},
     "fused-gqa": {"moe_op": "fused", "attention": "gqa", "static": True},
     "fused-gqa+ort-fusions": {"moe_op": "fused", "attention": "gqa", "ort_fusions": True, "static": True},
+    "fused-gqa-cuda+ort-fusions": {"moe_op": "fused", "attention": "gqa-cuda", "ort_fusions": True, "static": True},
 }
 """The exports a benchmark can time: ``export_onnx`` options (``ort_fusions``: for the provider the run uses;
 ``static``: a static decode graph per batch, run by ``OnnxDecoder``: decode only; ``opset`` 23: attention as ONNX's
 ``Attention`` op on the grouped key/value heads; ``operator_routing`` off: the model's routing ops kept in the graph,
 the side-by-side of the MoE node routing from the raw logits; ``attention``: a static graph's attention as
-onnxruntime's ``GroupQueryAttention`` node (``gqa``) or the model's ops (``plain``))."""
+onnxruntime's ``GroupQueryAttention`` node (``gqa``; ``gqa-cuda``: the node also applies the per-head q/k norms, a
+CUDA-only graph) or the model's ops (``plain``))."""
 
 
 def export_options(label: str, device: str) -> dict:

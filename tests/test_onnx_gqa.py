@@ -112,6 +112,29 @@ def test_half_precision_graph_is_fused_by_default(tmp_path) -> None:
     assert result.inputs[:2] == ["input_ids", "past_key_values.0.key"]
 
 
+@pytest.mark.parametrize(("family", "norms"), [("qwen3_moe", [0, 1]), ("mixtral", [])])
+def test_cuda_form_takes_the_per_head_norms_into_the_node(family: str, norms: list[int], tmp_path) -> None:
+    """``--attention gqa-cuda``: where the probe finds that the node's own per-head RMS norms reproduce the layer
+    (Qwen3's q/k norms), the node takes their weights and epsilon (``q_norm_weight``, ``k_norm_weight``: inputs 14
+    and 15, the ones between left empty) and the norm ops leave the graph; a family without them keeps the
+    portable form. (onnxruntime's CPU kernel refuses these inputs: the graph's parity is checked on CUDA, in
+    :func:`test_cuda_kernel_matches_pytorch_in_float16`.)"""
+    model = first_layer_pruned(family).half()
+    result = onnx_export.export_onnx(model, tmp_path / "n", static=StaticShape(1, CACHE), dtype="float16", check=False, attention="gqa-cuda")
+    assert result.fused_attention == [0, 1] and result.rotary_in_node == [0, 1] and result.norms_in_node == norms
+    nodes = [n for n in _graph(result.path).all_nodes() if n.op_type == "GroupQueryAttention"]
+    assert len(nodes) == 2
+    for node in nodes:
+        if norms:
+            assert [v is None for v in node.inputs[9:14]] == [True] * 5 and node.inputs[14].shape.dims == node.inputs[15].shape.dims == (16,)
+            assert node.attributes["qk_norm_epsilon"].value == pytest.approx(model.config.rms_norm_eps)
+        else:
+            assert len(node.inputs) == 9 and "qk_norm_epsilon" not in node.attributes
+    if norms:  # the q/k norms' reductions left with them: only the layers' two norms and the final one remain
+        ops = [n.op_type for n in _graph(result.path).all_nodes()]
+        assert ops.count("ReduceMean") == 2 * model.config.num_hidden_layers + 1
+
+
 def test_with_onnxruntime_fusions(once) -> None:
     """The combination: transformers' onnxruntime fusions (norms with their residual adds, the per-head norms, packed
     q/k/v projections) around the nodes, which keep the rotary embedding; still within 1e-4."""
@@ -139,10 +162,15 @@ def test_attention_options_refused_before_export(capsys, micro_path, tmp_path) -
     model = first_layer_pruned("qwen3_moe")
     with pytest.raises(BadOptionError, match="--attention gqa fuses a --static-cache graph's attention"):
         onnx_export.export_onnx(model, tmp_path / "a", attention="gqa")
-    with pytest.raises(BadOptionError, match="--attention 'fast' is not one of gqa, plain"):
+    with pytest.raises(BadOptionError, match="--attention 'fast' is not one of gqa, gqa-cuda, plain"):
         onnx_export.export_onnx(model, tmp_path / "b", attention="fast", static=StaticShape(1, CACHE))
+    with pytest.raises(BadOptionError, match="only onnxruntime's CUDA kernel runs, so the parity check cannot run on the CPU"):
+        onnx_export.export_onnx(model.half(), tmp_path / "e", attention="gqa-cuda", static=StaticShape(1, CACHE), dtype="float16")
     assert main(["export", "onnx", str(micro_path), "--out", str(tmp_path / "c"), "--attention", "gqa"]) == 2
     assert "--attention gqa fuses a --static-cache graph's attention" in capsys.readouterr().err
+    argv = ["export", "onnx", str(micro_path), "--out", str(tmp_path / "f"), "--static-cache", "48", "--dtype", "float16"]
+    assert main([*argv, "--attention", "gqa-cuda"]) == 2
+    assert "check on --device cuda, pass --no-check, or use --attention gqa" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
 
@@ -154,11 +182,17 @@ def test_cli_gqa_export_of_the_trained_micro_model(capsys, micro_path, tmp_path)
     assert code == 0, err
     assert "2 as com.microsoft.GroupQueryAttention (2 rotating q and k)" in text and "identical" in text
     assert json.loads((out / "moe_fx.json").read_text())["onnx_export"]["fused_attention"] == [0, 1]
+    cuda_only = tmp_path / "cuda"  # the CUDA form, unchecked on this CPU: the summary names the layers with their norms
+    argv = ["export", "onnx", str(micro_path), "--out", str(cuda_only), "--static-cache", "48", "--dtype", "float16", "--no-check"]
+    assert main([*argv, "--attention", "gqa-cuda", "--quiet"]) == 0
+    assert "2 as com.microsoft.GroupQueryAttention (2 rotating q and k, 2 with their q/k norms)" in capsys.readouterr()[0]
+    assert json.loads((cuda_only / "moe_fx.json").read_text())["onnx_export"]["norms_in_node"] == [0, 1]
 
 
 def test_cuda_kernel_matches_pytorch_in_float16(tmp_path) -> None:
     """On onnxruntime-gpu with a CUDA torch (scripts/test_gpu.sh): a float16 graph, checked on the CUDA provider by the
-    export itself, fuses every layer by default, and its CUDA-graph replay generates what plain steps do."""
+    export itself, fuses every layer by default, and its CUDA-graph replay generates what plain steps do; so does
+    the ``gqa-cuda`` graph, whose nodes also apply the per-head norms."""
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available():
@@ -169,6 +203,10 @@ def test_cuda_kernel_matches_pytorch_in_float16(tmp_path) -> None:
     ids = np.random.default_rng(1).integers(3, 100, (2, 7))
     replayed, plain = (OnnxDecoder(result.path, device="cuda", cuda_graph=graph) for graph in (True, False))
     np.testing.assert_array_equal(replayed.generate(ids, 10), plain.generate(ids, 10))
+    normed = onnx_export.export_onnx(model, tmp_path / "gqa16n", static=StaticShape(2, CACHE), dtype="float16", device="cuda",
+                                     attention="gqa-cuda")  # the per-head norms in the node: checked by the export on CUDA
+    assert normed.norms_in_node == [0, 1] and normed.parity.greedy_identical
+    np.testing.assert_array_equal(OnnxDecoder(normed.path, device="cuda", cuda_graph=True).generate(ids, 10), plain.generate(ids, 10))
 
 
 def test_probe_leaves_the_trace_sample_as_it_was() -> None:

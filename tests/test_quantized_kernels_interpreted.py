@@ -27,7 +27,7 @@ torch.manual_seed(0)
 TILED = tk.Tiles(2, 64, 128, 4, 3, False, True)  # 2-row blocks: experts of 2, 3 and 4 rows span 1-2 blocks
 TILED_SWAP = tk.Tiles(4, 64, 128, 4, 3, True, True)
 SUBS = (tk.Tiles(16, 64, 128, 4, 4, False, False, 2), tk.Tiles(2, 64, 128, 4, 3, True, True, 2))  # 4-bit: 2 tiles a step
-for k in (384, 200):
+for k in (328,):  # 2.56 tiles of 128: full, partial and (4-bit, 2 tiles a step) a second step
     w = torch.randn(6, 96, k) * 0.02
     x = torch.randn(5, k)
     ids = torch.tensor([0, 3, 5, 3, 1, 2, 4, 0, 1, 5])

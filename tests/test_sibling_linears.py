@@ -13,9 +13,9 @@ from moe_fx.formats.checkpoint import save_checkpoint
 from tests.tiny_models import tiny_model
 
 
-def _model():
+def _model(**overrides):
     torch.manual_seed(0)
-    return tiny_model("qwen3_moe").eval()
+    return tiny_model("qwen3_moe", **overrides).eval()
 
 
 def test_packing_keeps_values_names_and_checkpoints(tmp_path) -> None:
@@ -74,7 +74,7 @@ def test_moe_fx_compile_fuses_without_gradients_only(monkeypatch) -> None:
     on the CPU; q/k/v fold), matching eager; ``fused=False`` and graphs with gradients are left alone."""
     from moe_fx.deliver import compile as compile_module
 
-    model = _model()
+    model = _model(num_hidden_layers=1)  # one layer: three inductor compiles (one with gradients) are the test's time
     ids = torch.randint(0, model.config.vocab_size, (2, 6))
     seen = []
     original = compile_module.InductorBackend.__call__

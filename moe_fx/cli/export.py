@@ -34,10 +34,11 @@ def add_parser(sub) -> None:
                         "replays as one CUDA graph (run it with moe_fx.deliver.onnx.OnnxDecoder); default: the dynamic graph "
                         "in Optimum's layout")
     p.add_argument("--batch-size", type=int, default=1, help="rows of a --static-cache graph (default 1)")
-    p.add_argument("--attention", choices=("gqa", "plain"),
+    p.add_argument("--attention", choices=("gqa", "gqa-cuda", "plain"),
                    help="a --static-cache graph's attention: onnxruntime's GroupQueryAttention node per layer (cache update "
-                        "and attention in one kernel; rows of one length, no padding mask) where it expresses the layer, or "
-                        "the model's own ops; default: gqa for float16/bfloat16 graphs, plain for float32")
+                        "and attention in one kernel; rows of one length, no padding mask) where it expresses the layer; "
+                        "gqa-cuda: the node also applies per-head q/k norms (Qwen3's), which only onnxruntime's CUDA kernel runs; "
+                        "plain: the model's own ops; default: gqa for float16/bfloat16 graphs, plain for float32")
     p.add_argument("--model-routing", action="store_true",
                    help="keep the model's routing ops (softmax, top-k, ...) in the graph for every fused block; by default "
                         "blocks whose router is softmax -> top-k hand the router's logits to the MoE node, which routes itself")
@@ -68,7 +69,8 @@ def run(args) -> int:
         ["export time", f"{result.export_seconds:.1f} s"],
     ]
     if static is not None:
-        rotary = f" ({len(result.rotary_in_node)} rotating q and k)" if result.rotary_in_node else ""
+        norms = f", {len(result.norms_in_node)} with their q/k norms" if result.norms_in_node else ""
+        rotary = f" ({len(result.rotary_in_node)} rotating q and k{norms})" if result.rotary_in_node else ""
         rows.append(["attention", _summary(result.fused_attention, result.unfused_attention, "as com.microsoft.GroupQueryAttention", rotary)])
         rows.append(["static decode graph", f"batch {static.batch_size}, {static.max_cache_len}-token cache, one token a step: run it with "
                      "OnnxDecoder (CUDA graphs); Optimum's ORTModelForCausalLM needs the dynamic export"])

@@ -123,6 +123,8 @@ class OnnxExport:
     """Layers of a static graph left on the model's own attention ops, with the reason."""
     rotary_in_node: list[int] = field(default_factory=list)
     """Fused layers whose node also rotates q and k (the rotary ops and the position input leave the graph)."""
+    norms_in_node: list[int] = field(default_factory=list)
+    """Fused layers whose node also applies the per-head q/k norms (``--attention gqa-cuda``: a CUDA-only graph)."""
 
     def to_dict(self) -> dict:
         out = {k: v for k, v in self.__dict__.items() if k not in ("path", "parity", "quantization", "static")}
@@ -195,13 +197,16 @@ def _fusion_plan(model: nn.Module, moe_op: str | None, weights: str, dtype: torc
     return plan
 
 
-def _check_static_options(static: StaticShape | None, with_past: bool, attention: str | None) -> None:
+def _check_static_options(static: StaticShape | None, with_past: bool, attention: str | None, check_on_cpu: bool) -> None:
     if attention is not None and attention not in ATTENTIONS:
         raise BadOptionError(f"--attention {attention!r} is not one of {', '.join(ATTENTIONS)}")
     if static is None:
-        if attention == "gqa":
-            raise BadOptionError("--attention gqa fuses a --static-cache graph's attention; the dynamic graph's goes through --ort-fusions")
+        if attention not in (None, "plain"):
+            raise BadOptionError(f"--attention {attention} fuses a --static-cache graph's attention; the dynamic graph's goes through --ort-fusions")
         return
+    if attention == "gqa-cuda" and check_on_cpu:
+        raise BadOptionError("--attention gqa-cuda puts per-head q/k norms in the attention node, which only onnxruntime's CUDA kernel "
+                             "runs, so the parity check cannot run on the CPU: check on --device cuda, pass --no-check, or use --attention gqa")
     if not with_past:
         raise BadOptionError("--static-cache exports a decode graph over a KV cache: drop --no-past")
 
@@ -441,7 +446,7 @@ def export_onnx(
     _require_onnx_stack()
     _check_opset(opset)
     _check_moe_options(moe_op, weights, dtype, check, device, ort_fusions)
-    _check_static_options(static, with_past, attention)
+    _check_static_options(static, with_past, attention, check and device == "cpu")
     from transformers.exporters import OnnxConfig, OnnxExporter
 
     if check and device == "cpu" and parse_dtype(dtype) == torch.bfloat16:
@@ -475,7 +480,7 @@ def export_onnx(
         elif attention == "plain":
             updates = scatter_updates()
         else:
-            updates = group_query_attention(model, inputs, every_dtype=attention == "gqa")
+            updates = group_query_attention(model, inputs, every_dtype=attention == "gqa", norms_in_node=attention == "gqa-cuda")
         try:
             with (real_rotary(model), fused_export(model, fused) if fused else contextlib.nullcontext(),
                   updates as attention_plan, _grouped_kv_attention(opset)):
@@ -483,7 +488,7 @@ def export_onnx(
         except (RuntimeError, ValueError, TypeError) as exc:
             raise MoeFxError(f"transformers' ONNX exporter failed on {type(model).__name__}: {first_line(exc)}") from exc
         program = exported.program
-        attention_plan = attention_plan or AttentionPlan({}, [])  # dynamic or --attention plain: nothing planned
+        attention_plan = attention_plan or AttentionPlan({}, [], [])  # dynamic or --attention plain: nothing planned
         lowered = lower_fused_experts(program.graph, weights)
         if ort_fusions is not None:  # after the MoE nodes exist: the fusions leave them alone
             from transformers.exporters.onnxruntime_fusions import fuse_for_onnxruntime
@@ -548,6 +553,7 @@ def export_onnx(
                 fused_attention=sorted(i for i, why in attention_plan.layers.items() if why is None),
                 unfused_attention={i: why for i, why in sorted(attention_plan.layers.items()) if why is not None},
                 rotary_in_node=attention_plan.rotary_in_node,
+                norms_in_node=attention_plan.norms_in_node,
             )
             record = _source_record(source)
             record["onnx_export"] = result.to_dict()

@@ -17,7 +17,9 @@ attention call that follows hands them, the query and the layer's cache to ``moe
 projected form runs :func:`_projected_forward` instead), which the exporter translates into the node; its
 present outputs become the layer's cache, returned as ``present.{i}.key|value``. The node writes the token at
 slot ``seqlens_k`` (the ``cache_position`` input, the same for every row) and attends to slots
-``0..seqlens_k``; bound to one buffer with its past (the runners' IO binding), the write is in place.
+``0..seqlens_k``; bound to one buffer with its past (the runners' IO binding), the write is in place. With
+``--attention gqa-cuda`` a projected layer's node also applies the per-head q/k norms (a graph for onnxruntime's
+CUDA kernel only), where the probe finds the node's norms reproduce the module's.
 
 What it cannot express stays on the model's own attention, layer by layer, with the reason recorded:
 attention sinks (GPT-OSS), sliding windows, logit soft-capping, key and value heads of different widths (MLA).
@@ -44,16 +46,19 @@ from moe_fx.errors import MoeFxError
 
 NAME = "moe_fx_onnx_gqa"
 """The attention implementation the static export traces with when attention is fused."""
-ATTENTIONS = ("gqa", "plain")
-"""``--attention``: onnxruntime's GroupQueryAttention node per layer, or the model's own attention ops."""
+ATTENTIONS = ("gqa", "gqa-cuda", "plain")
+"""``--attention``: onnxruntime's GroupQueryAttention node per layer; the same with per-head q/k norms in the node
+(``q_norm_weight``, which only onnxruntime's CUDA kernel takes); or the model's own attention ops."""
 DOMAIN, OP = "com.microsoft", "GroupQueryAttention"
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 """The dtypes onnxruntime's CUDA GroupQueryAttention kernel runs (its CPU kernel also runs float32)."""
 
-_state: dict = {"implementation": "sdpa", "calls": 0, "plan": {}, "forms": {}, "scales": {}, "every_dtype": False, "probing": False}
+_state: dict = {"implementation": "sdpa", "calls": 0, "plan": {}, "forms": {}, "scales": {}, "every_dtype": False, "norms_in_node": False,
+                "probing": False}
 """The pass in progress: the model's attention implementation, cache updates so far in this forward, the
 per-layer plan (``None``: the node; else why not), the planned layers whose node also takes the raw projections
-(:class:`_Projected`) and each layer's softmax scale, fuse float32 layers too, and whether it is the probe."""
+(:class:`_Projected`) and each layer's softmax scale, fuse float32 layers too, let the node apply per-head q/k
+norms, and whether it is the probe."""
 _pending: list = []
 """The cache update the next attention call consumes: ``[keys, values, seqlens_k, layer]`` (the node's layers), or
 ``[keys returned, values returned]`` (the probe)."""
@@ -65,11 +70,24 @@ class _Projected:
     """A layer whose node takes the q/k/v projections (q and k through the module's own norms, where it has them) and
     rotates q and k itself by ``cos``/``sin`` (``[L, D / 2]``, at the slot it writes), when the module is projections,
     optional norms, the rotary embedding, attention and the o projection: checked numerically by the probe, not
-    assumed. (onnxruntime's CUDA kernel could also take per-head norms, ``q_norm_weight``; its CPU kernel cannot, so
-    the norms stay outside the node, where both run them.)"""
+    assumed. ``norms``: the module's per-head RMS norms of q and k (weights and epsilon) applied by the node itself
+    (``--attention gqa-cuda``: onnxruntime's CUDA kernel takes ``q_norm_weight``, its CPU kernel refuses it); without
+    them the norms stay outside the node, where both kernels run them."""
 
     cos: torch.Tensor
     sin: torch.Tensor
+    norms: tuple[torch.Tensor, torch.Tensor, float] | None = None
+
+
+def _head_norms(module: nn.Module, width: int) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """The weights and shared epsilon of the module's per-head q and k RMS norms (Qwen3's ``q_norm``/``k_norm``, a
+    weight of one head's width each), or ``None``; that they are RMS norms is checked numerically by the probe."""
+    norms = [getattr(module, name, None) for name in ("q_norm", "k_norm")]
+    weights = [getattr(norm, "weight", None) for norm in norms]
+    eps = {getattr(norm, "variance_epsilon", getattr(norm, "eps", None)) for norm in norms}
+    if not all(isinstance(w, torch.Tensor) and w.numel() == width for w in weights) or len(eps) != 1 or None in eps:
+        return None
+    return weights[0].detach(), weights[1].detach(), float(eps.pop())
 
 
 def _normed(module: nn.Module, name: str, projected: torch.Tensor, width: int) -> torch.Tensor:
@@ -110,12 +128,14 @@ def _seqlens(count: torch.Tensor, length: int, batch: int) -> torch.Tensor:
 
 
 def _node(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor,
-          seqlens: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, heads: int,
-          scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+          seqlens: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, heads: int, scale: float,
+          norms: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``moe_fx::onnx_gqa`` over the cache ``past_*``, its total length the cache's (a constant: what a CUDA graph
     replays)."""
     total = torch.tensor(past_key.shape[2], dtype=torch.int32)
-    return torch.ops.moe_fx.onnx_gqa(query, key, value, past_key, past_value, seqlens, total, cos, sin, heads, past_key.shape[1], float(scale))
+    q_norm, k_norm, eps = norms if norms is not None else (None, None, 0.0)
+    return torch.ops.moe_fx.onnx_gqa(query, key, value, past_key, past_value, seqlens, total, cos, sin, q_norm, k_norm, heads,
+                                     past_key.shape[1], float(scale), eps)
 
 
 def _projected(module: nn.Module, hidden: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor, seqlens: torch.Tensor,
@@ -125,8 +145,9 @@ def _projected(module: nn.Module, hidden: torch.Tensor, past_key: torch.Tensor, 
     width = past_key.shape[-1]
     heads = module.q_proj.out_features // width
     q, k, v = (getattr(module, name)(hidden) for name in _PROJECTIONS[:3])
-    q, k = _normed(module, "q_norm", q, width), _normed(module, "k_norm", k, width)
-    out, keys, values = _node(q, k, v, past_key, past_value, seqlens, form.cos, form.sin, heads, scale)
+    if form.norms is None:
+        q, k = _normed(module, "q_norm", q, width), _normed(module, "k_norm", k, width)
+    out, keys, values = _node(q, k, v, past_key, past_value, seqlens, form.cos, form.sin, heads, scale, form.norms)
     return module.o_proj(out.view(batch, length, heads * width)), keys, values
 
 
@@ -206,9 +227,11 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
 @torch.library.custom_op("moe_fx::onnx_gqa", mutates_args=())
 def onnx_gqa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor,
              seqlens_k: torch.Tensor, total_sequence_length: torch.Tensor, cos_cache: torch.Tensor | None, sin_cache: torch.Tensor | None,
-             num_heads: int, kv_num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             q_norm_weight: torch.Tensor | None, k_norm_weight: torch.Tensor | None, num_heads: int, kv_num_heads: int, scale: float,
+             qk_norm_epsilon: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What ``GroupQueryAttention`` computes over a cache shared with its output: the ``T`` new tokens' queries
-    (``[B, T, heads * D]``), keys and values (``[B, T, kv_heads * D]``), queries and keys rotated by ``cos_cache`` /
+    (``[B, T, heads * D]``), keys and values (``[B, T, kv_heads * D]``), queries and keys through per-head RMS norms
+    of weights ``q_norm_weight`` / ``k_norm_weight`` (``[D]``) if given, then rotated by ``cos_cache`` /
     ``sin_cache`` (``[L, D / 2]``, the halves rotated against each other) at their slot if given; keys and values
     written at slots ``seqlens_k - T + 1 .. seqlens_k`` of
     ``past_*`` (``[B, kv_heads, L, D]``), each query attending causally to the slots up to its own. Eager for the
@@ -217,6 +240,8 @@ def onnx_gqa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_k
     width = past_key.shape[-1]
     slots = (seqlens_k.long() + 1 - length)[:, None] + torch.arange(length, device=query.device)  # [B, T]
     q, k, v = (x.view(batch, length, -1, width) for x in (query, key, value))
+    if q_norm_weight is not None:
+        q, k = (_rms(x, w, qk_norm_epsilon) for x, w in ((q, q_norm_weight), (k, k_norm_weight)))
     if cos_cache is not None:
         q, k = (_rotated(x, cos_cache[slots], sin_cache[slots]) for x in (q, k))
     index = slots[:, None, :, None].expand(batch, kv_num_heads, length, width)
@@ -224,6 +249,12 @@ def onnx_gqa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_k
     visible = torch.arange(past_key.shape[2], device=query.device)[None, None, :] <= slots[:, :, None]  # [B, T, L]
     out = F.scaled_dot_product_attention(q.transpose(1, 2), *present, attn_mask=visible[:, None], scale=scale, enable_gqa=True)
     return out.transpose(1, 2).reshape(batch, length, num_heads * width), *present
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x``'s last dimension RMS-normalized in float32 and scaled by ``weight`` (transformers' RMS norms)."""
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -235,20 +266,29 @@ def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
 
 
 @onnx_gqa.register_fake
-def _(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache, sin_cache, num_heads, kv_num_heads, scale):
+def _(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache, sin_cache, q_norm_weight, k_norm_weight,
+      num_heads, kv_num_heads, scale, qk_norm_epsilon):
     return query.new_empty(query.shape), past_key.new_empty(past_key.shape), past_value.new_empty(past_value.shape)
 
 
-def _translate(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache, sin_cache, num_heads: int,
-               kv_num_heads: int, scale: float):
-    """The ONNX for ``moe_fx::onnx_gqa``: onnxruntime's node itself."""
+def _translate(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache, sin_cache, q_norm_weight,
+               k_norm_weight, num_heads: int, kv_num_heads: int, scale: float, qk_norm_epsilon: float):
+    """The ONNX for ``moe_fx::onnx_gqa``: onnxruntime's node itself (the inputs it does not use between the rotary
+    caches and the norm weights left empty)."""
     from onnxscript.values import Op, Opset
 
     attributes = {"num_heads": num_heads, "kv_num_heads": kv_num_heads, "scale": float(scale)}
     if cos_cache is not None:
         attributes.update(do_rotary=1, rotary_interleaved=0)
-    return Op(Opset(DOMAIN, 1), OP, _schema())(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache,
-                                              sin_cache, **attributes)
+    inputs = [query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache, sin_cache]
+    if q_norm_weight is not None:
+        attributes.update(qk_norm_epsilon=float(qk_norm_epsilon))
+        inputs += [None] * len(_UNUSED_INPUTS) + [q_norm_weight, k_norm_weight]
+    return Op(Opset(DOMAIN, 1), OP, _schema())(*inputs, **attributes)
+
+
+_UNUSED_INPUTS = ("position_ids", "attention_bias", "head_sink", "k_scale", "v_scale")
+"""The node's inputs between ``sin_cache`` and ``q_norm_weight`` (onnxruntime 1.31's order)."""
 
 
 @functools.cache
@@ -261,11 +301,15 @@ def _schema():
     inputs = [param(name, "T") for name in ("query", "key", "value", "past_key", "past_value")]
     inputs += [param("seqlens_k", "M"), param("total_sequence_length", "M")]
     inputs += [param(name, "T", param_option=optional) for name in ("cos_cache", "sin_cache")]
+    inputs += [param(name, "U", param_option=optional) for name in _UNUSED_INPUTS]
+    inputs += [param(name, "T", param_option=optional) for name in ("q_norm_weight", "k_norm_weight")]
     attr = OpSchema.AttrType
     attributes = [OpSchema.Attribute(name, kind, "") for name, kind in (
-        ("num_heads", attr.INT), ("kv_num_heads", attr.INT), ("scale", attr.FLOAT), ("do_rotary", attr.INT), ("rotary_interleaved", attr.INT))]
+        ("num_heads", attr.INT), ("kv_num_heads", attr.INT), ("scale", attr.FLOAT), ("do_rotary", attr.INT), ("rotary_interleaved", attr.INT),
+        ("qk_norm_epsilon", attr.FLOAT))]
     return OpSchema(OP, DOMAIN, 1, inputs=inputs, outputs=[param(name, "T") for name in ("output", "present_key", "present_value")],
-                    type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""), ("M", ["tensor(int32)"], "")],
+                    type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""), ("M", ["tensor(int32)"], ""),
+                                      ("U", ["tensor(int64)", "tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "")],
                     attributes=attributes)
 
 
@@ -281,10 +325,13 @@ def _form(module: nn.Module, index: int, hidden: torch.Tensor, past: tuple, laye
     reproduces the module's output and cache update of the probe's step (``past``: the cache before it)."""
     if caches is None or caches[0].shape[-1] * 2 != past[0].shape[-1]:
         return None
-    form = _Projected(*caches)
+    norms = _head_norms(module, past[0].shape[-1]) if _state["norms_in_node"] else None
     seqlens = _seqlens(past[2], hidden.shape[1], hidden.shape[0])
-    got, keys, values = _projected(module, hidden, past[0], past[1], seqlens, form, _state["scales"][index])
-    return form if _close(got, output) and _close(keys, layer.keys) and _close(values, layer.values) else None
+    for form in [_Projected(*caches, norms)] * (norms is not None) + [_Projected(*caches)]:  # with the norms in the node first
+        got, keys, values = _projected(module, hidden, past[0], past[1], seqlens, form, _state["scales"][index])
+        if _close(got, output) and _close(keys, layer.keys) and _close(values, layer.values):
+            return form
+    return None
 
 
 def _cache_argument(kwargs: dict):
@@ -365,16 +412,18 @@ class AttentionPlan:
 
     layers: dict[int, str | None]
     rotary_in_node: list[int]
+    norms_in_node: list[int]
 
 
 @contextlib.contextmanager
-def group_query_attention(model: nn.Module, inputs: dict, every_dtype: bool) -> Iterator[AttentionPlan]:
+def group_query_attention(model: nn.Module, inputs: dict, every_dtype: bool, norms_in_node: bool = False) -> Iterator[AttentionPlan]:
     """While inside (around the static export's trace, in place of :func:`~.static_decode.scatter_updates`):
     attention goes through :func:`_attention`, the cache layers update with :func:`_update`, layers of
     raw-projection form run :func:`_projected_forward`, and the exporter translates the op. On entry, one decode
     step of ``inputs`` (the trace's sample; what it writes is put back, :func:`_restored`) plans each layer;
     yields that plan. ``every_dtype``: fuse
-    float32 layers too (onnxruntime's CPU kernel runs them; its CUDA kernel does not)."""
+    float32 layers too (onnxruntime's CPU kernel runs them; its CUDA kernel does not). ``norms_in_node``: the node
+    also applies per-head q/k norms where the layer has them (a graph for onnxruntime's CUDA kernel only)."""
     from transformers import AttentionInterface
     from transformers.exporters import exporter_onnx
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
@@ -394,7 +443,8 @@ def group_query_attention(model: nn.Module, inputs: dict, every_dtype: bool) -> 
                and all(isinstance(getattr(m, name, None), nn.Linear) for name in _PROJECTIONS)]
     cache = inputs["past_key_values"].layers[0].keys
     caches = _rotary_caches(model, cache.shape[2], cache.shape[3])
-    _state.update(implementation=before, calls=0, plan={}, forms={}, scales={}, every_dtype=every_dtype, probing=True)
+    _state.update(implementation=before, calls=0, plan={}, forms={}, scales={}, every_dtype=every_dtype, norms_in_node=norms_in_node,
+                  probing=True)
     try:
         config._attn_implementation = NAME
         with cache_updates(_update), torch.no_grad():
@@ -409,7 +459,8 @@ def group_query_attention(model: nn.Module, inputs: dict, every_dtype: bool) -> 
             patches = {by_layer[i]: _projected_forward(by_layer[i], form, _state["scales"][i]) for i, form in _state["forms"].items()}
             table[key] = _translate
             with _forwards(patches):
-                yield AttentionPlan(dict(_state["plan"]), sorted(_state["forms"]))
+                yield AttentionPlan(dict(_state["plan"]), sorted(_state["forms"]),
+                                    sorted(i for i, form in _state["forms"].items() if form.norms is not None))
     finally:
         config._attn_implementation = before
         table.pop(key, None)
