@@ -92,13 +92,13 @@ class OnnxCausalLM:
             "position_ids": np.maximum(positions, 0)[:, total - input_ids.shape[1]:].astype(np.int64),
         }
         feed.update(past or {})
-        outs = self._run(feed)
-        present = {n.replace("present.", "past_key_values.", 1): v for n, v in outs.items() if n.startswith("present.")}
-        return outs["logits"], present
+        return self._run(feed)
 
-    def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The graph's outputs by name, fed what of ``feed`` it takes (a fused static graph has no mask or positions)."""
-        return dict(zip(self.output_names, self.session.run(None, {k: v for k, v in feed.items() if k in self.inputs})))
+    def _run(self, feed: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The graph's logits and its presents named as the next step's past, fed what of ``feed`` it takes (a fused
+        static graph has no mask or positions)."""
+        outs = dict(zip(self.output_names, self.session.run(None, {k: v for k, v in feed.items() if k in self.inputs})))
+        return outs["logits"], {n.replace("present.", "past_key_values.", 1): v for n, v in outs.items() if n.startswith("present.")}
 
     def _forward_static(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """:meth:`forward` through a static decode graph: one step per token, each written to its slot of the cache.
@@ -121,9 +121,8 @@ class OnnxCausalLM:
             step_mask = np.where(np.arange(self.max_cache_len) <= slot, mask, 0)
             feed = {"input_ids": ids[:, slot - total + new, None], "attention_mask": step_mask,
                     "position_ids": positions[:, slot, None], "cache_position": np.array([slot], np.int64), **past}
-            outs = self._run(feed)
-            past = {n.replace("present.", "past_key_values.", 1): v for n, v in outs.items() if n.startswith("present.")}
-            logits.append(outs["logits"][:rows])
+            step_logits, past = self._run(feed)
+            logits.append(step_logits[:rows])
         return np.concatenate(logits, axis=1), past
 
     def generate(self, input_ids: np.ndarray, max_new_tokens: int, eos_token_id: int | None = None) -> np.ndarray:
