@@ -1,6 +1,7 @@
 """Static decode graphs whose attention is onnxruntime's ``GroupQueryAttention`` node (``--attention gqa``): the cache
 update and attention of a layer in one node, written in place through the runners' IO binding; layers the node
-cannot express (sinks, MLA's compressed cache) kept on the model's ops with the reason; parity in float32 on
+cannot express (MLA's compressed cache) kept on the model's ops with the reason; GPT-OSS's sinks and sliding windows
+in the node; parity in float32 on
 onnxruntime's CPU kernel; the runners' refusal of padded rows; the options' refusals."""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from onnx_cases import first_layer_pruned
+from onnx_cases import WINDOW, first_layer_pruned
 
 from moe_fx.cli import main
 from moe_fx.deliver.onnx import OnnxCausalLM, OnnxDecoder, StaticShape
@@ -37,9 +38,10 @@ def _graph(path):
     return ir.load(str(path / "model.onnx")).graph
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "olmoe", "granitemoe"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "olmoe", "granitemoe", "gpt_oss"])
 def test_each_layer_is_one_node_writing_its_cache(family: str, once) -> None:
-    """Per-head norms (Qwen3), none (Mixtral), norms over the whole projection (OLMoE), a custom scale (GraniteMoE):
+    """Per-head norms (Qwen3), none (Mixtral), norms over the whole projection (OLMoE), a custom scale (GraniteMoE),
+    sinks, projection biases, a half-width rotary and sliding windows (GPT-OSS):
     every layer's attention is one node that rotates q and k itself (the rotary ops and the position input leave the
     graph; the norms stay the model's), the cache's presents are its outputs over its pasts (what lets a runner bind
     both to one buffer), no scatter is left, the mask input is gone, and the logits stay within 1e-4 of PyTorch with
@@ -70,23 +72,38 @@ def test_each_layer_is_one_node_writing_its_cache(family: str, once) -> None:
     assert record["fused_attention"] == list(range(layers))
 
 
-@pytest.mark.parametrize(("family", "reason"), [("gpt_oss", "attention sinks"), ("deepseek_v3", "derived from the cache")])
-def test_layers_the_node_cannot_express_keep_their_ops(family: str, reason: str, once) -> None:
-    """GPT-OSS's sinks and DeepSeek's compressed (MLA) cache: the decode-step probe keeps each layer on the model's
-    own attention with the reason, and the graph matches PyTorch as before (scatter-written cache, mask input)."""
-    model, result = _gqa_export(once, family)
+def test_sinks_and_sliding_windows_go_into_the_node(once) -> None:
+    """GPT-OSS: each layer's sinks are its node's ``head_sink``, a sliding layer's window its ``local_window_size``
+    (6 tokens, crossed by the parity check's 28: its logits are within 1e-4 of PyTorch's), a full layer has none;
+    every layer's cache holds all the graph's slots."""
+    model, result = _gqa_export(once, "gpt_oss")
+    assert result.parity.max_abs_logit_diff <= 1e-4 and result.parity.greedy_identical
+    graph = _graph(result.path)
+    nodes = [n for n in graph.all_nodes() if n.op_type == "GroupQueryAttention"]
+    modules = [layer.self_attn for layer in model.model.layers]
+    assert [m.sliding_window for m in modules] == [WINDOW, None]
+    for node, module in zip(nodes, modules, strict=True):
+        np.testing.assert_array_equal(node.inputs[11].const_value.numpy(), module.sinks.detach().numpy())
+        assert node.attributes.get_int("local_window_size", -1) == (module.sliding_window or -1)
+    assert {tuple(v.shape) for v in graph.inputs if v.name.startswith("past_key_values")} == {(2, 4, CACHE, 16)}
+
+
+def test_layers_the_node_cannot_express_keep_their_ops(once) -> None:
+    """DeepSeek's compressed (MLA) cache: the decode-step probe keeps each layer on the model's own attention with the
+    reason, and the graph matches PyTorch as before (scatter-written cache, mask input)."""
+    model, result = _gqa_export(once, "deepseek_v3")
     assert result.parity.max_abs_logit_diff <= 1e-4 and result.parity.greedy_identical
     layers = model.config.get_text_config().num_hidden_layers
     assert result.fused_attention == [] and sorted(result.unfused_attention) == list(range(layers))
-    assert all(reason in why for why in result.unfused_attention.values())
+    assert all("derived from the cache" in why for why in result.unfused_attention.values())
     assert "attention_mask" in result.inputs
     assert not any(n.op_type == "GroupQueryAttention" for n in _graph(result.path).all_nodes())
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])
 def test_decoder_runs_it_in_place_and_padding_is_refused(family: str, once) -> None:
-    """OnnxDecoder (past and present bound to one buffer: the node's in-place mode) generates PyTorch's greedy tokens,
-    with the node rotating at the slot it writes (Mixtral) or not; the cache holds exactly the written slots. A
+    """OnnxDecoder (past and present bound to one buffer: the node's in-place mode) generates PyTorch's greedy tokens
+    (GPT-OSS's past its window); the cache holds exactly the written slots. A
     padded batch is refused: the node takes no mask."""
     model, result = _gqa_export(once, family)
     ids = np.random.default_rng(0).integers(3, model.get_output_embeddings().weight.shape[0], (2, 9))

@@ -42,8 +42,9 @@ __all__ = ["RollingWindowLayer", "UnfilledWindowLayer", "static_cache"]
 
 
 class UnfilledWindowLayer(StaticSlidingWindowLayer):
-    """A sliding-window layer whose cache is no longer than its window, run as a full static layer: writes at the
-    tensor count, constant mask sizes, the tensor as its length (no Python int is read while compiled)."""
+    """A sliding-window layer whose cache is no longer than its window (or holds every slot of the cache,
+    ``full_windows``), run as a full static layer: writes at the tensor count, constant mask sizes, the tensor as its
+    length (no Python int is read while compiled); the window's mask function masks what the window leaves out."""
 
     update = StaticLayer.update
     get_mask_sizes = StaticLayer.get_mask_sizes
@@ -83,17 +84,22 @@ class RollingWindowLayer(StaticSlidingWindowLayer):
         return StaticLayer.get_seq_length(self)
 
 
-def static_cache(config: PretrainedConfig, max_cache_len: int, *, rolling_windows: bool = False, **kwargs: Any) -> StaticCache:
+def static_cache(config: PretrainedConfig, max_cache_len: int, *, rolling_windows: bool = False, full_windows: bool = False,
+                 **kwargs: Any) -> StaticCache:
     """``StaticCache(config=config, max_cache_len=max_cache_len, **kwargs)`` whose sliding-window layers that the
     cache cannot outgrow run as :class:`UnfilledWindowLayer`, and, with ``rolling_windows`` (decode without a
     2-D attention mask, module doc), the others as :class:`RollingWindowLayer`: ``moe_fx.compile``d decode
-    then compiles once."""
+    then compiles once. ``full_windows``: every sliding-window layer holds all ``max_cache_len`` slots and runs as
+    :class:`UnfilledWindowLayer`, the window applied by the mask alone (what a static ONNX graph needs: it cannot
+    roll, and onnxruntime's attention node takes the window as ``local_window_size`` over a full cache); the
+    window's layers then take as much memory as full-attention ones."""
     cache = StaticCache(config=config, max_cache_len=max_cache_len, **kwargs)
     for layer in cache.layers:
         if type(layer) is not StaticSlidingWindowLayer:
             continue
         # the stock layer keeps min(window, max_cache_len) slots: equal to the cache length iff the window cannot fill
-        if layer.max_cache_len >= max_cache_len:
+        if layer.max_cache_len >= max_cache_len or full_windows:
+            layer.max_cache_len = max_cache_len  # allocated on the first update
             layer.__class__ = UnfilledWindowLayer
         elif rolling_windows:
             layer.__class__ = RollingWindowLayer

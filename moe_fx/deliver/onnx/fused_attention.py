@@ -21,8 +21,9 @@ slot ``seqlens_k`` (the ``cache_position`` input, the same for every row) and at
 ``--attention gqa-cuda`` a projected layer's node also applies the per-head q/k norms (a graph for onnxruntime's
 CUDA kernel only), where the probe finds the node's norms reproduce the module's.
 
-What it cannot express stays on the model's own attention, layer by layer, with the reason recorded:
-attention sinks (GPT-OSS), sliding windows, logit soft-capping, key and value heads of different widths (MLA).
+GPT-OSS's attention sinks become the node's ``head_sink`` and a sliding window its ``local_window_size`` over a
+cache that holds every slot (:class:`_Softmax`). What it cannot express stays on the model's own attention, layer by
+layer, with the reason recorded: logit soft-capping, key and value heads of different widths (MLA).
 The node has no padding mask: every row of a batch holds the same number of tokens, so when every layer is
 fused the graph has no ``attention_mask`` input (nor ``position_ids`` when every node rotates) and the runners
 refuse a mask with padding in it.
@@ -53,16 +54,39 @@ DOMAIN, OP = "com.microsoft", "GroupQueryAttention"
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 """The dtypes onnxruntime's CUDA GroupQueryAttention kernel runs (its CPU kernel also runs float32)."""
 
-_state: dict = {"implementation": "sdpa", "calls": 0, "plan": {}, "forms": {}, "scales": {}, "every_dtype": False, "norms_in_node": False,
-                "probing": False}
+_state: dict = {"implementation": "sdpa", "calls": 0, "plan": {}, "forms": {}, "scales": {}, "softmax": {}, "every_dtype": False,
+                "norms_in_node": False, "probing": False}
 """The pass in progress: the model's attention implementation, cache updates so far in this forward, the
 per-layer plan (``None``: the node; else why not), the planned layers whose node also takes the raw projections
-(:class:`_Projected`) and each layer's softmax scale, fuse float32 layers too, let the node apply per-head q/k
-norms, and whether it is the probe."""
+(:class:`_Projected`), each layer's softmax scale and :class:`_Softmax`, fuse float32 layers too, let the node apply
+per-head q/k norms, and whether it is the probe."""
 _pending: list = []
 """The cache update the next attention call consumes: ``[keys, values, seqlens_k, layer]`` (the node's layers), or
 ``[keys returned, values returned]`` (the probe)."""
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass(frozen=True)
+class _Softmax:
+    """What a layer's softmax takes besides the scaled logits of the cache's visible slots: GPT-OSS's per-head sink
+    logits (``[heads]``, one more softmax term a head that attends to no value: the node's ``head_sink``) and a
+    sliding window (the query's own slot and the ``window - 1`` before it: the node's ``local_window_size``; ``-1``:
+    none). The cache holds every slot either way (``static_cache(full_windows=True)``)."""
+
+    sinks: torch.Tensor | None = None
+    window: int = -1
+
+
+def _softmax_of(module: nn.Module, query: torch.Tensor, kwargs: dict) -> _Softmax | str:
+    """The layer's :class:`_Softmax` from its attention call's arguments (GPT-OSS passes ``s_aux`` and
+    ``sliding_window``), or why the node cannot take it."""
+    sinks = kwargs.get("s_aux", getattr(module, "sinks", None))
+    if sinks is not None and (not isinstance(sinks, torch.Tensor) or sinks.shape != (query.shape[1],)):
+        return f"attention sinks of shape {tuple(getattr(sinks, 'shape', ()))}, not one per query head"
+    window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+    if window is not None and (not isinstance(window, int) or window < 1):
+        return f"a sliding window of {window!r}"
+    return _Softmax(None if sinks is None else sinks.detach(), -1 if window is None else window)
 
 
 @dataclass(frozen=True)
@@ -104,7 +128,7 @@ def _normed(module: nn.Module, name: str, projected: torch.Tensor, width: int) -
 
 def _rotary_caches(model: nn.Module, length: int, width: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``[length, width / 2]`` cos/sin of the model's one rotary embedding at positions ``0..length-1``, where its
-    halves repeat (the rotation of halves against each other over the whole head)."""
+    halves repeat (the rotation of halves against each other over the whole head) or it gives one half (GPT-OSS's)."""
     rotaries = [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
     if len(rotaries) != 1:
         return None
@@ -113,11 +137,11 @@ def _rotary_caches(model: nn.Module, length: int, width: int) -> tuple[torch.Ten
         cos, sin = rotaries[0](torch.zeros(1, dtype=weight.dtype, device=weight.device), torch.arange(length, device=weight.device)[None])
     except (TypeError, RuntimeError, ValueError):
         return None
-    if cos.shape[-1] != width:
-        return None
     cos, sin = cos[0], sin[0]
     half = width // 2
-    if not (torch.equal(cos[:, :half], cos[:, half:]) and torch.equal(sin[:, :half], sin[:, half:])):
+    if cos.shape[-1] == half:
+        return cos.contiguous(), sin.contiguous()
+    if cos.shape[-1] != width or not (torch.equal(cos[:, :half], cos[:, half:]) and torch.equal(sin[:, :half], sin[:, half:])):
         return None
     return cos[:, :half].contiguous(), sin[:, :half].contiguous()
 
@@ -128,18 +152,18 @@ def _seqlens(count: torch.Tensor, length: int, batch: int) -> torch.Tensor:
 
 
 def _node(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor,
-          seqlens: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, heads: int, scale: float,
+          seqlens: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, heads: int, scale: float, softmax: _Softmax,
           norms: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``moe_fx::onnx_gqa`` over the cache ``past_*``, its total length the cache's (a constant: what a CUDA graph
     replays)."""
     total = torch.tensor(past_key.shape[2], dtype=torch.int32)
     q_norm, k_norm, eps = norms if norms is not None else (None, None, 0.0)
-    return torch.ops.moe_fx.onnx_gqa(query, key, value, past_key, past_value, seqlens, total, cos, sin, q_norm, k_norm, heads,
-                                     past_key.shape[1], float(scale), eps)
+    return torch.ops.moe_fx.onnx_gqa(query, key, value, past_key, past_value, seqlens, total, cos, sin, softmax.sinks, q_norm, k_norm,
+                                     heads, past_key.shape[1], float(scale), softmax.window, eps)
 
 
 def _projected(module: nn.Module, hidden: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor, seqlens: torch.Tensor,
-               form: _Projected, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               form: _Projected, scale: float, softmax: _Softmax) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The module's attention output (after ``o_proj``) and the cache as the node computes them from ``hidden``."""
     batch, length, _ = hidden.shape
     width = past_key.shape[-1]
@@ -147,16 +171,12 @@ def _projected(module: nn.Module, hidden: torch.Tensor, past_key: torch.Tensor, 
     q, k, v = (getattr(module, name)(hidden) for name in _PROJECTIONS[:3])
     if form.norms is None:
         q, k = _normed(module, "q_norm", q, width), _normed(module, "k_norm", k, width)
-    out, keys, values = _node(q, k, v, past_key, past_value, seqlens, form.cos, form.sin, heads, scale, form.norms)
+    out, keys, values = _node(q, k, v, past_key, past_value, seqlens, form.cos, form.sin, heads, scale, softmax, form.norms)
     return module.o_proj(out.view(batch, length, heads * width)), keys, values
 
 
 def _unsupported(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kwargs: dict) -> str | None:
-    """Why the node cannot compute this layer's attention, or ``None``."""
-    if isinstance(getattr(module, "sinks", None), torch.Tensor) or kwargs.get("s_aux") is not None:
-        return "attention sinks"
-    if kwargs.get("sliding_window") is not None or getattr(module, "sliding_window", None) is not None:
-        return "a sliding window"
+    """Why the node cannot compute this layer's attention, or ``None`` (its :class:`_Softmax` then noted)."""
     if kwargs.get("softcap") is not None:
         return "logit soft-capping"
     if not getattr(module, "is_causal", True):
@@ -167,6 +187,10 @@ def _unsupported(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
         return f"{query.shape[1]} query heads over {key.shape[1]} key/value heads"
     if not _state["every_dtype"] and query.dtype not in HALF_DTYPES:
         return f"{str(query.dtype).removeprefix('torch.')}: onnxruntime's CUDA GroupQueryAttention runs float16/bfloat16 (--attention gqa fuses it for the CPU)"
+    softmax = _softmax_of(module, query, kwargs)
+    if isinstance(softmax, str):
+        return softmax
+    _state["softmax"][_state["calls"] - 1] = softmax
     return None
 
 
@@ -219,7 +243,7 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
             raise MoeFxError(f"layer {index}'s attention did not read the cache update the probe saw; export with --attention plain")
         batch, heads, length, width = query.shape
         flat = [x.transpose(1, 2).reshape(batch, length, -1) for x in (query, new_key, new_value)]
-        out, layer.keys, layer.values = _node(*flat, layer.keys, layer.values, seqlens, None, None, heads, scale)
+        out, layer.keys, layer.values = _node(*flat, layer.keys, layer.values, seqlens, None, None, heads, scale, _state["softmax"][index])
         return out.view(batch, length, heads, width), None
     return _plain_attention(module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
@@ -227,15 +251,16 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
 @torch.library.custom_op("moe_fx::onnx_gqa", mutates_args=())
 def onnx_gqa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor,
              seqlens_k: torch.Tensor, total_sequence_length: torch.Tensor, cos_cache: torch.Tensor | None, sin_cache: torch.Tensor | None,
-             q_norm_weight: torch.Tensor | None, k_norm_weight: torch.Tensor | None, num_heads: int, kv_num_heads: int, scale: float,
-             qk_norm_epsilon: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             head_sink: torch.Tensor | None, q_norm_weight: torch.Tensor | None, k_norm_weight: torch.Tensor | None, num_heads: int,
+             kv_num_heads: int, scale: float, local_window_size: int, qk_norm_epsilon: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What ``GroupQueryAttention`` computes over a cache shared with its output: the ``T`` new tokens' queries
     (``[B, T, heads * D]``), keys and values (``[B, T, kv_heads * D]``), queries and keys through per-head RMS norms
     of weights ``q_norm_weight`` / ``k_norm_weight`` (``[D]``) if given, then rotated by ``cos_cache`` /
     ``sin_cache`` (``[L, D / 2]``, the halves rotated against each other) at their slot if given; keys and values
     written at slots ``seqlens_k - T + 1 .. seqlens_k`` of
-    ``past_*`` (``[B, kv_heads, L, D]``), each query attending causally to the slots up to its own. Eager for the
-    export's sample run and the probe's check of a layer's form; the graph gets the operator."""
+    ``past_*`` (``[B, kv_heads, L, D]``), each query attending causally to the slots up to its own (the
+    ``local_window_size`` last of them, if not -1), with one more softmax term per head of logit ``head_sink`` if
+    given. Eager for the export's sample run and the probe's check of a layer's form; the graph gets the operator."""
     batch, length, _ = query.shape
     width = past_key.shape[-1]
     slots = (seqlens_k.long() + 1 - length)[:, None] + torch.arange(length, device=query.device)  # [B, T]
@@ -246,9 +271,25 @@ def onnx_gqa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_k
         q, k = (_rotated(x, cos_cache[slots], sin_cache[slots]) for x in (q, k))
     index = slots[:, None, :, None].expand(batch, kv_num_heads, length, width)
     present = [past.scatter(2, index, new.transpose(1, 2)) for past, new in ((past_key, k), (past_value, v))]
-    visible = torch.arange(past_key.shape[2], device=query.device)[None, None, :] <= slots[:, :, None]  # [B, T, L]
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), *present, attn_mask=visible[:, None], scale=scale, enable_gqa=True)
+    distance = slots[:, :, None] - torch.arange(past_key.shape[2], device=query.device)[None, None, :]  # [B, T, L]
+    visible = (distance >= 0) & ((distance < local_window_size) if local_window_size > 0 else True)
+    out = _attend(q.transpose(1, 2), *present, visible[:, None], scale, head_sink)
     return out.transpose(1, 2).reshape(batch, length, num_heads * width), *present
+
+
+def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor, scale: float,
+            sinks: torch.Tensor | None) -> torch.Tensor:
+    """Attention of ``query`` (``[B, heads, T, D]``) over the grouped ``keys``/``values`` (``[B, kv_heads, L, D]``)
+    where ``visible``; with ``sinks``, one more softmax term per head of that logit (GPT-OSS's eager form, in
+    float32)."""
+    if sinks is None:
+        return F.scaled_dot_product_attention(query, keys, values, attn_mask=visible, scale=scale, enable_gqa=True)
+    group = query.shape[1] // keys.shape[1]
+    keys, values = (x.repeat_interleave(group, dim=1).float() for x in (keys, values))
+    logits = (query.float() @ keys.transpose(-1, -2) * scale).masked_fill(~visible, float("-inf"))
+    sink = sinks.float().view(1, -1, 1, 1).expand(*logits.shape[:-1], 1)
+    probs = torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
+    return (probs @ values).to(query.dtype)
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -266,29 +307,37 @@ def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
 
 
 @onnx_gqa.register_fake
-def _(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache, sin_cache, q_norm_weight, k_norm_weight,
-      num_heads, kv_num_heads, scale, qk_norm_epsilon):
+def _(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache, sin_cache, head_sink, q_norm_weight,
+      k_norm_weight, num_heads, kv_num_heads, scale, local_window_size, qk_norm_epsilon):
     return query.new_empty(query.shape), past_key.new_empty(past_key.shape), past_value.new_empty(past_value.shape)
 
 
-def _translate(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache, sin_cache, q_norm_weight,
-               k_norm_weight, num_heads: int, kv_num_heads: int, scale: float, qk_norm_epsilon: float):
-    """The ONNX for ``moe_fx::onnx_gqa``: onnxruntime's node itself (the inputs it does not use between the rotary
-    caches and the norm weights left empty)."""
+def _translate(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache, sin_cache, head_sink,
+               q_norm_weight, k_norm_weight, num_heads: int, kv_num_heads: int, scale: float, local_window_size: int,
+               qk_norm_epsilon: float):
+    """The ONNX for ``moe_fx::onnx_gqa``: onnxruntime's node itself (the inputs it does not use left empty, the
+    trailing ones left out)."""
     from onnxscript.values import Op, Opset
 
     attributes = {"num_heads": num_heads, "kv_num_heads": kv_num_heads, "scale": float(scale)}
     if cos_cache is not None:
         attributes.update(do_rotary=1, rotary_interleaved=0)
-    inputs = [query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache, sin_cache]
+    if local_window_size > 0:
+        attributes.update(local_window_size=local_window_size)
     if q_norm_weight is not None:
         attributes.update(qk_norm_epsilon=float(qk_norm_epsilon))
-        inputs += [None] * len(_UNUSED_INPUTS) + [q_norm_weight, k_norm_weight]
+    given = {"head_sink": head_sink, "q_norm_weight": q_norm_weight, "k_norm_weight": k_norm_weight}
+    inputs = [query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache, sin_cache]
+    inputs += [given.get(name) for name, _ in _OPTIONAL_INPUTS]
+    while inputs[-1] is None:
+        inputs.pop()
     return Op(Opset(DOMAIN, 1), OP, _schema())(*inputs, **attributes)
 
 
-_UNUSED_INPUTS = ("position_ids", "attention_bias", "head_sink", "k_scale", "v_scale")
-"""The node's inputs between ``sin_cache`` and ``q_norm_weight`` (onnxruntime 1.31's order)."""
+_OPTIONAL_INPUTS = (("position_ids", "U"), ("attention_bias", "U"), ("head_sink", "T"), ("k_scale", "U"), ("v_scale", "U"),
+                    ("q_norm_weight", "T"), ("k_norm_weight", "T"))
+"""The node's inputs after ``sin_cache`` up to the last the export uses, with their type constraints (onnxruntime
+1.31's order)."""
 
 
 @functools.cache
@@ -301,12 +350,11 @@ def _schema():
     inputs = [param(name, "T") for name in ("query", "key", "value", "past_key", "past_value")]
     inputs += [param("seqlens_k", "M"), param("total_sequence_length", "M")]
     inputs += [param(name, "T", param_option=optional) for name in ("cos_cache", "sin_cache")]
-    inputs += [param(name, "U", param_option=optional) for name in _UNUSED_INPUTS]
-    inputs += [param(name, "T", param_option=optional) for name in ("q_norm_weight", "k_norm_weight")]
+    inputs += [param(name, kind, param_option=optional) for name, kind in _OPTIONAL_INPUTS]
     attr = OpSchema.AttrType
     attributes = [OpSchema.Attribute(name, kind, "") for name, kind in (
         ("num_heads", attr.INT), ("kv_num_heads", attr.INT), ("scale", attr.FLOAT), ("do_rotary", attr.INT), ("rotary_interleaved", attr.INT),
-        ("qk_norm_epsilon", attr.FLOAT))]
+        ("local_window_size", attr.INT), ("qk_norm_epsilon", attr.FLOAT))]
     return OpSchema(OP, DOMAIN, 1, inputs=inputs, outputs=[param(name, "T") for name in ("output", "present_key", "present_value")],
                     type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""), ("M", ["tensor(int32)"], ""),
                                       ("U", ["tensor(int64)", "tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "")],
@@ -328,7 +376,7 @@ def _form(module: nn.Module, index: int, hidden: torch.Tensor, past: tuple, laye
     norms = _head_norms(module, past[0].shape[-1]) if _state["norms_in_node"] else None
     seqlens = _seqlens(past[2], hidden.shape[1], hidden.shape[0])
     for form in [_Projected(*caches, norms)] * (norms is not None) + [_Projected(*caches)]:  # with the norms in the node first
-        got, keys, values = _projected(module, hidden, past[0], past[1], seqlens, form, _state["scales"][index])
+        got, keys, values = _projected(module, hidden, past[0], past[1], seqlens, form, _state["scales"][index], _state["softmax"][index])
         if _close(got, output) and _close(keys, layer.keys) and _close(values, layer.values):
             return form
     return None
@@ -357,7 +405,7 @@ def _probing(module: nn.Module, original, caches):
     return forward
 
 
-def _projected_forward(module: nn.Module, form: _Projected, scale: float):
+def _projected_forward(module: nn.Module, form: _Projected, scale: float, softmax: _Softmax):
     """The module's forward in the trace for a layer of raw-projection form: the cache's token count and the node."""
     def forward(*args, **kwargs):
         hidden = kwargs.get("hidden_states", args[0] if args else None)
@@ -365,7 +413,7 @@ def _projected_forward(module: nn.Module, form: _Projected, scale: float):
         _state["calls"] += 1  # this layer's cache update, done by the node
         seqlens = _seqlens(layer.cumulative_length, hidden.shape[1], hidden.shape[0])
         layer.cumulative_length.add_(hidden.shape[1])
-        out, layer.keys, layer.values = _projected(module, hidden, layer.keys, layer.values, seqlens, form, scale)
+        out, layer.keys, layer.values = _projected(module, hidden, layer.keys, layer.values, seqlens, form, scale, softmax)
         return out, None
 
     return forward
@@ -443,8 +491,8 @@ def group_query_attention(model: nn.Module, inputs: dict, every_dtype: bool, nor
                and all(isinstance(getattr(m, name, None), nn.Linear) for name in _PROJECTIONS)]
     cache = inputs["past_key_values"].layers[0].keys
     caches = _rotary_caches(model, cache.shape[2], cache.shape[3])
-    _state.update(implementation=before, calls=0, plan={}, forms={}, scales={}, every_dtype=every_dtype, norms_in_node=norms_in_node,
-                  probing=True)
+    _state.update(implementation=before, calls=0, plan={}, forms={}, scales={}, softmax={}, every_dtype=every_dtype,
+                  norms_in_node=norms_in_node, probing=True)
     try:
         config._attn_implementation = NAME
         with cache_updates(_update), torch.no_grad():
@@ -456,7 +504,8 @@ def group_query_attention(model: nn.Module, inputs: dict, every_dtype: bool, nor
                                  "export with --attention plain")
             _state.update(calls=0, probing=False)
             by_layer = {m.layer_idx: m for m in modules}
-            patches = {by_layer[i]: _projected_forward(by_layer[i], form, _state["scales"][i]) for i, form in _state["forms"].items()}
+            patches = {by_layer[i]: _projected_forward(by_layer[i], form, _state["scales"][i], _state["softmax"][i])
+                       for i, form in _state["forms"].items()}
             table[key] = _translate
             with _forwards(patches):
                 yield AttentionPlan(dict(_state["plan"]), sorted(_state["forms"]),

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
+from transformers.cache_utils import StaticLayer
 
 from moe_fx.deliver.static_cache import UnfilledWindowLayer, static_cache
 from moe_fx.errors import BadOptionError, MoeFxError
@@ -72,7 +72,8 @@ def scatter_update(layer: StaticLayer, key_states: torch.Tensor, value_states: t
 
 
 _SCATTERABLE = (StaticLayer, UnfilledWindowLayer)
-"""Layers whose update writes at the tensor count (a window the cache can outgrow rolls instead)."""
+"""Layers whose update writes at the tensor count (a sliding window's layer is one of them here: it holds every slot
+of the cache, the window being the mask's, since a graph cannot roll it)."""
 
 
 @contextlib.contextmanager
@@ -97,18 +98,13 @@ def scatter_updates() -> contextlib.AbstractContextManager[None]:
 def static_sample_inputs(model: nn.Module, shape: StaticShape) -> dict:
     """A one-token decode step over an initialized static cache: what the static graph is traced with (inside
     :func:`scatter_updates`)."""
-    config = model.config.get_text_config()
     try:
-        cache = static_cache(model.config, shape.max_cache_len)
+        cache = static_cache(model.config, shape.max_cache_len, full_windows=True)
     except (ValueError, TypeError, AttributeError) as exc:
         raise BadOptionError(f"{type(model).__name__} has no transformers StaticCache ({exc}); export without --static-cache") from None
     for i, layer in enumerate(cache.layers):
         if type(layer) in _SCATTERABLE:
             continue
-        if isinstance(layer, StaticSlidingWindowLayer):
-            window = getattr(config, "sliding_window", None)
-            raise BadOptionError(f"layer {i}'s cache ({type(layer).__name__}) outgrows its {window}-token window within {shape.max_cache_len} "
-                                 f"slots, which a static graph cannot roll: export with --static-cache {window} or less, or without it")
         raise BadOptionError(f"layer {i}'s cache ({type(layer).__name__}) is not a fixed-slot key/value cache a static graph can write; "
                              "export without --static-cache")
     vocab = model.get_output_embeddings().weight.shape[0]
