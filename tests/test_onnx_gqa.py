@@ -226,6 +226,21 @@ def test_cuda_kernel_matches_pytorch_in_float16(tmp_path) -> None:
     np.testing.assert_array_equal(OnnxDecoder(normed.path, device="cuda", cuda_graph=True).generate(ids, 10), plain.generate(ids, 10))
 
 
+def test_cuda_kernel_takes_sinks_and_windows(tmp_path) -> None:
+    """On onnxruntime-gpu (scripts/test_gpu.sh): GPT-OSS in float16, its sinks and 6-token window in the node, checked
+    on the CUDA provider by the export itself past the window; the CUDA-graph replay generates what plain steps do."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available():
+        pytest.skip("needs onnxruntime-gpu and a CUDA torch")
+    model = first_layer_pruned("gpt_oss").to("cuda", torch.float16)
+    result = onnx_export.export_onnx(model, tmp_path / "gpt", static=StaticShape(2, CACHE), dtype="float16", device="cuda")
+    assert result.fused_attention == [0, 1] and result.rotary_in_node == [0, 1] and result.parity.greedy_identical
+    ids = np.random.default_rng(1).integers(3, 100, (2, 7))
+    replayed, plain = (OnnxDecoder(result.path, device="cuda", cuda_graph=graph) for graph in (True, False))
+    np.testing.assert_array_equal(replayed.generate(ids, 10), plain.generate(ids, 10))
+
+
 def test_probe_leaves_the_trace_sample_as_it_was() -> None:
     """The planning step runs one decode step on the trace's own sample and puts back what it wrote (no copy of the
     whole cache); the model's attention implementation is restored on exit."""
