@@ -114,6 +114,8 @@ EXPORTS = {
     "fused-int4": {"moe_op": "fused", "weights": "int4"},
     "fused+ort-fusions": {"moe_op": "fused", "ort_fusions": True},
     "fused-int4+ort-fusions": {"moe_op": "fused", "weights": "int4", "ort_fusions": True},
+    "fused-dense-int4": {"moe_op": "fused", "dense_weights": "int4"},
+    "fused-int4-dense-int4": {"moe_op": "fused", "weights": "int4", "dense_weights": "int4"},
     "fused-static": {"moe_op": "fused", "static": True},
     "fused-opset23": {"moe_op": "fused", "opset": 23, "attention": "plain"},
     "fused-opset23-model-routing": {"moe_op": "fused", "opset": 23, "operator_routing": False, "attention": "plain"},

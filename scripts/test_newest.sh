@@ -33,6 +33,7 @@ exec .venv-newest/bin/python -m pytest -q -p no:cacheprovider -n "${MOE_FX_TEST_
     "tests/test_onnx_gqa.py::test_each_layer_is_one_node_writing_its_cache" \
     "tests/test_onnx_gqa.py::test_layers_the_node_cannot_express_keep_their_ops" \
     "tests/test_onnx_gqa.py::test_sinks_and_sliding_windows_go_into_the_node" \
+    "tests/test_onnx_dense_int4.py::test_export_matches_the_dequantized_model" \
     "tests/test_onnx_static.py::test_decoder_generates_what_pytorch_does" \
     "tests/test_streaming.py::test_streaming_equals_in_memory" \
     "tests/test_streaming.py::test_cli_stream" \

@@ -26,6 +26,9 @@ def add_parser(sub) -> None:
     p.add_argument("--weights", choices=("float", "int8", "int4"), default="float",
                    help="precision of the fused nodes' expert weights: float (the graph's dtype), int8 (one scale per row) "
                         "or int4 (blocks of up to 128 inputs), as onnxruntime's QMoE (default float)")
+    p.add_argument("--dense-weights", choices=("float", "int4"), default="float",
+                   help="precision of the dense linear layers (attention projections, dense and shared-expert MLPs, the LM head; "
+                        "not the routers): int4 as onnxruntime's MatMulNBits (blocks of up to 128 inputs; default float)")
     p.add_argument("--ort-fusions", choices=("cpu", "cuda"),
                    help="also fuse attention, rotary embeddings and norms into onnxruntime's own ops for this provider "
                         "(transformers' onnxruntime fusions); default: none")
@@ -60,12 +63,13 @@ def run(args) -> int:
     result = export_onnx(args.model, args.out, with_past=args.with_past, dtype=args.dtype, opset=args.opset,
                          check=not args.no_check, device=resolve_device(args.device), overwrite=args.overwrite,
                          moe_op=args.moe_op, weights=args.weights, ort_fusions=args.ort_fusions, static=static,
-                         operator_routing=not args.model_routing, attention=args.attention)
+                         operator_routing=not args.model_routing, attention=args.attention, dense_weights=args.dense_weights)
     rows = [
         ["graph inputs", f"{len(result.inputs)} ({', '.join(result.inputs[:3])}{', past_key_values.*' if result.with_past else ''})"],
         ["weights in graph", f"{human_bytes(result.initializer_bytes)} (model parameters: {human_bytes(result.parameter_bytes)})"],
         ["files", human_bytes(result.onnx_bytes)],
         ["MoE blocks", _moe_summary(result)],
+        *([["dense layers", f"{len(result.dense_quantized)} as com.microsoft.MatMulNBits int4"]] if result.dense_quantized else []),
         ["export time", f"{result.export_seconds:.1f} s"],
     ]
     if static is not None:
@@ -76,12 +80,14 @@ def run(args) -> int:
                      "OnnxDecoder (CUDA graphs); Optimum's ORTModelForCausalLM needs the dynamic export"])
     if result.parity is not None:
         par = result.parity
-        against = " (vs the dequantized experts)" if result.weights != "float" else ""
+        dequantized = [part for part, fmt in (("experts", result.weights), ("dense layers", result.dense_weights)) if fmt != "float"]
+        against = f" (vs the dequantized {' and '.join(dequantized)})" if dequantized else ""
         rows += [["max |logit diff|", f"{par.max_abs_logit_diff:.2e} over {par.steps_checked} steps (largest logit {par.logit_scale:.1f}){against}"],
                  ["greedy generation", f"{par.generated_tokens} tokens, " + ("identical" if par.greedy_identical else f"differs at token {par.first_mismatch}")]]
     if result.quantization is not None:
         q = result.quantization
-        rows.append([f"{result.weights} vs float model", f"max |logit diff| {q.max_abs_logit_diff:.2e}, greedy "
+        formats = "/".join(sorted({fmt for fmt in (result.weights, result.dense_weights) if fmt != "float"}))
+        rows.append([f"{formats} vs float model", f"max |logit diff| {q.max_abs_logit_diff:.2e}, greedy "
                      + ("identical" if q.greedy_identical else f"differs at token {q.first_mismatch}")])
     title = f"ONNX export ({result.dtype}, opset {result.opset}, onnxruntime parity checked: {result.parity is not None})"
     print(format_table(["", f"{args.model} -> {result.path}"], rows, title=title))

@@ -35,6 +35,7 @@ from moe_fx.deliver.onnx.fused_experts import (
     plan_fusion,
     route_in_operator,
 )
+from moe_fx.deliver.onnx.quantized_matmuls import DENSE_FORMATS, dense_linears, dequantized_linears, lower_dense_matmuls, quantize_linears
 from moe_fx.deliver.onnx.quantized_weights import WEIGHT_FORMATS
 from moe_fx.deliver.onnx.real_rotary import real_rotary
 from moe_fx.deliver.onnx.runtime import ONNX_FILE, OnnxCausalLM, Parity, check_parity
@@ -116,7 +117,11 @@ class OnnxExport:
     static: StaticShape | None = None
     """A static decode graph's batch and cache length (:mod:`.static_decode`); ``None``: the dynamic Optimum layout."""
     quantization: Parity | None = None
-    """int8/int4 weights: the graph against the unquantized model (``parity`` is against the dequantized one)."""
+    """int8/int4 weights (experts or dense layers): the graph against the unquantized model (``parity`` is against the
+    dequantized one)."""
+    dense_weights: str = "float"
+    dense_quantized: list[str] = field(default_factory=list)
+    """``--dense-weights int4``: the linear layers that are ``com.microsoft.MatMulNBits`` nodes (:mod:`.quantized_matmuls`)."""
     fused_attention: list[int] = field(default_factory=list)
     """Layers whose attention and cache update are one ``com.microsoft.GroupQueryAttention`` node (static graphs)."""
     unfused_attention: dict[int, str] = field(default_factory=dict)
@@ -160,7 +165,8 @@ def _check_opset(opset: int | None) -> None:
                              "writes and onnxruntime runs for these graphs)")
 
 
-def _check_moe_options(moe_op: str | None, weights: str, dtype: str, check: bool, device: str, ort_fusions: str | None) -> None:
+def _check_moe_options(moe_op: str | None, weights: str, dtype: str, check: bool, device: str, ort_fusions: str | None,
+                       dense_weights: str) -> None:
     """Refuse inconsistent fused-MoE options before any model is loaded."""
     if ort_fusions is not None and ort_fusions not in ORT_FUSIONS:
         raise BadOptionError(f"--ort-fusions {ort_fusions!r} is not one of {', '.join(ORT_FUSIONS)}")
@@ -168,6 +174,8 @@ def _check_moe_options(moe_op: str | None, weights: str, dtype: str, check: bool
         raise BadOptionError(f"--moe-op {moe_op!r} is not one of {', '.join(MOE_OPS)}")
     if weights not in WEIGHT_FORMATS:
         raise BadOptionError(f"--weights {weights!r} is not one of {', '.join(WEIGHT_FORMATS)}")
+    if dense_weights not in DENSE_FORMATS:
+        raise BadOptionError(f"--dense-weights {dense_weights!r} is not one of {', '.join(DENSE_FORMATS)}")
     if weights != "float" and moe_op == "unfused":
         raise BadOptionError(f"--weights {weights} quantizes the fused MoE node (onnxruntime's QMoE): drop --moe-op unfused")
     if moe_op == "fused" and weights == "float" and check and device == "cpu" and parse_dtype(dtype) != torch.float32:
@@ -417,6 +425,7 @@ def export_onnx(
     static: StaticShape | None = None,
     operator_routing: bool = True,
     attention: str | None = None,
+    dense_weights: str = "float",
 ) -> OnnxExport:
     """Export ``model`` (a loaded model or a checkpoint directory, pruned or not) to ``out``; return what was written.
 
@@ -442,10 +451,13 @@ def export_onnx(
     ``GroupQueryAttention`` node where the node expresses it (:mod:`.fused_attention`; the others recorded),
     ``"plain"`` keeps the model's ops; ``None``: ``"gqa"`` for float16/bfloat16 graphs (what the node's CUDA
     kernel runs), plain for float32 ones.
+    ``dense_weights``: ``"int4"`` makes the dense linear layers (attention projections, dense and shared MLPs, an
+    untied LM head; not the routers) onnxruntime ``MatMulNBits`` nodes of int4 weights (:mod:`.quantized_matmuls`),
+    checked against the dequantized model like ``weights``.
     """
     _require_onnx_stack()
     _check_opset(opset)
-    _check_moe_options(moe_op, weights, dtype, check, device, ort_fusions)
+    _check_moe_options(moe_op, weights, dtype, check, device, ort_fusions, dense_weights)
     _check_static_options(static, with_past, attention, check and device == "cpu")
     from transformers.exporters import OnnxConfig, OnnxExporter
 
@@ -467,6 +479,10 @@ def export_onnx(
     torch_dtype = next(model.parameters()).dtype
     plan = _fusion_plan(model, moe_op, weights, torch_dtype, check and device == "cpu", operator_routing)
     fused = [how for how in plan.values() if isinstance(how, FusedLayout)]
+    linears = dense_linears(model) if dense_weights != "float" else {}
+    if dense_weights != "float" and not linears:
+        raise BadOptionError(f"--dense-weights {dense_weights}: {type(model).__name__} has no linear layer to quantize (routers stay float)")
+    quantized_dense = quantize_linears(linears)
 
     import onnx_ir as ir
 
@@ -490,6 +506,9 @@ def export_onnx(
         program = exported.program
         attention_plan = attention_plan or AttentionPlan({}, [], [])  # dynamic or --attention plain: nothing planned
         lowered = lower_fused_experts(program.graph, weights)
+        dense = lower_dense_matmuls(program.graph, linears, quantized_dense)  # before the fusions, which pack MatMuls
+        if dense:
+            program.opset_imports.setdefault("com.microsoft", 1)
         if ort_fusions is not None:  # after the MoE nodes exist: the fusions leave them alone
             from transformers.exporters.onnxruntime_fusions import fuse_for_onnxruntime
 
@@ -521,9 +540,10 @@ def export_onnx(
             parity = quantization = None
             if check:
                 runner = OnnxCausalLM(tmp, device="cpu" if device == "cpu" else "auto")
-                if weights != "float":
+                if weights != "float" or dense:
                     quantization = check_parity(model, runner)
-                with _dequantized(model, fused, weights) if weights != "float" else contextlib.nullcontext():
+                with (_dequantized(model, fused, weights) if weights != "float" else contextlib.nullcontext(),
+                      dequantized_linears(model, {name: quantized_dense[name] for name in dense})):
                     parity = check_parity(model, runner)
                 limit = _tolerance(torch_dtype, parity)
                 if parity.max_abs_logit_diff > limit or (torch_dtype == torch.float32 and not parity.greedy_identical):
@@ -554,6 +574,8 @@ def export_onnx(
                 unfused_attention={i: why for i, why in sorted(attention_plan.layers.items()) if why is not None},
                 rotary_in_node=attention_plan.rotary_in_node,
                 norms_in_node=attention_plan.norms_in_node,
+                dense_weights=dense_weights,
+                dense_quantized=dense,
             )
             record = _source_record(source)
             record["onnx_export"] = result.to_dict()
