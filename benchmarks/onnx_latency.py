@@ -124,6 +124,8 @@ EXPORTS = {
     "fused-gqa-cuda+ort-fusions": {"moe_op": "fused", "attention": "gqa-cuda", "ort_fusions": True, "static": True},
     "fused-gqa-cuda-int4+ort-fusions": {"moe_op": "fused", "weights": "int4", "attention": "gqa-cuda", "ort_fusions": True,
                                         "static": True},
+    "fused-gqa-cuda-int4-dense-int4+ort-fusions": {"moe_op": "fused", "weights": "int4", "dense_weights": "int4", "attention": "gqa-cuda",
+                                                   "ort_fusions": True, "static": True},
 }
 """The exports a benchmark can time: ``export_onnx`` options (``ort_fusions``: for the provider the run uses;
 ``static``: a static decode graph per batch, run by ``OnnxDecoder``: decode only; ``opset`` 23: attention as ONNX's
