@@ -6,7 +6,6 @@ refusal."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -103,14 +102,16 @@ def test_bad_format_refused_before_any_work(tmp_path) -> None:
     assert not (tmp_path / "x").exists()
 
 
-def test_quality_benchmark_runs_on_the_micro_model(micro_path, calib_path, tmp_path) -> None:
-    """``benchmarks/onnx_int4_quality.py`` end to end (tiny budget): the float export's NLL is PyTorch's, the int4 one's
-    is its own with the difference to the float model recorded."""
+def test_quality_benchmark_runs_on_the_micro_model(micro_path, calib_path, tmp_path, monkeypatch) -> None:
+    """``benchmarks/onnx_int4_quality.py`` end to end (tiny budget, in this process): the float export's NLL is
+    PyTorch's, the int4 one's is its own with the difference to the float model recorded."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import onnx_int4_quality
+
     out = tmp_path / "q.json"
-    proc = subprocess.run([sys.executable, "onnx_int4_quality.py", "--model", str(micro_path), "--valid", str(calib_path), "--exports",
-                           "fused", "fused-dense-int4", "--seq-len", "64", "--eval-seqs", "1", "--out", str(out)],
-                          cwd=BENCH, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    monkeypatch.setattr(sys, "argv", ["onnx_int4_quality.py", "--model", str(micro_path), "--valid", str(calib_path), "--exports", "fused",
+                                      "fused-dense-int4", "--seq-len", "64", "--eval-seqs", "1", "--out", str(out)])
+    onnx_int4_quality.main()
     rows = json.loads(out.read_text())["rows"]
     assert rows["onnx fused"]["nll"] == pytest.approx(rows["torch float32"]["nll"], abs=1e-4)
     dense = rows["onnx fused-dense-int4"]
