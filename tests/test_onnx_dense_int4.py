@@ -60,10 +60,14 @@ def test_layers_chosen_and_quantized_as_the_node_reads_them() -> None:
     ("gpt_oss", {"static": StaticShape(1, 40), "attention": "gqa", "weights": "int4"}),  # biases, QMoE and attention nodes
 ])
 def test_export_matches_the_dequantized_model(family: str, options: dict, tmp_path) -> None:
-    """Each chosen layer is one MatMulNBits node reading its int4 weight (no float copy left), the routers stay float;
+    """Each chosen layer is one MatMulNBits node reading its int4 weight (no float copy left; two equal ones may share
+    one), the routers stay float;
     logits within 1e-4 of the model with the same dequantized weights and greedy tokens identical; the difference to
     the float model is recorded apart."""
     model = first_layer_pruned(family)
+    layers = model.model.layers
+    with torch.no_grad():  # two layers of equal weights (which the graph may hold once) both count
+        layers[1].self_attn.o_proj.weight.copy_(layers[0].self_attn.o_proj.weight)
     expected = sorted(dense_linears(model))
     result = onnx_export.export_onnx(model, tmp_path / "onnx", dense_weights="int4", **options)
     assert sorted(result.dense_quantized) == expected
@@ -71,7 +75,7 @@ def test_export_matches_the_dequantized_model(family: str, options: dict, tmp_pa
     assert result.quantization is not None and result.quantization.max_abs_logit_diff > result.parity.max_abs_logit_diff
     graph = _graph(result.path)
     nbits = [n for n in graph.all_nodes() if n.op_type == "MatMulNBits"]
-    assert len(nbits) == len(expected) and {n.domain for n in nbits} == {"com.microsoft"}
+    assert len(expected) - 1 <= len(nbits) <= len(expected) and {n.domain for n in nbits} == {"com.microsoft"}
     assert {n.attributes["bits"].value for n in nbits} == {4}
     float_matrices = {tuple(v.shape) for v in graph.initializers.values() if len(v.shape) == 2}
     for name in expected:

@@ -113,15 +113,17 @@ def _weight_of(node) -> tuple[object, bool] | None:
 def lower_dense_matmuls(graph, linears: dict[str, nn.Linear], quantized: dict[str, QuantizedLinear]) -> list[str]:
     """Rewrite each ``MatMul`` (or plain ``Gemm``: the exporter's form for 2-D inputs, its bias then an ``Add``) whose
     constant weight is, byte for byte, one of ``linears``' weights into ``MatMulNBits`` with its ``quantized`` form;
-    return the layers rewritten. Constants no longer read leave the graph."""
+    return the layers rewritten (layers of equal weights, which the graph may hold once, all count). Constants no
+    longer read leave the graph."""
     import onnx_ir as ir
     from onnx_ir.tensor_adapters import TorchTensor
 
-    by_content = {}
+    by_content: dict[tuple, tuple[list[str], bool]] = {}
     for name, module in linears.items():
         weight = module.weight.detach().cpu()
         for rows_first, stored in ((True, weight.contiguous()), (False, weight.t().contiguous())):
-            by_content[_fingerprint(stored.view(torch.uint8).numpy().tobytes(), tuple(stored.shape))] = (name, rows_first)
+            key = _fingerprint(stored.view(torch.uint8).numpy().tobytes(), tuple(stored.shape))
+            by_content.setdefault(key, ([], rows_first))[0].append(name)
     rewritten, seen = [], {}
     for node in list(graph.all_nodes()):
         operand = _weight_of(node)
@@ -132,7 +134,8 @@ def lower_dense_matmuls(graph, linears: dict[str, nn.Linear], quantized: dict[st
             seen[weight.name] = by_content.get(_fingerprint(weight.const_value.tobytes(), tuple(weight.shape)))
         if seen[weight.name] is None or seen[weight.name][1] != rows_first:
             continue
-        name = seen[weight.name][0]
+        names = seen[weight.name][0]
+        name = names[0]
         q = quantized[name]
         rows, k = q.shape
         consts = []
@@ -157,8 +160,7 @@ def lower_dense_matmuls(graph, linears: dict[str, nn.Linear], quantized: dict[st
         if transpose is not None and not transpose.outputs[0].uses():  # a tied LM head's Transpose of the embedding matrix
             graph.remove(transpose, safe=True)
         new.name = out.name
-        if name not in rewritten:
-            rewritten.append(name)
+        rewritten += [n for n in names if n not in rewritten]
     for value_name in [n for n, v in graph.initializers.items() if n in seen and not v.uses() and not v.is_graph_output()]:
         graph.initializers.pop(value_name)
     return rewritten
