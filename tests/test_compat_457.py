@@ -119,19 +119,19 @@ def test_optimum_exports_other_families(family, tmp_path):
 
 
 @needs_457
-@pytest.mark.parametrize(("moe_op", "weights"), [("fused", "float"), ("unfused", "float"), ("fused", "int4")])
-def test_optimum_loads_moe_fx_onnx_export(moe_op, weights, micro_path, tmp_path):
+@pytest.mark.parametrize(("moe_op", "weights", "dense"), [("fused", "float", "float"), ("unfused", "float", "float"), ("fused", "int4", "int4")])
+def test_optimum_loads_moe_fx_onnx_export(moe_op, weights, dense, micro_path, tmp_path):
     """Path (b): our own export (transformers 5) loads in ORTModelForCausalLM and generates the same tokens: the
-    fused MoE nodes, the plain-op experts, and int4 QMoE nodes (compared with moe-fx's own onnxruntime runner, as
-    int4 weights may change a greedy token)."""
+    fused MoE nodes, the plain-op experts, and int4 QMoE nodes with int4 MatMulNBits dense layers (compared with
+    moe-fx's own onnxruntime runner, as int4 weights may change a greedy token)."""
     import numpy as np
 
     from moe_fx.deliver.onnx.export import export_onnx
     from moe_fx.deliver.onnx.runtime import OnnxCausalLM
 
     out = _pruned_micro(micro_path, tmp_path)
-    export = export_onnx(out, tmp_path / "onnx", moe_op=moe_op, weights=weights)
-    assert bool(export.fused_blocks) == (moe_op == "fused")
+    export = export_onnx(out, tmp_path / "onnx", moe_op=moe_op, weights=weights, dense_weights=dense)
+    assert bool(export.fused_blocks) == (moe_op == "fused") and bool(export.dense_quantized) == (dense == "int4")
     result = _run_457(OPTIMUM_SCRIPT, "load", export.path, json.dumps(PROMPT), 12)
     if weights == "float":
         assert result["ort"] == _greedy(out, 12)
