@@ -15,14 +15,18 @@ from moe_fx.model.trace import trace
 from moe_fx.passes import DropExperts, PruneChannels
 
 WINDOW = 6
-"""The sliding window given to models that have one: shorter than the 12 + 16 tokens of the export's parity check and
-the runners' tests, so that every one of them crosses it (the tiny configs keep the family's 128)."""
+"""The sliding window (or attention chunk: Llama 4's) given to models that have one: shorter than the 12 + 16 tokens
+of the export's parity check and the runners' tests, so that every one of them crosses it (the tiny configs keep
+the family's 128 and 8,192)."""
 
 
 def first_layer_pruned(family: str):
     """The family's tiny model in float32, its first MoE layer pruned to the odd experts (per-layer expert counts), a
-    sliding window shortened to :data:`WINDOW`."""
+    sliding window or attention chunk shortened to :data:`WINDOW`."""
     model = tiny_model(family).float()
+    text = model.config.get_text_config()
+    if getattr(text, "attention_chunk_size", None):
+        text.attention_chunk_size = WINDOW
     if getattr(model.config, "sliding_window", None):
         model.config.sliding_window = WINDOW
         for module in model.modules():

@@ -62,7 +62,7 @@ per-layer plan (``None``: the node; else why not), the planned layers whose node
 per-head q/k norms, and whether it is the probe."""
 _pending: list = []
 """The cache update the next attention call consumes: ``[keys, values, seqlens_k, layer]`` (the node's layers), or
-``[keys returned, values returned]`` (the probe)."""
+``[keys returned, values returned, layer]`` (the probe)."""
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -175,8 +175,10 @@ def _projected(module: nn.Module, hidden: torch.Tensor, past_key: torch.Tensor, 
     return module.o_proj(out.view(batch, length, heads * width)), keys, values
 
 
-def _unsupported(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kwargs: dict) -> str | None:
-    """Why the node cannot compute this layer's attention, or ``None`` (its :class:`_Softmax` then noted)."""
+def _unsupported(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kwargs: dict, sliding: bool) -> str | None:
+    """Why the node cannot compute this layer's attention, or ``None`` (its :class:`_Softmax` then noted).
+    ``sliding``: the layer's cache is a sliding-window one, whose window only its mask applies unless the attention
+    call names it (Llama 4's chunks do not: the node would attend across them)."""
     if kwargs.get("softcap") is not None:
         return "logit soft-capping"
     if not getattr(module, "is_causal", True):
@@ -190,6 +192,8 @@ def _unsupported(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
     softmax = _softmax_of(module, query, kwargs)
     if isinstance(softmax, str):
         return softmax
+    if sliding and softmax.window < 0:
+        return "a windowed or chunked cache layer whose window the attention call does not name"
     _state["softmax"][_state["calls"] - 1] = softmax
     return None
 
@@ -213,7 +217,7 @@ def _update(layer: StaticLayer, key_states: torch.Tensor, value_states: torch.Te
     if _state["probing"] or _state["plan"].get(index, "not probed") is not None:
         keys, values = scatter_update(layer, key_states, value_states)
         if _state["probing"]:
-            _pending[:] = [keys, values]
+            _pending[:] = [keys, values, layer]
         return keys, values
     if not layer.is_initialized:
         layer.lazy_initialization(key_states, value_states)
@@ -233,8 +237,8 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if _state["probing"]:
         _state["scales"][index] = scale
-        reads_cache = len(_pending) == 2 and key is _pending[0] and value is _pending[1]
-        _state["plan"][index] = _unsupported(module, query, key, value, kwargs) if reads_cache else \
+        reads_cache = len(_pending) == 3 and key is _pending[0] and value is _pending[1]
+        _state["plan"][index] = _unsupported(module, query, key, value, kwargs, _pending[2].is_sliding) if reads_cache else \
             "the attention reads keys and values derived from the cache, not the cache (MLA)"
     elif len(_pending) == 4:
         new_key, new_value, seqlens, layer = _pending
