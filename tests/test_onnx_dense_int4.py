@@ -75,7 +75,7 @@ def test_export_matches_the_dequantized_model(family: str, options: dict, tmp_pa
     assert result.quantization is not None and result.quantization.max_abs_logit_diff > result.parity.max_abs_logit_diff
     graph = _graph(result.path)
     nbits = [n for n in graph.all_nodes() if n.op_type == "MatMulNBits"]
-    assert len(expected) - 1 <= len(nbits) <= len(expected) and {n.domain for n in nbits} == {"com.microsoft"}
+    assert len(nbits) == len(expected) and {n.domain for n in nbits} == {"com.microsoft"}
     assert {n.attributes["bits"].value for n in nbits} == {4}
     float_matrices = {tuple(v.shape) for v in graph.initializers.values() if len(v.shape) == 2}
     for name in expected:

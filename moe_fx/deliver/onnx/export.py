@@ -451,8 +451,8 @@ def export_onnx(
     ``GroupQueryAttention`` node where the node expresses it (:mod:`.fused_attention`; the others recorded),
     ``"plain"`` keeps the model's ops; ``None``: ``"gqa"`` for float16/bfloat16 graphs (what the node's CUDA
     kernel runs), plain for float32 ones.
-    ``dense_weights``: ``"int4"`` makes the dense linear layers (attention projections, dense and shared MLPs, an
-    untied LM head; not the routers) onnxruntime ``MatMulNBits`` nodes of int4 weights (:mod:`.quantized_matmuls`),
+    ``dense_weights``: ``"int4"`` makes the dense linear layers (attention projections, dense and shared MLPs, the
+    LM head, tied or not; not the routers) onnxruntime ``MatMulNBits`` nodes of int4 weights (:mod:`.quantized_matmuls`),
     checked against the dequantized model like ``weights``.
     """
     _require_onnx_stack()

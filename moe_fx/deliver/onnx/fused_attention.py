@@ -175,8 +175,8 @@ def _projected(module: nn.Module, hidden: torch.Tensor, past_key: torch.Tensor, 
     return module.o_proj(out.view(batch, length, heads * width)), keys, values
 
 
-def _unsupported(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kwargs: dict, sliding: bool) -> str | None:
-    """Why the node cannot compute this layer's attention, or ``None`` (its :class:`_Softmax` then noted).
+def _verdict(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kwargs: dict, sliding: bool) -> str | _Softmax:
+    """Why the node cannot compute this layer's attention, or, where it can, the layer's :class:`_Softmax`.
     ``sliding``: the layer's cache is a sliding-window one, whose window only its mask applies unless the attention
     call names it (Llama 4's chunks do not: the node would attend across them)."""
     if kwargs.get("softcap") is not None:
@@ -194,8 +194,7 @@ def _unsupported(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
         return softmax
     if sliding and softmax.window < 0:
         return "a windowed or chunked cache layer whose window the attention call does not name"
-    _state["softmax"][_state["calls"] - 1] = softmax
-    return None
+    return softmax
 
 
 def _plain_attention(module: nn.Module):
@@ -232,14 +231,17 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
                scaling: float | None = None, dropout: float = 0.0, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature (query ``[B, heads, T, D]``; the output ``[B, T, heads, D]``). The
     probe plans the layer: the node when the attention reads the cache the update returned (MLA's attention reads
-    keys expanded from a compressed cache instead) and :func:`_unsupported` finds nothing; the trace follows the plan."""
+    keys expanded from a compressed cache instead) and :func:`_verdict` finds nothing against it; the trace follows the plan."""
     index = _state["calls"] - 1
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if _state["probing"]:
         _state["scales"][index] = scale
         reads_cache = len(_pending) == 3 and key is _pending[0] and value is _pending[1]
-        _state["plan"][index] = _unsupported(module, query, key, value, kwargs, _pending[2].is_sliding) if reads_cache else \
+        verdict = _verdict(module, query, key, value, kwargs, _pending[2].is_sliding) if reads_cache else \
             "the attention reads keys and values derived from the cache, not the cache (MLA)"
+        _state["plan"][index] = verdict if isinstance(verdict, str) else None
+        if isinstance(verdict, _Softmax):
+            _state["softmax"][index] = verdict
     elif len(_pending) == 4:
         new_key, new_value, seqlens, layer = _pending
         _pending.clear()

@@ -373,6 +373,16 @@ def _gate_up_interleaved(array: np.ndarray, interleaved: bool) -> np.ndarray:
     return np.stack([gate, up], axis=2).reshape(array.shape)
 
 
+def register_constant(graph, name: str, array: np.ndarray | torch.Tensor):
+    """``array`` as the graph's initializer ``name`` (a torch tensor keeps dtypes numpy lacks: bfloat16); its value."""
+    import onnx_ir as ir
+
+    tensor = ir.tensor(array, name=name)
+    value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
 def lower_fused_experts(graph, weights: str = "float") -> list[str]:
     """Rewrite every placeholder node of ``graph`` into ``com.microsoft.MoE`` (``weights="float"``) or ``QMoE``
     (``int8``/``int4``, one of ``WEIGHT_FORMATS``, checked by the export), its weights in the operator's layout;
@@ -400,12 +410,7 @@ def lower_fused_experts(graph, weights: str = "float") -> list[str]:
         prefix = f"{block}.moe"
 
         def const(name: str, array: np.ndarray | None):
-            if array is None:
-                return None
-            value = ir.Value(name=f"{prefix}.{name}", shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                             const_value=ir.tensor(np.ascontiguousarray(array), name=f"{prefix}.{name}"))
-            graph.register_initializer(value)
-            return value
+            return None if array is None else register_constant(graph, f"{prefix}.{name}", np.ascontiguousarray(array))
 
         if weights == "float":
             inputs = [hidden, logits, const("fc1", fc1), const("fc1_bias", fc1_bias), const("fc2", fc2), const("fc2_bias", fc2_bias)]

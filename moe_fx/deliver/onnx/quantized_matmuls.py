@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from moe_fx.deliver.onnx.fused_experts import register_constant
 from moe_fx.deliver.onnx.quantized_weights import BLOCK_SIZES, dequantize_blocks, quantize_blocks
 from moe_fx.model.trace import trace
 
@@ -45,7 +46,6 @@ class QuantizedLinear:
     """One linear layer's weight ``[N, K]`` in ``MatMulNBits``' int4 format: ``packed`` ``uint8 [N, K / block,
     block / 2]``, ``scales`` ``[N, K / block]`` in the graph's dtype."""
 
-    name: str
     packed: np.ndarray
     scales: torch.Tensor
     block_size: int
@@ -82,7 +82,7 @@ def quantize_linears(linears: dict[str, nn.Linear]) -> dict[str, QuantizedLinear
         block = _block_size(weight.shape[1])
         packed, scales = quantize_blocks(weight.float().cpu().numpy()[None], "int4", block)
         rows, k = weight.shape
-        out[name] = QuantizedLinear(name, packed[0].reshape(rows, k // block, block // 2), torch.from_numpy(scales[0]).to(weight.dtype), block)
+        out[name] = QuantizedLinear(packed[0].reshape(rows, k // block, block // 2), torch.from_numpy(scales[0]).to(weight.dtype), block)
     return out
 
 
@@ -116,7 +116,6 @@ def lower_dense_matmuls(graph, linears: dict[str, nn.Linear], quantized: dict[st
     return the layers rewritten (layers of equal weights, which the graph may hold once, all count). Constants no
     longer read leave the graph."""
     import onnx_ir as ir
-    from onnx_ir.tensor_adapters import TorchTensor
 
     by_content: dict[tuple, tuple[list[str], bool]] = {}
     for name, module in linears.items():
@@ -138,14 +137,8 @@ def lower_dense_matmuls(graph, linears: dict[str, nn.Linear], quantized: dict[st
         name = names[0]
         q = quantized[name]
         rows, k = q.shape
-        consts = []
-        for suffix, array in (("q4", q.packed), ("scales", q.scales.reshape(-1))):
-            value_name = f"{name}.weight.{suffix}"
-            if value_name not in graph.initializers:
-                tensor = TorchTensor(array, name=value_name) if isinstance(array, torch.Tensor) else ir.tensor(array, name=value_name)
-                graph.register_initializer(ir.Value(name=value_name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype),
-                                                    const_value=tensor))
-            consts.append(graph.initializers[value_name])
+        consts = [graph.initializers[key] if key in graph.initializers else register_constant(graph, key, array)
+                  for key, array in ((f"{name}.weight.q4", q.packed), (f"{name}.weight.scales", q.scales.reshape(-1)))]
         nodes = [ir.node(OP, inputs=[node.inputs[0], *consts], domain=DOMAIN, name=f"{node.name}_nbits",
                          attributes={"K": k, "N": rows, "bits": 4, "block_size": q.block_size})]
         if len(node.inputs) > 2 and node.inputs[2] is not None:  # a Gemm's bias
